@@ -1,0 +1,57 @@
+# gpt2kit: the README's commands. Everything a fresh machine needs is set up here.
+SHELL := /bin/bash
+.DEFAULT_GOAL := build
+
+PYTHON ?= python3
+REQS := tests/reference/requirements.txt
+# One virtual environment per pinned requirement set, shared by every checkout of a user.
+VENV_ID := $(shell sha256sum $(REQS) | cut -c1-12)
+VENV ?= $(HOME)/.cache/gpt2kit/venv-$(VENV_ID)
+VENV_READY := $(VENV)/.gpt2kit-ready
+REF_DIR := target/reference
+REF_READY := $(REF_DIR)/.ready
+BIN := target/release/gpt2kit
+CARGO ?= cargo
+
+.PHONY: setup build test demo reference clean-reference fmt
+
+# libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
+$(VENV_READY): $(REQS)
+	@echo ">> installing $(REQS) into $(VENV)"
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(REQS)
+	touch $@
+
+# Points cargo (tch's build script) at the venv's libtorch and sets an rpath, so the
+# binaries and test executables run with no environment variables.
+.cargo/config.toml: $(VENV_READY) Makefile
+	@mkdir -p .cargo
+	@lib=$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))') && \
+	{ echo '# written by `make setup`; not tracked'; \
+	  echo '[env]'; \
+	  echo "LIBTORCH = \"$$lib\""; \
+	  echo '[build]'; \
+	  echo "rustflags = [\"-C\", \"link-arg=-Wl,-rpath,$$lib/lib\"]"; } > $@
+	@echo ">> wrote $@ (LIBTORCH in $(VENV))"
+
+setup: .cargo/config.toml
+
+build: setup
+	$(CARGO) build --release --bin gpt2kit
+
+# Small random GPT-2 models and Hugging Face transformers' outputs for them.
+$(REF_READY): $(VENV_READY) tests/reference/make_reference.py
+	rm -rf $(REF_DIR)
+	$(VENV)/bin/python tests/reference/make_reference.py --out $(REF_DIR)
+	touch $@
+
+reference: $(REF_READY)
+
+test: setup $(REF_READY)
+	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) $(CARGO) test --release --workspace
+
+demo: build $(REF_READY)
+	@bash tests/demo.sh $(BIN) $(REF_DIR)
+
+fmt:
+	$(CARGO) fmt --all

@@ -1,0 +1,189 @@
+//! Reading Hugging Face safetensors checkpoints: one `model.safetensors`, or shards
+//! listed by `model.safetensors.index.json`. Headers are validated by the `safetensors`
+//! crate (sizes, offsets, overflow, trailing bytes) before any tensor is touched, and
+//! every error names the file and the tensor.
+use std::collections::HashMap;
+use std::fs::File;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+use safetensors::{Dtype, SafeTensors};
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+pub const SINGLE_FILE: &str = "model.safetensors";
+pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+
+/// Where one tensor's bytes live.
+struct Entry {
+    file: usize,
+    dtype: Dtype,
+    shape: Vec<i64>,
+    /// Byte range inside the file's mapping.
+    start: usize,
+    end: usize,
+}
+
+/// The tensors of a checkpoint, memory-mapped; reads copy out one tensor at a time.
+pub struct WeightFiles {
+    files: Vec<(PathBuf, Mmap)>,
+    entries: HashMap<String, Entry>,
+}
+
+impl WeightFiles {
+    /// Opens the weights of a model folder (single file or shards).
+    pub fn open_dir(dir: &Path) -> Result<Self> {
+        let single = dir.join(SINGLE_FILE);
+        let index = dir.join(SHARD_INDEX);
+        if single.is_file() {
+            Self::open_files(&[single])
+        } else if index.is_file() {
+            let shards = read_shard_index(&index)?;
+            Self::open_files(&shards)
+        } else {
+            Err(Error::ModelFolder {
+                path: dir.into(),
+                reason: format!("no {SINGLE_FILE} or {SHARD_INDEX} in this folder"),
+            })
+        }
+    }
+
+    /// Opens the given safetensors files as one checkpoint; a tensor in two files is an error.
+    pub fn open_files(paths: &[PathBuf]) -> Result<Self> {
+        let mut files = Vec::with_capacity(paths.len());
+        let mut entries = HashMap::new();
+        for (i, path) in paths.iter().enumerate() {
+            let file = File::open(path).map_err(|e| Error::io(path, e))?;
+            // SAFETY: the mapping is read-only and private to this struct; tensors are
+            // copied out of it before use. A file truncated by another process while
+            // mapped is outside what any reader of mapped files can defend against.
+            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
+            let st = SafeTensors::deserialize(&map).map_err(|source| Error::Safetensors {
+                path: path.clone(),
+                source,
+            })?;
+            let base = map.as_ptr() as usize;
+            for (name, view) in st.tensors() {
+                let start = view.data().as_ptr() as usize - base;
+                let entry = Entry {
+                    file: i,
+                    dtype: view.dtype(),
+                    shape: view.shape().iter().map(|&d| d as i64).collect(),
+                    start,
+                    end: start + view.data().len(),
+                };
+                if entries.insert(name.clone(), entry).is_some() {
+                    return Err(Error::ShardIndex {
+                        path: path.clone(),
+                        reason: format!("tensor `{name}` appears in more than one shard"),
+                    });
+                }
+            }
+            files.push((path.clone(), map));
+        }
+        Ok(Self { files, entries })
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.entries.keys().map(String::as_str)
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.entries.contains_key(name)
+    }
+
+    /// The file a tensor lives in, or the first file when it is absent (for messages).
+    pub fn path_of(&self, name: &str) -> &Path {
+        let i = self.entries.get(name).map_or(0, |e| e.file);
+        &self.files[i].0
+    }
+
+    /// Dtype names and element counts of every tensor, for `inspect`.
+    pub fn dtype_summary(&self) -> Vec<(String, i64)> {
+        let mut by: HashMap<String, i64> = HashMap::new();
+        for e in self.entries.values() {
+            *by.entry(format!("{:?}", e.dtype)).or_default() += e.shape.iter().product::<i64>();
+        }
+        let mut v: Vec<_> = by.into_iter().collect();
+        v.sort();
+        v
+    }
+
+    pub fn file_bytes(&self) -> u64 {
+        self.files.iter().map(|(_, m)| m.len() as u64).sum()
+    }
+
+    /// The float kind a tensor is stored in, if it is present and float.
+    pub fn stored_kind(&self, name: &str) -> Option<Kind> {
+        self.entries.get(name).and_then(|e| float_kind(e.dtype))
+    }
+
+    /// Reads a float tensor, checks its shape, and converts it to `kind` on `device`.
+    pub fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path_of(name).into(),
+            name: name.into(),
+        })?;
+        let path = &self.files[entry.file].0;
+        if entry.shape != shape {
+            return Err(Error::Shape {
+                path: path.clone(),
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: entry.shape.clone(),
+            });
+        }
+        let file_kind = float_kind(entry.dtype).ok_or_else(|| Error::Dtype {
+            path: path.clone(),
+            name: name.into(),
+            dtype: format!("{:?}", entry.dtype),
+        })?;
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        let t = Tensor::f_from_data_size(bytes, shape, file_kind)?;
+        Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+    }
+}
+
+fn float_kind(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::F32 => Some(Kind::Float),
+        Dtype::F16 => Some(Kind::Half),
+        Dtype::BF16 => Some(Kind::BFloat16),
+        _ => None,
+    }
+}
+
+/// The distinct shard files named by `model.safetensors.index.json`, in order.
+fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
+    let bad = |reason: String| Error::ShardIndex {
+        path: index.into(),
+        reason,
+    };
+    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(|m| m.as_object())
+        .ok_or_else(|| bad("no `weight_map` object".into()))?;
+    let dir = index.parent().unwrap_or(Path::new("."));
+    let mut shards: Vec<PathBuf> = Vec::new();
+    for (name, file) in map {
+        let file = file
+            .as_str()
+            .ok_or_else(|| bad(format!("`weight_map[{name:?}]` is not a file name")))?;
+        // Shard names are plain file names inside the folder; refuse paths that leave it.
+        if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
+            return Err(bad(format!("shard name {file:?} for `{name}` is not a file name")));
+        }
+        let path = dir.join(file);
+        if !shards.contains(&path) {
+            shards.push(path);
+        }
+    }
+    if shards.is_empty() {
+        return Err(bad("`weight_map` is empty".into()));
+    }
+    Ok(shards)
+}

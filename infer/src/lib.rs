@@ -1,0 +1,16 @@
+//! gpt2kit's engine: GPT-2 on Hugging Face checkpoints, the tokenizer, the KV cache and
+//! the decoding loop. Knows nothing of training or of how an artifact was made.
+pub mod cache;
+pub mod checkpoint;
+pub mod config;
+pub mod device;
+pub mod error;
+pub mod generate;
+pub mod model;
+pub mod tokenizer;
+
+pub use cache::KvCache;
+pub use config::Gpt2Config;
+pub use error::{Error, Result};
+pub use model::Gpt2;
+pub use tokenizer::Tokenizer;

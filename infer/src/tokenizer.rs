@@ -1,0 +1,112 @@
+//! GPT-2's byte-level BPE through the `tokenizers` crate, from `tokenizer.json` or from
+//! the original `vocab.json` + `merges.txt` pair (built as transformers'
+//! `GPT2TokenizerFast` converts them: byte-level pre-tokenizer, decoder and
+//! post-processor, `<|endoftext|>` as a special token).
+use std::path::{Path, PathBuf};
+
+use tokenizers::models::bpe::BPE;
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::AddedToken;
+
+use crate::error::{Error, Result};
+
+pub const TOKENIZER_JSON: &str = "tokenizer.json";
+pub const VOCAB_JSON: &str = "vocab.json";
+pub const MERGES_TXT: &str = "merges.txt";
+const ENDOFTEXT: &str = "<|endoftext|>";
+
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    /// Loads the tokenizer of a model folder: `tokenizer.json` if present, else
+    /// `vocab.json` + `merges.txt`.
+    pub fn from_dir(dir: &Path) -> Result<Self> {
+        let json = dir.join(TOKENIZER_JSON);
+        let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));
+        if json.is_file() {
+            Self::from_json(&json)
+        } else if vocab.is_file() && merges.is_file() {
+            Self::from_vocab_merges(&vocab, &merges)
+        } else {
+            Err(Error::Tokenizer {
+                path: dir.into(),
+                reason: format!("no {TOKENIZER_JSON}, nor {VOCAB_JSON} with {MERGES_TXT}"),
+            })
+        }
+    }
+
+    pub fn from_json(path: &Path) -> Result<Self> {
+        let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
+            path: path.into(),
+            reason: e.to_string(),
+        })?;
+        Ok(Self {
+            inner,
+            path: path.into(),
+        })
+    }
+
+    pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self> {
+        let err = |e: &dyn std::fmt::Display| Error::Tokenizer {
+            path: vocab.into(),
+            reason: format!("with {}: {e}", merges.display()),
+        };
+        let (v, m) = (vocab.to_string_lossy(), merges.to_string_lossy());
+        let bpe = BPE::from_file(&v, &m).build().map_err(|e| err(&e))?;
+        let mut inner = tokenizers::Tokenizer::new(bpe);
+        inner
+            .with_pre_tokenizer(Some(ByteLevel::new(false, true, true)))
+            .with_decoder(Some(ByteLevel::default()))
+            .with_post_processor(Some(ByteLevel::new(true, false, true)));
+        if inner.token_to_id(ENDOFTEXT).is_some() {
+            inner.add_special_tokens(&[AddedToken::from(ENDOFTEXT, true)]);
+        }
+        Ok(Self {
+            inner,
+            path: vocab.into(),
+        })
+    }
+
+    /// The vocabulary size, added tokens included.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<i64> {
+        self.inner.token_to_id(token).map(i64::from)
+    }
+
+    /// Token ids of `text`, with no special tokens added (GPT-2 adds none).
+    pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
+        let enc = self
+            .inner
+            .encode_fast(text, false)
+            .map_err(|e| self.error(e))?;
+        Ok(enc.get_ids().iter().map(|&i| i64::from(i)).collect())
+    }
+
+    /// Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD.
+    pub fn decode(&self, ids: &[i64]) -> Result<String> {
+        let vocab = self.vocab_size() as i64;
+        let mut ids32 = Vec::with_capacity(ids.len());
+        for &id in ids {
+            if id < 0 || id >= vocab {
+                return Err(Error::Input(format!(
+                    "token id {id} is outside the tokenizer's vocabulary (size {vocab})"
+                )));
+            }
+            ids32.push(id as u32);
+        }
+        self.inner.decode(&ids32, false).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: impl std::fmt::Display) -> Error {
+        Error::Tokenizer {
+            path: self.path.clone(),
+            reason: e.to_string(),
+        }
+    }
+}

@@ -1,0 +1,77 @@
+//! `gpt2kit`: the command line over the engine. Thin: parse flags, call the crates,
+//! print. Errors in flag values exit with 2, every other failure with 1, never a panic.
+use std::io::{self, Write};
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod infer_cmd;
+mod inspect;
+
+#[derive(Parser)]
+#[command(name = "gpt2kit", version, about = "GPT-2 fine-tuning, quantization and fast inference")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show a model folder's config, parameter count, dtypes and sizes.
+    Inspect(inspect::Args),
+    /// Generate text from prompts.
+    Infer(infer_cmd::Args),
+}
+
+fn main() -> ExitCode {
+    std::panic::set_hook(Box::new(|info| {
+        eprintln!("gpt2kit: internal error: {info}");
+    }));
+    let cli = Cli::parse();
+    let mut out = io::stdout().lock();
+    let result = match cli.command {
+        Command::Inspect(args) => inspect::run(&args, &mut out),
+        Command::Infer(args) => infer_cmd::run(&args, &mut out),
+    };
+    let result = result.and_then(|()| out.flush().map_err(Into::into));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit_code(&e))
+        }
+    }
+}
+
+/// 2 for bad flag values and inputs (as clap's own usage errors), 1 for the rest.
+fn exit_code(e: &anyhow::Error) -> u8 {
+    let usage = e
+        .chain()
+        .any(|c| matches!(c.downcast_ref::<infer::Error>(), Some(infer::Error::Input(_))));
+    if usage {
+        2
+    } else {
+        1
+    }
+}
+
+/// A reader that closed our stdout early (`gpt2kit infer ... | head`) is not an error.
+fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<io::Error>()
+            .is_some_and(|io| io.kind() == io::ErrorKind::BrokenPipe)
+    })
+}
+
+/// Reads `--device` and `--dtype` into what the engine takes.
+pub(crate) fn device_and_dtype(device: &str, dtype: &str) -> anyhow::Result<(tch::Device, Option<tch::Kind>)> {
+    Ok((infer::device::parse_device(device)?, infer::device::parse_dtype(dtype)?))
+}
+
+pub(crate) type Out<'a> = io::StdoutLock<'a>;
+
+pub(crate) fn write_json(out: &mut Out, value: &serde_json::Value) -> anyhow::Result<()> {
+    writeln!(out, "{value}")?;
+    Ok(())
+}
