@@ -51,7 +51,8 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         pad_token_id: config.pad_token_id,
     };
     validate(&config, &prompts, &cfg)?;
-    let model = Gpt2::load(dir, kind, device).with_context(|| format!("loading model {}", dir.display()))?;
+    let model = Gpt2::load(dir, kind, device)
+        .with_context(|| format!("loading model {}", dir.display()))?;
     let results = tch::no_grad(|| generate(&model, &prompts, &cfg, |_, _| {}))?;
     for (i, (prompt, r)) in args.prompt.iter().zip(&results).enumerate() {
         let text = tokenizer.decode(&r.tokens)?;

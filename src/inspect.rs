@@ -79,14 +79,34 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             format!(
                 "{} ({})",
                 group(params),
-                if c.tie_word_embeddings { "head tied to wte" } else { "own lm_head" }
+                if c.tie_word_embeddings {
+                    "head tied to wte"
+                } else {
+                    "own lm_head"
+                }
             ),
         ),
-        ("dtype", format!("{} (stored: {})", dtype_name(model.kind()), stored.join(", "))),
-        ("bytes", format!("{} ({:.1} MiB on disk)", group(bytes as i64), bytes as f64 / (1 << 20) as f64)),
+        (
+            "dtype",
+            format!(
+                "{} (stored: {})",
+                dtype_name(model.kind()),
+                stored.join(", ")
+            ),
+        ),
+        (
+            "bytes",
+            format!(
+                "{} ({:.1} MiB on disk)",
+                group(bytes as i64),
+                bytes as f64 / (1 << 20) as f64
+            ),
+        ),
         (
             "tokenizer",
-            tokenizer.map_or("none found".into(), |t| format!("{} tokens", t.vocab_size())),
+            tokenizer.map_or("none found".into(), |t| {
+                format!("{} tokens", t.vocab_size())
+            }),
         ),
         ("eos", format!("{:?}", c.eos_ids())),
     ];

@@ -9,7 +9,11 @@ mod infer_cmd;
 mod inspect;
 
 #[derive(Parser)]
-#[command(name = "gpt2kit", version, about = "GPT-2 fine-tuning, quantization and fast inference")]
+#[command(
+    name = "gpt2kit",
+    version,
+    about = "GPT-2 fine-tuning, quantization and fast inference"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -46,9 +50,12 @@ fn main() -> ExitCode {
 
 /// 2 for bad flag values and inputs (as clap's own usage errors), 1 for the rest.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    let usage = e
-        .chain()
-        .any(|c| matches!(c.downcast_ref::<infer::Error>(), Some(infer::Error::Input(_))));
+    let usage = e.chain().any(|c| {
+        matches!(
+            c.downcast_ref::<infer::Error>(),
+            Some(infer::Error::Input(_))
+        )
+    });
     if usage {
         2
     } else {
@@ -65,8 +72,14 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 }
 
 /// Reads `--device` and `--dtype` into what the engine takes.
-pub(crate) fn device_and_dtype(device: &str, dtype: &str) -> anyhow::Result<(tch::Device, Option<tch::Kind>)> {
-    Ok((infer::device::parse_device(device)?, infer::device::parse_dtype(dtype)?))
+pub(crate) fn device_and_dtype(
+    device: &str,
+    dtype: &str,
+) -> anyhow::Result<(tch::Device, Option<tch::Kind>)> {
+    Ok((
+        infer::device::parse_device(device)?,
+        infer::device::parse_dtype(dtype)?,
+    ))
 }
 
 pub(crate) type Out<'a> = io::StdoutLock<'a>;

@@ -19,7 +19,10 @@ fn reference(name: &str) -> PathBuf {
 }
 
 fn gpt2kit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpt2kit")).args(args).output().unwrap()
+    Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args(args)
+        .output()
+        .unwrap()
 }
 
 fn stderr(o: &Output) -> String {
@@ -30,11 +33,15 @@ fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
     let err = stderr(o);
     assert_eq!(o.status.code(), Some(code), "stderr: {err}");
     assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
 }
 
 fn expected(name: &str) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(reference(name).join("expected.json")).unwrap()).unwrap()
+    serde_json::from_str(&std::fs::read_to_string(reference(name).join("expected.json")).unwrap())
+        .unwrap()
 }
 
 #[test]
@@ -49,7 +56,10 @@ fn inspect_reports_shape_and_parameters() {
     // Parameters of the config: wte + wpe + 2 blocks + ln_f, head tied.
     let (e, vocab, p) = (64, v["config"]["vocab_size"].as_i64().unwrap(), 64);
     let block = 12 * e * e + 13 * e;
-    assert_eq!(v["parameters"].as_i64().unwrap(), vocab * e + p * e + 2 * block + 2 * e);
+    assert_eq!(
+        v["parameters"].as_i64().unwrap(),
+        vocab * e + p * e + 2 * block + 2 * e
+    );
     assert_eq!(v["dtype"], "f32");
 }
 
@@ -59,15 +69,30 @@ fn infer_greedy_equals_transformers_single_and_batched() {
         let model = reference(name);
         let exp = expected(name);
         let n = exp["max_new_tokens"].to_string();
-        let prompts: Vec<&str> = exp["prompts"].as_array().unwrap().iter().map(|p| p.as_str().unwrap()).collect();
+        let prompts: Vec<&str> = exp["prompts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p.as_str().unwrap())
+            .collect();
         // One prompt alone, then all prompts as one batch.
-        let mut args = vec!["infer", "--model", model.to_str().unwrap(), "--max-new-tokens", &n, "--json"];
+        let mut args = vec![
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--max-new-tokens",
+            &n,
+            "--json",
+        ];
         for p in &prompts {
             args.extend(["--prompt", p]);
         }
         let single = gpt2kit(&[&args[..6], &args[6..8]].concat());
         let batch = gpt2kit(&args);
-        for (o, key, rows) in [(&single, "greedy", 1), (&batch, "greedy_batch", prompts.len())] {
+        for (o, key, rows) in [
+            (&single, "greedy", 1),
+            (&batch, "greedy_batch", prompts.len()),
+        ] {
             assert!(o.status.success(), "{name}: {}", stderr(o));
             let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
                 .lines()
@@ -85,7 +110,15 @@ fn infer_greedy_equals_transformers_single_and_batched() {
 #[test]
 fn infer_prints_prompt_and_continuation() {
     let model = reference("hub-tied");
-    let o = gpt2kit(&["infer", "--model", model.to_str().unwrap(), "--prompt", "Hello", "--max-new-tokens", "3"]);
+    let o = gpt2kit(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     assert!(String::from_utf8_lossy(&o.stdout).starts_with("Hello"));
 }
@@ -94,17 +127,57 @@ fn infer_prints_prompt_and_continuation() {
 fn bad_input_gives_clear_errors_and_exit_codes() {
     let model = reference("hub-tied");
     let m = model.to_str().unwrap();
-    assert_clean_failure(&gpt2kit(&["infer", "--model", "/no/such/model", "--prompt", "x"]), 1, "/no/such/model");
-    assert_clean_failure(&gpt2kit(&["inspect", "--model", "/no/such/model"]), 1, "does not exist");
-    assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", ""]), 2, "empty");
+    assert_clean_failure(
+        &gpt2kit(&["infer", "--model", "/no/such/model", "--prompt", "x"]),
+        1,
+        "/no/such/model",
+    );
+    assert_clean_failure(
+        &gpt2kit(&["inspect", "--model", "/no/such/model"]),
+        1,
+        "does not exist",
+    );
+    assert_clean_failure(
+        &gpt2kit(&["infer", "--model", m, "--prompt", ""]),
+        2,
+        "empty",
+    );
     let long = "the model reads every weight ".repeat(40);
-    assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", &long]), 2, "n_positions 64");
-    assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", "x", "--max-new-tokens", "0"]), 2, "--max-new-tokens");
-    assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", "x", "--device", "tpu"]), 2, "--device");
-    assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", "x", "--dtype", "f64"]), 2, "--dtype");
+    assert_clean_failure(
+        &gpt2kit(&["infer", "--model", m, "--prompt", &long]),
+        2,
+        "n_positions 64",
+    );
+    assert_clean_failure(
+        &gpt2kit(&[
+            "infer",
+            "--model",
+            m,
+            "--prompt",
+            "x",
+            "--max-new-tokens",
+            "0",
+        ]),
+        2,
+        "--max-new-tokens",
+    );
+    assert_clean_failure(
+        &gpt2kit(&["infer", "--model", m, "--prompt", "x", "--device", "tpu"]),
+        2,
+        "--device",
+    );
+    assert_clean_failure(
+        &gpt2kit(&["infer", "--model", m, "--prompt", "x", "--dtype", "f64"]),
+        2,
+        "--dtype",
+    );
     assert_clean_failure(&gpt2kit(&["infer", "--model", m]), 2, "--prompt");
     if !tch::Cuda::is_available() {
-        assert_clean_failure(&gpt2kit(&["infer", "--model", m, "--prompt", "x", "--device", "cuda"]), 2, "CUDA is not available");
+        assert_clean_failure(
+            &gpt2kit(&["infer", "--model", m, "--prompt", "x", "--device", "cuda"]),
+            2,
+            "CUDA is not available",
+        );
     }
 }
 
@@ -112,14 +185,27 @@ fn bad_input_gives_clear_errors_and_exit_codes() {
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(["infer", "--model", model.to_str().unwrap(), "--prompt", "Hello", "--prompt", "The quick"])
+        .args([
+            "infer",
+            "--model",
+            model.to_str().unwrap(),
+            "--prompt",
+            "Hello",
+            "--prompt",
+            "The quick",
+        ])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     drop(child.stdout.take()); // the reader goes away before anything is written
     let mut err = String::new();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}: {err}");
     assert!(err.is_empty(), "{err}");

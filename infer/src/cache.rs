@@ -31,7 +31,9 @@ impl KvCache {
             k: (0..n).map(|_| zeros()).collect(),
             v: (0..n).map(|_| zeros()).collect(),
             valid: Tensor::ones([batch, capacity], (Kind::Bool, device)),
-            positions: Tensor::arange(capacity, opts).unsqueeze(0).repeat([batch, 1]),
+            positions: Tensor::arange(capacity, opts)
+                .unsqueeze(0)
+                .repeat([batch, 1]),
             padded: false,
             len: 0,
             capacity,

@@ -175,7 +175,9 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
             .ok_or_else(|| bad(format!("`weight_map[{name:?}]` is not a file name")))?;
         // Shard names are plain file names inside the folder; refuse paths that leave it.
         if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(bad(format!("shard name {file:?} for `{name}` is not a file name")));
+            return Err(bad(format!(
+                "shard name {file:?} for `{name}` is not a file name"
+            )));
         }
         let path = dir.join(file);
         if !shards.contains(&path) {

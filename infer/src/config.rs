@@ -256,11 +256,17 @@ impl Gpt2Config {
     }
 
     pub fn eos_ids(&self) -> Vec<i64> {
-        self.eos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.eos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     pub fn bos_ids(&self) -> Vec<i64> {
-        self.bos_token_id.as_ref().map(TokenIds::to_vec).unwrap_or_default()
+        self.bos_token_id
+            .as_ref()
+            .map(TokenIds::to_vec)
+            .unwrap_or_default()
     }
 
     /// Checks that `ids` can be fed: every id inside the vocabulary.
@@ -276,7 +282,12 @@ impl Gpt2Config {
 
     /// Parameter count of the model this config describes (tied head counted once).
     pub fn num_parameters(&self) -> i64 {
-        let (e, v, p, i) = (self.n_embd, self.vocab_size, self.n_positions, self.inner_dim());
+        let (e, v, p, i) = (
+            self.n_embd,
+            self.vocab_size,
+            self.n_positions,
+            self.inner_dim(),
+        );
         let block = 2 * 2 * e // ln_1, ln_2
             + e * 3 * e + 3 * e // c_attn
             + e * e + e // attn.c_proj

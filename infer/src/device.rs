@@ -21,10 +21,15 @@ pub fn parse_device(s: &str) -> Result<Device> {
     if let Device::Cuda(i) = device {
         let n = Cuda::device_count() as usize;
         if n == 0 {
-            return Err(bad("CUDA is not available on this machine (or this libtorch build)".into()));
+            return Err(bad(
+                "CUDA is not available on this machine (or this libtorch build)".into(),
+            ));
         }
         if i >= n {
-            return Err(bad(format!("this machine has {n} CUDA device(s), cuda:0..cuda:{}", n - 1)));
+            return Err(bad(format!(
+                "this machine has {n} CUDA device(s), cuda:0..cuda:{}",
+                n - 1
+            )));
         }
     }
     Ok(device)

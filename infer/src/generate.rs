@@ -4,8 +4,8 @@
 //! does. Strategies differ in how the next token is picked (`pick`), never in the loop.
 use tch::{Kind, Tensor};
 
-use crate::error::{Error, Result};
 use crate::config::Gpt2Config;
+use crate::error::{Error, Result};
 use crate::model::Gpt2;
 
 #[derive(Debug, Clone)]
@@ -53,7 +53,9 @@ pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfi
     let n_positions = config.n_positions;
     for (i, p) in prompts.iter().enumerate() {
         if p.is_empty() {
-            return Err(Error::Input(format!("prompt {i} is empty (it encodes to no tokens)")));
+            return Err(Error::Input(format!(
+                "prompt {i} is empty (it encodes to no tokens)"
+            )));
         }
         config.check_ids(p)?;
         let need = p.len() as i64 + cfg.max_new_tokens;
@@ -125,7 +127,9 @@ pub fn generate(
         if done.iter().all(|&d| d) || step + 1 == cfg.max_new_tokens {
             break;
         }
-        let feed = Tensor::from_slice(&feed).view([b as i64, 1]).to_device(device);
+        let feed = Tensor::from_slice(&feed)
+            .view([b as i64, 1])
+            .to_device(device);
         hidden = model.forward_hidden(&feed, &mut cache).select(1, -1);
     }
     Ok(out)

@@ -96,7 +96,13 @@ fn act(a: Activation, x: &Tensor) -> Tensor {
 impl Attention {
     /// x: (B, T, E) → (B, T, E). Keys and values of the new tokens go into the cache
     /// slots `[len, len + T)`; attention runs over slots `[0, len + T)`.
-    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, mask: Option<&Tensor>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let (b, t, e) = x.size3().expect("(B, T, E)");
         let hs = e / self.n_head;
         let heads = |z: Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2); // (B, nh, T, hs)
@@ -114,11 +120,20 @@ impl Attention {
             // reorder_and_upcast_attn: scores and softmax in fp32.
             let f = |z: &Tensor| z.to_kind(Kind::Float);
             Tensor::scaled_dot_product_attention(
-                &f(&q), &f(&k_all), &f(&v_all), mask, 0.0, causal, self.scale, false,
+                &f(&q),
+                &f(&k_all),
+                &f(&v_all),
+                mask,
+                0.0,
+                causal,
+                self.scale,
+                false,
             )
             .to_kind(q.kind())
         } else {
-            Tensor::scaled_dot_product_attention(&q, &k_all, &v_all, mask, 0.0, causal, self.scale, false)
+            Tensor::scaled_dot_product_attention(
+                &q, &k_all, &v_all, mask, 0.0, causal, self.scale, false,
+            )
         }; // (B, nh, T, hs)
         let y = y.transpose(1, 2).reshape([b, t, e]); // (B, T, E)
         self.c_proj.forward(&y)
@@ -126,7 +141,13 @@ impl Attention {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, layer: usize, cache: &mut KvCache, mask: Option<&Tensor>) -> Tensor {
+    fn forward(
+        &self,
+        x: &Tensor,
+        layer: usize,
+        cache: &mut KvCache,
+        mask: Option<&Tensor>,
+    ) -> Tensor {
         let x = x + self.attn.forward(&self.ln_1.forward(x), layer, cache, mask);
         let h = self.mlp.c_fc.forward(&self.ln_2.forward(&x));
         &x + self.mlp.c_proj.forward(&act(self.mlp.act, &h))
@@ -138,7 +159,11 @@ pub fn check_model_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
         return Ok(());
     }
-    let what = if dir.exists() { "is not a folder" } else { "does not exist" };
+    let what = if dir.exists() {
+        "is not a folder"
+    } else {
+        "does not exist"
+    };
     Err(Error::ModelFolder {
         path: dir.into(),
         reason: format!("{what} (expected a Hugging Face model folder with config.json)"),
@@ -162,10 +187,26 @@ impl Gpt2 {
     }
 
     /// Builds the model from checkpoint tensors, named with or without `transformer.`.
-    pub fn from_weights(config: Gpt2Config, files: &WeightFiles, kind: Kind, device: Device) -> Result<Self> {
-        let prefix = if files.contains("transformer.wte.weight") { "transformer." } else { "" };
-        let (e, v, p, i) = (config.n_embd, config.vocab_size, config.n_positions, config.inner_dim());
-        let get = |name: &str, shape: &[i64]| files.tensor(&format!("{prefix}{name}"), shape, kind, device);
+    pub fn from_weights(
+        config: Gpt2Config,
+        files: &WeightFiles,
+        kind: Kind,
+        device: Device,
+    ) -> Result<Self> {
+        let prefix = if files.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        let (e, v, p, i) = (
+            config.n_embd,
+            config.vocab_size,
+            config.n_positions,
+            config.inner_dim(),
+        );
+        let get = |name: &str, shape: &[i64]| {
+            files.tensor(&format!("{prefix}{name}"), shape, kind, device)
+        };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: get(&format!("{name}.weight"), &[e])?,
@@ -182,7 +223,11 @@ impl Gpt2 {
         let hs = config.head_dim() as f64;
         let mut h = Vec::with_capacity(config.n_layer as usize);
         for l in 0..config.n_layer {
-            let mut scale = if config.scale_attn_weights { 1.0 / hs.sqrt() } else { 1.0 };
+            let mut scale = if config.scale_attn_weights {
+                1.0 / hs.sqrt()
+            } else {
+                1.0
+            };
             if config.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
@@ -245,7 +290,8 @@ impl Gpt2 {
             cache.len() + t
         );
         let pos = cache.next_positions(t); // (B, T)
-        let mut x = self.wte.embedding(ids) + self.wpe.embedding(&pos); // (B, T, E)
+        let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
+        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos); // (B, T, E)
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
             x = block.forward(&x, l, cache, mask.as_ref());

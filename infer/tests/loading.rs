@@ -31,7 +31,10 @@ fn rewrite(dir: &Path, edit: impl FnOnce(&mut Vec<(String, Tensor)>)) {
 #[test]
 fn missing_folder_and_missing_weights() {
     let e = err_text(Path::new("/nonexistent/gpt2kit-model"));
-    assert!(e.contains("/nonexistent/gpt2kit-model") && e.contains("does not exist"), "{e}");
+    assert!(
+        e.contains("/nonexistent/gpt2kit-model") && e.contains("does not exist"),
+        "{e}"
+    );
     let dir = copy_model("hub-tied", "no-weights");
     std::fs::remove_file(dir.join("model.safetensors")).unwrap();
     let e = err_text(&dir);
@@ -44,25 +47,67 @@ fn truncated_and_malformed_safetensors() {
     let path = dir.join("model.safetensors");
     let good = std::fs::read(&path).unwrap();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("truncated", good[..good.len() - 100].to_vec(), "MetadataIncompleteBuffer"),
+        (
+            "truncated",
+            good[..good.len() - 100].to_vec(),
+            "MetadataIncompleteBuffer",
+        ),
         ("empty", Vec::new(), "HeaderTooSmall"),
         ("7 bytes", good[..7].to_vec(), "HeaderTooSmall"),
-        ("header u64::MAX", [u64::MAX.to_le_bytes().as_slice(), b"{}"].concat(), "HeaderTooLarge"),
-        ("header past the end", [1000u64.to_le_bytes().as_slice(), b"{}"].concat(), "InvalidHeaderLength"),
-        ("not JSON", [4u64.to_le_bytes().as_slice(), b"{xx}"].concat(), "InvalidHeaderDeserialization"),
-        ("trailing bytes", [good.as_slice(), b"junk"].concat(), "MetadataIncompleteBuffer"),
+        (
+            "header u64::MAX",
+            [u64::MAX.to_le_bytes().as_slice(), b"{}"].concat(),
+            "HeaderTooLarge",
+        ),
+        (
+            "header past the end",
+            [1000u64.to_le_bytes().as_slice(), b"{}"].concat(),
+            "InvalidHeaderLength",
+        ),
+        (
+            "not JSON",
+            [4u64.to_le_bytes().as_slice(), b"{xx}"].concat(),
+            "InvalidHeaderDeserialization",
+        ),
+        (
+            "trailing bytes",
+            [good.as_slice(), b"junk"].concat(),
+            "MetadataIncompleteBuffer",
+        ),
     ];
     for (what, bytes, variant) in cases {
         std::fs::write(&path, bytes).unwrap();
-        let e = err_text(&dir);
-        assert!(e.contains("model.safetensors") && e.contains(variant), "{what}: {e}");
+        assert_safetensors_error(&dir, variant, what);
     }
     // Overlapping offsets: the second tensor claims the first one's bytes.
     let header = br#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"b":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
-    let file = [(header.len() as u64).to_le_bytes().as_slice(), header, &[0u8; 8]].concat();
+    let file = [
+        (header.len() as u64).to_le_bytes().as_slice(),
+        header,
+        &[0u8; 8],
+    ]
+    .concat();
     std::fs::write(&path, file).unwrap();
-    let e = err_text(&dir);
-    assert!(e.contains("InvalidOffset"), "{e}");
+    assert_safetensors_error(&dir, "InvalidOffset", "overlapping offsets");
+}
+
+/// The load fails with the safetensors crate's `variant`, reported against the file.
+fn assert_safetensors_error(dir: &Path, variant: &str, what: &str) {
+    match load(dir) {
+        Err(e @ Error::Safetensors { .. }) => {
+            let Error::Safetensors { path, source } = &e else {
+                unreachable!()
+            };
+            assert!(path.ends_with("model.safetensors"), "{what}: {e}");
+            assert!(
+                format!("{source:?}").starts_with(variant),
+                "{what}: {source:?}"
+            );
+            assert!(e.to_string().contains("model.safetensors"), "{what}: {e}");
+        }
+        Err(e) => panic!("{what}: expected {variant}, got {e}"),
+        Ok(_) => panic!("{what}: loaded"),
+    }
 }
 
 #[test]
@@ -70,7 +115,10 @@ fn missing_tensor_wrong_shape_and_dtype_name_the_tensor() {
     let dir = copy_model("hub-tied", "missing-tensor");
     rewrite(&dir, |t| t.retain(|(n, _)| n != "h.1.mlp.c_fc.bias"));
     let e = err_text(&dir);
-    assert!(e.contains("`h.1.mlp.c_fc.bias` is missing") && e.contains("model.safetensors"), "{e}");
+    assert!(
+        e.contains("`h.1.mlp.c_fc.bias` is missing") && e.contains("model.safetensors"),
+        "{e}"
+    );
 
     let dir = copy_model("hub-tied", "wrong-shape");
     rewrite(&dir, |t| {
@@ -100,14 +148,24 @@ fn bad_config_names_the_file_and_field() {
     let cfg = dir.join("config.json");
     std::fs::write(&cfg, "{ not json").unwrap();
     let e = err_text(&dir);
-    assert!(e.contains("config.json") && e.contains("invalid config"), "{e}");
-    std::fs::write(&cfg, r#"{"n_embd": 64, "n_head": 5, "vocab_size": 400, "eos_token_id": 0}"#).unwrap();
+    assert!(
+        e.contains("config.json") && e.contains("invalid config"),
+        "{e}"
+    );
+    std::fs::write(
+        &cfg,
+        r#"{"n_embd": 64, "n_head": 5, "vocab_size": 400, "eos_token_id": 0}"#,
+    )
+    .unwrap();
     let e = err_text(&dir);
     assert!(e.contains("n_head"), "{e}");
     // Config and weights disagree on the width: the first tensor read names it.
     std::fs::write(&cfg, r#"{"n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 64, "vocab_size": 400, "eos_token_id": 0, "bos_token_id": 0}"#).unwrap();
     let e = err_text(&dir);
-    assert!(e.contains("expected [32]") || e.contains("expected [32,"), "{e}");
+    assert!(
+        e.contains("expected [32]") || e.contains("expected [32,"),
+        "{e}"
+    );
     std::fs::remove_file(&cfg).unwrap();
     assert!(err_text(&dir).contains("config.json"));
 }
@@ -119,9 +177,16 @@ fn shard_index_errors_name_the_index_or_shard() {
     let e = err_text(&dir);
     assert!(e.contains("model-00002-of-00002.safetensors"), "{e}");
     let index = dir.join("model.safetensors.index.json");
-    std::fs::write(&index, r#"{"weight_map": {"wte.weight": "../../etc/passwd"}}"#).unwrap();
+    std::fs::write(
+        &index,
+        r#"{"weight_map": {"wte.weight": "../../etc/passwd"}}"#,
+    )
+    .unwrap();
     let e = err_text(&dir);
-    assert!(e.contains("model.safetensors.index.json") && e.contains("not a file name"), "{e}");
+    assert!(
+        e.contains("model.safetensors.index.json") && e.contains("not a file name"),
+        "{e}"
+    );
     std::fs::write(&index, r#"{"metadata": {}}"#).unwrap();
     assert!(err_text(&dir).contains("weight_map"));
 }

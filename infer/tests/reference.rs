@@ -38,7 +38,12 @@ fn tokenizer_matches_transformers() {
             assert_eq!(&tok.decode(ids).unwrap(), prompt, "{name}");
         }
         for case in &exp.tokenizer_cases {
-            assert_eq!(tok.encode(&case.text).unwrap(), case.ids, "{name}: {:?}", case.text);
+            assert_eq!(
+                tok.encode(&case.text).unwrap(),
+                case.ids,
+                "{name}: {:?}",
+                case.text
+            );
             assert_eq!(tok.decode(&case.ids).unwrap(), case.text, "{name}");
         }
     }
@@ -72,13 +77,17 @@ fn left_padded_batch_matches_transformers() {
             let ids: Vec<Vec<i64>> = expected(name).ids;
             let mut flat = Vec::new();
             for row in &ids {
-                flat.extend(std::iter::repeat_n(0, t as usize - row.len()).chain(row.iter().copied()));
+                flat.extend(
+                    std::iter::repeat_n(0, t as usize - row.len()).chain(row.iter().copied()),
+                );
             }
             let mut cache = model.new_cache(b, t);
             cache.set_attention_mask(mask);
             let got = model.forward(&Tensor::from_slice(&flat).view([b, t]), &mut cache);
             let keep = mask.to_kind(Kind::Bool).unsqueeze(-1); // (B, T, 1)
-            let diff = (got - &want["batch"]).abs().masked_fill(&keep.logical_not(), 0.0);
+            let diff = (got - &want["batch"])
+                .abs()
+                .masked_fill(&keep.logical_not(), 0.0);
             let d = f64::try_from(diff.max()).unwrap();
             assert!(d <= TOL, "{name}: padded batch max |Δlogit| {d:e}");
         }
@@ -97,13 +106,22 @@ fn cached_decoding_equals_full_recompute_at_every_step() {
                 let seq: Vec<i64> = prompt.iter().chain(&exp.greedy[i]).copied().collect();
                 let n0 = 2.min(seq.len());
                 let mut cache = model.new_cache(1, seq.len() as i64);
-                let mut last = model.forward(&ids_tensor(&seq[..n0]), &mut cache).get(0).get(-1);
+                let mut last = model
+                    .forward(&ids_tensor(&seq[..n0]), &mut cache)
+                    .get(0)
+                    .get(-1);
                 for step in n0..=seq.len() {
                     let full = full_logits(&model, &seq[..step]).get(-1);
                     let d = max_abs_diff(&last, &full);
-                    assert!(d <= TOL, "{name} prompt {i} length {step}: cached vs full {d:e}");
+                    assert!(
+                        d <= TOL,
+                        "{name} prompt {i} length {step}: cached vs full {d:e}"
+                    );
                     if step < seq.len() {
-                        last = model.forward(&ids_tensor(&seq[step..step + 1]), &mut cache).get(0).get(-1);
+                        last = model
+                            .forward(&ids_tensor(&seq[step..step + 1]), &mut cache)
+                            .get(0)
+                            .get(-1);
                     }
                 }
                 assert_eq!(cache.len(), seq.len() as i64);
@@ -118,7 +136,12 @@ fn padded_cached_decoding_equals_each_row_alone() {
         let name = "hub-tied";
         let model = load(name);
         let exp = expected(name);
-        let rows: Vec<Vec<i64>> = exp.ids.iter().zip(&exp.greedy).map(|(p, g)| p.iter().chain(g).copied().collect()).collect();
+        let rows: Vec<Vec<i64>> = exp
+            .ids
+            .iter()
+            .zip(&exp.greedy)
+            .map(|(p, g)| p.iter().chain(g).copied().collect())
+            .collect();
         let t0 = exp.ids.iter().map(Vec::len).max().unwrap();
         let b = rows.len() as i64;
         let steps = exp.max_new_tokens as usize;
@@ -126,11 +149,15 @@ fn padded_cached_decoding_equals_each_row_alone() {
         let mut mask = Vec::new();
         for p in &exp.ids {
             ids.extend(std::iter::repeat_n(7, t0 - p.len()).chain(p.iter().copied()));
-            mask.extend(std::iter::repeat_n(0i64, t0 - p.len()).chain(std::iter::repeat_n(1, p.len())));
+            mask.extend(
+                std::iter::repeat_n(0i64, t0 - p.len()).chain(std::iter::repeat_n(1, p.len())),
+            );
         }
         let mut cache = model.new_cache(b, (t0 + steps) as i64);
         cache.set_attention_mask(&Tensor::from_slice(&mask).view([b, t0 as i64]));
-        let mut last = model.forward(&Tensor::from_slice(&ids).view([b, t0 as i64]), &mut cache).select(1, -1);
+        let mut last = model
+            .forward(&Tensor::from_slice(&ids).view([b, t0 as i64]), &mut cache)
+            .select(1, -1);
         for step in 0..steps {
             for (r, row) in rows.iter().enumerate() {
                 let n = exp.ids[r].len() + step;
@@ -138,8 +165,14 @@ fn padded_cached_decoding_equals_each_row_alone() {
                 let d = max_abs_diff(&last.get(r as i64), &alone);
                 assert!(d <= TOL, "row {r} step {step}: batched vs alone {d:e}");
             }
-            let next: Vec<i64> = rows.iter().zip(&exp.ids).map(|(row, p)| row[p.len() + step]).collect();
-            last = model.forward(&Tensor::from_slice(&next).view([b, 1]), &mut cache).select(1, -1);
+            let next: Vec<i64> = rows
+                .iter()
+                .zip(&exp.ids)
+                .map(|(row, p)| row[p.len() + step])
+                .collect();
+            last = model
+                .forward(&Tensor::from_slice(&next).view([b, 1]), &mut cache)
+                .select(1, -1);
         }
     })
 }

@@ -35,11 +35,22 @@ proptest! {
 #[test]
 fn special_cases_round_trip_and_bad_ids_are_errors() {
     for tok in tokenizers() {
-        for s in ["", "\0", "🚀🚀 日本語", "<|endoftext|>", "a\r\n\tb  ", &"a".repeat(10_000)] {
+        for s in [
+            "",
+            "\0",
+            "🚀🚀 日本語",
+            "<|endoftext|>",
+            "a\r\n\tb  ",
+            &"a".repeat(10_000),
+        ] {
             assert_eq!(tok.decode(&tok.encode(s).unwrap()).unwrap(), s);
         }
         let v = tok.vocab_size() as i64;
-        assert!(tok.decode(&[v]).unwrap_err().to_string().contains(&v.to_string()));
+        assert!(tok
+            .decode(&[v])
+            .unwrap_err()
+            .to_string()
+            .contains(&v.to_string()));
         assert!(tok.decode(&[-1]).is_err());
     }
 }

@@ -7,7 +7,12 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use tch::Tensor;
 
-pub const MODELS: [&str; 4] = ["hub-tied", "prefixed-untied", "sharded-f16", "bf16-quickgelu"];
+pub const MODELS: [&str; 4] = [
+    "hub-tied",
+    "prefixed-untied",
+    "sharded-f16",
+    "bf16-quickgelu",
+];
 
 /// The reference folder: `$GPT2KIT_REFERENCE_DIR`, else `target/reference`. Missing
 /// references fail the test loudly: a skipped comparison would prove nothing.
@@ -51,12 +56,20 @@ pub fn expected(name: &str) -> Expected {
 
 pub fn expected_tensors(name: &str) -> HashMap<String, Tensor> {
     let path = model_dir(name).join("expected.safetensors");
-    Tensor::read_safetensors(&path).unwrap().into_iter().collect()
+    Tensor::read_safetensors(&path)
+        .unwrap()
+        .into_iter()
+        .collect()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     assert_eq!(a.size(), b.size());
-    f64::try_from((a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float)).abs().max()).unwrap()
+    f64::try_from(
+        (a.to_kind(tch::Kind::Float) - b.to_kind(tch::Kind::Float))
+            .abs()
+            .max(),
+    )
+    .unwrap()
 }
 
 /// A fresh scratch folder under target/, removed and recreated.
