@@ -1,10 +1,13 @@
-//! `gpt2kit infer`: greedy generation from one or more prompts, run as one batch.
+//! `gpt2kit infer`: every decoding strategy over one or more prompts, run as one
+//! left-padded batch. Settings come from transformers' defaults, then the model folder's
+//! `generation_config.json`, then `--generation-config FILE`, then flags.
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::Context;
-use infer::generate::{generate, validate, GenerationConfig};
-use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
+use infer::generate::{generate, validate, GenerationConfig, Output};
+use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
 
 use crate::Out;
@@ -15,60 +18,369 @@ pub struct Args {
     #[arg(long)]
     model: PathBuf,
     /// Prompt text; repeat the flag for several prompts (run as one left-padded batch).
-    #[arg(long, required = true)]
+    #[arg(long, required_unless_present = "prompts")]
     prompt: Vec<String>,
-    /// Tokens to generate after each prompt.
-    #[arg(long, default_value_t = 20)]
-    max_new_tokens: i64,
+    /// JSONL file of prompts, one `{"prompt": "..."}` object per line (after any --prompt).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// A generation_config.json whose fields override the model folder's own.
+    #[arg(long)]
+    generation_config: Option<PathBuf>,
+    /// Tokens to generate after each prompt [default: 20].
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Total length (prompt + generated) per prompt; used when --max-new-tokens is absent.
+    #[arg(long)]
+    max_length: Option<usize>,
+    /// No EOS before this many new tokens.
+    #[arg(long)]
+    min_new_tokens: Option<usize>,
+    /// No EOS before the sequence (prompt included) has this many tokens.
+    #[arg(long)]
+    min_length: Option<usize>,
+    /// Sample from the processed distribution instead of taking its argmax.
+    #[arg(long)]
+    do_sample: bool,
+    /// Divide logits by this before sampling (> 0) [default: 1.0].
+    #[arg(long)]
+    temperature: Option<f64>,
+    /// Keep the k most likely tokens when sampling; 0 disables [default: 50].
+    #[arg(long, allow_negative_numbers = true)]
+    top_k: Option<i64>,
+    /// Keep the smallest set of tokens with probability mass ≥ p, in (0, 1] [default: 1.0].
+    #[arg(long)]
+    top_p: Option<f64>,
+    /// Drop tokens less likely than min_p × the top token's probability, in [0, 1].
+    #[arg(long)]
+    min_p: Option<f64>,
+    /// Locally typical sampling mass, in (0, 1] [default: 1.0].
+    #[arg(long)]
+    typical_p: Option<f64>,
+    /// Drop tokens with probability below this, in [0, 1) [default: 0].
+    #[arg(long)]
+    epsilon_cutoff: Option<f64>,
+    /// Eta sampling cutoff, in [0, 1) [default: 0].
+    #[arg(long)]
+    eta_cutoff: Option<f64>,
+    /// transformers' repetition penalty over prompt and output (> 0; > 1 penalises) [default: 1.0].
+    #[arg(long)]
+    repetition_penalty: Option<f64>,
+    /// OpenAI/vLLM presence penalty over generated tokens [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    presence_penalty: Option<f64>,
+    /// OpenAI/vLLM frequency penalty over generated tokens [default: 0].
+    #[arg(long, allow_negative_numbers = true)]
+    frequency_penalty: Option<f64>,
+    /// Never repeat an n-gram of this size (prompt included); 0 disables.
+    #[arg(long)]
+    no_repeat_ngram_size: Option<usize>,
+    /// Text that must not be generated (its token sequence); repeatable.
+    #[arg(long)]
+    bad_words: Vec<String>,
+    /// Beam search with this many beams [default: 1].
+    #[arg(long)]
+    num_beams: Option<usize>,
+    /// Sequences returned per prompt (≤ --num-beams; > 1 without beams needs --do-sample).
+    #[arg(long)]
+    num_return_sequences: Option<usize>,
+    /// Beam score = sum of log-probs / length^length_penalty [default: 1.0].
+    #[arg(long, allow_negative_numbers = true)]
+    length_penalty: Option<f64>,
+    /// Beam stopping: true, false or never (transformers' three meanings) [default: false].
+    #[arg(long)]
+    early_stopping: Option<String>,
+    /// End-of-sequence token id; repeatable; replaces the config's.
+    #[arg(long)]
+    eos_token_id: Vec<i64>,
+    /// Generate through EOS tokens (only the length limits stop).
+    #[arg(long)]
+    ignore_eos: bool,
+    /// Stop a sequence once its text contains this string; repeatable.
+    #[arg(long)]
+    stop: Vec<String>,
+    /// Stop after the step during which this many seconds have passed.
+    #[arg(long)]
+    max_time: Option<f64>,
+    /// Seed for sampling: the same seed gives the same tokens on the same device.
+    #[arg(long)]
+    seed: Option<u64>,
     /// Weights and compute dtype: f32, f16, bf16, or auto (the checkpoint's own).
     #[arg(long, default_value = "f32")]
     dtype: String,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// One JSON object per line per prompt: prompt_index, text, token_ids, finish_reason.
+    /// Print text as it is generated (one prompt, one sequence, no beams).
+    #[arg(long)]
+    stream: bool,
+    /// One JSON object per line per returned sequence.
     #[arg(long)]
     json: bool,
+    /// One JSON line of timings and token counts on stderr.
+    #[arg(long)]
+    stats: bool,
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    Error::Input(msg).into()
+}
+
+/// Merges defaults, files and flags into one config.
+fn generation_config(
+    args: &Args,
+    model_dir: &Path,
+    config: &Gpt2Config,
+    tok: &Tokenizer,
+) -> anyhow::Result<GenerationConfig> {
+    let mut cfg = GenerationConfig {
+        eos_token_ids: config.eos_ids(),
+        pad_token_id: config.pad_token_id,
+        ..GenerationConfig::default()
+    };
+    let own = model_dir.join(genconfig::FILE_NAME);
+    if own.is_file() {
+        genconfig::apply_file(&mut cfg, &own)?;
+    }
+    if let Some(path) = &args.generation_config {
+        genconfig::apply_file(&mut cfg, path)?;
+    }
+    let p = &mut cfg.processing;
+    p.do_sample |= args.do_sample;
+    macro_rules! set {
+        ($($field:ident).+ <- $arg:expr) => {
+            if let Some(v) = $arg {
+                $($field).+ = v;
+            }
+        };
+    }
+    set!(p.temperature <- args.temperature);
+    set!(p.top_k <- args.top_k);
+    set!(p.top_p <- args.top_p);
+    set!(p.typical_p <- args.typical_p);
+    set!(p.epsilon_cutoff <- args.epsilon_cutoff);
+    set!(p.eta_cutoff <- args.eta_cutoff);
+    set!(p.repetition_penalty <- args.repetition_penalty);
+    set!(p.presence_penalty <- args.presence_penalty);
+    set!(p.frequency_penalty <- args.frequency_penalty);
+    set!(p.no_repeat_ngram_size <- args.no_repeat_ngram_size);
+    set!(p.min_new_tokens <- args.min_new_tokens);
+    set!(p.min_length <- args.min_length);
+    if args.min_p.is_some() {
+        p.min_p = args.min_p;
+    }
+    for word in &args.bad_words {
+        let ids = tok.encode(word)?;
+        if ids.is_empty() {
+            return Err(usage(format!("--bad-words {word:?} encodes to no tokens")));
+        }
+        p.bad_words_ids.push(ids);
+    }
+    set!(cfg.num_beams <- args.num_beams);
+    set!(cfg.num_return_sequences <- args.num_return_sequences);
+    set!(cfg.length_penalty <- args.length_penalty);
+    if let Some(s) = &args.early_stopping {
+        cfg.early_stopping = genconfig::parse_early_stopping(s).ok_or_else(|| {
+            usage(format!(
+                "--early-stopping {s:?}: expected true, false or never"
+            ))
+        })?;
+    }
+    if let Some(n) = args.max_new_tokens {
+        cfg.max_new_tokens = n;
+        cfg.max_length = None;
+    } else if let Some(n) = args.max_length {
+        cfg.max_length = Some(n);
+    }
+    if !args.eos_token_id.is_empty() {
+        cfg.eos_token_ids = args.eos_token_id.clone();
+    }
+    if args.ignore_eos {
+        cfg.eos_token_ids.clear();
+    }
+    if let Some(t) = args.max_time {
+        if !(t.is_finite() && t > 0.0) {
+            return Err(usage(format!(
+                "--max-time must be a positive number of seconds, got {t}"
+            )));
+        }
+        cfg.max_time = Some(Duration::from_secs_f64(t));
+    }
+    cfg.seed = args.seed.or(cfg.seed);
+    Ok(cfg)
+}
+
+/// The prompts of a JSONL file; errors name the file and line.
+fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
+        let at = |why: &str| usage(format!("{}:{}: {why}", path.display(), i + 1));
+        let line = std::str::from_utf8(line).map_err(|_| at("not valid UTF-8"))?;
+        let line = line.trim_end_matches('\r');
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
+        match v.get("prompt") {
+            Some(serde_json::Value::String(s)) => out.push(s.clone()),
+            Some(_) => return Err(at("\"prompt\" is not a string")),
+            None => return Err(at("expected an object with a \"prompt\" string")),
+        }
+    }
+    if out.is_empty() {
+        return Err(usage(format!("{}: no prompts in the file", path.display())));
+    }
+    Ok(out)
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
-    if let Some(i) = args.prompt.iter().position(String::is_empty) {
-        return Err(Error::Input(format!("--prompt {i} is empty")).into());
+    let mut texts = args.prompt.clone();
+    if let Some(path) = &args.prompts {
+        texts.extend(read_prompts(path)?);
+    }
+    if let Some(i) = texts.iter().position(String::is_empty) {
+        return Err(usage(format!("prompt {i} is empty")));
     }
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let prompts = args
-        .prompt
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let cfg = generation_config(args, dir, &config, &tokenizer)?;
+    let prompts = texts
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<Result<Vec<_>, _>>()?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-    let cfg = GenerationConfig {
-        max_new_tokens: args.max_new_tokens,
-        eos_token_ids: config.eos_ids(),
-        pad_token_id: config.pad_token_id,
-    };
     validate(&config, &prompts, &cfg)?;
+    if args.stream
+        && (prompts.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
+    {
+        return Err(usage(
+            "--stream needs one prompt, one sequence, no beams and no --json".into(),
+        ));
+    }
     let model = Gpt2::load(dir, kind, device)
         .with_context(|| format!("loading model {}", dir.display()))?;
-    let results = tch::no_grad(|| generate(&model, &prompts, &cfg, |_, _| {}))?;
-    for (i, (prompt, r)) in args.prompt.iter().zip(&results).enumerate() {
-        let text = tokenizer.decode(&r.tokens)?;
-        if args.json {
-            crate::write_json(
-                out,
-                &json!({
+
+    let stop_check = |tokens: &[i64]| {
+        !args.stop.is_empty()
+            && tokenizer
+                .decode(tokens)
+                .is_ok_and(|t| args.stop.iter().any(|s| t.contains(s.as_str())))
+    };
+    let mut streamer = Streamer::default();
+    let mut stream_err = None;
+    if args.stream {
+        write!(out, "{}", texts[0])?;
+        out.flush()?;
+    }
+    let output: Output = tch::no_grad(|| {
+        generate(&model, &prompts, &cfg, &stop_check, |_, tok| {
+            if args.stream && stream_err.is_none() {
+                if let Err(e) = streamer.push(tok, &tokenizer, out) {
+                    stream_err = Some(e);
+                }
+            }
+        })
+    })?;
+    if let Some(e) = stream_err {
+        return Err(e);
+    }
+    if args.stream {
+        streamer.finish(&tokenizer, out)?;
+    }
+    let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
+    for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {
+        for (j, g) in seqs.iter().enumerate() {
+            let text = tokenizer.decode(&g.tokens)?;
+            if args.json {
+                let line = json!({
                     "prompt_index": i,
+                    "sequence_index": j,
                     "text": text,
-                    "token_ids": r.tokens,
-                    "finish_reason": r.finish_reason.as_str(),
-                }),
-            )?;
-        } else {
-            writeln!(out, "{prompt}{text}")?;
+                    "token_ids": g.tokens,
+                    "logprobs": g.logprobs,
+                    "score": g.score,
+                    "finish_reason": g.finish_reason.as_str(),
+                });
+                crate::write_json(out, &line)?;
+            } else if !args.stream {
+                writeln!(out, "{prompt}{text}")?;
+                if several {
+                    writeln!(out)?;
+                }
+            }
         }
     }
+    if args.stats {
+        let generated: usize = output
+            .sequences
+            .iter()
+            .flatten()
+            .map(|g| g.tokens.len())
+            .sum();
+        let decode_ms = output.decode.as_secs_f64() * 1e3;
+        let steps = output
+            .sequences
+            .iter()
+            .flatten()
+            .map(|g| g.tokens.len())
+            .max()
+            .unwrap_or(0);
+        // Tokens per second of the decode phase: every token after the first of each sequence.
+        let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
+        let stats = json!({
+            "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
+            "generated_tokens": generated,
+            "steps": steps,
+            "prefill_ms": output.prefill.as_secs_f64() * 1e3,
+            "decode_ms": decode_ms,
+            "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
+            "peak_rss_mb": peak_rss_mb(),
+        });
+        eprintln!("{stats}");
+    }
     Ok(())
+}
+
+/// Prints a token stream as text without splitting a UTF-8 character: the text of all
+/// tokens so far is decoded, and only a prefix that does not end in an incomplete
+/// character (U+FFFD from the byte-level decoder) is printed.
+#[derive(Default)]
+struct Streamer {
+    tokens: Vec<i64>,
+    printed: usize,
+}
+
+impl Streamer {
+    fn push(&mut self, tok: i64, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
+        self.tokens.push(tok);
+        let text = tokenizer.decode(&self.tokens)?;
+        let ready = text.trim_end_matches('\u{FFFD}');
+        if ready.len() > self.printed && ready.is_char_boundary(self.printed) {
+            write!(out, "{}", &ready[self.printed..])?;
+            out.flush()?;
+            self.printed = ready.len();
+        }
+        Ok(())
+    }
+
+    /// Prints whatever is left (an incomplete character at the very end included).
+    fn finish(&mut self, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
+        let text = tokenizer.decode(&self.tokens)?;
+        if text.len() > self.printed && text.is_char_boundary(self.printed) {
+            write!(out, "{}", &text[self.printed..])?;
+        }
+        writeln!(out)?;
+        Ok(())
+    }
+}
+
+/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
+fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
 }

@@ -1,12 +1,15 @@
 //! gpt2kit's engine: GPT-2 on Hugging Face checkpoints, the tokenizer, the KV cache and
 //! the decoding loop. Knows nothing of training or of how an artifact was made.
+mod beam;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
 pub mod error;
+pub mod genconfig;
 pub mod generate;
 pub mod model;
+pub mod processors;
 pub mod tokenizer;
 
 pub use cache::KvCache;

@@ -179,9 +179,9 @@ fn padded_cached_decoding_equals_each_row_alone() {
 
 fn greedy_config(model: &Gpt2, n: i64) -> GenerationConfig {
     GenerationConfig {
-        max_new_tokens: n,
+        max_new_tokens: n as usize,
         eos_token_ids: model.config.eos_ids(),
-        pad_token_id: None,
+        ..GenerationConfig::default()
     }
 }
 
@@ -193,12 +193,25 @@ fn greedy_tokens_equal_transformers_generate() {
             let exp = expected(name);
             let cfg = greedy_config(&model, exp.max_new_tokens);
             for (i, ids) in exp.ids.iter().enumerate() {
-                let got = generate(&model, std::slice::from_ref(ids), &cfg, |_, _| {}).unwrap();
-                assert_eq!(got[0].tokens, exp.greedy[i], "{name} prompt {i}");
+                let got = generate(
+                    &model,
+                    std::slice::from_ref(ids),
+                    &cfg,
+                    &|_| false,
+                    |_, _| {},
+                )
+                .unwrap();
+                assert_eq!(
+                    got.sequences[0][0].tokens, exp.greedy[i],
+                    "{name} prompt {i}"
+                );
             }
             let mut streamed = vec![Vec::new(); exp.ids.len()];
-            let got = generate(&model, &exp.ids, &cfg, |row, tok| streamed[row].push(tok)).unwrap();
-            for (i, g) in got.iter().enumerate() {
+            let got = generate(&model, &exp.ids, &cfg, &|_| false, |row, tok| {
+                streamed[row].push(tok)
+            })
+            .unwrap();
+            for (i, g) in got.sequences.iter().map(|s| &s[0]).enumerate() {
                 assert_eq!(g.tokens, exp.greedy_batch[i], "{name} batch row {i}");
                 assert_eq!(streamed[i], g.tokens, "{name}: streamed tokens");
                 let eos = model.config.eos_ids().contains(g.tokens.last().unwrap());

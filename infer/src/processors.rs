@@ -1,0 +1,283 @@
+//! Logits processors and warpers, with transformers' semantics and in its order
+//! (`generation/utils.py::_get_logits_processor`, `generation/logits_process.py`):
+//! repetition penalty → (OpenAI/vLLM presence and frequency penalties) → no-repeat
+//! n-gram → bad words → min length → min new tokens; then, only when sampling,
+//! temperature → top-k → top-p → min-p → typical-p → epsilon → eta.
+//!
+//! Each row's history is its own tokens (prompt and generated, never padding), so a
+//! prompt in a padded batch is processed exactly as alone. (transformers includes the
+//! pad tokens of a left-padded batch in `input_ids`: its repetition penalty then also
+//! penalises the pad id and its min_length counts the padding.)
+use std::collections::{HashMap, HashSet};
+
+use tch::{Kind, Tensor};
+
+/// The knobs of decoding, with Hugging Face `GenerationConfig` names and defaults.
+#[derive(Debug, Clone)]
+pub struct Processing {
+    pub do_sample: bool,
+    pub temperature: f64,
+    /// 0 disables.
+    pub top_k: i64,
+    pub top_p: f64,
+    pub min_p: Option<f64>,
+    pub typical_p: f64,
+    pub epsilon_cutoff: f64,
+    pub eta_cutoff: f64,
+    pub repetition_penalty: f64,
+    /// Over generated tokens only, as OpenAI and vLLM define them.
+    pub presence_penalty: f64,
+    pub frequency_penalty: f64,
+    pub no_repeat_ngram_size: usize,
+    pub bad_words_ids: Vec<Vec<i64>>,
+    /// Counts the prompt, as transformers' `min_length`.
+    pub min_length: usize,
+    pub min_new_tokens: usize,
+    /// Warpers keep at least this many tokens (transformers: 1, or n_eos + 1 under beams).
+    pub min_tokens_to_keep: i64,
+}
+
+impl Default for Processing {
+    fn default() -> Self {
+        Self {
+            do_sample: false,
+            temperature: 1.0,
+            top_k: 50,
+            top_p: 1.0,
+            min_p: None,
+            typical_p: 1.0,
+            epsilon_cutoff: 0.0,
+            eta_cutoff: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            no_repeat_ngram_size: 0,
+            bad_words_ids: Vec::new(),
+            min_length: 0,
+            min_new_tokens: 0,
+            min_tokens_to_keep: 1,
+        }
+    }
+}
+
+/// One row's history: its tokens (prompt then generated) and where the prompt ends.
+pub struct Row<'a> {
+    pub tokens: &'a [i64],
+    pub prompt_len: usize,
+}
+
+/// Applies every enabled processor to `scores` (B, V) float, returning new scores.
+pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Tensor {
+    let (b, v) = scores.size2().expect("scores are (B, V)");
+    let device = scores.device();
+    let mut s = scores.shallow_clone();
+    // Puts `value` at the listed (row, token) cells.
+    let fill = |s: &Tensor, cells: &[(i64, i64)], value: f64| -> Tensor {
+        if cells.is_empty() {
+            return s.shallow_clone();
+        }
+        let mut mask = Tensor::zeros([b, v], (Kind::Bool, device));
+        let (r, c): (Vec<i64>, Vec<i64>) = cells.iter().copied().unzip();
+        let idx = [
+            Some(Tensor::from_slice(&r).to_device(device)),
+            Some(Tensor::from_slice(&c).to_device(device)),
+        ];
+        let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
+        s.masked_fill(&mask, value)
+    };
+    let cells = |f: &dyn Fn(&Row) -> Vec<i64>| -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            out.extend(
+                f(row)
+                    .into_iter()
+                    .filter(|&t| (0..v).contains(&t))
+                    .map(|t| (i as i64, t)),
+            );
+        }
+        out
+    };
+
+    if p.repetition_penalty != 1.0 {
+        let seen = cells(&|r| unique(r.tokens));
+        if !seen.is_empty() {
+            let (rr, cc): (Vec<i64>, Vec<i64>) = seen.iter().copied().unzip();
+            let mut mask = Tensor::zeros([b, v], (Kind::Bool, device));
+            let idx = [
+                Some(Tensor::from_slice(&rr).to_device(device)),
+                Some(Tensor::from_slice(&cc).to_device(device)),
+            ];
+            let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
+            let pen = p.repetition_penalty;
+            let penalised = s.lt(0.0).where_self(&(&s * pen), &(&s / pen));
+            s = mask.where_self(&penalised, &s);
+        }
+    }
+    if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
+        let mut counts = vec![0f32; (b * v) as usize];
+        for (i, row) in rows.iter().enumerate() {
+            for &t in &row.tokens[row.prompt_len..] {
+                if (0..v).contains(&t) {
+                    counts[i * v as usize + t as usize] += 1.0;
+                }
+            }
+        }
+        let counts = Tensor::from_slice(&counts).view([b, v]).to_device(device);
+        s = &s
+            - &counts * p.frequency_penalty
+            - counts.gt(0.0).to_kind(Kind::Float) * p.presence_penalty;
+    }
+    if p.no_repeat_ngram_size > 0 {
+        let n = p.no_repeat_ngram_size;
+        s = fill(
+            &s,
+            &cells(&|r| banned_ngram_tokens(r.tokens, n)),
+            f64::NEG_INFINITY,
+        );
+    }
+    if !p.bad_words_ids.is_empty() {
+        let banned = |r: &Row| {
+            p.bad_words_ids
+                .iter()
+                .filter(|w| !w.is_empty() && r.tokens.ends_with(&w[..w.len() - 1]))
+                .map(|w| w[w.len() - 1])
+                .collect()
+        };
+        s = fill(&s, &cells(&banned), f64::NEG_INFINITY);
+    }
+    let too_short =
+        |r: &Row| r.tokens.len() < p.min_length || r.tokens.len() - r.prompt_len < p.min_new_tokens;
+    if p.min_length > 0 || p.min_new_tokens > 0 {
+        s = fill(
+            &s,
+            &cells(&|r| {
+                if too_short(r) {
+                    eos.to_vec()
+                } else {
+                    Vec::new()
+                }
+            }),
+            f64::NEG_INFINITY,
+        );
+    }
+    if p.do_sample {
+        s = warp(p, &s);
+    }
+    s
+}
+
+/// The sampling warpers, in transformers' order.
+pub fn warp(p: &Processing, scores: &Tensor) -> Tensor {
+    let v = *scores.size().last().unwrap();
+    let keep = p.min_tokens_to_keep;
+    let ninf = f64::NEG_INFINITY;
+    let mut s = scores.shallow_clone();
+    if p.temperature != 1.0 {
+        s = &s / p.temperature;
+    }
+    // The k-th largest score per row: (B, 1).
+    let kth = |s: &Tensor, k: i64| {
+        s.topk(k.min(v), -1, true, true)
+            .0
+            .narrow(-1, k.min(v) - 1, 1)
+    };
+    if p.top_k != 0 {
+        let k = p.top_k.max(keep);
+        s = s.masked_fill(&s.lt_tensor(&kth(&s, k)), ninf);
+    }
+    if p.top_p < 1.0 {
+        // Ascending sort; drop the low tail whose mass is ≤ 1 - top_p.
+        let (sorted, idx) = s.sort(-1, false);
+        let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
+        let remove = cum.le(1.0 - p.top_p);
+        let _ = remove.narrow(-1, v - keep.min(v), keep.min(v)).fill_(0);
+        let remove = remove.scatter(1, &idx, &remove);
+        s = s.masked_fill(&remove, ninf);
+    }
+    if let Some(min_p) = p.min_p {
+        let probs = s.softmax(-1, Kind::Float);
+        let top = probs.amax([-1].as_slice(), true);
+        let remove = probs.lt_tensor(&(top * min_p));
+        let top_idx = probs.topk(keep.min(v), -1, true, true).1;
+        let remove = remove.scatter_value(-1, &top_idx, 0);
+        s = s.masked_fill(&remove, ninf);
+    }
+    if p.typical_p < 1.0 {
+        let logp = s.log_softmax(-1, Kind::Float);
+        let prob = logp.exp();
+        let ent = -(&logp * &prob).nansum([-1].as_slice(), true, Kind::Float);
+        let shifted = (-&logp - ent).abs();
+        let (sorted_shift, idx) = shifted.sort(-1, false);
+        let cum = s
+            .gather(-1, &idx, false)
+            .softmax(-1, Kind::Float)
+            .cumsum(-1, Kind::Float);
+        let last = cum
+            .lt(p.typical_p)
+            .sum_dim_intlist([1].as_slice(), true, Kind::Int64)
+            .clamp_max(v - 1);
+        let remove = sorted_shift.gt_tensor(&sorted_shift.gather(1, &last, false));
+        let _ = remove.narrow(-1, 0, keep.min(v)).fill_(0);
+        let remove = remove.scatter(1, &idx, &remove);
+        s = s.masked_fill(&remove, ninf);
+    }
+    if 0.0 < p.epsilon_cutoff && p.epsilon_cutoff < 1.0 {
+        let remove = s
+            .softmax(-1, Kind::Float)
+            .lt(p.epsilon_cutoff)
+            .logical_and(&s.lt_tensor(&kth(&s, keep)));
+        s = s.masked_fill(&remove, ninf);
+    }
+    if 0.0 < p.eta_cutoff && p.eta_cutoff < 1.0 {
+        let logp = s.log_softmax(-1, Kind::Float);
+        // Entropy as torch.distributions.Categorical computes it (-inf·0 counts as 0).
+        let plogp = (&logp * logp.exp()).nan_to_num(0.0, None, None);
+        let ent = -plogp.sum_dim_intlist([-1].as_slice(), true, Kind::Float);
+        let eps = p.eta_cutoff;
+        let eta = (-ent)
+            .exp()
+            .f_mul_scalar(eps.sqrt())
+            .unwrap()
+            .clamp_max(eps);
+        let remove = s
+            .softmax(-1, Kind::Float)
+            .lt_tensor(&eta)
+            .logical_and(&s.lt_tensor(&kth(&s, keep)));
+        s = s.masked_fill(&remove, ninf);
+    }
+    s
+}
+
+fn unique(tokens: &[i64]) -> Vec<i64> {
+    let set: HashSet<i64> = tokens.iter().copied().collect();
+    set.into_iter().collect()
+}
+
+/// Tokens that would complete an n-gram already present in `tokens`.
+fn banned_ngram_tokens(tokens: &[i64], n: usize) -> Vec<i64> {
+    if tokens.len() + 1 < n {
+        return Vec::new();
+    }
+    let mut seen: HashMap<&[i64], Vec<i64>> = HashMap::new();
+    for w in tokens.windows(n) {
+        seen.entry(&w[..n - 1]).or_default().push(w[n - 1]);
+    }
+    let prefix = &tokens[tokens.len() + 1 - n..];
+    seen.get(prefix).cloned().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ngram_bans_follow_the_last_n_minus_one_tokens() {
+        assert_eq!(banned_ngram_tokens(&[1, 2, 3, 1, 2], 3), vec![3]);
+        assert_eq!(banned_ngram_tokens(&[1, 2, 3, 1], 2), vec![2]);
+        assert!(banned_ngram_tokens(&[1, 2], 3).is_empty());
+        // n = 1 bans every token seen.
+        let mut one = banned_ngram_tokens(&[5, 6, 5], 1);
+        one.sort();
+        assert_eq!(one, vec![5, 5, 6]);
+    }
+}
