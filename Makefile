@@ -13,7 +13,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup build test demo reference clean-reference fmt
+.PHONY: setup build test demo reference bench fmt
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -53,6 +53,15 @@ test: setup $(REF_READY)
 
 demo: build $(REF_READY)
 	@bash tests/demo.sh $(BIN) $(REF_DIR)
+
+BENCH_DIR := target/bench
+$(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
+	$(VENV)/bin/python bench/make_bench_model.py --out $(BENCH_DIR)/gpt2-random
+	touch $@
+
+# gpt2kit against transformers, same run, same machine; the table lands in target/bench/.
+bench: build $(BENCH_DIR)/gpt2-random/.ready
+	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
 
 fmt:
 	$(CARGO) fmt --all

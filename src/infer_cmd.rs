@@ -42,28 +42,28 @@ pub struct Args {
     #[arg(long)]
     do_sample: bool,
     /// Divide logits by this before sampling (> 0) [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     temperature: Option<f64>,
     /// Keep the k most likely tokens when sampling; 0 disables [default: 50].
     #[arg(long, allow_negative_numbers = true)]
     top_k: Option<i64>,
     /// Keep the smallest set of tokens with probability mass ≥ p, in (0, 1] [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     top_p: Option<f64>,
     /// Drop tokens less likely than min_p × the top token's probability, in [0, 1].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     min_p: Option<f64>,
     /// Locally typical sampling mass, in (0, 1] [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     typical_p: Option<f64>,
     /// Drop tokens with probability below this, in [0, 1) [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     epsilon_cutoff: Option<f64>,
     /// Eta sampling cutoff, in [0, 1) [default: 0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     eta_cutoff: Option<f64>,
     /// transformers' repetition penalty over prompt and output (> 0; > 1 penalises) [default: 1.0].
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     repetition_penalty: Option<f64>,
     /// OpenAI/vLLM presence penalty over generated tokens [default: 0].
     #[arg(long, allow_negative_numbers = true)]
@@ -99,7 +99,7 @@ pub struct Args {
     #[arg(long)]
     stop: Vec<String>,
     /// Stop after the step during which this many seconds have passed.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     max_time: Option<f64>,
     /// Seed for sampling: the same seed gives the same tokens on the same device.
     #[arg(long)]
@@ -119,6 +119,9 @@ pub struct Args {
     /// One JSON line of timings and token counts on stderr.
     #[arg(long)]
     stats: bool,
+    /// Untimed warm-up generations (4 tokens each) before the real one, for benchmarks.
+    #[arg(long, default_value_t = 0)]
+    warmup: usize,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -269,6 +272,14 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
                 .decode(tokens)
                 .is_ok_and(|t| args.stop.iter().any(|s| t.contains(s.as_str())))
     };
+    let warm = GenerationConfig {
+        max_new_tokens: 4,
+        max_length: None,
+        ..cfg.clone()
+    };
+    for _ in 0..args.warmup {
+        tch::no_grad(|| generate(&model, &prompts, &warm, &|_| false, |_, _| {}))?;
+    }
     let mut streamer = Streamer::default();
     let mut stream_err = None;
     if args.stream {

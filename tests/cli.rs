@@ -182,6 +182,185 @@ fn bad_input_gives_clear_errors_and_exit_codes() {
 }
 
 #[test]
+fn sampling_and_beam_values_are_refused_with_the_flag_name() {
+    let model = reference("hub-tied");
+    let m = model.to_str().unwrap();
+    let base = ["infer", "--model", m, "--prompt", "Hello"];
+    let cases: &[(&[&str], &str)] = &[
+        (&["--do-sample", "--temperature", "0"], "--temperature"),
+        (&["--do-sample", "--temperature", "-1"], "--temperature"),
+        (&["--do-sample", "--temperature", "NaN"], "--temperature"),
+        (&["--top-p", "0"], "--top-p"),
+        (&["--top-p", "1.5"], "--top-p"),
+        (&["--top-k", "-2"], "--top-k"),
+        (&["--min-p", "2"], "--min-p"),
+        (&["--typical-p", "0"], "--typical-p"),
+        (&["--epsilon-cutoff", "1"], "--epsilon-cutoff"),
+        (&["--num-beams", "0"], "--num-beams"),
+        (
+            &["--num-beams", "2", "--num-return-sequences", "3"],
+            "--num-return-sequences",
+        ),
+        (&["--num-return-sequences", "2"], "--num-return-sequences"),
+        (&["--repetition-penalty", "0"], "--repetition-penalty"),
+        (&["--early-stopping", "maybe"], "--early-stopping"),
+        (&["--eos-token-id", "100000"], "--eos-token-id"),
+        (&["--max-time", "0"], "--max-time"),
+        (&["--stream", "--num-beams", "2"], "--stream"),
+        (&["--max-length", "1"], "--max-length"),
+    ];
+    for (extra, flag) in cases {
+        let args: Vec<&str> = base.iter().chain(extra.iter()).copied().collect();
+        assert_clean_failure(&gpt2kit(&args), 2, flag);
+    }
+}
+
+#[test]
+fn prompts_file_errors_name_file_and_line() {
+    let model = reference("hub-tied");
+    let dir = std::env::temp_dir().join(format!("gpt2kit-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("prompts.jsonl");
+    std::fs::write(&file, "{\"prompt\": \"Hello\"}\n\n{\"prompt\": 3}\n").unwrap();
+    let o = gpt2kit(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        file.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&o, 2, "prompts.jsonl:3");
+    std::fs::write(
+        &file,
+        "{\"prompt\": \"Hello\"}\r\n{\"prompt\": \"The quick\"}\n",
+    )
+    .unwrap();
+    let o = gpt2kit(&[
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompts",
+        file.to_str().unwrap(),
+        "--json",
+        "--max-new-tokens",
+        "3",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(String::from_utf8_lossy(&o.stdout).lines().count(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn stream_prints_what_the_plain_run_prints() {
+    let model = reference("prefixed-untied");
+    let m = model.to_str().unwrap();
+    let plain = gpt2kit(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "12",
+    ]);
+    let streamed = gpt2kit(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "12",
+        "--stream",
+    ]);
+    assert!(
+        plain.status.success() && streamed.status.success(),
+        "{}",
+        stderr(&streamed)
+    );
+    assert_eq!(plain.stdout, streamed.stdout);
+}
+
+#[test]
+fn json_fields_stats_and_stop_strings() {
+    let model = reference("hub-tied");
+    let m = model.to_str().unwrap();
+    let o = gpt2kit(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "Hello",
+        "--num-beams",
+        "3",
+        "--num-return-sequences",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--json",
+        "--stats",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    for (j, l) in lines.iter().enumerate() {
+        assert_eq!(l["sequence_index"], j);
+        let n = l["token_ids"].as_array().unwrap().len();
+        assert_eq!(l["logprobs"].as_array().unwrap().len(), n);
+        assert!(l["score"].as_f64().unwrap() <= 0.0);
+        assert!(["eos", "length"].contains(&l["finish_reason"].as_str().unwrap()));
+    }
+    assert!(
+        lines[0]["score"].as_f64() >= lines[1]["score"].as_f64(),
+        "beams best first"
+    );
+    let stats: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
+    for key in [
+        "prompt_tokens",
+        "generated_tokens",
+        "prefill_ms",
+        "decode_ms",
+        "decode_tokens_per_s",
+        "peak_rss_mb",
+    ] {
+        assert!(stats.get(key).is_some(), "{key} missing from {stats}");
+    }
+    // A stop string taken from the plain run's own output stops it there.
+    let plain = gpt2kit(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ]);
+    let v: serde_json::Value = serde_json::from_slice(&plain.stdout).unwrap();
+    let text = v["text"].as_str().unwrap();
+    let stop: String = text.chars().take(2).collect();
+    let o = gpt2kit(&[
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "12",
+        "--json",
+        "--stop",
+        &stop,
+    ]);
+    let s: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(s["finish_reason"], "stop");
+    assert!(s["text"].as_str().unwrap().contains(&stop));
+    assert!(s["token_ids"].as_array().unwrap().len() < 12);
+}
+
+#[test]
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))

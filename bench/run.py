@@ -1,0 +1,87 @@
+#!/usr/bin/env python3
+"""`make bench`: gpt2kit against Hugging Face transformers in the same run, on the same
+machine, same model shape (gpt2, 124M, random weights), same prompt, same settings and a
+fixed generated length. Prints a markdown table of tokens/s and the ratio per row, and
+writes it to target/bench/results.md.
+
+Both sides time generation only (model loading excluded), after an untimed warm-up.
+gpt2kit's time is prefill + decode from `--stats`; transformers' is generate()'s wall time.
+"""
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+
+PROMPT = "abc defg hij klmno pq rstu vwx yz"
+NEW = 64
+ROWS = [
+    # (label, batch, dtype, sample, beams)
+    ("greedy, batch 1, fp32", 1, "f32", False, 1),
+    ("greedy, batch 1, bf16", 1, "bf16", False, 1),
+    ("greedy, batch 8, fp32", 8, "f32", False, 1),
+    ("sampling top-k 50, top-p 0.95, T 0.7, fp32", 1, "f32", True, 1),
+    ("beam 5, fp32", 1, "f32", False, 5),
+]
+
+
+def ours(binary, model, batch, dtype, sample, beams):
+    cmd = [binary, "infer", "--model", model, "--max-new-tokens", str(NEW), "--min-new-tokens", str(NEW),
+           "--dtype", dtype, "--num-beams", str(beams), "--stats", "--warmup", "1"]
+    cmd += ["--prompt", PROMPT] * batch
+    if sample:
+        cmd += ["--do-sample", "--top-k", "50", "--top-p", "0.95", "--temperature", "0.7", "--seed", "0"]
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    stats = json.loads(p.stderr.strip().splitlines()[-1])
+    tokens = stats["generated_tokens"]
+    return tokens / ((stats["prefill_ms"] + stats["decode_ms"]) / 1e3)
+
+
+def theirs(python, model, batch, dtype, sample, beams):
+    cmd = [python, os.path.join(os.path.dirname(__file__), "hf_generate.py"), "--model", model,
+           "--prompt", PROMPT, "--batch", str(batch), "--new", str(NEW), "--dtype", dtype, "--beams", str(beams)]
+    if sample:
+        cmd.append("--sample")
+    p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    r = json.loads(p.stdout.strip().splitlines()[-1])
+    return r["tokens"] / r["seconds"]
+
+
+def cpu_name():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--binary", required=True)
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    lines = [
+        f"Machine: {cpu_name()}, {os.cpu_count()} cores; gpt2 shape (124M), random weights; "
+        f"prompt of {len(PROMPT.split())} words, {NEW} generated tokens per sequence; tokens/s of generation.",
+        "",
+        "| row | gpt2kit tok/s | transformers tok/s | ratio |",
+        "|---|---|---|---|",
+    ]
+    print("\n".join(lines), flush=True)
+    for label, batch, dtype, sample, beams in ROWS:
+        a = ours(args.binary, args.model, batch, dtype, sample, beams)
+        b = theirs(sys.executable, args.model, batch, dtype, sample, beams)
+        row = f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}× |"
+        lines.append(row)
+        print(row, flush=True)
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()
