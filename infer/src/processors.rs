@@ -109,8 +109,9 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
             ];
             let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
             let pen = p.repetition_penalty;
-            let penalised = s.lt(0.0).where_self(&(&s * pen), &(&s / pen));
-            s = mask.where_self(&penalised, &s);
+            // tch's `a.where_self(cond, b)` is torch.where(cond, a, b).
+            let penalised = (&s * pen).where_self(&s.lt(0.0), &(&s / pen));
+            s = penalised.where_self(&mask, &s);
         }
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
