@@ -6,7 +6,9 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use infer::generate::{generate, validate, GenerationConfig, Output};
+use infer::ensemble::{Ensemble, EnsembleMode};
+use infer::generate::{generate, generate_ensemble, validate, GenerationConfig, Output};
+use infer::speculative::{generate_speculative, Drafter};
 use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
 
@@ -104,6 +106,32 @@ pub struct Args {
     /// Seed for sampling: the same seed gives the same tokens on the same device.
     #[arg(long)]
     seed: Option<u64>,
+    /// Another model folder decoded together with --model; repeatable. Every model must
+    /// share the tokenizer.
+    #[arg(long)]
+    ensemble: Vec<PathBuf>,
+    /// mean-prob (weighted mean of probabilities), mean-logprob, rerank (each model's
+    /// candidates scored by all) or vote (minimum-Bayes-risk choice among candidates).
+    #[arg(long, default_value = "mean-prob")]
+    ensemble_mode: String,
+    /// Comma-separated weights, one per model (--model first) [default: equal].
+    #[arg(long, value_delimiter = ',')]
+    ensemble_weights: Vec<f64>,
+    /// Speculative decoding: a small model sharing the tokenizer drafts tokens that the
+    /// --model verifies in one pass (one sequence per prompt, no beams).
+    #[arg(long)]
+    draft_model: Option<PathBuf>,
+    /// Tokens the draft model proposes per step.
+    #[arg(long, default_value_t = 4)]
+    num_draft_tokens: usize,
+    /// Speculative decoding without a draft model: propose this many tokens copied from
+    /// where the sequence's last n-gram occurred before (transformers'
+    /// prompt_lookup_num_tokens).
+    #[arg(long)]
+    prompt_lookup: Option<usize>,
+    /// Longest n-gram --prompt-lookup matches.
+    #[arg(long, default_value_t = 2)]
+    max_matching_ngram_size: usize,
     /// Weights and compute dtype: f32, f16, bf16, or auto (the checkpoint's own).
     #[arg(long, default_value = "f32")]
     dtype: String,
@@ -263,8 +291,82 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "--stream needs one prompt, one sequence, no beams and no --json".into(),
         ));
     }
+    let mode = args.ensemble_mode.as_str();
+    if !["mean-prob", "mean-logprob", "rerank", "vote"].contains(&mode) {
+        return Err(usage(format!(
+            "--ensemble-mode {mode:?}: expected mean-prob, mean-logprob, rerank or vote"
+        )));
+    }
+    for other in &args.ensemble {
+        infer::model::check_model_dir(other)?;
+        let tok = Tokenizer::from_dir(other)?;
+        if !tok.same_vocabulary(&tokenizer) {
+            return Err(usage(format!(
+                "--ensemble {}: its tokenizer differs from {}'s; ensembled models must share one",
+                other.display(),
+                dir.display()
+            )));
+        }
+        let c = Gpt2Config::from_file(&other.join("config.json"))?;
+        validate(&c, &prompts, &cfg).with_context(|| format!("--ensemble {}", other.display()))?;
+    }
+    if !args.ensemble_weights.is_empty() && args.ensemble_weights.len() != 1 + args.ensemble.len() {
+        return Err(usage(format!(
+            "--ensemble-weights: {} weights for {} models",
+            args.ensemble_weights.len(),
+            1 + args.ensemble.len()
+        )));
+    }
+    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
+    if speculative && !args.ensemble.is_empty() {
+        return Err(usage(
+            "--draft-model / --prompt-lookup cannot be combined with --ensemble".into(),
+        ));
+    }
+    if args.draft_model.is_some() && args.prompt_lookup.is_some() {
+        return Err(usage(
+            "use either --draft-model or --prompt-lookup, not both".into(),
+        ));
+    }
+    if args.max_matching_ngram_size == 0 {
+        return Err(usage("--max-matching-ngram-size must be at least 1".into()));
+    }
+    if let Some(draft) = &args.draft_model {
+        infer::model::check_model_dir(draft)?;
+        if !Tokenizer::from_dir(draft)?.same_vocabulary(&tokenizer) {
+            return Err(usage(format!(
+                "--draft-model {}: its tokenizer differs from {}'s; the draft must share it",
+                draft.display(),
+                dir.display()
+            )));
+        }
+    }
+    if args.stream && pooled {
+        return Err(usage(
+            "--stream cannot show --ensemble-mode rerank or vote".into(),
+        ));
+    }
     let model = Gpt2::load(dir, kind, device)
         .with_context(|| format!("loading model {}", dir.display()))?;
+    let mut others = Vec::new();
+    for other in &args.ensemble {
+        others.push(
+            Gpt2::load(other, kind, device)
+                .with_context(|| format!("loading model {}", other.display()))?,
+        );
+    }
+    let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
+    let combine = if mode == "mean-logprob" {
+        EnsembleMode::MeanLogprob
+    } else {
+        EnsembleMode::MeanProb
+    };
+    let ensemble = Ensemble::new(
+        std::iter::once(&model).chain(&others).collect(),
+        weights,
+        combine,
+    )?;
 
     let stop_check = |tokens: &[i64]| {
         !args.stop.is_empty()
@@ -280,21 +382,80 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     for _ in 0..args.warmup {
         tch::no_grad(|| generate(&model, &prompts, &warm, &|_| false, |_, _| {}))?;
     }
+    let draft = match &args.draft_model {
+        Some(d) => Some(
+            Gpt2::load(d, kind, device)
+                .with_context(|| format!("loading model {}", d.display()))?,
+        ),
+        None => None,
+    };
     let mut streamer = Streamer::default();
+    let mut spec_stats = None;
     let mut stream_err = None;
     if args.stream {
         write!(out, "{}", texts[0])?;
         out.flush()?;
     }
-    let output: Output = tch::no_grad(|| {
-        generate(&model, &prompts, &cfg, &stop_check, |_, tok| {
-            if args.stream && stream_err.is_none() {
-                if let Err(e) = streamer.push(tok, &tokenizer, out) {
-                    stream_err = Some(e);
+    let output: Output = if speculative {
+        let (drafter, k) = match &draft {
+            Some(d) => (Drafter::Model(d), args.num_draft_tokens),
+            None => (
+                Drafter::PromptLookup(args.max_matching_ngram_size),
+                args.prompt_lookup.unwrap_or(0),
+            ),
+        };
+        let (o, st) = tch::no_grad(|| {
+            generate_speculative(
+                &model,
+                &drafter,
+                &prompts,
+                &cfg,
+                k,
+                &stop_check,
+                |_, tok| {
+                    if args.stream && stream_err.is_none() {
+                        if let Err(e) = streamer.push(tok, &tokenizer, out) {
+                            stream_err = Some(e);
+                        }
+                    }
+                },
+            )
+        })?;
+        spec_stats = Some(st);
+        o
+    } else if !pooled {
+        tch::no_grad(|| {
+            generate_ensemble(&ensemble, &prompts, &cfg, &stop_check, |_, tok| {
+                if args.stream && stream_err.is_none() {
+                    if let Err(e) = streamer.push(tok, &tokenizer, out) {
+                        stream_err = Some(e);
+                    }
                 }
-            }
-        })
-    })?;
+            })
+        })?
+    } else {
+        // Each model proposes its own candidates; the pool is scored by all of them.
+        let mut runs = Vec::new();
+        let mut first: Option<Output> = None;
+        for m in &ensemble.models {
+            let o = tch::no_grad(|| generate(m, &prompts, &cfg, &stop_check, |_, _| {}))?;
+            runs.push(o.sequences.clone());
+            first.get_or_insert(o);
+        }
+        let picked = tch::no_grad(|| {
+            infer::ensemble::select_candidates(
+                &ensemble,
+                &prompts,
+                runs,
+                mode == "vote",
+                cfg.num_return_sequences,
+            )
+        });
+        let mut o = first.expect("at least one model");
+        o.sequences = picked;
+        o
+    };
+
     if let Some(e) = stream_err {
         return Err(e);
     }
@@ -341,7 +502,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             .unwrap_or(0);
         // Tokens per second of the decode phase: every token after the first of each sequence.
         let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
-        let stats = json!({
+        let mut stats = json!({
             "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
             "generated_tokens": generated,
             "steps": steps,
@@ -350,6 +511,12 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
             "peak_rss_mb": peak_rss_mb(),
         });
+        if let Some(st) = spec_stats {
+            stats["draft_tokens_proposed"] = json!(st.proposed);
+            stats["draft_tokens_accepted"] = json!(st.accepted);
+            stats["acceptance_rate"] = json!(st.acceptance_rate());
+            stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
+        }
         eprintln!("{stats}");
     }
     Ok(())

@@ -361,6 +361,135 @@ fn json_fields_stats_and_stop_strings() {
 }
 
 #[test]
+fn ensembles_from_the_command_line() {
+    let a = reference("sharded-f16");
+    let b = reference("bf16-quickgelu");
+    let (a, b) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let base = [
+        "infer",
+        "--model",
+        a,
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "6",
+        "--json",
+    ];
+    for mode in ["mean-prob", "mean-logprob", "rerank", "vote"] {
+        let args: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain([
+                "--ensemble",
+                b,
+                "--ensemble-mode",
+                mode,
+                "--num-beams",
+                "2",
+                "--num-return-sequences",
+                "2",
+            ])
+            .collect();
+        let o = gpt2kit(&args);
+        assert!(o.status.success(), "{mode}: {}", stderr(&o));
+        assert_eq!(
+            String::from_utf8_lossy(&o.stdout).lines().count(),
+            2,
+            "{mode}"
+        );
+    }
+    let other = reference("hub-tied");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--ensemble", other.to_str().unwrap()])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "tokenizer differs");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--ensemble", b, "--ensemble-weights", "1,2,3"])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "--ensemble-weights");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--ensemble", b, "--ensemble-mode", "average"])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "--ensemble-mode");
+}
+
+#[test]
+fn speculative_decoding_from_the_command_line() {
+    let t = reference("sharded-f16");
+    let d = reference("bf16-quickgelu");
+    let (t, d) = (t.to_str().unwrap(), d.to_str().unwrap());
+    let base = [
+        "infer",
+        "--model",
+        t,
+        "--prompt",
+        "Hello",
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "10",
+        "--json",
+    ];
+    let plain = gpt2kit(&base);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    for extra in [
+        vec!["--draft-model", d, "--num-draft-tokens", "3"],
+        vec!["--prompt-lookup", "4"],
+    ] {
+        let args: Vec<&str> = base
+            .iter()
+            .copied()
+            .chain(extra.iter().copied())
+            .chain(["--stats"])
+            .collect();
+        let o = gpt2kit(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        let ids = |out: &[u8]| -> Vec<serde_json::Value> {
+            String::from_utf8_lossy(out)
+                .lines()
+                .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["token_ids"].clone())
+                .collect()
+        };
+        assert_eq!(
+            ids(&o.stdout),
+            ids(&plain.stdout),
+            "greedy speculative must equal the target alone"
+        );
+        let stats: serde_json::Value = serde_json::from_str(stderr(&o).trim()).unwrap();
+        assert!(
+            stats["acceptance_rate"].as_f64().is_some()
+                && stats["tokens_per_step"].as_f64().unwrap() >= 1.0,
+            "{stats}"
+        );
+    }
+    let hub = reference("hub-tied");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--draft-model", hub.to_str().unwrap()])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "tokenizer differs");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--draft-model", d, "--num-beams", "2"])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "--num-beams");
+    let args: Vec<&str> = base
+        .iter()
+        .copied()
+        .chain(["--prompt-lookup", "0"])
+        .collect();
+    assert_clean_failure(&gpt2kit(&args), 2, "--prompt-lookup");
+}
+
+#[test]
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))

@@ -11,6 +11,7 @@ use tch::{Kind, Tensor};
 
 use crate::beam::Beam;
 use crate::config::Gpt2Config;
+use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 use crate::processors::{process, Processing, Row};
@@ -284,14 +285,25 @@ pub fn generate(
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
     stop: StopCheck,
+    on_token: impl FnMut(usize, i64),
+) -> Result<Output> {
+    generate_ensemble(&Ensemble::single(model), prompts, cfg, stop, on_token)
+}
+
+/// `generate` over several models at once (see `ensemble.rs`); each keeps its own cache.
+pub fn generate_ensemble(
+    models: &Ensemble,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    stop: StopCheck,
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Output> {
-    validate(&model.config, prompts, cfg)?;
+    validate(&models.config(), prompts, cfg)?;
     if let Some(seed) = cfg.seed {
         tch::manual_seed(seed as i64);
     }
     let started = Instant::now();
-    let device = model.device();
+    let device = models.models[0].device();
     let pad = cfg
         .pad_token_id
         .or_else(|| cfg.eos_token_ids.first().copied())
@@ -315,21 +327,29 @@ pub fn generate(
     } else {
         cfg.num_return_sequences
     };
+    let expand_rows = (expand > 1).then(|| {
+        let rows: Vec<i64> = (0..b as i64)
+            .flat_map(|i| std::iter::repeat_n(i, expand))
+            .collect();
+        Tensor::from_slice(&rows).to_device(device)
+    });
     let longest = prompts
         .iter()
         .map(|p| cfg.limit(p.len()))
         .max()
         .unwrap_or(0);
-    let mut cache = model.new_cache(b as i64, (t0 + longest) as i64);
-    cache.set_attention_mask(&mask);
-    let mut hidden = model.forward_hidden(&ids, &mut cache).select(1, -1); // (B, E)
-    if expand > 1 {
-        let rows: Vec<i64> = (0..b as i64)
-            .flat_map(|i| std::iter::repeat_n(i, expand))
-            .collect();
-        let rows = Tensor::from_slice(&rows).to_device(device);
-        cache.reorder(&rows);
-        hidden = hidden.index_select(0, &rows);
+    let mut caches = Vec::with_capacity(models.models.len());
+    let mut hidden = Vec::with_capacity(models.models.len());
+    for model in &models.models {
+        let mut cache = model.new_cache(b as i64, (t0 + longest) as i64);
+        cache.set_attention_mask(&mask);
+        let mut h = model.forward_hidden(&ids, &mut cache).select(1, -1); // (B, E)
+        if let Some(rows) = &expand_rows {
+            cache.reorder(rows);
+            h = h.index_select(0, rows);
+        }
+        caches.push(cache);
+        hidden.push(h);
     }
     let mut strategy: Box<dyn Strategy> = if cfg.num_beams > 1 {
         Box::new(Beam::new(prompts, cfg))
@@ -338,7 +358,7 @@ pub fn generate(
     };
     let mut prefill = None;
     loop {
-        let logits = model.logits(&hidden).to_kind(Kind::Float); // (R, V)
+        let scores = models.scores(&hidden); // (R, V)
         let timed_out = cfg.max_time.is_some_and(|t| started.elapsed() >= t);
         let ctx = StepContext {
             cfg,
@@ -346,17 +366,20 @@ pub fn generate(
             timed_out,
             pad,
         };
-        let step = strategy.step(&logits, &ctx, &mut on_token);
+        let step = strategy.step(&scores, &ctx, &mut on_token);
         prefill.get_or_insert_with(|| started.elapsed());
         match step {
             Step::Done => break,
             Step::Continue { feed, parents } => {
-                if let Some(parents) = parents {
-                    cache.reorder(&Tensor::from_slice(&parents).to_device(device));
-                }
+                let parents = parents.map(|p| Tensor::from_slice(&p).to_device(device));
                 let r = feed.len() as i64;
                 let feed = Tensor::from_slice(&feed).view([r, 1]).to_device(device);
-                hidden = model.forward_hidden(&feed, &mut cache).select(1, -1);
+                for ((model, cache), h) in models.models.iter().zip(&mut caches).zip(&mut hidden) {
+                    if let Some(parents) = &parents {
+                        cache.reorder(parents);
+                    }
+                    *h = model.forward_hidden(&feed, cache).select(1, -1);
+                }
             }
         }
     }

@@ -5,11 +5,13 @@ pub mod cache;
 pub mod checkpoint;
 pub mod config;
 pub mod device;
+pub mod ensemble;
 pub mod error;
 pub mod genconfig;
 pub mod generate;
 pub mod model;
 pub mod processors;
+pub mod speculative;
 pub mod tokenizer;
 
 pub use cache::KvCache;

@@ -75,6 +75,15 @@ impl Tokenizer {
         self.inner.get_vocab_size(true)
     }
 
+    /// Whether both map every token string to the same id (added tokens included).
+    pub fn same_vocabulary(&self, other: &Tokenizer) -> bool {
+        self.inner.get_vocab(true) == other.inner.get_vocab(true)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
     pub fn token_to_id(&self, token: &str) -> Option<i64> {
         self.inner.token_to_id(token).map(i64::from)
     }

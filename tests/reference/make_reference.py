@@ -174,6 +174,43 @@ def build(out, name, cfg_kwargs, seed, save, tokenizer_format, dtype=torch.float
     print(f"{name}: {sorted(os.listdir(folder))}")
 
 
+def ensemble_reference(out):
+    """Greedy decoding of two different models that share a tokenizer, combined as
+    fairseq's EnsembleModel does (mean of probabilities, optionally weighted) or as the
+    renormalised mean of log-probabilities; written to OUT/ensemble.json."""
+    names = ["sharded-f16", "bf16-quickgelu"]  # same corpus and vocab size: one tokenizer
+    models = [GPT2LMHeadModel.from_pretrained(os.path.join(out, n), dtype=torch.float32).eval() for n in names]
+    with open(os.path.join(out, names[0], "expected.json")) as f:
+        prompts = json.load(f)["ids"]
+    cases = []
+    for mode, weights in [("mean-prob", [0.5, 0.5]), ("mean-prob", [0.8, 0.2]), ("mean-logprob", [0.5, 0.5])]:
+        w = torch.tensor(weights)
+        for i, prompt in enumerate(prompts):
+            ids = torch.tensor([prompt])
+            tokens, first, tie = [], None, False
+            with torch.no_grad():
+                for _ in range(MAX_NEW_TOKENS):
+                    logp = torch.stack([m(ids).logits[0, -1].log_softmax(-1) for m in models])  # (M, V)
+                    if mode == "mean-prob":
+                        combined = torch.logsumexp(logp + w.log()[:, None], dim=0)
+                    else:
+                        combined = (logp * w[:, None]).sum(0).log_softmax(-1)
+                    top = torch.topk(combined, 2).values
+                    tie |= float(top[0] - top[1]) <= MIN_MARGIN
+                    if first is None:
+                        first = combined.tolist()
+                    nxt = int(combined.argmax())
+                    tokens.append(nxt)
+                    ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+            if tie:  # a near-tie could flip under fp32 reordering: not a fair exact test
+                continue
+            cases.append({"mode": mode, "weights": weights, "prompt": prompt, "tokens": tokens, "first_logprobs": first})
+    assert len(cases) >= 6, f"only {len(cases)} ensemble cases without near-ties"
+    with open(os.path.join(out, "ensemble.json"), "w") as f:
+        json.dump({"models": names, "max_new_tokens": MAX_NEW_TOKENS, "cases": cases}, f)
+    print(f"ensemble: {len(cases)} cases")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -204,6 +241,7 @@ def main():
              layer_norm_epsilon=1e-6, **common),
         seed=4, save="hub", tokenizer_format="json", dtype=torch.bfloat16,
     )
+    ensemble_reference(args.out)
 
 
 if __name__ == "__main__":
