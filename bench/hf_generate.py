@@ -5,7 +5,7 @@ The same prompt, settings and generated length as the gpt2kit row it is compared
 2 threads (the machine's cores); one untimed warm-up run first.
 
 Usage: hf_generate.py --model DIR --prompt TEXT --batch B --new N --dtype f32|bf16
-                      [--sample] [--beams K]
+                      [--sample] [--beams K] [--draft DIR] [--prompt-lookup N]
 """
 import argparse
 import json
@@ -24,6 +24,8 @@ def main():
     ap.add_argument("--dtype", default="f32")
     ap.add_argument("--sample", action="store_true")
     ap.add_argument("--beams", type=int, default=1)
+    ap.add_argument("--draft", help="assistant model folder (assisted generation)")
+    ap.add_argument("--prompt-lookup", type=int, help="prompt_lookup_num_tokens")
     args = ap.parse_args()
     torch.set_num_threads(2)
     dtype = {"f32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
@@ -39,6 +41,12 @@ def main():
     )
     if args.sample:
         kwargs.update(top_k=50, top_p=0.95, temperature=0.7)
+    if args.draft:
+        kwargs["assistant_model"] = GPT2LMHeadModel.from_pretrained(args.draft, dtype=dtype).eval()
+        kwargs["num_assistant_tokens"] = 4
+        kwargs["num_assistant_tokens_schedule"] = "constant"
+    if args.prompt_lookup:
+        kwargs["prompt_lookup_num_tokens"] = args.prompt_lookup
     with torch.inference_mode():
         model.generate(**ids, **{**kwargs, "max_new_tokens": 4, "min_new_tokens": 4})
         torch.manual_seed(0)

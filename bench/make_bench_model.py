@@ -4,6 +4,9 @@ Face folder, with a byte-level BPE tokenizer of the full 50257-token vocabulary 
 on generated text (no pretrained weights or tokenizer can be downloaded here). Speed does
 not depend on the weights' values, only on the shape.
 
+Also writes DIR/draft: a 2-layer model of the same width and tokenizer (speculative
+decoding rows).
+
 Usage: make_bench_model.py --out DIR
 """
 import argparse
@@ -42,7 +45,12 @@ def main():
     torch.manual_seed(0)
     cfg = GPT2Config(vocab_size=VOCAB, bos_token_id=eos, eos_token_id=eos)  # gpt2: 12 × 12 × 768
     GPT2LMHeadModel(cfg).save_pretrained(args.out)
-    print(f"wrote {args.out}")
+    # A 2-layer draft with the same tokenizer, for speculative decoding rows.
+    draft = os.path.join(args.out, "draft")
+    GPT2TokenizerFast(tokenizer_object=tok._tokenizer, eos_token="<|endoftext|>").save_pretrained(draft)
+    torch.manual_seed(1)
+    GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_layer=2, bos_token_id=eos, eos_token_id=eos)).save_pretrained(draft)
+    print(f"wrote {args.out} and {draft}")
 
 
 if __name__ == "__main__":

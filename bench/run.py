@@ -17,32 +17,45 @@ import sys
 PROMPT = "abc defg hij klmno pq rstu vwx yz"
 NEW = 64
 ROWS = [
-    # (label, batch, dtype, sample, beams)
-    ("greedy, batch 1, fp32", 1, "f32", False, 1),
-    ("greedy, batch 1, bf16", 1, "bf16", False, 1),
-    ("greedy, batch 8, fp32", 8, "f32", False, 1),
-    ("sampling top-k 50, top-p 0.95, T 0.7, fp32", 1, "f32", True, 1),
-    ("beam 5, fp32", 1, "f32", False, 5),
+    # (label, batch, dtype, sample, beams, extra: "draft" or "lookup" or None)
+    ("greedy, batch 1, fp32", 1, "f32", False, 1, None),
+    ("greedy, batch 1, bf16", 1, "bf16", False, 1, None),
+    ("greedy, batch 8, fp32", 8, "f32", False, 1, None),
+    ("sampling top-k 50, top-p 0.95, T 0.7, fp32", 1, "f32", True, 1, None),
+    ("beam 5, fp32", 1, "f32", False, 5, None),
+    ("greedy + 2-layer draft, 4 tokens/step, fp32", 1, "f32", False, 1, "draft"),
+    ("greedy + prompt lookup, 10 tokens/step, fp32", 1, "f32", False, 1, "lookup"),
 ]
 
 
-def ours(binary, model, batch, dtype, sample, beams):
+def ours(binary, model, batch, dtype, sample, beams, extra):
     cmd = [binary, "infer", "--model", model, "--max-new-tokens", str(NEW), "--min-new-tokens", str(NEW),
            "--dtype", dtype, "--num-beams", str(beams), "--stats", "--warmup", "1"]
     cmd += ["--prompt", PROMPT] * batch
     if sample:
         cmd += ["--do-sample", "--top-k", "50", "--top-p", "0.95", "--temperature", "0.7", "--seed", "0"]
+    if extra == "draft":
+        cmd += ["--draft-model", os.path.join(model, "draft"), "--num-draft-tokens", "4"]
+    if extra == "lookup":
+        cmd += ["--prompt-lookup", "10"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     stats = json.loads(p.stderr.strip().splitlines()[-1])
+    if "acceptance_rate" in stats:
+        print(f"  (gpt2kit {extra}: acceptance {stats['acceptance_rate']:.2f}, "
+              f"{stats['tokens_per_step']:.2f} tokens per target pass)", flush=True)
     tokens = stats["generated_tokens"]
     return tokens / ((stats["prefill_ms"] + stats["decode_ms"]) / 1e3)
 
 
-def theirs(python, model, batch, dtype, sample, beams):
+def theirs(python, model, batch, dtype, sample, beams, extra):
     cmd = [python, os.path.join(os.path.dirname(__file__), "hf_generate.py"), "--model", model,
            "--prompt", PROMPT, "--batch", str(batch), "--new", str(NEW), "--dtype", dtype, "--beams", str(beams)]
     if sample:
         cmd.append("--sample")
+    if extra == "draft":
+        cmd += ["--draft", os.path.join(model, "draft")]
+    if extra == "lookup":
+        cmd += ["--prompt-lookup", "10"]
     p = subprocess.run(cmd, capture_output=True, text=True, check=True)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     return r["tokens"] / r["seconds"]
@@ -73,9 +86,9 @@ def main():
         "|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
-    for label, batch, dtype, sample, beams in ROWS:
-        a = ours(args.binary, args.model, batch, dtype, sample, beams)
-        b = theirs(sys.executable, args.model, batch, dtype, sample, beams)
+    for label, batch, dtype, sample, beams, extra in ROWS:
+        a = ours(args.binary, args.model, batch, dtype, sample, beams, extra)
+        b = theirs(sys.executable, args.model, batch, dtype, sample, beams, extra)
         row = f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}× |"
         lines.append(row)
         print(row, flush=True)

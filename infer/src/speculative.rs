@@ -2,7 +2,7 @@
 //! Speculative Decoding"; Chen et al. 2023): a cheap drafter proposes K tokens, the
 //! target scores all of them in one forward pass, and the longest acceptable prefix is
 //! kept plus one token from the target. Drafts come from a small draft model or, with
-//! prompt lookup, from the sequence itself (the tokens that followed the last earlier
+//! prompt lookup, from the sequence itself (the tokens that followed the first earlier
 //! occurrence of its final n-gram).
 //!
 //! Greedy: a draft token is kept while it equals the target's argmax, so the output is
@@ -340,13 +340,13 @@ fn one_prompt(
     }
 }
 
-/// Up to `k` tokens that followed the latest earlier occurrence of the sequence's final
-/// n-gram (n from `max_n` down to 1); none when nothing matches.
+/// Up to `k` tokens that followed the earliest earlier occurrence of the sequence's
+/// final n-gram (n from `max_n` down to 1) with something after it, as transformers'
+/// `PromptLookupCandidateGenerator` does; none when nothing matches.
 pub fn lookup(seq: &[i64], max_n: usize, k: usize) -> Vec<i64> {
     for n in (1..=max_n.min(seq.len().saturating_sub(1))).rev() {
         let tail = &seq[seq.len() - n..];
-        // Latest match that ends before the tail itself.
-        for start in (0..seq.len() - n).rev() {
+        for start in 0..seq.len() - n {
             if &seq[start..start + n] == tail {
                 let from = start + n;
                 return seq[from..(from + k).min(seq.len())].to_vec();
@@ -402,6 +402,9 @@ mod tests {
     fn lookup_copies_what_followed_the_last_match() {
         assert_eq!(lookup(&[1, 2, 3, 4, 9, 1, 2], 2, 3), vec![3, 4, 9]);
         assert_eq!(lookup(&[1, 2, 3, 2], 3, 5), vec![3, 2]);
+        // The earliest match gives the longest continuation of a repetition.
+        assert_eq!(lookup(&[7, 7, 7, 7, 7], 2, 3), vec![7, 7, 7]);
+        assert_eq!(lookup(&[1, 2, 5, 1, 2, 6, 1, 2], 2, 1), vec![5]);
         assert!(lookup(&[1, 2, 3], 2, 3).is_empty());
         assert!(lookup(&[5], 2, 3).is_empty());
     }
