@@ -14,7 +14,8 @@
 use tch::{Kind, Tensor};
 
 use crate::generate::{
-    EarlyStopping, FinishReason, Generated, GenerationConfig, Step, StepContext, Strategy,
+    finish_reason, EarlyStopping, FinishReason, Generated, GenerationConfig, Step, StepContext,
+    Strategy,
 };
 use crate::processors::{process, Processing, Row};
 
@@ -162,18 +163,8 @@ impl Strategy for Beam {
                 hyp.tokens.push(tok);
                 hyp.logprobs.push(token_logp[j]);
                 hyp.score = top[j];
-                let reason = if cfg.eos_token_ids.contains(&tok) {
-                    Some(FinishReason::Eos)
-                } else if (ctx.stop)(&hyp.tokens) {
-                    Some(FinishReason::Stop)
-                } else if gen_len >= cfg.limit(item.prompt.len()) {
-                    Some(FinishReason::Length)
-                } else if ctx.timed_out {
-                    Some(FinishReason::Time)
-                } else {
-                    None
-                };
-                match reason {
+                let limit = cfg.limit(item.prompt.len());
+                match finish_reason(cfg, &hyp.tokens, limit, ctx.stop, ctx.timed_out) {
                     None => {
                         all_hit = false;
                         if next_running.len() < nb {

@@ -115,6 +115,29 @@ pub struct Output {
     pub decode: Duration,
 }
 
+/// Why a sequence whose generated tokens are `tokens` (the newest last) ends now, if it
+/// does: EOS, a stop string, its length limit, or time, checked in that order.
+pub(crate) fn finish_reason(
+    cfg: &GenerationConfig,
+    tokens: &[i64],
+    limit: usize,
+    stop: StopCheck,
+    timed_out: bool,
+) -> Option<FinishReason> {
+    let last = *tokens.last()?;
+    if cfg.eos_token_ids.contains(&last) {
+        Some(FinishReason::Eos)
+    } else if stop(tokens) {
+        Some(FinishReason::Stop)
+    } else if tokens.len() >= limit {
+        Some(FinishReason::Length)
+    } else if timed_out {
+        Some(FinishReason::Time)
+    } else {
+        None
+    }
+}
+
 /// Says whether a sequence's generated tokens end it (`--stop` strings).
 pub type StopCheck<'a> = &'a dyn Fn(&[i64]) -> bool;
 
@@ -468,18 +491,8 @@ impl Strategy for Single {
             g.score += logp[r];
             self.history[r].push(tok);
             on_token(r, tok);
-            let reason = if cfg.eos_token_ids.contains(&tok) {
-                Some(FinishReason::Eos)
-            } else if (ctx.stop)(&g.tokens) {
-                Some(FinishReason::Stop)
-            } else if g.tokens.len() >= cfg.limit(self.prompts[r / self.expand].len()) {
-                Some(FinishReason::Length)
-            } else if ctx.timed_out {
-                Some(FinishReason::Time)
-            } else {
-                None
-            };
-            if let Some(reason) = reason {
+            let limit = cfg.limit(self.prompts[r / self.expand].len());
+            if let Some(reason) = finish_reason(cfg, &g.tokens, limit, ctx.stop, ctx.timed_out) {
                 g.finish_reason = reason;
                 self.done[r] = true;
             }

@@ -21,7 +21,9 @@ use tch::{Device, Kind, Tensor};
 
 use crate::cache::KvCache;
 use crate::error::{Error, Result};
-use crate::generate::{validate, FinishReason, Generated, GenerationConfig, Output, StopCheck};
+use crate::generate::{
+    finish_reason, validate, FinishReason, Generated, GenerationConfig, Output, StopCheck,
+};
 use crate::model::Gpt2;
 use crate::processors::{process, Row};
 
@@ -309,16 +311,7 @@ fn one_prompt(
             out.score += lp;
             seq.push(tok);
             on_token(tok);
-            let reason = if cfg.eos_token_ids.contains(&tok) {
-                Some(FinishReason::Eos)
-            } else if stop(&out.tokens) {
-                Some(FinishReason::Stop)
-            } else if out.tokens.len() >= limit {
-                Some(FinishReason::Length)
-            } else {
-                None
-            };
-            if let Some(r) = reason {
+            if let Some(r) = finish_reason(cfg, &out.tokens, limit, stop, false) {
                 out.finish_reason = r;
                 finished = true;
                 break;
