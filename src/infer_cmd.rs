@@ -138,6 +138,13 @@ pub struct Args {
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Tensor parallelism: split the model over N shards (Megatron-style), one per device
+    /// of --devices, or the first N CUDA devices.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Comma-separated devices, one per shard (e.g. cuda:0,cuda:1 or cpu,cpu); replaces --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
     /// Print text as it is generated (one prompt, one sequence, no beams).
     #[arg(long)]
     stream: bool,
@@ -240,6 +247,35 @@ fn generation_config(
     Ok(cfg)
 }
 
+/// One device per tensor-parallel shard: --devices, else the first --tp CUDA devices,
+/// else --device alone.
+fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::Device>> {
+    let listed = args
+        .devices
+        .iter()
+        .map(|d| infer::device::parse_device(d.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    match (args.tp, listed.is_empty()) {
+        (Some(0), _) => Err(usage("--tp must be at least 1".into())),
+        (Some(n), false) if n != listed.len() => Err(usage(format!(
+            "--tp {n} needs {n} --devices, got {}",
+            listed.len()
+        ))),
+        (_, false) => Ok(listed),
+        (Some(n), true) if n > 1 => {
+            let have = tch::Cuda::device_count() as usize;
+            if have < n {
+                return Err(usage(format!(
+                    "--tp {n} without --devices needs {n} CUDA devices, this machine has {have} \
+                     (--devices cpu,cpu runs the split on the CPU)"
+                )));
+            }
+            Ok((0..n).map(tch::Device::Cuda).collect())
+        }
+        _ => Ok(vec![device]),
+    }
+}
+
 /// The prompts of a JSONL file; errors name the file and line.
 fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -267,6 +303,8 @@ fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
+    let devices = shard_devices(args, device)?;
+    let device = devices[0];
     let mut texts = args.prompt.clone();
     if let Some(path) = &args.prompts {
         texts.extend(read_prompts(path)?);
@@ -347,7 +385,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "--stream cannot show --ensemble-mode rerank or vote".into(),
         ));
     }
-    let model = Gpt2::load(dir, kind, device)
+    let model = Gpt2::load_sharded(dir, kind, &devices)
         .with_context(|| format!("loading model {}", dir.display()))?;
     let mut others = Vec::new();
     for other in &args.ensemble {

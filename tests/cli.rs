@@ -490,6 +490,52 @@ fn speculative_decoding_from_the_command_line() {
 }
 
 #[test]
+fn tensor_parallel_from_the_command_line() {
+    let model = reference("hub-tied");
+    let m = model.to_str().unwrap();
+    let base = [
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "The quick brown fox",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ];
+    let ids = |o: &Output| -> serde_json::Value {
+        serde_json::from_slice::<serde_json::Value>(&o.stdout).unwrap()["token_ids"].clone()
+    };
+    let plain = gpt2kit(&base);
+    for extra in [
+        vec!["--devices", "cpu,cpu"],
+        vec!["--tp", "4", "--devices", "cpu,cpu,cpu,cpu"],
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).collect();
+        let o = gpt2kit(&args);
+        assert!(o.status.success(), "{}", stderr(&o));
+        assert_eq!(ids(&o), ids(&plain));
+    }
+    let with = |extra: &[&'static str]| -> Vec<&str> {
+        base.iter().copied().chain(extra.iter().copied()).collect()
+    };
+    assert_clean_failure(
+        &gpt2kit(&with(&["--tp", "3", "--devices", "cpu,cpu,cpu"])),
+        2,
+        "4 attention heads",
+    );
+    assert_clean_failure(
+        &gpt2kit(&with(&["--tp", "2", "--devices", "cpu"])),
+        2,
+        "--tp 2 needs 2 --devices",
+    );
+    assert_clean_failure(&gpt2kit(&with(&["--devices", "cpu,cuda:7"])), 2, "--device");
+    if !tch::Cuda::is_available() {
+        assert_clean_failure(&gpt2kit(&with(&["--tp", "2"])), 2, "CUDA devices");
+    }
+}
+
+#[test]
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))

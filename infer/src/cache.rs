@@ -8,8 +8,9 @@ use tch::{Device, Kind, Tensor};
 use crate::config::Gpt2Config;
 
 pub struct KvCache {
-    pub(crate) k: Vec<Tensor>, // per layer (B, nh, capacity, hs)
-    pub(crate) v: Vec<Tensor>, // per layer (B, nh, capacity, hs)
+    /// Per layer, per tensor-parallel shard: (B, nh / shards, capacity, hs) on its device.
+    pub(crate) k: Vec<Vec<Tensor>>,
+    pub(crate) v: Vec<Vec<Tensor>>,
     /// (B, capacity) bool: may this slot be attended to.
     valid: Tensor,
     /// (B, capacity) int64: the position id of each slot.
@@ -22,14 +23,32 @@ pub struct KvCache {
 
 impl KvCache {
     /// An empty cache for `batch` rows of up to `capacity` tokens each.
-    pub fn new(config: &Gpt2Config, batch: i64, capacity: i64, kind: Kind, device: Device) -> Self {
-        let shape = [batch, config.n_head, capacity, config.head_dim()];
-        let zeros = || Tensor::zeros(shape, (kind, device));
+    /// `devices`: one per tensor-parallel shard (the first holds masks and positions).
+    pub fn new(
+        config: &Gpt2Config,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        devices: &[Device],
+    ) -> Self {
+        let shape = [
+            batch,
+            config.n_head / devices.len() as i64,
+            capacity,
+            config.head_dim(),
+        ];
+        let layer = || {
+            devices
+                .iter()
+                .map(|&d| Tensor::zeros(shape, (kind, d)))
+                .collect::<Vec<_>>()
+        };
         let n = config.n_layer as usize;
+        let device = devices[0];
         let opts = (Kind::Int64, device);
         Self {
-            k: (0..n).map(|_| zeros()).collect(),
-            v: (0..n).map(|_| zeros()).collect(),
+            k: (0..n).map(|_| layer()).collect(),
+            v: (0..n).map(|_| layer()).collect(),
             valid: Tensor::ones([batch, capacity], (Kind::Bool, device)),
             positions: Tensor::arange(capacity, opts)
                 .unsqueeze(0)
@@ -76,8 +95,8 @@ impl KvCache {
     /// Reorders (or selects) rows: row i becomes old row `index[i]`. Beams use this.
     pub fn reorder(&mut self, index: &Tensor) {
         let index = index.to_device(self.valid.device());
-        for t in self.k.iter_mut().chain(self.v.iter_mut()) {
-            *t = t.index_select(0, &index);
+        for t in self.k.iter_mut().chain(self.v.iter_mut()).flatten() {
+            *t = t.index_select(0, &index.to_device(t.device()));
         }
         self.valid = self.valid.index_select(0, &index);
         self.positions = self.positions.index_select(0, &index);

@@ -10,6 +10,7 @@ pub mod error;
 pub mod genconfig;
 pub mod generate;
 pub mod model;
+pub mod parallel;
 pub mod processors;
 pub mod speculative;
 pub mod tokenizer;

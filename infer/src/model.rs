@@ -9,11 +9,19 @@ use crate::cache::KvCache;
 use crate::checkpoint::WeightFiles;
 use crate::config::{Activation, Gpt2Config};
 use crate::error::{Error, Result};
+use crate::parallel::{
+    check_layout, per_shard, qkv_columns, slice, Communicator, CopyCommunicator,
+};
 
 /// A linear layer. GPT-2 stores its projections as `Conv1D`: weight (in, out), y = x·W + b.
 /// The one seam where weight formats differ (quantized variants join this enum).
+/// A row-split shard of a tensor-parallel layer has no bias: it is added once after the
+/// shards' partial outputs are summed.
 pub enum Linear {
-    Float { weight: Tensor, bias: Tensor },
+    Float {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
 }
 
 impl Linear {
@@ -23,8 +31,13 @@ impl Linear {
                 let mut shape = x.size();
                 let n_in = *shape.last().expect("input has a feature dimension");
                 *shape.last_mut().unwrap() = weight.size()[1];
+                let x2 = x.reshape([-1, n_in]);
                 // Conv1D's own op: addmm over the flattened rows.
-                bias.addmm(&x.reshape([-1, n_in]), weight).reshape(shape)
+                let y = match bias {
+                    Some(b) => b.addmm(&x2, weight),
+                    None => x2.mm(weight),
+                };
+                y.reshape(shape)
             }
         }
     }
@@ -43,18 +56,34 @@ impl LayerNorm {
     }
 }
 
-pub struct Attention {
+/// One tensor-parallel shard of the attention: its heads' slice of `c_attn` and the
+/// matching input rows of `c_proj` (the whole layer when there is one shard).
+pub struct AttentionShard {
     pub c_attn: Linear,
     pub c_proj: Linear,
+    /// Heads of this shard.
     n_head: i64,
+}
+
+pub struct Attention {
+    pub shards: Vec<AttentionShard>,
+    /// `c_proj`'s bias, added after the shards' sum (None when unsharded: it is in c_proj).
+    pub c_proj_bias: Option<Tensor>,
     /// Multiplier of q·kᵀ: 1/√hs (scale_attn_weights), / (layer + 1) (by inverse layer).
     scale: f64,
     upcast: bool,
 }
 
-pub struct Mlp {
+/// One tensor-parallel shard of the MLP: columns of `c_fc`, the matching rows of `c_proj`.
+pub struct MlpShard {
     pub c_fc: Linear,
     pub c_proj: Linear,
+}
+
+pub struct Mlp {
+    pub shards: Vec<MlpShard>,
+    /// `c_proj`'s bias, added after the shards' sum (None when unsharded).
+    pub c_proj_bias: Option<Tensor>,
     act: Activation,
 }
 
@@ -74,7 +103,17 @@ pub struct Gpt2 {
     /// `None` when tied to `wte`.
     pub lm_head: Option<Tensor>, // (V, E)
     kind: Kind,
-    device: Device,
+    /// One per tensor-parallel shard; the first holds everything that is not sharded.
+    devices: Vec<Device>,
+    comm: Box<dyn Communicator>,
+}
+
+/// Adds a bias that was kept out of the shards.
+fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Tensor {
+    match bias {
+        Some(b) => y + b,
+        None => y,
+    }
 }
 
 fn act(a: Activation, x: &Tensor) -> Tensor {
@@ -95,48 +134,85 @@ fn act(a: Activation, x: &Tensor) -> Tensor {
 
 impl Attention {
     /// x: (B, T, E) → (B, T, E). Keys and values of the new tokens go into the cache
-    /// slots `[len, len + T)`; attention runs over slots `[0, len + T)`.
+    /// slots `[len, len + T)`; attention runs over slots `[0, len + T)`. Each shard
+    /// attends with its own heads and cache; their `c_proj` outputs are summed.
     fn forward(
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        cache: &KvCache,
         mask: Option<&Tensor>,
+        model: &Gpt2,
     ) -> Tensor {
         let (b, t, e) = x.size3().expect("(B, T, E)");
-        let hs = e / self.n_head;
-        let heads = |z: Tensor| z.view([b, t, self.n_head, hs]).transpose(1, 2); // (B, nh, T, hs)
-        let qkv = self.c_attn.forward(x).split(e, 2); // 3 × (B, T, E)
-        let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
-        let (q, k, v) = (heads(q), heads(k), heads(v));
+        let hs = e / model.config.n_head;
         let start = cache.len();
         let s = start + t;
-        cache.k[layer].narrow(2, start, t).copy_(&k);
-        cache.v[layer].narrow(2, start, t).copy_(&v);
-        let k_all = cache.k[layer].narrow(2, 0, s); // (B, nh, S, hs)
-        let v_all = cache.v[layer].narrow(2, 0, s); // (B, nh, S, hs)
         let causal = mask.is_none() && cache.plain_causal(t);
-        let y = if self.upcast && q.kind() != Kind::Float {
-            // reorder_and_upcast_attn: scores and softmax in fp32.
-            let f = |z: &Tensor| z.to_kind(Kind::Float);
-            Tensor::scaled_dot_product_attention(
-                &f(&q),
-                &f(&k_all),
-                &f(&v_all),
-                mask,
-                0.0,
-                causal,
-                self.scale,
-                false,
-            )
-            .to_kind(q.kind())
-        } else {
-            Tensor::scaled_dot_product_attention(
-                &q, &k_all, &v_all, mask, 0.0, causal, self.scale, false,
-            )
-        }; // (B, nh, T, hs)
-        let y = y.transpose(1, 2).reshape([b, t, e]); // (B, T, E)
-        self.c_proj.forward(&y)
+        let partial = |r: usize| -> Tensor {
+            let shard = &self.shards[r];
+            let device = model.devices[r];
+            let (x, mask) = (x.to_device(device), mask.map(|m| m.to_device(device)));
+            let nh = shard.n_head;
+            let heads = |z: Tensor| z.view([b, t, nh, hs]).transpose(1, 2); // (B, nh, T, hs)
+            let qkv = shard.c_attn.forward(&x).split(nh * hs, 2); // 3 × (B, T, nh·hs)
+            let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
+            let (q, k, v) = (heads(q), heads(k), heads(v));
+            let (kc, vc) = (&cache.k[layer][r], &cache.v[layer][r]); // (B, nh, capacity, hs)
+            kc.narrow(2, start, t).copy_(&k);
+            vc.narrow(2, start, t).copy_(&v);
+            let k_all = kc.narrow(2, 0, s); // (B, nh, S, hs)
+            let v_all = vc.narrow(2, 0, s); // (B, nh, S, hs)
+            let y = if self.upcast && q.kind() != Kind::Float {
+                // reorder_and_upcast_attn: scores and softmax in fp32.
+                let f = |z: &Tensor| z.to_kind(Kind::Float);
+                Tensor::scaled_dot_product_attention(
+                    &f(&q),
+                    &f(&k_all),
+                    &f(&v_all),
+                    mask.as_ref(),
+                    0.0,
+                    causal,
+                    self.scale,
+                    false,
+                )
+                .to_kind(q.kind())
+            } else {
+                Tensor::scaled_dot_product_attention(
+                    &q,
+                    &k_all,
+                    &v_all,
+                    mask.as_ref(),
+                    0.0,
+                    causal,
+                    self.scale,
+                    false,
+                )
+            }; // (B, nh, T, hs)
+            let y = y.transpose(1, 2).reshape([b, t, nh * hs]); // (B, T, nh·hs)
+            shard.c_proj.forward(&y) // (B, T, E), partial when sharded
+        };
+        let parts = per_shard(self.shards.len(), &partial);
+        add_bias(
+            model.comm.all_reduce(parts, model.devices[0]),
+            &self.c_proj_bias,
+        )
+    }
+}
+
+impl Mlp {
+    /// x: (B, T, E) → (B, T, E); each shard's slice of the inner dimension, summed.
+    fn forward(&self, x: &Tensor, model: &Gpt2) -> Tensor {
+        let partial = |r: usize| -> Tensor {
+            let shard = &self.shards[r];
+            let h = shard.c_fc.forward(&x.to_device(model.devices[r])); // (B, T, inner/N)
+            shard.c_proj.forward(&act(self.act, &h))
+        };
+        let parts = per_shard(self.shards.len(), &partial);
+        add_bias(
+            model.comm.all_reduce(parts, model.devices[0]),
+            &self.c_proj_bias,
+        )
     }
 }
 
@@ -145,12 +221,14 @@ impl Block {
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &mut KvCache,
+        cache: &KvCache,
         mask: Option<&Tensor>,
+        model: &Gpt2,
     ) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), layer, cache, mask);
-        let h = self.mlp.c_fc.forward(&self.ln_2.forward(&x));
-        &x + self.mlp.c_proj.forward(&act(self.mlp.act, &h))
+        let x = x + self
+            .attn
+            .forward(&self.ln_1.forward(x), layer, cache, mask, model);
+        &x + self.mlp.forward(&self.ln_2.forward(&x), model)
     }
 }
 
@@ -174,8 +252,16 @@ impl Gpt2 {
     /// Loads a Hugging Face model folder's `config.json` and weights, converted to
     /// `kind` (`None`: the dtype the checkpoint stores `wte` in).
     pub fn load(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Self> {
+        Self::load_sharded(dir, kind, &[device])
+    }
+
+    /// Loads the model split over `devices` (tensor parallelism, one shard per entry;
+    /// the same device may appear several times). The layout is checked against the
+    /// config before any weight is read.
+    pub fn load_sharded(dir: &Path, kind: Option<Kind>, devices: &[Device]) -> Result<Self> {
         check_model_dir(dir)?;
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        check_layout(config.n_head, config.inner_dim(), devices)?;
         let files = WeightFiles::open_dir(dir)?;
         let kind = kind.unwrap_or_else(|| {
             ["wte.weight", "transformer.wte.weight"]
@@ -183,16 +269,21 @@ impl Gpt2 {
                 .find_map(|n| files.stored_kind(n))
                 .unwrap_or(Kind::Float)
         });
-        Self::from_weights(config, &files, kind, device)
+        Self::from_weights(config, &files, kind, devices)
     }
 
-    /// Builds the model from checkpoint tensors, named with or without `transformer.`.
+    /// Builds the model from checkpoint tensors, named with or without `transformer.`,
+    /// split over `devices`.
     pub fn from_weights(
         config: Gpt2Config,
         files: &WeightFiles,
         kind: Kind,
-        device: Device,
+        devices: &[Device],
     ) -> Result<Self> {
+        check_layout(config.n_head, config.inner_dim(), devices)?;
+        let main = devices[0];
+        let n = devices.len() as i64;
+        let sharded = n > 1;
         let prefix = if files.contains("transformer.wte.weight") {
             "transformer."
         } else {
@@ -204,21 +295,75 @@ impl Gpt2 {
             config.n_positions,
             config.inner_dim(),
         );
+        // Sharded tensors are read whole on the CPU, sliced, then moved.
+        let staging = if sharded { Device::Cpu } else { main };
         let get = |name: &str, shape: &[i64]| {
-            files.tensor(&format!("{prefix}{name}"), shape, kind, device)
+            files.tensor(&format!("{prefix}{name}"), shape, kind, staging)
         };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
-                weight: get(&format!("{name}.weight"), &[e])?,
-                bias: get(&format!("{name}.bias"), &[e])?,
+                weight: get(&format!("{name}.weight"), &[e])?.to_device(main),
+                bias: get(&format!("{name}.bias"), &[e])?.to_device(main),
                 eps: config.layer_norm_epsilon,
             })
         };
-        let linear = |name: &str, n_in: i64, n_out: i64| -> Result<Linear> {
-            Ok(Linear::Float {
-                weight: get(&format!("{name}.weight"), &[n_in, n_out])?,
-                bias: get(&format!("{name}.bias"), &[n_out])?,
-            })
+        // A column-split layer keeps its bias slice; a row-split one leaves the bias
+        // to be added once after the shards' sum.
+        let column_split = |name: &str,
+                            n_in: i64,
+                            n_out: i64,
+                            split: &dyn Fn(&Tensor, i64) -> Tensor|
+         -> Result<Vec<Linear>> {
+            let (w, b) = (
+                get(&format!("{name}.weight"), &[n_in, n_out])?,
+                get(&format!("{name}.bias"), &[n_out])?,
+            );
+            Ok((0..n)
+                .map(|r| {
+                    let d = devices[r as usize];
+                    Linear::Float {
+                        weight: split(&w, r).to_device(d),
+                        bias: Some(split(&b, r).to_device(d)),
+                    }
+                })
+                .collect())
+        };
+        let row_split =
+            |name: &str, n_in: i64, n_out: i64| -> Result<(Vec<Linear>, Option<Tensor>)> {
+                let (w, b) = (
+                    get(&format!("{name}.weight"), &[n_in, n_out])?,
+                    get(&format!("{name}.bias"), &[n_out])?,
+                );
+                if !sharded {
+                    return Ok((
+                        vec![Linear::Float {
+                            weight: w,
+                            bias: Some(b),
+                        }],
+                        None,
+                    ));
+                }
+                let parts = (0..n)
+                    .map(|r| Linear::Float {
+                        weight: slice(&w, 0, r, n).to_device(devices[r as usize]),
+                        bias: None,
+                    })
+                    .collect();
+                Ok((parts, Some(b.to_device(main))))
+            };
+        let qkv_split = |t: &Tensor, r: i64| {
+            if sharded {
+                qkv_columns(t, r, n)
+            } else {
+                t.shallow_clone()
+            }
+        };
+        let col_split = |t: &Tensor, r: i64| {
+            if sharded {
+                slice(t, t.dim() as i64 - 1, r, n)
+            } else {
+                t.shallow_clone()
+            }
         };
         let hs = config.head_dim() as f64;
         let mut h = Vec::with_capacity(config.n_layer as usize);
@@ -231,19 +376,35 @@ impl Gpt2 {
             if config.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
+            let c_attn = column_split(&format!("h.{l}.attn.c_attn"), e, 3 * e, &qkv_split)?;
+            let (attn_proj, attn_bias) = row_split(&format!("h.{l}.attn.c_proj"), e, e)?;
+            let c_fc = column_split(&format!("h.{l}.mlp.c_fc"), e, i, &col_split)?;
+            let (mlp_proj, mlp_bias) = row_split(&format!("h.{l}.mlp.c_proj"), i, e)?;
+            let n_head = config.n_head / n;
             h.push(Block {
                 ln_1: ln(&format!("h.{l}.ln_1"))?,
                 attn: Attention {
-                    c_attn: linear(&format!("h.{l}.attn.c_attn"), e, 3 * e)?,
-                    c_proj: linear(&format!("h.{l}.attn.c_proj"), e, e)?,
-                    n_head: config.n_head,
+                    shards: c_attn
+                        .into_iter()
+                        .zip(attn_proj)
+                        .map(|(c_attn, c_proj)| AttentionShard {
+                            c_attn,
+                            c_proj,
+                            n_head,
+                        })
+                        .collect(),
+                    c_proj_bias: attn_bias,
                     scale,
                     upcast: config.reorder_and_upcast_attn,
                 },
                 ln_2: ln(&format!("h.{l}.ln_2"))?,
                 mlp: Mlp {
-                    c_fc: linear(&format!("h.{l}.mlp.c_fc"), e, i)?,
-                    c_proj: linear(&format!("h.{l}.mlp.c_proj"), i, e)?,
+                    shards: c_fc
+                        .into_iter()
+                        .zip(mlp_proj)
+                        .map(|(c_fc, c_proj)| MlpShard { c_fc, c_proj })
+                        .collect(),
+                    c_proj_bias: mlp_bias,
                     act: config.activation(),
                 },
             });
@@ -253,17 +414,18 @@ impl Gpt2 {
         let lm_head = if config.tie_word_embeddings {
             None
         } else {
-            Some(files.tensor("lm_head.weight", &[v, e], kind, device)?)
+            Some(files.tensor("lm_head.weight", &[v, e], kind, main)?)
         };
         Ok(Self {
-            wte: get("wte.weight", &[v, e])?,
-            wpe: get("wpe.weight", &[p, e])?,
+            wte: get("wte.weight", &[v, e])?.to_device(main),
+            wpe: get("wpe.weight", &[p, e])?.to_device(main),
             ln_f: ln("ln_f")?,
             h,
             lm_head,
             config,
             kind,
-            device,
+            devices: devices.to_vec(),
+            comm: Box::new(CopyCommunicator),
         })
     }
 
@@ -271,13 +433,24 @@ impl Gpt2 {
         self.kind
     }
 
+    /// The device of the unsharded parts (embeddings, head, layer norms): inputs go here.
     pub fn device(&self) -> Device {
-        self.device
+        self.devices[0]
     }
 
-    /// An empty KV cache for this model.
+    /// One device per tensor-parallel shard.
+    pub fn devices(&self) -> &[Device] {
+        &self.devices
+    }
+
+    /// Replaces the all-reduce backend (the copy-based one is the default).
+    pub fn set_communicator(&mut self, comm: Box<dyn Communicator>) {
+        self.comm = comm;
+    }
+
+    /// An empty KV cache for this model (sharded by heads with the attention).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        KvCache::new(&self.config, batch, capacity, self.kind, self.device)
+        KvCache::new(&self.config, batch, capacity, self.kind, &self.devices)
     }
 
     /// Hidden states after `ln_f` for `ids` (B, T), appended to `cache`: (B, T, E).
@@ -294,7 +467,7 @@ impl Gpt2 {
         let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos); // (B, T, E)
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, cache, mask.as_ref());
+            x = block.forward(&x, l, cache, mask.as_ref(), self);
         }
         cache.advance(t);
         self.ln_f.forward(&x)
