@@ -7,7 +7,7 @@ set -euo pipefail
 BIN=${1:-target/release/gpt2kit}
 REF=${2:-target/reference}
 M="$REF/hub-tied"
-run() { printf '\n$ %s\n' "$*"; "$@"; }
+run() { printf '\n$'; printf ' %q' "$@"; printf '\n'; "$@"; }
 
 run "$BIN" inspect --model "$M"
 run "$BIN" inspect --model "$REF/sharded-f16"
