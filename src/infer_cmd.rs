@@ -12,6 +12,7 @@ use infer::speculative::{generate_speculative, Drafter};
 use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
 
+use crate::infer_io::{peak_rss_mb, read_prompts, Streamer};
 use crate::Out;
 
 #[derive(clap::Args)]
@@ -276,31 +277,6 @@ fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::De
     }
 }
 
-/// The prompts of a JSONL file; errors name the file and line.
-fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let mut out = Vec::new();
-    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-        let at = |why: &str| usage(format!("{}:{}: {why}", path.display(), i + 1));
-        let line = std::str::from_utf8(line).map_err(|_| at("not valid UTF-8"))?;
-        let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
-        match v.get("prompt") {
-            Some(serde_json::Value::String(s)) => out.push(s.clone()),
-            Some(_) => return Err(at("\"prompt\" is not a string")),
-            None => return Err(at("expected an object with a \"prompt\" string")),
-        }
-    }
-    if out.is_empty() {
-        return Err(usage(format!("{}: no prompts in the file", path.display())));
-    }
-    Ok(out)
-}
-
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
     let devices = shard_devices(args, device)?;
@@ -558,45 +534,4 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         eprintln!("{stats}");
     }
     Ok(())
-}
-
-/// Prints a token stream as text without splitting a UTF-8 character: the text of all
-/// tokens so far is decoded, and only a prefix that does not end in an incomplete
-/// character (U+FFFD from the byte-level decoder) is printed.
-#[derive(Default)]
-struct Streamer {
-    tokens: Vec<i64>,
-    printed: usize,
-}
-
-impl Streamer {
-    fn push(&mut self, tok: i64, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
-        self.tokens.push(tok);
-        let text = tokenizer.decode(&self.tokens)?;
-        let ready = text.trim_end_matches('\u{FFFD}');
-        if ready.len() > self.printed && ready.is_char_boundary(self.printed) {
-            write!(out, "{}", &ready[self.printed..])?;
-            out.flush()?;
-            self.printed = ready.len();
-        }
-        Ok(())
-    }
-
-    /// Prints whatever is left (an incomplete character at the very end included).
-    fn finish(&mut self, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
-        let text = tokenizer.decode(&self.tokens)?;
-        if text.len() > self.printed && text.is_char_boundary(self.printed) {
-            write!(out, "{}", &text[self.printed..])?;
-        }
-        writeln!(out)?;
-        Ok(())
-    }
-}
-
-/// Peak resident memory of this process (Linux `VmHWM`), in MiB.
-fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

@@ -6,6 +6,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod infer_cmd;
+mod infer_io;
 mod inspect;
 
 #[derive(Parser)]
