@@ -535,6 +535,59 @@ fn tensor_parallel_from_the_command_line() {
     }
 }
 
+/// Long flags of a subcommand, from its `--help`.
+fn help_flags(sub: &str) -> std::collections::BTreeSet<String> {
+    let o = gpt2kit(&[sub, "--help"]);
+    assert!(o.status.success());
+    let text = String::from_utf8(o.stdout).unwrap();
+    text.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
+        .filter(|w| w.starts_with("--") && w.len() > 2)
+        .map(|w| {
+            w.trim_end_matches(|c: char| !c.is_alphanumeric())
+                .to_string()
+        })
+        .filter(|w| w != "--help" && w != "--version")
+        .collect()
+}
+
+#[test]
+fn readme_documents_every_flag_and_no_other() {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for sub in ["infer", "inspect"] {
+        // The section of this subcommand: from its heading to the next heading.
+        let head = format!("### `gpt2kit {sub}");
+        let start = readme
+            .find(&head)
+            .unwrap_or_else(|| panic!("README has no {head} section"));
+        let section = &readme[start..];
+        let end = ["\n## ", "\n### "]
+            .iter()
+            .filter_map(|h| section[4..].find(h))
+            .min()
+            .map_or(section.len(), |e| e + 4);
+        let section = &section[..end];
+        let documented: std::collections::BTreeSet<String> = section
+            .split(|c: char| !(c.is_alphanumeric() || c == '-'))
+            .filter(|w| {
+                w.starts_with("--") && w.as_bytes().get(2).is_some_and(u8::is_ascii_alphabetic)
+            })
+            .map(str::to_string)
+            .collect();
+        let flags = help_flags(sub);
+        let missing: Vec<_> = flags.difference(&documented).collect();
+        let stale: Vec<_> = documented.difference(&flags).collect();
+        assert!(
+            missing.is_empty(),
+            "README's {sub} section lacks {missing:?}"
+        );
+        assert!(
+            stale.is_empty(),
+            "README's {sub} section documents unknown flags {stale:?}"
+        );
+    }
+}
+
 #[test]
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
