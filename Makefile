@@ -13,7 +13,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup build test demo reference bench fmt
+.PHONY: setup build test demo reference bench bench-kernels fmt
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -62,6 +62,10 @@ $(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
 # gpt2kit against transformers, same run, same machine; the table lands in target/bench/.
 bench: build $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
+
+# The CPU decode kernels against libtorch and the machine's measured read bandwidth.
+bench-kernels: setup
+	$(CARGO) run --release -p infer --example kernel_bench
 
 fmt:
 	$(CARGO) fmt --all

@@ -380,6 +380,14 @@ pub fn generate_ensemble(
         Box::new(Single::new(prompts, expand))
     };
     let mut prefill = None;
+    // While the kernels' own pool does the matrix products, libtorch's threads would only
+    // fight it for the cores over the small ops between them: one libtorch thread then.
+    let rows = prompts.len() * expand;
+    let _threads = models
+        .models
+        .iter()
+        .all(|m| m.decodes_on_kernels(rows))
+        .then(|| LibtorchThreads::limit(1));
     loop {
         let scores = models.scores(&hidden); // (R, V)
         let timed_out = cfg.max_time.is_some_and(|t| started.elapsed() >= t);
@@ -412,6 +420,23 @@ pub fn generate_ensemble(
         prefill,
         decode: started.elapsed().saturating_sub(prefill),
     })
+}
+
+/// Limits libtorch's intra-op threads until dropped.
+struct LibtorchThreads(i32);
+
+impl LibtorchThreads {
+    fn limit(n: i32) -> Self {
+        let before = tch::get_num_threads();
+        tch::set_num_threads(n);
+        Self(before)
+    }
+}
+
+impl Drop for LibtorchThreads {
+    fn drop(&mut self) {
+        tch::set_num_threads(self.0);
+    }
 }
 
 /// Greedy decoding and multinomial sampling: one sequence per row, rows never move.

@@ -9,6 +9,7 @@ pub mod ensemble;
 pub mod error;
 pub mod genconfig;
 pub mod generate;
+pub mod kernels;
 pub mod model;
 pub mod parallel;
 pub mod processors;

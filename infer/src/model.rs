@@ -9,6 +9,7 @@ use crate::cache::KvCache;
 use crate::checkpoint::WeightFiles;
 use crate::config::{Activation, Gpt2Config};
 use crate::error::{Error, Result};
+use crate::kernels::{self, PackedLinear};
 use crate::parallel::{
     check_layout, per_shard, qkv_columns, slice, Communicator, CopyCommunicator,
 };
@@ -22,25 +23,79 @@ pub enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
+    /// Float weights plus a copy repacked for the CPU decode kernels (`kernels`), which
+    /// serve inputs of up to `kernels::MAX_ROWS` rows; libtorch serves the rest.
+    Packed {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        packed: PackedLinear,
+    },
 }
 
 impl Linear {
     pub fn forward(&self, x: &Tensor) -> Tensor {
-        match self {
-            Linear::Float { weight, bias } => {
-                let mut shape = x.size();
-                let n_in = *shape.last().expect("input has a feature dimension");
-                *shape.last_mut().unwrap() = weight.size()[1];
-                let x2 = x.reshape([-1, n_in]);
-                // Conv1D's own op: addmm over the flattened rows.
-                let y = match bias {
-                    Some(b) => b.addmm(&x2, weight),
-                    None => x2.mm(weight),
-                };
-                y.reshape(shape)
+        let (weight, bias) = match self {
+            Linear::Float { weight, bias } => (weight, bias),
+            Linear::Packed {
+                weight,
+                bias,
+                packed,
+            } => {
+                if let Some(y) = packed_forward(packed, x) {
+                    return y;
+                }
+                (weight, bias)
             }
-        }
+        };
+        let mut shape = x.size();
+        let n_in = *shape.last().expect("input has a feature dimension");
+        *shape.last_mut().unwrap() = weight.size()[1];
+        let x2 = x.reshape([-1, n_in]);
+        // Conv1D's own op: addmm over the flattened rows.
+        let y = match bias {
+            Some(b) => b.addmm(&x2, weight),
+            None => x2.mm(weight),
+        };
+        y.reshape(shape)
     }
+
+    /// Adds the packed copy for the CPU decode kernels (no-op if already packed).
+    fn pack(self) -> Result<Linear> {
+        Ok(match self {
+            Linear::Float { weight, bias } => {
+                let packed = PackedLinear::from_tensor(&weight, bias.as_ref())?;
+                Linear::Packed {
+                    weight,
+                    bias,
+                    packed,
+                }
+            }
+            packed => packed,
+        })
+    }
+}
+
+/// The kernels' result for a few rows of float activations without autograd; `None`
+/// sends the call to libtorch.
+fn packed_forward(packed: &PackedLinear, x: &Tensor) -> Option<Tensor> {
+    let size = x.size();
+    let rows: i64 = size[..size.len() - 1].iter().product();
+    if rows as usize > kernels::MAX_ROWS || x.requires_grad() || x.device() != Device::Cpu {
+        return None;
+    }
+    let kind = x.kind();
+    let y = packed.forward_tensor(&x.to_kind(Kind::Float)).ok()?;
+    Some(if kind == Kind::Float {
+        y
+    } else {
+        y.to_kind(kind)
+    })
+}
+
+/// Whether CPU models get the decode kernels: on unless `GPT2KIT_KERNELS=0` (which
+/// forces libtorch everywhere, for comparison).
+pub fn kernels_enabled() -> bool {
+    std::env::var("GPT2KIT_KERNELS").map_or(true, |v| v != "0")
 }
 
 pub struct LayerNorm {
@@ -105,6 +160,8 @@ pub struct Gpt2 {
     kind: Kind,
     /// One per tensor-parallel shard; the first holds everything that is not sharded.
     devices: Vec<Device>,
+    /// The head (`lm_head`, or `wte`ᵀ when tied) packed for the CPU decode kernels.
+    head_packed: Option<PackedLinear>,
     comm: Box<dyn Communicator>,
 }
 
@@ -269,7 +326,11 @@ impl Gpt2 {
                 .find_map(|n| files.stored_kind(n))
                 .unwrap_or(Kind::Float)
         });
-        Self::from_weights(config, &files, kind, devices)
+        let mut model = Self::from_weights(config, &files, kind, devices)?;
+        if kernels_enabled() {
+            model.pack_for_cpu_decode()?;
+        }
+        Ok(model)
     }
 
     /// Builds the model from checkpoint tensors, named with or without `transformer.`,
@@ -425,12 +486,51 @@ impl Gpt2 {
             config,
             kind,
             devices: devices.to_vec(),
+            head_packed: None,
             comm: Box::new(CopyCommunicator),
         })
     }
 
+    /// Repacks every linear layer and the head for the CPU decode kernels: a one-device
+    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch). The packed copies
+    /// double the weights' memory.
+    pub fn pack_for_cpu_decode(&mut self) -> Result<()> {
+        let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
+        if self.devices != [Device::Cpu] || !packable || self.head_packed.is_some() {
+            return Ok(());
+        }
+        let take = |l: &mut Linear| {
+            std::mem::replace(
+                l,
+                Linear::Float {
+                    weight: Tensor::new(),
+                    bias: None,
+                },
+            )
+        };
+        for block in &mut self.h {
+            for shard in &mut block.attn.shards {
+                shard.c_attn = take(&mut shard.c_attn).pack()?;
+                shard.c_proj = take(&mut shard.c_proj).pack()?;
+            }
+            for shard in &mut block.mlp.shards {
+                shard.c_fc = take(&mut shard.c_fc).pack()?;
+                shard.c_proj = take(&mut shard.c_proj).pack()?;
+            }
+        }
+        let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
+        self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
+        Ok(())
+    }
+
     pub fn kind(&self) -> Kind {
         self.kind
+    }
+
+    /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
+    /// kernels (their own thread pool) rather than libtorch.
+    pub fn decodes_on_kernels(&self, rows: usize) -> bool {
+        self.head_packed.is_some() && rows <= kernels::MAX_ROWS
     }
 
     /// The device of the unsharded parts (embeddings, head, layer norms): inputs go here.
@@ -475,6 +575,13 @@ impl Gpt2 {
 
     /// Logits of hidden states (…, E) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(y) = self
+            .head_packed
+            .as_ref()
+            .and_then(|p| packed_forward(p, hidden))
+        {
+            return y;
+        }
         hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.wte).tr())
     }
 

@@ -1,0 +1,471 @@
+//! CPU decode kernels: y = x·W (+ b) for a handful of activation rows (batch 1–8) against
+//! a GPT-2 `Conv1D` weight W of shape (in, out), with the weight in fp32 or bf16.
+//!
+//! Why not libtorch: decoding one token reads every weight once and does two flops per
+//! weight, so on a CPU the speed of a decode step is the speed at which weights stream
+//! from memory. libtorch's fp32 matvec gets there, but its bf16 matvec does not, and its
+//! GEMM with 8 rows costs ~3x the time of 1 row although the bytes read are the same.
+//!
+//! How: each weight is repacked once (`PackedLinear`) into panels of `PANEL` = 16 output
+//! columns, a panel holding all `in` rows of its columns contiguously in 64-byte lines
+//! (one line = one input row in fp32, two input rows interleaved in bf16). The inner loop
+//! then reads W strictly sequentially, one aligned cache line per step, while the panel's
+//! accumulators for all x rows stay in registers, so x's rows cost nothing extra. bf16
+//! is widened with one shift (even input row) and one mask (odd row) per line, which is
+//! why the two rows are interleaved. Threads split the panels (a persistent pool: see
+//! `pool`); each SIMD path (`avx512`, `avx2`, `scalar`) reads the same packed layout, so
+//! one packed weight can be run, and tested, on every path.
+use std::sync::Arc;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::error::{Error, Result};
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod pool;
+mod scalar;
+
+pub use pool::ThreadPool;
+
+/// Output columns per panel: one AVX-512 register of f32, one 64-byte cache line.
+pub const PANEL: usize = 16;
+/// Rows of x one pass over W serves; more rows are processed in chunks of this many.
+pub const MAX_ROWS: usize = 8;
+/// Tasks per thread: more than one, so that a thread that the OS (or another build on
+/// the machine) delays leaves its share to the others instead of stalling the call.
+const TASKS_PER_THREAD: usize = 4;
+/// Below this many weight bytes per task, splitting costs more than it gains.
+const MIN_TASK_BYTES: usize = 64 << 10;
+
+/// One 64-byte line of a panel: 16 f32 (as bits) or 16 pairs of bf16. The alignment
+/// keeps every SIMD load inside one cache line.
+#[repr(C, align(64))]
+#[derive(Clone, Copy, Debug, Default)]
+struct Line([u32; PANEL]);
+
+/// Instruction set a kernel runs with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Isa {
+    /// AVX-512F: one register per panel row, up to 8 x rows in one pass.
+    Avx512,
+    /// AVX2 + FMA: two registers per panel row, x rows in passes of 4.
+    Avx2,
+    /// Portable Rust, for any CPU (and as the reference the SIMD paths must agree with).
+    Scalar,
+}
+
+impl Isa {
+    pub const ALL: [Isa; 3] = [Isa::Avx512, Isa::Avx2, Isa::Scalar];
+
+    /// The fastest path this CPU supports.
+    pub fn detect() -> Isa {
+        Isa::ALL
+            .into_iter()
+            .find(|isa| isa.is_supported())
+            .unwrap_or(Isa::Scalar)
+    }
+
+    pub fn is_supported(self) -> bool {
+        match self {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            Isa::Scalar => true,
+            #[allow(unreachable_patterns)]
+            _ => false,
+        }
+    }
+}
+
+/// How W is stored in the packed buffer; activations and accumulation are fp32 in both.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum WeightFormat {
+    F32,
+    /// bfloat16: the upper 16 bits of an f32, widened in registers.
+    Bf16,
+}
+
+/// What one kernel call computes: y[r, c] for every row r < `rows` (1..=MAX_ROWS) and
+/// the columns of `n_panels` consecutive panels. Private to this module and built only
+/// by `PackedLinear::run_task`; the kernels rely on its fields' contracts below.
+struct Tile<'a> {
+    /// `n_panels * lines_per_panel` lines.
+    w: &'a [Line],
+    n_panels: usize,
+    /// `k` for fp32, `ceil(k / 2)` for bf16.
+    lines_per_panel: usize,
+    /// Input features: rows of W, length of an x row.
+    k: usize,
+    /// `rows * k` values, row-major.
+    x: &'a [f32],
+    rows: usize,
+    /// `n_panels * PANEL` values, zero past the last real column.
+    bias: &'a [f32],
+    /// y[0, first column of the tile], writable for `rows` rows (stride `ldy`) of `cols`
+    /// columns, by the thread running this tile alone.
+    y: *mut f32,
+    ldy: usize,
+    /// Real columns in this tile (the last panel of W may be partial):
+    /// `(n_panels - 1) * PANEL < cols <= n_panels * PANEL`.
+    cols: usize,
+}
+
+impl Tile<'_> {
+    /// Real columns of panel `p` of this tile.
+    #[inline]
+    fn panel_cols(&self, p: usize) -> usize {
+        (self.cols - p * PANEL).min(PANEL)
+    }
+}
+
+/// y's buffer, shared by the tasks of one call.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: the tasks of one `forward` write disjoint column ranges of y (each task owns
+// whole panels), and `ThreadPool::run` returns only after every task has finished, so the
+// pointer never outlives the `&mut [f32]` it came from and no two threads write one value.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+/// A linear layer's weight (and bias) repacked for the decode kernels.
+pub struct PackedLinear {
+    in_features: usize,
+    out_features: usize,
+    format: WeightFormat,
+    n_panels: usize,
+    lines_per_panel: usize,
+    lines: Vec<Line>,
+    /// `n_panels * PANEL`, zero-padded; all zero without a bias.
+    bias: Vec<f32>,
+    has_bias: bool,
+    isa: Isa,
+    pool: Arc<ThreadPool>,
+}
+
+impl PackedLinear {
+    /// Packs an fp32 weight, row-major (in, out), as `Conv1D` stores it.
+    pub fn from_f32(
+        w: &[f32],
+        in_features: usize,
+        out_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("weight", w.len(), in_features * out_features)?;
+        let mut me = Self::empty(WeightFormat::F32, in_features, out_features, bias)?;
+        let (k, n) = (in_features, out_features);
+        for (p, panel) in me
+            .lines
+            .chunks_exact_mut(k.max(1))
+            .enumerate()
+            .take(me.n_panels)
+        {
+            let c0 = p * PANEL;
+            let cols = (n - c0).min(PANEL);
+            for (i, line) in panel.iter_mut().enumerate() {
+                let src = &w[i * n + c0..i * n + c0 + cols];
+                for (dst, v) in line.0.iter_mut().zip(src) {
+                    *dst = v.to_bits();
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Packs a bf16 weight given as its raw bits, row-major (in, out).
+    pub fn from_bf16_bits(
+        w: &[u16],
+        in_features: usize,
+        out_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("weight", w.len(), in_features * out_features)?;
+        let mut me = Self::empty(WeightFormat::Bf16, in_features, out_features, bias)?;
+        let (k, n) = (in_features, out_features);
+        let lpp = me.lines_per_panel;
+        for (p, panel) in me
+            .lines
+            .chunks_exact_mut(lpp.max(1))
+            .enumerate()
+            .take(me.n_panels)
+        {
+            let c0 = p * PANEL;
+            let cols = (n - c0).min(PANEL);
+            for (l, line) in panel.iter_mut().enumerate() {
+                // Input row 2l in the low half of each u32, 2l + 1 in the high half: a shift
+                // and a mask then turn one line into both rows as f32.
+                for c in 0..cols {
+                    let lo = w[2 * l * n + c0 + c] as u32;
+                    let hi = if 2 * l + 1 < k {
+                        w[(2 * l + 1) * n + c0 + c] as u32
+                    } else {
+                        0
+                    };
+                    line.0[c] = lo | (hi << 16);
+                }
+            }
+        }
+        Ok(me)
+    }
+
+    /// Packs a CPU tensor of shape (in, out), Float or BFloat16 (which sets the format;
+    /// convert with `to_kind` first for the other), plus an optional bias (out) of any
+    /// float kind. Non-contiguous tensors (e.g. `wte.tr()` for the tied head) are copied
+    /// once here.
+    pub fn from_tensor(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let size = w.size();
+        if size.len() != 2 || w.device() != Device::Cpu {
+            return Err(Error::Input(format!(
+                "PackedLinear needs a 2-D CPU weight (in, out), got {size:?} on {:?}",
+                w.device()
+            )));
+        }
+        let (k, n) = (size[0] as usize, size[1] as usize);
+        let bias = match bias {
+            Some(b) => {
+                if b.size() != [n as i64] || b.device() != Device::Cpu {
+                    return Err(Error::Input(format!(
+                        "PackedLinear bias must be a CPU tensor of shape [{n}], got {:?}",
+                        b.size()
+                    )));
+                }
+                Some(Vec::<f32>::try_from(b.to_kind(Kind::Float).contiguous())?)
+            }
+            None => None,
+        };
+        match w.kind() {
+            Kind::Float => {
+                let v = Vec::<f32>::try_from(w.contiguous().view([-1]))?;
+                Self::from_f32(&v, k, n, bias.as_deref())
+            }
+            Kind::BFloat16 => {
+                let v = Vec::<i16>::try_from(w.contiguous().view_dtype(Kind::Int16).view([-1]))?;
+                let bits: Vec<u16> = v.into_iter().map(|b| b as u16).collect();
+                Self::from_bf16_bits(&bits, k, n, bias.as_deref())
+            }
+            other => Err(Error::Input(format!(
+                "PackedLinear packs Float or BFloat16 weights, got {other:?}"
+            ))),
+        }
+    }
+
+    fn empty(format: WeightFormat, k: usize, n: usize, bias: Option<&[f32]>) -> Result<Self> {
+        let n_panels = n.div_ceil(PANEL);
+        let lines_per_panel = match format {
+            WeightFormat::F32 => k,
+            WeightFormat::Bf16 => k.div_ceil(2),
+        };
+        let mut padded = vec![0.0f32; n_panels * PANEL];
+        if let Some(b) = bias {
+            check_len("bias", b.len(), n)?;
+            padded[..n].copy_from_slice(b);
+        }
+        Ok(PackedLinear {
+            in_features: k,
+            out_features: n,
+            format,
+            n_panels,
+            lines_per_panel,
+            lines: vec![Line::default(); n_panels * lines_per_panel],
+            bias: padded,
+            has_bias: bias.is_some(),
+            isa: Isa::detect(),
+            pool: ThreadPool::global(),
+        })
+    }
+
+    /// Forces a kernel path (tests, benchmarks); fails if this CPU lacks it.
+    pub fn set_isa(&mut self, isa: Isa) -> Result<()> {
+        if !isa.is_supported() {
+            return Err(Error::Input(format!(
+                "this CPU does not support the {isa:?} kernels"
+            )));
+        }
+        self.isa = isa;
+        Ok(())
+    }
+
+    pub fn with_isa(mut self, isa: Isa) -> Result<Self> {
+        self.set_isa(isa)?;
+        Ok(self)
+    }
+
+    /// Runs on `pool` instead of the process-wide `ThreadPool::global()`.
+    pub fn with_pool(mut self, pool: Arc<ThreadPool>) -> Self {
+        self.pool = pool;
+        self
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.in_features
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.out_features
+    }
+
+    pub fn format(&self) -> WeightFormat {
+        self.format
+    }
+
+    pub fn isa(&self) -> Isa {
+        self.isa
+    }
+
+    pub fn has_bias(&self) -> bool {
+        self.has_bias
+    }
+
+    pub fn pool(&self) -> &Arc<ThreadPool> {
+        &self.pool
+    }
+
+    /// Bytes of packed weight one pass reads (what bounds the speed of a call).
+    pub fn weight_bytes(&self) -> usize {
+        self.lines.len() * std::mem::size_of::<Line>()
+    }
+
+    /// y = x·W + b for `rows` rows: `x` is (rows, in) and `out` (rows, out), row-major.
+    /// Allocates nothing. Rows beyond `MAX_ROWS` are served in chunks of `MAX_ROWS`,
+    /// each a pass over W.
+    ///
+    /// # Panics
+    /// If `x.len() != rows * in_features` or `out.len() != rows * out_features`.
+    pub fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        assert_eq!(
+            x.len(),
+            rows * self.in_features,
+            "x must be (rows, in_features)"
+        );
+        assert_eq!(
+            out.len(),
+            rows * self.out_features,
+            "out must be (rows, out_features)"
+        );
+        if rows == 0 || self.out_features == 0 {
+            return;
+        }
+        let y = OutPtr(out.as_mut_ptr());
+        let n_tasks = self.n_tasks(rows);
+        let task = |t: usize| {
+            let p0 = t * self.n_panels / n_tasks;
+            let p1 = (t + 1) * self.n_panels / n_tasks;
+            self.run_task(p0, p1, x, rows, y);
+        };
+        self.pool.run(n_tasks, &task);
+    }
+
+    /// `forward` on tensors: x is a Float CPU tensor (…, in), the result (…, out).
+    pub fn forward_tensor(&self, x: &Tensor) -> Result<Tensor> {
+        let mut shape = x.size();
+        if x.kind() != Kind::Float
+            || x.device() != Device::Cpu
+            || shape.last().copied() != Some(self.in_features as i64)
+        {
+            return Err(Error::Input(format!(
+                "PackedLinear input must be a Float CPU tensor (…, {}), got {:?} {:?} on {:?}",
+                self.in_features,
+                x.kind(),
+                shape,
+                x.device()
+            )));
+        }
+        let x = x.contiguous();
+        let rows = shape[..shape.len() - 1].iter().product::<i64>() as usize;
+        *shape.last_mut().unwrap() = self.out_features as i64;
+        let y = Tensor::empty(shape.as_slice(), (Kind::Float, Device::Cpu));
+        if rows * self.in_features > 0 && rows * self.out_features > 0 {
+            // SAFETY: `x` is a contiguous Float CPU tensor of rows * in_features elements
+            // and `y` a fresh contiguous one of rows * out_features, both alive (and not
+            // otherwise accessed) until the slices' last use in `forward` below. Zero
+            // sizes are skipped: an empty tensor's data pointer may be null.
+            let (xs, ys) = unsafe {
+                (
+                    std::slice::from_raw_parts(x.data_ptr() as *const f32, rows * self.in_features),
+                    std::slice::from_raw_parts_mut(
+                        y.data_ptr() as *mut f32,
+                        rows * self.out_features,
+                    ),
+                )
+            };
+            self.forward(xs, rows, ys);
+        } else if rows * self.out_features > 0 {
+            // No inputs: y is the bias on every row.
+            let b = Tensor::from_slice(&self.bias[..self.out_features]);
+            y.view([rows as i64, self.out_features as i64])
+                .copy_(&b.unsqueeze(0));
+        }
+        Ok(y)
+    }
+
+    /// Splits the panels into a few tasks per thread, none too small to be worth a thread.
+    fn n_tasks(&self, rows: usize) -> usize {
+        let threads = self.pool.threads();
+        if threads <= 1 || self.n_panels <= 1 {
+            return 1;
+        }
+        let passes = rows.div_ceil(MAX_ROWS);
+        let by_size = (self.weight_bytes() * passes / MIN_TASK_BYTES).max(1);
+        (threads * TASKS_PER_THREAD).min(by_size).min(self.n_panels)
+    }
+
+    /// Panels [p0, p1) for every row of x.
+    fn run_task(&self, p0: usize, p1: usize, x: &[f32], rows: usize, y: OutPtr) {
+        let (k, n, lpp) = (self.in_features, self.out_features, self.lines_per_panel);
+        for r0 in (0..rows).step_by(MAX_ROWS) {
+            let r = (rows - r0).min(MAX_ROWS);
+            let tile = Tile {
+                w: &self.lines[p0 * lpp..p1 * lpp],
+                n_panels: p1 - p0,
+                lines_per_panel: lpp,
+                k,
+                x: &x[r0 * k..(r0 + r) * k],
+                rows: r,
+                bias: &self.bias[p0 * PANEL..p1 * PANEL],
+                // Stays inside `out` (checked in `forward`): row r0 < rows, column p0*16 < n.
+                y: y.0.wrapping_add(r0 * n + p0 * PANEL),
+                ldy: n,
+                cols: (n - p0 * PANEL).min((p1 - p0) * PANEL),
+            };
+            // SAFETY: the slices above have the lengths Tile promises (n_panels * lpp
+            // lines, r * k inputs, n_panels * 16 bias values: `empty` sized the buffers,
+            // `forward` checked x and out); rows r0..r0+r of y's columns [p0*16, p1*16)
+            // lie in `out` and are this task's alone (tasks split the panels, see OutPtr);
+            // `self.isa` passed `Isa::is_supported` (detect / set_isa).
+            unsafe { run_tile(self.isa, self.format, &tile) };
+        }
+    }
+}
+
+/// # Safety
+/// `t` meets `Tile`'s field contracts and `isa.is_supported()`.
+unsafe fn run_tile(isa: Isa, format: WeightFormat, t: &Tile) {
+    match (isa, format) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: this function's contract; Avx512 is supported only with avx512f.
+        (Isa::Avx512, WeightFormat::F32) => unsafe { avx512::f32(t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx512, WeightFormat::Bf16) => unsafe { avx512::bf16(t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: this function's contract; Avx2 is supported only with avx2 and fma.
+        (Isa::Avx2, WeightFormat::F32) => unsafe { avx2::f32(t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx2, WeightFormat::Bf16) => unsafe { avx2::bf16(t) },
+        // SAFETY: this function's contract; the scalar path needs no CPU feature.
+        (_, format) => unsafe { scalar::run(t, format) },
+    }
+}
+
+fn check_len(what: &str, got: usize, expected: usize) -> Result<()> {
+    if got != expected {
+        return Err(Error::Input(format!(
+            "PackedLinear {what} has {got} values, expected {expected}"
+        )));
+    }
+    Ok(())
+}
