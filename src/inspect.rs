@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use infer::checkpoint::WeightFiles;
 use infer::device::dtype_name;
-use infer::{Gpt2, Tokenizer};
+use infer::{Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
 
 use crate::Out;
@@ -22,9 +22,13 @@ pub struct Args {
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let dir = &args.model;
-    let model = Gpt2::load(dir, None, tch::Device::Cpu)
-        .with_context(|| format!("loading model {}", dir.display()))?;
+    // Every tensor is read and checked, once, with no decode-kernel packing.
+    infer::model::check_model_dir(dir)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
     let files = WeightFiles::open_dir(dir)?;
+    let kind = infer::model::stored_kind(&files);
+    let model = Gpt2::from_weights(config, &files, kind, &[tch::Device::Cpu])
+        .with_context(|| format!("loading model {}", dir.display()))?;
     let tokenizer = Tokenizer::from_dir(dir).ok();
     let c = &model.config;
     let params = c.num_parameters();

@@ -289,6 +289,14 @@ impl Block {
     }
 }
 
+/// The float kind a checkpoint stores `wte` in (f32 when unknown): `--dtype auto`.
+pub fn stored_kind(files: &WeightFiles) -> Kind {
+    ["wte.weight", "transformer.wte.weight"]
+        .iter()
+        .find_map(|n| files.stored_kind(n))
+        .unwrap_or(Kind::Float)
+}
+
 /// Refuses a path that is not a folder before anything is read from it.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
     if dir.is_dir() {
@@ -320,12 +328,7 @@ impl Gpt2 {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         check_layout(config.n_head, config.inner_dim(), devices)?;
         let files = WeightFiles::open_dir(dir)?;
-        let kind = kind.unwrap_or_else(|| {
-            ["wte.weight", "transformer.wte.weight"]
-                .iter()
-                .find_map(|n| files.stored_kind(n))
-                .unwrap_or(Kind::Float)
-        });
+        let kind = kind.unwrap_or_else(|| stored_kind(&files));
         let mut model = Self::from_weights(config, &files, kind, devices)?;
         if kernels_enabled() {
             model.pack_for_cpu_decode()?;

@@ -71,11 +71,8 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
     let (b, v) = scores.size2().expect("scores are (B, V)");
     let device = scores.device();
     let mut s = scores.shallow_clone();
-    // Puts `value` at the listed (row, token) cells.
-    let fill = |s: &Tensor, cells: &[(i64, i64)], value: f64| -> Tensor {
-        if cells.is_empty() {
-            return s.shallow_clone();
-        }
+    // A (B, V) mask that is true at the listed (row, token) cells.
+    let mask_of = |cells: &[(i64, i64)]| -> Tensor {
         let mut mask = Tensor::zeros([b, v], (Kind::Bool, device));
         let (r, c): (Vec<i64>, Vec<i64>) = cells.iter().copied().unzip();
         let idx = [
@@ -83,7 +80,14 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
             Some(Tensor::from_slice(&c).to_device(device)),
         ];
         let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
-        s.masked_fill(&mask, value)
+        mask
+    };
+    // Puts `value` at the listed cells.
+    let fill = |s: &Tensor, cells: &[(i64, i64)], value: f64| -> Tensor {
+        if cells.is_empty() {
+            return s.shallow_clone();
+        }
+        s.masked_fill(&mask_of(cells), value)
     };
     let cells = |f: &dyn Fn(&Row) -> Vec<i64>| -> Vec<(i64, i64)> {
         let mut out = Vec::new();
@@ -101,13 +105,7 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
     if p.repetition_penalty != 1.0 {
         let seen = cells(&|r| unique(r.tokens));
         if !seen.is_empty() {
-            let (rr, cc): (Vec<i64>, Vec<i64>) = seen.iter().copied().unzip();
-            let mut mask = Tensor::zeros([b, v], (Kind::Bool, device));
-            let idx = [
-                Some(Tensor::from_slice(&rr).to_device(device)),
-                Some(Tensor::from_slice(&cc).to_device(device)),
-            ];
-            let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
+            let mask = mask_of(&seen);
             let pen = p.repetition_penalty;
             // tch's `a.where_self(cond, b)` is torch.where(cond, a, b).
             let penalised = (&s * pen).where_self(&s.lt(0.0), &(&s / pen));

@@ -229,14 +229,13 @@ fn one_prompt(
                         &cfg.eos_token_ids,
                     );
                     let x = if sample {
-                        s.softmax(-1, Kind::Float).multinomial(1, false)
+                        let q = s.softmax(-1, Kind::Float);
+                        let x = q.multinomial(1, false).int64_value(&[0]);
+                        q_rows.push(to_vec(&q.squeeze_dim(0)));
+                        x
                     } else {
-                        s.argmax(-1, false)
+                        s.argmax(-1, false).int64_value(&[0])
                     };
-                    let x = x.int64_value(&[0]);
-                    if sample {
-                        q_rows.push(to_vec(&s.softmax(-1, Kind::Float).squeeze_dim(0)));
-                    }
                     drafts.push(x);
                     if cfg.eos_token_ids.contains(&x) {
                         break;
