@@ -5,9 +5,14 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod eval_cmd;
 mod infer_cmd;
 mod infer_io;
+mod init_cmd;
 mod inspect;
+mod quantize_cmd;
+mod tokenizer_cmd;
+mod train_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -24,6 +29,19 @@ struct Cli {
 enum Command {
     /// Show a model folder's config, parameter count, dtypes and sizes.
     Inspect(inspect::Args),
+    /// Make a randomly initialised GPT-2 (GPT-2's initialisation) as a model folder.
+    Init(init_cmd::Args),
+    /// Tokenizer tools.
+    #[command(subcommand)]
+    Tokenizer(tokenizer_cmd::Command),
+    /// Fine-tune a model on JSONL data, with eval, checkpoints and TensorBoard logs.
+    Train(train_cmd::Args),
+    /// Loss and perplexity of a model on JSONL data.
+    Eval(eval_cmd::Args),
+    /// Int8 quantization and pruning into a deployment artifact, with a report.
+    Quantize(quantize_cmd::Args),
+    /// Write an int8 artifact back as a plain float model folder.
+    Dequantize(quantize_cmd::DequantizeArgs),
     /// Generate text from prompts.
     Infer(infer_cmd::Args),
 }
@@ -36,6 +54,12 @@ fn main() -> ExitCode {
     let mut out = io::stdout().lock();
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args, &mut out),
+        Command::Init(args) => init_cmd::run(&args, &mut out),
+        Command::Tokenizer(command) => tokenizer_cmd::run(&command, &mut out),
+        Command::Train(args) => train_cmd::run(&args, &mut out),
+        Command::Eval(args) => eval_cmd::run(&args, &mut out),
+        Command::Quantize(args) => quantize_cmd::run(&args, &mut out),
+        Command::Dequantize(args) => quantize_cmd::run_dequantize(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(Into::into));

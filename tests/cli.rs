@@ -537,7 +537,9 @@ fn tensor_parallel_from_the_command_line() {
 
 /// Long flags of a subcommand, from its `--help`.
 fn help_flags(sub: &str) -> std::collections::BTreeSet<String> {
-    let o = gpt2kit(&[sub, "--help"]);
+    let mut args: Vec<&str> = sub.split(' ').collect();
+    args.push("--help");
+    let o = gpt2kit(&args);
     assert!(o.status.success());
     let text = String::from_utf8(o.stdout).unwrap();
     text.split(|c: char| c.is_whitespace() || c == ',' || c == '[' || c == ']')
@@ -554,7 +556,16 @@ fn help_flags(sub: &str) -> std::collections::BTreeSet<String> {
 fn readme_documents_every_flag_and_no_other() {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    for sub in ["infer", "inspect"] {
+    for sub in [
+        "inspect",
+        "init",
+        "tokenizer train",
+        "train",
+        "eval",
+        "quantize",
+        "dequantize",
+        "infer",
+    ] {
         // The section of this subcommand: from its heading to the next heading.
         let head = format!("### `gpt2kit {sub}");
         let start = readme

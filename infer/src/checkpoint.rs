@@ -145,6 +145,52 @@ impl WeightFiles {
     }
 }
 
+/// Where a model's tensors come from: checkpoint files, or tensors already in memory
+/// (a model being trained, a freshly initialised one). Names are the checkpoint's.
+pub trait TensorSource {
+    fn contains(&self, name: &str) -> bool;
+    /// The tensor `name`, checked to have `shape`, converted to `kind` on `device`.
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
+}
+
+impl TensorSource for WeightFiles {
+    fn contains(&self, name: &str) -> bool {
+        WeightFiles::contains(self, name)
+    }
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        WeightFiles::tensor(self, name, shape, kind, device)
+    }
+}
+
+/// In-memory tensors by checkpoint name. `tensor` returns the stored tensor itself (not
+/// a copy) when kind and device already match, so a model built from it shares storage
+/// with the map: the trainer updates the map's tensors and the model sees the change.
+impl TensorSource for HashMap<String, Tensor> {
+    fn contains(&self, name: &str) -> bool {
+        self.contains_key(name)
+    }
+    fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
+        let path = PathBuf::from("<memory>");
+        let t = self.get(name).ok_or_else(|| Error::MissingTensor {
+            path: path.clone(),
+            name: name.into(),
+        })?;
+        if t.size() != shape {
+            return Err(Error::Shape {
+                path,
+                name: name.into(),
+                expected: shape.to_vec(),
+                got: t.size(),
+            });
+        }
+        if t.kind() == kind && t.device() == device {
+            Ok(t.shallow_clone())
+        } else {
+            Ok(t.f_to_kind(kind)?.f_to_device(device)?)
+        }
+    }
+}
+
 fn float_kind(dtype: Dtype) -> Option<Kind> {
     match dtype {
         Dtype::F32 => Some(Kind::Float),

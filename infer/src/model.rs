@@ -6,7 +6,7 @@ use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
 use crate::cache::KvCache;
-use crate::checkpoint::WeightFiles;
+use crate::checkpoint::{TensorSource, WeightFiles};
 use crate::config::{Activation, Gpt2Config};
 use crate::error::{Error, Result};
 use crate::kernels::{self, PackedLinear};
@@ -197,15 +197,16 @@ impl Attention {
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &KvCache,
+        cache: Option<&KvCache>,
         mask: Option<&Tensor>,
         model: &Gpt2,
     ) -> Tensor {
         let (b, t, e) = x.size3().expect("(B, T, E)");
         let hs = e / model.config.n_head;
-        let start = cache.len();
+        let start = cache.map_or(0, |c| c.len());
         let s = start + t;
-        let causal = mask.is_none() && cache.plain_causal(t);
+        // Without a cache (training) every row is a whole causal sequence.
+        let causal = mask.is_none() && cache.map_or(true, |c| c.plain_causal(t));
         let partial = |r: usize| -> Tensor {
             let shard = &self.shards[r];
             let device = model.devices[r];
@@ -215,11 +216,15 @@ impl Attention {
             let qkv = shard.c_attn.forward(&x).split(nh * hs, 2); // 3 × (B, T, nh·hs)
             let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
             let (q, k, v) = (heads(q), heads(k), heads(v));
-            let (kc, vc) = (&cache.k[layer][r], &cache.v[layer][r]); // (B, nh, capacity, hs)
-            kc.narrow(2, start, t).copy_(&k);
-            vc.narrow(2, start, t).copy_(&v);
-            let k_all = kc.narrow(2, 0, s); // (B, nh, S, hs)
-            let v_all = vc.narrow(2, 0, s); // (B, nh, S, hs)
+            let (k_all, v_all) = match cache {
+                Some(cache) => {
+                    let (kc, vc) = (&cache.k[layer][r], &cache.v[layer][r]); // (B, nh, capacity, hs)
+                    kc.narrow(2, start, t).copy_(&k);
+                    vc.narrow(2, start, t).copy_(&v);
+                    (kc.narrow(2, 0, s), vc.narrow(2, 0, s)) // (B, nh, S, hs)
+                }
+                None => (k, v),
+            };
             let y = if self.upcast && q.kind() != Kind::Float {
                 // reorder_and_upcast_attn: scores and softmax in fp32.
                 let f = |z: &Tensor| z.to_kind(Kind::Float);
@@ -278,7 +283,7 @@ impl Block {
         &self,
         x: &Tensor,
         layer: usize,
-        cache: &KvCache,
+        cache: Option<&KvCache>,
         mask: Option<&Tensor>,
         model: &Gpt2,
     ) -> Tensor {
@@ -337,10 +342,11 @@ impl Gpt2 {
     }
 
     /// Builds the model from checkpoint tensors, named with or without `transformer.`,
-    /// split over `devices`.
+    /// split over `devices`. Float layers only: no kernel packing (see
+    /// `pack_for_cpu_decode`), so a model built from trainable tensors stays trainable.
     pub fn from_weights(
         config: Gpt2Config,
-        files: &WeightFiles,
+        files: &dyn TensorSource,
         kind: Kind,
         devices: &[Device],
     ) -> Result<Self> {
@@ -570,10 +576,78 @@ impl Gpt2 {
         let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos); // (B, T, E)
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, cache, mask.as_ref(), self);
+            x = block.forward(&x, l, Some(cache), mask.as_ref(), self);
         }
         cache.advance(t);
         self.ln_f.forward(&x)
+    }
+
+    /// Logits (B, T, V) of whole causal sequences `ids` (B, T) at positions 0..T, with no
+    /// cache: the training forward. Autograd flows to every tensor that requires grad.
+    pub fn forward_train(&self, ids: &Tensor) -> Tensor {
+        let (_, t) = ids.size2().expect("ids are (B, T)");
+        let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
+        let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
+        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos);
+        for (l, block) in self.h.iter().enumerate() {
+            x = block.forward(&x, l, None, None, self);
+        }
+        self.logits(&self.ln_f.forward(&x))
+    }
+
+    /// Every tensor of an unsharded float model under its checkpoint name (no
+    /// `transformer.` prefix; `lm_head.weight` only when untied). The tensors share
+    /// storage with the model.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.devices.len() != 1 {
+            return Err(Error::Input(
+                "named_tensors needs an unsharded model (--tp 1)".into(),
+            ));
+        }
+        let mut out = vec![
+            ("wte.weight".to_string(), self.wte.shallow_clone()),
+            ("wpe.weight".to_string(), self.wpe.shallow_clone()),
+        ];
+        let ln = |out: &mut Vec<(String, Tensor)>, name: String, ln: &LayerNorm| {
+            out.push((format!("{name}.weight"), ln.weight.shallow_clone()));
+            out.push((format!("{name}.bias"), ln.bias.shallow_clone()));
+        };
+        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
+            let (Linear::Float { weight, bias } | Linear::Packed { weight, bias, .. }) = l;
+            out.push((format!("{name}.weight"), weight.shallow_clone()));
+            if let Some(b) = bias {
+                out.push((format!("{name}.bias"), b.shallow_clone()));
+            }
+        };
+        for (l, block) in self.h.iter().enumerate() {
+            ln(&mut out, format!("h.{l}.ln_1"), &block.ln_1);
+            lin(
+                &mut out,
+                format!("h.{l}.attn.c_attn"),
+                &block.attn.shards[0].c_attn,
+            );
+            lin(
+                &mut out,
+                format!("h.{l}.attn.c_proj"),
+                &block.attn.shards[0].c_proj,
+            );
+            ln(&mut out, format!("h.{l}.ln_2"), &block.ln_2);
+            lin(
+                &mut out,
+                format!("h.{l}.mlp.c_fc"),
+                &block.mlp.shards[0].c_fc,
+            );
+            lin(
+                &mut out,
+                format!("h.{l}.mlp.c_proj"),
+                &block.mlp.shards[0].c_proj,
+            );
+        }
+        ln(&mut out, "ln_f".into(), &self.ln_f);
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".into(), head.shallow_clone()));
+        }
+        Ok(out)
     }
 
     /// Logits of hidden states (…, E) → (…, V).

@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# GPU check of a built gpt2kit on a CUDA machine: CUDA linked, cpu vs cuda tokens on the
+# reference models (fp32, bf16, tensor parallel over two shards of one GPU, beams), and
+# decode tokens/s of a gpt2-124M-shaped random model, TP=1 vs TP=2, fp32 and bf16.
+# Usage: bench/gpu_check.sh BIN REFERENCE_DIR TOKENIZER_DIR OUT_DIR
+# (TOKENIZER_DIR: a folder with a 50257-token tokenizer.json, e.g. the bench model's.)
+set -uo pipefail
+BIN=$1 REF=$2 TOK=$3 OUT=$4
+mkdir -p "$OUT"
+lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
+export LD_LIBRARY_PATH=$lib
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+echo "== linked CUDA libraries"
+ldd "$BIN" | grep -E "torch_cuda|cudart|not found" || echo "NO libtorch_cuda linked"
+
+same() { # name, file a, file b: do two --json outputs hold the same token ids?
+  python3 - "$@" <<'PY'
+import json, sys
+name, a, b = sys.argv[1:]
+ids = lambda f: [json.loads(l)["token_ids"] for l in open(f) if l.strip()]
+x, y = ids(a), ids(b)
+print(f"{name}: {'SAME' if x == y else 'DIFFERENT'} ({sum(len(r) for r in x)} tokens)")
+PY
+}
+echo "== cpu vs cuda tokens on the reference models"
+for m in hub-tied prefixed-untied sharded-f16 bf16-quickgelu; do
+  run() { "$BIN" infer --model "$REF/$m" --prompt "hello world" --prompt "a b" \
+      --max-new-tokens 24 --json "$@" 2>>"$OUT/stderr.log"; }
+  run --device cpu > "$OUT/$m.cpu"
+  run --device cuda > "$OUT/$m.cuda"
+  same "$m greedy cuda" "$OUT/$m.cpu" "$OUT/$m.cuda"
+  run --tp 2 --devices cuda:0,cuda:0 > "$OUT/$m.tp2"
+  same "$m greedy cuda tp2 vs cuda" "$OUT/$m.cuda" "$OUT/$m.tp2"
+  run --device cpu --num-beams 4 > "$OUT/$m.beam.cpu"
+  run --device cuda --num-beams 4 > "$OUT/$m.beam.cuda"
+  same "$m beam4 cuda" "$OUT/$m.beam.cpu" "$OUT/$m.beam.cuda"
+  run --tp 2 --devices cuda:0,cuda:0 --num-beams 4 > "$OUT/$m.beam.tp2"
+  same "$m beam4 cuda tp2 vs cuda" "$OUT/$m.beam.cuda" "$OUT/$m.beam.tp2"
+  run --device cuda --dtype bf16 > "$OUT/$m.bf16"
+  same "$m greedy cuda bf16 vs fp32 (may differ)" "$OUT/$m.cuda" "$OUT/$m.bf16"
+  run --device cuda --do-sample --seed 7 --top-k 20 > "$OUT/$m.s1"
+  run --device cuda --do-sample --seed 7 --top-k 20 > "$OUT/$m.s2"
+  same "$m seeded sampling repeats on cuda" "$OUT/$m.s1" "$OUT/$m.s2"
+done
+echo "== gpt2-124M shape, random weights"
+"$BIN" init --preset gpt2 --tokenizer "$TOK" --out "$OUT/g2" --seed 0 >/dev/null || exit 1
+rm -f "$OUT/g2/model.safetensors.keep"
+speed() { # label, flags...
+  local label=$1; shift
+  "$BIN" infer --model "$OUT/g2" --prompt "hello world, this is a test" --max-new-tokens 128 \
+    --ignore-eos --warmup 1 --stats "$@" 2>&1 >/dev/null | grep '"decode_tokens_per_s"' \
+    | python3 -c "import json,sys; s=json.loads(sys.stdin.read()); print('$label', 'decode tok/s', round(s['decode_tokens_per_s'],1), 'prefill ms', round(s['prefill_ms'],1))"
+}
+speed "cuda fp32 b1 tp1" --device cuda
+speed "cuda fp32 b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0
+speed "cuda bf16 b1 tp1" --device cuda --dtype bf16
+speed "cuda bf16 b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0 --dtype bf16
+speed "cuda fp32 beam5 tp1" --device cuda --num-beams 5
+speed "cuda fp32 b8 tp1" --device cuda $(for i in 1 2 3 4 5 6 7; do echo --prompt "prompt number $i"; done)
+if python3 -c "import transformers" 2>/dev/null; then
+  echo "== transformers on the same GPU"
+  python3 - "$OUT/g2" <<'PY'
+import sys, time, torch
+from transformers import GPT2LMHeadModel
+m = GPT2LMHeadModel.from_pretrained(sys.argv[1]).cuda().eval()
+ids = torch.tensor([[31373, 995, 11, 428, 318, 257, 1332]], device="cuda")
+for dtype in (torch.float32, torch.bfloat16):
+    m = m.to(dtype)
+    kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+    m.generate(ids, **kw); torch.cuda.synchronize()
+    t = time.time(); m.generate(ids, **kw); torch.cuda.synchronize()
+    print(f"transformers cuda {dtype} b1: {128 / (time.time() - t):.1f} tok/s (incl. prefill)")
+PY
+else
+  echo "(transformers not installed on this machine: no same-GPU comparison)"
+fi

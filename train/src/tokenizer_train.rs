@@ -1,0 +1,1 @@
+//! Training a byte-level BPE tokenizer like GPT-2's.
