@@ -1,11 +1,62 @@
 //! `gpt2kit init`: a randomly initialised GPT-2 as a Hugging Face folder.
+use std::io::Write;
+use std::path::PathBuf;
+
 use clap::Args as ClapArgs;
+use train::init::{init_model, InitOptions};
 
 use crate::Out;
 
 #[derive(ClapArgs)]
-pub struct Args {}
+pub struct Args {
+    /// Model shape: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2.
+    #[arg(long)]
+    preset: String,
+    /// Folder with the tokenizer (tokenizer.json, or vocab.json + merges.txt); sets
+    /// vocab_size and is copied into the new folder.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// The new model folder (must not exist, or be empty).
+    #[arg(long)]
+    out: PathBuf,
+    /// Seed of the random weights.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Override the preset's number of layers.
+    #[arg(long)]
+    n_layer: Option<i64>,
+    /// Override the preset's number of attention heads.
+    #[arg(long)]
+    n_head: Option<i64>,
+    /// Override the preset's hidden width.
+    #[arg(long)]
+    n_embd: Option<i64>,
+    /// Override the preset's context length.
+    #[arg(long)]
+    n_positions: Option<i64>,
+}
 
-pub fn run(_args: &Args, _out: &mut Out) -> anyhow::Result<()> {
-    anyhow::bail!("`gpt2kit init` is not built yet")
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let config = init_model(&InitOptions {
+        preset: &args.preset,
+        tokenizer_dir: &args.tokenizer,
+        out: &args.out,
+        seed: args.seed,
+        n_layer: args.n_layer,
+        n_head: args.n_head,
+        n_embd: args.n_embd,
+        n_positions: args.n_positions,
+    })?;
+    writeln!(
+        out,
+        "wrote {}: n_layer {} · n_head {} · n_embd {} · n_positions {} · vocab_size {} · {} parameters",
+        args.out.display(),
+        config.n_layer,
+        config.n_head,
+        config.n_embd,
+        config.n_positions,
+        config.vocab_size,
+        config.num_parameters()
+    )?;
+    Ok(())
 }

@@ -1,4 +1,8 @@
 //! Fine-tuning GPT-2 on JSONL data: datasets and packing, the training loop, AdamW and
 //! the LR schedule, crash-safe checkpoints and exact resume, eval and TensorBoard logs;
 //! GPT-2's random initialisation and byte-level BPE tokenizer training.
+pub mod data;
+pub mod eval;
+pub mod folder;
+pub mod init;
 pub mod tokenizer_train;

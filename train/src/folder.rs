@@ -1,0 +1,281 @@
+//! Writing a Hugging Face model folder atomically: every file goes into a temporary
+//! folder beside the target, is synced, and the folder is renamed into place, so a
+//! process killed at any instant leaves either the old state or the complete new one.
+//! Shared by `init`, checkpoints and the final model.
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::fs::{self, File};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use infer::Gpt2Config;
+use safetensors::{Dtype, View};
+use tch::{Device, Kind, Tensor};
+
+/// Prefix of the temporary folders; leftovers of a killed process are removed on the
+/// next start (`remove_leftovers`).
+pub const TMP_PREFIX: &str = ".tmp-";
+
+/// Tokenizer files copied from a model folder when present.
+pub const TOKENIZER_FILES: &[&str] = &[
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+];
+
+/// A tensor's bytes, ready for the safetensors writer.
+pub struct RawTensor {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    bytes: Vec<u8>,
+}
+
+impl RawTensor {
+    /// Copies a float tensor (f32, f16 or bf16, any device) to host bytes.
+    pub fn from_tensor(t: &Tensor) -> Result<Self> {
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Int64 => Dtype::I64,
+            k => bail!("cannot save a tensor of kind {k:?}"),
+        };
+        let t = t.detach().to_device(Device::Cpu).contiguous();
+        let numel = t.numel();
+        let mut bytes = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut bytes, numel)?;
+        Ok(Self {
+            dtype,
+            shape: t.size().iter().map(|&d| d as usize).collect(),
+            bytes,
+        })
+    }
+}
+
+impl View for &RawTensor {
+    fn dtype(&self) -> Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> Cow<'_, [u8]> {
+        Cow::Borrowed(&self.bytes)
+    }
+    fn data_len(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// Writes `tensors` as one safetensors file with `{"format": "pt"}` metadata, as
+/// transformers' `save_pretrained` does.
+pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    let raw: Vec<(String, RawTensor)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            Ok((
+                n.clone(),
+                RawTensor::from_tensor(t).with_context(|| n.clone())?,
+            ))
+        })
+        .collect::<Result<_>>()?;
+    let meta = HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(raw.iter().map(|(n, r)| (n.as_str(), r)), Some(meta), path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Reads every tensor of a safetensors file onto `device` (kinds as stored).
+pub fn read_safetensors(path: &Path, device: Device) -> Result<HashMap<String, Tensor>> {
+    let tensors =
+        Tensor::read_safetensors(path).with_context(|| format!("reading {}", path.display()))?;
+    Ok(tensors
+        .into_iter()
+        .map(|(n, t)| (n, t.to_device(device)))
+        .collect())
+}
+
+/// Model tensors under save_pretrained's names: `transformer.` before the body,
+/// `lm_head.weight` only for an untied head.
+pub fn hf_names(named: &[(String, Tensor)]) -> Vec<(String, Tensor)> {
+    named
+        .iter()
+        .map(|(n, t)| {
+            let name = if n == "lm_head.weight" {
+                n.clone()
+            } else {
+                format!("transformer.{n}")
+            };
+            (name, t.shallow_clone())
+        })
+        .collect()
+}
+
+/// `config.json` as transformers writes it for GPT2LMHeadModel.
+pub fn config_json(config: &Gpt2Config) -> Result<String> {
+    let mut value = serde_json::to_value(config)?;
+    let obj = value.as_object_mut().expect("a config is an object");
+    obj.insert(
+        "architectures".into(),
+        serde_json::json!(["GPT2LMHeadModel"]),
+    );
+    obj.insert("dtype".into(), serde_json::json!("float32"));
+    obj.entry("initializer_range")
+        .or_insert(serde_json::json!(crate::init::INITIALIZER_RANGE));
+    for drop in [
+        "attn_pdrop",
+        "embd_pdrop",
+        "resid_pdrop",
+        "summary_first_dropout",
+    ] {
+        obj.entry(drop).or_insert(serde_json::json!(0.1));
+    }
+    obj.entry("use_cache").or_insert(serde_json::json!(true));
+    Ok(serde_json::to_string_pretty(&value)?)
+}
+
+/// `generation_config.json`: the config's bos/eos, nothing else.
+pub fn generation_config_json(config: &Gpt2Config) -> Result<String> {
+    let mut obj = serde_json::Map::new();
+    if let Some(b) = &config.bos_token_id {
+        obj.insert("bos_token_id".into(), serde_json::to_value(b)?);
+    }
+    if let Some(e) = &config.eos_token_id {
+        obj.insert("eos_token_id".into(), serde_json::to_value(e)?);
+    }
+    Ok(serde_json::to_string_pretty(&obj)?)
+}
+
+/// What goes into one model folder.
+pub struct FolderContents<'a> {
+    pub config: &'a Gpt2Config,
+    /// Model tensors by checkpoint name (without `transformer.`).
+    pub tensors: &'a [(String, Tensor)],
+    /// Folder whose tokenizer files are copied.
+    pub tokenizer_dir: &'a Path,
+    /// Further files: (name, bytes).
+    pub extra_files: Vec<(String, Vec<u8>)>,
+    /// Further safetensors files: (name, tensors).
+    pub extra_tensors: Vec<(String, Vec<(String, Tensor)>)>,
+}
+
+/// Writes `contents` to `target` atomically. `target` must not exist unless `replace`,
+/// in which case the old folder is swapped out only after the new one is complete.
+pub fn write_model_folder(target: &Path, contents: &FolderContents, replace: bool) -> Result<()> {
+    let parent = parent_of(target);
+    fs::create_dir_all(&parent).with_context(|| format!("creating {}", parent.display()))?;
+    if target.exists() && !replace {
+        bail!(infer::Error::Input(format!(
+            "{} already exists; choose a new folder",
+            target.display()
+        )));
+    }
+    let name = target
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    let tmp = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+    }
+    fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let written = (|| -> Result<()> {
+        write_file(
+            &tmp.join("config.json"),
+            config_json(contents.config)?.as_bytes(),
+        )?;
+        write_file(
+            &tmp.join("generation_config.json"),
+            generation_config_json(contents.config)?.as_bytes(),
+        )?;
+        let st = tmp.join(infer::checkpoint::SINGLE_FILE);
+        write_safetensors(&st, &hf_names(contents.tensors))?;
+        sync_file(&st)?;
+        for (file, tensors) in &contents.extra_tensors {
+            let p = tmp.join(file);
+            write_safetensors(&p, tensors)?;
+            sync_file(&p)?;
+        }
+        let mut copied = 0;
+        for file in TOKENIZER_FILES {
+            let src = contents.tokenizer_dir.join(file);
+            if src.is_file() {
+                let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+                write_file(&tmp.join(file), &bytes)?;
+                copied += 1;
+            }
+        }
+        if copied == 0 {
+            bail!(
+                "{}: no tokenizer files ({})",
+                contents.tokenizer_dir.display(),
+                TOKENIZER_FILES.join(", ")
+            );
+        }
+        for (file, bytes) in &contents.extra_files {
+            write_file(&tmp.join(file), bytes)?;
+        }
+        sync_dir(&tmp)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    if target.exists() {
+        // Swap: the old folder moves aside, the new one in, then the old one goes.
+        let old = parent.join(format!("{TMP_PREFIX}old-{name}-{}", std::process::id()));
+        fs::rename(target, &old).with_context(|| format!("moving {}", target.display()))?;
+        fs::rename(&tmp, target).with_context(|| format!("renaming to {}", target.display()))?;
+        let _ = fs::remove_dir_all(&old);
+    } else {
+        fs::rename(&tmp, target).with_context(|| format!("renaming to {}", target.display()))?;
+    }
+    sync_dir(&parent)
+}
+
+/// Removes temporary folders a killed process left in `dir`.
+pub fn remove_leftovers(dir: &Path) -> Result<usize> {
+    let mut n = 0;
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Ok(0);
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) && entry.path().is_dir() {
+            fs::remove_dir_all(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+            n += 1;
+        }
+    }
+    Ok(n)
+}
+
+fn parent_of(target: &Path) -> PathBuf {
+    match target.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// Writes and syncs one file.
+pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+fn sync_file(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
+}
+
+fn sync_dir(path: &Path) -> Result<()> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .with_context(|| format!("syncing {}", path.display()))
+}
