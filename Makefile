@@ -69,3 +69,10 @@ bench-kernels: setup
 
 fmt:
 	$(CARGO) fmt --all
+
+# The default dataset (data/README.md): the interpreter's own help texts and seeded
+# generated text, nothing downloaded. train.jsonl is written last and stands for all three.
+.PHONY: data
+data: data/train.jsonl
+data/train.jsonl: data/make_data.py
+	$(PYTHON) data/make_data.py --out data
