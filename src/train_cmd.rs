@@ -1,11 +1,203 @@
 //! `gpt2kit train`: fine-tune GPT-2 on JSONL data.
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+
 use clap::Args as ClapArgs;
+use train::data::DataOptions;
+use train::optim::AdamWConfig;
+use train::schedule::SchedulerKind;
+use train::trainer::{train, Resume, TrainOptions};
 
 use crate::Out;
 
 #[derive(ClapArgs)]
-pub struct Args {}
+pub struct Args {
+    /// Model folder to start from (Hugging Face layout, or one made by `gpt2kit init`).
+    #[arg(long)]
+    model: PathBuf,
+    /// Training JSONL file (repeat for several): {"text": ...} or {"prompt", "completion"} rows.
+    #[arg(long, required = true)]
+    data: Vec<PathBuf>,
+    /// Eval JSONL file.
+    #[arg(long)]
+    eval_data: Option<PathBuf>,
+    /// Fraction of the training examples held out for eval (seeded by --seed).
+    #[arg(long)]
+    eval_split: Option<f64>,
+    /// Field holding a text row's text.
+    #[arg(long, default_value = "text")]
+    text_field: String,
+    /// Skip invalid lines (and report how many) instead of failing.
+    #[arg(long)]
+    skip_invalid: bool,
+    /// Tokens per packed block and per prompt/completion example (default: n_positions, at most 1024).
+    #[arg(long)]
+    block_size: Option<i64>,
+    /// Cut prompt/completion examples longer than --block-size instead of refusing them.
+    #[arg(long)]
+    truncation: bool,
+    /// Output folder: checkpoint-STEP/ folders, final/ and runs/ (TensorBoard).
+    #[arg(long)]
+    output: PathBuf,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 5e-5)]
+    lr: f64,
+    /// constant, linear or cosine.
+    #[arg(long, default_value = "linear")]
+    lr_scheduler: String,
+    /// Linear warmup steps.
+    #[arg(long)]
+    warmup_steps: Option<i64>,
+    /// Linear warmup as a fraction of the total steps.
+    #[arg(long)]
+    warmup_ratio: Option<f64>,
+    /// AdamW weight decay (tensors of ≥ 2 dimensions only).
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 0.9)]
+    adam_beta1: f64,
+    #[arg(long, default_value_t = 0.999)]
+    adam_beta2: f64,
+    #[arg(long, default_value_t = 1e-8)]
+    adam_epsilon: f64,
+    /// Micro-batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    gradient_accumulation_steps: i64,
+    /// Clip the gradients' total norm (0: no clipping).
+    #[arg(long, default_value_t = 1.0)]
+    max_grad_norm: f64,
+    /// Examples per micro-batch.
+    #[arg(long, default_value_t = 8)]
+    batch_size: i64,
+    /// Examples per eval forward.
+    #[arg(long, default_value_t = 8)]
+    eval_batch_size: i64,
+    /// Optimizer steps to take (overrides --epochs).
+    #[arg(long)]
+    max_steps: Option<i64>,
+    /// Passes over the training data.
+    #[arg(long, default_value_t = 1)]
+    epochs: i64,
+    /// Seed of the data order and of --eval-split.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Evaluate every N steps (and at the end).
+    #[arg(long)]
+    eval_steps: Option<i64>,
+    /// Save a checkpoint every N steps (and at the end).
+    #[arg(long)]
+    save_steps: Option<i64>,
+    /// Keep the K newest checkpoints plus the best by eval loss.
+    #[arg(long)]
+    save_total_limit: Option<usize>,
+    /// Continue from the latest checkpoint in --output, or from the given checkpoint folder.
+    #[arg(long, num_args = 0..=1, default_missing_value = "latest")]
+    resume: Option<String>,
+    /// Stop after N evals without a better eval loss.
+    #[arg(long)]
+    early_stopping_patience: Option<i64>,
+    /// Log (TensorBoard, log lines, trainer_state.json) every N steps.
+    #[arg(long, default_value_t = 10)]
+    logging_steps: i64,
+    /// Start over in an --output that already holds checkpoints.
+    #[arg(long)]
+    overwrite_output_dir: bool,
+    /// cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// f32, or bf16 (bf16 compute with f32 master weights, where the device supports it).
+    #[arg(long, default_value = "f32")]
+    dtype: String,
+}
 
-pub fn run(_args: &Args, _out: &mut Out) -> anyhow::Result<()> {
-    anyhow::bail!("`gpt2kit train` is not built yet")
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let input = |m: String| anyhow::Error::from(infer::Error::Input(m));
+    let device = infer::device::parse_device(&args.device)?;
+    let bf16 = match args.dtype.as_str() {
+        "f32" | "float32" | "fp32" => false,
+        "bf16" | "bfloat16" => true,
+        d => return Err(input(format!("--dtype {d:?}: expected f32 or bf16"))),
+    };
+    let scheduler = SchedulerKind::parse(&args.lr_scheduler).ok_or_else(|| {
+        input(format!(
+            "--lr-scheduler {:?}: expected constant, linear or cosine",
+            args.lr_scheduler
+        ))
+    })?;
+    let block_size = match args.block_size {
+        Some(b) => b,
+        None => {
+            infer::model::check_model_dir(&args.model)?;
+            let c = infer::Gpt2Config::from_file(&args.model.join("config.json"))?;
+            c.n_positions.min(1024)
+        }
+    };
+    let mut data_options = DataOptions::new(block_size);
+    data_options.text_field = args.text_field.clone();
+    data_options.skip_invalid = args.skip_invalid;
+    data_options.truncation = args.truncation;
+    let stop_after = std::env::var("GPT2KIT_TRAIN_STOP_AFTER")
+        .ok()
+        .and_then(|v| v.parse().ok());
+    let options = TrainOptions {
+        model: args.model.clone(),
+        data: args.data.clone(),
+        eval_data: args.eval_data.clone(),
+        eval_split: args.eval_split,
+        data_options,
+        output: args.output.clone(),
+        lr: args.lr,
+        scheduler,
+        warmup_steps: args.warmup_steps,
+        warmup_ratio: args.warmup_ratio,
+        adam: AdamWConfig {
+            beta1: args.adam_beta1,
+            beta2: args.adam_beta2,
+            eps: args.adam_epsilon,
+            weight_decay: args.weight_decay,
+        },
+        gradient_accumulation_steps: args.gradient_accumulation_steps,
+        max_grad_norm: args.max_grad_norm,
+        batch_size: args.batch_size,
+        eval_batch_size: args.eval_batch_size,
+        max_steps: args.max_steps,
+        epochs: args.epochs,
+        seed: args.seed,
+        eval_steps: args.eval_steps,
+        save_steps: args.save_steps,
+        save_total_limit: args.save_total_limit,
+        early_stopping_patience: args.early_stopping_patience,
+        logging_steps: args.logging_steps,
+        resume: args.resume.as_deref().map(|r| match r {
+            "latest" => Resume::Latest,
+            p => Resume::Path(PathBuf::from(p)),
+        }),
+        overwrite_output_dir: args.overwrite_output_dir,
+        device,
+        bf16,
+        progress: std::io::stderr().is_terminal(),
+        stop_after_micro_batches: stop_after,
+    };
+    let s = train(&options, out)?;
+    writeln!(
+        out,
+        "trained {} steps · final loss {} · {} non-finite steps skipped · {} invalid lines skipped{}",
+        s.global_step,
+        s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
+        s.nan_steps_skipped,
+        s.skipped_lines,
+        if s.early_stopped { " · stopped early" } else { "" }
+    )?;
+    if let Some(e) = s.eval {
+        writeln!(
+            out,
+            "eval loss {:.4} · perplexity {:.3}",
+            e.loss, e.perplexity
+        )?;
+    }
+    if let Some(b) = &s.best_model_checkpoint {
+        writeln!(out, "best checkpoint: {}", args.output.join(b).display())?;
+    }
+    writeln!(out, "final model: {}", s.final_dir.display())?;
+    Ok(())
 }

@@ -1,8 +1,13 @@
 //! Fine-tuning GPT-2 on JSONL data: datasets and packing, the training loop, AdamW and
 //! the LR schedule, crash-safe checkpoints and exact resume, eval and TensorBoard logs;
 //! GPT-2's random initialisation and byte-level BPE tokenizer training.
+pub mod checkpoint;
 pub mod data;
 pub mod eval;
 pub mod folder;
 pub mod init;
+pub mod metrics;
+pub mod optim;
+pub mod schedule;
 pub mod tokenizer_train;
+pub mod trainer;

@@ -1,0 +1,102 @@
+//! Checkpoints: `OUTPUT/checkpoint-STEP/`, a Hugging Face model folder plus the
+//! optimizer state (`optimizer.safetensors`), `scheduler.json`, `rng_state.json` and
+//! `trainer_state.json` (step, data position, best metric, log history), written
+//! atomically by `folder`. Rotation keeps the newest K plus the best by eval loss.
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+pub const PREFIX: &str = "checkpoint-";
+pub const TRAINER_STATE: &str = "trainer_state.json";
+pub const OPTIMIZER: &str = "optimizer.safetensors";
+pub const SCHEDULER: &str = "scheduler.json";
+pub const RNG_STATE: &str = "rng_state.json";
+
+/// Where the trainer is: everything besides tensors that an exact resume needs.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Optimizer steps completed (skipped non-finite steps included).
+    pub global_step: i64,
+    /// Fractional epochs done, for people (transformers' field).
+    pub epoch: f64,
+    pub max_steps: i64,
+    /// The next micro-batch: its epoch and index inside that epoch's order.
+    pub data_epoch: i64,
+    pub data_batch: i64,
+    /// Micro-batches per epoch and examples, to refuse resuming on other data.
+    pub batches_per_epoch: i64,
+    pub train_examples: i64,
+    pub best_metric: Option<f64>,
+    pub best_model_checkpoint: Option<String>,
+    /// Evals in a row without a new best eval loss (early stopping).
+    pub evals_without_improvement: i64,
+    pub last_eval_loss: Option<f64>,
+    pub nan_steps_skipped: i64,
+    pub consecutive_nan_steps: i64,
+    pub log_history: Vec<serde_json::Value>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SchedulerState {
+    pub kind: String,
+    pub base_lr: f64,
+    pub warmup_steps: i64,
+    pub total_steps: i64,
+    /// Updates the schedule has taken (LambdaLR's `last_epoch`).
+    pub last_step: i64,
+}
+
+/// The data order is a function of the seed and the epoch: that is all the RNG state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RngState {
+    pub seed: u64,
+    pub data_epoch: i64,
+}
+
+pub fn checkpoint_dir(output: &Path, step: i64) -> PathBuf {
+    output.join(format!("{PREFIX}{step}"))
+}
+
+/// Complete checkpoints in `output` (those with a trainer state), by step.
+pub fn list_checkpoints(output: &Path) -> Vec<(i64, PathBuf)> {
+    let mut out: Vec<(i64, PathBuf)> = std::fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix(PREFIX)?.parse::<i64>().ok()?;
+            let p = e.path();
+            p.join(TRAINER_STATE).is_file().then_some((step, p))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+pub fn read_json<T: for<'de> Deserialize<'de>>(path: &Path) -> Result<T> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// Deletes checkpoints beyond the newest `keep`, sparing `best`.
+pub fn rotate(output: &Path, keep: usize, best: Option<&Path>) -> Result<Vec<PathBuf>> {
+    let all = list_checkpoints(output);
+    let n = all.len();
+    let mut removed = Vec::new();
+    for (i, (_, dir)) in all.into_iter().enumerate() {
+        let newest = i + keep >= n;
+        let is_best = best.is_some_and(|b| same_dir(b, &dir));
+        if !newest && !is_best {
+            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            removed.push(dir);
+        }
+    }
+    Ok(removed)
+}
+
+fn same_dir(a: &Path, b: &Path) -> bool {
+    a.file_name() == b.file_name()
+}

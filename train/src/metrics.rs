@@ -1,0 +1,93 @@
+//! What a person sees of training: TensorBoard scalars (tensorboard-rs event files under
+//! `OUTPUT/runs/`), an indicatif progress bar on a terminal's stderr (step, loss, lr,
+//! tokens/s, ETA), and plain log lines on stderr when it is not a terminal.
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tensorboard_rs::summary_writer::SummaryWriter;
+
+use crate::eval::EvalResult;
+
+pub struct Metrics {
+    tb: Option<SummaryWriter>,
+    bar: ProgressBar,
+}
+
+impl Metrics {
+    pub fn new(runs: &Path, progress: bool, total_steps: i64, done: i64) -> Result<Self> {
+        // Created here so that a bad folder is an error, not the writer thread's panic.
+        std::fs::create_dir_all(runs).with_context(|| format!("creating {}", runs.display()))?;
+        let target = if progress {
+            ProgressDrawTarget::stderr()
+        } else {
+            ProgressDrawTarget::hidden()
+        };
+        let bar = ProgressBar::with_draw_target(Some(total_steps.max(0) as u64), target);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} · {msg} · {elapsed_precise} < {eta_precise}",
+            )
+            .expect("a valid template"),
+        );
+        bar.set_position(done.max(0) as u64);
+        Ok(Self {
+            tb: Some(SummaryWriter::new(runs)),
+            bar,
+        })
+    }
+
+    /// Called after every step: the bar's position and message.
+    pub fn step(&mut self, step: i64, loss: f64, lr: f64, tokens_per_s: f64) {
+        self.bar.set_position(step as u64);
+        self.bar.set_message(format!(
+            "loss {loss:.4} · lr {lr:.3e} · {tokens_per_s:.0} tok/s"
+        ));
+    }
+
+    /// Called every logging step: TensorBoard scalars, and a plain line without a bar.
+    pub fn log(&mut self, step: i64, loss: f64, lr: f64, grad_norm: f64, tokens_per_s: f64) {
+        if let Some(tb) = &mut self.tb {
+            let s = step as usize;
+            tb.add_scalar("train/loss", loss as f32, s);
+            tb.add_scalar("train/lr", lr as f32, s);
+            tb.add_scalar("train/grad_norm", grad_norm as f32, s);
+            tb.add_scalar("train/tokens_per_s", tokens_per_s as f32, s);
+        }
+        if self.bar.is_hidden() {
+            eprintln!(
+                "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s",
+                self.bar.length().unwrap_or(0)
+            );
+        }
+    }
+
+    pub fn eval(&mut self, step: i64, r: &EvalResult) {
+        if let Some(tb) = &mut self.tb {
+            tb.add_scalar("eval/loss", r.loss as f32, step as usize);
+            tb.add_scalar("eval/perplexity", r.perplexity as f32, step as usize);
+            tb.flush();
+        }
+    }
+
+    /// A message that does not tear the bar.
+    pub fn line(&self, text: &str) {
+        if self.bar.is_hidden() {
+            eprintln!("{text}");
+        } else {
+            self.bar.println(text);
+        }
+    }
+
+    pub fn finish_bar(&self) {
+        self.bar.finish_and_clear();
+    }
+
+    /// Flushes and closes the event file.
+    pub fn finish(&mut self) {
+        self.bar.finish_and_clear();
+        if let Some(mut tb) = self.tb.take() {
+            tb.flush();
+        }
+    }
+}

@@ -1,0 +1,679 @@
+//! The training loop, as transformers' Trainer runs it: shuffled micro-batches,
+//! gradient accumulation with the loss averaged over every target token of the step,
+//! gradient clipping, AdamW and the LR schedule, a skipped step on a non-finite loss or
+//! gradient, periodic eval, checkpoints, early stopping and TensorBoard scalars.
+//! Resuming restores weights, optimizer, schedule and data position, so on the CPU the
+//! losses after a resume equal an uninterrupted run's bit for bit.
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use infer::checkpoint::WeightFiles;
+use infer::{Gpt2, Gpt2Config, Tokenizer};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{self as ckpt, RngState, SchedulerState, TrainerState};
+use crate::data::{self, DataOptions, Sample};
+use crate::eval::{evaluate, EvalResult};
+use crate::folder::{self, FolderContents};
+use crate::metrics::Metrics;
+use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig};
+use crate::schedule::{Schedule, SchedulerKind};
+
+/// Non-finite steps in a row that abort training.
+pub const MAX_CONSECUTIVE_NAN_STEPS: i64 = 5;
+
+/// Where the final model goes inside the output folder.
+pub const FINAL_DIR: &str = "final";
+
+#[derive(Debug, Clone)]
+pub enum Resume {
+    Latest,
+    Path(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub model: PathBuf,
+    pub data: Vec<PathBuf>,
+    pub eval_data: Option<PathBuf>,
+    pub eval_split: Option<f64>,
+    pub data_options: DataOptions,
+    pub output: PathBuf,
+    pub lr: f64,
+    pub scheduler: SchedulerKind,
+    pub warmup_steps: Option<i64>,
+    pub warmup_ratio: Option<f64>,
+    pub adam: AdamWConfig,
+    pub gradient_accumulation_steps: i64,
+    /// 0 turns clipping off.
+    pub max_grad_norm: f64,
+    pub batch_size: i64,
+    pub eval_batch_size: i64,
+    pub max_steps: Option<i64>,
+    pub epochs: i64,
+    pub seed: u64,
+    pub eval_steps: Option<i64>,
+    pub save_steps: Option<i64>,
+    pub save_total_limit: Option<usize>,
+    pub early_stopping_patience: Option<i64>,
+    pub logging_steps: i64,
+    pub resume: Option<Resume>,
+    pub overwrite_output_dir: bool,
+    pub device: Device,
+    /// bf16 compute with f32 master weights.
+    pub bf16: bool,
+    /// Show a progress bar on a terminal (plain log lines otherwise).
+    pub progress: bool,
+    /// Testing hook: fail as a crash would after this many micro-batches of this run.
+    pub stop_after_micro_batches: Option<u64>,
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainSummary {
+    pub global_step: i64,
+    pub final_loss: Option<f64>,
+    pub eval: Option<EvalResult>,
+    pub nan_steps_skipped: i64,
+    pub skipped_lines: usize,
+    pub early_stopped: bool,
+    pub final_dir: PathBuf,
+    pub best_model_checkpoint: Option<String>,
+}
+
+fn input(msg: String) -> anyhow::Error {
+    infer::Error::Input(msg).into()
+}
+
+fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()> {
+    let positive = [
+        ("--batch-size", o.batch_size),
+        ("--eval-batch-size", o.eval_batch_size),
+        (
+            "--gradient-accumulation-steps",
+            o.gradient_accumulation_steps,
+        ),
+        ("--epochs", o.epochs),
+        ("--logging-steps", o.logging_steps),
+    ];
+    for (flag, v) in positive {
+        if v < 1 {
+            return Err(input(format!("{flag} must be positive, got {v}")));
+        }
+    }
+    for (flag, v) in [
+        ("--max-steps", o.max_steps),
+        ("--eval-steps", o.eval_steps),
+        ("--save-steps", o.save_steps),
+        ("--early-stopping-patience", o.early_stopping_patience),
+    ] {
+        if let Some(v) = v {
+            if v < 1 {
+                return Err(input(format!("{flag} must be positive, got {v}")));
+            }
+        }
+    }
+    if !(o.lr.is_finite() && o.lr >= 0.0) {
+        return Err(input(format!(
+            "--lr must be a non-negative number, got {}",
+            o.lr
+        )));
+    }
+    if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
+        return Err(input(format!(
+            "--max-grad-norm must be ≥ 0, got {}",
+            o.max_grad_norm
+        )));
+    }
+    let a = o.adam;
+    if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) {
+        return Err(input(format!(
+            "--adam-beta1/--adam-beta2 must lie in [0, 1), got {} and {}",
+            a.beta1, a.beta2
+        )));
+    }
+    if !(a.eps.is_finite() && a.eps >= 0.0)
+        || !(a.weight_decay.is_finite() && a.weight_decay >= 0.0)
+    {
+        return Err(input(
+            "--adam-epsilon and --weight-decay must be ≥ 0".into(),
+        ));
+    }
+    if o.warmup_steps.is_some() && o.warmup_ratio.is_some() {
+        return Err(input(
+            "give --warmup-steps or --warmup-ratio, not both".into(),
+        ));
+    }
+    if let Some(w) = o.warmup_steps {
+        if w < 0 {
+            return Err(input(format!("--warmup-steps must be ≥ 0, got {w}")));
+        }
+    }
+    if let Some(r) = o.warmup_ratio {
+        if !(0.0..=1.0).contains(&r) {
+            return Err(input(format!("--warmup-ratio must lie in [0, 1], got {r}")));
+        }
+    }
+    if o.eval_data.is_some() && o.eval_split.is_some() {
+        return Err(input("give --eval-data or --eval-split, not both".into()));
+    }
+    let has_eval = o.eval_data.is_some() || o.eval_split.is_some();
+    if o.eval_steps.is_some() && !has_eval {
+        return Err(input(
+            "--eval-steps needs --eval-data or --eval-split".into(),
+        ));
+    }
+    if o.early_stopping_patience.is_some() && o.eval_steps.is_none() {
+        return Err(input(
+            "--early-stopping-patience needs --eval-steps (and eval data)".into(),
+        ));
+    }
+    let bs = o.data_options.block_size;
+    if bs < 2 || bs > config.n_positions {
+        return Err(input(format!(
+            "--block-size must lie in 2..={} (the model's n_positions), got {bs}",
+            config.n_positions
+        )));
+    }
+    if let Some(0) = o.save_total_limit {
+        return Err(input("--save-total-limit must be positive".into()));
+    }
+    for p in o.data.iter().chain(&o.eval_data) {
+        if !p.is_file() {
+            return Err(input(format!("{}: no such data file", p.display())));
+        }
+    }
+    Ok(())
+}
+
+/// The trainable model: f32 leaf tensors that require grad, and the model over them.
+struct Trainable {
+    config: Gpt2Config,
+    params: Vec<(String, Tensor)>,
+    map: HashMap<String, Tensor>,
+    /// The model sharing `params` (f32 runs); bf16 runs build one per micro-batch.
+    model: Gpt2,
+    bf16: bool,
+    device: Device,
+}
+
+impl Trainable {
+    fn load(dir: &Path, device: Device, bf16: bool) -> Result<Self> {
+        infer::model::check_model_dir(dir)?;
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let files = WeightFiles::open_dir(dir)?;
+        let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
+            .with_context(|| format!("loading {}", dir.display()))?;
+        let mut params = model.named_tensors()?;
+        for (_, p) in &mut params {
+            let _ = p.requires_grad_(true);
+        }
+        let map = params
+            .iter()
+            .map(|(n, t)| (n.clone(), t.shallow_clone()))
+            .collect();
+        Ok(Self {
+            config,
+            params,
+            map,
+            model,
+            bf16,
+            device,
+        })
+    }
+
+    /// The model to run: the shared f32 one, or a bf16 cast whose gradients flow back
+    /// to the f32 masters.
+    fn compute_model(&self) -> Result<Option<Gpt2>> {
+        if !self.bf16 {
+            return Ok(None);
+        }
+        Ok(Some(Gpt2::from_weights(
+            self.config.clone(),
+            &self.map,
+            Kind::BFloat16,
+            &[self.device],
+        )?))
+    }
+
+    fn all_finite(&self) -> bool {
+        let _g = tch::no_grad_guard();
+        self.params
+            .iter()
+            .all(|(_, p)| p.isfinite().all().int64_value(&[]) == 1)
+    }
+}
+
+/// Micro-batches per epoch and the order of examples in `epoch`.
+fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
+    let mut order: Vec<usize> = (0..n).collect();
+    let mix = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix));
+    order
+}
+
+fn check_bf16(device: Device) -> Result<()> {
+    let t = Tensor::ones([4, 4], (Kind::BFloat16, device));
+    match t.f_matmul(&t) {
+        Ok(_) => Ok(()),
+        Err(e) => Err(input(format!(
+            "--dtype bf16 is not supported on {device:?}: {e}"
+        ))),
+    }
+}
+
+fn resolve_resume(o: &TrainOptions) -> Result<Option<PathBuf>> {
+    Ok(match &o.resume {
+        None => None,
+        Some(Resume::Path(p)) => {
+            if !p.join(ckpt::TRAINER_STATE).is_file() {
+                return Err(input(format!(
+                    "--resume {}: not a checkpoint folder (no {})",
+                    p.display(),
+                    ckpt::TRAINER_STATE
+                )));
+            }
+            Some(p.clone())
+        }
+        Some(Resume::Latest) => match ckpt::list_checkpoints(&o.output).pop() {
+            Some((_, p)) => Some(p),
+            None => {
+                return Err(input(format!(
+                    "--resume: {} holds no checkpoint to resume from",
+                    o.output.display()
+                )))
+            }
+        },
+    })
+}
+
+pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
+    let start_dir = o.model.clone();
+    infer::model::check_model_dir(&start_dir)?;
+    let base_config = Gpt2Config::from_file(&start_dir.join("config.json"))?;
+    check_options(o, &base_config)?;
+    if o.bf16 {
+        check_bf16(o.device)?;
+    }
+    std::fs::create_dir_all(&o.output)
+        .with_context(|| format!("creating {}", o.output.display()))?;
+    let cleaned = folder::remove_leftovers(&o.output)?;
+    if cleaned > 0 {
+        writeln!(
+            out,
+            "removed {cleaned} unfinished save(s) left in {}",
+            o.output.display()
+        )?;
+    }
+    let resume_dir = resolve_resume(o)?;
+    if resume_dir.is_none()
+        && !o.overwrite_output_dir
+        && !ckpt::list_checkpoints(&o.output).is_empty()
+    {
+        return Err(input(format!(
+            "--output {} already holds checkpoints; pass --resume to continue or \
+             --overwrite-output-dir to start over",
+            o.output.display()
+        )));
+    }
+
+    // Data, all checked before training starts.
+    let tokenizer = Tokenizer::from_dir(&start_dir)
+        .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
+    let eos = data::eos_id(&base_config, &tokenizer)?;
+    let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &o.data_options)?;
+    let mut skipped_lines = report.skipped;
+    if report.skipped > 0 {
+        writeln!(
+            out,
+            "skipped {} invalid line(s) in the training data",
+            report.skipped
+        )?;
+    }
+    let (train_set, eval_set) = match (&o.eval_data, o.eval_split) {
+        (Some(p), _) => {
+            let (e, r) = data::load_jsonl(&[p.clone()], &tokenizer, eos, &o.data_options)?;
+            if r.skipped > 0 {
+                writeln!(
+                    out,
+                    "skipped {} invalid line(s) in the eval data",
+                    r.skipped
+                )?;
+                skipped_lines += r.skipped;
+            }
+            (samples, e)
+        }
+        (None, Some(f)) => data::split(samples, f, o.seed)?,
+        (None, None) => (samples, Vec::new()),
+    };
+
+    let n = train_set.len();
+    let batches_per_epoch = n.div_ceil(o.batch_size as usize) as i64;
+    let accum = o.gradient_accumulation_steps;
+    let steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
+    let total_steps = o.max_steps.unwrap_or(steps_per_epoch * o.epochs);
+    let warmup = match (o.warmup_steps, o.warmup_ratio) {
+        (Some(w), _) => w,
+        (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
+        _ => 0,
+    };
+    let schedule = Schedule {
+        kind: o.scheduler,
+        base_lr: o.lr,
+        warmup_steps: warmup,
+        total_steps,
+    };
+
+    // Model, optimizer and state: fresh, or from the checkpoint.
+    let weights_dir = resume_dir.clone().unwrap_or_else(|| start_dir.clone());
+    let tr = Trainable::load(&weights_dir, o.device, o.bf16)?;
+    let mut adam = AdamW::new(&tr.params, o.adam);
+    let mut state = TrainerState {
+        max_steps: total_steps,
+        batches_per_epoch,
+        train_examples: n as i64,
+        ..Default::default()
+    };
+    if let Some(dir) = &resume_dir {
+        state = ckpt::read_json(&dir.join(ckpt::TRAINER_STATE))?;
+        if state.train_examples != n as i64 || state.batches_per_epoch != batches_per_epoch {
+            return Err(input(format!(
+                "--resume {}: the checkpoint was trained on {} examples in {} batches per \
+                 epoch; this run has {} and {} (different data or --batch-size)",
+                dir.display(),
+                state.train_examples,
+                state.batches_per_epoch,
+                n,
+                batches_per_epoch
+            )));
+        }
+        let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
+        adam.load_state(&opt)
+            .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
+        state.max_steps = total_steps;
+        writeln!(
+            out,
+            "resuming from {} at step {}",
+            dir.display(),
+            state.global_step
+        )?;
+    }
+
+    let mut metrics = Metrics::new(
+        &o.output.join("runs"),
+        o.progress,
+        total_steps,
+        state.global_step,
+    )?;
+    let mut order = epoch_order(n, o.seed, state.data_epoch);
+    let mut micro_batches_run: u64 = 0;
+    let mut final_loss = None;
+    let mut last_eval = None;
+    let mut early_stopped = false;
+    let mut last_saved = None;
+
+    while state.global_step < total_steps {
+        let step_start = Instant::now();
+        // The micro-batches of this step: up to `accum`, not crossing the epoch's end.
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        while (batches.len() as i64) < accum {
+            let b = state.data_batch as usize;
+            let bs = o.batch_size as usize;
+            batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
+            state.data_batch += 1;
+            if state.data_batch >= batches_per_epoch {
+                state.data_epoch += 1;
+                state.data_batch = 0;
+                order = epoch_order(n, o.seed, state.data_epoch);
+                break;
+            }
+        }
+        let targets: i64 = batches
+            .iter()
+            .flatten()
+            .map(|&i| train_set[i].target_tokens())
+            .sum();
+        let tokens: usize = batches
+            .iter()
+            .flatten()
+            .map(|&i| train_set[i].ids.len())
+            .sum();
+        let mut loss_sum = 0f64;
+        for batch in &batches {
+            let refs: Vec<&Sample> = batch.iter().map(|&i| &train_set[i]).collect();
+            let (ids, labels) = data::collate(&refs, eos, o.device);
+            let bf16_model = tr.compute_model()?;
+            let model = bf16_model.as_ref().unwrap_or(&tr.model);
+            let logits = model.forward_train(&ids);
+            let loss = data::lm_loss_sum(&logits, &labels);
+            loss_sum += loss.double_value(&[]);
+            (loss / targets.max(1) as f64).backward();
+            micro_batches_run += 1;
+            if o.stop_after_micro_batches == Some(micro_batches_run) {
+                metrics.finish();
+                bail!("stopped after {micro_batches_run} micro-batches (GPT2KIT_TRAIN_STOP_AFTER testing hook)");
+            }
+        }
+        let loss = loss_sum / targets.max(1) as f64;
+        let lr = schedule.lr(state.global_step);
+        let grad_norm = clip_grad_norm(&tr.params, o.max_grad_norm);
+        if loss.is_finite() && grad_norm.is_finite() {
+            adam.step(&tr.params, lr);
+            state.consecutive_nan_steps = 0;
+        } else {
+            state.nan_steps_skipped += 1;
+            state.consecutive_nan_steps += 1;
+            metrics.line(&format!(
+                "step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); step skipped",
+                state.global_step + 1
+            ));
+            if state.consecutive_nan_steps >= MAX_CONSECUTIVE_NAN_STEPS {
+                metrics.finish();
+                bail!(
+                    "{} steps in a row had a non-finite loss or gradient (last at step {}); \
+                     stopping. Lower --lr, set --max-grad-norm, or check the data",
+                    state.consecutive_nan_steps,
+                    state.global_step + 1
+                );
+            }
+        }
+        zero_grad(&tr.params);
+        state.global_step += 1;
+        let step = state.global_step;
+        state.epoch = state.data_epoch as f64 + state.data_batch as f64 / batches_per_epoch as f64;
+        let secs = step_start.elapsed().as_secs_f64();
+        let tokens_per_s = tokens as f64 / secs.max(1e-9);
+        final_loss = Some(loss);
+        metrics.step(step, loss, lr, tokens_per_s);
+        if step % o.logging_steps == 0 || step == total_steps {
+            state.log_history.push(json!({
+                "step": step, "epoch": state.epoch, "loss": loss, "learning_rate": lr,
+                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            }));
+            metrics.log(step, loss, lr, grad_norm, tokens_per_s);
+        }
+
+        let eval_now = o.eval_steps.is_some_and(|e| step % e == 0) && !eval_set.is_empty();
+        if eval_now {
+            let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
+            record_eval(&mut state, &mut metrics, step, &r);
+            writeln!(
+                out,
+                "step {step}: eval loss {:.4} · perplexity {:.3}",
+                r.loss, r.perplexity
+            )?;
+            last_eval = Some(r);
+            if let Some(p) = o.early_stopping_patience {
+                if state.evals_without_improvement >= p {
+                    writeln!(
+                        out,
+                        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
+                        state.best_metric.unwrap_or(f64::NAN)
+                    )?;
+                    early_stopped = true;
+                }
+            }
+        }
+        if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
+        {
+            save_checkpoint(
+                o,
+                &tr,
+                &adam,
+                &schedule,
+                &mut state,
+                &tokenizer_dir(&start_dir, &resume_dir),
+            )?;
+            last_saved = Some(step);
+        }
+        if early_stopped {
+            break;
+        }
+    }
+    metrics.finish_bar();
+
+    let evaluated_last_step = o.eval_steps.is_some_and(|e| state.global_step % e == 0);
+    if !eval_set.is_empty() && (last_eval.is_none() || !evaluated_last_step) {
+        let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
+        let step = state.global_step;
+        record_eval(&mut state, &mut metrics, step, &r);
+        writeln!(
+            out,
+            "final eval: loss {:.4} · perplexity {:.3}",
+            r.loss, r.perplexity
+        )?;
+        last_eval = Some(r);
+    }
+    if o.save_steps.is_some() && last_saved != Some(state.global_step) {
+        save_checkpoint(
+            o,
+            &tr,
+            &adam,
+            &schedule,
+            &mut state,
+            &tokenizer_dir(&start_dir, &resume_dir),
+        )?;
+    }
+    let final_dir = o.output.join(FINAL_DIR);
+    if !tr.all_finite() {
+        bail!("the trained weights hold NaN or infinite values; the final model is not saved");
+    }
+    folder::write_model_folder(
+        &final_dir,
+        &FolderContents {
+            config: &tr.config,
+            tensors: &tr.params,
+            tokenizer_dir: &tokenizer_dir(&start_dir, &resume_dir),
+            extra_files: vec![(
+                ckpt::TRAINER_STATE.into(),
+                serde_json::to_vec_pretty(&state)?,
+            )],
+            extra_tensors: vec![],
+        },
+        true,
+    )?;
+    metrics.finish();
+    Ok(TrainSummary {
+        global_step: state.global_step,
+        final_loss,
+        eval: last_eval,
+        nan_steps_skipped: state.nan_steps_skipped,
+        skipped_lines,
+        early_stopped,
+        final_dir,
+        best_model_checkpoint: state.best_model_checkpoint.clone(),
+    })
+}
+
+fn tokenizer_dir(start: &Path, resume: &Option<PathBuf>) -> PathBuf {
+    resume.clone().unwrap_or_else(|| start.to_path_buf())
+}
+
+fn run_eval(tr: &Trainable, set: &[Sample], batch_size: i64, eos: i64) -> Result<EvalResult> {
+    let _g = tch::no_grad_guard();
+    let bf16 = tr.compute_model()?;
+    evaluate(bf16.as_ref().unwrap_or(&tr.model), set, batch_size, eos)
+}
+
+fn record_eval(state: &mut TrainerState, metrics: &mut Metrics, step: i64, r: &EvalResult) {
+    state.log_history.push(json!({
+        "step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens,
+    }));
+    metrics.eval(step, r);
+    state.last_eval_loss = Some(r.loss);
+    if state.best_metric.is_none_or(|b| r.loss < b) {
+        state.best_metric = Some(r.loss);
+        state.evals_without_improvement = 0;
+    } else {
+        state.evals_without_improvement += 1;
+    }
+}
+
+fn save_checkpoint(
+    o: &TrainOptions,
+    tr: &Trainable,
+    adam: &AdamW,
+    schedule: &Schedule,
+    state: &mut TrainerState,
+    tokenizer_dir: &Path,
+) -> Result<()> {
+    if !tr.all_finite() {
+        bail!(
+            "step {}: the weights hold NaN or infinite values; not saving a checkpoint",
+            state.global_step
+        );
+    }
+    let dir = ckpt::checkpoint_dir(&o.output, state.global_step);
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    // The best checkpoint is the one saved right after the best eval so far.
+    if let (Some(last), Some(best)) = (state.last_eval_loss, state.best_metric) {
+        if last == best {
+            state.best_model_checkpoint = Some(name.clone());
+        }
+    }
+    let sched = SchedulerState {
+        kind: schedule.kind.name().into(),
+        base_lr: schedule.base_lr,
+        warmup_steps: schedule.warmup_steps,
+        total_steps: schedule.total_steps,
+        last_step: state.global_step,
+    };
+    let rng = RngState {
+        seed: o.seed,
+        data_epoch: state.data_epoch,
+    };
+    if dir.exists() {
+        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+    }
+    folder::write_model_folder(
+        &dir,
+        &FolderContents {
+            config: &tr.config,
+            tensors: &tr.params,
+            tokenizer_dir,
+            extra_files: vec![
+                (
+                    ckpt::TRAINER_STATE.into(),
+                    serde_json::to_vec_pretty(state)?,
+                ),
+                (ckpt::SCHEDULER.into(), serde_json::to_vec_pretty(&sched)?),
+                (ckpt::RNG_STATE.into(), serde_json::to_vec_pretty(&rng)?),
+            ],
+            extra_tensors: vec![(ckpt::OPTIMIZER.into(), adam.state_tensors())],
+        },
+        false,
+    )?;
+    if let Some(k) = o.save_total_limit {
+        let best = state
+            .best_model_checkpoint
+            .as_ref()
+            .map(|b| o.output.join(b));
+        ckpt::rotate(&o.output, k, best.as_deref())?;
+    }
+    Ok(())
+}
