@@ -1,18 +1,544 @@
-//! `gpt2kit quantize` and `gpt2kit dequantize`: int8 artifacts and pruning.
+//! `gpt2kit quantize` and `gpt2kit dequantize`: int8 artifacts and pruning, with a
+//! report of what they cost (bytes, perplexity, decode speed, sparsity per tensor).
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::Context;
 use clap::Args as ClapArgs;
+use infer::checkpoint::WeightFiles;
+use infer::generate::{generate, GenerationConfig};
+use infer::quant::{Method, QuantizationConfig};
+use infer::{Gpt2, Gpt2Config, Tokenizer};
+use quantize::{Calibration, Options, Prune};
+use serde_json::json;
+use tch::{Device, Kind, Tensor};
 
 use crate::Out;
 
 #[derive(ClapArgs)]
-pub struct Args {}
-
-#[derive(ClapArgs)]
-pub struct DequantizeArgs {}
-
-pub fn run(_args: &Args, _out: &mut Out) -> anyhow::Result<()> {
-    anyhow::bail!("`gpt2kit quantize` is not built yet")
+pub struct Args {
+    /// Float model folder to quantize (Hugging Face layout).
+    #[arg(long)]
+    model: PathBuf,
+    /// Artifact folder to write; must not exist.
+    #[arg(long)]
+    out: PathBuf,
+    /// int8-weight, int8-dynamic or none (pruning / layer dropping only).
+    #[arg(long)]
+    method: String,
+    /// Keep wte (and the tied head) in float.
+    #[arg(long)]
+    keep_embeddings_float: bool,
+    /// Fraction of each linear weight to zero by magnitude, in [0, 1).
+    #[arg(long)]
+    prune_sparsity: Option<f64>,
+    /// layer (a threshold per tensor) or global (one over all linear weights).
+    #[arg(long, default_value = "layer")]
+    prune_scope: String,
+    /// unstructured or 2:4.
+    #[arg(long, default_value = "unstructured")]
+    prune_pattern: String,
+    /// Layers to remove, e.g. 3,7.
+    #[arg(long, value_delimiter = ',')]
+    drop_layers: Vec<i64>,
+    /// Layers to keep (the others are removed), e.g. 0,1,2,5.
+    #[arg(long, value_delimiter = ',')]
+    keep_layers: Vec<i64>,
+    /// JSONL sample for activation statistics (SmoothQuant, outlier columns).
+    #[arg(long)]
+    calibration: Option<PathBuf>,
+    /// Blocks of the calibration file to run (each up to --block-size tokens).
+    #[arg(long, default_value_t = 64)]
+    calibration_samples: usize,
+    /// SmoothQuant migration strength in [0, 1] (int8-dynamic; needs --calibration).
+    #[arg(long)]
+    smooth_alpha: Option<f64>,
+    /// Input channels whose calibration max |x| exceeds this stay float (int8-dynamic).
+    #[arg(long)]
+    outlier_threshold: Option<f64>,
+    /// JSONL file for perplexity before and after.
+    #[arg(long)]
+    eval: Option<PathBuf>,
+    /// Tokens per block for --eval and --calibration (default: n_positions, at most 256).
+    #[arg(long)]
+    block_size: Option<i64>,
+    /// Greedy tokens timed for decode speed before and after (0 skips it).
+    #[arg(long, default_value_t = 32)]
+    decode_tokens: usize,
+    /// Print the report as one JSON object.
+    #[arg(long)]
+    json: bool,
 }
 
-pub fn run_dequantize(_args: &DequantizeArgs, _out: &mut Out) -> anyhow::Result<()> {
-    anyhow::bail!("`gpt2kit dequantize` is not built yet")
+#[derive(ClapArgs)]
+pub struct DequantizeArgs {
+    /// gpt2kit int8 artifact folder.
+    #[arg(long)]
+    model: PathBuf,
+    /// Float model folder to write; must not exist.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    infer::Error::Input(msg).into()
+}
+
+/// Refuses an existing output path before any work.
+fn check_out(out: &Path) -> anyhow::Result<()> {
+    if out.exists() {
+        return Err(usage(format!(
+            "--out {}: already exists; choose a new folder",
+            out.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Safetensors files of a model folder, sorted (what the source hash covers).
+fn weight_paths(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading {}", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+fn bytes_of(paths: &[PathBuf]) -> u64 {
+    paths
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// A config.json naming the quantization it carries, if any, as an error message.
+fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
+    let q = config.extra.get("quantization_config")?;
+    let method = q.get("method").and_then(|m| m.as_str()).unwrap_or("?");
+    let qm = q
+        .get("quant_method")
+        .and_then(|m| m.as_str())
+        .unwrap_or("?");
+    let src = q
+        .get("source_sha256")
+        .and_then(|m| m.as_str())
+        .map(|s| format!(", from source weights sha256 {}", &s[..s.len().min(12)]))
+        .unwrap_or_default();
+    Some(format!(
+        "--model {}: already a quantized artifact (quant_method {qm}, method {method}{src}); \
+         quantize the float model it came from, or `gpt2kit dequantize` it first",
+        dir.display()
+    ))
+}
+
+fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
+    let meta = std::fs::metadata(path)
+        .map_err(|_| usage(format!("{flag} {}: no such file", path.display())))?;
+    if !meta.is_file() {
+        return Err(usage(format!("{flag} {}: not a file", path.display())));
+    }
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    if text.trim().is_empty() {
+        return Err(usage(format!(
+            "{flag} {}: the file is empty",
+            path.display()
+        )));
+    }
+    Ok(())
+}
+
+/// Runs the calibration sample through the float model, recording every linear
+/// layer's per-input-channel max |x|.
+fn calibrate(
+    model: &mut Gpt2,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    block: i64,
+    samples: usize,
+) -> anyhow::Result<Calibration> {
+    let eos = train::data::eos_id(&model.config, tokenizer)?;
+    let mut opts = train::data::DataOptions::new(block);
+    opts.truncation = true;
+    let (rows, _) = train::data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)
+        .with_context(|| format!("--calibration {}", path.display()))?;
+    if rows.is_empty() {
+        return Err(usage(format!(
+            "--calibration {}: no rows to calibrate on",
+            path.display()
+        )));
+    }
+    model.observe_linear_inputs()?;
+    let _g = tch::no_grad_guard();
+    for s in rows.iter().take(samples.max(1)) {
+        let ids = Tensor::from_slice(&s.ids).unsqueeze(0);
+        let _ = model.forward_train(&ids);
+    }
+    Ok(model.observed_input_max().into_iter().collect())
+}
+
+/// Greedy batch-1 decode speed: tokens per second over `n` new tokens (EOS ignored).
+fn decode_speed(model: &Gpt2, tokenizer: &Tokenizer, n: usize) -> anyhow::Result<Option<f64>> {
+    if n == 0 {
+        return Ok(None);
+    }
+    let prompt = tokenizer.encode("The quick brown fox")?;
+    let n = n.min((model.config.n_positions as usize).saturating_sub(prompt.len() + 1));
+    if n < 2 {
+        return Ok(None);
+    }
+    let cfg = GenerationConfig {
+        max_new_tokens: n,
+        eos_token_ids: vec![],
+        ..GenerationConfig::default()
+    };
+    let warm = GenerationConfig {
+        max_new_tokens: 2,
+        ..cfg.clone()
+    };
+    let p = vec![prompt];
+    tch::no_grad(|| generate(model, &p, &warm, &|_| false, |_, _| {}))?;
+    let t = Instant::now();
+    let out = tch::no_grad(|| generate(model, &p, &cfg, &|_| false, |_, _| {}))?;
+    let _ = t;
+    let steps = out.sequences[0][0].tokens.len().saturating_sub(1).max(1);
+    Ok(Some(steps as f64 / out.decode.as_secs_f64().max(1e-9)))
+}
+
+struct Measured {
+    ppl: Option<f64>,
+    tok_s: Option<f64>,
+}
+
+fn measure(dir: &Path, args: &Args, block: i64) -> anyhow::Result<Measured> {
+    let model = Gpt2::load(dir, Some(Kind::Float), Device::Cpu)
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let ppl = match &args.eval {
+        Some(path) => Some(
+            train::eval::perplexity_on_jsonl(&model, &tokenizer, path, block, 4)
+                .with_context(|| format!("--eval {}", path.display()))?
+                .perplexity,
+        ),
+        None => None,
+    };
+    let tok_s = decode_speed(&model, &tokenizer, args.decode_tokens)?;
+    Ok(Measured { ppl, tok_s })
+}
+
+/// A temporary folder beside `target`, removed on drop unless kept.
+struct TmpDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl TmpDir {
+    fn beside(target: &Path) -> anyhow::Result<Self> {
+        let parent = match target.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        std::fs::create_dir_all(&parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+        let name = target
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| "artifact".into());
+        let path = parent.join(format!(".tmp-{name}-{}", std::process::id()));
+        if path.exists() {
+            std::fs::remove_dir_all(&path)?;
+        }
+        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { path, keep: false })
+    }
+
+    /// Renames the folder into place.
+    fn commit(mut self, target: &Path) -> anyhow::Result<()> {
+        check_out(target)?;
+        std::fs::rename(&self.path, target)
+            .with_context(|| format!("renaming to {}", target.display()))?;
+        self.keep = true;
+        Ok(())
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+/// Writes config (with transformers' GPT2LMHeadModel fields), weights, tokenizer files
+/// and generation config into `dir`.
+fn write_folder(
+    dir: &Path,
+    config: &Gpt2Config,
+    tensors: &[(String, Tensor)],
+    source: &Path,
+) -> anyhow::Result<()> {
+    train::folder::write_file(
+        &dir.join("config.json"),
+        train::folder::config_json(config)?.as_bytes(),
+    )?;
+    quantize::save_safetensors(&dir.join(infer::checkpoint::SINGLE_FILE), tensors)?;
+    for file in train::folder::TOKENIZER_FILES
+        .iter()
+        .chain(&["generation_config.json"])
+    {
+        let src = source.join(file);
+        if src.is_file() {
+            std::fs::copy(&src, dir.join(file))
+                .with_context(|| format!("copying {}", src.display()))?;
+        }
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let method = Method::from_name(&args.method).ok_or_else(|| {
+        usage(format!(
+            "--method {:?}: expected one of {}",
+            args.method,
+            Method::NAMES.join(", ")
+        ))
+    })?;
+    let prune = Prune::new(args.prune_sparsity, &args.prune_scope, &args.prune_pattern)?;
+    if let Some(a) = args.smooth_alpha {
+        if !(0.0..=1.0).contains(&a) {
+            return Err(usage(format!("--smooth-alpha {a}: must lie in [0, 1]")));
+        }
+    }
+    if let Some(t) = args.outlier_threshold {
+        if t.is_nan() || t <= 0.0 {
+            return Err(usage(format!("--outlier-threshold {t}: must be positive")));
+        }
+    }
+    if args.keep_embeddings_float && !method.is_int8() {
+        return Err(usage(
+            "--keep-embeddings-float applies to the int8 methods".into(),
+        ));
+    }
+    let needs_calibration = args.smooth_alpha.is_some() || args.outlier_threshold.is_some();
+    if needs_calibration && method != Method::Int8Dynamic {
+        return Err(usage(
+            "--smooth-alpha / --outlier-threshold apply to --method int8-dynamic".into(),
+        ));
+    }
+    if needs_calibration && args.calibration.is_none() {
+        return Err(usage(
+            "--smooth-alpha / --outlier-threshold need --calibration FILE.jsonl".into(),
+        ));
+    }
+    if let Some(c) = &args.calibration {
+        check_file("--calibration", c)?;
+        if !needs_calibration {
+            return Err(usage(
+                "--calibration is used by --smooth-alpha / --outlier-threshold; give one".into(),
+            ));
+        }
+    }
+    if let Some(e) = &args.eval {
+        check_file("--eval", e)?;
+    }
+    check_out(&args.out)?;
+    let dir = &args.model;
+    infer::model::check_model_dir(dir)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    if let Some(msg) = already_quantized(&config, dir) {
+        return Err(usage(msg));
+    }
+    let block = args.block_size.unwrap_or(config.n_positions.min(256));
+    if block < 2 || block > config.n_positions {
+        return Err(usage(format!(
+            "--block-size {block}: must lie in [2, n_positions = {}]",
+            config.n_positions
+        )));
+    }
+    let kept = quantize::kept_layers(config.n_layer, &args.drop_layers, &args.keep_layers)?;
+    let paths = weight_paths(dir)?;
+    let files = WeightFiles::open_dir(dir)?;
+    let source_sha256 = quantize::sha256_files(&paths)?;
+    let mut model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    drop(files);
+    let calibration = match &args.calibration {
+        Some(path) => {
+            let tokenizer = Tokenizer::from_dir(dir)?;
+            Some(calibrate(
+                &mut model,
+                &tokenizer,
+                path,
+                block,
+                args.calibration_samples,
+            )?)
+        }
+        None => None,
+    };
+    let opts = Options {
+        method,
+        keep_embeddings_float: args.keep_embeddings_float,
+        prune,
+        kept_layers: kept,
+        smooth_alpha: args.smooth_alpha,
+        outlier_threshold: args.outlier_threshold,
+        source_sha256,
+    };
+    let artifact =
+        quantize::quantize(&config, model.named_tensors()?, &opts, calibration.as_ref())?;
+    drop(model);
+    let tmp = TmpDir::beside(&args.out)?;
+    write_folder(&tmp.path, &artifact.config, &artifact.tensors, dir)?;
+    // Measured on the folder as written, before it is renamed into place.
+    let before = measure(dir, args, block)?;
+    let after = measure(&tmp.path, args, block)?;
+    let bytes_before = bytes_of(&paths);
+    let bytes_after = bytes_of(&weight_paths(&tmp.path)?);
+    let qc = QuantizationConfig::from_config(&artifact.config, &tmp.path.join("config.json"))?;
+    let report = json!({
+        "model": dir,
+        "method": method.name(),
+        "quantization_config": qc,
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
+        "perplexity_before": before.ppl,
+        "perplexity_after": after.ppl,
+        "eval_file": args.eval,
+        "block_size": block,
+        "decode_tokens_per_s_before": before.tok_s,
+        "decode_tokens_per_s_after": after.tok_s,
+        "decode_tokens": args.decode_tokens,
+        "tensors": artifact.stats,
+    });
+    train::folder::write_file(
+        &tmp.path.join("quantize_report.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    tmp.commit(&args.out)?;
+    if args.json {
+        return crate::write_json(out, &report);
+    }
+    print_table(out, &report, &artifact.stats, &args.out)
+}
+
+fn print_table(
+    out: &mut Out,
+    r: &serde_json::Value,
+    stats: &[quantize::TensorStat],
+    path: &Path,
+) -> anyhow::Result<()> {
+    let num = |k: &str| r[k].as_f64();
+    let fmt =
+        |v: Option<f64>, digits: usize| v.map_or("-".to_string(), |v| format!("{v:.digits$}"));
+    let ratio = |a: Option<f64>, b: Option<f64>, pct: bool| match (a, b) {
+        (Some(a), Some(b)) if pct => format!("{:+.2}%", (b / a - 1.0) * 100.0),
+        (Some(a), Some(b)) => format!("{:.2}×", b / a),
+        _ => "-".into(),
+    };
+    writeln!(
+        out,
+        "wrote {} ({})",
+        path.display(),
+        r["method"].as_str().unwrap_or("")
+    )?;
+    writeln!(out, "| measure | before | after | change |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    let (b0, b1) = (num("bytes_before"), num("bytes_after"));
+    writeln!(
+        out,
+        "| bytes | {} | {} | {:.1}% of before |",
+        fmt(b0, 0),
+        fmt(b1, 0),
+        b1.unwrap_or(0.0) / b0.unwrap_or(1.0).max(1.0) * 100.0
+    )?;
+    let (p0, p1) = (num("perplexity_before"), num("perplexity_after"));
+    writeln!(
+        out,
+        "| perplexity | {} | {} | {} |",
+        fmt(p0, 3),
+        fmt(p1, 3),
+        ratio(p0, p1, true)
+    )?;
+    let (t0, t1) = (
+        num("decode_tokens_per_s_before"),
+        num("decode_tokens_per_s_after"),
+    );
+    writeln!(
+        out,
+        "| decode tok/s (batch 1, greedy) | {} | {} | {} |",
+        fmt(t0, 1),
+        fmt(t1, 1),
+        ratio(t0, t1, false)
+    )?;
+    writeln!(out)?;
+    writeln!(out, "| tensor | stored | sparsity | outlier columns |")?;
+    writeln!(out, "|---|---|---|---|")?;
+    for s in stats {
+        writeln!(
+            out,
+            "| {} | {} | {:.1}% | {} |",
+            s.name,
+            s.stored,
+            s.sparsity * 100.0,
+            s.outlier_columns
+        )?;
+    }
+    Ok(())
+}
+
+pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()> {
+    let dir = &args.model;
+    infer::model::check_model_dir(dir)?;
+    check_out(&args.out)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    if !config.extra.contains_key("quantization_config") {
+        return Err(usage(format!(
+            "--model {}: not a gpt2kit artifact (config.json has no quantization_config); \
+             it is a float model already",
+            dir.display()
+        )));
+    }
+    // Loading the artifact validates it (scales, shapes, dtypes, config) first.
+    Gpt2::from_weights(
+        config.clone(),
+        &WeightFiles::open_dir(dir)?,
+        Kind::Float,
+        &[Device::Cpu],
+    )
+    .with_context(|| format!("loading artifact {}", dir.display()))?;
+    let files = WeightFiles::open_dir(dir)?;
+    let mut names: Vec<String> = files.names().map(str::to_string).collect();
+    names.sort();
+    let (float_config, tensors) = quantize::dequantize(&config, &files, &names)?;
+    let tensors: Vec<(String, Tensor)> = tensors
+        .into_iter()
+        .map(|(n, t)| {
+            let n = n
+                .strip_prefix("transformer.")
+                .map_or(n.clone(), str::to_string);
+            (n, t)
+        })
+        .collect();
+    let tmp = TmpDir::beside(&args.out)?;
+    // transformers' names: `transformer.` before the body, `lm_head.weight` alone.
+    write_folder(
+        &tmp.path,
+        &float_config,
+        &train::folder::hf_names(&tensors),
+        dir,
+    )?;
+    let n = tensors.len();
+    tmp.commit(&args.out)?;
+    writeln!(
+        out,
+        "wrote {} ({n} float tensors, transformers-loadable)",
+        args.out.display()
+    )?;
+    Ok(())
 }

@@ -134,6 +134,15 @@ impl WeightFiles {
                 got: entry.shape.clone(),
             });
         }
+        if entry.dtype == Dtype::I8 {
+            return Err(Error::ModelFolder {
+                path: path.clone(),
+                reason: format!(
+                    "tensor `{name}` is int8, but config.json has no gpt2kit \
+                     quantization_config saying how to read it"
+                ),
+            });
+        }
         let file_kind = float_kind(entry.dtype).ok_or_else(|| Error::Dtype {
             path: path.clone(),
             name: name.into(),
@@ -143,6 +152,22 @@ impl WeightFiles {
         let t = Tensor::f_from_data_size(bytes, shape, file_kind)?;
         Ok(t.f_to_kind(kind)?.f_to_device(device)?)
     }
+
+    /// Reads a tensor in the dtype it is stored in (floats, I8, I32, I64), any shape.
+    pub fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
+        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path_of(name).into(),
+            name: name.into(),
+        })?;
+        let path = &self.files[entry.file].0;
+        let kind = stored_kind(entry.dtype).ok_or_else(|| Error::ModelFolder {
+            path: path.clone(),
+            reason: format!("tensor `{name}` has unsupported dtype {:?}", entry.dtype),
+        })?;
+        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        let t = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
+        Ok(t.f_to_device(device)?)
+    }
 }
 
 /// Where a model's tensors come from: checkpoint files, or tensors already in memory
@@ -151,6 +176,17 @@ pub trait TensorSource {
     fn contains(&self, name: &str) -> bool;
     /// The tensor `name`, checked to have `shape`, converted to `kind` on `device`.
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor>;
+    /// The file holding `name`, for error messages.
+    fn path_of(&self, _name: &str) -> PathBuf {
+        PathBuf::from("<memory>")
+    }
+    /// The tensor `name` in the dtype it is stored in (int8 artifacts), any shape.
+    fn tensor_as_stored(&self, name: &str, _device: Device) -> Result<Tensor> {
+        Err(Error::MissingTensor {
+            path: self.path_of(name),
+            name: name.into(),
+        })
+    }
 }
 
 impl TensorSource for WeightFiles {
@@ -159,6 +195,12 @@ impl TensorSource for WeightFiles {
     }
     fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         WeightFiles::tensor(self, name, shape, kind, device)
+    }
+    fn path_of(&self, name: &str) -> PathBuf {
+        WeightFiles::path_of(self, name).into()
+    }
+    fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
+        WeightFiles::tensor_as_stored(self, name, device)
     }
 }
 
@@ -188,6 +230,22 @@ impl TensorSource for HashMap<String, Tensor> {
         } else {
             Ok(t.f_to_kind(kind)?.f_to_device(device)?)
         }
+    }
+    fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
+        let t = self.get(name).ok_or_else(|| Error::MissingTensor {
+            path: PathBuf::from("<memory>"),
+            name: name.into(),
+        })?;
+        Ok(t.f_to_device(device)?)
+    }
+}
+
+fn stored_kind(dtype: Dtype) -> Option<Kind> {
+    match dtype {
+        Dtype::I8 => Some(Kind::Int8),
+        Dtype::I32 => Some(Kind::Int),
+        Dtype::I64 => Some(Kind::Int64),
+        other => float_kind(other),
     }
 }
 

@@ -13,6 +13,7 @@ pub mod kernels;
 pub mod model;
 pub mod parallel;
 pub mod processors;
+pub mod quant;
 pub mod speculative;
 pub mod tokenizer;
 

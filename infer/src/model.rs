@@ -13,6 +13,7 @@ use crate::kernels::{self, PackedLinear};
 use crate::parallel::{
     check_layout, per_shard, qkv_columns, slice, Communicator, CopyCommunicator,
 };
+use crate::quant::{self, InputObserver, Int8Linear, Method, QuantRows, QuantizationConfig};
 
 /// A linear layer. GPT-2 stores its projections as `Conv1D`: weight (in, out), y = x·W + b.
 /// The one seam where weight formats differ (quantized variants join this enum).
@@ -30,6 +31,13 @@ pub enum Linear {
         bias: Option<Tensor>,
         packed: PackedLinear,
     },
+    /// Int8 weights and per-token int8 activations (`int8-dynamic` artifacts).
+    Int8(Box<Int8Linear>),
+    /// Any layer, recording the per-channel max |x| of its inputs (calibration).
+    Observed {
+        inner: Box<Linear>,
+        observer: InputObserver,
+    },
 }
 
 impl Linear {
@@ -45,6 +53,11 @@ impl Linear {
                     return y;
                 }
                 (weight, bias)
+            }
+            Linear::Int8(q) => return q.forward(x),
+            Linear::Observed { inner, observer } => {
+                observer.observe(x);
+                return inner.forward(x);
             }
         };
         let mut shape = x.size();
@@ -70,8 +83,43 @@ impl Linear {
                     packed,
                 }
             }
-            packed => packed,
+            other => other,
         })
+    }
+
+    /// Wraps the layer in an input observer (no-op if already observed).
+    fn observed(self) -> Linear {
+        match self {
+            Linear::Observed { .. } => self,
+            inner => Linear::Observed {
+                inner: Box::new(inner),
+                observer: InputObserver::new(),
+            },
+        }
+    }
+
+    /// The recorded per-input-channel max |x| (after `observe_linear_inputs`).
+    fn observed_max(&self) -> Option<Tensor> {
+        match self {
+            Linear::Observed { observer, .. } => observer
+                .max_abs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(Tensor::shallow_clone),
+            _ => None,
+        }
+    }
+
+    /// The float weight (in, out) and bias, if this layer is float.
+    fn float_parts(&self) -> Option<(&Tensor, &Option<Tensor>)> {
+        match self {
+            Linear::Float { weight, bias } | Linear::Packed { weight, bias, .. } => {
+                Some((weight, bias))
+            }
+            Linear::Observed { inner, .. } => inner.float_parts(),
+            Linear::Int8(_) => None,
+        }
     }
 }
 
@@ -157,6 +205,12 @@ pub struct Gpt2 {
     pub ln_f: LayerNorm,
     /// `None` when tied to `wte`.
     pub lm_head: Option<Tensor>, // (V, E)
+    /// int8-dynamic artifacts with int8 embeddings: `wte` as int8 rows (then `wte` is
+    /// empty) and the head on the int8 GEMM (`lm_head` is then `None`).
+    wte_q: Option<QuantRows>,
+    head_q: Option<Int8Linear>,
+    /// The artifact's `quantization_config`, if any.
+    quantization: Option<QuantizationConfig>,
     kind: Kind,
     /// One per tensor-parallel shard; the first holds everything that is not sharded.
     devices: Vec<Device>,
@@ -370,6 +424,48 @@ impl Gpt2 {
         let get = |name: &str, shape: &[i64]| {
             files.tensor(&format!("{prefix}{name}"), shape, kind, staging)
         };
+        let quantization = QuantizationConfig::from_config(
+            &config,
+            &files.path_of("config.json").with_file_name("config.json"),
+        )?;
+        let method = quantization.as_ref().map_or(Method::None, |q| q.method);
+        if method.is_int8() && sharded {
+            return Err(Error::Input(
+                "int8 artifacts run unsharded (--tp 1); dequantize one to split it".into(),
+            ));
+        }
+        // An int8 linear layer, when the artifact quantizes it.
+        let int8_linear = |name: &str, n_in: i64, n_out: i64| -> Result<Option<Linear>> {
+            if !method.is_int8() {
+                return Ok(None);
+            }
+            let full = format!("{prefix}{name}");
+            let rows =
+                quant::read_int8(files, &format!("{full}.weight"), [n_in, n_out], false, main)?;
+            let bias = Some(get(&format!("{name}.bias"), &[n_out])?);
+            let outliers = quant::read_outliers(files, &full, n_in, main)?;
+            Ok(Some(match method {
+                Method::Int8Dynamic => {
+                    Linear::Int8(Box::new(Int8Linear::new(rows, bias, outliers)))
+                }
+                _ => {
+                    if outliers.is_some() {
+                        return Err(Error::ModelFolder {
+                            path: files.path_of(&full),
+                            reason: format!(
+                                "`{full}.{}` belongs to int8-dynamic artifacts, this one is int8-weight",
+                                quant::OUTLIER_SUFFIX
+                            ),
+                        });
+                    }
+                    // Float activations: dequantized once here (see README, Artifact format).
+                    Linear::Float {
+                        weight: rows.dequantize(kind).tr().contiguous(),
+                        bias,
+                    }
+                }
+            }))
+        };
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: get(&format!("{name}.weight"), &[e])?.to_device(main),
@@ -384,6 +480,9 @@ impl Gpt2 {
                             n_out: i64,
                             split: &dyn Fn(&Tensor, i64) -> Tensor|
          -> Result<Vec<Linear>> {
+            if let Some(l) = int8_linear(name, n_in, n_out)? {
+                return Ok(vec![l]);
+            }
             let (w, b) = (
                 get(&format!("{name}.weight"), &[n_in, n_out])?,
                 get(&format!("{name}.bias"), &[n_out])?,
@@ -400,6 +499,9 @@ impl Gpt2 {
         };
         let row_split =
             |name: &str, n_in: i64, n_out: i64| -> Result<(Vec<Linear>, Option<Tensor>)> {
+                if let Some(l) = int8_linear(name, n_in, n_out)? {
+                    return Ok((vec![l], None));
+                }
                 let (w, b) = (
                     get(&format!("{name}.weight"), &[n_in, n_out])?,
                     get(&format!("{name}.bias"), &[n_out])?,
@@ -479,19 +581,53 @@ impl Gpt2 {
                 },
             });
         }
+        let int8_embeddings = quantization.as_ref().is_some_and(|q| q.quantize_embeddings);
+        // Embedding rows (and the head's output channels) per row: (V, E).
+        let rows = |name: &str| -> Result<Tensor> {
+            Ok(if int8_embeddings {
+                quant::read_int8(files, name, [v, e], true, main)?.dequantize(kind)
+            } else {
+                files.tensor(name, &[v, e], kind, main)?
+            })
+        };
+        let (mut wte_q, mut head_q) = (None, None);
+        let mut lm_head = None;
+        let wte = if int8_embeddings && method == Method::Int8Dynamic {
+            let w = quant::read_int8(files, &format!("{prefix}wte.weight"), [v, e], true, main)?;
+            if config.tie_word_embeddings {
+                head_q = Some(Int8Linear::new(
+                    QuantRows {
+                        q: w.q.shallow_clone(),
+                        scale: w.scale.shallow_clone(),
+                    },
+                    None,
+                    None,
+                ));
+            }
+            wte_q = Some(w);
+            Tensor::new()
+        } else {
+            rows(&format!("{prefix}wte.weight"))?
+        };
         // transformers ties the head to wte whenever tie_word_embeddings is set, even
         // when the file also stores `lm_head.weight`; untied models must store it.
-        let lm_head = if config.tie_word_embeddings {
-            None
-        } else {
-            Some(files.tensor("lm_head.weight", &[v, e], kind, main)?)
-        };
+        if !config.tie_word_embeddings {
+            if int8_embeddings && method == Method::Int8Dynamic {
+                let w = quant::read_int8(files, "lm_head.weight", [v, e], true, main)?;
+                head_q = Some(Int8Linear::new(w, None, None));
+            } else {
+                lm_head = Some(rows("lm_head.weight")?);
+            }
+        }
         Ok(Self {
-            wte: get("wte.weight", &[v, e])?.to_device(main),
+            wte,
             wpe: get("wpe.weight", &[p, e])?.to_device(main),
             ln_f: ln("ln_f")?,
             h,
             lm_head,
+            wte_q,
+            head_q,
+            quantization,
             config,
             kind,
             devices: devices.to_vec(),
@@ -527,9 +663,71 @@ impl Gpt2 {
                 shard.c_proj = take(&mut shard.c_proj).pack()?;
             }
         }
-        let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
-        self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
+        if self.head_q.is_none() {
+            let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
+            self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
+        }
         Ok(())
+    }
+
+    /// The artifact's `quantization_config` (None for a float model folder).
+    pub fn quantization(&self) -> Option<&QuantizationConfig> {
+        self.quantization.as_ref()
+    }
+
+    fn linears_mut(&mut self) -> Vec<&mut Linear> {
+        let mut out = Vec::new();
+        for block in &mut self.h {
+            for shard in &mut block.attn.shards {
+                out.push(&mut shard.c_attn);
+                out.push(&mut shard.c_proj);
+            }
+            for shard in &mut block.mlp.shards {
+                out.push(&mut shard.c_fc);
+                out.push(&mut shard.c_proj);
+            }
+        }
+        out
+    }
+
+    /// Every linear layer by checkpoint name (`h.N.attn.c_attn`, ...), unsharded models.
+    fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (l, block) in self.h.iter().enumerate() {
+            out.push((format!("h.{l}.attn.c_attn"), &block.attn.shards[0].c_attn));
+            out.push((format!("h.{l}.attn.c_proj"), &block.attn.shards[0].c_proj));
+            out.push((format!("h.{l}.mlp.c_fc"), &block.mlp.shards[0].c_fc));
+            out.push((format!("h.{l}.mlp.c_proj"), &block.mlp.shards[0].c_proj));
+        }
+        out
+    }
+
+    /// Starts recording the per-input-channel max |x| of every linear layer's inputs
+    /// (calibration for SmoothQuant and outlier columns); read with `observed_input_max`.
+    pub fn observe_linear_inputs(&mut self) -> Result<()> {
+        if self.devices.len() != 1 {
+            return Err(Error::Input("calibration needs an unsharded model".into()));
+        }
+        for l in self.linears_mut() {
+            let taken = std::mem::replace(
+                l,
+                Linear::Float {
+                    weight: Tensor::new(),
+                    bias: None,
+                },
+            );
+            *l = taken.observed();
+        }
+        Ok(())
+    }
+
+    /// Per layer (checkpoint name without `.weight`), the max |x| of each input channel
+    /// over every input seen since `observe_linear_inputs`: (in,) f32 on the CPU.
+    pub fn observed_input_max(&self) -> Vec<(String, Tensor)> {
+        self.named_linears()
+            .into_iter()
+            .filter_map(|(n, l)| l.observed_max().map(|m| (n, m)))
+            .collect()
     }
 
     pub fn kind(&self) -> Kind {
@@ -539,7 +737,27 @@ impl Gpt2 {
     /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
     /// kernels (their own thread pool) rather than libtorch.
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        self.head_packed.is_some() && rows <= kernels::MAX_ROWS
+        self.head_packed.is_some()
+            && rows <= kernels::MAX_ROWS
+            && self
+                .h
+                .iter()
+                .all(|b| matches!(b.attn.shards[0].c_attn, Linear::Packed { .. }))
+    }
+
+    /// Token embeddings of `ids` (…) → (…, E).
+    fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        match &self.wte_q {
+            Some(w) => {
+                let flat = ids.reshape([-1]);
+                let rows = w.q.index_select(0, &flat).to_kind(Kind::Float)
+                    * w.scale.index_select(0, &flat).unsqueeze(1); // (N, E)
+                let mut shape = ids.size();
+                shape.push(w.q.size()[1]);
+                rows.to_kind(self.kind).reshape(shape)
+            }
+            None => Tensor::embedding(&self.wte, ids, -1, false, false),
+        }
     }
 
     /// The device of the unsharded parts (embeddings, head, layer norms): inputs go here.
@@ -573,7 +791,7 @@ impl Gpt2 {
         );
         let pos = cache.next_positions(t); // (B, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos); // (B, T, E)
+        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (B, T, E)
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
             x = block.forward(&x, l, Some(cache), mask.as_ref(), self);
@@ -588,7 +806,7 @@ impl Gpt2 {
         let (_, t) = ids.size2().expect("ids are (B, T)");
         let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let mut x = embed(&self.wte, ids) + embed(&self.wpe, &pos);
+        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos);
         for (l, block) in self.h.iter().enumerate() {
             x = block.forward(&x, l, None, None, self);
         }
@@ -604,6 +822,11 @@ impl Gpt2 {
                 "named_tensors needs an unsharded model (--tp 1)".into(),
             ));
         }
+        if self.wte_q.is_some() || self.head_q.is_some() {
+            return Err(Error::Input(
+                "named_tensors needs float weights; this model runs int8 tensors".into(),
+            ));
+        }
         let mut out = vec![
             ("wte.weight".to_string(), self.wte.shallow_clone()),
             ("wpe.weight".to_string(), self.wpe.shallow_clone()),
@@ -612,12 +835,15 @@ impl Gpt2 {
             out.push((format!("{name}.weight"), ln.weight.shallow_clone()));
             out.push((format!("{name}.bias"), ln.bias.shallow_clone()));
         };
-        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| {
-            let (Linear::Float { weight, bias } | Linear::Packed { weight, bias, .. }) = l;
+        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| -> Result<()> {
+            let (weight, bias) = l.float_parts().ok_or_else(|| {
+                Error::Input(format!("named_tensors: `{name}` is int8, not float"))
+            })?;
             out.push((format!("{name}.weight"), weight.shallow_clone()));
             if let Some(b) = bias {
                 out.push((format!("{name}.bias"), b.shallow_clone()));
             }
+            Ok(())
         };
         for (l, block) in self.h.iter().enumerate() {
             ln(&mut out, format!("h.{l}.ln_1"), &block.ln_1);
@@ -625,23 +851,23 @@ impl Gpt2 {
                 &mut out,
                 format!("h.{l}.attn.c_attn"),
                 &block.attn.shards[0].c_attn,
-            );
+            )?;
             lin(
                 &mut out,
                 format!("h.{l}.attn.c_proj"),
                 &block.attn.shards[0].c_proj,
-            );
+            )?;
             ln(&mut out, format!("h.{l}.ln_2"), &block.ln_2);
             lin(
                 &mut out,
                 format!("h.{l}.mlp.c_fc"),
                 &block.mlp.shards[0].c_fc,
-            );
+            )?;
             lin(
                 &mut out,
                 format!("h.{l}.mlp.c_proj"),
                 &block.mlp.shards[0].c_proj,
-            );
+            )?;
         }
         ln(&mut out, "ln_f".into(), &self.ln_f);
         if let Some(head) = &self.lm_head {
@@ -652,6 +878,9 @@ impl Gpt2 {
 
     /// Logits of hidden states (…, E) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(head) = &self.head_q {
+            return head.forward(hidden);
+        }
         if let Some(y) = self
             .head_packed
             .as_ref()

@@ -1,5 +1,396 @@
 //! Post-training int8 quantization, magnitude pruning and layer dropping: pure
-//! transforms over named tensors that produce a format the `infer` engine defines.
+//! transforms over named tensors (checkpoint names without `transformer.`) that produce
+//! the artifact format the `infer` engine defines (`infer::quant`).
 //!
-//! Not built yet: the crate exists so that the dependency direction
-//! `gpt2kit → quantize → infer` is fixed from the start.
+//! Order of one call: drop layers → prune (float) → smooth (SmoothQuant, folded into
+//! the LayerNorms) → pick outlier columns → quantize per output channel.
+use std::collections::BTreeMap;
+
+use infer::quant::{Method, QuantizationConfig, GRANULARITY, OUTLIER_SUFFIX, QUANT_METHOD};
+use infer::{Error, Gpt2Config, Result};
+use tch::{Kind, Tensor};
+
+pub mod int8;
+pub mod prune;
+
+pub use prune::{Pattern, Prune, Scope};
+
+/// The four Conv1D layers of a block, by checkpoint name suffix.
+pub const LINEARS: [&str; 4] = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+
+pub struct Options {
+    pub method: Method,
+    pub keep_embeddings_float: bool,
+    pub prune: Option<Prune>,
+    /// Source layer indices to keep, in order (all of them when nothing is dropped).
+    pub kept_layers: Vec<i64>,
+    /// SmoothQuant's migration strength (needs calibration).
+    pub smooth_alpha: Option<f64>,
+    /// Input channels whose calibration max |x| exceeds this stay float (int8-dynamic).
+    pub outlier_threshold: Option<f64>,
+    /// SHA-256 of the source weights, recorded in the artifact.
+    pub source_sha256: String,
+}
+
+/// Per-layer (`h.N.attn.c_attn`, ... in source numbering) max |x| per input channel.
+pub type Calibration = BTreeMap<String, Tensor>;
+
+/// What one tensor looks like after the transforms.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct TensorStat {
+    pub name: String,
+    pub numel: i64,
+    /// Zeros of the float weight after pruning (before quantization).
+    pub zeros: i64,
+    pub sparsity: f64,
+    /// "int8" or the float dtype it is stored in.
+    pub stored: String,
+    /// Outlier columns kept in float (int8-dynamic with `--outlier-threshold`).
+    pub outlier_columns: i64,
+}
+
+pub struct Artifact {
+    pub config: Gpt2Config,
+    /// Tensors to write, by their artifact names.
+    pub tensors: Vec<(String, Tensor)>,
+    pub stats: Vec<TensorStat>,
+}
+
+/// Parses `--drop-layers` / `--keep-layers` into the kept source indices.
+pub fn kept_layers(n_layer: i64, drop: &[i64], keep: &[i64]) -> Result<Vec<i64>> {
+    let check = |flag: &str, list: &[i64]| -> Result<()> {
+        for &l in list {
+            if l < 0 || l >= n_layer {
+                return Err(Error::Input(format!(
+                    "{flag}: layer {l} is out of range (the model has layers 0..{})",
+                    n_layer - 1
+                )));
+            }
+        }
+        let mut seen = list.to_vec();
+        seen.sort_unstable();
+        seen.dedup();
+        if seen.len() != list.len() {
+            return Err(Error::Input(format!("{flag}: a layer is listed twice")));
+        }
+        Ok(())
+    };
+    if !drop.is_empty() && !keep.is_empty() {
+        return Err(Error::Input(
+            "use either --drop-layers or --keep-layers, not both".into(),
+        ));
+    }
+    check("--drop-layers", drop)?;
+    check("--keep-layers", keep)?;
+    let kept: Vec<i64> = if keep.is_empty() {
+        (0..n_layer).filter(|l| !drop.contains(l)).collect()
+    } else {
+        let mut k = keep.to_vec();
+        k.sort_unstable();
+        k
+    };
+    if kept.is_empty() {
+        return Err(Error::Input(
+            "--drop-layers / --keep-layers would leave no layer; keep at least one".into(),
+        ));
+    }
+    Ok(kept)
+}
+
+/// Turns float tensors (as `Gpt2::named_tensors` gives them) into an artifact.
+pub fn quantize(
+    config: &Gpt2Config,
+    tensors: Vec<(String, Tensor)>,
+    opts: &Options,
+    calibration: Option<&Calibration>,
+) -> Result<Artifact> {
+    if config.extra.contains_key("quantization_config") {
+        return Err(Error::Input(
+            "the source is already a quantized artifact; quantize its float original".into(),
+        ));
+    }
+    let needs_calibration = opts.smooth_alpha.is_some() || opts.outlier_threshold.is_some();
+    if needs_calibration && opts.method != Method::Int8Dynamic {
+        return Err(Error::Input(
+            "--smooth-alpha and --outlier-threshold apply to --method int8-dynamic".into(),
+        ));
+    }
+    if needs_calibration && calibration.is_none() {
+        return Err(Error::Input(
+            "--smooth-alpha / --outlier-threshold need --calibration FILE.jsonl".into(),
+        ));
+    }
+    let mut map: BTreeMap<String, Tensor> = BTreeMap::new();
+    // Layer dropping: keep the listed blocks, renumbered from 0.
+    for (name, t) in tensors {
+        let t = t.detach().to_kind(t.kind()).to_device(tch::Device::Cpu);
+        if let Some(rest) = name.strip_prefix("h.") {
+            let (idx, tail) = rest.split_once('.').unwrap_or((rest, ""));
+            let idx: i64 = idx
+                .parse()
+                .map_err(|_| Error::Input(format!("tensor `{name}`")))?;
+            if let Some(new) = opts.kept_layers.iter().position(|&k| k == idx) {
+                map.insert(format!("h.{new}.{tail}"), t.to_kind(Kind::Float));
+            }
+        } else {
+            map.insert(name, t.to_kind(Kind::Float));
+        }
+    }
+    let n_layer = opts.kept_layers.len() as i64;
+    let linear_names: Vec<String> = (0..n_layer)
+        .flat_map(|l| LINEARS.iter().map(move |s| format!("h.{l}.{s}")))
+        .collect();
+    let mut zeros = BTreeMap::new();
+    if let Some(p) = &opts.prune {
+        let mut weights: Vec<(String, Tensor)> = linear_names
+            .iter()
+            .map(|n| {
+                let w = format!("{n}.weight");
+                let t = map.get(&w).map(Tensor::shallow_clone);
+                t.map(|t| (w.clone(), t))
+                    .ok_or_else(|| Error::Input(format!("tensor `{w}` is missing")))
+            })
+            .collect::<Result<_>>()?;
+        prune::prune(&mut weights, p)?;
+        for (n, t) in weights {
+            map.insert(n, t);
+        }
+    }
+    for n in &linear_names {
+        let w = &map[&format!("{n}.weight")];
+        zeros.insert(n.clone(), w.eq(0.0).sum(Kind::Int64).int64_value(&[]));
+    }
+    // Source name of an artifact layer `h.N.x` for the calibration statistics.
+    let source_name = |n: &str| -> String {
+        let rest = &n[2..];
+        let (idx, tail) = rest.split_once('.').unwrap();
+        let idx: usize = idx.parse().unwrap();
+        format!("h.{}.{tail}", opts.kept_layers[idx])
+    };
+    let mut outliers: BTreeMap<String, Tensor> = BTreeMap::new();
+    if let Some(calib) = calibration.filter(|_| needs_calibration) {
+        for n in &linear_names {
+            let src = source_name(n);
+            let mut stat = calib
+                .get(&src)
+                .ok_or_else(|| Error::Input(format!("calibration has no statistics for `{src}`")))?
+                .to_kind(Kind::Float);
+            let ln = if n.ends_with("attn.c_attn") {
+                Some(n.replace("attn.c_attn", "ln_1"))
+            } else if n.ends_with("mlp.c_fc") {
+                Some(n.replace("mlp.c_fc", "ln_2"))
+            } else {
+                None // c_proj: no LayerNorm to fold into; not smoothed (README).
+            };
+            if let (Some(alpha), Some(ln)) = (opts.smooth_alpha, ln) {
+                let wname = format!("{n}.weight");
+                let s = int8::smooth_scales(&stat, &map[&wname], alpha);
+                int8::fold_smoothing(&mut map, &ln, &wname, &s);
+                stat = stat / &s;
+            }
+            if let Some(thr) = opts.outlier_threshold {
+                let idx = stat.gt(thr).nonzero().reshape([-1]);
+                outliers.insert(n.clone(), idx);
+            }
+        }
+    }
+    let mut out = Vec::new();
+    let mut stats = Vec::new();
+    let int8 = opts.method.is_int8();
+    let quantize_embeddings = int8 && !opts.keep_embeddings_float;
+    for (name, t) in map {
+        let layer = name.strip_suffix(".weight");
+        let is_linear = layer.is_some_and(|l| linear_names.iter().any(|n| n == l));
+        let is_rows = name == "wte.weight" || name == "lm_head.weight";
+        let numel = t.numel() as i64;
+        if int8 && (is_linear || (is_rows && quantize_embeddings)) {
+            // Conv1D (in, out): one scale per column; embeddings (V, E): per row.
+            let dim = if is_linear { 0 } else { 1 };
+            let (q, scale) = int8::quantize_per_channel(&t, dim);
+            let mut stat = TensorStat {
+                name: name.clone(),
+                numel,
+                zeros: layer.and_then(|l| zeros.get(l)).copied().unwrap_or(0),
+                sparsity: 0.0,
+                stored: "int8".into(),
+                outlier_columns: 0,
+            };
+            if let Some(idx) = layer.and_then(|l| outliers.get(l)) {
+                stat.outlier_columns = idx.numel() as i64;
+                out.push((
+                    format!("{}.{OUTLIER_SUFFIX}", layer.unwrap()),
+                    idx.shallow_clone(),
+                ));
+            }
+            stat.sparsity = stat.zeros as f64 / numel.max(1) as f64;
+            stats.push(stat);
+            out.push((format!("{name}_scale"), scale));
+            out.push((name, q));
+        } else {
+            if is_linear {
+                let z = zeros[layer.unwrap()];
+                stats.push(TensorStat {
+                    name: name.clone(),
+                    numel,
+                    zeros: z,
+                    sparsity: z as f64 / numel.max(1) as f64,
+                    stored: "f32".into(),
+                    outlier_columns: 0,
+                });
+            }
+            out.push((name, t));
+        }
+    }
+    let (total_zeros, total): (i64, i64) = stats
+        .iter()
+        .filter(|s| !s.name.starts_with("wte") && !s.name.starts_with("lm_head"))
+        .fold((0, 0), |(z, n), s| (z + s.zeros, n + s.numel));
+    let source_layers: Vec<i64> = (0..config.n_layer).collect();
+    let qc = QuantizationConfig {
+        quant_method: QUANT_METHOD.into(),
+        method: opts.method,
+        bits: if int8 { 8 } else { 32 },
+        granularity: GRANULARITY.into(),
+        quantize_embeddings,
+        sparsity: total_zeros as f64 / total.max(1) as f64,
+        prune: opts.prune.as_ref().map(Prune::to_json),
+        dropped_layers: source_layers
+            .into_iter()
+            .filter(|l| !opts.kept_layers.contains(l))
+            .collect(),
+        kept_layers: opts.kept_layers.clone(),
+        source_sha256: opts.source_sha256.clone(),
+        smooth_alpha: opts.smooth_alpha,
+        outlier_threshold: opts.outlier_threshold,
+        extra: Default::default(),
+    };
+    let mut config = config.clone();
+    config.n_layer = n_layer;
+    config.extra.insert(
+        "quantization_config".into(),
+        serde_json::to_value(&qc).map_err(|e| Error::Input(e.to_string()))?,
+    );
+    Ok(Artifact {
+        config,
+        tensors: out,
+        stats,
+    })
+}
+
+/// A float model's tensors from an artifact's (as the engine reads them), with the
+/// `quantization_config` removed from the config: what `gpt2kit dequantize` writes.
+pub fn dequantize(
+    config: &Gpt2Config,
+    stored: &dyn infer::checkpoint::TensorSource,
+    names: &[String],
+) -> Result<(Gpt2Config, Vec<(String, Tensor)>)> {
+    let path = stored.path_of("config.json").with_file_name("config.json");
+    let qc = QuantizationConfig::from_config(config, &path)?.ok_or_else(|| {
+        Error::Input(format!(
+            "{}: not a gpt2kit artifact (no quantization_config); it is already a float model",
+            path.display()
+        ))
+    })?;
+    let mut out = Vec::new();
+    for name in names {
+        if name.ends_with("_scale") || name.ends_with(OUTLIER_SUFFIX) {
+            continue;
+        }
+        let t = stored.tensor_as_stored(name, tch::Device::Cpu)?;
+        let t = if t.kind() == Kind::Int8 {
+            let rows_are_out = name == "wte.weight" || name == "lm_head.weight";
+            let size = t.size();
+            if size.len() != 2 {
+                return Err(Error::Input(format!("int8 tensor `{name}` is not 2-D")));
+            }
+            let shape = [size[0], size[1]];
+            let r = infer::quant::read_int8(stored, name, shape, rows_are_out, tch::Device::Cpu)?;
+            let w = r.dequantize(Kind::Float); // (out, in)
+            if rows_are_out {
+                w
+            } else {
+                w.tr().contiguous()
+            }
+        } else {
+            t
+        };
+        out.push((name.clone(), t));
+    }
+    let _ = qc;
+    let mut config = config.clone();
+    config.extra.remove("quantization_config");
+    Ok((config, out))
+}
+
+/// One tensor's bytes for the safetensors writer.
+struct Bytes {
+    dtype: safetensors::Dtype,
+    shape: Vec<usize>,
+    data: Vec<u8>,
+}
+
+impl safetensors::View for &Bytes {
+    fn dtype(&self) -> safetensors::Dtype {
+        self.dtype
+    }
+    fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
+        std::borrow::Cow::Borrowed(&self.data)
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
+    }
+}
+
+/// Writes tensors as one safetensors file with `{"format": "pt"}` metadata, as
+/// transformers' `save_pretrained` does (transformers checks it when loading).
+pub fn save_safetensors(path: &std::path::Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    use safetensors::Dtype;
+    let mut owned = Vec::with_capacity(tensors.len());
+    for (name, t) in tensors {
+        let t = t.to_device(tch::Device::Cpu).contiguous();
+        let dtype = match t.kind() {
+            Kind::Float => Dtype::F32,
+            Kind::Half => Dtype::F16,
+            Kind::BFloat16 => Dtype::BF16,
+            Kind::Int8 => Dtype::I8,
+            Kind::Int64 => Dtype::I64,
+            Kind::Int => Dtype::I32,
+            k => return Err(Error::Input(format!("tensor `{name}`: cannot save {k:?}"))),
+        };
+        let numel = t.numel();
+        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
+        t.f_copy_data_u8(&mut data, numel)?;
+        let shape = t.size().iter().map(|&d| d as usize).collect();
+        owned.push((name.clone(), Bytes { dtype, shape, data }));
+    }
+    let views: Vec<(&str, &Bytes)> = owned.iter().map(|(n, b)| (n.as_str(), b)).collect();
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    safetensors::serialize_to_file(views, Some(meta), path)
+        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
+    Ok(())
+}
+
+/// SHA-256 (hex) over the bytes of `paths`, in order.
+pub fn sha256_files(paths: &[std::path::PathBuf]) -> Result<String> {
+    use sha2::Digest;
+    use std::io::Read;
+    let mut h = sha2::Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    for p in paths {
+        let mut f =
+            std::fs::File::open(p).map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+    }
+    Ok(format!("{:x}", h.finalize()))
+}

@@ -1,0 +1,374 @@
+//! The int8 artifact format that `gpt2kit quantize` writes and the engine runs, and the
+//! int8 linear layers that run it.
+//!
+//! Format (documented in the README's "Artifact format"): `config.json` carries a
+//! `quantization_config` with `quant_method: "gpt2kit"`; in `model.safetensors`, every
+//! quantized weight `<name>.weight` is I8 with the float tensor's shape and
+//! `<name>.weight_scale` is F32, one scale per output channel: (out,) for a Conv1D
+//! weight (in, out), (V,) for `wte` (V, E), whose rows are the tied head's output
+//! channels. Symmetric: w ≈ q · scale, q in [-127, 127]. With outlier columns
+//! (LLM.int8(), Dettmers et al. 2022, arXiv 2208.07339) `<name>.outlier_columns` (I64,
+//! (k,)) lists the input channels that bypass activation quantization: their products
+//! run in float against the dequantized weight rows.
+//!
+//! `int8-dynamic` (W8A8) quantizes each token's activations on the fly (one scale per
+//! row, absmax / 127) and multiplies on libtorch's int8 GEMM (`_int_mm`, int32
+//! accumulation). SmoothQuant's smoothing (Xiao et al. 2022, arXiv 2211.10438) needs
+//! nothing at run time: `quantize` folds it into the LayerNorm before `c_attn`/`c_fc`.
+use std::path::Path;
+use std::sync::Mutex;
+
+use serde::{Deserialize, Serialize};
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::TensorSource;
+use crate::error::{Error, Result};
+
+/// `quantization_config.quant_method` of gpt2kit artifacts.
+pub const QUANT_METHOD: &str = "gpt2kit";
+/// Suffix of the per-output-channel scale beside an int8 `<name>.weight`.
+pub const SCALE_SUFFIX: &str = "_scale";
+/// `<layer>.outlier_columns`: input channels kept in float (int8-dynamic).
+pub const OUTLIER_SUFFIX: &str = "outlier_columns";
+pub const GRANULARITY: &str = "per-output-channel";
+
+/// How an artifact's weights are stored and multiplied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Method {
+    /// Int8 weights, float activations.
+    #[serde(rename = "int8-weight")]
+    Int8Weight,
+    /// Int8 weights, per-token int8 activations, int8 GEMM.
+    #[serde(rename = "int8-dynamic")]
+    Int8Dynamic,
+    /// Float weights (pruning or layer dropping only).
+    #[serde(rename = "none")]
+    None,
+}
+
+impl Method {
+    pub const NAMES: &'static [&'static str] = &["int8-weight", "int8-dynamic", "none"];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Some(match name {
+            "int8-weight" => Self::Int8Weight,
+            "int8-dynamic" => Self::Int8Dynamic,
+            "none" => Self::None,
+            _ => return None,
+        })
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Int8Weight => "int8-weight",
+            Self::Int8Dynamic => "int8-dynamic",
+            Self::None => "none",
+        }
+    }
+
+    pub fn is_int8(self) -> bool {
+        self != Self::None
+    }
+}
+
+/// `config.json`'s `quantization_config` for a gpt2kit artifact.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct QuantizationConfig {
+    pub quant_method: String,
+    pub method: Method,
+    /// 8 for the int8 methods, the float width otherwise.
+    pub bits: u32,
+    pub granularity: String,
+    /// Whether `wte` (and so the tied head) is int8.
+    pub quantize_embeddings: bool,
+    /// Zeros over all pruned linear weights (0 when not pruned).
+    #[serde(default)]
+    pub sparsity: f64,
+    #[serde(default)]
+    pub prune: Option<serde_json::Value>,
+    /// Source layer indices dropped, and kept (renumbered 0.. in this artifact).
+    #[serde(default)]
+    pub dropped_layers: Vec<i64>,
+    #[serde(default)]
+    pub kept_layers: Vec<i64>,
+    /// SHA-256 of the source checkpoint's weight files, in order.
+    #[serde(default)]
+    pub source_sha256: String,
+    #[serde(default)]
+    pub smooth_alpha: Option<f64>,
+    #[serde(default)]
+    pub outlier_threshold: Option<f64>,
+    /// Fields a later version may add, kept on a round trip.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl QuantizationConfig {
+    /// The `quantization_config` of a config's extra fields, validated against the
+    /// config; `None` for a plain float model folder.
+    pub fn from_config(config: &crate::Gpt2Config, path: &Path) -> Result<Option<Self>> {
+        let Some(v) = config.extra.get("quantization_config") else {
+            return Ok(None);
+        };
+        let bad = |reason: String| Error::Config {
+            path: path.into(),
+            reason: format!("quantization_config: {reason}"),
+        };
+        let q: Self = serde_json::from_value(v.clone()).map_err(|e| bad(e.to_string()))?;
+        if q.quant_method != QUANT_METHOD {
+            return Err(bad(format!(
+                "quant_method {:?} is not gpt2kit's ({QUANT_METHOD:?})",
+                q.quant_method
+            )));
+        }
+        if q.method.is_int8() && q.bits != 8 {
+            return Err(bad(format!(
+                "bits {} with method {}",
+                q.bits,
+                q.method.name()
+            )));
+        }
+        if q.granularity != GRANULARITY {
+            return Err(bad(format!(
+                "granularity {:?}; supported: {GRANULARITY:?}",
+                q.granularity
+            )));
+        }
+        if !(0.0..1.0).contains(&q.sparsity) {
+            return Err(bad(format!("sparsity {} outside [0, 1)", q.sparsity)));
+        }
+        if !q.kept_layers.is_empty() && q.kept_layers.len() as i64 != config.n_layer {
+            return Err(bad(format!(
+                "kept_layers lists {} layers but n_layer is {}",
+                q.kept_layers.len(),
+                config.n_layer
+            )));
+        }
+        if q.quantize_embeddings && !q.method.is_int8() {
+            return Err(bad("quantize_embeddings with method none".into()));
+        }
+        Ok(Some(q))
+    }
+}
+
+/// An int8 tensor with one f32 scale per row of `q` (an output channel): (out, in).
+pub struct QuantRows {
+    /// (out, in) int8, contiguous.
+    pub q: Tensor,
+    /// (out,) f32.
+    pub scale: Tensor,
+}
+
+impl QuantRows {
+    /// The float tensor it stands for, (out, in).
+    pub fn dequantize(&self, kind: Kind) -> Tensor {
+        (self.q.to_kind(Kind::Float) * self.scale.unsqueeze(1)).to_kind(kind)
+    }
+}
+
+/// Reads the int8 `<name>` and its `<name>_scale` as stored ((in, out) with scales per
+/// column when `rows_are_out` is false, (out, in) with scales per row otherwise) and
+/// returns them as rows per output channel, checking dtypes, shapes and scale values.
+pub fn read_int8(
+    files: &dyn TensorSource,
+    name: &str,
+    shape: [i64; 2],
+    rows_are_out: bool,
+    device: Device,
+) -> Result<QuantRows> {
+    let path = files.path_of(name);
+    let q = files.tensor_as_stored(name, device)?;
+    if q.kind() != Kind::Int8 {
+        return Err(Error::ModelFolder {
+            path,
+            reason: format!(
+                "tensor `{name}` is {:?}, but quantization_config says int8",
+                q.kind()
+            ),
+        });
+    }
+    if q.size() != shape {
+        return Err(Error::Shape {
+            path,
+            name: name.into(),
+            expected: shape.to_vec(),
+            got: q.size(),
+        });
+    }
+    let out = if rows_are_out { shape[0] } else { shape[1] };
+    let scale_name = format!("{name}{SCALE_SUFFIX}");
+    let spath = files.path_of(&scale_name);
+    if !files.contains(&scale_name) {
+        return Err(Error::ModelFolder {
+            path: spath,
+            reason: format!("int8 tensor `{name}` has no scale `{scale_name}`"),
+        });
+    }
+    let scale = files.tensor_as_stored(&scale_name, device)?;
+    if scale.kind() != Kind::Float {
+        return Err(Error::ModelFolder {
+            path: spath,
+            reason: format!("scale `{scale_name}` is {:?}, expected F32", scale.kind()),
+        });
+    }
+    if scale.size() != [out] {
+        return Err(Error::Shape {
+            path: spath,
+            name: scale_name,
+            expected: vec![out],
+            got: scale.size(),
+        });
+    }
+    let finite_positive =
+        scale.isfinite().all().int64_value(&[]) == 1 && scale.ge(0.0).all().int64_value(&[]) == 1;
+    if !finite_positive {
+        return Err(Error::ModelFolder {
+            path: spath,
+            reason: format!("scale `{scale_name}` has negative, infinite or NaN values"),
+        });
+    }
+    if q.eq(-128).any().int64_value(&[]) == 1 {
+        return Err(Error::ModelFolder {
+            path,
+            reason: format!("int8 tensor `{name}` holds -128 (symmetric range is ±127)"),
+        });
+    }
+    let q = if rows_are_out { q } else { q.tr().contiguous() };
+    Ok(QuantRows { q, scale })
+}
+
+/// Reads the optional outlier columns of an int8-dynamic layer with `n_in` inputs.
+pub fn read_outliers(
+    files: &dyn TensorSource,
+    layer: &str,
+    n_in: i64,
+    device: Device,
+) -> Result<Option<Tensor>> {
+    let name = format!("{layer}.{OUTLIER_SUFFIX}");
+    if !files.contains(&name) {
+        return Ok(None);
+    }
+    let path = files.path_of(&name);
+    let idx = files.tensor_as_stored(&name, device)?;
+    let bad = |reason: String| Error::ModelFolder {
+        path: path.clone(),
+        reason: format!("tensor `{name}`: {reason}"),
+    };
+    if idx.kind() != Kind::Int64 || idx.dim() != 1 {
+        return Err(bad(format!(
+            "expected I64 of shape (k,), got {:?} {:?}",
+            idx.kind(),
+            idx.size()
+        )));
+    }
+    if idx.numel() > 0 {
+        let (lo, hi) = (idx.min().int64_value(&[]), idx.max().int64_value(&[]));
+        if lo < 0 || hi >= n_in {
+            return Err(bad(format!("column indices must lie in [0, {n_in})")));
+        }
+        if idx.unique_dim(0, false, false, false).0.numel() != idx.numel() {
+            return Err(bad("column indices repeat".into()));
+        }
+    }
+    Ok(Some(idx))
+}
+
+/// Per-row symmetric int8 quantization of x (M, K) in f32: (q int8, scale (M, 1)).
+pub fn quantize_per_token(x: &Tensor) -> (Tensor, Tensor) {
+    let scale = x.abs().amax([-1], true).clamp_min(1e-12) / 127.0; // (M, 1)
+    let q = (x / &scale)
+        .round()
+        .clamp(-127.0, 127.0)
+        .to_kind(Kind::Int8);
+    (q, scale)
+}
+
+/// A W8A8 linear layer: int8 weights per output channel, activations quantized per
+/// token at run time, int32 accumulation on `_int_mm`.
+pub struct Int8Linear {
+    pub w: QuantRows,
+    pub bias: Option<Tensor>,
+    /// Input channels that skip activation quantization, and their weight rows in f32
+    /// ((k,), (k, out)); those rows are zero in the int8 weight.
+    pub outliers: Option<(Tensor, Tensor)>,
+}
+
+impl Int8Linear {
+    pub fn new(w: QuantRows, bias: Option<Tensor>, outliers: Option<Tensor>) -> Self {
+        let outliers = outliers.filter(|i| i.numel() > 0).map(|idx| {
+            let rows = w
+                .dequantize(Kind::Float)
+                .index_select(1, &idx)
+                .tr()
+                .contiguous(); // (k, out)
+            (idx, rows)
+        });
+        let w = match &outliers {
+            Some((idx, _)) => QuantRows {
+                q: w.q.index_fill(1, idx, 0),
+                scale: w.scale,
+            },
+            None => w,
+        };
+        Self { w, bias, outliers }
+    }
+
+    /// x (…, in) → (…, out), in x's kind.
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut shape = x.size();
+        let n_in = *shape.last().expect("input has a feature dimension");
+        *shape.last_mut().unwrap() = self.w.q.size()[0];
+        let kind = x.kind();
+        let mut x2 = x.reshape([-1, n_in]).to_kind(Kind::Float); // (M, in)
+        let mut extra = None;
+        if let Some((idx, rows)) = &self.outliers {
+            extra = Some(x2.index_select(1, idx).mm(rows)); // (M, out)
+            x2 = x2.index_fill(1, idx, 0.0);
+        }
+        let (xq, sx) = quantize_per_token(&x2);
+        let acc = xq.internal_int_mm(&self.w.q.tr()); // (M, out) int32
+        let mut y = acc.to_kind(Kind::Float) * sx * &self.w.scale;
+        if let Some(e) = extra {
+            y += e;
+        }
+        if let Some(b) = &self.bias {
+            y += b.to_kind(Kind::Float);
+        }
+        y.to_kind(kind).reshape(shape)
+    }
+}
+
+/// Running per-input-channel max |x| of a linear layer's inputs, for calibration.
+pub struct InputObserver {
+    pub max_abs: Mutex<Option<Tensor>>,
+}
+
+impl InputObserver {
+    pub fn new() -> Self {
+        Self {
+            max_abs: Mutex::new(None),
+        }
+    }
+
+    pub fn observe(&self, x: &Tensor) {
+        let n = *x.size().last().expect("input has a feature dimension");
+        let m = x
+            .detach()
+            .reshape([-1, n])
+            .abs()
+            .amax([0], false)
+            .to_kind(Kind::Float)
+            .to_device(Device::Cpu);
+        let mut guard = self.max_abs.lock().unwrap_or_else(|p| p.into_inner());
+        *guard = Some(match guard.take() {
+            Some(prev) => prev.maximum(&m),
+            None => m,
+        });
+    }
+}
+
+impl Default for InputObserver {
+    fn default() -> Self {
+        Self::new()
+    }
+}
