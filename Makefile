@@ -40,10 +40,11 @@ build: setup
 	$(CARGO) build --release --bin gpt2kit
 
 # Small random GPT-2 models and Hugging Face transformers' outputs for them.
-$(REF_READY): $(VENV_READY) tests/reference/make_reference.py tests/reference/make_generation_reference.py
+$(REF_READY): $(VENV_READY) tests/reference/make_reference.py tests/reference/make_generation_reference.py tests/reference/make_train_reference.py
 	rm -rf $(REF_DIR)
 	$(VENV)/bin/python tests/reference/make_reference.py --out $(REF_DIR)
 	$(VENV)/bin/python tests/reference/make_generation_reference.py --models $(REF_DIR)
+	$(VENV)/bin/python tests/reference/make_train_reference.py --models $(REF_DIR)
 	touch $@
 
 reference: $(REF_READY)
