@@ -31,7 +31,7 @@ pub struct Args {
     #[arg(long)]
     keep_embeddings_float: bool,
     /// Fraction of each linear weight to zero by magnitude, in [0, 1).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     prune_sparsity: Option<f64>,
     /// layer (a threshold per tensor) or global (one over all linear weights).
     #[arg(long, default_value = "layer")]
@@ -52,10 +52,10 @@ pub struct Args {
     #[arg(long, default_value_t = 64)]
     calibration_samples: usize,
     /// SmoothQuant migration strength in [0, 1] (int8-dynamic; needs --calibration).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     smooth_alpha: Option<f64>,
     /// Input channels whose calibration max |x| exceeds this stay float (int8-dynamic).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     outlier_threshold: Option<f64>,
     /// JSONL file for perplexity before and after.
     #[arg(long)]
