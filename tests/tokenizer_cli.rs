@@ -393,6 +393,16 @@ fn bad_input_exits_2_naming_file_line_or_flag() {
         );
         assert!(!err.contains("panicked"), "{err}");
     }
+    // A line that is not UTF-8 is named too.
+    let path = dir.join("latin1.jsonl");
+    std::fs::write(&path, b"{\"text\": \"ok\"}\n{\"text\": \"caf\xe9\"}\n").unwrap();
+    let o = train(&[&path], 300, &out, &[]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(
+        stderr(&o).contains(&format!("{}:2", path.display())),
+        "{}",
+        stderr(&o)
+    );
     let data = dir.join("ok.jsonl");
     std::fs::write(&data, format!("{good}\n")).unwrap();
     let o = train(&[&data], 256, &out, &[]);
