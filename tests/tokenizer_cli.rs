@@ -356,17 +356,17 @@ fn bad_input_exits_2_naming_file_line_or_flag() {
         ),
         (
             "number",
-            format!("{{\"text\": 3}}\n"),
+            "{\"text\": 3}\n".to_string(),
             ":1: `text` is not a string",
         ),
         (
             "half-pair",
-            format!("{{\"prompt\": \"p\"}}\n"),
+            "{\"prompt\": \"p\"}\n".to_string(),
             ":1: no `text` field",
         ),
         (
             "bad-completion",
-            format!("{{\"prompt\": \"p\", \"completion\": null}}\n"),
+            "{\"prompt\": \"p\", \"completion\": null}\n".to_string(),
             ":1: `completion` is not a string",
         ),
         ("empty", String::new(), "no training text"),
