@@ -186,6 +186,10 @@ pub fn load_jsonl(
                             ),
                         ));
                     }
+                    // The prompt's earliest tokens go first, then the completion's last.
+                    let cut = (ids.len() - block).min(prompt.len());
+                    ids.drain(..cut);
+                    labels.drain(..cut);
                     ids.truncate(block);
                     labels.truncate(block);
                     report.truncated += 1;
