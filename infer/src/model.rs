@@ -5,6 +5,7 @@ use std::path::Path;
 
 use tch::{Device, Kind, Tensor};
 
+use crate::attention::sdpa;
 use crate::cache::KvCache;
 use crate::checkpoint::{TensorSource, WeightFiles};
 use crate::config::{Activation, Gpt2Config};
@@ -282,28 +283,17 @@ impl Attention {
             let y = if self.upcast && q.kind() != Kind::Float {
                 // reorder_and_upcast_attn: scores and softmax in fp32.
                 let f = |z: &Tensor| z.to_kind(Kind::Float);
-                Tensor::scaled_dot_product_attention(
+                sdpa(
                     &f(&q),
                     &f(&k_all),
                     &f(&v_all),
                     mask.as_ref(),
-                    0.0,
                     causal,
                     self.scale,
-                    false,
                 )
                 .to_kind(q.kind())
             } else {
-                Tensor::scaled_dot_product_attention(
-                    &q,
-                    &k_all,
-                    &v_all,
-                    mask.as_ref(),
-                    0.0,
-                    causal,
-                    self.scale,
-                    false,
-                )
+                sdpa(&q, &k_all, &v_all, mask.as_ref(), causal, self.scale)
             }; // (B, nh, T, hs)
             let y = y.transpose(1, 2).reshape([b, t, nh * hs]); // (B, T, nh·hs)
             shard.c_proj.forward(&y) // (B, T, E), partial when sharded

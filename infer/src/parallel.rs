@@ -6,10 +6,16 @@
 //! norms and the head stay whole on the first device.
 //!
 //! The sum goes through `Communicator`, so a NCCL backend can replace the copy-based one
-//! without touching the model. Shards run on one thread each.
+//! without touching the model. Shards run on the threads of a persistent pool: spawning
+//! a thread per sublayer cost ~0.36 ms per call on CUDA (each new thread sets up its
+//! device and library handles; measured on an H100), a persistent worker ~0.07 ms.
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
 use tch::{Device, Tensor};
 
 use crate::error::{Error, Result};
+use crate::kernels::ThreadPool;
 
 /// Sums the shards' partial outputs onto one device.
 pub trait Communicator: Send + Sync {
@@ -38,24 +44,48 @@ struct Shared<'a, F: ?Sized>(&'a F);
 unsafe impl<F: ?Sized> Sync for Shared<'_, F> {}
 unsafe impl<F: ?Sized> Send for Shared<'_, F> {}
 
-/// `f(rank)` for every rank, each on its own thread when there are several.
+impl<T> Shared<'_, dyn Fn(usize) -> T + '_> {
+    /// A method, so that closures capture the whole wrapper (not its field).
+    fn call(&self, r: usize) -> T {
+        (self.0)(r)
+    }
+}
+
+/// `f(rank)` for every rank, on the threads of a persistent pool (the caller is one of
+/// them) when there are several.
 pub(crate) fn per_shard<T: Send>(n: usize, f: &dyn Fn(usize) -> T) -> Vec<T> {
     if n == 1 {
         return vec![f(0)];
     }
+    let results: Vec<Mutex<Option<T>>> = (0..n).map(|_| Mutex::new(None)).collect();
     let shared = Shared(f);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = (0..n)
-            .map(|r| {
-                let f = &shared;
-                s.spawn(move || (f.0)(r))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .map(|h| h.join().expect("a shard thread panicked"))
-            .collect()
-    })
+    let task = |r: usize| {
+        let y = shared.call(r);
+        *results[r].lock().unwrap_or_else(|p| p.into_inner()) = Some(y);
+    };
+    shard_pool(n).run(n, &task);
+    results
+        .into_iter()
+        .map(|m| {
+            m.into_inner()
+                .unwrap_or_else(|p| p.into_inner())
+                .expect("every shard ran")
+        })
+        .collect()
+}
+
+/// One pool of `n` threads per shard count in use, kept for the process.
+fn shard_pool(n: usize) -> Arc<ThreadPool> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    Arc::clone(
+        pools
+            .entry(n)
+            .or_insert_with(|| Arc::new(ThreadPool::new(n))),
+    )
 }
 
 /// Checks a tensor-parallel layout before any weight is read.
