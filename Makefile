@@ -52,8 +52,8 @@ reference: $(REF_READY)
 test: setup $(REF_READY)
 	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) $(CARGO) test --release --workspace
 
-demo: build $(REF_READY)
-	@bash tests/demo.sh $(BIN) $(REF_DIR)
+demo: build data
+	@bash tests/demo.sh $(BIN) target/demo $(VENV)
 
 BENCH_DIR := target/bench
 $(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
