@@ -599,6 +599,80 @@ fn readme_documents_every_flag_and_no_other() {
     }
 }
 
+/// The commands of the README's usage section, `\`-continued lines joined, split into
+/// words as the shell would for these simple lines (double quotes group words).
+fn readme_usage_commands() -> Vec<Vec<String>> {
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme.find("\n## Usage").expect("README has a ## Usage section");
+    let section = &readme[start + 1..];
+    let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
+    let joined = section.replace("\\\n", " ");
+    let mut commands = Vec::new();
+    for line in joined.lines().map(str::trim) {
+        let Some(rest) = line.strip_prefix("gpt2kit ") else {
+            continue;
+        };
+        let rest = rest.split(" #").next().unwrap();
+        let (mut words, mut word, mut quoted) = (Vec::new(), String::new(), false);
+        for c in rest.chars() {
+            match c {
+                '"' => quoted = !quoted,
+                ' ' if !quoted => {
+                    if !word.is_empty() {
+                        words.push(std::mem::take(&mut word));
+                    }
+                }
+                c => word.push(c),
+            }
+        }
+        if !word.is_empty() {
+            words.push(word);
+        }
+        commands.push(words);
+    }
+    commands
+}
+
+#[test]
+fn every_readme_usage_command_parses() {
+    let commands = readme_usage_commands();
+    assert!(
+        commands.len() >= 8,
+        "the usage section shows only {} commands",
+        commands.len()
+    );
+    let mut seen = std::collections::BTreeSet::new();
+    for words in commands {
+        seen.insert(words[0].clone());
+        let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .args(&words)
+            .env("GPT2KIT_PARSE_ONLY", "1")
+            .output()
+            .unwrap();
+        assert!(
+            o.status.success(),
+            "README usage command `gpt2kit {}` does not parse:\n{}",
+            words.join(" "),
+            String::from_utf8_lossy(&o.stderr)
+        );
+    }
+    for sub in ["init", "tokenizer", "train", "eval", "quantize", "infer"] {
+        assert!(seen.contains(sub), "the usage section never runs `gpt2kit {sub}`");
+    }
+}
+
+#[test]
+fn parse_only_still_refuses_bad_flags() {
+    // The usage test is only meaningful if parse-only mode rejects what clap rejects.
+    let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args(["infer", "--no-such-flag"])
+        .env("GPT2KIT_PARSE_ONLY", "1")
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
 #[test]
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
