@@ -419,6 +419,12 @@ impl Gpt2 {
             &files.path_of("config.json").with_file_name("config.json"),
         )?;
         let method = quantization.as_ref().map_or(Method::None, |q| q.method);
+        if method == Method::Int8Dynamic && main != Device::Cpu {
+            return Err(Error::Input(format!(
+                "int8-dynamic artifacts run on the CPU (libtorch's int8 GEMM), not {main:?}; \
+                 int8-weight artifacts run anywhere"
+            )));
+        }
         if method.is_int8() && sharded {
             return Err(Error::Input(
                 "int8 artifacts run unsharded (--tp 1); dequantize one to split it".into(),
@@ -727,12 +733,27 @@ impl Gpt2 {
     /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
     /// kernels (their own thread pool) rather than libtorch.
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        self.head_packed.is_some()
-            && rows <= kernels::MAX_ROWS
-            && self
-                .h
-                .iter()
-                .all(|b| matches!(b.attn.shards[0].c_attn, Linear::Packed { .. }))
+        let on_pool = |l: &Linear| match l {
+            Linear::Packed { .. } => true,
+            Linear::Int8(q) => q.decodes_on_pool(rows),
+            _ => false,
+        };
+        let head = self.head_packed.is_some()
+            || self
+                .head_q
+                .as_ref()
+                .is_some_and(|h| h.decodes_on_pool(rows));
+        head && rows <= kernels::MAX_ROWS
+            && self.h.iter().all(|b| {
+                b.attn
+                    .shards
+                    .iter()
+                    .all(|s| on_pool(&s.c_attn) && on_pool(&s.c_proj))
+                    && b.mlp
+                        .shards
+                        .iter()
+                        .all(|s| on_pool(&s.c_fc) && on_pool(&s.c_proj))
+            })
     }
 
     /// Token embeddings of `ids` (…) → (…, E).

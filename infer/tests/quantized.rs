@@ -49,9 +49,16 @@ fn int8_linear_equals_the_float_product_of_its_quantized_operands() {
         None,
     );
     let expect = fake_quant_rows(&x).mm(&wq.tr()) + &b;
+    // 5 rows take the decode path (host quantization, pooled int8 GEMM); 10 rows take
+    // libtorch's ops: both must compute the same thing.
+    assert!(lin.decodes_on_pool(5) && !lin.decodes_on_pool(10));
     let got = lin.forward(&x);
     let rel = (&got - &expect).abs().max().double_value(&[]) / expect.abs().max().double_value(&[]);
     assert!(rel < 1e-5, "{rel}");
+    let twice = lin.forward(&Tensor::cat(&[&x, &x], 0)).narrow(0, 5, 5);
+    let rel =
+        (&twice - &expect).abs().max().double_value(&[]) / expect.abs().max().double_value(&[]);
+    assert!(rel < 1e-5, "libtorch path: {rel}");
     // Outlier columns: those inputs multiply the dequantized rows in float, the rest is
     // quantized without them (so the outliers no longer set the activation scale).
     let idx = Tensor::from_slice(&[3i64, 17]);
