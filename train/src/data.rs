@@ -247,15 +247,18 @@ pub fn collate(samples: &[&Sample], pad: i64, device: Device) -> (Tensor, Tensor
 }
 
 /// Summed cross-entropy of `logits` (B, T, V) against `labels` (B, T) shifted by one,
-/// in f32, ignoring `IGNORE` (transformers' ForCausalLMLoss with reduction "sum").
+/// in f32, ignoring `IGNORE` (transformers' ForCausalLMLoss with reduction "sum"). As
+/// there, the labels are shifted (padded with `IGNORE`), not the logits, so the large
+/// logits tensor is never copied.
 pub fn lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
-    let (_, t, v) = logits.size3().expect("logits are (B, T, V)");
-    let shifted = logits
-        .narrow(1, 0, t - 1)
+    let v = *logits.size().last().expect("logits are (B, T, V)");
+    let (b, t) = labels.size2().expect("labels are (B, T)");
+    let pad = Tensor::full([b, 1], IGNORE, (Kind::Int64, labels.device()));
+    let targets = Tensor::cat(&[labels.narrow(1, 1, t - 1), pad], 1).reshape([-1]);
+    logits
         .to_kind(Kind::Float)
-        .reshape([-1, v]);
-    let targets = labels.narrow(1, 1, t - 1).reshape([-1]);
-    shifted.cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, IGNORE, 0.0)
+        .reshape([-1, v])
+        .cross_entropy_loss::<Tensor>(&targets, None, tch::Reduction::Sum, IGNORE, 0.0)
 }
 
 /// The end-of-text id: the config's first `eos_token_id`, else the tokenizer's

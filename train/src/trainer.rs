@@ -22,7 +22,7 @@ use crate::data::{self, DataOptions, Sample};
 use crate::eval::{evaluate, EvalResult};
 use crate::folder::{self, FolderContents};
 use crate::metrics::Metrics;
-use crate::optim::{clip_grad_norm, zero_grad, AdamW, AdamWConfig};
+use crate::optim::{clip_coefficient, total_grad_norm, AdamW, AdamWConfig};
 use crate::schedule::{Schedule, SchedulerKind};
 
 /// Non-finite steps in a row that abort training.
@@ -227,6 +227,23 @@ impl Trainable {
         })
     }
 
+    /// Replaces the leaves by fresh ones over the same storage, so the next backward
+    /// writes new gradient buffers instead of adding into zeroed ones (PyTorch's
+    /// `zero_grad(set_to_none=True)`), and the old gradients are freed.
+    fn fresh_leaves(&mut self) -> Result<()> {
+        for (name, p) in &mut self.params {
+            let mut q = p.detach();
+            let _ = q.requires_grad_(true);
+            self.map.insert(name.clone(), q.shallow_clone());
+            *p = q;
+        }
+        if !self.bf16 {
+            self.model =
+                Gpt2::from_weights(self.config.clone(), &self.map, Kind::Float, &[self.device])?;
+        }
+        Ok(())
+    }
+
     /// The model to run: the shared f32 one, or a bf16 cast whose gradients flow back
     /// to the f32 masters.
     fn compute_model(&self) -> Result<Option<Gpt2>> {
@@ -292,7 +309,29 @@ fn resolve_resume(o: &TrainOptions) -> Result<Option<PathBuf>> {
     })
 }
 
+/// Keeps freed memory in the process (glibc): a training step allocates and frees the
+/// same large activation and gradient buffers every time, and glibc's default serves
+/// them with fresh `mmap`s whose pages fault in again on every step.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_MAX: i32 = -4;
+        // SAFETY: mallopt only changes glibc's allocation policy for later calls.
+        unsafe {
+            mallopt(M_MMAP_MAX, 0);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}
+
 pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
+    if std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none() {
+        keep_freed_memory();
+    }
     let start_dir = o.model.clone();
     infer::model::check_model_dir(&start_dir)?;
     let base_config = Gpt2Config::from_file(&start_dir.join("config.json"))?;
@@ -371,7 +410,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
 
     // Model, optimizer and state: fresh, or from the checkpoint.
     let weights_dir = resume_dir.clone().unwrap_or_else(|| start_dir.clone());
-    let tr = Trainable::load(&weights_dir, o.device, o.bf16)?;
+    let mut tr = Trainable::load(&weights_dir, o.device, o.bf16)?;
     let mut adam = AdamW::new(&tr.params, o.adam);
     let mut state = TrainerState {
         max_steps: total_steps,
@@ -416,6 +455,8 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     let mut last_eval = None;
     let mut early_stopped = false;
     let mut last_saved = None;
+    // GPT2KIT_TRAIN_PROFILE=1: seconds per phase of each step on stderr.
+    let profile = std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some();
 
     while state.global_step < total_steps {
         let step_start = Instant::now();
@@ -449,10 +490,19 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
             let (ids, labels) = data::collate(&refs, eos, o.device);
             let bf16_model = tr.compute_model()?;
             let model = bf16_model.as_ref().unwrap_or(&tr.model);
+            let t0 = Instant::now();
             let logits = model.forward_train(&ids);
             let loss = data::lm_loss_sum(&logits, &labels);
             loss_sum += loss.double_value(&[]);
+            let t1 = Instant::now();
             (loss / targets.max(1) as f64).backward();
+            if profile {
+                eprintln!(
+                    "profile: forward {:.3}s backward {:.3}s",
+                    (t1 - t0).as_secs_f64(),
+                    t1.elapsed().as_secs_f64()
+                );
+            }
             micro_batches_run += 1;
             if o.stop_after_micro_batches == Some(micro_batches_run) {
                 metrics.finish();
@@ -461,9 +511,12 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         }
         let loss = loss_sum / targets.max(1) as f64;
         let lr = schedule.lr(state.global_step);
-        let grad_norm = clip_grad_norm(&tr.params, o.max_grad_norm);
+        let t_opt = Instant::now();
+        let norm = total_grad_norm(&tr.params);
+        let grad_norm = norm.as_ref().map_or(0.0, |n| n.double_value(&[]));
         if loss.is_finite() && grad_norm.is_finite() {
-            adam.step(&tr.params, lr);
+            let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
+            adam.step(&tr.params, lr, scale);
             state.consecutive_nan_steps = 0;
         } else {
             state.nan_steps_skipped += 1;
@@ -482,7 +535,13 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
                 );
             }
         }
-        zero_grad(&tr.params);
+        tr.fresh_leaves()?;
+        if profile {
+            eprintln!(
+                "profile: clip + adamw + zero_grad {:.3}s",
+                t_opt.elapsed().as_secs_f64()
+            );
+        }
         state.global_step += 1;
         let step = state.global_step;
         state.epoch = state.data_epoch as f64 + state.data_batch as f64 / batches_per_epoch as f64;
