@@ -17,16 +17,23 @@ import sys
 PROMPT = "abc defg hij klmno pq rstu vwx yz"
 NEW = 64
 ROWS = [
-    # (label, batch, dtype, sample, beams, extra: "draft" or "lookup" or None)
-    ("greedy, batch 1, fp32", 1, "f32", False, 1, None),
-    ("greedy, batch 1, bf16", 1, "bf16", False, 1, None),
-    ("greedy, batch 8, fp32", 8, "f32", False, 1, None),
-    ("sampling top-k 50, top-p 0.95, T 0.7, fp32", 1, "f32", True, 1, None),
-    ("beam 5, fp32", 1, "f32", False, 5, None),
-    ("greedy + 2-layer draft, 4 tokens/step, fp32", 1, "f32", False, 1, "draft"),
-    ("greedy + prompt lookup, 10 tokens/step, fp32", 1, "f32", False, 1, "lookup"),
-    ("greedy, batch 1, fp32, tensor parallel over cpu,cpu", 1, "f32", False, 1, "tp2"),
+    # (label, batch, dtype, sample, beams, extra: "draft" or "lookup" or None, target)
+    ("greedy, batch 1, fp32", 1, "f32", False, 1, None, "≥ 2×"),
+    ("greedy, batch 1, bf16", 1, "bf16", False, 1, None, "≥ 4× (vs transformers fp32)"),
+    ("greedy, batch 8, fp32", 8, "f32", False, 1, None, "≥ 3×"),
+    ("sampling top-k 50, top-p 0.95, T 0.7, fp32", 1, "f32", True, 1, None, "—"),
+    ("beam 5, fp32", 1, "f32", False, 5, None, "≥ 2.5×"),
+    ("greedy + 2-layer draft, 4 tokens/step, fp32", 1, "f32", False, 1, "draft", "—"),
+    ("greedy + prompt lookup, 10 tokens/step, fp32", 1, "f32", False, 1, "lookup", "—"),
+    ("greedy, batch 1, fp32, tensor parallel over cpu,cpu", 1, "f32", False, 1, "tp2",
+     "overhead only (2 cores)"),
 ]
+# Rows of the int8 and training benchmarks (their own scripts), by label prefix.
+TARGETS = {
+    "greedy, batch 1, int8-weight": "artifact ≤ 30% of fp32",
+    "greedy, batch 1, int8-dynamic": "≥ 4×",
+    "training": "≥ 1.2×",
+}
 
 
 def ours(binary, model, batch, dtype, sample, beams, extra):
@@ -85,23 +92,47 @@ def main():
         f"Machine: {cpu_name()}, {os.cpu_count()} cores; gpt2 shape (124M), random weights; "
         f"prompt of {len(PROMPT.split())} words, {NEW} generated tokens per sequence; tokens/s of generation.",
         "",
-        "| row | gpt2kit tok/s | transformers tok/s | ratio |",
-        "|---|---|---|---|",
+        "| row | gpt2kit tok/s | transformers tok/s | ratio | target |",
+        "|---|---|---|---|---|",
     ]
     print("\n".join(lines), flush=True)
     single = None
-    for label, batch, dtype, sample, beams, extra in ROWS:
+    for label, batch, dtype, sample, beams, extra, target in ROWS:
         a = ours(args.binary, args.model, batch, dtype, sample, beams, extra)
         if extra == "tp2":
             # transformers has no CPU tensor parallelism: compare with gpt2kit unsplit.
-            row = f"| {label} | {a:.1f} | (gpt2kit unsplit: {single:.1f}) | {a / single:.2f}× |"
+            row = (f"| {label} | {a:.1f} | (gpt2kit unsplit: {single:.1f}) "
+                   f"| {a / single:.2f}× | {target} |")
         else:
             b = theirs(sys.executable, args.model, batch, dtype, sample, beams, extra)
-            row = f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}× |"
+            row = f"| {label} | {a:.1f} | {b:.1f} | {a / b:.2f}× | {target} |"
         if single is None:
             single = a
         lines.append(row)
         print(row, flush=True)
+    notes = []
+    here = os.path.dirname(os.path.abspath(__file__))
+    for script in ("bench_quant.py", "bench_train.py"):
+        cmd = [sys.executable, os.path.join(here, script), "--binary", args.binary,
+               "--model", args.model]
+        p = subprocess.run(cmd, capture_output=True, text=True, check=True)
+        for line in p.stdout.splitlines():
+            cells = [c.strip() for c in line.strip().strip("|").split("|")]
+            if not line.startswith("|") or cells[0] in ("row", "") or set(cells[0]) <= set("-"):
+                if line.strip() and not line.startswith("|"):
+                    notes.append(line.strip())
+                continue
+            if cells[0] == "greedy, batch 1, fp32":
+                continue  # bench_quant.py's float baseline repeats the first row
+            target = next((t for k, t in TARGETS.items() if cells[0].startswith(k)), "—")
+            # bench_quant.py adds: our speed over llama.cpp Q8_0's, the artifact's size.
+            extra = (f" ({cells[4]} of llama.cpp Q8_0's 233 tok/s; {cells[5]} of the fp32 bytes)"
+                     if len(cells) == 6 else "")
+            row = f"| {cells[0]}{extra} | {cells[1]} | {cells[2]} | {cells[3]} | {target} |"
+            lines.append(row)
+            print(row, flush=True)
+    lines += [""] + notes
+    print("\n".join(notes), flush=True)
     with open(args.out, "w") as f:
         f.write("\n".join(lines) + "\n")
 
