@@ -96,14 +96,30 @@ fn check_out(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Safetensors files of a model folder, sorted (what the source hash covers).
+/// The weight files of a model folder: `model.safetensors`, or the shards its index
+/// lists, in name order (what the source hash and the byte counts cover; optimizer
+/// state and other files beside them are not the model).
 fn weight_paths(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("reading {}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|x| x == "safetensors"))
-        .collect();
+    let single = dir.join(infer::checkpoint::SINGLE_FILE);
+    if single.is_file() {
+        return Ok(vec![single]);
+    }
+    let index = dir.join(infer::checkpoint::SHARD_INDEX);
+    let text =
+        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
+    let mut v: Vec<PathBuf> = json["weight_map"]
+        .as_object()
+        .map(|m| {
+            m.values()
+                .filter_map(|f| f.as_str())
+                .map(|f| dir.join(f))
+                .collect()
+        })
+        .unwrap_or_default();
     v.sort();
+    v.dedup();
     Ok(v)
 }
 
