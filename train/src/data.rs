@@ -234,9 +234,9 @@ pub fn collate(samples: &[&Sample], pad: i64, device: Device) -> (Tensor, Tensor
     let mut labels = Vec::with_capacity(samples.len() * t);
     for s in samples {
         ids.extend(&s.ids);
-        ids.extend(std::iter::repeat(pad).take(t - s.ids.len()));
+        ids.extend(std::iter::repeat_n(pad, t - s.ids.len()));
         labels.extend(&s.labels);
-        labels.extend(std::iter::repeat(IGNORE).take(t - s.labels.len()));
+        labels.extend(std::iter::repeat_n(IGNORE, t - s.labels.len()));
     }
     let b = samples.len() as i64;
     let shape = [b, t as i64];

@@ -137,9 +137,7 @@ fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()> {
             a.beta1, a.beta2
         )));
     }
-    if !(a.eps.is_finite() && a.eps >= 0.0)
-        || !(a.weight_decay.is_finite() && a.weight_decay >= 0.0)
-    {
+    if !(a.eps.is_finite() && a.eps >= 0.0 && a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
         return Err(input(
             "--adam-epsilon and --weight-decay must be ≥ 0".into(),
         ));
@@ -376,7 +374,8 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     }
     let (train_set, eval_set) = match (&o.eval_data, o.eval_split) {
         (Some(p), _) => {
-            let (e, r) = data::load_jsonl(&[p.clone()], &tokenizer, eos, &o.data_options)?;
+            let (e, r) =
+                data::load_jsonl(std::slice::from_ref(p), &tokenizer, eos, &o.data_options)?;
             if r.skipped > 0 {
                 writeln!(
                     out,
