@@ -99,6 +99,7 @@ fn kind_of(f: WeightFormat) -> Kind {
     match f {
         WeightFormat::F32 => Kind::Float,
         WeightFormat::Bf16 => Kind::BFloat16,
+        WeightFormat::Int8 => Kind::Int8,
     }
 }
 

@@ -34,6 +34,14 @@ pub enum Linear {
     },
     /// Int8 weights and per-token int8 activations (`int8-dynamic` artifacts).
     Int8(Box<Int8Linear>),
+    /// Int8 weights, float activations (`int8-weight` artifacts): decode steps run on
+    /// the int8 decode kernel (`packed`, made by `pack_for_cpu_decode`), which widens
+    /// the weights in registers; other calls dequantize the weight per call.
+    Int8Weight {
+        w: QuantRows,
+        bias: Option<Tensor>,
+        packed: Option<PackedLinear>,
+    },
     /// Any layer, recording the per-channel max |x| of its inputs (calibration).
     Observed {
         inner: Box<Linear>,
@@ -56,6 +64,21 @@ impl Linear {
                 (weight, bias)
             }
             Linear::Int8(q) => return q.forward(x),
+            Linear::Int8Weight { w, bias, packed } => {
+                if let Some(y) = packed.as_ref().and_then(|p| packed_forward(p, x)) {
+                    return y;
+                }
+                let mut shape = x.size();
+                let n_in = *shape.last().expect("input has a feature dimension");
+                *shape.last_mut().unwrap() = w.q.size()[0];
+                let wf = w.dequantize(x.kind()).tr(); // (in, out)
+                let x2 = x.reshape([-1, n_in]);
+                let y = match bias {
+                    Some(b) => b.addmm(&x2, &wf),
+                    None => x2.mm(&wf),
+                };
+                return y.reshape(shape);
+            }
             Linear::Observed { inner, observer } => {
                 observer.observe(x);
                 return inner.forward(x);
@@ -82,6 +105,25 @@ impl Linear {
                     weight,
                     bias,
                     packed,
+                }
+            }
+            Linear::Int8Weight {
+                w,
+                bias,
+                packed: None,
+            } => {
+                let (n_out, n_in) = (w.q.size()[0] as usize, w.q.size()[1] as usize);
+                let q = Vec::<i8>::try_from(w.q.reshape([-1]))?;
+                let scale = Vec::<f32>::try_from(w.scale.to_kind(Kind::Float))?;
+                let b = match &bias {
+                    Some(b) => Some(Vec::<f32>::try_from(b.to_kind(Kind::Float))?),
+                    None => None,
+                };
+                let packed = PackedLinear::from_int8_rows(&q, &scale, n_in, n_out, b.as_deref())?;
+                Linear::Int8Weight {
+                    w,
+                    bias,
+                    packed: Some(packed),
                 }
             }
             other => other,
@@ -119,7 +161,7 @@ impl Linear {
                 Some((weight, bias))
             }
             Linear::Observed { inner, .. } => inner.float_parts(),
-            Linear::Int8(_) => None,
+            Linear::Int8(_) | Linear::Int8Weight { .. } => None,
         }
     }
 }
@@ -209,7 +251,7 @@ pub struct Gpt2 {
     /// int8-dynamic artifacts with int8 embeddings: `wte` as int8 rows (then `wte` is
     /// empty) and the head on the int8 GEMM (`lm_head` is then `None`).
     wte_q: Option<QuantRows>,
-    head_q: Option<Int8Linear>,
+    head_q: Option<Linear>,
     /// The artifact's `quantization_config`, if any.
     quantization: Option<QuantizationConfig>,
     kind: Kind,
@@ -454,10 +496,10 @@ impl Gpt2 {
                             ),
                         });
                     }
-                    // Float activations: dequantized once here (see README, Artifact format).
-                    Linear::Float {
-                        weight: rows.dequantize(kind).tr().contiguous(),
+                    Linear::Int8Weight {
+                        w: rows,
                         bias,
+                        packed: None,
                     }
                 }
             }))
@@ -588,17 +630,22 @@ impl Gpt2 {
         };
         let (mut wte_q, mut head_q) = (None, None);
         let mut lm_head = None;
-        let wte = if int8_embeddings && method == Method::Int8Dynamic {
+        // The head over int8 rows (out = V, in = E), as the method runs its linears.
+        let int8_head = |w: QuantRows| match method {
+            Method::Int8Dynamic => Linear::Int8(Box::new(Int8Linear::new(w, None, None))),
+            _ => Linear::Int8Weight {
+                w,
+                bias: None,
+                packed: None,
+            },
+        };
+        let wte = if int8_embeddings {
             let w = quant::read_int8(files, &format!("{prefix}wte.weight"), [v, e], true, main)?;
             if config.tie_word_embeddings {
-                head_q = Some(Int8Linear::new(
-                    QuantRows {
-                        q: w.q.shallow_clone(),
-                        scale: w.scale.shallow_clone(),
-                    },
-                    None,
-                    None,
-                ));
+                head_q = Some(int8_head(QuantRows {
+                    q: w.q.shallow_clone(),
+                    scale: w.scale.shallow_clone(),
+                }));
             }
             wte_q = Some(w);
             Tensor::new()
@@ -608,9 +655,9 @@ impl Gpt2 {
         // transformers ties the head to wte whenever tie_word_embeddings is set, even
         // when the file also stores `lm_head.weight`; untied models must store it.
         if !config.tie_word_embeddings {
-            if int8_embeddings && method == Method::Int8Dynamic {
+            if int8_embeddings {
                 let w = quant::read_int8(files, "lm_head.weight", [v, e], true, main)?;
-                head_q = Some(Int8Linear::new(w, None, None));
+                head_q = Some(int8_head(w));
             } else {
                 lm_head = Some(rows("lm_head.weight")?);
             }
@@ -659,9 +706,12 @@ impl Gpt2 {
                 shard.c_proj = take(&mut shard.c_proj).pack()?;
             }
         }
-        if self.head_q.is_none() {
-            let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
-            self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
+        match self.head_q.take() {
+            Some(h) => self.head_q = Some(h.pack()?),
+            None => {
+                let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
+                self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
+            }
         }
         Ok(())
     }
@@ -735,14 +785,11 @@ impl Gpt2 {
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
         let on_pool = |l: &Linear| match l {
             Linear::Packed { .. } => true,
+            Linear::Int8Weight { packed, .. } => packed.is_some(),
             Linear::Int8(q) => q.decodes_on_pool(rows),
             _ => false,
         };
-        let head = self.head_packed.is_some()
-            || self
-                .head_q
-                .as_ref()
-                .is_some_and(|h| h.decodes_on_pool(rows));
+        let head = self.head_packed.is_some() || self.head_q.as_ref().is_some_and(on_pool);
         head && rows <= kernels::MAX_ROWS
             && self.h.iter().all(|b| {
                 b.attn

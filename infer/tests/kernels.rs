@@ -52,6 +52,8 @@ fn case(k: i64, n: i64, rows: i64, format: WeightFormat, seed: i64) -> Case {
     let w = match format {
         WeightFormat::F32 => w,
         WeightFormat::Bf16 => w.to_kind(Kind::BFloat16),
+        // Int8 kernels are tested in quantized.rs (they pack from int8 rows and scales).
+        WeightFormat::Int8 => unreachable!("not a case of this file"),
     };
     let w64 = w.to_kind(Kind::Float).to_kind(Kind::Double);
     Case { x, w, bias, w64 }

@@ -257,3 +257,83 @@ unsafe fn store<const R: usize, const P: usize, const U: usize>(
         }
     }
 }
+
+/// # Safety
+/// As `f32`.
+#[target_feature(enable = "avx512f")]
+pub(super) unsafe fn int8(t: &Tile) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match t.rows {
+            1 => int8_rows::<1, 2>(t),
+            2 => int8_rows::<2, 1>(t),
+            3 => int8_rows::<3, 1>(t),
+            4 => int8_rows::<4, 1>(t),
+            5 => int8_rows::<5, 1>(t),
+            6 => int8_rows::<6, 1>(t),
+            7 => int8_rows::<7, 1>(t),
+            8 => int8_rows::<8, 1>(t),
+            r => unreachable!("tile of {r} rows"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn int8_rows<const R: usize, const U: usize>(t: &Tile) {
+    let mut p = 0;
+    while p < t.n_panels {
+        // SAFETY: forwarded from `int8`; p (+ 1) < n_panels.
+        unsafe {
+            if p + 2 <= t.n_panels {
+                int8_block::<R, 2, U>(t, p);
+            } else {
+                int8_block::<R, 1, U>(t, p);
+            }
+        }
+        p += 2;
+    }
+}
+
+/// As `f32_block`, for lines holding four input rows of 16 int8 weights (16 bytes per
+/// input row, row 4l + i at byte 16·i of line l), widened to f32 in registers. The
+/// per-column scale is applied by the caller after the tile.
+#[target_feature(enable = "avx512f")]
+#[inline]
+unsafe fn int8_block<const R: usize, const P: usize, const U: usize>(t: &Tile, p0: usize) {
+    let (k, lpp, x) = (t.k, t.lines_per_panel, t.x.as_ptr());
+    let mut acc = init::<R, P, U>(t, p0);
+    // SAFETY: a panel has lpp = ceil(k/4) lines of 64 bytes (aligned); row 4l + i is read
+    // only for 4l + i < k (x columns < k), 16 bytes at offset 16·i of its line. x holds
+    // R*k values. Prefetches never fault; `wrapping_add` keeps the arithmetic defined.
+    unsafe {
+        let w = t.w.as_ptr().add(p0 * lpp) as *const u8;
+        for l in 0..lpp {
+            let ahead = prefetch_ahead::<P>(l, lpp) * 64;
+            let mut wp = [w; P];
+            for q in 0..P {
+                wp[q] = w.add((q * lpp + l) * 64);
+                _mm_prefetch::<_MM_HINT_T0>(wp[q].wrapping_add(ahead) as *const i8);
+            }
+            for i in 0..4 {
+                let col = 4 * l + i;
+                if col >= k {
+                    break;
+                }
+                let mut wv = [_mm512_setzero_ps(); P];
+                for q in 0..P {
+                    let b = _mm_load_si128(wp[q].add(16 * i) as *const __m128i);
+                    wv[q] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                }
+                let u = i % U;
+                for r in 0..R {
+                    let xv = _mm512_set1_ps(*x.add(r * k + col));
+                    for q in 0..P {
+                        acc[u][r][q] = _mm512_fmadd_ps(wv[q], xv, acc[u][r][q]);
+                    }
+                }
+            }
+        }
+        store::<R, P, U>(t, p0, acc);
+    }
+}

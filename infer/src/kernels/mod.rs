@@ -87,6 +87,9 @@ pub enum WeightFormat {
     F32,
     /// bfloat16: the upper 16 bits of an f32, widened in registers.
     Bf16,
+    /// Symmetric int8 with one f32 scale per output column (gpt2kit's int8 artifacts):
+    /// a line holds 4 input rows of 16 bytes, widened in registers; y = (x·q)·scale + b.
+    Int8,
 }
 
 /// What one kernel call computes: y[r, c] for every row r < `rows` (1..=MAX_ROWS) and
@@ -139,9 +142,12 @@ pub struct PackedLinear {
     n_panels: usize,
     lines_per_panel: usize,
     lines: Vec<Line>,
-    /// `n_panels * PANEL`, zero-padded; all zero without a bias.
+    /// `n_panels * PANEL`, zero-padded; all zero without a bias (and for Int8, whose
+    /// bias is added after the scale).
     bias: Vec<f32>,
     has_bias: bool,
+    /// Int8 only: per output column, the scale and then the bias applied to x·q.
+    int8_post: Option<(Vec<f32>, Vec<f32>)>,
     isa: Isa,
     pool: Arc<ThreadPool>,
 }
@@ -252,11 +258,66 @@ impl PackedLinear {
         }
     }
 
+    /// Packs an int8 weight given as rows per output column, (out, in) row-major, with
+    /// one scale per output column: y = (x·qᵀ)·scale + bias.
+    pub fn from_int8_rows(
+        q: &[i8],
+        scale: &[f32],
+        in_features: usize,
+        out_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("weight", q.len(), in_features * out_features)?;
+        check_len("scale", scale.len(), out_features)?;
+        if let Some(b) = bias {
+            check_len("bias", b.len(), out_features)?;
+        }
+        let mut me = Self::empty(WeightFormat::Int8, in_features, out_features, None)?;
+        let (k, n) = (in_features, out_features);
+        let lpp = me.lines_per_panel;
+        for (p, panel) in me
+            .lines
+            .chunks_exact_mut(lpp.max(1))
+            .enumerate()
+            .take(me.n_panels)
+        {
+            let c0 = p * PANEL;
+            let cols = (n - c0).min(PANEL);
+            for (l, line) in panel.iter_mut().enumerate() {
+                let mut bytes = [0u8; 64];
+                for i in 0..4 {
+                    let row = 4 * l + i;
+                    if row >= k {
+                        break;
+                    }
+                    for c in 0..cols {
+                        bytes[16 * i + c] = q[(c0 + c) * k + row] as u8;
+                    }
+                }
+                for (j, v) in line.0.iter_mut().enumerate() {
+                    *v = u32::from_le_bytes([
+                        bytes[4 * j],
+                        bytes[4 * j + 1],
+                        bytes[4 * j + 2],
+                        bytes[4 * j + 3],
+                    ]);
+                }
+            }
+        }
+        me.has_bias = bias.is_some();
+        me.int8_post = Some((
+            scale.to_vec(),
+            bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec),
+        ));
+        Ok(me)
+    }
+
     fn empty(format: WeightFormat, k: usize, n: usize, bias: Option<&[f32]>) -> Result<Self> {
         let n_panels = n.div_ceil(PANEL);
         let lines_per_panel = match format {
             WeightFormat::F32 => k,
             WeightFormat::Bf16 => k.div_ceil(2),
+            WeightFormat::Int8 => k.div_ceil(4),
         };
         let mut padded = vec![0.0f32; n_panels * PANEL];
         if let Some(b) = bias {
@@ -272,6 +333,7 @@ impl PackedLinear {
             lines: vec![Line::default(); n_panels * lines_per_panel],
             bias: padded,
             has_bias: bias.is_some(),
+            int8_post: None,
             isa: Isa::detect(),
             pool: ThreadPool::global(),
         })
@@ -436,6 +498,18 @@ impl PackedLinear {
             // lie in `out` and are this task's alone (tasks split the panels, see OutPtr);
             // `self.isa` passed `Isa::is_supported` (detect / set_isa).
             unsafe { run_tile(self.isa, self.format, &tile) };
+            if let Some((scale, bias)) = &self.int8_post {
+                let (c0, c1) = (p0 * PANEL, (p1 * PANEL).min(n));
+                for row in r0..r0 + r {
+                    // SAFETY: row < rows and columns c0..c1 < n are this task's part of
+                    // `out` (as for the tile just written), written by this thread alone.
+                    let ys =
+                        unsafe { std::slice::from_raw_parts_mut(y.0.add(row * n + c0), c1 - c0) };
+                    for ((v, s), b) in ys.iter_mut().zip(&scale[c0..c1]).zip(&bias[c0..c1]) {
+                        *v = *v * s + b;
+                    }
+                }
+            }
         }
     }
 }
@@ -450,6 +524,9 @@ unsafe fn run_tile(isa: Isa, format: WeightFormat, t: &Tile) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: as above.
         (Isa::Avx512, WeightFormat::Bf16) => unsafe { avx512::bf16(t) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: as above.
+        (Isa::Avx512, WeightFormat::Int8) => unsafe { avx512::int8(t) },
         #[cfg(target_arch = "x86_64")]
         // SAFETY: this function's contract; Avx2 is supported only with avx2 and fma.
         (Isa::Avx2, WeightFormat::F32) => unsafe { avx2::f32(t) },

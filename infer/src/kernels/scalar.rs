@@ -20,6 +20,21 @@ pub(super) unsafe fn run(t: &Tile, format: WeightFormat) {
                     add_row(&mut acc[..rows], &w, t.x, t.k, i);
                 }
             }
+            WeightFormat::Int8 => {
+                for (l, line) in panel.iter().enumerate() {
+                    let bytes: Vec<u8> = line.0.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    for i in 0..4 {
+                        if 4 * l + i >= t.k {
+                            break;
+                        }
+                        let mut w = [0f32; PANEL];
+                        for (c, w) in w.iter_mut().enumerate() {
+                            *w = bytes[16 * i + c] as i8 as f32;
+                        }
+                        add_row(&mut acc[..rows], &w, t.x, t.k, 4 * l + i);
+                    }
+                }
+            }
             WeightFormat::Bf16 => {
                 for (l, line) in panel.iter().enumerate() {
                     let lo = line.0.map(|v| f32::from_bits(v << 16));
