@@ -272,14 +272,31 @@ fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
     order
 }
 
+/// Whether bf16 training runs on `device`. On CUDA it does not yet: the backward of
+/// PyTorch 2.11's memory-efficient attention rejects the engine's bf16 attention
+/// ("LSE is not correctly aligned (strideH)", seen on an H100), so it is refused before
+/// any work. Elsewhere a bf16 matmul must run.
 fn check_bf16(device: Device) -> Result<()> {
+    if device.is_cuda() {
+        return Err(input(format!(
+            "--dtype bf16 is not supported for training on {device:?} yet (PyTorch's \
+             memory-efficient attention backward rejects the bf16 attention layout); \
+             use --dtype f32"
+        )));
+    }
     let t = Tensor::ones([4, 4], (Kind::BFloat16, device));
     match t.f_matmul(&t) {
         Ok(_) => Ok(()),
         Err(e) => Err(input(format!(
-            "--dtype bf16 is not supported on {device:?}: {e}"
+            "--dtype bf16 is not supported on {device:?}: {}",
+            first_line(&e)
         ))),
     }
+}
+
+/// libtorch errors carry a C++ backtrace after their first line.
+fn first_line(e: &tch::TchError) -> String {
+    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 fn resolve_resume(o: &TrainOptions) -> Result<Option<PathBuf>> {
@@ -494,7 +511,9 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
             let loss = data::lm_loss_sum(&logits, &labels);
             loss_sum += loss.double_value(&[]);
             let t1 = Instant::now();
-            (loss / targets.max(1) as f64).backward();
+            (loss / targets.max(1) as f64)
+                .f_backward()
+                .map_err(|e| anyhow::anyhow!("the backward pass failed: {}", first_line(&e)))?;
             if profile {
                 eprintln!(
                     "profile: forward {:.3}s backward {:.3}s",
