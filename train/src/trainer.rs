@@ -724,9 +724,6 @@ fn save_checkpoint(
         seed: o.seed,
         data_epoch: state.data_epoch,
     };
-    if dir.exists() {
-        std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
-    }
     folder::write_model_folder(
         &dir,
         &FolderContents {
@@ -743,7 +740,9 @@ fn save_checkpoint(
             ],
             extra_tensors: vec![(ckpt::OPTIMIZER.into(), adam.state_tensors())],
         },
-        false,
+        // A folder of this step from an earlier run (resumed from an older checkpoint)
+        // is swapped out only once the new one is complete.
+        true,
     )?;
     if let Some(k) = o.save_total_limit {
         let best = state
