@@ -65,7 +65,7 @@ impl Linear {
             }
             Linear::Int8(q) => return q.forward(x),
             Linear::Int8Weight { w, bias, packed } => {
-                if let Some(y) = packed.as_ref().and_then(|p| packed_forward(p, x)) {
+                if let Some(y) = packed.as_ref().and_then(|p| int8_packed_forward(p, x)) {
                     return y;
                 }
                 let mut shape = x.size();
@@ -172,6 +172,28 @@ fn packed_forward(packed: &PackedLinear, x: &Tensor) -> Option<Tensor> {
     let size = x.size();
     let rows: i64 = size[..size.len() - 1].iter().product();
     if rows as usize > kernels::MAX_ROWS || x.requires_grad() || x.device() != Device::Cpu {
+        return None;
+    }
+    let kind = x.kind();
+    let y = packed.forward_tensor(&x.to_kind(Kind::Float)).ok()?;
+    Some(if kind == Kind::Float {
+        y
+    } else {
+        y.to_kind(kind)
+    })
+}
+
+/// Rows up to which an int8-weight layer runs on its decode kernel (in passes of
+/// `kernels::MAX_ROWS` rows) rather than dequantizing its weight per call: a pass reads
+/// a quarter of the f32 bytes, while dequantizing writes and reads the f32 weight again
+/// (a prompt of up to 64 tokens costs at most 8 passes).
+const INT8_KERNEL_MAX_ROWS: i64 = 64;
+
+/// `packed_forward` for int8 weights, with its larger row limit.
+fn int8_packed_forward(packed: &PackedLinear, x: &Tensor) -> Option<Tensor> {
+    let size = x.size();
+    let rows: i64 = size[..size.len() - 1].iter().product();
+    if rows > INT8_KERNEL_MAX_ROWS || x.requires_grad() || x.device() != Device::Cpu {
         return None;
     }
     let kind = x.kind();

@@ -26,10 +26,10 @@ use crate::error::{Error, Result};
 use crate::kernels::{ThreadPool, MAX_ROWS};
 
 /// Below this many weight bytes per task, splitting across the pool costs more than it
-/// gains (as for the f32 decode kernels).
-const MIN_TASK_BYTES: i64 = 64 << 10;
+/// gains (each task is one `_int_mm` call, with its own fixed cost).
+const MIN_TASK_BYTES: i64 = 256 << 10;
 /// Tasks per pool thread, so a thread the OS delays leaves its share to the others.
-const TASKS_PER_THREAD: i64 = 4;
+const TASKS_PER_THREAD: i64 = 2;
 
 /// `quantization_config.quant_method` of gpt2kit artifacts.
 pub const QUANT_METHOD: &str = "gpt2kit";

@@ -22,7 +22,10 @@ pub(super) unsafe fn run(t: &Tile, format: WeightFormat) {
             }
             WeightFormat::Int8 => {
                 for (l, line) in panel.iter().enumerate() {
-                    let bytes: Vec<u8> = line.0.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    let mut bytes = [0u8; 64];
+                    for (j, v) in line.0.iter().enumerate() {
+                        bytes[4 * j..4 * j + 4].copy_from_slice(&v.to_le_bytes());
+                    }
                     for i in 0..4 {
                         if 4 * l + i >= t.k {
                             break;
