@@ -8,6 +8,7 @@ pub mod folder;
 pub mod init;
 pub mod metrics;
 pub mod optim;
+pub mod options;
 pub mod schedule;
 pub mod tokenizer_train;
 pub mod trainer;

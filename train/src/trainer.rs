@@ -18,61 +18,20 @@ use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self as ckpt, RngState, SchedulerState, TrainerState};
-use crate::data::{self, DataOptions, Sample};
+use crate::data::{self, Sample};
 use crate::eval::{evaluate, EvalResult};
 use crate::folder::{self, FolderContents};
 use crate::metrics::Metrics;
-use crate::optim::{clip_coefficient, total_grad_norm, AdamW, AdamWConfig};
-use crate::schedule::{Schedule, SchedulerKind};
+use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
+use crate::options::{check_options, input};
+pub use crate::options::{Resume, TrainOptions};
+use crate::schedule::Schedule;
 
 /// Non-finite steps in a row that abort training.
 pub const MAX_CONSECUTIVE_NAN_STEPS: i64 = 5;
 
 /// Where the final model goes inside the output folder.
 pub const FINAL_DIR: &str = "final";
-
-#[derive(Debug, Clone)]
-pub enum Resume {
-    Latest,
-    Path(PathBuf),
-}
-
-#[derive(Debug, Clone)]
-pub struct TrainOptions {
-    pub model: PathBuf,
-    pub data: Vec<PathBuf>,
-    pub eval_data: Option<PathBuf>,
-    pub eval_split: Option<f64>,
-    pub data_options: DataOptions,
-    pub output: PathBuf,
-    pub lr: f64,
-    pub scheduler: SchedulerKind,
-    pub warmup_steps: Option<i64>,
-    pub warmup_ratio: Option<f64>,
-    pub adam: AdamWConfig,
-    pub gradient_accumulation_steps: i64,
-    /// 0 turns clipping off.
-    pub max_grad_norm: f64,
-    pub batch_size: i64,
-    pub eval_batch_size: i64,
-    pub max_steps: Option<i64>,
-    pub epochs: i64,
-    pub seed: u64,
-    pub eval_steps: Option<i64>,
-    pub save_steps: Option<i64>,
-    pub save_total_limit: Option<usize>,
-    pub early_stopping_patience: Option<i64>,
-    pub logging_steps: i64,
-    pub resume: Option<Resume>,
-    pub overwrite_output_dir: bool,
-    pub device: Device,
-    /// bf16 compute with f32 master weights.
-    pub bf16: bool,
-    /// Show a progress bar on a terminal (plain log lines otherwise).
-    pub progress: bool,
-    /// Testing hook: fail as a crash would after this many micro-batches of this run.
-    pub stop_after_micro_batches: Option<u64>,
-}
 
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
@@ -84,109 +43,6 @@ pub struct TrainSummary {
     pub early_stopped: bool,
     pub final_dir: PathBuf,
     pub best_model_checkpoint: Option<String>,
-}
-
-fn input(msg: String) -> anyhow::Error {
-    infer::Error::Input(msg).into()
-}
-
-fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()> {
-    let positive = [
-        ("--batch-size", o.batch_size),
-        ("--eval-batch-size", o.eval_batch_size),
-        (
-            "--gradient-accumulation-steps",
-            o.gradient_accumulation_steps,
-        ),
-        ("--epochs", o.epochs),
-        ("--logging-steps", o.logging_steps),
-    ];
-    for (flag, v) in positive {
-        if v < 1 {
-            return Err(input(format!("{flag} must be positive, got {v}")));
-        }
-    }
-    for (flag, v) in [
-        ("--max-steps", o.max_steps),
-        ("--eval-steps", o.eval_steps),
-        ("--save-steps", o.save_steps),
-        ("--early-stopping-patience", o.early_stopping_patience),
-    ] {
-        if let Some(v) = v {
-            if v < 1 {
-                return Err(input(format!("{flag} must be positive, got {v}")));
-            }
-        }
-    }
-    if !(o.lr.is_finite() && o.lr >= 0.0) {
-        return Err(input(format!(
-            "--lr must be a non-negative number, got {}",
-            o.lr
-        )));
-    }
-    if !(o.max_grad_norm.is_finite() && o.max_grad_norm >= 0.0) {
-        return Err(input(format!(
-            "--max-grad-norm must be ≥ 0, got {}",
-            o.max_grad_norm
-        )));
-    }
-    let a = o.adam;
-    if !(0.0..1.0).contains(&a.beta1) || !(0.0..1.0).contains(&a.beta2) {
-        return Err(input(format!(
-            "--adam-beta1/--adam-beta2 must lie in [0, 1), got {} and {}",
-            a.beta1, a.beta2
-        )));
-    }
-    if !(a.eps.is_finite() && a.eps >= 0.0 && a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
-        return Err(input(
-            "--adam-epsilon and --weight-decay must be ≥ 0".into(),
-        ));
-    }
-    if o.warmup_steps.is_some() && o.warmup_ratio.is_some() {
-        return Err(input(
-            "give --warmup-steps or --warmup-ratio, not both".into(),
-        ));
-    }
-    if let Some(w) = o.warmup_steps {
-        if w < 0 {
-            return Err(input(format!("--warmup-steps must be ≥ 0, got {w}")));
-        }
-    }
-    if let Some(r) = o.warmup_ratio {
-        if !(0.0..=1.0).contains(&r) {
-            return Err(input(format!("--warmup-ratio must lie in [0, 1], got {r}")));
-        }
-    }
-    if o.eval_data.is_some() && o.eval_split.is_some() {
-        return Err(input("give --eval-data or --eval-split, not both".into()));
-    }
-    let has_eval = o.eval_data.is_some() || o.eval_split.is_some();
-    if o.eval_steps.is_some() && !has_eval {
-        return Err(input(
-            "--eval-steps needs --eval-data or --eval-split".into(),
-        ));
-    }
-    if o.early_stopping_patience.is_some() && o.eval_steps.is_none() {
-        return Err(input(
-            "--early-stopping-patience needs --eval-steps (and eval data)".into(),
-        ));
-    }
-    let bs = o.data_options.block_size;
-    if bs < 2 || bs > config.n_positions {
-        return Err(input(format!(
-            "--block-size must lie in 2..={} (the model's n_positions), got {bs}",
-            config.n_positions
-        )));
-    }
-    if let Some(0) = o.save_total_limit {
-        return Err(input("--save-total-limit must be positive".into()));
-    }
-    for p in o.data.iter().chain(&o.eval_data) {
-        if !p.is_file() {
-            return Err(input(format!("{}: no such data file", p.display())));
-        }
-    }
-    Ok(())
 }
 
 /// The trainable model: f32 leaf tensors that require grad, and the model over them.
