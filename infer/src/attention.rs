@@ -6,7 +6,9 @@
 //! the cache grows) against 0.02–0.04 ms for the memory-efficient and flash kernels.
 //! That made bf16 decoding 14× slower than fp32 there. tch does not expose
 //! `torch.backends.cuda.enable_cudnn_sdp`, so half-precision attention on CUDA calls the
-//! memory-efficient kernel directly; everything else takes libtorch's own choice.
+//! memory-efficient kernel directly when no gradient is wanted; training (fixed shapes,
+//! and a backward that needs the kernel's log-sum-exp) and everything else take
+//! libtorch's own choice.
 use tch::{Kind, Tensor};
 
 /// softmax(q·kᵀ·scale + mask)·v for q (B, H, T, D) and k, v (B, H, S, D). `mask`
@@ -21,7 +23,8 @@ pub(crate) fn sdpa(
     scale: f64,
 ) -> Tensor {
     let half = matches!(q.kind(), Kind::Half | Kind::BFloat16);
-    if half && q.device().is_cuda() {
+    let grad = q.requires_grad() || k.requires_grad() || v.requires_grad();
+    if half && q.device().is_cuda() && !grad {
         let bias = mask.map(|m| additive_bias(m, q));
         let (y, _, _, _) = Tensor::internal_scaled_dot_product_efficient_attention(
             q,
