@@ -31,7 +31,7 @@ fn fake_quant_rows(x: &Tensor) -> Tensor {
 fn int8_linear_equals_the_float_product_of_its_quantized_operands() {
     tch::manual_seed(0);
     let (m, k, n) = (5, 64, 48);
-    let mut x = Tensor::randn([m, k], (Kind::Float, Device::Cpu));
+    let x = Tensor::randn([m, k], (Kind::Float, Device::Cpu));
     // Two outlier channels, 40× the others.
     let _ = x.narrow(1, 3, 1).g_mul_scalar_(40.0);
     let _ = x.narrow(1, 17, 1).g_mul_scalar_(40.0);
