@@ -128,18 +128,8 @@ fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
     order
 }
 
-/// Whether bf16 training runs on `device`. On CUDA it does not yet: the backward of
-/// PyTorch 2.11's memory-efficient attention rejects the engine's bf16 attention
-/// ("LSE is not correctly aligned (strideH)", seen on an H100), so it is refused before
-/// any work. Elsewhere a bf16 matmul must run.
+/// Whether bf16 training runs on `device`: a bf16 matmul must run there.
 fn check_bf16(device: Device) -> Result<()> {
-    if device.is_cuda() {
-        return Err(input(format!(
-            "--dtype bf16 is not supported for training on {device:?} yet (PyTorch's \
-             memory-efficient attention backward rejects the bf16 attention layout); \
-             use --dtype f32"
-        )));
-    }
     let t = Tensor::ones([4, 4], (Kind::BFloat16, device));
     match t.f_matmul(&t) {
         Ok(_) => Ok(()),
