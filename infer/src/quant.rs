@@ -414,12 +414,11 @@ impl Int8Linear {
             let acc = shared.xq.internal_int_mm(&w.tr()); // (rows, len) int32
             let acc = Vec::<i32>::try_from(acc.reshape([-1])).unwrap_or_default();
             let (c0, len) = (c0 as usize, len as usize);
-            for r in 0..rows {
+            for (r, &s_r) in sx.iter().enumerate() {
                 for j in 0..len {
                     let c = c0 + j;
-                    let v =
-                        acc.get(r * len + j).copied().unwrap_or(0) as f32 * sx[r] * host.scale[c]
-                            + host.bias[c];
+                    let v = acc.get(r * len + j).copied().unwrap_or(0) as f32 * s_r * host.scale[c]
+                        + host.bias[c];
                     // SAFETY: r < rows, c < n_out: inside y; column c belongs to this chunk only.
                     unsafe { *shared.y.add(r * n_out + c) = v };
                 }

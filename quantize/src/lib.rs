@@ -186,7 +186,7 @@ pub fn quantize(
                 let wname = format!("{n}.weight");
                 let s = int8::smooth_scales(&stat, &map[&wname], alpha);
                 int8::fold_smoothing(&mut map, &ln, &wname, &s);
-                stat = stat / &s;
+                stat /= &s;
             }
             if let Some(thr) = opts.outlier_threshold {
                 let idx = stat.gt(thr).nonzero().reshape([-1]);
