@@ -142,7 +142,10 @@ fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
     let src = q
         .get("source_sha256")
         .and_then(|m| m.as_str())
-        .map(|s| format!(", from source weights sha256 {}", &s[..s.len().min(12)]))
+        .map(|s| {
+            let short: String = s.chars().take(12).collect();
+            format!(", from source weights sha256 {short}")
+        })
         .unwrap_or_default();
     Some(format!(
         "--model {}: already a quantized artifact (quant_method {qm}, method {method}{src}); \

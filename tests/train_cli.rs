@@ -640,6 +640,69 @@ fn rotation_keeps_the_newest_and_the_best() {
 }
 
 #[test]
+fn resume_refuses_a_changed_run_and_overwrite_starts_afresh() {
+    let t = TempDir::new("changed");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(40, 12)).unwrap();
+    let (data, out) = (t.s("train.jsonl"), t.s("out"));
+    let run = |steps: &str, extra: &[&str]| {
+        let mut args = vec![
+            "train",
+            "--model",
+            model.to_str().unwrap(),
+            "--data",
+            &data,
+            "--output",
+            &out,
+            "--block-size",
+            "32",
+            "--batch-size",
+            "2",
+            "--max-steps",
+            steps,
+            "--eval-split",
+            "0.1",
+            "--save-steps",
+            "3",
+            "--eval-steps",
+            "2",
+        ];
+        args.extend_from_slice(extra);
+        gpt2kit(&args)
+    };
+    assert_ok(&run("6", &[]));
+    // Evals at 2, 4, 6 and saves at 3, 6: checkpoint-3 was never evaluated, so it can
+    // never be the best one.
+    let state: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(t.path("out/checkpoint-3/trainer_state.json")).unwrap(),
+    )
+    .unwrap();
+    assert!(
+        state["best_model_checkpoint"].is_null(),
+        "{}",
+        state["best_model_checkpoint"]
+    );
+    // Resuming with another seed would reshuffle and re-split the data: refused by name.
+    assert_clean_failure(
+        &run("9", &["--resume", "--seed", "7"]),
+        2,
+        "--seed 7 (was 42)",
+    );
+    assert_clean_failure(&run("9", &["--resume", "--lr", "0.5"]), 2, "--lr 0.5");
+    // Starting over in the same folder: the old run's checkpoints go, so rotation and
+    // --resume only ever see the new run's.
+    assert_ok(&run("2", &["--overwrite-output-dir"]));
+    let mut kept: Vec<String> = std::fs::read_dir(t.path("out"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("checkpoint-"))
+        .collect();
+    kept.sort();
+    assert_eq!(kept, ["checkpoint-2"]);
+}
+
+#[test]
 fn early_stopping_and_non_finite_steps() {
     let t = TempDir::new("stop");
     let model = reference("hub-tied");

@@ -32,6 +32,11 @@ pub struct TrainerState {
     /// Evals in a row without a new best eval loss (early stopping).
     pub evals_without_improvement: i64,
     pub last_eval_loss: Option<f64>,
+    /// The step of that eval: a save is the best checkpoint only if it holds exactly
+    /// the weights the best eval saw (as transformers, which records the best at saves
+    /// that coincide with an eval).
+    #[serde(default)]
+    pub last_eval_step: Option<i64>,
     pub nan_steps_skipped: i64,
     pub consecutive_nan_steps: i64,
     pub log_history: Vec<serde_json::Value>,

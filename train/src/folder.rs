@@ -237,18 +237,39 @@ pub fn write_model_folder(target: &Path, contents: &FolderContents, replace: boo
     sync_dir(&parent)
 }
 
-/// Removes temporary folders a killed process left in `dir`.
+/// Removes temporary folders a killed process left in `dir`. A process killed between
+/// the two renames of a swap (see `write_model_folder`) left the earlier folder aside as
+/// `.tmp-old-NAME-PID` and no `NAME`: that folder is complete, so it is moved back first.
 pub fn remove_leftovers(dir: &Path) -> Result<usize> {
-    let mut n = 0;
     let Ok(entries) = fs::read_dir(dir) else {
         return Ok(0);
     };
-    for entry in entries.flatten() {
-        if entry.file_name().to_string_lossy().starts_with(TMP_PREFIX) && entry.path().is_dir() {
-            fs::remove_dir_all(entry.path())
-                .with_context(|| format!("removing {}", entry.path().display()))?;
-            n += 1;
+    let leftovers: Vec<PathBuf> = entries
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX) && e.path().is_dir())
+        .map(|e| e.path())
+        .collect();
+    let old_prefix = format!("{TMP_PREFIX}old-");
+    for path in &leftovers {
+        let file = path.file_name().unwrap_or_default().to_string_lossy();
+        let Some(name) = file
+            .strip_prefix(&old_prefix)
+            .and_then(|rest| rest.rsplit_once('-'))
+            .map(|(name, _pid)| name)
+        else {
+            continue;
+        };
+        let target = dir.join(name);
+        if !name.is_empty() && !target.exists() {
+            fs::rename(path, &target).with_context(|| {
+                format!("restoring {} from {}", target.display(), path.display())
+            })?;
         }
+    }
+    let mut n = 0;
+    for path in leftovers.iter().filter(|p| p.exists()) {
+        fs::remove_dir_all(path).with_context(|| format!("removing {}", path.display()))?;
+        n += 1;
     }
     Ok(n)
 }
@@ -278,4 +299,39 @@ fn sync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn scratch(name: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("gpt2kit-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[test]
+    fn a_swap_killed_between_its_renames_gets_the_earlier_folder_back() {
+        let dir = scratch("swap-killed");
+        // The state after `rename(target, old)` and before `rename(tmp, target)`.
+        fs::create_dir(dir.join(".tmp-old-final-77")).unwrap();
+        fs::write(dir.join(".tmp-old-final-77/config.json"), "old").unwrap();
+        fs::create_dir(dir.join(".tmp-final-77")).unwrap();
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert_eq!(
+            fs::read_to_string(dir.join("final/config.json")).unwrap(),
+            "old"
+        );
+        assert!(!dir.join(".tmp-final-77").exists());
+        // After the second rename the new folder is in place: the old copy just goes.
+        fs::create_dir(dir.join(".tmp-old-final-78")).unwrap();
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert_eq!(
+            fs::read_to_string(dir.join("final/config.json")).unwrap(),
+            "old"
+        );
+        fs::remove_dir_all(&dir).unwrap();
+    }
 }

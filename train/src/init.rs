@@ -124,9 +124,15 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
     let tokenizer = Tokenizer::from_dir(opts.tokenizer_dir)
         .with_context(|| format!("--tokenizer {}", opts.tokenizer_dir.display()))?;
     config.vocab_size = tokenizer.vocab_size() as i64;
-    let eos = tokenizer
-        .token_to_id("<|endoftext|>")
-        .unwrap_or(config.vocab_size - 1);
+    // GPT-2 separates documents with <|endoftext|> (its bos and eos): a tokenizer without
+    // it would make some arbitrary token the separator.
+    let eos = tokenizer.token_to_id("<|endoftext|>").ok_or_else(|| {
+        infer::Error::Input(format!(
+            "--tokenizer {}: has no <|endoftext|> token, which GPT-2 uses as bos and eos \
+             (`gpt2kit tokenizer train` adds it)",
+            opts.tokenizer_dir.display()
+        ))
+    })?;
     config.bos_token_id = Some(TokenIds::One(eos));
     config.eos_token_id = Some(TokenIds::One(eos));
     config.extra.insert(

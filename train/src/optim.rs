@@ -125,7 +125,13 @@ impl AdamW {
         let step = state
             .get("step")
             .ok_or_else(|| anyhow::anyhow!("optimizer state lacks `step`"))?;
-        self.step = step.int64_value(&[0]);
+        if step.numel() != 1 {
+            anyhow::bail!(
+                "optimizer state `step` holds {} values, not 1",
+                step.numel()
+            );
+        }
+        self.step = step.reshape([1]).int64_value(&[0]);
         Ok(())
     }
 }

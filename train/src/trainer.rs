@@ -221,6 +221,18 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
             o.output.display()
         )));
     }
+    if resume_dir.is_none() && o.overwrite_output_dir {
+        // Starting over: the earlier run's checkpoints would otherwise be rotated in
+        // with the new ones (and deleted the new ones as "older") or picked by --resume.
+        let mut stale: Vec<PathBuf> = ckpt::list_checkpoints(&o.output)
+            .into_iter()
+            .map(|(_, dir)| dir)
+            .collect();
+        stale.extend(["final", "runs"].map(|d| o.output.join(d)));
+        for dir in stale.iter().filter(|d| d.exists()) {
+            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+        }
+    }
 
     // Data, all checked before training starts.
     let tokenizer = Tokenizer::from_dir(&start_dir)
@@ -293,6 +305,16 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
                 batches_per_epoch
             )));
         }
+        if state.data_batch < 0 || state.data_batch > batches_per_epoch || state.data_epoch < 0 {
+            return Err(input(format!(
+                "{}: data position (epoch {}, batch {}) is outside this data's {} batches",
+                dir.join(ckpt::TRAINER_STATE).display(),
+                state.data_epoch,
+                state.data_batch,
+                batches_per_epoch
+            )));
+        }
+        check_same_run(dir, &schedule, o.seed)?;
         let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
         adam.load_state(&opt)
             .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
@@ -517,6 +539,43 @@ fn tokenizer_dir(start: &Path, resume: &Option<PathBuf>) -> PathBuf {
     resume.clone().unwrap_or_else(|| start.to_path_buf())
 }
 
+/// An exact resume needs the schedule and the data order the checkpoint was made with:
+/// refuses flags that would change them mid-run (naming them), as a silent change would
+/// rebuild the LR curve or reshuffle (and, with --eval-split, re-split) the data. The
+/// total length may change (`--max-steps` to train further, as transformers allows).
+fn check_same_run(dir: &Path, schedule: &Schedule, seed: u64) -> Result<()> {
+    let saved: SchedulerState = ckpt::read_json(&dir.join(ckpt::SCHEDULER))?;
+    let rng: RngState = ckpt::read_json(&dir.join(ckpt::RNG_STATE))?;
+    let mut diffs = Vec::new();
+    if saved.kind != schedule.kind.name() {
+        diffs.push(format!(
+            "--lr-scheduler {} (was {})",
+            schedule.kind.name(),
+            saved.kind
+        ));
+    }
+    if saved.base_lr != schedule.base_lr {
+        diffs.push(format!("--lr {} (was {})", schedule.base_lr, saved.base_lr));
+    }
+    if saved.warmup_steps != schedule.warmup_steps {
+        diffs.push(format!(
+            "warmup of {} steps (was {}; --warmup-steps/--warmup-ratio)",
+            schedule.warmup_steps, saved.warmup_steps
+        ));
+    }
+    if rng.seed != seed {
+        diffs.push(format!("--seed {seed} (was {})", rng.seed));
+    }
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(input(format!(
+        "--resume {}: this run differs from the checkpoint's: {}; resume with the same flags",
+        dir.display(),
+        diffs.join(", ")
+    )))
+}
+
 fn run_eval(tr: &Trainable, set: &[Sample], batch_size: i64, eos: i64) -> Result<EvalResult> {
     let _g = tch::no_grad_guard();
     let bf16 = tr.compute_model()?;
@@ -529,6 +588,7 @@ fn record_eval(state: &mut TrainerState, metrics: &mut Metrics, step: i64, r: &E
     }));
     metrics.eval(step, r);
     state.last_eval_loss = Some(r.loss);
+    state.last_eval_step = Some(step);
     if state.best_metric.is_none_or(|b| r.loss < b) {
         state.best_metric = Some(r.loss);
         state.evals_without_improvement = 0;
@@ -553,9 +613,9 @@ fn save_checkpoint(
     }
     let dir = ckpt::checkpoint_dir(&o.output, state.global_step);
     let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-    // The best checkpoint is the one saved right after the best eval so far.
+    // The best checkpoint is one saved at the step of the best eval so far.
     if let (Some(last), Some(best)) = (state.last_eval_loss, state.best_metric) {
-        if last == best {
+        if last == best && state.last_eval_step == Some(state.global_step) {
             state.best_model_checkpoint = Some(name.clone());
         }
     }
