@@ -396,7 +396,7 @@ impl Int8Linear {
             let s = (max / 127.0).max(1e-12);
             sx[r] = s;
             for (q, v) in xq[r * n_in..(r + 1) * n_in].iter_mut().zip(row) {
-                *q = (v / s).round().clamp(-127.0, 127.0) as i8;
+                *q = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8; // ties to even, as torch.round in quantize_per_token
             }
         }
         let xq = Tensor::from_slice(&xq).view([rows as i64, n_in as i64]);
