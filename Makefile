@@ -50,7 +50,7 @@ $(REF_READY): $(VENV_READY) tests/reference/make_reference.py tests/reference/ma
 reference: $(REF_READY)
 
 test: setup $(REF_READY)
-	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) $(CARGO) test --release --workspace
+	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) GPT2KIT_PYTHON=$(VENV)/bin/python $(CARGO) test --release --workspace
 
 demo: build data
 	@bash tests/demo.sh $(BIN) target/demo $(VENV)

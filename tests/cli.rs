@@ -1,43 +1,11 @@
 //! End-to-end tests of the `gpt2kit` binary on the reference models: output, exit
 //! codes (2 for bad flags and inputs, 1 for other failures), no panics or backtraces,
 //! and a closed stdout.
+mod common;
+
+use common::{assert_clean_failure, gpt2kit, reference, stderr};
 use std::io::Read;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
-
-fn reference(name: &str) -> PathBuf {
-    let dir = std::env::var_os("GPT2KIT_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reference"));
-    let model = dir.join(name);
-    assert!(
-        model.join("expected.json").exists(),
-        "reference model {} missing: run `make reference` (`make test` does)",
-        model.display()
-    );
-    model
-}
-
-fn gpt2kit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
-}
 
 fn expected(name: &str) -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(reference(name).join("expected.json")).unwrap())
@@ -604,7 +572,9 @@ fn readme_documents_every_flag_and_no_other() {
 fn readme_usage_commands() -> Vec<Vec<String>> {
     let readme =
         std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
-    let start = readme.find("\n## Usage").expect("README has a ## Usage section");
+    let start = readme
+        .find("\n## Usage")
+        .expect("README has a ## Usage section");
     let section = &readme[start + 1..];
     let section = &section[..section[3..].find("\n## ").map_or(section.len(), |e| e + 3)];
     let joined = section.replace("\\\n", " ");
@@ -658,7 +628,10 @@ fn every_readme_usage_command_parses() {
         );
     }
     for sub in ["init", "tokenizer", "train", "eval", "quantize", "infer"] {
-        assert!(seen.contains(sub), "the usage section never runs `gpt2kit {sub}`");
+        assert!(
+            seen.contains(sub),
+            "the usage section never runs `gpt2kit {sub}`"
+        );
     }
 }
 

@@ -3,6 +3,9 @@
 //! artifact against transformers' on the dequantized folder, every decoding strategy
 //! on an artifact, pruning patterns, layer dropping, the report, and bad input (exit 2,
 //! nothing written).
+mod common;
+
+use common::{gpt2kit, python, reference};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
@@ -10,32 +13,12 @@ use infer::checkpoint::WeightFiles;
 use infer::{Gpt2, KvCache};
 use tch::{Device, Kind, Tensor};
 
-fn reference(name: &str) -> PathBuf {
-    let dir = std::env::var_os("GPT2KIT_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reference"));
-    let model = dir.join(name);
-    assert!(
-        model.join("expected.json").exists(),
-        "reference model {} missing: run `make reference` (`make test` does)",
-        model.display()
-    );
-    model
-}
-
 /// A fresh scratch folder for one test.
 fn scratch(test: &str) -> PathBuf {
     let d = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join(format!("quantize-{test}"));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn gpt2kit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(args)
-        .output()
-        .unwrap()
 }
 
 fn ok(o: &Output) -> String {
@@ -106,24 +89,6 @@ fn engine_logits(dir: &Path, ids: &Tensor) -> Tensor {
         let mut cache: KvCache = model.new_cache(b, t);
         model.forward(ids, &mut cache)
     })
-}
-
-/// The Python interpreter of the reference environment: `$GPT2KIT_PYTHON`, else the
-/// venv `make setup` made for tests/reference/requirements.txt.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("GPT2KIT_PYTHON") {
-        return p.into();
-    }
-    let reqs = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/reference/requirements.txt"
-    );
-    let out = Command::new("sha256sum").arg(reqs).output().unwrap();
-    let id = String::from_utf8_lossy(&out.stdout)[..12].to_string();
-    let home = std::env::var_os("HOME").unwrap();
-    let p = PathBuf::from(home).join(format!(".cache/gpt2kit/venv-{id}/bin/python"));
-    assert!(p.exists(), "{} missing: run `make setup`", p.display());
-    p
 }
 
 #[test]

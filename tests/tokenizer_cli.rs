@@ -2,22 +2,14 @@
 //! (both file formats) and in transformers (tests/reference/check_tokenizer.py), with
 //! identical ids; decode(encode(s)) == s for arbitrary UTF-8; the same data gives the
 //! same bytes; bad input fails with exit 2 naming file:line or the flag.
+mod common;
+
+use common::{gpt2kit, python, stderr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use infer::Tokenizer;
 use serde_json::{json, Value};
-
-fn gpt2kit(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(args)
-        .output()
-        .unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
 
 fn scratch(name: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("gpt2kit-tokenizer-{}-{name}", std::process::id()));
@@ -156,29 +148,6 @@ fn arbitrary_strings(n: usize) -> Vec<String> {
     }
     out.push("the statement returns a value. ".repeat(300));
     out
-}
-
-/// The reference venv's python: `GPT2KIT_PYTHON`, else the one whose torch `make setup`
-/// pointed LIBTORCH at (`<venv>/lib/python3.X/site-packages/torch`).
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("GPT2KIT_PYTHON") {
-        return p.into();
-    }
-    let libtorch = std::env::var("LIBTORCH")
-        .ok()
-        .or(option_env!("LIBTORCH").map(String::from))
-        .expect("set GPT2KIT_PYTHON to the reference venv's python (`make setup` makes one)");
-    let python = Path::new(&libtorch)
-        .ancestors()
-        .nth(4)
-        .unwrap()
-        .join("bin/python");
-    assert!(
-        python.exists(),
-        "{} missing: run `make setup`",
-        python.display()
-    );
-    python
 }
 
 #[test]

@@ -4,52 +4,15 @@
 //! bit for bit, transformers loads our checkpoints and computes the same logits,
 //! TensorBoard's own reader sees our event files, checkpoint rotation keeps the newest
 //! plus the best, and non-finite steps are skipped, counted and abort training.
+mod common;
+
+use common::{
+    assert_clean_failure, gpt2kit, gpt2kit_env, python, reference, reference_dir, stderr, stdout,
+};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use tch::{Device, Kind, Tensor};
-
-fn reference_dir() -> PathBuf {
-    std::env::var_os("GPT2KIT_REFERENCE_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reference"))
-}
-
-fn reference(name: &str) -> PathBuf {
-    let model = reference_dir().join(name);
-    assert!(
-        model.join("config.json").exists(),
-        "reference model {} missing: run `make reference` (`make test` does)",
-        model.display()
-    );
-    model
-}
-
-/// The reference virtual environment's python (transformers, tensorboard):
-/// `GPT2KIT_PYTHON`, else a venv `make setup` made under ~/.cache/gpt2kit that has both.
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("GPT2KIT_PYTHON") {
-        return p.into();
-    }
-    let home = PathBuf::from(std::env::var_os("HOME").expect("HOME"));
-    let mut venvs: Vec<PathBuf> = std::fs::read_dir(home.join(".cache/gpt2kit"))
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.path().join("bin/python"))
-        .filter(|p| p.exists())
-        .collect();
-    venvs.sort();
-    venvs
-        .into_iter()
-        .find(|p| {
-            Command::new(p)
-                .args(["-c", "import tensorboard, transformers"])
-                .output()
-                .is_ok_and(|o| o.status.success())
-        })
-        .expect("no reference venv with transformers and tensorboard: run `make setup`, or set GPT2KIT_PYTHON")
-}
 
 fn ref_script(args: &[&str]) -> Output {
     let o = Command::new(python())
@@ -64,40 +27,9 @@ fn ref_script(args: &[&str]) -> Output {
     o
 }
 
-fn gpt2kit(args: &[&str]) -> Output {
-    gpt2kit_env(args, &[])
-}
-
-fn gpt2kit_env(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
-    c.args(args);
-    for (k, v) in env {
-        c.env(k, v);
-    }
-    c.output().unwrap()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
 fn assert_ok(o: &Output) {
     assert!(o.status.success(), "stderr: {}", stderr(o));
     assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
-}
-
-fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
-    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
-        "{err}"
-    );
 }
 
 struct TempDir(PathBuf);

@@ -1,0 +1,80 @@
+//! Helpers shared by the command-line test files (each declares `mod common;`): the
+//! reference models, running the binary, clean-failure checks, the reference Python.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+/// Where `make reference` wrote the reference models (`GPT2KIT_REFERENCE_DIR`, which
+/// `make test` sets, else target/reference).
+pub fn reference_dir() -> PathBuf {
+    std::env::var_os("GPT2KIT_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/reference"))
+}
+
+/// A reference model folder, checked to exist.
+pub fn reference(name: &str) -> PathBuf {
+    let model = reference_dir().join(name);
+    assert!(
+        model.join("config.json").exists(),
+        "reference model {} missing: run `make reference` (`make test` does)",
+        model.display()
+    );
+    model
+}
+
+pub fn gpt2kit(args: &[&str]) -> Output {
+    gpt2kit_env(args, &[])
+}
+
+pub fn gpt2kit_env(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    c.output().unwrap()
+}
+
+pub fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+pub fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// Exit `code`, a message containing `needle`, and no panic or backtrace.
+pub fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(code), "stderr: {err}");
+    assert!(err.contains(needle), "stderr lacks {needle:?}: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("RUST_BACKTRACE"),
+        "{err}"
+    );
+}
+
+/// The reference environment's python (transformers, tensorboard): `GPT2KIT_PYTHON`
+/// (`make test` sets it), else the venv whose torch the build links (`LIBTORCH` is
+/// `<venv>/lib/python3.X/site-packages/torch`).
+pub fn python() -> PathBuf {
+    if let Some(p) = std::env::var_os("GPT2KIT_PYTHON") {
+        return p.into();
+    }
+    let libtorch = std::env::var("LIBTORCH")
+        .ok()
+        .or(option_env!("LIBTORCH").map(String::from))
+        .expect("set GPT2KIT_PYTHON to the reference venv's python (`make setup` makes one)");
+    let python = Path::new(&libtorch)
+        .ancestors()
+        .nth(4)
+        .expect("LIBTORCH lies inside a venv")
+        .join("bin/python");
+    assert!(
+        python.exists(),
+        "{} missing: run `make setup`",
+        python.display()
+    );
+    python
+}
