@@ -278,10 +278,14 @@ impl TmpDir {
     /// Renames the folder into place.
     fn commit(mut self, target: &Path) -> anyhow::Result<()> {
         check_out(target)?;
+        // Synced before and after the rename, so that after a crash `target` is either
+        // absent or complete.
+        train::folder::sync_dir(&self.path)?;
         std::fs::rename(&self.path, target)
             .with_context(|| format!("renaming to {}", target.display()))?;
         self.keep = true;
-        Ok(())
+        let parent = target.parent().filter(|p| !p.as_os_str().is_empty());
+        train::folder::sync_dir(parent.unwrap_or(Path::new(".")))
     }
 }
 
@@ -305,15 +309,18 @@ fn write_folder(
         &dir.join("config.json"),
         train::folder::config_json(config)?.as_bytes(),
     )?;
-    quantize::save_safetensors(&dir.join(infer::checkpoint::SINGLE_FILE), tensors)?;
+    let weights = dir.join(infer::checkpoint::SINGLE_FILE);
+    quantize::save_safetensors(&weights, tensors)?;
+    train::folder::sync_file(&weights)?;
     for file in train::folder::TOKENIZER_FILES
         .iter()
         .chain(&["generation_config.json"])
     {
         let src = source.join(file);
         if src.is_file() {
-            std::fs::copy(&src, dir.join(file))
-                .with_context(|| format!("copying {}", src.display()))?;
+            let bytes =
+                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            train::folder::write_file(&dir.join(file), &bytes)?;
         }
     }
     Ok(())

@@ -289,13 +289,15 @@ pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-fn sync_file(path: &Path) -> Result<()> {
+/// Syncs a written file's data to disk.
+pub fn sync_file(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", path.display()))
 }
 
-fn sync_dir(path: &Path) -> Result<()> {
+/// Syncs a folder's entries (a file created or renamed in it) to disk.
+pub fn sync_dir(path: &Path) -> Result<()> {
     File::open(path)
         .and_then(|f| f.sync_all())
         .with_context(|| format!("syncing {}", path.display()))
