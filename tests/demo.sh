@@ -3,7 +3,7 @@
 # made by `make data`), as commands a user can copy: train a tokenizer, initialise a
 # small GPT-2, fine-tune it with eval, checkpoints and TensorBoard logs, quantize it to
 # int8 (and a pruned variant) with a report, then generate with every common strategy
-# from the float and the int8 model. About 3–5 minutes on 2 cores after the build.
+# from the float and the int8 model. About 2½ minutes on 2 cores after the build.
 set -euo pipefail
 BIN=${1:-target/release/gpt2kit}
 OUT=${2:-target/demo}
@@ -19,9 +19,9 @@ run "$BIN" init --preset tiny --tokenizer "$OUT/tokenizer" --out "$OUT/init" --s
 
 step "2. training on data/train.jsonl, eval on data/eval.jsonl"
 run "$BIN" train --model "$OUT/init" --data data/train.jsonl --eval-data data/eval.jsonl \
-    --output "$OUT/run" --block-size 128 --batch-size 8 --max-steps 150 --lr 1e-3 \
-    --warmup-steps 15 --lr-scheduler cosine --weight-decay 0.01 --eval-steps 50 \
-    --save-steps 50 --save-total-limit 2 --logging-steps 10 --seed 0
+    --output "$OUT/run" --block-size 128 --batch-size 8 --max-steps 500 --lr 1e-3 \
+    --warmup-steps 50 --lr-scheduler cosine --weight-decay 0.01 --eval-steps 100 \
+    --save-steps 100 --save-total-limit 2 --logging-steps 20 --seed 0
 run "$BIN" eval --model "$OUT/run/final" --data data/eval.jsonl --block-size 128
 
 step "3. int8 quantization (and 30% magnitude pruning + int8), with what it cost"
