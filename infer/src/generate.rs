@@ -303,6 +303,11 @@ pub(crate) trait Strategy {
 /// Generates for every prompt as one left-padded batch. `stop` ends a sequence whose
 /// generated tokens it accepts; `on_token(row, id)` sees each token as soon as it is
 /// picked (greedy and sampling; rows are prompt-major).
+///
+/// With `cfg.seed`, the run seeds libtorch's process-wide generator, as
+/// `torch.manual_seed`, so that its samples are transformers' samples. Two seeded runs
+/// in one process at the same time would draw from that one generator in turn, and
+/// neither would repeat: a seeded run holds a process-wide lock until it returns.
 pub fn generate(
     model: &Gpt2,
     prompts: &[Vec<i64>],
@@ -322,9 +327,7 @@ pub fn generate_ensemble(
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Output> {
     validate(&models.config(), prompts, cfg)?;
-    if let Some(seed) = cfg.seed {
-        tch::manual_seed(seed as i64);
-    }
+    let _seeded = seed_rng(cfg.seed);
     let started = Instant::now();
     let device = models.models[0].device();
     let pad = cfg
@@ -539,4 +542,14 @@ impl Strategy for Single {
             .map(|_| out.by_ref().take(expand).collect())
             .collect()
     }
+}
+
+/// Seeds libtorch's global generator and holds the lock that keeps other seeded runs
+/// from drawing from it until the guard drops; `None` (unseeded) takes no lock.
+pub(crate) fn seed_rng(seed: Option<u64>) -> Option<std::sync::MutexGuard<'static, ()>> {
+    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let seed = seed?;
+    let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
+    tch::manual_seed(seed as i64);
+    Some(guard)
 }

@@ -11,6 +11,7 @@ pub mod error;
 pub mod genconfig;
 pub mod generate;
 pub mod kernels;
+pub mod linear;
 pub mod model;
 pub mod parallel;
 pub mod processors;

@@ -118,9 +118,7 @@ pub fn generate_speculative(
             )));
         }
     }
-    if let Some(seed) = cfg.seed {
-        tch::manual_seed(seed as i64);
-    }
+    let _seeded = crate::generate::seed_rng(cfg.seed);
     let started = Instant::now();
     let mut stats = SpecStats::default();
     let mut sequences = Vec::with_capacity(prompts.len());

@@ -1,0 +1,191 @@
+//! The linear layer: GPT-2's `Conv1D` projections in every weight format the engine
+//! runs (float, float repacked for the CPU decode kernels, int8 per-channel weights,
+//! W8A8), behind one `forward`. Tensor-parallel shards are `Linear`s too.
+use tch::{Device, Kind, Tensor};
+
+use crate::kernels::{self, PackedLinear};
+use crate::error::Result;
+use crate::quant::{InputObserver, Int8Linear, QuantRows};
+
+/// A linear layer. GPT-2 stores its projections as `Conv1D`: weight (in, out), y = x·W + b.
+/// The one seam where weight formats differ (quantized variants join this enum).
+/// A row-split shard of a tensor-parallel layer has no bias: it is added once after the
+/// shards' partial outputs are summed.
+pub enum Linear {
+    Float {
+        weight: Tensor,
+        bias: Option<Tensor>,
+    },
+    /// Float weights plus a copy repacked for the CPU decode kernels (`kernels`), which
+    /// serve inputs of up to `kernels::MAX_ROWS` rows; libtorch serves the rest.
+    Packed {
+        weight: Tensor,
+        bias: Option<Tensor>,
+        packed: PackedLinear,
+    },
+    /// Int8 weights and per-token int8 activations (`int8-dynamic` artifacts).
+    Int8(Box<Int8Linear>),
+    /// Int8 weights, float activations (`int8-weight` artifacts): decode steps run on
+    /// the int8 decode kernel (`packed`, made by `pack_for_cpu_decode`), which widens
+    /// the weights in registers; other calls dequantize the weight per call.
+    Int8Weight {
+        w: QuantRows,
+        bias: Option<Tensor>,
+        packed: Option<PackedLinear>,
+    },
+    /// Any layer, recording the per-channel max |x| of its inputs (calibration).
+    Observed {
+        inner: Box<Linear>,
+        observer: InputObserver,
+    },
+}
+
+impl Linear {
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let (weight, bias) = match self {
+            Linear::Float { weight, bias } => (weight, bias),
+            Linear::Packed {
+                weight,
+                bias,
+                packed,
+            } => {
+                if let Some(y) = packed_forward(packed, x, kernels::MAX_ROWS as i64) {
+                    return y;
+                }
+                (weight, bias)
+            }
+            Linear::Int8(q) => return q.forward(x),
+            Linear::Int8Weight { w, bias, packed } => {
+                if let Some(y) = packed
+                    .as_ref()
+                    .and_then(|p| packed_forward(p, x, INT8_KERNEL_MAX_ROWS))
+                {
+                    return y;
+                }
+                let mut shape = x.size();
+                let n_in = *shape.last().expect("input has a feature dimension");
+                *shape.last_mut().unwrap() = w.q.size()[0];
+                let wf = w.dequantize(x.kind()).tr(); // (in, out)
+                let x2 = x.reshape([-1, n_in]);
+                let y = match bias {
+                    Some(b) => b.addmm(&x2, &wf),
+                    None => x2.mm(&wf),
+                };
+                return y.reshape(shape);
+            }
+            Linear::Observed { inner, observer } => {
+                observer.observe(x);
+                return inner.forward(x);
+            }
+        };
+        let mut shape = x.size();
+        let n_in = *shape.last().expect("input has a feature dimension");
+        *shape.last_mut().unwrap() = weight.size()[1];
+        let x2 = x.reshape([-1, n_in]);
+        // Conv1D's own op: addmm over the flattened rows.
+        let y = match bias {
+            Some(b) => b.addmm(&x2, weight),
+            None => x2.mm(weight),
+        };
+        y.reshape(shape)
+    }
+
+    /// Adds the packed copy for the CPU decode kernels (no-op if already packed).
+    pub(crate) fn pack(self) -> Result<Linear> {
+        Ok(match self {
+            Linear::Float { weight, bias } => {
+                let packed = PackedLinear::from_tensor(&weight, bias.as_ref())?;
+                Linear::Packed {
+                    weight,
+                    bias,
+                    packed,
+                }
+            }
+            Linear::Int8Weight {
+                w,
+                bias,
+                packed: None,
+            } => {
+                let (n_out, n_in) = (w.q.size()[0] as usize, w.q.size()[1] as usize);
+                let q = Vec::<i8>::try_from(w.q.reshape([-1]))?;
+                let scale = Vec::<f32>::try_from(w.scale.to_kind(Kind::Float))?;
+                let b = match &bias {
+                    Some(b) => Some(Vec::<f32>::try_from(b.to_kind(Kind::Float))?),
+                    None => None,
+                };
+                let packed = PackedLinear::from_int8_rows(&q, &scale, n_in, n_out, b.as_deref())?;
+                Linear::Int8Weight {
+                    w,
+                    bias,
+                    packed: Some(packed),
+                }
+            }
+            other => other,
+        })
+    }
+
+    /// Wraps the layer in an input observer (no-op if already observed).
+    pub(crate) fn observed(self) -> Linear {
+        match self {
+            Linear::Observed { .. } => self,
+            inner => Linear::Observed {
+                inner: Box::new(inner),
+                observer: InputObserver::new(),
+            },
+        }
+    }
+
+    /// The recorded per-input-channel max |x| (after `observe_linear_inputs`).
+    pub(crate) fn observed_max(&self) -> Option<Tensor> {
+        match self {
+            Linear::Observed { observer, .. } => observer
+                .max_abs
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .as_ref()
+                .map(Tensor::shallow_clone),
+            _ => None,
+        }
+    }
+
+    /// The float weight (in, out) and bias, if this layer is float.
+    pub(crate) fn float_parts(&self) -> Option<(&Tensor, &Option<Tensor>)> {
+        match self {
+            Linear::Float { weight, bias } | Linear::Packed { weight, bias, .. } => {
+                Some((weight, bias))
+            }
+            Linear::Observed { inner, .. } => inner.float_parts(),
+            Linear::Int8(_) | Linear::Int8Weight { .. } => None,
+        }
+    }
+}
+
+/// The kernels' result for up to `max_rows` rows of float activations without autograd
+/// (`kernels::MAX_ROWS` for float weights, `INT8_KERNEL_MAX_ROWS` for int8); `None` sends
+/// the call to libtorch.
+pub(crate) fn packed_forward(packed: &PackedLinear, x: &Tensor, max_rows: i64) -> Option<Tensor> {
+    let size = x.size();
+    let rows: i64 = size[..size.len() - 1].iter().product();
+    if rows > max_rows || x.requires_grad() || x.device() != Device::Cpu {
+        return None;
+    }
+    let kind = x.kind();
+    let y = packed.forward_tensor(&x.to_kind(Kind::Float)).ok()?;
+    Some(if kind == Kind::Float {
+        y
+    } else {
+        y.to_kind(kind)
+    })
+}
+
+/// Rows up to which an int8-weight layer runs on its decode kernel (in passes of
+/// `kernels::MAX_ROWS` rows) rather than dequantizing its weight per call: a pass reads
+/// a quarter of the f32 bytes, while dequantizing writes and reads the f32 weight again
+/// (a prompt of up to 64 tokens costs at most 8 passes).
+const INT8_KERNEL_MAX_ROWS: i64 = 64;
+
+/// Whether CPU models get the decode kernels: on unless `GPT2KIT_KERNELS=0` (which
+/// forces libtorch everywhere, for comparison).
+pub fn kernels_enabled() -> bool {
+    std::env::var("GPT2KIT_KERNELS").map_or(true, |v| v != "0")
+}
