@@ -3,8 +3,8 @@
 //! W8A8), behind one `forward`. Tensor-parallel shards are `Linear`s too.
 use tch::{Device, Kind, Tensor};
 
-use crate::kernels::{self, PackedLinear};
 use crate::error::Result;
+use crate::kernels::{self, PackedLinear};
 use crate::quant::{InputObserver, Int8Linear, QuantRows};
 
 /// A linear layer. GPT-2 stores its projections as `Conv1D`: weight (in, out), y = x·W + b.
