@@ -71,6 +71,16 @@ impl KvCache {
         self.padded = !bool::try_from(mask.all()).unwrap_or(true);
     }
 
+    /// (B, capacity) bool: may this slot be attended to.
+    pub(crate) fn valid(&self) -> &Tensor {
+        &self.valid
+    }
+
+    /// Whether some slot is masked out.
+    pub(crate) fn padded(&self) -> bool {
+        self.padded
+    }
+
     pub fn len(&self) -> i64 {
         self.len
     }

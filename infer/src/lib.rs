@@ -5,6 +5,7 @@ mod beam;
 pub mod cache;
 pub mod checkpoint;
 pub mod config;
+pub mod decode;
 pub mod device;
 pub mod ensemble;
 pub mod error;

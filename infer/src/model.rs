@@ -9,6 +9,7 @@ use crate::attention::sdpa;
 use crate::cache::KvCache;
 use crate::checkpoint::{TensorSource, WeightFiles};
 use crate::config::{Activation, Gpt2Config};
+use crate::decode::{LayerSettings, Plan};
 use crate::error::{Error, Result};
 use crate::kernels::{self, PackedLinear};
 use crate::linear::packed_forward;
@@ -89,6 +90,8 @@ pub struct Gpt2 {
     /// The head (`lm_head`, or `wte`ᵀ when tied) packed for the CPU decode kernels.
     head_packed: Option<PackedLinear>,
     comm: Box<dyn Communicator>,
+    /// Fused CPU decode steps (`decode`), made with the packed copies.
+    fused: Option<Plan>,
 }
 
 /// Adds a bias that was kept out of the shards.
@@ -442,6 +445,7 @@ impl Gpt2 {
                         .into_iter()
                         .zip(mlp_proj)
                         .map(|(c_fc, c_proj)| MlpShard { c_fc, c_proj })
+            fused: None,
                         .collect(),
                     c_proj_bias: mlp_bias,
                     act: config.activation(),
@@ -479,9 +483,32 @@ impl Gpt2 {
             wte_q = Some(w);
             Tensor::new()
         } else {
+        self.set_fused_decode(true);
             rows(&format!("{prefix}wte.weight"))?
         };
         // transformers ties the head to wte whenever tie_word_embeddings is set, even
+    /// Turns fused CPU decode steps (`decode`) on or off; returns whether they are on.
+    /// They need the packed copies (`pack_for_cpu_decode`) and are on after it, unless
+    /// `GPT2KIT_FUSED_DECODE=0`. Off, decode steps run libtorch between the kernels.
+    pub fn set_fused_decode(&mut self, on: bool) -> bool {
+        self.fused = None;
+        if on {
+            let settings: Vec<LayerSettings> = self
+                .h
+                .iter()
+                .map(|b| LayerSettings {
+                    ln_eps: b.ln_1.eps,
+                    scale: b.attn.scale,
+                    upcast: b.attn.upcast,
+                })
+                .collect();
+            let act = self.h.first().map_or(Activation::Linear, |b| b.mlp.act);
+            let ln_f = (&self.ln_f, self.ln_f.eps);
+            self.fused = Plan::new(self, &self.h, &settings, ln_f, act);
+        }
+        self.fused.is_some()
+    }
+
         // when the file also stores `lm_head.weight`; untied models must store it.
         if !config.tie_word_embeddings {
             if int8_embeddings {
@@ -616,6 +643,10 @@ impl Gpt2 {
             Linear::Packed { .. } => true,
             Linear::Int8Weight { packed, .. } => packed.is_some(),
             Linear::Int8(q) => q.decodes_on_pool(rows),
+        if let Some(h) = self.fused.as_ref().and_then(|p| p.step(&self.h, &x, cache)) {
+            cache.advance(t);
+            return h;
+        }
             _ => false,
         };
         let head = self.head_packed.is_some() || self.head_q.as_ref().is_some_and(on_pool);

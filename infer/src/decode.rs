@@ -1,0 +1,580 @@
+//! One decode step on the CPU with no libtorch op between the matrix products.
+//!
+//! A batch-1 step of gpt2-124M is ~50 matrix products on the decode kernels and, around
+//! them, ~250 small libtorch ops (layer norms, the q/k/v split, cache writes, attention,
+//! GELU, residual adds, dtype casts), each a dispatch and an allocation of a few
+//! microseconds to tens of microseconds: measured, they took a third to a half of the
+//! step (bf16: 21.8 ms a token against 11.4 ms for the products). Here the whole block
+//! runs on plain slices: the hidden rows stay in one f32 buffer, the kernels write into
+//! preallocated buffers, keys and values go straight into the cache tensors' storage and
+//! attention reads them there, threads over (row, head) pairs on the kernels' pool.
+//!
+//! It computes what the libtorch path computes, rounding to the model's dtype where
+//! that path makes a tensor of it: in bf16, after each layer norm, linear, attention,
+//! activation and residual add, and the unnormalised attention weights before they
+//! multiply the values (as libtorch's CPU flash attention does, unless the config asks
+//! for `reorder_and_upcast_attn`). f32 differs only in summation order.
+//!
+//! Used for decode steps (one new token per row, up to `kernels::MAX_ROWS` rows) of a
+//! one-device CPU model whose every linear runs on a decode kernel; anything else (and
+//! `GPT2KIT_FUSED_DECODE=0`) takes the libtorch path.
+use tch::{Device, Kind, Tensor};
+
+use crate::cache::KvCache;
+use crate::config::Activation;
+use crate::kernels::{self, PackedLinear, ThreadPool};
+use crate::linear::Linear;
+use crate::model::{Block, Gpt2, LayerNorm};
+
+/// A layer norm's parameters as f32.
+struct Norm {
+    weight: Vec<f32>,
+    bias: Vec<f32>,
+    eps: f32,
+}
+
+impl Norm {
+    fn new(ln: &LayerNorm, eps: f64) -> Option<Self> {
+        let f = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1])).ok();
+        Some(Self {
+            weight: f(&ln.weight)?,
+            bias: f(&ln.bias)?,
+            eps: eps as f32,
+        })
+    }
+
+    /// Normalises each row of `x` (rows × E) into `out`.
+    fn forward(&self, x: &[f32], out: &mut [f32], bf16: bool) {
+        let e = self.weight.len();
+        for (xr, yr) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
+            let mean = sum(xr) / e as f32;
+            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / e as f32;
+            let rstd = 1.0 / (var + self.eps).sqrt();
+            for (((y, x), w), b) in yr.iter_mut().zip(xr).zip(&self.weight).zip(&self.bias) {
+                *y = round((x - mean) * rstd * w + b, bf16);
+            }
+        }
+    }
+}
+
+/// Per layer: what the step needs beyond the layer's `Linear`s.
+struct LayerPlan {
+    ln_1: Norm,
+    ln_2: Norm,
+    /// Multiplier of q·kᵀ.
+    scale: f32,
+    /// `reorder_and_upcast_attn`: attention weights stay f32 in a bf16 model.
+    upcast: bool,
+}
+
+/// What a model needs for fused decode steps, made once when it is packed for the
+/// decode kernels.
+pub(crate) struct Plan {
+    layers: Vec<LayerPlan>,
+    ln_f: Norm,
+    act: Activation,
+    n_head: usize,
+    bf16: bool,
+    pool: std::sync::Arc<ThreadPool>,
+}
+
+/// The decode kernel of a layer, if it has one.
+fn kernel(l: &Linear) -> Option<&PackedLinear> {
+    match l {
+        Linear::Packed { packed, .. } => Some(packed),
+        Linear::Int8Weight {
+            packed: Some(p), ..
+        } => Some(p),
+        _ => None,
+    }
+}
+
+/// Whether fused decode steps are allowed: on unless `GPT2KIT_FUSED_DECODE=0` (which
+/// keeps the kernels but runs libtorch between them, for comparison).
+pub fn fused_decode_enabled() -> bool {
+    std::env::var("GPT2KIT_FUSED_DECODE").map_or(true, |v| v != "0")
+}
+
+/// Per-layer settings `Plan::new` reads from each block (private to `model`).
+pub(crate) struct LayerSettings {
+    pub ln_eps: f64,
+    pub scale: f64,
+    pub upcast: bool,
+}
+
+impl Plan {
+    /// The plan for `model`, or `None` when its steps cannot run fused (not one CPU
+    /// device, a dtype other than f32/bf16, a linear without a decode kernel, an
+    /// activation this module does not compute).
+    pub(crate) fn new(
+        model: &Gpt2,
+        blocks: &[Block],
+        settings: &[LayerSettings],
+        ln_f: (&LayerNorm, f64),
+        act: Activation,
+    ) -> Option<Self> {
+        let bf16 = match model.kind() {
+            Kind::Float => false,
+            Kind::BFloat16 => true,
+            _ => return None,
+        };
+        if model.devices() != [Device::Cpu] || !fused_decode_enabled() {
+            return None;
+        }
+        let mut pool = None;
+        let mut layers = Vec::new();
+        for (block, s) in blocks.iter().zip(settings) {
+            let [a] = &block.attn.shards[..] else {
+                return None;
+            };
+            let [m] = &block.mlp.shards[..] else {
+                return None;
+            };
+            for l in [&a.c_attn, &a.c_proj, &m.c_fc, &m.c_proj] {
+                pool.get_or_insert_with(|| kernel(l).map(|k| k.pool().clone()));
+                kernel(l)?;
+            }
+            if block.attn.c_proj_bias.is_some() || block.mlp.c_proj_bias.is_some() {
+                return None;
+            }
+            layers.push(LayerPlan {
+                ln_1: Norm::new(&block.ln_1, s.ln_eps)?,
+                ln_2: Norm::new(&block.ln_2, s.ln_eps)?,
+                scale: s.scale as f32,
+                upcast: s.upcast,
+            });
+        }
+        Some(Self {
+            layers,
+            ln_f: Norm::new(ln_f.0, ln_f.1)?,
+            act,
+            n_head: model.config.n_head as usize,
+            bf16,
+            pool: pool.flatten()?,
+        })
+    }
+
+    /// Runs the blocks and `ln_f` for one new token per row: `x` (B, 1, E) is the
+    /// embedded input, the result (B, 1, E) in the model's dtype. Writes the keys and
+    /// values into the cache's next slot (the caller advances it). `None` (nothing
+    /// written) when this step cannot run fused; the caller then takes libtorch's path.
+    pub(crate) fn step(&self, blocks: &[Block], x: &Tensor, cache: &KvCache) -> Option<Tensor> {
+        let (b, t, e) = x.size3().ok()?;
+        let (rows, e) = (b as usize, e as usize);
+        if t != 1 || rows > kernels::MAX_ROWS || rows == 0 || x.requires_grad() {
+            return None;
+        }
+        let nh = self.n_head;
+        let hs = e / nh;
+        let slot = cache.len() as usize;
+        let cap = cache.capacity() as usize;
+        let cache_kind = if self.bf16 {
+            Kind::BFloat16
+        } else {
+            Kind::Float
+        };
+        let shape = [b, nh as i64, cap as i64, hs as i64];
+        for t in cache.k.iter().chain(&cache.v).flatten() {
+            if t.kind() != cache_kind || t.size() != shape || !t.is_contiguous() {
+                return None;
+            }
+        }
+        // Which slots each row may attend to: its valid ones, and always its own.
+        let valid: Option<Vec<u8>> = if cache.padded() {
+            let v = cache
+                .valid()
+                .narrow(1, 0, slot as i64 + 1)
+                .to_kind(Kind::Uint8);
+            Some(Vec::<u8>::try_from(v.contiguous().reshape([-1])).ok()?)
+        } else {
+            None
+        };
+        let mut h = Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1])).ok()?;
+        let inner = kernel(&blocks[0].mlp.shards[0].c_fc)?.out_features();
+        let mut normed = vec![0f32; rows * e];
+        let mut qkv = vec![0f32; rows * 3 * e];
+        let mut attn = vec![0f32; rows * e];
+        let mut proj = vec![0f32; rows * e];
+        let mut mid = vec![0f32; rows * inner];
+        let bf16 = self.bf16;
+        for ((block, lp), (kc, vc)) in blocks
+            .iter()
+            .zip(&self.layers)
+            .zip(cache.k.iter().zip(&cache.v))
+        {
+            let (a, m) = (&block.attn.shards[0], &block.mlp.shards[0]);
+            lp.ln_1.forward(&h, &mut normed, bf16);
+            kernel(&a.c_attn)?.forward(&normed, rows, &mut qkv);
+            round_all(&mut qkv, bf16);
+            let cache = CacheView {
+                k: kc[0].data_ptr(),
+                v: vc[0].data_ptr(),
+                bf16,
+                nh,
+                cap,
+                hs,
+            };
+            cache.write(&qkv, rows, slot);
+            let job = Attend {
+                cache: &cache,
+                qkv: &qkv,
+                out: SyncPtr(attn.as_mut_ptr()),
+                valid: valid.as_deref(),
+                slot,
+                scale: lp.scale,
+                round_p: bf16 && !lp.upcast,
+                bf16,
+            };
+            let tasks = rows * nh;
+            if tasks * (slot + 1) * hs >= PARALLEL_ATTENTION_MIN {
+                self.pool.run(tasks, &|i| job.run(i));
+            } else {
+                (0..tasks).for_each(|i| job.run(i));
+            }
+            kernel(&a.c_proj)?.forward(&attn, rows, &mut proj);
+            add_residual(&mut h, &mut proj, bf16);
+            lp.ln_2.forward(&h, &mut normed, bf16);
+            kernel(&m.c_fc)?.forward(&normed, rows, &mut mid);
+            activate(self.act, &mut mid, bf16);
+            kernel(&m.c_proj)?.forward(&mid, rows, &mut proj);
+            add_residual(&mut h, &mut proj, bf16);
+        }
+        self.ln_f.forward(&h, &mut normed, bf16);
+        let out = Tensor::from_slice(&normed).view([b, 1, e as i64]);
+        Some(if bf16 {
+            out.to_kind(Kind::BFloat16)
+        } else {
+            out
+        })
+    }
+}
+
+/// Attention work below which threads cost more than they save (rows·heads·slots·hs).
+const PARALLEL_ATTENTION_MIN: usize = 1 << 16;
+
+/// h += round(p), rounded (p is a linear's f32 output).
+fn add_residual(h: &mut [f32], p: &mut [f32], bf16: bool) {
+    for (x, y) in h.iter_mut().zip(p.iter()) {
+        *x = round(*x + round(*y, bf16), bf16);
+    }
+}
+
+fn round_all(xs: &mut [f32], bf16: bool) {
+    if bf16 {
+        xs.iter_mut().for_each(|x| *x = round_bf16(*x));
+    }
+}
+
+fn round(x: f32, bf16: bool) -> f32 {
+    if bf16 {
+        round_bf16(x)
+    } else {
+        x
+    }
+}
+
+/// f32 → bf16 → f32, rounding to nearest even as libtorch's conversion does.
+fn round_bf16(x: f32) -> f32 {
+    f32::from_bits((bf16_bits(x) as u32) << 16)
+}
+
+fn bf16_bits(x: f32) -> u16 {
+    if x.is_nan() {
+        return 0x7fc0;
+    }
+    let b = x.to_bits();
+    ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
+}
+
+fn sum(xs: &[f32]) -> f32 {
+    // Sixteen partial sums: vectorises, and sums in a tree like libtorch's reductions.
+    let mut acc = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += v;
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..16 {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+}
+
+/// The activation in place, rounded (libtorch computes these in f32 for bf16 inputs).
+fn activate(act: Activation, xs: &mut [f32], bf16: bool) {
+    let f = |x: f32| -> f32 {
+        match act {
+            Activation::GeluTanh => {
+                // libtorch's formula: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+                const BETA: f32 = 0.797_884_6; // √(2/π)
+                0.5 * x * (1.0 + tanh(BETA * (x + 0.044715 * x * x * x)))
+            }
+            Activation::QuickGelu => x * (1.0 / (1.0 + exp(-(x * 1.702)))),
+            Activation::Relu => x.max(0.0),
+            Activation::Relu6 => x.clamp(0.0, 6.0),
+            Activation::Silu => x / (1.0 + exp(-x)),
+            Activation::Tanh => tanh(x),
+            Activation::Sigmoid => 1.0 / (1.0 + exp(-x)),
+            Activation::LeakyRelu => {
+                if x > 0.0 {
+                    x
+                } else {
+                    0.01 * x
+                }
+            }
+            Activation::Linear => x,
+            // 0.5·x·(1 + erf(x/√2)).
+            Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
+            // x·tanh(softplus(x)).
+            Activation::Mish => x * x.exp().ln_1p().tanh(),
+        }
+    };
+    xs.iter_mut().for_each(|x| *x = round(f(*x), bf16));
+}
+
+/// eˣ in f32 to about 1 ulp (Cephes' `expf`), without branches so loops vectorise.
+fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * LOG2E + 0.5;
+    let n = t as i32 - (t < (t as i32) as f32) as i32; // floor
+    let nf = n as f32;
+    let z = x - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
+    let mut p = 1.987_569_1e-4_f32;
+    p = p * z + 1.398_199_9e-3;
+    p = p * z + 8.333_452e-3;
+    p = p * z + 4.166_579_6e-2;
+    p = p * z + 1.666_666_5e-1;
+    p = p * z + 5.000_000_1e-1;
+    p = p * z * z + z + 1.0;
+    p * f32::from_bits(((n + 127) as u32) << 23)
+}
+
+/// tanh via eˣ: 1 − 2 / (e²ˣ + 1); for |x| < 0.05 its odd series (relative accuracy
+/// near 0, where the subtraction would cancel).
+fn tanh(x: f32) -> f32 {
+    let big = 1.0 - 2.0 / (exp(2.0 * x) + 1.0);
+    let x2 = x * x;
+    let small = x * (1.0 - x2 * (1.0 / 3.0 - x2 * (2.0 / 15.0)));
+    if x.abs() < 0.05 {
+        small
+    } else {
+        big
+    }
+}
+
+/// erf to 1.5e-7 absolute (Abramowitz and Stegun 7.1.26, evaluated in f64).
+fn erf(x: f32) -> f32 {
+    let a = (x as f64).abs();
+    let t = 1.0 / (1.0 + 0.327_591_1 * a);
+    let poly = t
+        * (0.254_829_592
+            + t * (-0.284_496_736
+                + t * (1.421_413_741 + t * (-1.453_152_027 + t * 1.061_405_429))));
+    let y = 1.0 - poly * (-a * a).exp();
+    (if x < 0.0 { -y } else { y }) as f32
+}
+
+/// Raw access to one layer's key and value cache: (B, nh, cap, hs), f32 or bf16.
+struct CacheView {
+    k: *mut std::ffi::c_void,
+    v: *mut std::ffi::c_void,
+    bf16: bool,
+    nh: usize,
+    cap: usize,
+    hs: usize,
+}
+
+// SAFETY: the pointers address the cache tensors of a `&KvCache` that outlives every use
+// (`Plan::step` borrows it for the whole step); tasks read them only after `write`
+// returned, and nothing writes them while tasks run.
+unsafe impl Sync for CacheView {}
+
+impl CacheView {
+    /// Element offset of (row, head, slot, 0).
+    fn at(&self, row: usize, head: usize, slot: usize) -> usize {
+        ((row * self.nh + head) * self.cap + slot) * self.hs
+    }
+
+    /// Stores the new token's keys and values (from qkv rows: q | k | v) at `slot`.
+    fn write(&self, qkv: &[f32], rows: usize, slot: usize) {
+        let e = self.nh * self.hs;
+        for r in 0..rows {
+            for h in 0..self.nh {
+                let at = self.at(r, h, slot);
+                let k = &qkv[r * 3 * e + e + h * self.hs..][..self.hs];
+                let v = &qkv[r * 3 * e + 2 * e + h * self.hs..][..self.hs];
+                // SAFETY: `Plan::step` checked each cache tensor is contiguous with shape
+                // (B ≥ rows, nh, cap > slot, hs) and this dtype, so [at, at + hs) lies
+                // inside it; no other reference to the storage is live during the step.
+                unsafe {
+                    if self.bf16 {
+                        let (kp, vp) = (self.k as *mut u16, self.v as *mut u16);
+                        for i in 0..self.hs {
+                            *kp.add(at + i) = bf16_bits(k[i]);
+                            *vp.add(at + i) = bf16_bits(v[i]);
+                        }
+                    } else {
+                        let (kp, vp) = (self.k as *mut f32, self.v as *mut f32);
+                        std::ptr::copy_nonoverlapping(k.as_ptr(), kp.add(at), self.hs);
+                        std::ptr::copy_nonoverlapping(v.as_ptr(), vp.add(at), self.hs);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Slots [0, n) of (row, head)'s keys or values as f32 (n × hs), into `out`.
+    fn read(
+        &self,
+        which: *mut std::ffi::c_void,
+        row: usize,
+        head: usize,
+        n: usize,
+        out: &mut Vec<f32>,
+    ) {
+        let at = self.at(row, head, 0);
+        out.clear();
+        // SAFETY: as in `write`: n ≤ cap slots of hs elements from (row, head, 0) lie
+        // inside the contiguous tensor; tasks only read while the step runs attention.
+        unsafe {
+            if self.bf16 {
+                let p = std::slice::from_raw_parts((which as *const u16).add(at), n * self.hs);
+                out.extend(p.iter().map(|&b| f32::from_bits((b as u32) << 16)));
+            } else {
+                let p = std::slice::from_raw_parts((which as *const f32).add(at), n * self.hs);
+                out.extend_from_slice(p);
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: each attention task writes only its own (row, head) slice through it.
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
+
+/// Attention of the new token of every row over its cached slots, one (row, head) per task.
+struct Attend<'a> {
+    cache: &'a CacheView,
+    qkv: &'a [f32],
+    out: SyncPtr,
+    valid: Option<&'a [u8]>,
+    slot: usize,
+    scale: f32,
+    round_p: bool,
+    bf16: bool,
+}
+
+impl Attend<'_> {
+    fn run(&self, task: usize) {
+        let c = self.cache;
+        let (nh, hs) = (c.nh, c.hs);
+        let e = nh * hs;
+        let (row, head) = (task / nh, task % nh);
+        let n = self.slot + 1;
+        let q = &self.qkv[row * 3 * e + head * hs..][..hs];
+        thread_local! {
+            static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+        }
+        SCRATCH.with(|s| {
+            let (kv, scores) = &mut *s.borrow_mut();
+            c.read(c.k, row, head, n, kv);
+            scores.clear();
+            let seen =
+                |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
+            let mut max = f32::NEG_INFINITY;
+            for s in 0..n {
+                let v = if seen(s) {
+                    dot(q, &kv[s * hs..][..hs]) * self.scale
+                } else {
+                    f32::NEG_INFINITY
+                };
+                max = max.max(v);
+                scores.push(v);
+            }
+            let mut total = 0.0;
+            for p in scores.iter_mut() {
+                let w = exp(*p - max) * (*p != f32::NEG_INFINITY) as u8 as f32;
+                total += w;
+                *p = round(w, self.round_p);
+            }
+            c.read(c.v, row, head, n, kv);
+            let mut acc = vec![0f32; hs];
+            for (s, &p) in scores.iter().enumerate() {
+                if p != 0.0 {
+                    for (a, v) in acc.iter_mut().zip(&kv[s * hs..][..hs]) {
+                        *a += p * v;
+                    }
+                }
+            }
+            // SAFETY: `out` holds rows × e values; [row·e + head·hs, + hs) is this
+            // task's alone.
+            let out =
+                unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * e + head * hs), hs) };
+            for (o, a) in out.iter_mut().zip(&acc) {
+                *o = round(a / total, self.bf16);
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_and_tanh_match_std() {
+        for i in -2000..=2000 {
+            let x = i as f32 * 0.01;
+            let (e, want) = (exp(x), x.exp());
+            assert!(
+                (e - want).abs() <= 2.0 * f32::EPSILON * want,
+                "exp({x}) = {e}, std {want}"
+            );
+            let (t, want) = (tanh(x), x.tanh());
+            assert!(
+                (t - want).abs() <= 4.0 * f32::EPSILON,
+                "tanh({x}) = {t}, std {want}"
+            );
+        }
+        assert!(exp(-200.0) < 1e-37 && exp(200.0) > 1e38);
+        // erf against libtorch's.
+        let xs: Vec<f32> = (-400..=400).map(|i| i as f32 * 0.01).collect();
+        let want = Vec::<f32>::try_from(Tensor::from_slice(&xs).erf()).unwrap();
+        for (x, w) in xs.iter().zip(&want) {
+            assert!(
+                (erf(*x) - w).abs() <= 2e-7,
+                "erf({x}) = {}, libtorch {w}",
+                erf(*x)
+            );
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_libtorch() {
+        let xs: Vec<f32> = (0..10_000)
+            .map(|i| ((i as f32) * 0.7371).sin() * 10f32.powi(i % 7 - 3))
+            .collect();
+        let want = Vec::<f32>::try_from(
+            Tensor::from_slice(&xs)
+                .to_kind(Kind::BFloat16)
+                .to_kind(Kind::Float),
+        )
+        .unwrap();
+        for (x, w) in xs.iter().zip(&want) {
+            assert_eq!(round_bf16(*x), *w, "{x}");
+        }
+    }
+}
