@@ -44,6 +44,7 @@ impl Norm {
     }
 
     /// Normalises each row of `x` (rows × E) into `out`.
+    #[inline(always)]
     fn forward(&self, x: &[f32], out: &mut [f32], bf16: bool) {
         let e = self.weight.len();
         for (xr, yr) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
@@ -76,6 +77,7 @@ pub(crate) struct Plan {
     n_head: usize,
     bf16: bool,
     pool: std::sync::Arc<ThreadPool>,
+    simd: Simd,
 }
 
 /// The decode kernel of a layer, if it has one.
@@ -118,7 +120,9 @@ impl Plan {
             Kind::BFloat16 => true,
             _ => return None,
         };
-        if model.devices() != [Device::Cpu] || !fused_decode_enabled() {
+        // Attention keeps a head's accumulators on the stack: up to 256 values.
+        let small_heads = model.config.head_dim() <= 256;
+        if model.devices() != [Device::Cpu] || !fused_decode_enabled() || !small_heads {
             return None;
         }
         let mut pool = None;
@@ -151,6 +155,7 @@ impl Plan {
             n_head: model.config.n_head as usize,
             bf16,
             pool: pool.flatten()?,
+            simd: Simd::detect(),
         })
     }
 
@@ -164,10 +169,8 @@ impl Plan {
         if t != 1 || rows > kernels::MAX_ROWS || rows == 0 || x.requires_grad() {
             return None;
         }
-        let nh = self.n_head;
+        let (nh, slot, cap) = (self.n_head, cache.len() as usize, cache.capacity() as usize);
         let hs = e / nh;
-        let slot = cache.len() as usize;
-        let cap = cache.capacity() as usize;
         let cache_kind = if self.bf16 {
             Kind::BFloat16
         } else {
@@ -190,7 +193,67 @@ impl Plan {
             None
         };
         let mut h = Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1])).ok()?;
-        let inner = kernel(&blocks[0].mlp.shards[0].c_fc)?.out_features();
+        let step = Step {
+            blocks,
+            cache,
+            valid: valid.as_deref(),
+            rows,
+            slot,
+        };
+        let out = match self.simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` saw avx512f on this CPU.
+            Simd::Avx512 => unsafe { self.blocks_avx512(&step, &mut h) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` saw avx2 and fma on this CPU.
+            Simd::Avx2 => unsafe { self.blocks_avx2(&step, &mut h) },
+            _ => self.blocks(&step, &mut h),
+        };
+        let out = Tensor::from_slice(&out).view([b, 1, e as i64]);
+        Some(if self.bf16 {
+            out.to_kind(Kind::BFloat16)
+        } else {
+            out
+        })
+    }
+
+    /// `blocks` compiled for AVX-512.
+    ///
+    /// # Safety
+    /// The CPU has avx512f.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn blocks_avx512(&self, step: &Step, h: &mut [f32]) -> Vec<f32> {
+        self.blocks(step, h)
+    }
+
+    /// `blocks` compiled for AVX2 and FMA (Rust never contracts a·b + c into an FMA on
+    /// its own, so every path computes the same values).
+    ///
+    /// # Safety
+    /// The CPU has avx2 and fma.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn blocks_avx2(&self, step: &Step, h: &mut [f32]) -> Vec<f32> {
+        self.blocks(step, h)
+    }
+
+    /// Every block and `ln_f` over the hidden rows `h` (rows × E, f32): the normed result.
+    /// Inlined into the entry points above, so that its loops vectorise for their ISA.
+    #[inline(always)]
+    fn blocks(&self, step: &Step, h: &mut [f32]) -> Vec<f32> {
+        let Step {
+            blocks,
+            cache,
+            valid,
+            rows,
+            slot,
+        } = *step;
+        let nh = self.n_head;
+        let e = h.len() / rows;
+        let hs = e / nh;
+        let cap = cache.capacity() as usize;
+        let inner = kernel(&blocks[0].mlp.shards[0].c_fc).map_or(0, |k| k.out_features());
         let mut normed = vec![0f32; rows * e];
         let mut qkv = vec![0f32; rows * 3 * e];
         let mut attn = vec![0f32; rows * e];
@@ -203,8 +266,10 @@ impl Plan {
             .zip(cache.k.iter().zip(&cache.v))
         {
             let (a, m) = (&block.attn.shards[0], &block.mlp.shards[0]);
-            lp.ln_1.forward(&h, &mut normed, bf16);
-            kernel(&a.c_attn)?.forward(&normed, rows, &mut qkv);
+            // `Plan::new` checked that every linear has a kernel.
+            let k = |l| kernel(l).expect("checked by Plan::new");
+            lp.ln_1.forward(h, &mut normed, bf16);
+            k(&a.c_attn).forward(&normed, rows, &mut qkv);
             round_all(&mut qkv, bf16);
             let cache = CacheView {
                 k: kc[0].data_ptr(),
@@ -219,11 +284,12 @@ impl Plan {
                 cache: &cache,
                 qkv: &qkv,
                 out: SyncPtr(attn.as_mut_ptr()),
-                valid: valid.as_deref(),
+                valid,
                 slot,
                 scale: lp.scale,
                 round_p: bf16 && !lp.upcast,
                 bf16,
+                simd: self.simd,
             };
             let tasks = rows * nh;
             if tasks * (slot + 1) * hs >= PARALLEL_ATTENTION_MIN {
@@ -231,21 +297,49 @@ impl Plan {
             } else {
                 (0..tasks).for_each(|i| job.run(i));
             }
-            kernel(&a.c_proj)?.forward(&attn, rows, &mut proj);
-            add_residual(&mut h, &mut proj, bf16);
-            lp.ln_2.forward(&h, &mut normed, bf16);
-            kernel(&m.c_fc)?.forward(&normed, rows, &mut mid);
+            k(&a.c_proj).forward(&attn, rows, &mut proj);
+            add_residual(h, &proj, bf16);
+            lp.ln_2.forward(h, &mut normed, bf16);
+            k(&m.c_fc).forward(&normed, rows, &mut mid);
             activate(self.act, &mut mid, bf16);
-            kernel(&m.c_proj)?.forward(&mid, rows, &mut proj);
-            add_residual(&mut h, &mut proj, bf16);
+            k(&m.c_proj).forward(&mid, rows, &mut proj);
+            add_residual(h, &proj, bf16);
         }
-        self.ln_f.forward(&h, &mut normed, bf16);
-        let out = Tensor::from_slice(&normed).view([b, 1, e as i64]);
-        Some(if bf16 {
-            out.to_kind(Kind::BFloat16)
-        } else {
-            out
-        })
+        self.ln_f.forward(h, &mut normed, bf16);
+        normed
+    }
+}
+
+/// One step's inputs to `Plan::blocks`.
+#[derive(Clone, Copy)]
+struct Step<'a> {
+    blocks: &'a [Block],
+    cache: &'a KvCache,
+    valid: Option<&'a [u8]>,
+    rows: usize,
+    slot: usize,
+}
+
+/// The widest vector ISA the small ops are compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Simd {
+    Avx512,
+    Avx2,
+    Base,
+}
+
+impl Simd {
+    fn detect() -> Simd {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f") {
+                return Simd::Avx512;
+            }
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                return Simd::Avx2;
+            }
+        }
+        Simd::Base
     }
 }
 
@@ -253,18 +347,21 @@ impl Plan {
 const PARALLEL_ATTENTION_MIN: usize = 1 << 16;
 
 /// h += round(p), rounded (p is a linear's f32 output).
-fn add_residual(h: &mut [f32], p: &mut [f32], bf16: bool) {
+#[inline(always)]
+fn add_residual(h: &mut [f32], p: &[f32], bf16: bool) {
     for (x, y) in h.iter_mut().zip(p.iter()) {
         *x = round(*x + round(*y, bf16), bf16);
     }
 }
 
+#[inline(always)]
 fn round_all(xs: &mut [f32], bf16: bool) {
     if bf16 {
         xs.iter_mut().for_each(|x| *x = round_bf16(*x));
     }
 }
 
+#[inline(always)]
 fn round(x: f32, bf16: bool) -> f32 {
     if bf16 {
         round_bf16(x)
@@ -274,10 +371,12 @@ fn round(x: f32, bf16: bool) -> f32 {
 }
 
 /// f32 → bf16 → f32, rounding to nearest even as libtorch's conversion does.
+#[inline(always)]
 fn round_bf16(x: f32) -> f32 {
     f32::from_bits((bf16_bits(x) as u32) << 16)
 }
 
+#[inline(always)]
 fn bf16_bits(x: f32) -> u16 {
     if x.is_nan() {
         return 0x7fc0;
@@ -286,6 +385,7 @@ fn bf16_bits(x: f32) -> u16 {
     ((b + 0x7fff + ((b >> 16) & 1)) >> 16) as u16
 }
 
+#[inline(always)]
 fn sum(xs: &[f32]) -> f32 {
     // Sixteen partial sums: vectorises, and sums in a tree like libtorch's reductions.
     let mut acc = [0f32; 16];
@@ -298,19 +398,21 @@ fn sum(xs: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
 }
 
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+#[inline(always)]
+fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 16];
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
         for i in 0..16 {
-            acc[i] += x[i] * y[i];
+            acc[i] += x[i] * y[i].f32();
         }
     }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
+    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y.f32()).sum::<f32>()
 }
 
 /// The activation in place, rounded (libtorch computes these in f32 for bf16 inputs).
+#[inline(always)]
 fn activate(act: Activation, xs: &mut [f32], bf16: bool) {
     let f = |x: f32| -> f32 {
         match act {
@@ -343,6 +445,7 @@ fn activate(act: Activation, xs: &mut [f32], bf16: bool) {
 }
 
 /// eˣ in f32 to about 1 ulp (Cephes' `expf`), without branches so loops vectorise.
+#[inline(always)]
 fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.3, 88.3);
@@ -362,6 +465,7 @@ fn exp(x: f32) -> f32 {
 
 /// tanh via eˣ: 1 − 2 / (e²ˣ + 1); for |x| < 0.05 its odd series (relative accuracy
 /// near 0, where the subtraction would cancel).
+#[inline(always)]
 fn tanh(x: f32) -> f32 {
     let big = 1.0 - 2.0 / (exp(2.0 * x) + 1.0);
     let x2 = x * x;
@@ -374,6 +478,7 @@ fn tanh(x: f32) -> f32 {
 }
 
 /// erf to 1.5e-7 absolute (Abramowitz and Stegun 7.1.26, evaluated in f64).
+#[inline(always)]
 fn erf(x: f32) -> f32 {
     let a = (x as f64).abs();
     let t = 1.0 / (1.0 + 0.327_591_1 * a);
@@ -407,6 +512,7 @@ impl CacheView {
     }
 
     /// Stores the new token's keys and values (from qkv rows: q | k | v) at `slot`.
+    #[inline(always)]
     fn write(&self, qkv: &[f32], rows: usize, slot: usize) {
         let e = self.nh * self.hs;
         for r in 0..rows {
@@ -434,28 +540,44 @@ impl CacheView {
         }
     }
 
-    /// Slots [0, n) of (row, head)'s keys or values as f32 (n × hs), into `out`.
-    fn read(
+    /// Slots [0, n) of (row, head)'s keys or values (n × hs), in the cache's storage.
+    ///
+    /// # Safety
+    /// `T` is the cache's element type (f32, or u16 for bf16 bits), and nothing writes
+    /// the cache while the slice lives.
+    #[inline(always)]
+    unsafe fn slab<T>(
         &self,
         which: *mut std::ffi::c_void,
         row: usize,
         head: usize,
         n: usize,
-        out: &mut Vec<f32>,
-    ) {
-        let at = self.at(row, head, 0);
-        out.clear();
-        // SAFETY: as in `write`: n ≤ cap slots of hs elements from (row, head, 0) lie
-        // inside the contiguous tensor; tasks only read while the step runs attention.
+    ) -> &[T] {
+        // SAFETY: `Plan::step` checked each cache tensor is contiguous with shape
+        // (B > row, nh > head, cap ≥ n, hs), so n·hs elements from (row, head, 0) lie
+        // inside it; the caller vouches for `T` and for no concurrent writes.
         unsafe {
-            if self.bf16 {
-                let p = std::slice::from_raw_parts((which as *const u16).add(at), n * self.hs);
-                out.extend(p.iter().map(|&b| f32::from_bits((b as u32) << 16)));
-            } else {
-                let p = std::slice::from_raw_parts((which as *const f32).add(at), n * self.hs);
-                out.extend_from_slice(p);
-            }
+            std::slice::from_raw_parts((which as *const T).add(self.at(row, head, 0)), n * self.hs)
         }
+    }
+}
+
+/// A cache element: f32, or bf16 stored as its bits.
+trait Elem: Copy {
+    fn f32(self) -> f32;
+}
+
+impl Elem for f32 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        self
+    }
+}
+
+impl Elem for u16 {
+    #[inline(always)]
+    fn f32(self) -> f32 {
+        f32::from_bits((self as u32) << 16)
     }
 }
 
@@ -475,29 +597,78 @@ struct Attend<'a> {
     scale: f32,
     round_p: bool,
     bf16: bool,
+    simd: Simd,
 }
 
 impl Attend<'_> {
     fn run(&self, task: usize) {
+        match self.simd {
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` saw avx512f on this CPU.
+            Simd::Avx512 => unsafe { self.run_avx512(task) },
+            #[cfg(target_arch = "x86_64")]
+            // SAFETY: `Simd::detect` saw avx2 and fma on this CPU.
+            Simd::Avx2 => unsafe { self.run_avx2(task) },
+            _ => self.run_any(task),
+        }
+    }
+
+    /// # Safety
+    /// The CPU has avx512f.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx512f")]
+    unsafe fn run_avx512(&self, task: usize) {
+        self.run_any(task)
+    }
+
+    /// # Safety
+    /// The CPU has avx2 and fma.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_avx2(&self, task: usize) {
+        self.run_any(task)
+    }
+
+    #[inline(always)]
+    fn run_any(&self, task: usize) {
+        // SAFETY: the cache holds bf16 bits when `bf16`, f32 otherwise (checked by
+        // `Plan::step`), and nothing writes it while attention runs.
+        if self.bf16 {
+            unsafe { self.run_on::<u16>(task) }
+        } else {
+            unsafe { self.run_on::<f32>(task) }
+        }
+    }
+
+    /// # Safety
+    /// As `CacheView::slab`.
+    #[inline(always)]
+    unsafe fn run_on<T: Elem>(&self, task: usize) {
         let c = self.cache;
         let (nh, hs) = (c.nh, c.hs);
         let e = nh * hs;
         let (row, head) = (task / nh, task % nh);
         let n = self.slot + 1;
         let q = &self.qkv[row * 3 * e + head * hs..][..hs];
+        // SAFETY: the caller's contract.
+        let (keys, values) = unsafe {
+            (
+                c.slab::<T>(c.k, row, head, n),
+                c.slab::<T>(c.v, row, head, n),
+            )
+        };
         thread_local! {
-            static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = Default::default();
+            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
         }
-        SCRATCH.with(|s| {
-            let (kv, scores) = &mut *s.borrow_mut();
-            c.read(c.k, row, head, n, kv);
+        SCORES.with(|s| {
+            let scores = &mut *s.borrow_mut();
             scores.clear();
             let seen =
                 |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
             let mut max = f32::NEG_INFINITY;
-            for s in 0..n {
+            for (s, k) in keys.chunks_exact(hs).enumerate() {
                 let v = if seen(s) {
-                    dot(q, &kv[s * hs..][..hs]) * self.scale
+                    dot(q, k) * self.scale
                 } else {
                     f32::NEG_INFINITY
                 };
@@ -510,12 +681,12 @@ impl Attend<'_> {
                 total += w;
                 *p = round(w, self.round_p);
             }
-            c.read(c.v, row, head, n, kv);
-            let mut acc = vec![0f32; hs];
-            for (s, &p) in scores.iter().enumerate() {
+            let mut acc = [0f32; 256];
+            let acc = &mut acc[..hs];
+            for (&p, v) in scores.iter().zip(values.chunks_exact(hs)) {
                 if p != 0.0 {
-                    for (a, v) in acc.iter_mut().zip(&kv[s * hs..][..hs]) {
-                        *a += p * v;
+                    for (a, v) in acc.iter_mut().zip(v) {
+                        *a += p * v.f32();
                     }
                 }
             }
@@ -523,7 +694,7 @@ impl Attend<'_> {
             // task's alone.
             let out =
                 unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * e + head * hs), hs) };
-            for (o, a) in out.iter_mut().zip(&acc) {
+            for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = round(a / total, self.bf16);
             }
         });
