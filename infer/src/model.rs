@@ -268,6 +268,7 @@ impl Gpt2 {
         kind: Kind,
         devices: &[Device],
     ) -> Result<Self> {
+        use crate::parallel::Split;
         check_layout(config.n_head, config.inner_dim(), devices)?;
         let main = devices[0];
         let n = devices.len() as i64;
@@ -293,49 +294,8 @@ impl Gpt2 {
             &files.path_of("config.json").with_file_name("config.json"),
         )?;
         let method = quantization.as_ref().map_or(Method::None, |q| q.method);
-        if method == Method::Int8Dynamic && main != Device::Cpu {
-            return Err(Error::Input(format!(
-                "int8-dynamic artifacts run on the CPU (libtorch's int8 GEMM), not {main:?}; \
-                 int8-weight artifacts run anywhere"
-            )));
-        }
-        if method.is_int8() && sharded {
-            return Err(Error::Input(
-                "int8 artifacts run unsharded (--tp 1); dequantize one to split it".into(),
-            ));
-        }
-        // An int8 linear layer, when the artifact quantizes it.
-        let int8_linear = |name: &str, n_in: i64, n_out: i64| -> Result<Option<Linear>> {
-            if !method.is_int8() {
-                return Ok(None);
-            }
-            let full = format!("{prefix}{name}");
-            let rows =
-                quant::read_int8(files, &format!("{full}.weight"), [n_in, n_out], false, main)?;
-            let bias = Some(get(&format!("{name}.bias"), &[n_out])?);
-            let outliers = quant::read_outliers(files, &full, n_in, main)?;
-            Ok(Some(match method {
-                Method::Int8Dynamic => {
-                    Linear::Int8(Box::new(Int8Linear::new(rows, bias, outliers)))
-                }
-                _ => {
-                    if outliers.is_some() {
-                        return Err(Error::ModelFolder {
-                            path: files.path_of(&full),
-                            reason: format!(
-                                "`{full}.{}` belongs to int8-dynamic artifacts, this one is int8-weight",
-                                quant::OUTLIER_SUFFIX
-                            ),
-                        });
-                    }
-                    Linear::Int8Weight {
-                        w: rows,
-                        bias,
-                        packed: None,
-                    }
-                }
-            }))
-        };
+        // An int8 artifact's linear layers come from `quant`, split the same way.
+        let int8 = quant::Int8Layers::new(files, prefix, method, kind, devices)?;
         let ln = |name: &str| -> Result<LayerNorm> {
             Ok(LayerNorm {
                 weight: get(&format!("{name}.weight"), &[e])?.to_device(main),
@@ -343,70 +303,47 @@ impl Gpt2 {
                 eps: config.layer_norm_epsilon,
             })
         };
-        // A column-split layer keeps its bias slice; a row-split one leaves the bias
-        // to be added once after the shards' sum.
-        let column_split = |name: &str,
-                            n_in: i64,
-                            n_out: i64,
-                            split: &dyn Fn(&Tensor, i64) -> Tensor|
-         -> Result<Vec<Linear>> {
-            if let Some(l) = int8_linear(name, n_in, n_out)? {
-                return Ok(vec![l]);
+        // One `Linear` per shard, and the bias that a row split leaves to be added once
+        // after the shards' sum. Conv1D weights are (in, out).
+        let linear = |name: &str,
+                      n_in: i64,
+                      n_out: i64,
+                      split: Split|
+         -> Result<(Vec<Linear>, Option<Tensor>)> {
+            if let Some(int8) = &int8 {
+                return int8.layer(name, [n_in, n_out], split);
             }
             let (w, b) = (
                 get(&format!("{name}.weight"), &[n_in, n_out])?,
                 get(&format!("{name}.bias"), &[n_out])?,
             );
-            Ok((0..n)
-                .map(|r| {
-                    let d = devices[r as usize];
-                    Linear::Float {
-                        weight: split(&w, r).to_device(d),
-                        bias: Some(split(&b, r).to_device(d)),
-                    }
-                })
-                .collect())
-        };
-        let row_split =
-            |name: &str, n_in: i64, n_out: i64| -> Result<(Vec<Linear>, Option<Tensor>)> {
-                if let Some(l) = int8_linear(name, n_in, n_out)? {
-                    return Ok((vec![l], None));
+            if !sharded {
+                let one = Linear::Float {
+                    weight: w,
+                    bias: Some(b),
+                };
+                return Ok((vec![one], None));
+            }
+            let on = |t: Tensor, r: i64| t.to_device(devices[r as usize]);
+            Ok(match split {
+                Split::Columns(part) => {
+                    let parts = (0..n).map(|r| Linear::Float {
+                        weight: on(part(&w, 1, r), r),
+                        bias: Some(on(part(&b, 0, r), r)),
+                    });
+                    (parts.collect(), None)
                 }
-                let (w, b) = (
-                    get(&format!("{name}.weight"), &[n_in, n_out])?,
-                    get(&format!("{name}.bias"), &[n_out])?,
-                );
-                if !sharded {
-                    return Ok((
-                        vec![Linear::Float {
-                            weight: w,
-                            bias: Some(b),
-                        }],
-                        None,
-                    ));
-                }
-                let parts = (0..n)
-                    .map(|r| Linear::Float {
-                        weight: slice(&w, 0, r, n).to_device(devices[r as usize]),
+                Split::Rows => {
+                    let parts = (0..n).map(|r| Linear::Float {
+                        weight: on(slice(&w, 0, r, n), r),
                         bias: None,
-                    })
-                    .collect();
-                Ok((parts, Some(b.to_device(main))))
-            };
-        let qkv_split = |t: &Tensor, r: i64| {
-            if sharded {
-                qkv_columns(t, r, n)
-            } else {
-                t.shallow_clone()
-            }
+                    });
+                    (parts.collect(), Some(b.to_device(main)))
+                }
+            })
         };
-        let col_split = |t: &Tensor, r: i64| {
-            if sharded {
-                slice(t, t.dim() as i64 - 1, r, n)
-            } else {
-                t.shallow_clone()
-            }
-        };
+        let qkv = |t: &Tensor, dim: i64, r: i64| qkv_columns(t, dim, r, n);
+        let even = |t: &Tensor, dim: i64, r: i64| slice(t, dim, r, n);
         let hs = config.head_dim() as f64;
         let mut h = Vec::with_capacity(config.n_layer as usize);
         for l in 0..config.n_layer {
@@ -418,10 +355,11 @@ impl Gpt2 {
             if config.scale_attn_by_inverse_layer_idx {
                 scale /= (l + 1) as f64;
             }
-            let c_attn = column_split(&format!("h.{l}.attn.c_attn"), e, 3 * e, &qkv_split)?;
-            let (attn_proj, attn_bias) = row_split(&format!("h.{l}.attn.c_proj"), e, e)?;
-            let c_fc = column_split(&format!("h.{l}.mlp.c_fc"), e, i, &col_split)?;
-            let (mlp_proj, mlp_bias) = row_split(&format!("h.{l}.mlp.c_proj"), i, e)?;
+            let (attn, mlp) = (format!("h.{l}.attn"), format!("h.{l}.mlp"));
+            let (c_attn, _) = linear(&format!("{attn}.c_attn"), e, 3 * e, Split::Columns(&qkv))?;
+            let (attn_proj, attn_bias) = linear(&format!("{attn}.c_proj"), e, e, Split::Rows)?;
+            let (c_fc, _) = linear(&format!("{mlp}.c_fc"), e, i, Split::Columns(&even))?;
+            let (mlp_proj, mlp_bias) = linear(&format!("{mlp}.c_proj"), i, e, Split::Rows)?;
             let n_head = config.n_head / n;
             h.push(Block {
                 ln_1: ln(&format!("h.{l}.ln_1"))?,
@@ -445,7 +383,6 @@ impl Gpt2 {
                         .into_iter()
                         .zip(mlp_proj)
                         .map(|(c_fc, c_proj)| MlpShard { c_fc, c_proj })
-            fused: None,
                         .collect(),
                     c_proj_bias: mlp_bias,
                     act: config.activation(),
@@ -483,32 +420,9 @@ impl Gpt2 {
             wte_q = Some(w);
             Tensor::new()
         } else {
-        self.set_fused_decode(true);
             rows(&format!("{prefix}wte.weight"))?
         };
         // transformers ties the head to wte whenever tie_word_embeddings is set, even
-    /// Turns fused CPU decode steps (`decode`) on or off; returns whether they are on.
-    /// They need the packed copies (`pack_for_cpu_decode`) and are on after it, unless
-    /// `GPT2KIT_FUSED_DECODE=0`. Off, decode steps run libtorch between the kernels.
-    pub fn set_fused_decode(&mut self, on: bool) -> bool {
-        self.fused = None;
-        if on {
-            let settings: Vec<LayerSettings> = self
-                .h
-                .iter()
-                .map(|b| LayerSettings {
-                    ln_eps: b.ln_1.eps,
-                    scale: b.attn.scale,
-                    upcast: b.attn.upcast,
-                })
-                .collect();
-            let act = self.h.first().map_or(Activation::Linear, |b| b.mlp.act);
-            let ln_f = (&self.ln_f, self.ln_f.eps);
-            self.fused = Plan::new(self, &self.h, &settings, ln_f, act);
-        }
-        self.fused.is_some()
-    }
-
         // when the file also stores `lm_head.weight`; untied models must store it.
         if !config.tie_word_embeddings {
             if int8_embeddings {
@@ -532,6 +446,7 @@ impl Gpt2 {
             devices: devices.to_vec(),
             head_packed: None,
             comm: Box::new(CopyCommunicator),
+            fused: None,
         })
     }
 
@@ -569,7 +484,30 @@ impl Gpt2 {
                 self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
             }
         }
+        self.set_fused_decode(true);
         Ok(())
+    }
+
+    /// Turns fused CPU decode steps (`decode`) on or off; returns whether they are on.
+    /// They need the packed copies (`pack_for_cpu_decode`) and are on after it, unless
+    /// `GPT2KIT_FUSED_DECODE=0`. Off, decode steps run libtorch between the kernels.
+    pub fn set_fused_decode(&mut self, on: bool) -> bool {
+        self.fused = None;
+        if on {
+            let settings: Vec<LayerSettings> = self
+                .h
+                .iter()
+                .map(|b| LayerSettings {
+                    ln_eps: b.ln_1.eps,
+                    scale: b.attn.scale,
+                    upcast: b.attn.upcast,
+                })
+                .collect();
+            let act = self.h.first().map_or(Activation::Linear, |b| b.mlp.act);
+            let ln_f = (&self.ln_f, self.ln_f.eps);
+            self.fused = Plan::new(self, &self.h, &settings, ln_f, act);
+        }
+        self.fused.is_some()
     }
 
     /// The artifact's `quantization_config` (None for a float model folder).
@@ -643,10 +581,6 @@ impl Gpt2 {
             Linear::Packed { .. } => true,
             Linear::Int8Weight { packed, .. } => packed.is_some(),
             Linear::Int8(q) => q.decodes_on_pool(rows),
-        if let Some(h) = self.fused.as_ref().and_then(|p| p.step(&self.h, &x, cache)) {
-            cache.advance(t);
-            return h;
-        }
             _ => false,
         };
         let head = self.head_packed.is_some() || self.head_q.as_ref().is_some_and(on_pool);
@@ -710,6 +644,10 @@ impl Gpt2 {
         let pos = cache.next_positions(t); // (B, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
         let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (B, T, E)
+        if let Some(h) = self.fused.as_ref().and_then(|p| p.step(&self.h, &x, cache)) {
+            cache.advance(t);
+            return h;
+        }
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
             x = block.forward(&x, l, Some(cache), mask.as_ref(), self);

@@ -3,7 +3,9 @@
 //! with them, `attn.c_proj` by input rows) and its MLP by the inner dimension (`c_fc`
 //! by columns, `mlp.c_proj` by rows). Each shard computes a partial output; one sum
 //! over the shards (an all-reduce) per sublayer, then the bias once. Embeddings, layer
-//! norms and the head stay whole on the first device.
+//! norms and the head stay whole on the first device. int8 artifacts split the same way
+//! (`quant::Int8Layers`): rows of the int8 weight with their scales for a column split,
+//! its input columns with the whole scale vector for a row split.
 //!
 //! The sum goes through `Communicator`, so a NCCL backend can replace the copy-based one
 //! without touching the model. Shards run on the threads of a persistent pool: spawning
@@ -107,12 +109,23 @@ pub fn check_layout(n_head: i64, n_inner: i64, devices: &[Device]) -> Result<()>
     Ok(())
 }
 
-/// Rank r's part of a `c_attn` weight (E, 3E) or bias (3E): heads [r·H/N, (r+1)·H/N) of
-/// each of q, k and v, concatenated in that order along the last dimension.
-pub(crate) fn qkv_columns(t: &Tensor, rank: i64, n: i64) -> Tensor {
-    let cols = *t.size().last().unwrap() / 3;
+/// How the Megatron split divides one linear layer among `n` shards.
+pub(crate) enum Split<'a> {
+    /// By output channels: `part(t, dim, rank)` is rank's part of `t` along `dim`, the
+    /// dimension holding the output channels (`qkv_columns` for `attn.c_attn`, `slice`
+    /// for `mlp.c_fc`). Each shard keeps its bias entries.
+    Columns(&'a dyn Fn(&Tensor, i64, i64) -> Tensor),
+    /// By input channels, evenly (`attn.c_proj`, `mlp.c_proj`): each shard's output is a
+    /// partial sum, and the bias is added once after the shards' sum.
+    Rows,
+}
+
+/// Rank r's part of a `c_attn` weight or bias along `dim`, which holds the 3E output
+/// channels (1 for the Conv1D weight (E, 3E), 0 for the bias or for int8 rows (3E, E)):
+/// heads [r·H/N, (r+1)·H/N) of each of q, k and v, concatenated in that order.
+pub(crate) fn qkv_columns(t: &Tensor, dim: i64, rank: i64, n: i64) -> Tensor {
+    let cols = t.size()[dim as usize] / 3;
     let part = cols / n;
-    let dim = t.dim() as i64 - 1;
     let pieces: Vec<Tensor> = (0..3)
         .map(|j| t.narrow(dim, j * cols + rank * part, part))
         .collect();
@@ -123,4 +136,44 @@ pub(crate) fn qkv_columns(t: &Tensor, rank: i64, n: i64) -> Tensor {
 pub(crate) fn slice(t: &Tensor, dim: i64, rank: i64, n: i64) -> Tensor {
     let part = t.size()[dim as usize] / n;
     t.narrow(dim, rank * part, part).contiguous()
+}
+
+/// Rank r's share of the input-channel indices `idx` (k,) of a row-split layer with
+/// `n_in` inputs: those inside its slice, renumbered from the slice's start.
+pub(crate) fn local_indices(idx: &Tensor, n_in: i64, rank: i64, n: i64) -> Tensor {
+    let part = n_in / n;
+    let start = rank * part;
+    let mine = idx.ge(start).logical_and(&idx.lt(start + part));
+    idx.masked_select(&mine) - start
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn row_split_indices_stay_with_their_rows_renumbered() {
+        let idx = Tensor::from_slice(&[63i64, 1, 33, 16, 47]);
+        let shard = |r| Vec::<i64>::try_from(local_indices(&idx, 64, r, 4)).unwrap();
+        assert_eq!(shard(0), [1]);
+        assert_eq!(shard(1), [0]);
+        assert_eq!(shard(2), [1, 15]);
+        assert_eq!(shard(3), [15]);
+    }
+
+    #[test]
+    fn qkv_columns_take_the_same_heads_along_either_dimension() {
+        let w = Tensor::arange(4 * 12, (tch::Kind::Int64, Device::Cpu)).view([4, 12]); // (E, 3E)
+        for r in 0..2 {
+            let cols = qkv_columns(&w, 1, r, 2); // (E, 3E/2)
+            assert_eq!(cols, qkv_columns(&w.tr(), 0, r, 2).tr());
+            // q, k and v each give their heads' 2 columns: [0..4), [4..8), [8..12) halves.
+            let first_row = Vec::<i64>::try_from(cols.get(0)).unwrap();
+            let want: Vec<i64> = [0, 4, 8]
+                .iter()
+                .flat_map(|q| [q + 2 * r, q + 2 * r + 1])
+                .collect();
+            assert_eq!(first_row, want);
+        }
+    }
 }
