@@ -295,7 +295,9 @@ impl Plan {
             if tasks * (slot + 1) * hs >= PARALLEL_ATTENTION_MIN {
                 self.pool.run(tasks, &|i| job.run(i));
             } else {
-                (0..tasks).for_each(|i| job.run(i));
+                for i in 0..tasks {
+                    job.run(i);
+                }
             }
             k(&a.c_proj).forward(&attn, rows, &mut proj);
             add_residual(h, &proj, bf16);
@@ -357,7 +359,9 @@ fn add_residual(h: &mut [f32], p: &[f32], bf16: bool) {
 #[inline(always)]
 fn round_all(xs: &mut [f32], bf16: bool) {
     if bf16 {
-        xs.iter_mut().for_each(|x| *x = round_bf16(*x));
+        for x in xs.iter_mut() {
+            *x = round_bf16(*x);
+        }
     }
 }
 
@@ -412,36 +416,41 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
 }
 
 /// The activation in place, rounded (libtorch computes these in f32 for bf16 inputs).
+/// One loop per function, each a plain loop over an inlined scalar function, so that it
+/// vectorises for the ISA of the entry point it is inlined into.
 #[inline(always)]
 fn activate(act: Activation, xs: &mut [f32], bf16: bool) {
-    let f = |x: f32| -> f32 {
-        match act {
-            Activation::GeluTanh => {
-                // libtorch's formula: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
-                const BETA: f32 = 0.797_884_6; // √(2/π)
-                0.5 * x * (1.0 + tanh(BETA * (x + 0.044715 * x * x * x)))
+    macro_rules! each {
+        ($f:expr) => {
+            for x in xs.iter_mut() {
+                *x = round($f(*x), bf16);
             }
-            Activation::QuickGelu => x * (1.0 / (1.0 + exp(-(x * 1.702)))),
-            Activation::Relu => x.max(0.0),
-            Activation::Relu6 => x.clamp(0.0, 6.0),
-            Activation::Silu => x / (1.0 + exp(-x)),
-            Activation::Tanh => tanh(x),
-            Activation::Sigmoid => 1.0 / (1.0 + exp(-x)),
-            Activation::LeakyRelu => {
-                if x > 0.0 {
-                    x
-                } else {
-                    0.01 * x
-                }
-            }
-            Activation::Linear => x,
-            // 0.5·x·(1 + erf(x/√2)).
-            Activation::Gelu => 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)),
-            // x·tanh(softplus(x)).
-            Activation::Mish => x * x.exp().ln_1p().tanh(),
+        };
+    }
+    match act {
+        Activation::GeluTanh => each!(gelu_tanh),
+        // 0.5·x·(1 + erf(x/√2)).
+        Activation::Gelu => {
+            each!(|x: f32| 0.5 * x * (1.0 + erf(x * std::f32::consts::FRAC_1_SQRT_2)))
         }
-    };
-    xs.iter_mut().for_each(|x| *x = round(f(*x), bf16));
+        Activation::QuickGelu => each!(|x: f32| x * (1.0 / (1.0 + exp(-(x * 1.702))))),
+        Activation::Relu => each!(|x: f32| x.max(0.0)),
+        Activation::Relu6 => each!(|x: f32| x.clamp(0.0, 6.0)),
+        Activation::Silu => each!(|x: f32| x / (1.0 + exp(-x))),
+        Activation::Tanh => each!(tanh),
+        Activation::Sigmoid => each!(|x: f32| 1.0 / (1.0 + exp(-x))),
+        Activation::LeakyRelu => each!(|x: f32| if x > 0.0 { x } else { 0.01 * x }),
+        Activation::Linear => {}
+        // x·tanh(softplus(x)).
+        Activation::Mish => each!(|x: f32| x * x.exp().ln_1p().tanh()),
+    }
+}
+
+/// libtorch's tanh-approximated GELU: 0.5·x·(1 + tanh(√(2/π)·(x + 0.044715·x³))).
+#[inline(always)]
+fn gelu_tanh(x: f32) -> f32 {
+    const BETA: f32 = 0.797_884_6; // √(2/π)
+    0.5 * x * (1.0 + tanh(BETA * (x + 0.044715 * x * x * x)))
 }
 
 /// eˣ in f32 to about 1 ulp (Cephes' `expf`), without branches so loops vectorise.
@@ -657,12 +666,10 @@ impl Attend<'_> {
                 c.slab::<T>(c.v, row, head, n),
             )
         };
-        thread_local! {
-            static SCORES: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-        }
-        SCORES.with(|s| {
-            let scores = &mut *s.borrow_mut();
-            scores.clear();
+        {
+            // A local buffer, not a thread-local one: `LocalKey::with` would not inline,
+            // and its closure would lose the caller's ISA.
+            let mut scores = Vec::with_capacity(n);
             let seen =
                 |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
             let mut max = f32::NEG_INFINITY;
@@ -697,7 +704,7 @@ impl Attend<'_> {
             for (o, a) in out.iter_mut().zip(acc.iter()) {
                 *o = round(a / total, self.bf16);
             }
-        });
+        }
     }
 }
 
