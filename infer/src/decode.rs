@@ -274,6 +274,7 @@ impl Plan {
             let cache = CacheView {
                 k: kc[0].data_ptr(),
                 v: vc[0].data_ptr(),
+                slot_rows: cache.slot_rows(),
                 bf16,
                 nh,
                 cap,
@@ -500,9 +501,11 @@ fn erf(x: f32) -> f32 {
 }
 
 /// Raw access to one layer's key and value cache: (B, nh, cap, hs), f32 or bf16.
-struct CacheView {
+struct CacheView<'a> {
     k: *mut std::ffi::c_void,
     v: *mut std::ffi::c_void,
+    /// `KvCache::slot_rows`: which stored row holds each row's slot (None: its own).
+    slot_rows: Option<&'a [u32]>,
     bf16: bool,
     nh: usize,
     cap: usize,
@@ -512,9 +515,9 @@ struct CacheView {
 // SAFETY: the pointers address the cache tensors of a `&KvCache` that outlives every use
 // (`Plan::step` borrows it for the whole step); tasks read them only after `write`
 // returned, and nothing writes them while tasks run.
-unsafe impl Sync for CacheView {}
+unsafe impl Sync for CacheView<'_> {}
 
-impl CacheView {
+impl CacheView<'_> {
     /// Element offset of (row, head, slot, 0).
     fn at(&self, row: usize, head: usize, slot: usize) -> usize {
         ((row * self.nh + head) * self.cap + slot) * self.hs
@@ -549,24 +552,28 @@ impl CacheView {
         }
     }
 
-    /// Slots [0, n) of (row, head)'s keys or values (n × hs), in the cache's storage.
+    /// Row `row`'s key or value of `head` at slot `s` (hs values), in the cache's
+    /// storage: in the stored row `slot_rows` names (its own when there is no table).
     ///
     /// # Safety
-    /// `T` is the cache's element type (f32, or u16 for bf16 bits), and nothing writes
-    /// the cache while the slice lives.
+    /// `T` is the cache's element type (f32, or u16 for bf16 bits), `row` < B, `head` <
+    /// nh, `s` < cap, and nothing writes the cache while the slice lives.
     #[inline(always)]
-    unsafe fn slab<T>(
+    unsafe fn slot<T>(
         &self,
         which: *mut std::ffi::c_void,
         row: usize,
         head: usize,
-        n: usize,
+        s: usize,
     ) -> &[T] {
+        let stored = self
+            .slot_rows
+            .map_or(row, |m| m[row * self.cap + s] as usize);
         // SAFETY: `Plan::step` checked each cache tensor is contiguous with shape
-        // (B > row, nh > head, cap ≥ n, hs), so n·hs elements from (row, head, 0) lie
-        // inside it; the caller vouches for `T` and for no concurrent writes.
+        // (B, nh, cap, hs); `KvCache` keeps every table entry < B; so hs elements from
+        // (stored, head, s) lie inside it. The caller vouches for the rest.
         unsafe {
-            std::slice::from_raw_parts((which as *const T).add(self.at(row, head, 0)), n * self.hs)
+            std::slice::from_raw_parts((which as *const T).add(self.at(stored, head, s)), self.hs)
         }
     }
 }
@@ -598,7 +605,7 @@ unsafe impl Send for SyncPtr {}
 
 /// Attention of the new token of every row over its cached slots, one (row, head) per task.
 struct Attend<'a> {
-    cache: &'a CacheView,
+    cache: &'a CacheView<'a>,
     qkv: &'a [f32],
     out: SyncPtr,
     valid: Option<&'a [u8]>,
@@ -659,13 +666,9 @@ impl Attend<'_> {
         let (row, head) = (task / nh, task % nh);
         let n = self.slot + 1;
         let q = &self.qkv[row * 3 * e + head * hs..][..hs];
-        // SAFETY: the caller's contract.
-        let (keys, values) = unsafe {
-            (
-                c.slab::<T>(c.k, row, head, n),
-                c.slab::<T>(c.v, row, head, n),
-            )
-        };
+        // SAFETY: the caller's contract; row < B, head < nh, every s < n ≤ cap.
+        let keys = (0..n).map(|s| unsafe { c.slot::<T>(c.k, row, head, s) });
+        let values = (0..n).map(|s| unsafe { c.slot::<T>(c.v, row, head, s) });
         {
             // A local buffer, not a thread-local one: `LocalKey::with` would not inline,
             // and its closure would lose the caller's ISA.
@@ -673,7 +676,7 @@ impl Attend<'_> {
             let seen =
                 |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
             let mut max = f32::NEG_INFINITY;
-            for (s, k) in keys.chunks_exact(hs).enumerate() {
+            for (s, k) in keys.enumerate() {
                 let v = if seen(s) {
                     dot(q, k) * self.scale
                 } else {
@@ -690,7 +693,7 @@ impl Attend<'_> {
             }
             let mut acc = [0f32; 256];
             let acc = &mut acc[..hs];
-            for (&p, v) in scores.iter().zip(values.chunks_exact(hs)) {
+            for (&p, v) in scores.iter().zip(values) {
                 if p != 0.0 {
                     for (a, v) in acc.iter_mut().zip(v) {
                         *a += p * v.f32();

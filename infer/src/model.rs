@@ -648,6 +648,7 @@ impl Gpt2 {
             cache.advance(t);
             return h;
         }
+        cache.materialize();
         let mask = cache.attention_mask(t);
         for (l, block) in self.h.iter().enumerate() {
             x = block.forward(&x, l, Some(cache), mask.as_ref(), self);
