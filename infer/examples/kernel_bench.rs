@@ -1,5 +1,8 @@
 //! Benchmark of the decode kernels (`infer::kernels`) against libtorch on the shapes of
-//! GPT-2 124M's linear layers, batch (rows) 1 and 8, fp32 and bf16 weights.
+//! GPT-2 124M's linear layers, batch (rows) 1 and 8, fp32, bf16 and int8 weights (int8
+//! with float activations, and W8A8: `int8dynamic`, whose libtorch figure is the
+//! artifacts' own path, per-token quantization + `_int_mm` + rescale; plain int8 has no
+//! libtorch counterpart here).
 //!
 //! Decoding is bound by how fast weights stream from memory, so the yardstick is this
 //! machine's own read bandwidth, measured first (summing a 1 GiB buffer with the same
@@ -99,14 +102,24 @@ fn kind_of(f: WeightFormat) -> Kind {
     match f {
         WeightFormat::F32 => Kind::Float,
         WeightFormat::Bf16 => Kind::BFloat16,
-        WeightFormat::Int8 => Kind::Int8,
+        WeightFormat::Int8 | WeightFormat::Int8Dynamic => Kind::Int8,
     }
 }
 
-/// One layer's weight as libtorch and as the kernels hold it.
+fn elem_bytes(f: WeightFormat) -> usize {
+    match f {
+        WeightFormat::F32 => 4,
+        WeightFormat::Bf16 => 2,
+        WeightFormat::Int8 | WeightFormat::Int8Dynamic => 1,
+    }
+}
+
+/// One layer's weight as libtorch and as the kernels hold it. Int8 formats: `torch_w`
+/// is q (out, in) and `torch_scale` the per-column scale.
 struct Layer {
     torch_w: Tensor,
     torch_b: Option<Tensor>,
+    torch_scale: Option<Tensor>,
     ours: PackedLinear,
 }
 
@@ -118,6 +131,29 @@ fn layer(
     isa: Isa,
     pool: &Arc<ThreadPool>,
 ) -> Layer {
+    if kind_of(format) == Kind::Int8 {
+        let q = Tensor::randint_low(-127, 128, [n, k], (Kind::Int8, Device::Cpu));
+        let scale = Tensor::rand([n], (Kind::Float, Device::Cpu)) * 1e-3;
+        let b = bias.then(|| Tensor::randn([n], (Kind::Float, Device::Cpu)));
+        let qv = Vec::<i8>::try_from(q.view([-1])).unwrap();
+        let sv = Vec::<f32>::try_from(&scale).unwrap();
+        let bv = b.as_ref().map(|b| Vec::<f32>::try_from(b).unwrap());
+        let (k, n) = (k as usize, n as usize);
+        let ours = match format {
+            WeightFormat::Int8 => PackedLinear::from_int8_rows(&qv, &sv, k, n, bv.as_deref()),
+            _ => PackedLinear::from_int8_rows_dynamic(&qv, &sv, k, n, bv.as_deref()),
+        };
+        return Layer {
+            torch_w: q,
+            torch_b: b,
+            torch_scale: Some(scale),
+            ours: ours
+                .unwrap()
+                .with_isa(isa)
+                .unwrap()
+                .with_pool(Arc::clone(pool)),
+        };
+    }
     let kind = kind_of(format);
     let w = (Tensor::randn([k, n], (Kind::Float, Device::Cpu)) * 0.02).to_kind(kind);
     let b = bias.then(|| Tensor::randn([n], (Kind::Float, Device::Cpu)).to_kind(kind));
@@ -129,12 +165,30 @@ fn layer(
     Layer {
         torch_w: w,
         torch_b: b,
+        torch_scale: None,
         ours,
     }
 }
 
-/// libtorch as the model calls it (`Linear::forward`): addmm with a bias, else mm.
+/// x as libtorch's matmul for `format` takes it: in the weight's kind, Float for int8.
+fn torch_input(x: &Tensor, format: WeightFormat) -> Tensor {
+    match kind_of(format) {
+        Kind::Int8 => x.shallow_clone(),
+        kind => x.to_kind(kind),
+    }
+}
+
+/// libtorch as the model calls it (`Linear::forward`): addmm with a bias, else mm; for
+/// int8, `quant::Int8Linear`'s libtorch path (x is Float then).
 fn torch_forward(l: &Layer, x: &Tensor) -> Tensor {
+    if let Some(scale) = &l.torch_scale {
+        let (xq, sx) = infer::quant::quantize_per_token(x);
+        let y = xq.internal_int_mm(&l.torch_w.tr()).to_kind(Kind::Float) * sx * scale;
+        return match &l.torch_b {
+            Some(b) => y + b,
+            None => y,
+        };
+    }
     match &l.torch_b {
         Some(b) => b.addmm(x, &l.torch_w),
         None => x.mm(&l.torch_w),
@@ -162,8 +216,7 @@ fn bench_shape(
     with_torch: bool,
     o: &Opts,
 ) -> Vec<Timing> {
-    let elem = if format == WeightFormat::F32 { 4 } else { 2 };
-    let bytes = (k * n) as usize * elem;
+    let bytes = (k * n) as usize * elem_bytes(format);
     let copies = MIN_SET_BYTES.div_ceil(bytes);
     let bias = n != 50257; // the head has none
     let layers: Vec<Layer> = (0..copies)
@@ -178,7 +231,7 @@ fn bench_shape(
         .map(|&r| {
             let x = Tensor::randn([r, k], (Kind::Float, Device::Cpu));
             let xs = Vec::<f32>::try_from(x.view([-1])).unwrap();
-            let xt = x.to_kind(kind_of(format));
+            let xt = torch_input(&x, format);
             let mut y = vec![0.0f32; (r * n) as usize];
             let (mut ours, mut torch) = (Vec::new(), Vec::new());
             for _ in 0..ROUNDS {
@@ -225,10 +278,7 @@ fn bench_model(format: WeightFormat, rows: &[i64], o: &Opts) -> Vec<Timing> {
             let x3072 = Tensor::randn([r, 3072], (Kind::Float, Device::Cpu));
             let s768 = Vec::<f32>::try_from(x768.view([-1])).unwrap();
             let s3072 = Vec::<f32>::try_from(x3072.view([-1])).unwrap();
-            let (t768, t3072) = (
-                x768.to_kind(kind_of(format)),
-                x3072.to_kind(kind_of(format)),
-            );
+            let (t768, t3072) = (torch_input(&x768, format), torch_input(&x3072, format));
             let mut outs: Vec<Vec<f32>> = layers
                 .iter()
                 .map(|l| vec![0.0; r as usize * l.ours.out_features()])
@@ -301,9 +351,15 @@ fn dispatch_overhead(pool: &ThreadPool) {
     );
 }
 
+/// The path a layer of `format` forced to `isa` really runs (Int8Dynamic falls back to
+/// the scalar kernel without VNNI).
+fn runs_on(format: WeightFormat, isa: Isa, o: &Opts) -> Isa {
+    layer(8, 16, false, format, isa, &o.pool).ours.kernel_isa()
+}
+
 fn print_header(first: &str) {
     println!(
-        "{:<15} {:<4} {:>4} | {:>9} {:>6} {:>5} | {:>9} {:>6} {:>5} | {:>7}",
+        "{:<15} {:<11} {:>4} | {:>9} {:>6} {:>5} | {:>9} {:>6} {:>5} | {:>7}",
         first, "W", "rows", "ours µs", "GB/s", "%bw", "torch µs", "GB/s", "%bw", "speedup"
     );
 }
@@ -322,7 +378,7 @@ fn print_line(name: &str, f: WeightFormat, rows: i64, t: &Timing, bw: f64) {
         )
     };
     println!(
-        "{:<15} {:<4} {:>4} | {:>9.1} {:>6.1} {:>4.0}% | {}",
+        "{:<15} {:<11} {:>4} | {:>9.1} {:>6.1} {:>4.0}% | {}",
         name,
         format!("{f:?}").to_lowercase(),
         rows,
@@ -371,8 +427,14 @@ fn main() {
         (3072, 768),
         (768, 50257),
     ] {
-        for format in [WeightFormat::F32, WeightFormat::Bf16] {
-            let ts = bench_shape(k, n, format, Isa::detect(), &[1, 8], true, &o);
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::Bf16,
+            WeightFormat::Int8,
+            WeightFormat::Int8Dynamic,
+        ] {
+            let with_torch = format != WeightFormat::Int8;
+            let ts = bench_shape(k, n, format, Isa::detect(), &[1, 8], with_torch, &o);
             for (rows, t) in [1, 8].into_iter().zip(ts) {
                 lines.push((format!("{k}x{n}"), format, rows, t));
             }
@@ -380,7 +442,11 @@ fn main() {
         probe(&mut probes);
     }
     sections.push(("shape (in,out)", std::mem::take(&mut lines)));
-    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::Int8Dynamic,
+    ] {
         let ts = bench_model(format, &[1, 8], &o);
         for (rows, t) in [1, 8].into_iter().zip(ts) {
             lines.push(("gpt2-124M step".to_string(), format, rows, t));
@@ -389,10 +455,15 @@ fn main() {
     }
     sections.push(("gpt2 step", std::mem::take(&mut lines)));
     for &isa in &supported {
-        for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::Bf16,
+            WeightFormat::Int8Dynamic,
+        ] {
             let ts = bench_shape(768, 2304, format, isa, &[1, 8], false, &o);
+            let name = format!("{:?}", runs_on(format, isa, &o));
             for (rows, t) in [1, 8].into_iter().zip(ts) {
-                lines.push((format!("{isa:?}"), format, rows, t));
+                lines.push((name.clone(), format, rows, t));
             }
         }
     }

@@ -52,8 +52,9 @@ fn case(k: i64, n: i64, rows: i64, format: WeightFormat, seed: i64) -> Case {
     let w = match format {
         WeightFormat::F32 => w,
         WeightFormat::Bf16 => w.to_kind(Kind::BFloat16),
-        // Int8 kernels are tested in quantized.rs (they pack from int8 rows and scales).
-        WeightFormat::Int8 => unreachable!("not a case of this file"),
+        // Int8 kernels are tested in quantized.rs (they pack from int8 rows and scales),
+        // Int8Dynamic's at the end of this file.
+        WeightFormat::Int8 | WeightFormat::Int8Dynamic => unreachable!("not a case here"),
     };
     let w64 = w.to_kind(Kind::Float).to_kind(Kind::Double);
     Case { x, w, bias, w64 }
@@ -314,4 +315,310 @@ fn pool_runs_each_task_once_and_survives_a_panic() {
         count.fetch_add(1, Ordering::Relaxed);
     });
     assert_eq!(count.load(Ordering::Relaxed), 4);
+}
+
+// ---- W8A8 (`WeightFormat::Int8Dynamic`) ----------------------------------------------
+//
+// Reference: the arithmetic of `quant::Int8Linear` (the int8-dynamic artifacts' decode
+// path): each x row quantized on the host (`host_quantize`, that code's formula, checked
+// against libtorch's `quant::quantize_per_token`), the int32 sums as libtorch's `_int_mm`
+// gives them (checked against exact f64 sums), then `acc as f32 * s_r * scale + bias`
+// (bias zero when absent, as there). The kernels must match it bit for bit, every path.
+
+/// Per-row quantization as `quant::Int8Linear::forward_pooled` does it: (xq, s) per row.
+fn host_quantize(x: &[f32], rows: usize, k: usize) -> (Vec<i8>, Vec<f32>) {
+    let mut xq = vec![0i8; rows * k];
+    let mut sx = vec![0f32; rows];
+    for r in 0..rows {
+        let row = &x[r * k..(r + 1) * k];
+        let max = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let s = (max / 127.0).max(1e-12);
+        sx[r] = s;
+        for (q, v) in xq[r * k..(r + 1) * k].iter_mut().zip(row) {
+            *q = (v / s).round_ties_even().clamp(-127.0, 127.0) as i8;
+        }
+    }
+    (xq, sx)
+}
+
+struct QCase {
+    k: usize,
+    n: usize,
+    q: Vec<i8>, // (n, k)
+    qt: Tensor, // (n, k) Int8
+    scale: Vec<f32>,
+    bias: Vec<f32>,
+}
+
+fn qcase(k: usize, n: usize, seed: i64) -> QCase {
+    tch::manual_seed(seed);
+    let qt = Tensor::randint_low(-127, 128, [n as i64, k as i64], (Kind::Int8, Device::Cpu));
+    let q = Vec::<i8>::try_from(qt.view([-1])).unwrap();
+    let scale =
+        Vec::<f32>::try_from(Tensor::rand([n as i64], (Kind::Float, Device::Cpu)) * 0.02 + 1e-3)
+            .unwrap();
+    let bias = Vec::<f32>::try_from(Tensor::randn([n as i64], (Kind::Float, Device::Cpu))).unwrap();
+    QCase {
+        k,
+        n,
+        q,
+        qt,
+        scale,
+        bias,
+    }
+}
+
+/// The reference y (rows, n) for x (rows, k).
+fn qreference(c: &QCase, x: &[f32], rows: usize, bias: bool) -> Vec<f32> {
+    let (xq, sx) = host_quantize(x, rows, c.k);
+    let xqt = Tensor::from_slice(&xq).view([rows as i64, c.k as i64]);
+    if c.k > 0 {
+        // libtorch's own per-token quantization agrees with the host formula wherever
+        // their scales coincide (max|x| ≥ 127e-12; below, both give xq = 0).
+        let (tq, _) = infer::quant::quantize_per_token(
+            &Tensor::from_slice(x).view([rows as i64, c.k as i64]),
+        );
+        assert_eq!(Vec::<i8>::try_from(tq.view([-1])).unwrap(), xq);
+    }
+    // The sums in f64 (exact: |Σ| < 2⁵³) and from `_int_mm`, which must agree, except
+    // for k = 1: libtorch 2.11's CPU `_int_mm` returns garbage for k = 1, n > 1.
+    let exact = xqt
+        .to_kind(Kind::Double)
+        .matmul(&c.qt.to_kind(Kind::Double).tr())
+        .to_kind(Kind::Int);
+    let acc = Vec::<i32>::try_from(exact.view([-1])).unwrap();
+    if c.k >= 2 {
+        let int_mm = Vec::<i32>::try_from(xqt.internal_int_mm(&c.qt.tr()).view([-1])).unwrap();
+        assert_eq!(int_mm, acc, "_int_mm vs the exact sums, {}x{}", c.k, c.n);
+    }
+    let mut y = vec![0f32; rows * c.n];
+    for r in 0..rows {
+        for j in 0..c.n {
+            let b = if bias { c.bias[j] } else { 0.0 };
+            y[r * c.n + j] = acc[r * c.n + j] as f32 * sx[r] * c.scale[j] + b;
+        }
+    }
+    y
+}
+
+fn qpack(c: &QCase, bias: bool, isa: Isa) -> PackedLinear {
+    PackedLinear::from_int8_rows_dynamic(
+        &c.q,
+        &c.scale,
+        c.k,
+        c.n,
+        bias.then_some(c.bias.as_slice()),
+    )
+    .unwrap()
+    .with_isa(isa)
+    .unwrap()
+    .with_pool(pool())
+}
+
+/// The kernel paths Int8Dynamic runs on this CPU, each forced through `with_isa`: the
+/// VNNI kernel must be among them where the CPU has it.
+fn qpaths(c: &QCase) -> Vec<Isa> {
+    let paths = paths();
+    #[cfg(target_arch = "x86_64")]
+    if is_x86_feature_detected!("avx512vnni") {
+        assert_eq!(qpack(c, false, Isa::Avx512).kernel_isa(), Isa::Avx512);
+    }
+    assert_eq!(qpack(c, false, Isa::Scalar).kernel_isa(), Isa::Scalar);
+    paths
+}
+
+fn assert_bits(got: &[f32], want: &[f32], what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.to_bits(), w.to_bits(), "{what}: element {i}: {g} vs {w}");
+    }
+}
+
+fn run_qshape(k: usize, n: usize, rows: &[usize], x_of: impl Fn(usize) -> Vec<f32>) {
+    let c = qcase(k, n, (k * 1000 + n) as i64);
+    let paths = qpaths(&c);
+    for &r in rows {
+        let x = x_of(r);
+        for bias in [false, true] {
+            let want = qreference(&c, &x, r, bias);
+            for &isa in &paths {
+                let lin = qpack(&c, bias, isa);
+                assert_eq!(lin.format(), WeightFormat::Int8Dynamic);
+                let mut y = vec![f32::NAN; r * n];
+                lin.forward(&x, r, &mut y);
+                let what = format!(
+                    "{k}x{n} Int8Dynamic {isa:?} (runs {:?}) rows {r} bias {bias}",
+                    lin.kernel_isa()
+                );
+                assert_bits(&y, &want, &what);
+            }
+        }
+    }
+}
+
+fn randn_rows(k: usize, seed: i64) -> impl Fn(usize) -> Vec<f32> {
+    move |r| {
+        tch::manual_seed(seed + r as i64);
+        // Rows of different magnitudes, so that each has its own scale.
+        let mag = Tensor::logspace(-3, 3, r as i64, 10.0, (Kind::Float, Device::Cpu));
+        let x = Tensor::randn([r as i64, k as i64], (Kind::Float, Device::Cpu)) * mag.unsqueeze(1);
+        Vec::<f32>::try_from(x.view([-1])).unwrap()
+    }
+}
+
+const Q_ROWS: [usize; 9] = [1, 2, 3, 4, 5, 6, 7, 8, 11];
+
+#[test]
+fn int8_dynamic_odd_shapes_every_path_bit_exact() {
+    for (k, n) in [
+        (1, 1),
+        (1, 17),
+        (3, 5),
+        (7, 1),
+        (7, 17),
+        (17, 7),
+        (2, 16),
+        (16, 16),
+        (17, 33),
+        (33, 31),
+        (63, 63),
+        (64, 48),
+        (129, 100),
+        (255, 257),
+    ] {
+        run_qshape(k, n, &Q_ROWS, randn_rows(k, 1));
+    }
+}
+
+#[test]
+fn int8_dynamic_gpt2_shapes_every_path_bit_exact() {
+    for (k, n) in [(768, 2304), (3072, 768), (768, 3072)] {
+        run_qshape(k, n, &Q_ROWS, randn_rows(k, 2));
+    }
+    // The tied head, one row (its size makes it the slow case).
+    run_qshape(768, 50257, &[1], randn_rows(768, 3));
+}
+
+#[test]
+fn int8_dynamic_zero_huge_tiny_and_tied_rows() {
+    // Row 0 all zero (s = 1e-12), row 1 huge, row 2 below 127e-12 (s clamped to 1e-12,
+    // xq = 0), row 3 with max 127 (s = 1) and halves that round to even, row 4 near
+    // f32::MAX, row 5 one spike among zeros.
+    let k = 37;
+    let rows: Vec<Vec<f32>> = vec![
+        vec![0.0; k],
+        (0..k).map(|i| (i as f32 - 18.0) * 1e30).collect(),
+        (0..k).map(|i| (i as f32 - 18.0) * 1e-21).collect(),
+        (0..k)
+            .map(|i| if i == 0 { 127.0 } else { i as f32 * 0.5 - 9.0 })
+            .collect(),
+        (0..k).map(|i| f32::MAX / (1.0 + i as f32)).collect(),
+        (0..k).map(|i| if i == 30 { -3.0 } else { 0.0 }).collect(),
+    ];
+    let x: Vec<f32> = rows.concat();
+    let r = rows.len();
+    run_qshape(k, 70, &[r], |rr| {
+        assert_eq!(rr, r);
+        x.clone()
+    });
+}
+
+#[test]
+fn int8_dynamic_rounding_boundaries() {
+    // Values next to the .5 boundaries of x/s, where dividing by s and multiplying by
+    // 1/s round differently (random rows almost never hit one): the quantization must
+    // divide, as quant.rs does. Each row: its max first (setting s), then such values.
+    let k = 64;
+    let mut x = Vec::new();
+    let mut found = 0;
+    for max in [1.0f32, 3.0, 0.7, 10.0, 0.013, 255.0, 1e-3, 42.0] {
+        let s = (max / 127.0).max(1e-12);
+        let mut row = vec![max];
+        for j in 0..127 {
+            let base = (j as f32 + 0.5) * s;
+            for d in -8i32..=8 {
+                let v = f32::from_bits((base.to_bits() as i32 + d) as u32);
+                let differs = (v / s).round_ties_even() != (v * (1.0 / s)).round_ties_even();
+                if differs && v < max && row.len() < k {
+                    row.push(if row.len() % 2 == 0 { v } else { -v });
+                }
+            }
+        }
+        found += row.len() - 1;
+        row.resize(k, 0.0);
+        x.extend(row);
+    }
+    assert!(found >= 16, "only {found} boundary values");
+    run_qshape(k, 40, &[8], |r| {
+        assert_eq!(r, 8);
+        x.clone()
+    });
+}
+
+#[test]
+fn int8_dynamic_tensor_api_threads_and_size() {
+    let c = qcase(96, 80, 9);
+    let lin = qpack(&c, true, Isa::detect());
+    let x = randn_rows(96, 4)(6);
+    let want = qreference(&c, &x, 6, true);
+    let xt = Tensor::from_slice(&x).view([2, 3, 96]);
+    let y = lin.forward_tensor(&xt).unwrap();
+    assert_eq!(y.size(), [2, 3, 80]);
+    assert_bits(
+        &Vec::<f32>::try_from(y.view([-1])).unwrap(),
+        &want,
+        "forward_tensor",
+    );
+    // Each column is one thread's, summed in a fixed order: the split cannot matter.
+    for threads in [1, 2, 5] {
+        let lin = PackedLinear::from_int8_rows_dynamic(&c.q, &c.scale, 96, 80, Some(&c.bias))
+            .unwrap()
+            .with_pool(Arc::new(ThreadPool::new(threads)));
+        let mut y = vec![f32::NAN; 6 * 80];
+        lin.forward(&x, 6, &mut y);
+        assert_bits(&y, &want, &format!("{threads} threads"));
+    }
+    // One byte per weight.
+    let q = vec![1i8; 768 * 2304];
+    let lin = PackedLinear::from_int8_rows_dynamic(&q, &[1.0; 2304], 768, 2304, None).unwrap();
+    assert_eq!(lin.weight_bytes(), 768 * 2304);
+    let q = vec![1i8; 768 * 50257];
+    let lin =
+        PackedLinear::from_int8_rows_dynamic(&q, &vec![1.0; 50257], 768, 50257, None).unwrap();
+    assert_eq!(lin.weight_bytes(), 768 * 3142 * 16);
+}
+
+#[test]
+fn int8_dynamic_degenerate_shapes_and_bad_inputs() {
+    // No inputs: acc = 0, so y = 0·s·scale + b = b.
+    let lin =
+        PackedLinear::from_int8_rows_dynamic(&[], &[0.5, 2.0, 1.0], 0, 3, Some(&[1.0, -2.0, 3.0]))
+            .unwrap();
+    let mut y = [0.0; 6];
+    lin.forward(&[], 2, &mut y);
+    assert_eq!(y, [1.0, -2.0, 3.0, 1.0, -2.0, 3.0]);
+    let lin = PackedLinear::from_int8_rows_dynamic(&[], &[], 4, 0, None).unwrap();
+    lin.forward(&[0.0; 8], 2, &mut []);
+    let lin = PackedLinear::from_int8_rows_dynamic(&[1; 8], &[1.0; 2], 4, 2, None).unwrap();
+    lin.forward(&[], 0, &mut []);
+    // Wrong lengths of weight, scale or bias; wrong input tensors.
+    assert!(PackedLinear::from_int8_rows_dynamic(&[0; 5], &[1.0; 3], 2, 3, None).is_err());
+    assert!(PackedLinear::from_int8_rows_dynamic(&[0; 6], &[1.0; 2], 2, 3, None).is_err());
+    assert!(
+        PackedLinear::from_int8_rows_dynamic(&[0; 6], &[1.0; 3], 2, 3, Some(&[0.0; 2])).is_err()
+    );
+    let lin = PackedLinear::from_int8_rows_dynamic(&[0; 12], &[1.0; 3], 4, 3, None).unwrap();
+    assert!(lin
+        .forward_tensor(&Tensor::zeros([2, 5], (Kind::Float, Device::Cpu)))
+        .is_err());
+    assert!(lin
+        .forward_tensor(&Tensor::zeros([2, 4], (Kind::Double, Device::Cpu)))
+        .is_err());
+}
+
+#[test]
+#[should_panic(expected = "x must be (rows, in_features)")]
+fn int8_dynamic_wrong_x_length_panics() {
+    let lin = PackedLinear::from_int8_rows_dynamic(&[0; 6], &[1.0; 3], 2, 3, None).unwrap();
+    lin.forward(&[0.0; 3], 2, &mut [0.0; 6]);
 }

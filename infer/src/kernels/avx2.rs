@@ -2,11 +2,18 @@
 //! would need 16 accumulators, all of AVX2's registers, with none left for W. Rows are
 //! therefore served in groups of up to 4 (8 accumulators), panel by panel: the second
 //! group re-reads a panel (48–192 KiB for GPT-2) from L2, not from memory.
+//!
+//! `int8_dynamic` (W8A8, see `vnni`) has no `vpdpbusd` here, and `vpmaddubsw` (u8 × i8
+//! pairs summed to i16, saturating) cannot take u = xq + 128: 255·127·2 overflows i16.
+//! It takes |q| and xq·sign(q) instead (`vpsignb`), whose pairs reach 2·128·127 < 2¹⁵,
+//! then `vpmaddwd` by ones to i32: Σ xq·q directly, the same integer as the VNNI sum
+//! minus its correction (the trick llama.cpp's AVX2 int8 dot products use).
 // Index loops over const-sized arrays of registers say which accumulator meets which
 // weight and x value; they unroll fully, and iterators would not read better here.
 #![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
 
+use super::vnni::{dequant, QTile};
 use super::{Tile, PANEL};
 
 const GROUP: usize = 4;
@@ -209,6 +216,80 @@ unsafe fn store<const R: usize, const U: usize>(t: &Tile, p: usize, r0: usize, m
                 _mm256_storeu_ps(tmp.as_mut_ptr().add(8), a[1]);
                 std::ptr::copy_nonoverlapping(tmp.as_ptr(), y, cols);
             }
+        }
+    }
+}
+
+/// # Safety
+/// The CPU has avx2 (and fma, as every `Isa::Avx2` kernel assumes); `t` satisfies
+/// `QTile`'s field contracts (slice lengths as stated, `y` writable for `rows` rows of
+/// `cols` columns at stride `ldy`, by this thread alone).
+#[target_feature(enable = "avx2,fma")]
+pub(super) unsafe fn int8_dynamic(t: &QTile) {
+    for p in 0..t.n_panels {
+        for r0 in (0..t.rows).step_by(GROUP) {
+            // SAFETY: forwarded from this function's contract; r0 + rows in group <= rows.
+            unsafe {
+                match (t.rows - r0).min(GROUP) {
+                    1 => int8_dynamic_panel::<1>(t, p, r0),
+                    2 => int8_dynamic_panel::<2>(t, p, r0),
+                    3 => int8_dynamic_panel::<3>(t, p, r0),
+                    _ => int8_dynamic_panel::<4>(t, p, r0),
+                }
+            }
+        }
+    }
+}
+
+/// Panel p for quantized x rows r0 .. r0 + R: Σ xq·q in i32, then `vnni::dequant` with
+/// no correction (these sums are of xq, not of xq + 128).
+#[target_feature(enable = "avx2,fma")]
+#[inline]
+unsafe fn int8_dynamic_panel<const R: usize>(t: &QTile, p: usize, r0: usize) {
+    let lpp = t.lines_per_panel;
+    let row_bytes = 4 * lpp;
+    let mut acc = [[_mm256_setzero_si256(); 2]; R];
+    let ones = _mm256_set1_epi16(1);
+    // u = xq + 128 back to xq: flip each byte's top bit.
+    let flip = _mm256_set1_epi32(0x8080_8080_u32 as i32);
+    // SAFETY: panel p's lines are t.w[p*lpp..(p+1)*lpp], 64-byte aligned, so both
+    // 32-byte halves of a line are aligned; line l is read for l < lpp only. x row r0 + r's
+    // word l is bytes (r0+r)*row_bytes + 4l .. + 4 of t.xq, read unaligned (rows < t.rows).
+    // Prefetches never fault; `wrapping_add` keeps their arithmetic defined.
+    unsafe {
+        let w = t.w.as_ptr().add(p * lpp) as *const __m256i;
+        let x = t.xq.as_ptr().add(r0 * row_bytes);
+        for l in 0..lpp {
+            let wp = w.add(2 * l);
+            _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(2 * PREFETCH_LINES) as *const i8);
+            let wv = [_mm256_load_si256(wp), _mm256_load_si256(wp.add(1))];
+            let wabs = [_mm256_abs_epi8(wv[0]), _mm256_abs_epi8(wv[1])];
+            for r in 0..R {
+                let word = (x.add(r * row_bytes + 4 * l) as *const i32).read_unaligned();
+                let xv = _mm256_xor_si256(_mm256_set1_epi32(word), flip);
+                for h in 0..2 {
+                    // |q| (as u8, 128 for -128) times xq·sign(q): pairs within ±32512.
+                    let pairs = _mm256_maddubs_epi16(wabs[h], _mm256_sign_epi8(xv, wv[h]));
+                    acc[r][h] = _mm256_add_epi32(acc[r][h], _mm256_madd_epi16(pairs, ones));
+                }
+            }
+        }
+    }
+    let c0 = p * PANEL;
+    let cols = t.panel_cols(p);
+    for (r, a) in acc.iter().enumerate() {
+        let mut sums = [0i32; PANEL];
+        // SAFETY: two unaligned 32-byte stores into a 64-byte local array.
+        unsafe {
+            _mm256_storeu_si256(sums.as_mut_ptr() as *mut __m256i, a[0]);
+            _mm256_storeu_si256(sums.as_mut_ptr().add(8) as *mut __m256i, a[1]);
+        }
+        let s_r = t.sx[r0 + r];
+        for c in 0..cols {
+            let v = dequant(sums[c], 0, s_r, t.scale[c0 + c], t.bias[c0 + c]);
+            // SAFETY: y row r0 + r, column p*16 + c < p*16 + cols, lies in this tile and
+            // is this thread's alone (QTile contract).
+            unsafe { *t.y.add((r0 + r) * t.ldy + c0 + c) = v };
         }
     }
 }

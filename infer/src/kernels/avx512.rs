@@ -9,6 +9,8 @@
 //! close to memory speed on 2 cores (the kernel_bench table shows how close).
 //! With 1 row, the chain of FMAs into one accumulator (4 cycles each) would set the
 //! pace, so row 1 keeps U = 2 partial sums per panel (4 chains with P = 2).
+//! `int8_dynamic` (W8A8, see `vnni`) has the same shape with `vpdpbusd` in place of the
+//! FMA: one per line and x row, 4 input rows per line.
 // Index loops over const-sized arrays of registers say which accumulator meets which
 // weight and x value; they unroll fully, and iterators would not read better here.
 #![allow(clippy::needless_range_loop)]
@@ -17,6 +19,7 @@
 #![allow(clippy::incompatible_msrv)]
 use std::arch::x86_64::*;
 
+use super::vnni::QTile;
 use super::{Tile, PANEL};
 
 /// How far ahead of the loads (in 64-byte lines) to prefetch. The hardware prefetcher
@@ -335,5 +338,112 @@ unsafe fn int8_block<const R: usize, const P: usize, const U: usize>(t: &Tile, p
             }
         }
         store::<R, P, U>(t, p0, acc);
+    }
+}
+
+/// # Safety
+/// The CPU has avx512f and avx512vnni; `t` satisfies `QTile`'s field contracts (slice
+/// lengths as stated, `y` writable for `rows` rows of `cols` columns at stride `ldy`, by
+/// this thread alone).
+#[target_feature(enable = "avx512f,avx512vnni")]
+pub(super) unsafe fn int8_dynamic(t: &QTile) {
+    // SAFETY: forwarded from this function's contract.
+    unsafe {
+        match t.rows {
+            1 => int8_dynamic_rows::<1, 2>(t),
+            2 => int8_dynamic_rows::<2, 1>(t),
+            3 => int8_dynamic_rows::<3, 1>(t),
+            4 => int8_dynamic_rows::<4, 1>(t),
+            5 => int8_dynamic_rows::<5, 1>(t),
+            6 => int8_dynamic_rows::<6, 1>(t),
+            7 => int8_dynamic_rows::<7, 1>(t),
+            8 => int8_dynamic_rows::<8, 1>(t),
+            r => unreachable!("tile of {r} rows"),
+        }
+    }
+}
+
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn int8_dynamic_rows<const R: usize, const U: usize>(t: &QTile) {
+    let mut p = 0;
+    while p < t.n_panels {
+        // SAFETY: forwarded from `int8_dynamic`; p (+ 1) < n_panels.
+        unsafe {
+            if p + 2 <= t.n_panels {
+                int8_dynamic_block::<R, 2, U>(t, p);
+            } else {
+                int8_dynamic_block::<R, 1, U>(t, p);
+            }
+        }
+        p += 2;
+    }
+}
+
+/// R rows of quantized x times panels p0 .. p0 + P: int32 sums with `vpdpbusd` (x's 4
+/// bytes broadcast to every lane, the line's 4 weight bytes per column), then
+/// y = (acc − corr)·s_r·scale + b with separate multiplies and add, as `vnni::dequant`.
+#[target_feature(enable = "avx512f,avx512vnni")]
+#[inline]
+unsafe fn int8_dynamic_block<const R: usize, const P: usize, const U: usize>(t: &QTile, p0: usize) {
+    let lpp = t.lines_per_panel;
+    let row_bytes = 4 * lpp;
+    let mut acc = [[[_mm512_setzero_si512(); P]; R]; U];
+    // SAFETY: panel p0 + q's lines are t.w[(p0+q)*lpp..][..lpp], each 64-byte aligned;
+    // line l is read only for l < lpp. x row r's word l is bytes r*row_bytes + 4l .. + 4
+    // of t.xq (rows * row_bytes bytes), read unaligned. corr, scale and bias hold
+    // n_panels * 16 values and p0 + q < n_panels; y row r, columns (p0+q)*16 .. + cols,
+    // lie in this tile, and the mask keeps the store inside them. Prefetches never
+    // fault; `wrapping_add` keeps their arithmetic defined.
+    unsafe {
+        let w = t.w.as_ptr().add(p0 * lpp) as *const __m512i;
+        let x = t.xq.as_ptr();
+        let mut l = 0;
+        while l < lpp {
+            let step = if l + U <= lpp { U } else { 1 };
+            for u in 0..U.min(step) {
+                let ahead = prefetch_ahead::<P>(l + u, lpp);
+                let mut wv = [_mm512_setzero_si512(); P];
+                for q in 0..P {
+                    let wp = w.add(q * lpp + l + u);
+                    _mm_prefetch::<_MM_HINT_T0>(wp.wrapping_add(ahead) as *const i8);
+                    wv[q] = _mm512_load_si512(wp);
+                }
+                for r in 0..R {
+                    let word = (x.add(r * row_bytes + 4 * (l + u)) as *const i32).read_unaligned();
+                    let xv = _mm512_set1_epi32(word);
+                    for q in 0..P {
+                        acc[u][r][q] = _mm512_dpbusd_epi32(acc[u][r][q], xv, wv[q]);
+                    }
+                }
+            }
+            l += step;
+        }
+        for u in 1..U {
+            for r in 0..R {
+                for q in 0..P {
+                    acc[0][r][q] = _mm512_add_epi32(acc[0][r][q], acc[u][r][q]);
+                }
+            }
+        }
+        for q in 0..P {
+            let p = p0 + q;
+            let c0 = p * PANEL;
+            let corr = _mm512_loadu_si512(t.corr.as_ptr().add(c0) as *const __m512i);
+            let scale = _mm512_loadu_ps(t.scale.as_ptr().add(c0));
+            let bias = _mm512_loadu_ps(t.bias.as_ptr().add(c0));
+            let cols = t.panel_cols(p);
+            let mask: __mmask16 = if cols >= PANEL {
+                !0
+            } else {
+                (1u16 << cols) - 1
+            };
+            for r in 0..R {
+                let v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[0][r][q], corr));
+                let v = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(t.sx[r])), scale);
+                let v = _mm512_add_ps(v, bias);
+                _mm512_mask_storeu_ps(t.y.add(r * t.ldy + c0), mask, v);
+            }
+        }
     }
 }

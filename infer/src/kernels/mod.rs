@@ -1,5 +1,6 @@
 //! CPU decode kernels: y = x·W (+ b) for a handful of activation rows (batch 1–8) against
-//! a GPT-2 `Conv1D` weight W of shape (in, out), with the weight in fp32 or bf16.
+//! a GPT-2 `Conv1D` weight W of shape (in, out), with the weight in fp32, bf16 or int8
+//! (int8 with float activations, or W8A8 with activations quantized per row: `vnni`).
 //!
 //! Why not libtorch: decoding one token reads every weight once and does two flops per
 //! weight, so on a CPU the speed of a decode step is the speed at which weights stream
@@ -27,6 +28,7 @@ mod avx2;
 mod avx512;
 mod pool;
 mod scalar;
+mod vnni;
 
 pub use pool::ThreadPool;
 
@@ -90,6 +92,11 @@ pub enum WeightFormat {
     /// Symmetric int8 with one f32 scale per output column (gpt2kit's int8 artifacts):
     /// a line holds 4 input rows of 16 bytes, widened in registers; y = (x·q)·scale + b.
     Int8,
+    /// W8A8, as gpt2kit's int8-dynamic artifacts compute (`quant::Int8Linear`): the same
+    /// int8 weights and scales, each x row quantized per call to int8 with its own scale
+    /// s_r, int32 sums, y = acc·s_r·scale + b, bit for bit. A line holds 4 input rows of
+    /// each column in one 32-bit lane (the layout of VNNI's `vpdpbusd`: see `vnni`).
+    Int8Dynamic,
 }
 
 /// What one kernel call computes: y[r, c] for every row r < `rows` (1..=MAX_ROWS) and
@@ -148,6 +155,9 @@ pub struct PackedLinear {
     has_bias: bool,
     /// Int8 only: per output column, the scale and then the bias applied to x·q.
     int8_post: Option<(Vec<f32>, Vec<f32>)>,
+    /// Int8Dynamic only: per column (`n_panels * PANEL`, zero-padded) the correction
+    /// 128·Σ_k q and the scale (the bias, applied after it, is `bias`).
+    dynamic: Option<(Vec<i32>, Vec<f32>)>,
     isa: Isa,
     pool: Arc<ThreadPool>,
 }
@@ -312,12 +322,33 @@ impl PackedLinear {
         Ok(me)
     }
 
+    /// Packs an int8 weight, (out, in) row-major (gpt2kit's artifacts hold [-127, 127];
+    /// any i8 is exact), and one scale per output column, for W8A8: each call quantizes
+    /// x per row and computes y = (xq·qᵀ)·s_x·scale + bias exactly as
+    /// `quant::Int8Linear` does (see `WeightFormat::Int8Dynamic`).
+    pub fn from_int8_rows_dynamic(
+        q: &[i8],
+        scale: &[f32],
+        in_features: usize,
+        out_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("weight", q.len(), in_features * out_features)?;
+        check_len("scale", scale.len(), out_features)?;
+        let mut me = Self::empty(WeightFormat::Int8Dynamic, in_features, out_features, bias)?;
+        let corr = vnni::pack(q, in_features, out_features, &mut me.lines);
+        let mut padded = vec![0.0f32; me.n_panels * PANEL];
+        padded[..out_features].copy_from_slice(scale);
+        me.dynamic = Some((corr, padded));
+        Ok(me)
+    }
+
     fn empty(format: WeightFormat, k: usize, n: usize, bias: Option<&[f32]>) -> Result<Self> {
         let n_panels = n.div_ceil(PANEL);
         let lines_per_panel = match format {
             WeightFormat::F32 => k,
             WeightFormat::Bf16 => k.div_ceil(2),
-            WeightFormat::Int8 => k.div_ceil(4),
+            WeightFormat::Int8 | WeightFormat::Int8Dynamic => k.div_ceil(4),
         };
         let mut padded = vec![0.0f32; n_panels * PANEL];
         if let Some(b) = bias {
@@ -334,6 +365,7 @@ impl PackedLinear {
             bias: padded,
             has_bias: bias.is_some(),
             int8_post: None,
+            dynamic: None,
             isa: Isa::detect(),
             pool: ThreadPool::global(),
         })
@@ -377,6 +409,22 @@ impl PackedLinear {
         self.isa
     }
 
+    /// The kernel path `forward` runs: `isa()`, except for Int8Dynamic on Avx512 without
+    /// VNNI, which runs the Avx2 kernel (or the scalar one without AVX2). Every path
+    /// computes the same integers, so the same bits; only the speed differs.
+    pub fn kernel_isa(&self) -> Isa {
+        match (self.format, self.isa) {
+            (WeightFormat::Int8Dynamic, Isa::Avx512) if !has_vnni() => {
+                if Isa::Avx2.is_supported() {
+                    Isa::Avx2
+                } else {
+                    Isa::Scalar
+                }
+            }
+            (_, isa) => isa,
+        }
+    }
+
     pub fn has_bias(&self) -> bool {
         self.has_bias
     }
@@ -391,8 +439,9 @@ impl PackedLinear {
     }
 
     /// y = x·W + b for `rows` rows: `x` is (rows, in) and `out` (rows, out), row-major.
-    /// Allocates nothing. Rows beyond `MAX_ROWS` are served in chunks of `MAX_ROWS`,
-    /// each a pass over W.
+    /// Allocates nothing, except for Int8Dynamic: x quantized (rows·in bytes, once per
+    /// call, on the calling thread). Rows beyond `MAX_ROWS` are served in chunks of
+    /// `MAX_ROWS`, each a pass over W.
     ///
     /// # Panics
     /// If `x.len() != rows * in_features` or `out.len() != rows * out_features`.
@@ -412,6 +461,10 @@ impl PackedLinear {
         }
         let y = OutPtr(out.as_mut_ptr());
         let n_tasks = self.n_tasks(rows);
+        if self.dynamic.is_some() {
+            self.forward_dynamic(x, rows, y, n_tasks);
+            return;
+        }
         let task = |t: usize| {
             let p0 = t * self.n_panels / n_tasks;
             let p1 = (t + 1) * self.n_panels / n_tasks;
@@ -511,6 +564,18 @@ impl PackedLinear {
                 }
             }
         }
+    }
+}
+
+/// Whether this CPU has AVX-512 VNNI (`vpdpbusd` on zmm registers).
+fn has_vnni() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("avx512vnni")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
     }
 }
 

@@ -1,6 +1,7 @@
 //! Portable kernels for CPUs without AVX2, over the same packed layout. Written so that
 //! the compiler vectorizes the 16-column inner loop with whatever the target baseline
 //! has (SSE2 on x86-64, NEON on aarch64); still one pass over W for up to 8 rows.
+use super::vnni::{dequant, QTile};
 use super::{Tile, WeightFormat, MAX_ROWS, PANEL};
 
 /// # Safety
@@ -38,6 +39,7 @@ pub(super) unsafe fn run(t: &Tile, format: WeightFormat) {
                     }
                 }
             }
+            WeightFormat::Int8Dynamic => unreachable!("Int8Dynamic runs `int8_dynamic`"),
             WeightFormat::Bf16 => {
                 for (l, line) in panel.iter().enumerate() {
                     let lo = line.0.map(|v| f32::from_bits(v << 16));
@@ -57,6 +59,46 @@ pub(super) unsafe fn run(t: &Tile, format: WeightFormat) {
             unsafe {
                 let y = t.y.add(r * t.ldy + p * PANEL);
                 std::ptr::copy_nonoverlapping(a.as_ptr(), y, cols);
+            }
+        }
+    }
+}
+
+/// The Int8Dynamic kernel: the same integers as `vpdpbusd` (u8 activations times i8
+/// weights, 4 per lane, wrapping i32 sums), then `vnni::dequant`.
+///
+/// # Safety
+/// `t` satisfies `QTile`'s field contracts: slice lengths as stated, and `y` writable for
+/// `rows` rows of `cols` columns at stride `ldy`, by this thread alone.
+pub(super) unsafe fn int8_dynamic(t: &QTile) {
+    let (rows, lpp) = (t.rows, t.lines_per_panel);
+    for p in 0..t.n_panels {
+        let panel = &t.w[p * lpp..(p + 1) * lpp];
+        let mut acc = [[0i32; PANEL]; MAX_ROWS];
+        for (l, line) in panel.iter().enumerate() {
+            let w = line.0.map(|v| v.to_le_bytes().map(|b| b as i8 as i32));
+            for (r, a) in acc[..rows].iter_mut().enumerate() {
+                let u = &t.xq[r * 4 * lpp + 4 * l..][..4];
+                for (a, w) in a.iter_mut().zip(&w) {
+                    let dot: i32 = u.iter().zip(w).map(|(&u, &w)| u as i32 * w).sum();
+                    *a = a.wrapping_add(dot);
+                }
+            }
+        }
+        let c0 = p * PANEL;
+        let cols = t.panel_cols(p);
+        for (r, a) in acc[..rows].iter().enumerate() {
+            for (c, &sum) in a[..cols].iter().enumerate() {
+                let v = dequant(
+                    sum,
+                    t.corr[c0 + c],
+                    t.sx[r],
+                    t.scale[c0 + c],
+                    t.bias[c0 + c],
+                );
+                // SAFETY: y row r, column p*16 + c < p*16 + cols, lies in this tile and
+                // belongs to this thread alone (this function's contract).
+                unsafe { *t.y.add(r * t.ldy + c0 + c) = v };
             }
         }
     }
