@@ -87,6 +87,7 @@ fn kernel(l: &Linear) -> Option<&PackedLinear> {
         Linear::Int8Weight {
             packed: Some(p), ..
         } => Some(p),
+        Linear::Int8(q) => q.packed.as_ref(),
         _ => None,
     }
 }

@@ -120,6 +120,10 @@ impl Linear {
                     packed: Some(packed),
                 }
             }
+            Linear::Int8(mut q) => {
+                q.pack()?;
+                Linear::Int8(q)
+            }
             other => other,
         })
     }

@@ -23,7 +23,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::TensorSource;
 use crate::error::{Error, Result};
-use crate::kernels::{ThreadPool, MAX_ROWS};
+use crate::kernels::{PackedLinear, ThreadPool, MAX_ROWS};
 use crate::linear::Linear;
 use crate::parallel::{local_indices, slice, Split};
 
@@ -435,6 +435,10 @@ pub struct Int8Linear {
     /// For decode steps on the CPU: scales and bias as host values, and the output
     /// channel ranges the pool's tasks take.
     host: Option<HostSide>,
+    /// The weights repacked for the W8A8 decode kernel (`pack`, made by
+    /// `Gpt2::pack_for_cpu_decode`): decode steps then run there, bit-identical to the
+    /// `_int_mm` path, without libtorch.
+    pub(crate) packed: Option<PackedLinear>,
 }
 
 struct HostSide {
@@ -507,7 +511,25 @@ impl Int8Linear {
             bias,
             outliers,
             host,
+            packed: None,
         }
+    }
+
+    /// Packs the weights for the W8A8 decode kernel, where decode steps can run pooled
+    /// (a CPU layer without outlier columns); a no-op elsewhere or when already packed.
+    pub(crate) fn pack(&mut self) -> Result<()> {
+        let Some(host) = &self.host else {
+            return Ok(());
+        };
+        if self.packed.is_some() {
+            return Ok(());
+        }
+        let (n_out, n_in) = (self.w.q.size()[0] as usize, self.w.q.size()[1] as usize);
+        let q = Vec::<i8>::try_from(self.w.q.contiguous().reshape([-1]))?;
+        let packed =
+            PackedLinear::from_int8_rows_dynamic(&q, &host.scale, n_in, n_out, Some(&host.bias))?;
+        self.packed = Some(packed.with_pool(host.pool.clone()));
+        Ok(())
     }
 
     /// Whether a call with `rows` input rows takes the pooled decode path.
@@ -571,6 +593,13 @@ impl Int8Linear {
         let mut x2 = x.reshape([-1, n_in]).to_kind(Kind::Float); // (M, in)
         let rows = x2.size()[0] as usize;
         if self.decodes_on_pool(rows) && !x.requires_grad() {
+            if let Some(y) = self
+                .packed
+                .as_ref()
+                .and_then(|p| p.forward_tensor(&x2).ok())
+            {
+                return y.to_kind(kind).reshape(shape);
+            }
             if let Some(y) = self.forward_pooled(&x2, rows) {
                 return y.to_kind(kind).reshape(shape);
             }
