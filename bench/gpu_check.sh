@@ -2,6 +2,9 @@
 # GPU check of a built gpt2kit on a CUDA machine: CUDA linked, cpu vs cuda tokens on the
 # reference models (fp32, bf16, tensor parallel over two shards of one GPU, beams), and
 # decode tokens/s of a gpt2-124M-shaped random model, TP=1 vs TP=2, fp32 and bf16.
+# Then an int8-weight artifact on CUDA (TP=1 vs TP=2), the fused CPU decode step against
+# libtorch between the kernels on this machine's CPU, and (TESTS="bin ...") engine test
+# binaries, whose CUDA cases run only where a GPU is.
 # Usage: bench/gpu_check.sh BIN REFERENCE_DIR TOKENIZER_DIR OUT_DIR
 # (TOKENIZER_DIR: a folder with a 50257-token tokenizer.json, e.g. the bench model's.)
 set -uo pipefail
@@ -75,6 +78,27 @@ for i in 3 4 5 6 7; do eight+=(--prompt "prompt $i"); done
 speed "cuda fp32 b8 (padded) tp1" --device cuda "${eight[@]}"
 speed "cuda bf16 b8 (padded) tp1" --device cuda --dtype bf16 "${eight[@]}"
 speed "cuda bf16 beam5 tp1" --device cuda --dtype bf16 --num-beams 5
+echo "== int8-weight artifact of the same model on CUDA, unsplit and split"
+"$BIN" quantize --model "$OUT/g2" --out "$OUT/g2-int8" --method int8-weight >/dev/null 2>>"$OUT/stderr.log" || echo "quantize failed"
+i8() { "$BIN" infer --model "$OUT/g2-int8" --prompt "hello world" --prompt "a b" --max-new-tokens 24 --json "$@" 2>>"$OUT/stderr.log"; }
+i8 --device cpu > "$OUT/i8.cpu"; i8 --device cuda > "$OUT/i8.cuda"; i8 --tp 2 --devices cuda:0,cuda:0 > "$OUT/i8.tp2"
+same "int8-weight greedy cuda vs cpu" "$OUT/i8.cpu" "$OUT/i8.cuda"
+same "int8-weight greedy cuda tp2 vs cuda" "$OUT/i8.cuda" "$OUT/i8.tp2"
+i8 --device cuda --num-beams 4 > "$OUT/i8.beam"; i8 --tp 2 --devices cuda:0,cuda:0 --num-beams 4 > "$OUT/i8.beam.tp2"
+same "int8-weight beam4 cuda tp2 vs cuda" "$OUT/i8.beam" "$OUT/i8.beam.tp2"
+speedq() { local label=$1; shift; "$BIN" infer --model "$OUT/g2-int8" --prompt "hello world, this is a test" --max-new-tokens 128 \
+    --ignore-eos --warmup 1 --stats "$@" 2>&1 >/dev/null | grep '"decode_tokens_per_s"' \
+    | python3 -c "import json,sys; s=json.loads(sys.stdin.read()); print('$label', 'decode tok/s', round(s['decode_tokens_per_s'],1))"; }
+speedq "cuda int8-weight b1 tp1" --device cuda
+speedq "cuda int8-weight b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0
+echo "== CPU of this machine ($(nproc) cores): fused decode steps vs libtorch between the kernels"
+for f in 1 0; do GPT2KIT_FUSED_DECODE=$f speed "cpu fp32 b1 fused=$f" --device cpu; done
+for f in 1 0; do GPT2KIT_FUSED_DECODE=$f speed "cpu bf16 b1 fused=$f" --device cpu --dtype bf16; done
+for f in 1 0; do GPT2KIT_FUSED_DECODE=$f speed "cpu fp32 beam5 fused=$f" --device cpu --num-beams 5; done
+if [ -n "${TESTS:-}" ]; then
+  echo "== engine tests on this machine (CUDA cases included)"
+  for t in $TESTS; do GPT2KIT_REFERENCE_DIR="$REF" "$t" --test-threads 4 2>&1 | grep -E "test result|FAILED|panicked" ; done
+fi
 if [ "${HF:-1}" = 1 ] && python3 -c "import transformers" 2>/dev/null; then
   echo "== transformers on the same GPU"
   python3 - "$OUT/g2" <<'PY'
