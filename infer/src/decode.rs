@@ -401,7 +401,7 @@ fn sum(xs: &[f32]) -> f32 {
             *a += v;
         }
     }
-    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+    tree_sum(acc) + chunks.remainder().iter().sum::<f32>()
 }
 
 #[inline(always)]
@@ -410,11 +410,29 @@ fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     let (ca, cb) = (a.chunks_exact(16), b.chunks_exact(16));
     let (ra, rb) = (ca.remainder(), cb.remainder());
     for (x, y) in ca.zip(cb) {
+        // Fixed-size arrays, so that the 16 lanes become one vector operation.
+        let x: &[f32; 16] = x.try_into().expect("chunks of 16");
+        let y: &[T; 16] = y.try_into().expect("chunks of 16");
+        let y = y.map(Elem::f32);
         for i in 0..16 {
-            acc[i] += x[i] * y[i].f32();
+            acc[i] += x[i] * y[i];
         }
     }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y.f32()).sum::<f32>()
+    tree_sum(acc) + ra.iter().zip(rb).map(|(x, y)| x * y.f32()).sum::<f32>()
+}
+
+/// The 16 lanes summed by halves (8 + 8, 4 + 4, ...): a few vector adds, where a
+/// left-to-right sum is 15 dependent scalar adds (it dominated attention's q·k).
+#[inline(always)]
+fn tree_sum(mut acc: [f32; 16]) -> f32 {
+    let mut w = 16;
+    while w > 1 {
+        w /= 2;
+        for i in 0..w {
+            acc[i] += acc[i + w];
+        }
+    }
+    acc[0]
 }
 
 /// The activation in place, rounded (libtorch computes these in f32 for bf16 inputs).
