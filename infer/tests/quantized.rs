@@ -141,26 +141,12 @@ fn write_artifact(
             deq.insert(n.clone(), t.shallow_clone());
         }
     }
-    let mut cfg = serde_json::to_value(&config).unwrap();
-    cfg["quantization_config"] = serde_json::json!({
-        "quant_method": "gpt2kit",
-        "method": method,
-        "bits": 8,
-        "granularity": "per-output-channel",
-        "quantize_embeddings": true,
-        "kept_layers": (0..config.n_layer).collect::<Vec<_>>(),
-    });
+    let mut cfg = common::int8_config(&config, method);
     edit(&mut cfg, &mut out);
     let folder = dir.to_path_buf();
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder).unwrap();
-    std::fs::write(
-        folder.join("config.json"),
-        serde_json::to_string(&cfg).unwrap(),
-    )
-    .unwrap();
-    let list: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&list, folder.join("model.safetensors")).unwrap();
+    common::write_model_folder(&folder, &cfg, &out);
     (folder, deq)
 }
 

@@ -269,19 +269,8 @@ fn int8_artifact(
             out.insert(format!("{layer}.outlier_columns"), Tensor::from_slice(&idx));
         }
     }
-    let mut cfg = serde_json::to_value(&config).unwrap();
-    cfg["quantization_config"] = serde_json::json!({
-        "quant_method": "gpt2kit",
-        "method": method,
-        "bits": 8,
-        "granularity": "per-output-channel",
-        "quantize_embeddings": true,
-        "kept_layers": (0..config.n_layer).collect::<Vec<_>>(),
-    });
     let dir = scratch(tag);
-    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
-    let list: Vec<(&str, &Tensor)> = out.iter().map(|(n, t)| (n.as_str(), t)).collect();
-    Tensor::write_safetensors(&list, dir.join("model.safetensors")).unwrap();
+    write_model_folder(&dir, &int8_config(&config, method), &out);
     (dir, config, deq)
 }
 

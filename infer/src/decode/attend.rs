@@ -178,7 +178,8 @@ impl Attend<'_> {
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_avx512(&self, task: usize) {
-        if self.cache.hs % 16 == 0 {
+        // Head sizes with a register-resident variant of `weigh` (gpt2's is 64).
+        if matches!(self.cache.hs, 16 | 32 | 64 | 128) {
             // SAFETY: avx512f (this function's contract); the cache's element type as
             // in `run_any`.
             unsafe {
@@ -198,7 +199,7 @@ impl Attend<'_> {
     /// the same values; the compiler had left q·k as 2-wide loads (perf annotate).
     ///
     /// # Safety
-    /// The CPU has avx512f; hs % 16 == 0; as `CacheView::slot` for `T`.
+    /// The CPU has avx512f; hs is 16, 32, 64 or 128; as `CacheView::slot` for `T`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f")]
     unsafe fn run_on_avx512<T: Elem>(&self, task: usize) {
@@ -247,20 +248,7 @@ impl Attend<'_> {
                 1 => weigh::<T, 1>(&scores, values, &mut acc),
                 2 => weigh::<T, 2>(&scores, values, &mut acc),
                 4 => weigh::<T, 4>(&scores, values, &mut acc),
-                8 => weigh::<T, 8>(&scores, values, &mut acc),
-                _ => {
-                    for (s, &p) in scores.iter().enumerate() {
-                        if p != 0.0 {
-                            let v = values(s);
-                            let pv = _mm512_set1_ps(p);
-                            for i in (0..hs).step_by(16) {
-                                let a = _mm512_loadu_ps(acc.as_ptr().add(i));
-                                let t = _mm512_add_ps(a, _mm512_mul_ps(pv, load16(v.add(i))));
-                                _mm512_storeu_ps(acc.as_mut_ptr().add(i), t);
-                            }
-                        }
-                    }
-                }
+                _ => weigh::<T, 8>(&scores, values, &mut acc),
             }
         }
         // SAFETY: `out` holds rows × e values; [row·e + head·hs, + hs) is this task's.
@@ -291,7 +279,7 @@ impl Attend<'_> {
     }
 
     /// # Safety
-    /// As `CacheView::slab`.
+    /// As `CacheView::slot`.
     #[inline(always)]
     unsafe fn run_on<T: Elem>(&self, task: usize) {
         let c = self.cache;

@@ -72,6 +72,28 @@ pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     .unwrap()
 }
 
+/// `config` as JSON with gpt2kit's `quantization_config` for an int8 artifact of
+/// `method` (int8 embeddings, every layer kept), as `gpt2kit quantize` writes it.
+pub fn int8_config(config: &infer::Gpt2Config, method: &str) -> serde_json::Value {
+    let mut cfg = serde_json::to_value(config).unwrap();
+    cfg["quantization_config"] = serde_json::json!({
+        "quant_method": "gpt2kit",
+        "method": method,
+        "bits": 8,
+        "granularity": "per-output-channel",
+        "quantize_embeddings": true,
+        "kept_layers": (0..config.n_layer).collect::<Vec<_>>(),
+    });
+    cfg
+}
+
+/// Writes `cfg` as config.json and `tensors` as model.safetensors into `dir`.
+pub fn write_model_folder(dir: &Path, cfg: &serde_json::Value, tensors: &HashMap<String, Tensor>) {
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let list: Vec<(&str, &Tensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+    Tensor::write_safetensors(&list, dir.join("model.safetensors")).unwrap();
+}
+
 /// A fresh scratch folder under target/, removed and recreated.
 pub fn scratch(name: &str) -> PathBuf {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
