@@ -255,14 +255,18 @@ fn bench_shape(
 }
 
 /// All of GPT-2 124M's linear layers for one decode step, distinct weights per layer.
-fn bench_model(format: WeightFormat, rows: &[i64], o: &Opts) -> Vec<Timing> {
+/// The 48 block linears of gpt2-124M, plus the head when `head` (a decode step; a
+/// prompt's pass runs the head on its last row only), for each row count.
+fn bench_model(format: WeightFormat, rows: &[i64], head: bool, o: &Opts) -> Vec<Timing> {
     let mut layers = Vec::new();
     for _ in 0..12 {
         for (k, n) in [(768, 2304), (768, 768), (768, 3072), (3072, 768)] {
             layers.push(layer(k, n, true, format, Isa::detect(), &o.pool));
         }
     }
-    layers.push(layer(768, 50257, false, format, Isa::detect(), &o.pool));
+    if head {
+        layers.push(layer(768, 50257, false, format, Isa::detect(), &o.pool));
+    }
     let bytes: usize = layers
         .iter()
         .map(|l| l.torch_w.numel() * l.torch_w.kind().elt_size_in_bytes())
@@ -447,13 +451,24 @@ fn main() {
         WeightFormat::Bf16,
         WeightFormat::Int8Dynamic,
     ] {
-        let ts = bench_model(format, &[1, 8], &o);
+        let ts = bench_model(format, &[1, 8], true, &o);
         for (rows, t) in [1, 8].into_iter().zip(ts) {
             lines.push(("gpt2-124M step".to_string(), format, rows, t));
         }
         probe(&mut probes);
     }
     sections.push(("gpt2 step", std::mem::take(&mut lines)));
+    // Prompts: more rows than one pass serves, in passes of 8 rows; where libtorch's
+    // GEMM overtakes them sets `linear::kernel_max_rows`.
+    let prompt_rows = [11, 64, 128, 256];
+    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        let ts = bench_model(format, &prompt_rows, false, &o);
+        for (rows, t) in prompt_rows.into_iter().zip(ts) {
+            lines.push(("gpt2-124M blocks".to_string(), format, rows, t));
+        }
+        probe(&mut probes);
+    }
+    sections.push(("gpt2 prompt", std::mem::take(&mut lines)));
     for &isa in &supported {
         for format in [
             WeightFormat::F32,
@@ -491,6 +506,12 @@ fn main() {
             println!(
                 "(gpt2-124M step: its 49 linear layers for one decode step, 12 x [768x2304, \
                  768x768, 768x3072, 3072x768] + 768x50257; µs per step)"
+            );
+        }
+        if header == "gpt2 prompt" {
+            println!(
+                "(gpt2-124M blocks: the 48 block linears over a prompt of `rows` tokens, as a \
+                 prompt's pass runs them; GB/s counts the weight bytes once)"
             );
         }
     }

@@ -12,7 +12,7 @@ use crate::config::{Activation, Gpt2Config};
 use crate::decode::{LayerSettings, Plan};
 use crate::error::{Error, Result};
 use crate::kernels::{self, PackedLinear};
-use crate::linear::packed_forward;
+use crate::linear::{kernel_max_rows, packed_forward};
 pub use crate::linear::{kernels_enabled, Linear};
 use crate::parallel::{
     check_layout, per_shard, qkv_columns, slice, Communicator, CopyCommunicator,
@@ -577,24 +577,28 @@ impl Gpt2 {
     /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
     /// kernels (their own thread pool) rather than libtorch.
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        let on_pool = |l: &Linear| match l {
-            Linear::Packed { .. } => true,
-            Linear::Int8Weight { packed, .. } => packed.is_some(),
-            Linear::Int8(q) => q.decodes_on_pool(rows),
-            _ => false,
-        };
-        let head = self.head_packed.is_some() || self.head_q.as_ref().is_some_and(on_pool);
-        head && rows <= kernels::MAX_ROWS
-            && self.h.iter().all(|b| {
-                b.attn
+        let head = self.head_packed.is_some()
+            || self.head_q.as_ref().is_some_and(|h| h.runs_on_pool(rows));
+        head && rows <= kernels::MAX_ROWS && self.blocks_on_kernels(rows)
+    }
+
+    /// Whether a pass over `rows` prompt tokens (all rows of a batch together) runs the
+    /// blocks' matrix products on the CPU decode kernels.
+    pub fn prefills_on_kernels(&self, rows: usize) -> bool {
+        self.blocks_on_kernels(rows)
+    }
+
+    fn blocks_on_kernels(&self, rows: usize) -> bool {
+        self.h.iter().all(|b| {
+            b.attn
+                .shards
+                .iter()
+                .all(|s| s.c_attn.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
+                && b.mlp
                     .shards
                     .iter()
-                    .all(|s| on_pool(&s.c_attn) && on_pool(&s.c_proj))
-                    && b.mlp
-                        .shards
-                        .iter()
-                        .all(|s| on_pool(&s.c_fc) && on_pool(&s.c_proj))
-            })
+                    .all(|s| s.c_fc.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
+        })
     }
 
     /// Token embeddings of `ids` (…) → (…, E).
@@ -741,7 +745,7 @@ impl Gpt2 {
         if let Some(y) = self
             .head_packed
             .as_ref()
-            .and_then(|p| packed_forward(p, hidden, kernels::MAX_ROWS as i64))
+            .and_then(|p| packed_forward(p, hidden, kernel_max_rows(p)))
         {
             return y;
         }

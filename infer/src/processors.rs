@@ -71,23 +71,31 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
     let (b, v) = scores.size2().expect("scores are (B, V)");
     let device = scores.device();
     let mut s = scores.shallow_clone();
-    // A (B, V) mask that is true at the listed (row, token) cells.
-    let mask_of = |cells: &[(i64, i64)]| -> Tensor {
-        let mut mask = Tensor::zeros([b, v], (Kind::Bool, device));
+    // The listed (row, token) cells as an index of (B, V) tensors.
+    let index_of = |cells: &[(i64, i64)]| -> [Option<Tensor>; 2] {
         let (r, c): (Vec<i64>, Vec<i64>) = cells.iter().copied().unzip();
-        let idx = [
+        [
             Some(Tensor::from_slice(&r).to_device(device)),
             Some(Tensor::from_slice(&c).to_device(device)),
-        ];
-        let _ = mask.index_put_(&idx, &Tensor::from(true).to_device(device), false);
-        mask
+        ]
     };
-    // Puts `value` at the listed cells.
+    // A (B, V) mask that is true at the listed cells.
+    let mask_of = |cells: &[(i64, i64)]| -> Tensor {
+        let mask = Tensor::zeros([b, v], (Kind::Bool, device));
+        mask.index_put(
+            &index_of(cells),
+            &Tensor::from(true).to_device(device),
+            false,
+        )
+    };
+    // Puts `value` at the listed cells (a copy of s with them written: one pass over the
+    // scores, where a mask and `masked_fill` took three).
     let fill = |s: &Tensor, cells: &[(i64, i64)], value: f64| -> Tensor {
         if cells.is_empty() {
             return s.shallow_clone();
         }
-        s.masked_fill(&mask_of(cells), value)
+        let value = Tensor::from(value).to_kind(s.kind()).to_device(device);
+        s.index_put(&index_of(cells), &value, false)
     };
     let cells = |f: &dyn Fn(&Row) -> Vec<i64>| -> Vec<(i64, i64)> {
         let mut out = Vec::new();
@@ -180,18 +188,40 @@ pub fn warp(p: &Processing, scores: &Tensor) -> Tensor {
             .0
             .narrow(-1, k.min(v) - 1, 1)
     };
+    // At most this many scores per row can be above -inf (top-k's survivors).
+    let mut live = v;
     if p.top_k != 0 {
         let k = p.top_k.max(keep);
-        s = s.masked_fill(&s.lt_tensor(&kth(&s, k)), ninf);
+        let remove = s.lt_tensor(&kth(&s, k));
+        // Ties with the k-th score survive too: count them.
+        let removed = remove
+            .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
+            .min();
+        live = v - i64::try_from(removed).unwrap_or(0);
+        s = s.masked_fill(&remove, ninf);
     }
     if p.top_p < 1.0 {
-        // Ascending sort; drop the low tail whose mass is ≤ 1 - top_p.
-        let (sorted, idx) = s.sort(-1, false);
+        // Ascending sort; drop the low tail whose mass is ≤ 1 - top_p. Only the `live`
+        // largest scores can be kept: the rest are -inf, with no mass, removed whatever
+        // their place in the sort. So after top-k, sorting its survivors (topk, reversed)
+        // replaces a sort of the whole vocabulary (~8 ms a step at 50257 tokens).
+        let n = live.max(keep.min(v));
+        let (sorted, idx) = if n < v {
+            let (top, idx) = s.topk(n, -1, true, true);
+            (top.flip([-1]), idx.flip([-1]))
+        } else {
+            s.sort(-1, false)
+        };
         let cum = sorted.softmax(-1, Kind::Float).cumsum(-1, Kind::Float);
         let remove = cum.le(1.0 - p.top_p);
-        let _ = remove.narrow(-1, v - keep.min(v), keep.min(v)).fill_(0);
-        let remove = remove.scatter(1, &idx, &remove);
-        s = s.masked_fill(&remove, ninf);
+        let _ = remove.narrow(-1, n - keep.min(n), keep.min(n)).fill_(0);
+        // Back to vocabulary order (idx covers the whole row when n = v).
+        let base = if n < v {
+            Tensor::zeros(s.size(), (Kind::Bool, s.device()))
+        } else {
+            remove.shallow_clone()
+        };
+        s = s.masked_fill(&base.scatter(1, &idx, &remove), ninf);
     }
     if let Some(min_p) = p.min_p {
         let probs = s.softmax(-1, Kind::Float);

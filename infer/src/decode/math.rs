@@ -34,6 +34,19 @@ pub(super) fn sum(xs: &[f32]) -> f32 {
     }
     tree_sum(acc) + chunks.remainder().iter().sum::<f32>()
 }
+/// Σ (x − mean)², in the lane order of `sum`.
+#[inline(always)]
+pub(super) fn sum_sq_dev(xs: &[f32], mean: f32) -> f32 {
+    let mut acc = [0f32; 16];
+    let mut chunks = xs.chunks_exact(16);
+    for c in &mut chunks {
+        for (a, v) in acc.iter_mut().zip(c) {
+            *a += (v - mean) * (v - mean);
+        }
+    }
+    let rest = chunks.remainder().iter().map(|v| (v - mean) * (v - mean));
+    tree_sum(acc) + rest.sum::<f32>()
+}
 #[inline(always)]
 pub(super) fn dot<T: Elem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 16];
@@ -68,9 +81,9 @@ pub(super) fn tree_sum(mut acc: [f32; 16]) -> f32 {
 pub(super) fn exp(x: f32) -> f32 {
     const LOG2E: f32 = std::f32::consts::LOG2_E;
     let x = x.clamp(-87.3, 88.3);
-    let t = x * LOG2E + 0.5;
-    let n = t as i32 - (t < (t as i32) as f32) as i32; // floor
-    let nf = n as f32;
+    // `floor`, not `as i32`: a saturating float-to-int cast does not vectorise (it left
+    // this function scalar: perf), floor is one instruction.
+    let nf = (x * LOG2E + 0.5).floor();
     let z = x - nf * 0.693_359_4 + nf * 2.121_944_4e-4;
     let mut p = 1.987_569_1e-4_f32;
     p = p * z + 1.398_199_9e-3;
@@ -79,7 +92,10 @@ pub(super) fn exp(x: f32) -> f32 {
     p = p * z + 1.666_666_5e-1;
     p = p * z + 5.000_000_1e-1;
     p = p * z * z + z + 1.0;
-    p * f32::from_bits(((n + 127) as u32) << 23)
+    // 2ⁿ for the integer n = nf in [-126, 127]: n + 1.5·2²³ holds n in its low mantissa
+    // bits, so its bits minus those of 1.5·2²³ are n (two's complement), without a cast.
+    let n = (nf + 12_582_912.0).to_bits().wrapping_sub(0x4B40_0000);
+    p * f32::from_bits(n.wrapping_add(127) << 23)
 }
 /// tanh via eˣ: 1 − 2 / (e²ˣ + 1); for |x| < 0.05 its odd series (relative accuracy
 /// near 0, where the subtraction would cancel).

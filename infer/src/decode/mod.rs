@@ -28,9 +28,12 @@ use crate::model::{Block, Gpt2, LayerNorm};
 
 mod attend;
 mod math;
+mod pick;
+
+pub use pick::greedy;
 
 use attend::{Attend, CacheView, SyncPtr};
-use math::{bf16_bits, erf, exp, round, round_bf16, sum, tanh};
+use math::{bf16_bits, erf, exp, round, round_bf16, sum, sum_sq_dev, tanh};
 
 /// A layer norm's parameters as f32.
 struct Norm {
@@ -54,7 +57,8 @@ impl Norm {
         let e = self.weight.len();
         for (xr, yr) in x.chunks_exact(e).zip(out.chunks_exact_mut(e)) {
             let mean = sum(xr) / e as f32;
-            let var = xr.iter().map(|v| (v - mean) * (v - mean)).sum::<f32>() / e as f32;
+            // 16 lanes (a left-to-right f32 sum is a chain of dependent scalar adds).
+            let var = sum_sq_dev(xr, mean) / e as f32;
             let rstd = 1.0 / (var + self.eps).sqrt();
             for (((y, x), w), b) in yr.iter_mut().zip(xr).zip(&self.weight).zip(&self.bias) {
                 *y = round((x - mean) * rstd * w + b, bf16);
