@@ -503,6 +503,7 @@ impl Strategy for Single {
             .then(|| crate::decode::greedy(&scores))
             .flatten();
         let (next, logp) = greedy.unwrap_or_else(|| {
+            // libtorch's multinomial: for a seed, on the CPU, transformers' own draws.
             let next = if cfg.processing.do_sample {
                 scores
                     .softmax(-1, Kind::Float)
@@ -511,14 +512,16 @@ impl Strategy for Single {
             } else {
                 scores.argmax(-1, false)
             };
-            let logp = scores
-                .log_softmax(-1, Kind::Float)
-                .gather(1, &next.unsqueeze(1), false)
-                .squeeze_dim(1);
             let next: Vec<i64> =
                 Vec::try_from(next.to_device(tch::Device::Cpu)).expect("int64 tokens");
-            let logp: Vec<f64> =
-                Vec::try_from(logp.to_device(tch::Device::Cpu)).expect("float log-probs");
+            let logp = crate::decode::logprobs(&scores, &next).unwrap_or_else(|| {
+                let idx = Tensor::from_slice(&next).to_device(scores.device());
+                let logp = scores
+                    .log_softmax(-1, Kind::Float)
+                    .gather(1, &idx.unsqueeze(1), false)
+                    .squeeze_dim(1);
+                Vec::try_from(logp.to_device(tch::Device::Cpu)).expect("float log-probs")
+            });
             (next, logp)
         });
         let mut feed = next.clone();

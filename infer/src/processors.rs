@@ -188,17 +188,23 @@ pub fn warp(p: &Processing, scores: &Tensor) -> Tensor {
             .0
             .narrow(-1, k.min(v) - 1, 1)
     };
-    // At most this many scores per row can be above -inf (top-k's survivors).
+    // At most this many scores per row can be above -inf (top-k's survivors), and
+    // top-k's own (values, indices), descending, when they are exactly those.
     let mut live = v;
+    let mut survivors = None;
     if p.top_k != 0 {
-        let k = p.top_k.max(keep);
-        let remove = s.lt_tensor(&kth(&s, k));
+        let k = p.top_k.max(keep).min(v);
+        let (top, idx) = s.topk(k, -1, true, true);
+        let remove = s.lt_tensor(&top.narrow(-1, k - 1, 1));
         // Ties with the k-th score survive too: count them.
         let removed = remove
             .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
             .min();
         live = v - i64::try_from(removed).unwrap_or(0);
         s = s.masked_fill(&remove, ninf);
+        if live == k {
+            survivors = Some((top, idx));
+        }
     }
     if p.top_p < 1.0 {
         // Ascending sort; drop the low tail whose mass is ≤ 1 - top_p. Only the `live`
@@ -207,7 +213,10 @@ pub fn warp(p: &Processing, scores: &Tensor) -> Tensor {
         // replaces a sort of the whole vocabulary (~8 ms a step at 50257 tokens).
         let n = live.max(keep.min(v));
         let (sorted, idx) = if n < v {
-            let (top, idx) = s.topk(n, -1, true, true);
+            let (top, idx) = match survivors.take() {
+                Some(t) if t.0.size()[1] == n => t,
+                _ => s.topk(n, -1, true, true),
+            };
             (top.flip([-1]), idx.flip([-1]))
         } else {
             s.sort(-1, false)

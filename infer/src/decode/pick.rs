@@ -1,5 +1,6 @@
-//! The greedy choice over a step's processed scores on the CPU: each row's first maximal
-//! token and its log-softmax, what libtorch's `argmax` and `log_softmax(…).gather` give.
+//! The choice of a token from a step's processed scores on the CPU. Greedy: each row's
+//! first maximal token and its log-softmax, what libtorch's `argmax` and
+//! `log_softmax(…).gather` give; for sampled tokens, their log-softmax alone.
 //! Those are two passes over the (rows × vocab) scores plus a tensor of log-probs the
 //! size of the scores; at batch 8 with gpt2's 50257 tokens they took ~1.5 ms a step
 //! (perf), here it is one vectorised pass for the maximum and one for the sum of
@@ -29,15 +30,7 @@ pub fn greedy(scores: &Tensor) -> Option<(Vec<i64>, Vec<f64>)> {
         Vec::with_capacity(r as usize),
     );
     for row in xs.chunks_exact(v as usize) {
-        let (m, sum) = match Simd::detect() {
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` saw avx512f on this CPU.
-            Simd::Avx512 => unsafe { max_and_sum_avx512(row) },
-            #[cfg(target_arch = "x86_64")]
-            // SAFETY: `Simd::detect` saw avx2 and fma on this CPU.
-            Simd::Avx2 => unsafe { max_and_sum_avx2(row) },
-            _ => max_and_sum(row),
-        };
+        let (m, sum) = max_and_sum_dispatch(row);
         // A NaN anywhere, +inf (inf − inf) or a row of -inf all make the sum NaN.
         if !sum.is_finite() {
             return None;
@@ -47,6 +40,46 @@ pub fn greedy(scores: &Tensor) -> Option<(Vec<i64>, Vec<f64>)> {
         out.1.push(((row[i] - m) - sum.ln()) as f64);
     }
     Some(out)
+}
+
+/// Per row of `scores` (R, V), a CPU Float tensor: the log-softmax of token `tokens[r]`
+/// (chosen elsewhere: sampling keeps libtorch's `multinomial`, whose draws for a seed
+/// are transformers' own). `None` where this path does not apply (as `greedy`).
+pub fn logprobs(scores: &Tensor, tokens: &[i64]) -> Option<Vec<f64>> {
+    let (r, v) = scores.size2().ok()?;
+    if scores.device() != Device::Cpu
+        || scores.kind() != Kind::Float
+        || r == 0
+        || v == 0
+        || tokens.len() != r as usize
+    {
+        return None;
+    }
+    let s = scores.contiguous();
+    // SAFETY: as in `greedy`.
+    let xs = unsafe { std::slice::from_raw_parts(s.data_ptr() as *const f32, (r * v) as usize) };
+    let mut out = Vec::with_capacity(r as usize);
+    for (row, &t) in xs.chunks_exact(v as usize).zip(tokens) {
+        let (m, sum) = max_and_sum_dispatch(row);
+        let x = *row.get(usize::try_from(t).ok()?)?;
+        if !sum.is_finite() {
+            return None;
+        }
+        out.push(((x - m) - sum.ln()) as f64);
+    }
+    Some(out)
+}
+
+fn max_and_sum_dispatch(row: &[f32]) -> (f32, f32) {
+    match Simd::detect() {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::detect` saw avx512f on this CPU.
+        Simd::Avx512 => unsafe { max_and_sum_avx512(row) },
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Simd::detect` saw avx2 and fma on this CPU.
+        Simd::Avx2 => unsafe { max_and_sum_avx2(row) },
+        _ => max_and_sum(row),
+    }
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -118,6 +151,7 @@ mod tests {
             )
             .unwrap();
             assert_eq!(idx, want_idx, "v = {v}");
+            assert_eq!(logprobs(&s, &idx), Some(logp.clone()), "v = {v}");
             for (a, b) in logp.iter().zip(&want_logp) {
                 // f32 sums of up to 50257 terms in another order.
                 assert!(
