@@ -84,11 +84,15 @@ impl CacheView<'_> {
 /// weights (the divisor, as libtorch's flash attention keeps it).
 #[inline(always)]
 fn softmax_weights(scores: &mut [f32], max: f32, round_p: bool) -> f32 {
+    // The exponentials first, a loop that vectorises; then the sum in slot order, the
+    // same value as one fused loop gives (whose serial sum kept `exp` scalar: perf).
+    for p in scores.iter_mut() {
+        *p = exp(*p - max) * (*p != f32::NEG_INFINITY) as u8 as f32;
+    }
     let mut total = 0.0;
     for p in scores.iter_mut() {
-        let w = exp(*p - max) * (*p != f32::NEG_INFINITY) as u8 as f32;
-        total += w;
-        *p = round(w, round_p);
+        total += *p;
+        *p = round(*p, round_p);
     }
     total
 }
