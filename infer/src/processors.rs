@@ -213,10 +213,10 @@ pub fn warp(p: &Processing, scores: &Tensor) -> Tensor {
         // replaces a sort of the whole vocabulary (~8 ms a step at 50257 tokens).
         let n = live.max(keep.min(v));
         let (sorted, idx) = if n < v {
-            let (top, idx) = match survivors.take() {
-                Some(t) if t.0.size()[1] == n => t,
-                _ => s.topk(n, -1, true, true),
-            };
+            // Top-k's survivors are exactly the n = live = k largest when it kept them.
+            let (top, idx) = survivors
+                .take()
+                .unwrap_or_else(|| s.topk(n, -1, true, true));
             (top.flip([-1]), idx.flip([-1]))
         } else {
             s.sort(-1, false)

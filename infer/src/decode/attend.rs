@@ -209,19 +209,15 @@ impl Attend<'_> {
     unsafe fn run_on_avx512<T: Elem>(&self, task: usize) {
         use std::arch::x86_64::*;
         let c = self.cache;
-        let (nh, hs) = (c.nh, c.hs);
-        let e = nh * hs;
-        let (row, head) = (task / nh, task % nh);
-        let n = self.slot + 1;
-        let q = &self.qkv[row * 3 * e + head * hs..][..hs];
+        let hs = c.hs;
+        let Task { row, head, n, q } = self.task(task);
         // SAFETY (all loads below): `p` points at 16 elements of type `T` inside a slot
         // (hs values, hs % 16 == 0).
         let load = |p: *const T| unsafe { load16(p) };
-        let seen = |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
         let mut scores = Vec::with_capacity(n);
         let mut max = f32::NEG_INFINITY;
         for s in 0..n {
-            let v = if seen(s) {
+            let v = if self.seen(row, s) {
                 // SAFETY: row < B, head < nh, s < n ≤ cap (the caller's contract).
                 let k = unsafe { c.slot::<T>(c.k, row, head, s) };
                 let mut acc = _mm512_setzero_ps();
@@ -255,12 +251,7 @@ impl Attend<'_> {
                 _ => weigh::<T, 8>(&scores, values, &mut acc),
             }
         }
-        // SAFETY: `out` holds rows × e values; [row·e + head·hs, + hs) is this task's.
-        let out =
-            unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * e + head * hs), hs) };
-        for (o, a) in out.iter_mut().zip(acc.iter()) {
-            *o = round(a / total, self.bf16);
-        }
+        self.write_out(row, head, &acc[..hs], total);
     }
 
     /// # Safety
@@ -287,11 +278,8 @@ impl Attend<'_> {
     #[inline(always)]
     unsafe fn run_on<T: Elem>(&self, task: usize) {
         let c = self.cache;
-        let (nh, hs) = (c.nh, c.hs);
-        let e = nh * hs;
-        let (row, head) = (task / nh, task % nh);
-        let n = self.slot + 1;
-        let q = &self.qkv[row * 3 * e + head * hs..][..hs];
+        let hs = c.hs;
+        let Task { row, head, n, q } = self.task(task);
         // SAFETY: the caller's contract; row < B, head < nh, every s < n ≤ cap.
         let keys = (0..n).map(|s| unsafe { c.slot::<T>(c.k, row, head, s) });
         let values = (0..n).map(|s| unsafe { c.slot::<T>(c.v, row, head, s) });
@@ -299,11 +287,9 @@ impl Attend<'_> {
             // A local buffer, not a thread-local one: `LocalKey::with` would not inline,
             // and its closure would lose the caller's ISA.
             let mut scores = Vec::with_capacity(n);
-            let seen =
-                |s: usize| s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0);
             let mut max = f32::NEG_INFINITY;
             for (s, k) in keys.enumerate() {
-                let v = if seen(s) {
+                let v = if self.seen(row, s) {
                     dot(q, k) * self.scale
                 } else {
                     f32::NEG_INFINITY
@@ -321,15 +307,51 @@ impl Attend<'_> {
                     }
                 }
             }
-            // SAFETY: `out` holds rows × e values; [row·e + head·hs, + hs) is this
-            // task's alone.
-            let out =
-                unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * e + head * hs), hs) };
-            for (o, a) in out.iter_mut().zip(acc.iter()) {
-                *o = round(a / total, self.bf16);
-            }
+            self.write_out(row, head, acc, total);
         }
     }
+
+    /// Task `task`'s row, head, number of slots (the new one included) and query.
+    #[inline(always)]
+    fn task(&self, task: usize) -> Task<'_> {
+        let (nh, hs) = (self.cache.nh, self.cache.hs);
+        let (row, head) = (task / nh, task % nh);
+        Task {
+            row,
+            head,
+            n: self.slot + 1,
+            q: &self.qkv[row * 3 * nh * hs + head * hs..][..hs],
+        }
+    }
+
+    /// Whether `row` attends to slot `s`: its valid slots, and always its own new one.
+    #[inline(always)]
+    fn seen(&self, row: usize, s: usize) -> bool {
+        let n = self.slot + 1;
+        s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0)
+    }
+
+    /// The (row, head) output: the weighted sum of values `acc` (hs) over `total`.
+    #[inline(always)]
+    fn write_out(&self, row: usize, head: usize, acc: &[f32], total: f32) {
+        let hs = self.cache.hs;
+        let e = self.cache.nh * hs;
+        // SAFETY: `out` holds rows × e values; [row·e + head·hs, + hs) is this task's
+        // alone (one task per (row, head)).
+        let out =
+            unsafe { std::slice::from_raw_parts_mut(self.out.0.add(row * e + head * hs), hs) };
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = round(a / total, self.bf16);
+        }
+    }
+}
+/// One attention task: a row's head.
+struct Task<'a> {
+    row: usize,
+    head: usize,
+    /// Slots to attend over, the new one included.
+    n: usize,
+    q: &'a [f32],
 }
 
 #[cfg(test)]
