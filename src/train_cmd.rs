@@ -102,6 +102,10 @@ pub struct Args {
     /// Start over in an --output that already holds checkpoints.
     #[arg(long)]
     overwrite_output_dir: bool,
+    /// Make final/ the best checkpoint's weights (by eval loss) instead of the last
+    /// step's; needs --eval-steps and --save-steps a multiple of it.
+    #[arg(long)]
+    load_best_model_at_end: bool,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -173,6 +177,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             p => Resume::Path(PathBuf::from(p)),
         }),
         overwrite_output_dir: args.overwrite_output_dir,
+        load_best_model_at_end: args.load_best_model_at_end,
         device,
         bf16,
         progress: std::io::stderr().is_terminal(),
@@ -188,16 +193,24 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         s.skipped_lines,
         if s.early_stopped { " · stopped early" } else { "" }
     )?;
-    if let Some(e) = s.eval {
-        writeln!(
-            out,
-            "eval loss {:.4} · perplexity {:.3}",
-            e.loss, e.perplexity
-        )?;
-    }
     if let Some(b) = &s.best_model_checkpoint {
         writeln!(out, "best checkpoint: {}", args.output.join(b).display())?;
     }
-    writeln!(out, "final model: {}", s.final_dir.display())?;
+    let which = match &s.final_from {
+        Some(name) => format!("the weights of {name}, the best eval loss"),
+        None if s.best_model_checkpoint.is_some() && s.early_stopped => format!(
+            "the last step's weights, step {}; --load-best-model-at-end would make it the best checkpoint's",
+            s.global_step
+        ),
+        None => format!("the last step's weights, step {}", s.global_step),
+    };
+    writeln!(out, "final model: {} ({which})", s.final_dir.display())?;
+    if let Some(e) = s.eval {
+        writeln!(
+            out,
+            "final model's eval loss {:.4} · perplexity {:.3}",
+            e.loss, e.perplexity
+        )?;
+    }
     Ok(())
 }

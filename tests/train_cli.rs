@@ -7,7 +7,8 @@
 mod common;
 
 use common::{
-    assert_clean_failure, gpt2kit, gpt2kit_env, python, reference, reference_dir, stderr, stdout,
+    assert_clean_failure, assert_ok, corpus, gpt2kit, gpt2kit_env, python, reference,
+    reference_dir, stderr, stdout, TempDir,
 };
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -25,61 +26,6 @@ fn ref_script(args: &[&str]) -> Output {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     o
-}
-
-fn assert_ok(o: &Output) {
-    assert!(o.status.success(), "stderr: {}", stderr(o));
-    assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
-}
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> Self {
-        let d = std::env::temp_dir().join(format!("gpt2kit-train-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        Self(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn s(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-const WORDS: &[&str] = &[
-    "the", "model", "reads", "every", "weight", "once", "per", "token", "so", "decode", "speed",
-    "is", "set", "by", "memory", "a", "cache", "holds", "keys", "and", "values", "quick", "brown",
-    "fox", "jumps", "over", "lazy", "dog", "tensor", "layer", "loss",
-];
-
-/// `rows` deterministic text rows (a fixed linear congruential sequence).
-fn corpus(rows: usize, seed: u64) -> String {
-    let mut x = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
-    let mut next = || {
-        x = x
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        (x >> 33) as usize
-    };
-    let mut out = String::new();
-    for _ in 0..rows {
-        let n = 4 + next() % 20;
-        let words: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
-        out += &serde_json::json!({ "text": words.join(" ") }).to_string();
-        out.push('\n');
-    }
-    out
 }
 
 fn log_history(dir: &Path) -> Vec<serde_json::Value> {
@@ -326,7 +272,7 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
     let o = run(&t.s("other"), &["--resume", &t.s("full")], &[]);
     assert_clean_failure(&o, 2, "not a checkpoint folder");
     // An output folder with checkpoints is not silently trained over.
-    assert_clean_failure(&run(&full, &[], &[]), 2, "already holds checkpoints");
+    assert_clean_failure(&run(&full, &[], &[]), 2, "is not empty (it holds checkpoint-10");
 }
 
 fn hf_logits(folder: &Path, ids: &[i64], out: &Path) -> Tensor {

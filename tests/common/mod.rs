@@ -78,3 +78,59 @@ pub fn python() -> PathBuf {
     );
     python
 }
+
+/// A command that succeeded without a panic.
+pub fn assert_ok(o: &Output) {
+    assert!(o.status.success(), "stderr: {}", stderr(o));
+    assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
+}
+
+pub struct TempDir(PathBuf);
+
+impl TempDir {
+    pub fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("gpt2kit-train-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    pub fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+const WORDS: &[&str] = &[
+    "the", "model", "reads", "every", "weight", "once", "per", "token", "so", "decode", "speed",
+    "is", "set", "by", "memory", "a", "cache", "holds", "keys", "and", "values", "quick", "brown",
+    "fox", "jumps", "over", "lazy", "dog", "tensor", "layer", "loss",
+];
+
+/// `rows` deterministic JSONL text rows (a fixed linear congruential sequence).
+pub fn corpus(rows: usize, seed: u64) -> String {
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
+    let mut next = || {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        (x >> 33) as usize
+    };
+    let mut out = String::new();
+    for _ in 0..rows {
+        let n = 4 + next() % 20;
+        let words: Vec<&str> = (0..n).map(|_| WORDS[next() % WORDS.len()]).collect();
+        out += &serde_json::json!({ "text": words.join(" ") }).to_string();
+        out.push('\n');
+    }
+    out
+}

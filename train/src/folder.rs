@@ -150,13 +150,35 @@ pub fn generation_config_json(config: &Gpt2Config) -> Result<String> {
     Ok(serde_json::to_string_pretty(&obj)?)
 }
 
+/// The tokenizer files of a model folder (those of `TOKENIZER_FILES` present), read
+/// into memory; at least one is required.
+pub fn read_tokenizer_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    let mut files = Vec::new();
+    for file in TOKENIZER_FILES {
+        let src = dir.join(file);
+        if src.is_file() {
+            let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
+            files.push((file.to_string(), bytes));
+        }
+    }
+    if files.is_empty() {
+        bail!(infer::Error::Input(format!(
+            "{}: no tokenizer files ({})",
+            dir.display(),
+            TOKENIZER_FILES.join(", ")
+        )));
+    }
+    Ok(files)
+}
+
 /// What goes into one model folder.
 pub struct FolderContents<'a> {
     pub config: &'a Gpt2Config,
     /// Model tensors by checkpoint name (without `transformer.`).
     pub tensors: &'a [(String, Tensor)],
-    /// Folder whose tokenizer files are copied.
-    pub tokenizer_dir: &'a Path,
+    /// Tokenizer files (name, bytes), read once by `read_tokenizer_files`: a run
+    /// keeps them in memory, as the folder they came from may be rotated away.
+    pub tokenizer_files: &'a [(String, Vec<u8>)],
     /// Further files: (name, bytes).
     pub extra_files: Vec<(String, Vec<u8>)>,
     /// Further safetensors files: (name, tensors).
@@ -200,21 +222,11 @@ pub fn write_model_folder(target: &Path, contents: &FolderContents, replace: boo
             write_safetensors(&p, tensors)?;
             sync_file(&p)?;
         }
-        let mut copied = 0;
-        for file in TOKENIZER_FILES {
-            let src = contents.tokenizer_dir.join(file);
-            if src.is_file() {
-                let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-                write_file(&tmp.join(file), &bytes)?;
-                copied += 1;
-            }
+        if contents.tokenizer_files.is_empty() {
+            bail!("no tokenizer files to write");
         }
-        if copied == 0 {
-            bail!(
-                "{}: no tokenizer files ({})",
-                contents.tokenizer_dir.display(),
-                TOKENIZER_FILES.join(", ")
-            );
+        for (file, bytes) in contents.tokenizer_files {
+            write_file(&tmp.join(file), bytes)?;
         }
         for (file, bytes) in &contents.extra_files {
             write_file(&tmp.join(file), bytes)?;

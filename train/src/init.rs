@@ -150,12 +150,13 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
         .into());
     }
     let tensors = init_tensors(&config, INITIALIZER_RANGE, opts.seed);
+    let tokenizer_files = crate::folder::read_tokenizer_files(opts.tokenizer_dir)?;
     write_model_folder(
         opts.out,
         &FolderContents {
             config: &config,
             tensors: &tensors,
-            tokenizer_dir: opts.tokenizer_dir,
+            tokenizer_files: &tokenizer_files,
             extra_files: vec![],
             extra_tensors: vec![],
         },

@@ -9,6 +9,7 @@ pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod options;
+pub mod output;
 pub mod schedule;
 pub mod tokenizer_train;
 pub mod trainer;

@@ -44,6 +44,8 @@ pub struct TrainOptions {
     pub logging_steps: i64,
     pub resume: Option<Resume>,
     pub overwrite_output_dir: bool,
+    /// `final/` gets the best checkpoint's weights instead of the last step's.
+    pub load_best_model_at_end: bool,
     pub device: Device,
     /// bf16 compute with f32 master weights.
     pub bf16: bool,
@@ -104,10 +106,19 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
             a.beta1, a.beta2
         )));
     }
-    if !(a.eps.is_finite() && a.eps >= 0.0 && a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
-        return Err(input(
-            "--adam-epsilon and --weight-decay must be ≥ 0".into(),
-        ));
+    if !(a.eps.is_finite() && a.eps > 0.0) {
+        // With 0, every weight whose gradient is zero (an unused position or token
+        // row) becomes 0/0 = NaN at the first update.
+        return Err(input(format!(
+            "--adam-epsilon must be a positive number, got {}",
+            a.eps
+        )));
+    }
+    if !(a.weight_decay.is_finite() && a.weight_decay >= 0.0) {
+        return Err(input(format!(
+            "--weight-decay must be ≥ 0, got {}",
+            a.weight_decay
+        )));
     }
     if o.warmup_steps.is_some() && o.warmup_ratio.is_some() {
         return Err(input(
@@ -144,6 +155,23 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
             "--block-size must lie in 2..={} (the model's n_positions), got {bs}",
             config.n_positions
         )));
+    }
+    if o.load_best_model_at_end {
+        match (o.eval_steps, o.save_steps) {
+            (Some(e), Some(s)) if s % e == 0 => {}
+            (Some(e), Some(s)) => {
+                return Err(input(format!(
+                    "--load-best-model-at-end needs --save-steps to be a multiple of \
+                     --eval-steps (got {s} and {e}), so that every save can be compared"
+                )))
+            }
+            _ => {
+                return Err(input(
+                    "--load-best-model-at-end needs --eval-steps (and eval data) and --save-steps"
+                        .into(),
+                ))
+            }
+        }
     }
     if let Some(0) = o.save_total_limit {
         return Err(input("--save-total-limit must be positive".into()));

@@ -25,6 +25,7 @@ use crate::metrics::Metrics;
 use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
 pub use crate::options::{Resume, TrainOptions};
+use crate::output::{self, OutputLock};
 use crate::schedule::Schedule;
 
 /// Non-finite steps in a row that abort training.
@@ -42,6 +43,9 @@ pub struct TrainSummary {
     pub skipped_lines: usize,
     pub early_stopped: bool,
     pub final_dir: PathBuf,
+    /// The checkpoint whose weights `final_dir` holds (--load-best-model-at-end), or
+    /// None for the last step's.
+    pub final_from: Option<String>,
     pub best_model_checkpoint: Option<String>,
 }
 
@@ -113,10 +117,16 @@ impl Trainable {
     }
 
     fn all_finite(&self) -> bool {
+        self.first_non_finite().is_none()
+    }
+
+    /// The name of the first tensor holding a NaN or an infinity.
+    fn first_non_finite(&self) -> Option<&str> {
         let _g = tch::no_grad_guard();
         self.params
             .iter()
-            .all(|(_, p)| p.isfinite().all().int64_value(&[]) == 1)
+            .find(|(_, p)| p.isfinite().all().int64_value(&[]) != 1)
+            .map(|(n, _)| n.as_str())
     }
 }
 
@@ -193,15 +203,73 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     if std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none() {
         keep_freed_memory();
     }
-    let start_dir = o.model.clone();
-    infer::model::check_model_dir(&start_dir)?;
-    let base_config = Gpt2Config::from_file(&start_dir.join("config.json"))?;
+    infer::model::check_model_dir(&o.model)?;
+    let base_config = Gpt2Config::from_file(&o.model.join("config.json"))?;
     check_options(o, &base_config)?;
     if o.bf16 {
         check_bf16(o.device)?;
     }
+    if o.output.exists() && !o.output.is_dir() {
+        return Err(input(format!(
+            "--output {}: exists and is not a folder",
+            o.output.display()
+        )));
+    }
+    let created = !o.output.exists();
     std::fs::create_dir_all(&o.output)
         .with_context(|| format!("creating {}", o.output.display()))?;
+    let mut started = false;
+    let result = OutputLock::acquire(&o.output).and_then(|lock| {
+        let r = train_owned(o, &base_config, out, &mut started);
+        drop(lock);
+        r
+    });
+    result.map_err(|e| {
+        if created {
+            // Only if empty: a failed run keeps the logs and checkpoints it wrote.
+            let _ = std::fs::remove_dir(&o.output);
+        }
+        if started {
+            explain_stale_final(e, &o.output)
+        } else {
+            e
+        }
+    })
+}
+
+/// A failed run leaves `final/` as an earlier run wrote it: the error says which step it
+/// holds and where the newest checkpoint is, so that it is not taken for this run's.
+fn explain_stale_final(e: anyhow::Error, output: &Path) -> anyhow::Error {
+    let final_dir = output.join(FINAL_DIR);
+    let Ok(state) = ckpt::read_json::<TrainerState>(&final_dir.join(ckpt::TRAINER_STATE)) else {
+        return e;
+    };
+    let newest = ckpt::list_checkpoints(output).pop();
+    if newest
+        .as_ref()
+        .is_some_and(|(step, _)| *step <= state.global_step)
+    {
+        return e;
+    }
+    e.context(format!(
+        "{} was not updated: it still holds the model of step {} from an earlier run{}",
+        final_dir.display(),
+        state.global_step,
+        newest.map_or(String::new(), |(step, dir)| format!(
+            "; the newest checkpoint is {} (step {step})",
+            dir.display()
+        ))
+    ))
+}
+
+/// The run, with the output folder locked.
+fn train_owned(
+    o: &TrainOptions,
+    base_config: &Gpt2Config,
+    out: &mut dyn Write,
+    started: &mut bool,
+) -> Result<TrainSummary> {
+    let start_dir = o.model.clone();
     let cleaned = folder::remove_leftovers(&o.output)?;
     if cleaned > 0 {
         writeln!(
@@ -211,33 +279,42 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         )?;
     }
     let resume_dir = resolve_resume(o)?;
-    if resume_dir.is_none()
-        && !o.overwrite_output_dir
-        && !ckpt::list_checkpoints(&o.output).is_empty()
-    {
-        return Err(input(format!(
-            "--output {} already holds checkpoints; pass --resume to continue or \
-             --overwrite-output-dir to start over",
-            o.output.display()
-        )));
-    }
-    if resume_dir.is_none() && o.overwrite_output_dir {
-        // Starting over: the earlier run's checkpoints would otherwise be rotated in
-        // with the new ones (and deleted the new ones as "older") or picked by --resume.
-        let mut stale: Vec<PathBuf> = ckpt::list_checkpoints(&o.output)
-            .into_iter()
-            .map(|(_, dir)| dir)
-            .collect();
-        stale.extend(["final", "runs"].map(|d| o.output.join(d)));
-        for dir in stale.iter().filter(|d| d.exists()) {
-            std::fs::remove_dir_all(dir).with_context(|| format!("removing {}", dir.display()))?;
+    if resume_dir.is_none() {
+        let earlier = output::earlier_contents(&o.output);
+        if !earlier.is_empty() && !o.overwrite_output_dir {
+            let shown: Vec<&str> = earlier.iter().take(5).map(String::as_str).collect();
+            return Err(input(format!(
+                "--output {} is not empty (it holds {}{}); pass --resume to continue from its \
+                 latest checkpoint, --overwrite-output-dir to replace an earlier run's \
+                 checkpoints, final/ and runs/, or choose an empty folder",
+                o.output.display(),
+                shown.join(", "),
+                if earlier.len() > 5 { ", ..." } else { "" }
+            )));
         }
+        if o.overwrite_output_dir {
+            // Starting over: the earlier run's checkpoints would otherwise be rotated in
+            // with the new ones (and deleted the new ones as "older") or picked by --resume.
+            let doomed = output::overwritten(&o.output);
+            let mut inputs: Vec<(&str, &Path)> = vec![("--model", o.model.as_path())];
+            inputs.extend(o.data.iter().map(|p| ("--data", p.as_path())));
+            inputs.extend(o.eval_data.iter().map(|p| ("--eval-data", p.as_path())));
+            output::check_inputs_survive(&doomed, &inputs)?;
+            output::remove_all(&doomed)?;
+        }
+    }
+    // The run's tokenizer files, kept in memory: the folder they come from (the
+    // checkpoint resumed from) may be rotated away before the run's last save.
+    let tokenizer_files =
+        folder::read_tokenizer_files(resume_dir.as_deref().unwrap_or(&start_dir))?;
+    if let Some(dir) = &resume_dir {
+        check_same_model(&start_dir, base_config, dir)?;
     }
 
     // Data, all checked before training starts.
     let tokenizer = Tokenizer::from_dir(&start_dir)
         .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
-    let eos = data::eos_id(&base_config, &tokenizer)?;
+    let eos = data::eos_id(base_config, &tokenizer)?;
     let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &o.data_options)?;
     let mut skipped_lines = report.skipped;
     if report.skipped > 0 {
@@ -269,7 +346,16 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     let batches_per_epoch = n.div_ceil(o.batch_size as usize) as i64;
     let accum = o.gradient_accumulation_steps;
     let steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
-    let total_steps = o.max_steps.unwrap_or(steps_per_epoch * o.epochs);
+    let total_steps = match o.max_steps {
+        Some(m) => m,
+        None => steps_per_epoch.checked_mul(o.epochs).ok_or_else(|| {
+            input(format!(
+                "--epochs {}: {} epochs of {steps_per_epoch} steps is more steps than can be \
+                 counted; give fewer epochs or --max-steps",
+                o.epochs, o.epochs
+            ))
+        })?,
+    };
     let warmup = match (o.warmup_steps, o.warmup_ratio) {
         (Some(w), _) => w,
         (None, Some(r)) => Schedule::warmup_from_ratio(r, total_steps),
@@ -342,6 +428,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     // GPT2KIT_TRAIN_PROFILE=1: seconds per phase of each step on stderr.
     let profile = std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some();
 
+    *started = true;
     while state.global_step < total_steps {
         let step_start = Instant::now();
         // The micro-batches of this step: up to `accum`, not crossing the epoch's end.
@@ -383,7 +470,8 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
                 .f_backward()
                 .map_err(|e| anyhow::anyhow!("the backward pass failed: {}", first_line(&e)))?;
             if profile {
-                eprintln!(
+                let _ = writeln!(
+                    std::io::stderr(),
                     "profile: forward {:.3}s backward {:.3}s",
                     (t1 - t0).as_secs_f64(),
                     t1.elapsed().as_secs_f64()
@@ -404,6 +492,17 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
             let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
             adam.step(&tr.params, lr, scale);
             state.consecutive_nan_steps = 0;
+            // A finite gradient can still give a non-finite update (an overflow, or
+            // 0/0 where AdamW's epsilon is 0): stop at once rather than train on
+            // weights no checkpoint may hold.
+            if let Some(name) = tr.first_non_finite() {
+                metrics.finish();
+                bail!(
+                    "step {}: the update made `{name}` NaN or infinite (loss {loss}, gradient \
+                     norm {grad_norm}, lr {lr}); stopping. Lower --lr or check --adam-epsilon",
+                    state.global_step + 1
+                );
+            }
         } else {
             state.nan_steps_skipped += 1;
             state.consecutive_nan_steps += 1;
@@ -423,7 +522,8 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         }
         tr.fresh_leaves()?;
         if profile {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "profile: clip + adamw + zero_grad {:.3}s",
                 t_opt.elapsed().as_secs_f64()
             );
@@ -466,14 +566,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         }
         if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
         {
-            save_checkpoint(
-                o,
-                &tr,
-                &adam,
-                &schedule,
-                &mut state,
-                &tokenizer_dir(&start_dir, &resume_dir),
-            )?;
+            save_checkpoint(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
             last_saved = Some(step);
         }
         if early_stopped {
@@ -487,33 +580,36 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
         let step = state.global_step;
         record_eval(&mut state, &mut metrics, step, &r);
-        writeln!(
-            out,
-            "final eval: loss {:.4} · perplexity {:.3}",
-            r.loss, r.perplexity
-        )?;
         last_eval = Some(r);
     }
     if o.save_steps.is_some() && last_saved != Some(state.global_step) {
-        save_checkpoint(
-            o,
-            &tr,
-            &adam,
-            &schedule,
-            &mut state,
-            &tokenizer_dir(&start_dir, &resume_dir),
-        )?;
+        save_checkpoint(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
     }
     let final_dir = o.output.join(FINAL_DIR);
     if !tr.all_finite() {
         bail!("the trained weights hold NaN or infinite values; the final model is not saved");
     }
+    // final/ is the last step's weights, or with --load-best-model-at-end the best
+    // checkpoint's (transformers' `load_best_model_at_end`), read back from its folder:
+    // rotation always spares it.
+    let best = match (&state.best_model_checkpoint, o.load_best_model_at_end) {
+        (Some(name), true) => {
+            let dir = o.output.join(name);
+            let files = WeightFiles::open_dir(&dir)
+                .with_context(|| format!("the best checkpoint {}", dir.display()))?;
+            let model = Gpt2::from_weights(tr.config.clone(), &files, Kind::Float, &[Device::Cpu])
+                .with_context(|| format!("loading the best checkpoint {}", dir.display()))?;
+            Some((name.clone(), model.named_tensors()?))
+        }
+        _ => None,
+    };
+    let final_tensors = best.as_ref().map_or(&tr.params, |(_, t)| t);
     folder::write_model_folder(
         &final_dir,
         &FolderContents {
             config: &tr.config,
-            tensors: &tr.params,
-            tokenizer_dir: &tokenizer_dir(&start_dir, &resume_dir),
+            tensors: final_tensors,
+            tokenizer_files: &tokenizer_files,
             extra_files: vec![(
                 ckpt::TRAINER_STATE.into(),
                 serde_json::to_vec_pretty(&state)?,
@@ -523,20 +619,68 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         true,
     )?;
     metrics.finish();
+    let final_eval = match (&best, state.best_metric) {
+        (Some(_), Some(loss)) => last_eval.as_ref().map(|e| EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens: e.tokens,
+        }),
+        _ => last_eval,
+    };
     Ok(TrainSummary {
         global_step: state.global_step,
         final_loss,
-        eval: last_eval,
+        eval: final_eval,
         nan_steps_skipped: state.nan_steps_skipped,
         skipped_lines,
         early_stopped,
         final_dir,
+        final_from: best.map(|(name, _)| name),
         best_model_checkpoint: state.best_model_checkpoint.clone(),
     })
 }
 
-fn tokenizer_dir(start: &Path, resume: &Option<PathBuf>) -> PathBuf {
-    resume.clone().unwrap_or_else(|| start.to_path_buf())
+/// `--model` with `--resume`: the checkpoint continues the model of --model, so a
+/// --model of another shape or vocabulary (whose tokenizer would encode the data) is
+/// refused rather than ignored.
+fn check_same_model(model: &Path, config: &Gpt2Config, checkpoint: &Path) -> Result<()> {
+    let saved = Gpt2Config::from_file(&checkpoint.join("config.json"))?;
+    let mut diffs = Vec::new();
+    for (key, a, b) in [
+        ("vocab_size", config.vocab_size, saved.vocab_size),
+        ("n_positions", config.n_positions, saved.n_positions),
+        ("n_embd", config.n_embd, saved.n_embd),
+        ("n_layer", config.n_layer, saved.n_layer),
+        ("n_head", config.n_head, saved.n_head),
+        ("n_inner", config.inner_dim(), saved.inner_dim()),
+    ] {
+        if a != b {
+            diffs.push(format!("{key} {a} (checkpoint: {b})"));
+        }
+    }
+    if config.activation_function != saved.activation_function {
+        diffs.push(format!(
+            "activation_function {} (checkpoint: {})",
+            config.activation_function, saved.activation_function
+        ));
+    }
+    if diffs.is_empty() {
+        let ours = Tokenizer::from_dir(model)?;
+        let theirs = Tokenizer::from_dir(checkpoint)?;
+        if !ours.same_vocabulary(&theirs) {
+            diffs.push("its tokenizer's vocabulary".into());
+        }
+    }
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    Err(input(format!(
+        "--model {} is not the model --resume {} continues: {}; resume with the --model the \
+         run started from",
+        model.display(),
+        checkpoint.display(),
+        diffs.join(", ")
+    )))
 }
 
 /// An exact resume needs the schedule and the data order the checkpoint was made with:
@@ -603,7 +747,7 @@ fn save_checkpoint(
     adam: &AdamW,
     schedule: &Schedule,
     state: &mut TrainerState,
-    tokenizer_dir: &Path,
+    tokenizer_files: &[(String, Vec<u8>)],
 ) -> Result<()> {
     if !tr.all_finite() {
         bail!(
@@ -635,7 +779,7 @@ fn save_checkpoint(
         &FolderContents {
             config: &tr.config,
             tensors: &tr.params,
-            tokenizer_dir,
+            tokenizer_files,
             extra_files: vec![
                 (
                     ckpt::TRAINER_STATE.into(),

@@ -1,0 +1,192 @@
+//! A run's output folder: one run owns it at a time (a lock file naming the owner),
+//! an earlier run's results in it are never replaced silently, and a run deletes only
+//! what runs of that folder wrote. As transformers' `run_clm.py`, a folder that is not
+//! empty is refused unless the run resumes or is told to overwrite; unlike it, the
+//! model, data and checkpoint a run reads are never among what overwriting removes.
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+
+use crate::checkpoint as ckpt;
+use crate::folder::TMP_PREFIX;
+use crate::options::input;
+
+/// The lock file inside an output folder.
+pub const LOCK_FILE: &str = ".gpt2kit-train.lock";
+
+/// An output folder held by this process until dropped. The lock is an advisory
+/// `flock` on `LOCK_FILE`: the kernel releases it when its owner exits, however it
+/// exits, so a lock file left by a killed run is recognised as stale and taken over.
+/// The file's text names the owner (process, host, start time) for the message a
+/// second run gets.
+pub struct OutputLock {
+    path: PathBuf,
+    _file: File,
+}
+
+impl OutputLock {
+    pub fn acquire(dir: &Path) -> Result<Self> {
+        let path = dir.join(LOCK_FILE);
+        // A releasing owner removes the file while still holding it: a file locked
+        // after that removal is no longer the one at `path`, so try again.
+        for _ in 0..16 {
+            let file = OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            match file.try_lock() {
+                Ok(()) => {}
+                Err(TryLockError::WouldBlock) => {
+                    let owner = fs::read_to_string(&path).unwrap_or_default();
+                    let owner = owner.trim();
+                    return Err(input(format!(
+                        "--output {} is in use by another training run ({}); wait for it to \
+                         finish or choose another --output (lock: {})",
+                        dir.display(),
+                        if owner.is_empty() {
+                            "owner unknown"
+                        } else {
+                            owner
+                        },
+                        path.display()
+                    )));
+                }
+                Err(TryLockError::Error(e)) => {
+                    return Err(e).with_context(|| format!("locking {}", path.display()))
+                }
+            }
+            let held = file.metadata()?;
+            let current = fs::metadata(&path).ok();
+            if current.is_none_or(|m| (m.dev(), m.ino()) != (held.dev(), held.ino())) {
+                continue;
+            }
+            let owner = format!(
+                "process {} on host {}, started at unix time {}",
+                std::process::id(),
+                hostname(),
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            );
+            (&file)
+                .set_len(0)
+                .and_then(|()| (&file).write_all(owner.as_bytes()))
+                .and_then(|()| file.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
+            return Ok(Self { path, _file: file });
+        }
+        anyhow::bail!("could not take the lock {}", path.display())
+    }
+}
+
+impl Drop for OutputLock {
+    fn drop(&mut self) {
+        // Removed while held; the lock itself goes when the file closes, just after.
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+fn hostname() -> String {
+    fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// What an earlier run left in `output`: everything but the lock file and
+/// temporary folders (which `folder::remove_leftovers` owns).
+pub fn earlier_contents(output: &Path) -> Vec<String> {
+    let mut names: Vec<String> = fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n != LOCK_FILE && !n.starts_with(TMP_PREFIX))
+        .collect();
+    names.sort();
+    names
+}
+
+/// What `--overwrite-output-dir` removes: the earlier runs' checkpoints, `final/`
+/// and `runs/`. Other files in the folder are left alone.
+pub fn overwritten(output: &Path) -> Vec<PathBuf> {
+    let mut doomed: Vec<PathBuf> = fs::read_dir(output)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.strip_prefix(ckpt::PREFIX)
+                .is_some_and(|s| s.parse::<i64>().is_ok())
+        })
+        .map(|e| e.path())
+        .collect();
+    doomed.extend(["final", "runs"].map(|d| output.join(d)));
+    doomed.retain(|d| d.exists());
+    doomed.sort();
+    doomed
+}
+
+/// Refuses, before anything is touched, to overwrite a folder that holds one of the
+/// run's own inputs (`(flag, path)`): the model it starts from, its data.
+pub fn check_inputs_survive(doomed: &[PathBuf], inputs: &[(&str, &Path)]) -> Result<()> {
+    for (flag, path) in inputs {
+        let Ok(real) = path.canonicalize() else {
+            continue;
+        };
+        for d in doomed {
+            if d.canonicalize().is_ok_and(|d| real.starts_with(d)) {
+                return Err(input(format!(
+                    "{flag} {} lies inside {}, which --overwrite-output-dir would remove; \
+                     copy it elsewhere first or choose another --output",
+                    path.display(),
+                    d.display()
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes what `overwritten` listed.
+pub fn remove_all(doomed: &[PathBuf]) -> Result<()> {
+    for d in doomed {
+        if d.is_dir() {
+            fs::remove_dir_all(d)
+        } else {
+            fs::remove_file(d)
+        }
+        .with_context(|| format!("removing {}", d.display()))?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_second_lock_is_refused_naming_the_owner_and_a_released_one_is_taken_again() {
+        let dir = std::env::temp_dir().join(format!("gpt2kit-lock-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let first = OutputLock::acquire(&dir).unwrap();
+        let err = OutputLock::acquire(&dir).err().unwrap().to_string();
+        assert!(
+            err.contains(&format!("process {}", std::process::id())),
+            "{err}"
+        );
+        drop(first);
+        assert!(!dir.join(LOCK_FILE).exists());
+        // A lock file whose owner is gone (no flock held on it) is stale.
+        fs::write(dir.join(LOCK_FILE), "process 1 on host elsewhere").unwrap();
+        let again = OutputLock::acquire(&dir).unwrap();
+        drop(again);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+}
