@@ -272,7 +272,11 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
     let o = run(&t.s("other"), &["--resume", &t.s("full")], &[]);
     assert_clean_failure(&o, 2, "not a checkpoint folder");
     // An output folder with checkpoints is not silently trained over.
-    assert_clean_failure(&run(&full, &[], &[]), 2, "is not empty (it holds checkpoint-10");
+    assert_clean_failure(
+        &run(&full, &[], &[]),
+        2,
+        "is not empty (it holds checkpoint-10",
+    );
 }
 
 fn hf_logits(folder: &Path, ids: &[i64], out: &Path) -> Tensor {
