@@ -405,4 +405,44 @@ mod tests {
         one.sort();
         assert_eq!(one, vec![5, 5, 6]);
     }
+
+    #[test]
+    fn bias_forced_eos_and_suppression_follow_the_history() {
+        let p = Processing {
+            sequence_bias: vec![(vec![1], 0.5), (vec![2, 3], -2.0), (vec![9, 3], 7.0)],
+            forced_eos_token_id: vec![4],
+            suppress_tokens: vec![0],
+            begin_suppress_tokens: vec![1],
+            ..Processing::default()
+        };
+        let scores = Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu));
+        // Row 0: prompt only (begin suppression); row 1: ends with 2 (bias on 3); row 2:
+        // one token left of its limit of 3 (forced EOS).
+        let rows = [
+            Row {
+                tokens: &[7, 2],
+                prompt_len: 2,
+            },
+            Row {
+                tokens: &[7, 5, 2],
+                prompt_len: 2,
+            },
+            Row {
+                tokens: &[7, 5, 6],
+                prompt_len: 1,
+            },
+        ];
+        let out = process_rows(&p, &scores, &rows, &[], &|_| 3);
+        let got: Vec<Vec<f32>> = Vec::try_from(out).unwrap();
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(got[0], vec![ninf, ninf, 0.0, -2.0, 0.0]);
+        assert_eq!(got[1], vec![ninf, 0.5, 0.0, -2.0, 0.0]);
+        assert_eq!(got[2], vec![ninf, ninf, ninf, ninf, 0.0]);
+        // With no length limit, nothing is forced.
+        let free = process(&p, &scores, &rows[2..], &[]);
+        assert_eq!(
+            Vec::<Vec<f32>>::try_from(free).unwrap()[0],
+            vec![ninf, 0.5, 0.0, 0.0, 0.0]
+        );
+    }
 }
