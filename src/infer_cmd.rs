@@ -23,9 +23,13 @@ pub struct Args {
     /// Prompt text; repeat the flag for several prompts (run as one left-padded batch).
     #[arg(long, required_unless_present = "prompts")]
     prompt: Vec<String>,
-    /// JSONL file of prompts, one `{"prompt": "..."}` object per line (after any --prompt).
+    /// JSONL file of prompts, one `{"prompt": "..."}` (or `{"text": "..."}`) object per
+    /// line (after any --prompt).
     #[arg(long)]
     prompts: Option<PathBuf>,
+    /// The field of each --prompts line that holds the prompt [default: prompt, else text].
+    #[arg(long, requires = "prompts")]
+    text_field: Option<String>,
     /// A generation_config.json whose fields override the model folder's own.
     #[arg(long)]
     generation_config: Option<PathBuf>,
@@ -98,7 +102,8 @@ pub struct Args {
     /// Generate through EOS tokens (only the length limits stop).
     #[arg(long)]
     ignore_eos: bool,
-    /// Stop a sequence once its text contains this string; repeatable.
+    /// Stop a sequence once its text contains this string; repeatable; replaces the
+    /// generation config's stop_strings.
     #[arg(long)]
     stop: Vec<String>,
     /// Stop after the step during which this many seconds have passed.
@@ -112,9 +117,10 @@ pub struct Args {
     #[arg(long)]
     ensemble: Vec<PathBuf>,
     /// mean-prob (weighted mean of probabilities), mean-logprob, rerank (each model's
-    /// candidates scored by all) or vote (minimum-Bayes-risk choice among candidates).
-    #[arg(long, default_value = "mean-prob")]
-    ensemble_mode: String,
+    /// candidates scored by all) or vote (minimum-Bayes-risk choice among candidates);
+    /// needs --ensemble [default: mean-prob].
+    #[arg(long)]
+    ensemble_mode: Option<String>,
     /// Comma-separated weights, one per model (--model first) [default: equal].
     #[arg(long, value_delimiter = ',')]
     ensemble_weights: Vec<f64>,
@@ -177,36 +183,49 @@ fn generation_config(
         ..GenerationConfig::default()
     };
     let own = model_dir.join(genconfig::FILE_NAME);
+    let mut files = Vec::new();
     if own.is_file() {
-        genconfig::apply_file(&mut cfg, &own)?;
+        files.push(own);
     }
-    if let Some(path) = &args.generation_config {
-        genconfig::apply_file(&mut cfg, path)?;
+    files.extend(args.generation_config.iter().cloned());
+    for path in &files {
+        for warning in genconfig::apply_file(&mut cfg, path)? {
+            let _ = writeln!(std::io::stderr(), "warning: {warning}");
+        }
     }
-    let p = &mut cfg.processing;
-    p.do_sample |= args.do_sample;
+    // A flag's value replaces the file's: errors about it name the flag then.
+    let from_flag = |cfg: &mut GenerationConfig, key: &str, given: bool| {
+        if given {
+            cfg.sources.remove(key);
+        }
+    };
+    from_flag(&mut cfg, "do_sample", args.do_sample);
     macro_rules! set {
-        ($($field:ident).+ <- $arg:expr) => {
+        ($key:literal, $($field:ident).+ <- $arg:expr) => {
             if let Some(v) = $arg {
+                cfg.sources.remove($key);
                 $($field).+ = v;
             }
         };
     }
-    set!(p.temperature <- args.temperature);
-    set!(p.top_k <- args.top_k);
-    set!(p.top_p <- args.top_p);
-    set!(p.typical_p <- args.typical_p);
-    set!(p.epsilon_cutoff <- args.epsilon_cutoff);
-    set!(p.eta_cutoff <- args.eta_cutoff);
-    set!(p.repetition_penalty <- args.repetition_penalty);
-    set!(p.presence_penalty <- args.presence_penalty);
-    set!(p.frequency_penalty <- args.frequency_penalty);
-    set!(p.no_repeat_ngram_size <- args.no_repeat_ngram_size);
-    set!(p.min_new_tokens <- args.min_new_tokens);
-    set!(p.min_length <- args.min_length);
-    if args.min_p.is_some() {
-        p.min_p = args.min_p;
-    }
+    set!("temperature", cfg.processing.temperature <- args.temperature);
+    set!("top_k", cfg.processing.top_k <- args.top_k);
+    set!("top_p", cfg.processing.top_p <- args.top_p);
+    set!("typical_p", cfg.processing.typical_p <- args.typical_p);
+    set!("epsilon_cutoff", cfg.processing.epsilon_cutoff <- args.epsilon_cutoff);
+    set!("eta_cutoff", cfg.processing.eta_cutoff <- args.eta_cutoff);
+    set!("repetition_penalty", cfg.processing.repetition_penalty <- args.repetition_penalty);
+    set!("presence_penalty", cfg.processing.presence_penalty <- args.presence_penalty);
+    set!("frequency_penalty", cfg.processing.frequency_penalty <- args.frequency_penalty);
+    set!("no_repeat_ngram_size", cfg.processing.no_repeat_ngram_size <- args.no_repeat_ngram_size);
+    set!("min_new_tokens", cfg.processing.min_new_tokens <- args.min_new_tokens);
+    set!("min_length", cfg.processing.min_length <- args.min_length);
+    set!("min_p", cfg.processing.min_p <- args.min_p.map(Some));
+    set!("num_beams", cfg.num_beams <- args.num_beams);
+    set!("num_return_sequences", cfg.num_return_sequences <- args.num_return_sequences);
+    set!("length_penalty", cfg.length_penalty <- args.length_penalty);
+    let p = &mut cfg.processing;
+    p.do_sample |= args.do_sample;
     for word in &args.bad_words {
         let ids = tok.encode(word)?;
         if ids.is_empty() {
@@ -214,9 +233,7 @@ fn generation_config(
         }
         p.bad_words_ids.push(ids);
     }
-    set!(cfg.num_beams <- args.num_beams);
-    set!(cfg.num_return_sequences <- args.num_return_sequences);
-    set!(cfg.length_penalty <- args.length_penalty);
+    from_flag(&mut cfg, "bad_words_ids", !args.bad_words.is_empty());
     if let Some(s) = &args.early_stopping {
         cfg.early_stopping = genconfig::parse_early_stopping(s).ok_or_else(|| {
             usage(format!(
@@ -227,11 +244,18 @@ fn generation_config(
     if let Some(n) = args.max_new_tokens {
         cfg.max_new_tokens = n;
         cfg.max_length = None;
+        cfg.sources.remove("max_new_tokens");
     } else if let Some(n) = args.max_length {
         cfg.max_length = Some(n);
+        cfg.sources.remove("max_length");
     }
     if !args.eos_token_id.is_empty() {
         cfg.eos_token_ids = args.eos_token_id.clone();
+        cfg.sources.remove("eos_token_id");
+    }
+    if !args.stop.is_empty() {
+        cfg.stop_strings = args.stop.clone();
+        cfg.sources.remove("stop_strings");
     }
     if args.ignore_eos {
         cfg.eos_token_ids.clear();
@@ -283,7 +307,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let device = devices[0];
     let mut texts = args.prompt.clone();
     if let Some(path) = &args.prompts {
-        texts.extend(read_prompts(path)?);
+        texts.extend(read_prompts(path, args.text_field.as_deref())?);
     }
     if let Some(i) = texts.iter().position(String::is_empty) {
         return Err(usage(format!("prompt {i} is empty")));
@@ -305,7 +329,19 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "--stream needs one prompt, one sequence, no beams and no --json".into(),
         ));
     }
-    let mode = args.ensemble_mode.as_str();
+    if args.ensemble.is_empty() {
+        if let Some(mode) = &args.ensemble_mode {
+            return Err(usage(format!(
+                "--ensemble-mode {mode} needs --ensemble (another model to decode with)"
+            )));
+        }
+        if !args.ensemble_weights.is_empty() {
+            return Err(usage(
+                "--ensemble-weights needs --ensemble (another model to decode with)".into(),
+            ));
+        }
+    }
+    let mode = args.ensemble_mode.as_deref().unwrap_or("mean-prob");
     if !["mean-prob", "mean-logprob", "rerank", "vote"].contains(&mode) {
         return Err(usage(format!(
             "--ensemble-mode {mode:?}: expected mean-prob, mean-logprob, rerank or vote"
@@ -382,11 +418,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         combine,
     )?;
 
+    // transformers' StopStringCriteria: a sequence stops at the token that completes a
+    // stop string in its text (checked every step, so: once its text contains one).
     let stop_check = |tokens: &[i64]| {
-        !args.stop.is_empty()
+        !cfg.stop_strings.is_empty()
             && tokenizer
                 .decode(tokens)
-                .is_ok_and(|t| args.stop.iter().any(|s| t.contains(s.as_str())))
+                .is_ok_and(|t| cfg.stop_strings.iter().any(|s| t.contains(s.as_str())))
     };
     let warm = GenerationConfig {
         max_new_tokens: 4,
@@ -451,9 +489,11 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         // Each model proposes its own candidates; the pool is scored by all of them.
         let mut runs = Vec::new();
         let mut first: Option<Output> = None;
+        let mut steps = 0;
         for m in &ensemble.models {
             let o = tch::no_grad(|| generate(m, &prompts, &cfg, &stop_check, |_, _| {}))?;
             runs.push(o.sequences.clone());
+            steps += o.steps;
             first.get_or_insert(o);
         }
         let picked = tch::no_grad(|| {
@@ -467,6 +507,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         });
         let mut o = first.expect("at least one model");
         o.sequences = picked;
+        o.steps = steps;
         o
     };
 
@@ -507,19 +548,12 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             .map(|g| g.tokens.len())
             .sum();
         let decode_ms = output.decode.as_secs_f64() * 1e3;
-        let steps = output
-            .sequences
-            .iter()
-            .flatten()
-            .map(|g| g.tokens.len())
-            .max()
-            .unwrap_or(0);
         // Tokens per second of the decode phase: every token after the first of each sequence.
         let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
         let mut stats = json!({
             "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
             "generated_tokens": generated,
-            "steps": steps,
+            "steps": output.steps,
             "prefill_ms": output.prefill.as_secs_f64() * 1e3,
             "decode_ms": decode_ms,
             "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
@@ -531,7 +565,8 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             stats["acceptance_rate"] = json!(st.acceptance_rate());
             stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
         }
-        eprintln!("{stats}");
+        // stderr closed or full (`2>/dev/full`) loses the line, not the run's output.
+        let _ = writeln!(std::io::stderr(), "{stats}");
     }
     Ok(())
 }

@@ -12,8 +12,14 @@ fn usage(msg: String) -> anyhow::Error {
     Error::Input(msg).into()
 }
 
-/// The prompts of a JSONL file; errors name the file and line.
-pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
+/// The prompts of a JSONL file, one object per line: its `field` string, or with no
+/// `field` given its `prompt` string, else its `text` (train's data files). Errors name
+/// the file and line.
+pub fn read_prompts(path: &Path, field: Option<&str>) -> anyhow::Result<Vec<String>> {
+    let wanted = match field {
+        Some(f) => format!("a {f:?} string"),
+        None => "a \"prompt\" or \"text\" string".into(),
+    };
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     let mut out = Vec::new();
     for (i, line) in text.split(|&b| b == b'\n').enumerate() {
@@ -25,10 +31,18 @@ pub fn read_prompts(path: &Path) -> anyhow::Result<Vec<String>> {
         }
         let v: serde_json::Value =
             serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
-        match v.get("prompt") {
+        if !v.is_object() {
+            return Err(at(&format!("expected an object with {wanted}")));
+        }
+        let key = match field {
+            Some(f) => f,
+            None if v.get("prompt").is_some() => "prompt",
+            None => "text",
+        };
+        match v.get(key) {
             Some(serde_json::Value::String(s)) => out.push(s.clone()),
-            Some(_) => return Err(at("\"prompt\" is not a string")),
-            None => return Err(at("expected an object with a \"prompt\" string")),
+            Some(_) => return Err(at(&format!("{key:?} is not a string"))),
+            None => return Err(at(&format!("expected an object with {wanted}"))),
         }
     }
     if out.is_empty() {

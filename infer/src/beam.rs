@@ -13,11 +13,13 @@
 //!   early_stopping true the search ends once every item has `num_beams` finished.
 use tch::{Kind, Tensor};
 
+use crate::decode::BadRow;
+use crate::error::Result;
 use crate::generate::{
-    finish_reason, EarlyStopping, FinishReason, Generated, GenerationConfig, Step, StepContext,
-    Strategy,
+    finish_reason, pick_failed, unpickable, EarlyStopping, FinishReason, Generated,
+    GenerationConfig, Step, StepContext, Strategy,
 };
-use crate::processors::{process, Processing, Row};
+use crate::processors::{process_rows, Processing, Row};
 
 #[derive(Clone)]
 struct Hyp {
@@ -90,7 +92,7 @@ impl Strategy for Beam {
         logits: &Tensor,
         ctx: &StepContext,
         _on_token: &mut dyn FnMut(usize, i64),
-    ) -> Step {
+    ) -> Result<Step> {
         let cfg = ctx.cfg;
         let nb = self.num_beams;
         let (r, v) = logits.size2().expect("(R, V)");
@@ -116,12 +118,14 @@ impl Strategy for Beam {
                 prompt_len,
             })
             .collect();
-        let logp = process(
+        let logp = process_rows(
             &self.processing,
             &logits.log_softmax(-1, Kind::Float),
             &rows,
             &cfg.eos_token_ids,
+            &|r: &Row| cfg.limit(r.prompt_len),
         );
+        let step = self.generated + 1;
         let running: Vec<f32> = self
             .items
             .iter()
@@ -133,7 +137,41 @@ impl Strategy for Beam {
         let acc = (&logp + running).view([b, nb as i64 * v]); // (B, nb·V)
         let k = (2.max(1 + cfg.eos_token_ids.len()) * nb) as i64;
         let (top, idx) = if self.processing.do_sample {
-            let idx = acc.softmax(-1, Kind::Float).multinomial(k, false);
+            let probs = acc.softmax(-1, Kind::Float);
+            // Sampling k continuations without replacement needs k of nonzero probability
+            // (libtorch throws otherwise): count them in the items still searching.
+            let live = Vec::<i64>::try_from(
+                probs
+                    .gt(0.0)
+                    .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
+                    .to_device(tch::Device::Cpu),
+            )
+            .map_err(|e| pick_failed(step, e))?;
+            let nan =
+                Vec::<bool>::try_from(probs.isnan().any_dim(-1, false).to_device(tch::Device::Cpu))
+                    .map_err(|e| pick_failed(step, e))?;
+            for (i, item) in self.items.iter().enumerate() {
+                if !item.improvable {
+                    continue;
+                }
+                if nan[i] {
+                    return Err(unpickable(step, &format!("prompt {i}"), BadRow::NotFinite));
+                }
+                if live[i] == 0 {
+                    return Err(unpickable(step, &format!("prompt {i}"), BadRow::Banned));
+                }
+                if live[i] < k {
+                    return Err(crate::Error::Input(format!(
+                        "step {step}: beam sampling draws {k} continuations for \
+                         prompt {i}, but only {} tokens of its beams are allowed; use fewer \
+                         --num-beams or a larger --top-k / --top-p",
+                        live[i]
+                    )));
+                }
+            }
+            let idx = probs
+                .f_multinomial(k, false)
+                .map_err(|e| pick_failed(step, e))?;
             let (top, order) = acc.gather(1, &idx, false).sort(-1, true);
             (top, idx.gather(1, &order, false))
         } else {
@@ -144,6 +182,21 @@ impl Strategy for Beam {
         let top: Vec<f64> = Vec::try_from(cpu(top)).expect("scores");
         let idx: Vec<i64> = Vec::try_from(cpu(idx)).expect("indices");
         let token_logp: Vec<f64> = Vec::try_from(cpu(token_logp)).expect("log-probs");
+        // The best continuation of an item still searching must be a real one: -inf
+        // when every token of every beam is banned, NaN (topk ranks it first) when the
+        // scores are not finite.
+        let k = k as usize;
+        for (i, item) in self.items.iter().enumerate() {
+            let best = top[i * k];
+            if item.improvable && !best.is_finite() {
+                let why = if best == f64::NEG_INFINITY {
+                    BadRow::Banned
+                } else {
+                    BadRow::NotFinite
+                };
+                return Err(unpickable(step, &format!("prompt {i}"), why));
+            }
+        }
 
         self.generated += 1;
         let gen_len = self.generated;
@@ -152,7 +205,6 @@ impl Strategy for Beam {
         let mut all_hit = true;
         let lp = cfg.length_penalty;
         for (i, item) in self.items.iter_mut().enumerate() {
-            let k = k as usize;
             let mut next_running: Vec<(usize, Hyp)> = Vec::with_capacity(nb);
             let mut hit_rank: Vec<(usize, Hyp)> = Vec::new();
             let full = item.finished.len() >= nb && cfg.early_stopping == EarlyStopping::True;
@@ -213,14 +265,14 @@ impl Strategy for Beam {
         let any_improvable = self.items.iter().any(|it| it.improvable);
         let all_full = cfg.early_stopping == EarlyStopping::True
             && self.items.iter().all(|it| it.finished.len() >= nb);
-        if !any_improvable || all_full || all_hit {
+        Ok(if !any_improvable || all_full || all_hit {
             Step::Done
         } else {
             Step::Continue {
                 feed,
                 parents: Some(parents),
             }
-        }
+        })
     }
 
     fn finish(self: Box<Self>) -> Vec<Vec<Generated>> {

@@ -1,7 +1,18 @@
 //! Reading Hugging Face `generation_config.json` files into a `GenerationConfig`:
 //! the model folder's own file supplies defaults, a user's file overrides it, flags
-//! override both. Only the fields gpt2kit implements are read; `null` leaves a value as
-//! it is; a field of the wrong type is an error naming the file and the field.
+//! override both. `null` leaves a value as it is; a field of the wrong type is an error
+//! naming the file and the field.
+//!
+//! No key that would change the generated tokens is ignored silently. Every key is one of:
+//! - read (`READ`);
+//! - bookkeeping that cannot change the tokens (`IGNORED`: versions, caching, output
+//!   format, assistant-model settings);
+//! - a transformers setting gpt2kit does not implement (`UNSUPPORTED`): refused, naming
+//!   the file and key, unless null or its no-op value (old files list every default);
+//! - unknown: transformers keeps such keys as attributes that nothing reads, so they
+//!   change nothing there either; refusing them would refuse files transformers loads
+//!   (a newer version's keys, a project's own). They come back as warnings for the
+//!   caller to show, since a misspelt key (`temprature`) is most likely a mistake.
 use std::path::Path;
 
 use serde_json::Value;
@@ -11,22 +22,156 @@ use crate::generate::{EarlyStopping, GenerationConfig};
 
 pub const FILE_NAME: &str = "generation_config.json";
 
-/// Applies the fields of the JSON object in `path` to `cfg`.
-pub fn apply_file(cfg: &mut GenerationConfig, path: &Path) -> Result<()> {
+/// The keys `apply_json` reads.
+pub const READ: &[&str] = &[
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "typical_p",
+    "epsilon_cutoff",
+    "eta_cutoff",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+    "bad_words_ids",
+    "min_length",
+    "min_new_tokens",
+    "max_new_tokens",
+    "max_length",
+    "num_beams",
+    "num_return_sequences",
+    "length_penalty",
+    "early_stopping",
+    "eos_token_id",
+    "pad_token_id",
+    "max_time",
+    "stop_strings",
+    "suppress_tokens",
+    "begin_suppress_tokens",
+    "forced_eos_token_id",
+    "sequence_bias",
+];
+
+/// transformers keys that cannot change the generated tokens of a decoder-only model.
+pub const IGNORED: &[&str] = &[
+    "transformers_version",
+    "_from_model_config",
+    "_commit_hash",
+    "bos_token_id",
+    "decoder_start_token_id",
+    "use_cache",
+    "cache_implementation",
+    "cache_config",
+    "max_cache_len",
+    "compile_config",
+    "disable_compile",
+    "output_attentions",
+    "output_hidden_states",
+    "output_scores",
+    "output_logits",
+    "return_dict_in_generate",
+    "return_legacy_cache",
+    "prefill_chunk_size",
+    "continuous_batching_config",
+    "low_memory",
+    "is_assistant",
+    "num_assistant_tokens",
+    "num_assistant_tokens_schedule",
+    "assistant_confidence_threshold",
+    "assistant_lookbehind",
+    "target_lookbehind",
+    "max_matching_ngram_size",
+];
+
+/// transformers settings gpt2kit does not implement, with the values that do nothing
+/// (besides null).
+pub const UNSUPPORTED: &[(&str, &[Noop])] = &[
+    ("guidance_scale", &[Noop::Num(1.0)]),
+    ("encoder_repetition_penalty", &[Noop::Num(1.0)]),
+    ("encoder_no_repeat_ngram_size", &[Noop::Num(0.0)]),
+    ("renormalize_logits", &[Noop::Bool(false)]),
+    ("forced_bos_token_id", &[]),
+    ("remove_invalid_values", &[Noop::Bool(false)]),
+    ("exponential_decay_length_penalty", &[]),
+    ("token_healing", &[Noop::Bool(false)]),
+    ("watermarking_config", &[]),
+    ("num_beam_groups", &[Noop::Num(1.0)]),
+    ("diversity_penalty", &[Noop::Num(0.0)]),
+    ("penalty_alpha", &[Noop::Num(0.0)]),
+    ("dola_layers", &[]),
+    ("constraints", &[]),
+    ("force_words_ids", &[]),
+    ("top_h", &[]),
+    ("use_mtp", &[Noop::Bool(false)]),
+    ("speculation_type", &[]),
+    ("prompt_lookup_num_tokens", &[Noop::Num(0.0)]),
+    ("assistant_early_exit", &[]),
+];
+
+/// A value of an unsupported key that leaves generation as it is.
+pub enum Noop {
+    Num(f64),
+    Bool(bool),
+}
+
+/// Applies the fields of the JSON object in `path` to `cfg` and records `path` as the
+/// source of each (`GenerationConfig::sources`). Returns warnings about unknown keys.
+pub fn apply_file(cfg: &mut GenerationConfig, path: &Path) -> Result<Vec<String>> {
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),
         reason: e.to_string(),
     })?;
-    apply_json(cfg, &json).map_err(|reason| Error::Config {
+    let config_error = |reason| Error::Config {
         path: path.into(),
         reason,
-    })
+    };
+    let warnings = apply_json(cfg, &json).map_err(config_error)?;
+    if let Some(obj) = json.as_object() {
+        for (k, v) in obj {
+            if READ.contains(&k.as_str()) && !v.is_null() {
+                cfg.sources.insert(k.clone(), path.into());
+            }
+        }
+    }
+    Ok(warnings
+        .into_iter()
+        .map(|w| format!("{}: {w}", path.display()))
+        .collect())
 }
 
-/// Applies a generation_config object; the error names the field.
-pub fn apply_json(cfg: &mut GenerationConfig, json: &Value) -> std::result::Result<(), String> {
+/// Applies a generation_config object; the error names the field. Returns a warning for
+/// each key that is not a transformers setting (see the module's header).
+pub fn apply_json(
+    cfg: &mut GenerationConfig,
+    json: &Value,
+) -> std::result::Result<Vec<String>, String> {
     let obj = json.as_object().ok_or("expected a JSON object")?;
+    let mut warnings = Vec::new();
+    for (k, v) in obj {
+        if READ.contains(&k.as_str()) || IGNORED.contains(&k.as_str()) {
+            continue;
+        }
+        match UNSUPPORTED.iter().find(|(name, _)| name == k) {
+            Some((_, noops)) => {
+                let noop = v.is_null()
+                    || noops.iter().any(|n| match n {
+                        Noop::Num(x) => v.as_f64() == Some(*x),
+                        Noop::Bool(b) => v.as_bool() == Some(*b),
+                    });
+                if !noop {
+                    return Err(format!(
+                        "`{k}` ({v}) is a transformers setting gpt2kit does not implement; \
+                         remove it or set it to null"
+                    ));
+                }
+            }
+            None => warnings.push(format!(
+                "unknown key `{k}` ignored (not a generation setting gpt2kit or transformers reads)"
+            )),
+        }
+    }
     let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
     let float = |k: &str| -> std::result::Result<Option<f64>, String> {
         get(k)
@@ -138,9 +283,50 @@ pub fn apply_json(cfg: &mut GenerationConfig, json: &Value) -> std::result::Resu
         cfg.pad_token_id = v.first().copied();
     }
     if let Some(v) = float("max_time")? {
-        cfg.max_time = Some(std::time::Duration::from_secs_f64(v.max(0.0)));
+        cfg.max_time = Some(
+            std::time::Duration::try_from_secs_f64(v)
+                .map_err(|_| format!("`max_time` must be a number of seconds ≥ 0, got {v}"))?,
+        );
     }
-    Ok(())
+    if let Some(v) = get("stop_strings") {
+        let strings: Option<Vec<String>> = match v {
+            Value::String(s) => Some(vec![s.clone()]),
+            Value::Array(a) => a.iter().map(|s| s.as_str().map(String::from)).collect(),
+            _ => None,
+        };
+        cfg.stop_strings = strings.ok_or("`stop_strings` must be a string or a list of them")?;
+    }
+    let p = &mut cfg.processing;
+    if let Some(v) = ids("suppress_tokens")? {
+        p.suppress_tokens = v;
+    }
+    if let Some(v) = ids("begin_suppress_tokens")? {
+        p.begin_suppress_tokens = v;
+    }
+    if let Some(v) = ids("forced_eos_token_id")? {
+        p.forced_eos_token_id = v;
+    }
+    if let Some(v) = get("sequence_bias") {
+        let why = "`sequence_bias` must be a list of [[token ids], bias] pairs";
+        let pairs = v.as_array().ok_or(why)?;
+        let mut bias: Vec<(Vec<i64>, f64)> = Vec::with_capacity(pairs.len());
+        for pair in pairs {
+            let (seq, b) = match pair.as_array().map(Vec::as_slice) {
+                Some([seq, b]) => (seq, b),
+                _ => return Err(why.into()),
+            };
+            let seq: Vec<i64> = seq
+                .as_array()
+                .and_then(|s| s.iter().map(Value::as_i64).collect())
+                .ok_or(why)?;
+            let b = b.as_f64().ok_or(why)?;
+            // transformers keeps a dict: the last bias of a repeated sequence wins.
+            bias.retain(|(s, _)| *s != seq);
+            bias.push((seq, b));
+        }
+        p.sequence_bias = bias;
+    }
+    Ok(warnings)
 }
 
 /// Parses `--early-stopping`.

@@ -5,16 +5,19 @@
 //! are fed. Greedy and sampling (`Single`) and beam search (`beam::Beam`) differ only
 //! in `Strategy::step`. Semantics follow transformers' `generate`; see
 //! `processors.rs` for the one deliberate difference (padding is not history).
+use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use tch::{Kind, Tensor};
 
 use crate::beam::Beam;
 use crate::config::Gpt2Config;
+use crate::decode::{BadRow, Rows};
 use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
-use crate::processors::{process, Processing, Row};
+use crate::processors::{process_rows, Processing, Row};
 
 /// transformers' `early_stopping`: `true`, `false` (its default) or `"never"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +47,12 @@ pub struct GenerationConfig {
     pub seed: Option<u64>,
     /// Ends generation after the step during which this much time has passed.
     pub max_time: Option<Duration>,
+    /// transformers' `stop_strings`: the caller's `StopCheck` ends a sequence whose text
+    /// contains one (the engine holds no tokenizer; the CLI builds the check from these).
+    pub stop_strings: Vec<String>,
+    /// The generation_config.json that set each field (by its transformers name), so
+    /// that `validate` names that file and key rather than a flag.
+    pub sources: BTreeMap<String, PathBuf>,
 }
 
 impl Default for GenerationConfig {
@@ -60,6 +69,8 @@ impl Default for GenerationConfig {
             early_stopping: EarlyStopping::False,
             seed: None,
             max_time: None,
+            stop_strings: Vec::new(),
+            sources: BTreeMap::new(),
         }
     }
 }
@@ -70,6 +81,23 @@ impl GenerationConfig {
         match self.max_length {
             Some(total) => total.saturating_sub(prompt_len),
             None => self.max_new_tokens,
+        }
+    }
+
+    /// How an error names the setting `key` (transformers' name): the file that set it
+    /// and the key, else its command-line flag.
+    pub fn name(&self, key: &str) -> String {
+        if let Some(path) = self.sources.get(key) {
+            return format!("{}: `{key}`", path.display());
+        }
+        match key {
+            "bad_words_ids" => "--bad-words".into(),
+            "stop_strings" => "--stop".into(),
+            "suppress_tokens"
+            | "begin_suppress_tokens"
+            | "forced_eos_token_id"
+            | "sequence_bias" => format!("generation config `{key}`"),
+            _ => format!("--{}", key.replace('_', "-")),
         }
     }
 }
@@ -113,6 +141,10 @@ pub struct Output {
     pub prefill: Duration,
     /// Every later step.
     pub decode: Duration,
+    /// Decoding steps: forward passes of the (target) model, the prompt's included. One
+    /// per token of the longest sequence in plain decoding; one per verification in
+    /// speculative decoding, however many tokens it accepts.
+    pub steps: usize,
 }
 
 /// Why a sequence whose generated tokens are `tokens` (the newest last) ends now, if it
@@ -142,102 +174,147 @@ pub(crate) fn finish_reason(
 pub type StopCheck<'a> = &'a dyn Fn(&[i64]) -> bool;
 
 /// Checks prompts and settings against the model's config before any model work;
-/// each error names the flag.
+/// each error names the flag, or the generation_config.json file and key that set the
+/// value (`GenerationConfig::sources`).
 pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<()> {
     let bad = |msg: String| Err(Error::Input(msg));
+    let n = |key: &str| cfg.name(key);
     let p = &cfg.processing;
     if prompts.is_empty() {
         return bad("no prompt given".into());
     }
     if cfg.max_length.is_none() && cfg.max_new_tokens < 1 {
-        return bad("--max-new-tokens must be at least 1".into());
+        return bad(format!("{} must be at least 1", n("max_new_tokens")));
     }
     if p.do_sample && !(p.temperature.is_finite() && p.temperature > 0.0) {
         return bad(format!(
-            "--temperature must be a positive number when sampling, got {}; for deterministic \
+            "{} must be a positive number when sampling, got {}; for deterministic \
              output use greedy decoding (drop --do-sample)",
+            n("temperature"),
             p.temperature
         ));
     }
     if !(p.top_p > 0.0 && p.top_p <= 1.0) {
-        return bad(format!("--top-p must be in (0, 1], got {}", p.top_p));
+        return bad(format!("{} must be in (0, 1], got {}", n("top_p"), p.top_p));
     }
     if p.top_k < 0 {
         return bad(format!(
-            "--top-k must be ≥ 0 (0 disables it), got {}",
+            "{} must be ≥ 0 (0 disables it), got {}",
+            n("top_k"),
             p.top_k
         ));
     }
     if let Some(m) = p.min_p {
         if !(0.0..=1.0).contains(&m) {
-            return bad(format!("--min-p must be in [0, 1], got {m}"));
+            return bad(format!("{} must be in [0, 1], got {m}", n("min_p")));
         }
     }
     if !(p.typical_p > 0.0 && p.typical_p <= 1.0) {
         return bad(format!(
-            "--typical-p must be in (0, 1], got {}",
+            "{} must be in (0, 1], got {}",
+            n("typical_p"),
             p.typical_p
         ));
     }
-    for (flag, v) in [
-        ("--epsilon-cutoff", p.epsilon_cutoff),
-        ("--eta-cutoff", p.eta_cutoff),
+    for (key, v) in [
+        ("epsilon_cutoff", p.epsilon_cutoff),
+        ("eta_cutoff", p.eta_cutoff),
     ] {
         if !(0.0..1.0).contains(&v) {
-            return bad(format!("{flag} must be in [0, 1), got {v}"));
+            return bad(format!("{} must be in [0, 1), got {v}", n(key)));
         }
     }
     if !(p.repetition_penalty.is_finite() && p.repetition_penalty > 0.0) {
         return bad(format!(
-            "--repetition-penalty must be positive, got {}",
+            "{} must be positive, got {}",
+            n("repetition_penalty"),
             p.repetition_penalty
         ));
     }
-    for (flag, v) in [
-        ("--presence-penalty", p.presence_penalty),
-        ("--frequency-penalty", p.frequency_penalty),
+    for (key, v) in [
+        ("presence_penalty", p.presence_penalty),
+        ("frequency_penalty", p.frequency_penalty),
     ] {
         if !v.is_finite() {
-            return bad(format!("{flag} must be a finite number, got {v}"));
+            return bad(format!("{} must be a finite number, got {v}", n(key)));
         }
     }
     if !cfg.length_penalty.is_finite() {
         return bad(format!(
-            "--length-penalty must be a finite number, got {}",
+            "{} must be a finite number, got {}",
+            n("length_penalty"),
             cfg.length_penalty
         ));
     }
     if cfg.num_beams < 1 {
-        return bad("--num-beams must be at least 1".into());
+        return bad(format!("{} must be at least 1", n("num_beams")));
+    }
+    // After the first step a beam is a distinct token sequence, and a step can have no
+    // more distinct continuations than tokens (only beam 0 is live at the first one):
+    // beams beyond the vocabulary could only carry dead hypotheses, each with its own
+    // KV-cache row.
+    if cfg.num_beams as i64 > config.vocab_size {
+        return bad(format!(
+            "{} {} is more than the vocabulary's {} tokens; beams beyond that could never \
+             hold distinct sequences",
+            n("num_beams"),
+            cfg.num_beams,
+            config.vocab_size
+        ));
     }
     if cfg.num_return_sequences < 1 {
-        return bad("--num-return-sequences must be at least 1".into());
+        return bad(format!("{} must be at least 1", n("num_return_sequences")));
     }
     if cfg.num_beams > 1 && cfg.num_return_sequences > cfg.num_beams {
         return bad(format!(
-            "--num-return-sequences ({}) cannot exceed --num-beams ({})",
-            cfg.num_return_sequences, cfg.num_beams
+            "{} ({}) cannot exceed {} ({})",
+            n("num_return_sequences"),
+            cfg.num_return_sequences,
+            n("num_beams"),
+            cfg.num_beams
         ));
     }
     if cfg.num_beams == 1 && !p.do_sample && cfg.num_return_sequences > 1 {
-        return bad("--num-return-sequences > 1 needs --do-sample or --num-beams > 1 (greedy gives one answer)".into());
+        return bad(format!(
+            "{} > 1 needs --do-sample or --num-beams > 1 (greedy gives one answer)",
+            n("num_return_sequences")
+        ));
     }
     let v = config.vocab_size;
-    let in_vocab = |flag: &str, ids: &[i64]| match ids.iter().find(|&&id| id < 0 || id >= v) {
+    let in_vocab = |key: &str, ids: &[i64]| match ids.iter().find(|&&id| id < 0 || id >= v) {
         Some(id) => bad(format!(
-            "{flag}: token id {id} is outside the vocabulary (vocab_size {v})"
+            "{}: token id {id} is outside the vocabulary (vocab_size {v})",
+            n(key)
         )),
         None => Ok(()),
     };
-    in_vocab("--eos-token-id", &cfg.eos_token_ids)?;
+    in_vocab("eos_token_id", &cfg.eos_token_ids)?;
     if let Some(pad) = cfg.pad_token_id {
-        in_vocab("--pad-token-id", &[pad])?;
+        in_vocab("pad_token_id", &[pad])?;
     }
     for w in &p.bad_words_ids {
         if w.is_empty() {
-            return bad("--bad-words: an entry encodes to no tokens".into());
+            return bad(format!("{}: an entry has no tokens", n("bad_words_ids")));
         }
-        in_vocab("--bad-words", w)?;
+        in_vocab("bad_words_ids", w)?;
+    }
+    in_vocab("suppress_tokens", &p.suppress_tokens)?;
+    in_vocab("begin_suppress_tokens", &p.begin_suppress_tokens)?;
+    in_vocab("forced_eos_token_id", &p.forced_eos_token_id)?;
+    for (seq, bias) in &p.sequence_bias {
+        if seq.is_empty() {
+            return bad(format!("{}: a sequence has no tokens", n("sequence_bias")));
+        }
+        in_vocab("sequence_bias", seq)?;
+        if !bias.is_finite() {
+            return bad(format!(
+                "{}: the bias of {seq:?} must be a finite number, got {bias}",
+                n("sequence_bias")
+            ));
+        }
+    }
+    if let Some(s) = cfg.stop_strings.iter().find(|s| s.is_empty()) {
+        return bad(format!("{}: {s:?} is empty", n("stop_strings")));
     }
     let n_positions = config.n_positions;
     for (i, prompt) in prompts.iter().enumerate() {
@@ -248,16 +325,17 @@ pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfi
         let limit = cfg.limit(prompt.len());
         if limit == 0 {
             return bad(format!(
-                "prompt {i} has {} tokens, already --max-length {}: nothing left to generate",
+                "prompt {i} has {} tokens, already {} {}: nothing left to generate",
                 prompt.len(),
+                n("max_length"),
                 cfg.max_length.unwrap_or(0)
             ));
         }
         let need = (prompt.len() + limit) as i64;
         if need > n_positions {
             let flag = match cfg.max_length {
-                Some(l) => format!("--max-length {l}"),
-                None => format!("--max-new-tokens {}", cfg.max_new_tokens),
+                Some(l) => format!("{} {l}", n("max_length")),
+                None => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),
             };
             return bad(format!(
                 "prompt {i} has {} tokens; with {flag} that is {need} positions, \
@@ -267,6 +345,32 @@ pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfi
         }
     }
     Ok(())
+}
+
+/// The error for a step at which a sequence has no token to pick. `step` counts from 1
+/// (the first generated token); `who` names the sequence ("prompt 2", ...).
+pub(crate) fn unpickable(step: usize, who: &str, why: BadRow) -> Error {
+    Error::Input(match why {
+        BadRow::Banned => format!(
+            "step {step}: every token is banned for {who} (all scores are -inf after the \
+             processors: no-repeat n-grams, bad words, suppressed tokens, ...); nothing \
+             can be generated"
+        ),
+        BadRow::NotFinite => format!(
+            "step {step}: the scores for {who} are not finite (NaN or +inf); are the \
+             model's weights finite?"
+        ),
+    })
+}
+
+/// A libtorch error while picking at `step`, its first line only (libtorch appends a
+/// C++ backtrace).
+pub(crate) fn pick_failed(step: usize, e: tch::TchError) -> Error {
+    let msg = e.to_string();
+    Error::Input(format!(
+        "step {step}: could not pick a token: {}",
+        msg.lines().next().unwrap_or("")
+    ))
 }
 
 /// What a strategy decided in one step.
@@ -289,13 +393,14 @@ pub(crate) struct StepContext<'a> {
 }
 
 pub(crate) trait Strategy {
-    /// `logits`: (R, V) float, one row per live sequence.
+    /// `logits`: (R, V) float, one row per live sequence. An error when a sequence has
+    /// no token to pick (see `unpickable`).
     fn step(
         &mut self,
         logits: &Tensor,
         ctx: &StepContext,
         on_token: &mut dyn FnMut(usize, i64),
-    ) -> Step;
+    ) -> Result<Step>;
     /// The returned sequences, per prompt.
     fn finish(self: Box<Self>) -> Vec<Vec<Generated>>;
 }
@@ -392,6 +497,7 @@ pub fn generate_ensemble(
         Box::new(Single::new(prompts, expand))
     };
     let mut prefill = None;
+    let mut steps = 0;
     let rows = prompts.len() * expand;
     let _threads = models
         .models
@@ -407,7 +513,8 @@ pub fn generate_ensemble(
             timed_out,
             pad,
         };
-        let step = strategy.step(&scores, &ctx, &mut on_token);
+        let step = strategy.step(&scores, &ctx, &mut on_token)?;
+        steps += 1;
         prefill.get_or_insert_with(|| started.elapsed());
         match step {
             Step::Done => break,
@@ -429,6 +536,7 @@ pub fn generate_ensemble(
         sequences: strategy.finish(),
         prefill,
         decode: started.elapsed().saturating_sub(prefill),
+        steps,
     })
 }
 
@@ -457,6 +565,8 @@ struct Single {
     out: Vec<Generated>,
     done: Vec<bool>,
     expand: usize,
+    /// Steps taken (tokens picked per row so far).
+    step: usize,
 }
 
 impl Single {
@@ -477,6 +587,7 @@ impl Single {
             out,
             done: vec![false; rows],
             expand,
+            step: 0,
         }
     }
 }
@@ -487,7 +598,7 @@ impl Strategy for Single {
         logits: &Tensor,
         ctx: &StepContext,
         on_token: &mut dyn FnMut(usize, i64),
-    ) -> Step {
+    ) -> Result<Step> {
         let cfg = ctx.cfg;
         let rows: Vec<Row> = self
             .history
@@ -498,32 +609,70 @@ impl Strategy for Single {
                 prompt_len: self.prompts[r / self.expand].len(),
             })
             .collect();
-        let scores = process(&cfg.processing, logits, &rows, &cfg.eos_token_ids); // (R, V)
-        let greedy = (!cfg.processing.do_sample)
-            .then(|| crate::decode::greedy(&scores))
-            .flatten();
-        let (next, logp) = greedy.unwrap_or_else(|| {
-            // libtorch's multinomial: for a seed, on the CPU, transformers' own draws.
-            let next = if cfg.processing.do_sample {
-                scores
-                    .softmax(-1, Kind::Float)
-                    .multinomial(1, false)
-                    .squeeze_dim(1)
+        let limit = |r: &Row| cfg.limit(r.prompt_len);
+        let scores = process_rows(&cfg.processing, logits, &rows, &cfg.eos_token_ids, &limit); // (R, V)
+        self.step += 1;
+        let step = self.step;
+        // A finished row is still computed (it is fed padding), but its scores are not
+        // used: only a live row with no token to pick is an error.
+        let who = |r: usize| {
+            let (i, j) = (r / self.expand, r % self.expand);
+            if self.expand > 1 {
+                format!("prompt {i}, sequence {j}")
             } else {
-                scores.argmax(-1, false)
-            };
-            let next: Vec<i64> =
-                Vec::try_from(next.to_device(tch::Device::Cpu)).expect("int64 tokens");
-            let logp = crate::decode::logprobs(&scores, &next).unwrap_or_else(|| {
-                let idx = Tensor::from_slice(&next).to_device(scores.device());
-                let logp = scores
-                    .log_softmax(-1, Kind::Float)
-                    .gather(1, &idx.unsqueeze(1), false)
-                    .squeeze_dim(1);
-                Vec::try_from(logp.to_device(tch::Device::Cpu)).expect("float log-probs")
-            });
-            (next, logp)
-        });
+                format!("prompt {i}")
+            }
+        };
+        let scan = Rows::scan(&scores);
+        let bad = match &scan {
+            Some(rows) => rows.bad(),
+            None => crate::decode::bad_rows(&scores),
+        };
+        if let Some(&(r, why)) = bad.iter().find(|(r, _)| !self.done[*r]) {
+            return Err(unpickable(step, &who(r), why));
+        }
+        let (next, logp) = match (&scan, cfg.processing.do_sample) {
+            (Some(rows), false) => rows.greedy(),
+            _ => {
+                let next = if cfg.processing.do_sample {
+                    // A finished row with no token would make `multinomial` throw: give it
+                    // uniform scores (each row draws the same amount of randomness
+                    // whatever its distribution, so the live rows' draws do not change).
+                    let scores = if bad.is_empty() {
+                        scores.shallow_clone()
+                    } else {
+                        let s = scores.copy();
+                        for &(r, _) in &bad {
+                            let _ = s.get(r as i64).fill_(0.0);
+                        }
+                        s
+                    };
+                    // libtorch's multinomial: for a seed, on the CPU, transformers' own draws.
+                    scores
+                        .softmax(-1, Kind::Float)
+                        .f_multinomial(1, false)
+                        .map_err(|e| pick_failed(step, e))?
+                        .squeeze_dim(1)
+                } else {
+                    scores.argmax(-1, false)
+                };
+                let next: Vec<i64> = Vec::try_from(next.to_device(tch::Device::Cpu))
+                    .map_err(|e| pick_failed(step, e))?;
+                let logp = match scan.as_ref().and_then(|rows| rows.logprobs(&next)) {
+                    Some(lp) => lp,
+                    None => {
+                        let idx = Tensor::from_slice(&next).to_device(scores.device());
+                        let logp = scores
+                            .log_softmax(-1, Kind::Float)
+                            .gather(1, &idx.unsqueeze(1), false)
+                            .squeeze_dim(1);
+                        Vec::try_from(logp.to_device(tch::Device::Cpu))
+                            .map_err(|e| pick_failed(step, e))?
+                    }
+                };
+                (next, logp)
+            }
+        };
         let mut feed = next.clone();
         for (r, &tok) in next.iter().enumerate() {
             if self.done[r] {
@@ -542,14 +691,14 @@ impl Strategy for Single {
                 self.done[r] = true;
             }
         }
-        if self.done.iter().all(|&d| d) {
+        Ok(if self.done.iter().all(|&d| d) {
             Step::Done
         } else {
             Step::Continue {
                 feed,
                 parents: None,
             }
-        }
+        })
     }
 
     fn finish(self: Box<Self>) -> Vec<Vec<Generated>> {

@@ -1,7 +1,8 @@
 //! Logits processors and warpers, with transformers' semantics and in its order
 //! (`generation/utils.py::_get_logits_processor`, `generation/logits_process.py`):
-//! repetition penalty → (OpenAI/vLLM presence and frequency penalties) → no-repeat
-//! n-gram → bad words → min length → min new tokens; then, only when sampling,
+//! sequence bias → repetition penalty → (OpenAI/vLLM presence and frequency penalties)
+//! → no-repeat n-gram → bad words → min length → min new tokens → forced EOS →
+//! suppressed tokens → tokens suppressed at the beginning; then, only when sampling,
 //! temperature → top-k → top-p → min-p → typical-p → epsilon → eta.
 //!
 //! Each row's history is its own tokens (prompt and generated, never padding), so a
@@ -33,6 +34,16 @@ pub struct Processing {
     /// Counts the prompt, as transformers' `min_length`.
     pub min_length: usize,
     pub min_new_tokens: usize,
+    /// transformers' `sequence_bias`: (tokens, bias) added to the last token's score when
+    /// the history ends with the others (always, for one token).
+    pub sequence_bias: Vec<(Vec<i64>, f64)>,
+    /// `forced_eos_token_id`: the only tokens allowed as a sequence's last (at its length
+    /// limit).
+    pub forced_eos_token_id: Vec<i64>,
+    /// `suppress_tokens`: never generated.
+    pub suppress_tokens: Vec<i64>,
+    /// `begin_suppress_tokens`: not generated as the first new token.
+    pub begin_suppress_tokens: Vec<i64>,
     /// Warpers keep at least this many tokens (transformers: 1, or n_eos + 1 under beams).
     pub min_tokens_to_keep: i64,
 }
@@ -55,6 +66,10 @@ impl Default for Processing {
             bad_words_ids: Vec::new(),
             min_length: 0,
             min_new_tokens: 0,
+            sequence_bias: Vec::new(),
+            forced_eos_token_id: Vec::new(),
+            suppress_tokens: Vec::new(),
+            begin_suppress_tokens: Vec::new(),
             min_tokens_to_keep: 1,
         }
     }
@@ -66,8 +81,21 @@ pub struct Row<'a> {
     pub prompt_len: usize,
 }
 
-/// Applies every enabled processor to `scores` (B, V) float, returning new scores.
+/// Applies every enabled processor to `scores` (B, V) float, returning new scores; no
+/// length limit (`forced_eos_token_id` never applies).
 pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Tensor {
+    process_rows(p, scores, rows, eos, &|_| usize::MAX)
+}
+
+/// `process`, where `limit(row)` is how many tokens the row may generate in all (for
+/// `forced_eos_token_id`: transformers forces at `max_length - 1`).
+pub fn process_rows(
+    p: &Processing,
+    scores: &Tensor,
+    rows: &[Row],
+    eos: &[i64],
+    limit: &dyn Fn(&Row) -> usize,
+) -> Tensor {
     let (b, v) = scores.size2().expect("scores are (B, V)");
     let device = scores.device();
     let mut s = scores.shallow_clone();
@@ -110,6 +138,25 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
         out
     };
 
+    if !p.sequence_bias.is_empty() {
+        let mut cells = Vec::new();
+        let mut bias = Vec::new();
+        for (i, row) in rows.iter().enumerate() {
+            for (seq, b) in &p.sequence_bias {
+                let (last, prefix) = seq.split_last().expect("validated: not empty");
+                if (0..v).contains(last) && row.tokens.ends_with(prefix) {
+                    cells.push((i as i64, *last));
+                    bias.push(*b as f32);
+                }
+            }
+        }
+        if !cells.is_empty() {
+            let bias = Tensor::from_slice(&bias)
+                .to_device(device)
+                .to_kind(s.kind());
+            s = s.index_put(&index_of(&cells), &bias, true);
+        }
+    }
     if p.repetition_penalty != 1.0 {
         let seen = cells(&|r| unique(r.tokens));
         if !seen.is_empty() {
@@ -160,6 +207,46 @@ pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Te
             &cells(&|r| {
                 if too_short(r) {
                     eos.to_vec()
+                } else {
+                    Vec::new()
+                }
+            }),
+            f64::NEG_INFINITY,
+        );
+    }
+    if !p.forced_eos_token_id.is_empty() {
+        let at_last: Vec<i64> = (0..rows.len() as i64)
+            .filter(|&i| {
+                let r = &rows[i as usize];
+                r.tokens.len() - r.prompt_len + 1 == limit(r)
+            })
+            .collect();
+        if !at_last.is_empty() {
+            let mut forced = Tensor::full([v], f64::NEG_INFINITY, (s.kind(), device));
+            let ids: Vec<i64> = p
+                .forced_eos_token_id
+                .iter()
+                .copied()
+                .filter(|t| (0..v).contains(t))
+                .collect();
+            let _ = forced.index_fill_(0, &Tensor::from_slice(&ids).to_device(device), 0.0);
+            let at_last = Tensor::from_slice(&at_last).to_device(device);
+            s = s.index_put(&[Some(at_last)], &forced, false);
+        }
+    }
+    if !p.suppress_tokens.is_empty() {
+        s = fill(
+            &s,
+            &cells(&|_| p.suppress_tokens.clone()),
+            f64::NEG_INFINITY,
+        );
+    }
+    if !p.begin_suppress_tokens.is_empty() {
+        s = fill(
+            &s,
+            &cells(&|r| {
+                if r.tokens.len() == r.prompt_len {
+                    p.begin_suppress_tokens.clone()
                 } else {
                     Vec::new()
                 }
@@ -317,5 +404,45 @@ mod tests {
         let mut one = banned_ngram_tokens(&[5, 6, 5], 1);
         one.sort();
         assert_eq!(one, vec![5, 5, 6]);
+    }
+
+    #[test]
+    fn bias_forced_eos_and_suppression_follow_the_history() {
+        let p = Processing {
+            sequence_bias: vec![(vec![1], 0.5), (vec![2, 3], -2.0), (vec![9, 3], 7.0)],
+            forced_eos_token_id: vec![4],
+            suppress_tokens: vec![0],
+            begin_suppress_tokens: vec![1],
+            ..Processing::default()
+        };
+        let scores = Tensor::zeros([3, 5], (Kind::Float, tch::Device::Cpu));
+        // Row 0: prompt only (begin suppression); row 1: ends with 2 (bias on 3); row 2:
+        // one token left of its limit of 3 (forced EOS).
+        let rows = [
+            Row {
+                tokens: &[7, 2],
+                prompt_len: 2,
+            },
+            Row {
+                tokens: &[7, 5, 2],
+                prompt_len: 2,
+            },
+            Row {
+                tokens: &[7, 5, 6],
+                prompt_len: 1,
+            },
+        ];
+        let out = process_rows(&p, &scores, &rows, &[], &|_| 3);
+        let got: Vec<Vec<f32>> = Vec::try_from(out).unwrap();
+        let ninf = f32::NEG_INFINITY;
+        assert_eq!(got[0], vec![ninf, ninf, 0.0, -2.0, 0.0]);
+        assert_eq!(got[1], vec![ninf, 0.5, 0.0, -2.0, 0.0]);
+        assert_eq!(got[2], vec![ninf, ninf, ninf, ninf, 0.0]);
+        // With no length limit, nothing is forced.
+        let free = process(&p, &scores, &rows[2..], &[]);
+        assert_eq!(
+            Vec::<Vec<f32>>::try_from(free).unwrap()[0],
+            vec![ninf, 0.5, 0.0, 0.0, 0.0]
+        );
     }
 }

@@ -20,12 +20,14 @@ use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
 use crate::cache::KvCache;
+use crate::decode::bad_rows;
 use crate::error::{Error, Result};
 use crate::generate::{
-    finish_reason, validate, FinishReason, Generated, GenerationConfig, Output, StopCheck,
+    finish_reason, pick_failed, unpickable, validate, FinishReason, Generated, GenerationConfig,
+    Output, StopCheck,
 };
 use crate::model::Gpt2;
-use crate::processors::{process, Row};
+use crate::processors::{process_rows, Row};
 
 /// Where draft tokens come from.
 pub enum Drafter<'a> {
@@ -36,7 +38,7 @@ pub enum Drafter<'a> {
 
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SpecStats {
-    /// Target verification passes.
+    /// Target verification passes (forward passes of the target, the prompt's included).
     pub steps: usize,
     pub proposed: usize,
     pub accepted: usize,
@@ -129,6 +131,7 @@ pub fn generate_speculative(
             target,
             drafter,
             prompt,
+            &format!("prompt {row}"),
             cfg,
             k,
             stop,
@@ -138,7 +141,7 @@ pub fn generate_speculative(
             &mut || {
                 prefill.get_or_insert_with(|| started.elapsed());
             },
-        );
+        )?;
         sequences.push(vec![g]);
     }
     let prefill = prefill.unwrap_or_default();
@@ -146,6 +149,7 @@ pub fn generate_speculative(
         sequences,
         prefill,
         decode: started.elapsed().saturating_sub(prefill),
+        steps: stats.steps,
     };
     Ok((out, stats))
 }
@@ -167,6 +171,7 @@ fn one_prompt(
     target: &Gpt2,
     drafter: &Drafter,
     prompt: &[i64],
+    who: &str,
     cfg: &GenerationConfig,
     k: usize,
     stop: StopCheck,
@@ -174,7 +179,7 @@ fn one_prompt(
     stats: &mut SpecStats,
     on_token: &mut dyn FnMut(i64),
     first_token: &mut dyn FnMut(),
-) -> Generated {
+) -> Result<Generated> {
     let sample = cfg.processing.do_sample;
     let limit = cfg.limit(prompt.len());
     let capacity = (prompt.len() + limit + k + 1) as i64;
@@ -190,6 +195,7 @@ fn one_prompt(
         score: 0.0,
         finish_reason: FinishReason::Length,
     };
+    let limit_of = |r: &Row| cfg.limit(r.prompt_len);
     let scores_for = |logits: &Tensor, seq: &[i64], drafts: &[i64], n: usize| -> Tensor {
         // Row i predicts the token after seq + drafts[..i]; process each with its history.
         let hist: Vec<Vec<i64>> = (0..n).map(|i| [seq, &drafts[..i]].concat()).collect();
@@ -200,7 +206,13 @@ fn one_prompt(
                 prompt_len: prompt.len(),
             })
             .collect();
-        process(&cfg.processing, logits, &rows, &cfg.eos_token_ids)
+        process_rows(
+            &cfg.processing,
+            logits,
+            &rows,
+            &cfg.eos_token_ids,
+            &limit_of,
+        )
     };
     let to_vec = |t: &Tensor| -> Vec<f64> {
         Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).expect("floats")
@@ -217,7 +229,7 @@ fn one_prompt(
                     let logits = feed(d, cache, &seq, &drafts);
                     let last = logits.get(-1).unsqueeze(0);
                     let hist: Vec<i64> = [seq.as_slice(), &drafts].concat();
-                    let s = process(
+                    let s = process_rows(
                         &cfg.processing,
                         &last,
                         &[Row {
@@ -225,10 +237,19 @@ fn one_prompt(
                             prompt_len: prompt.len(),
                         }],
                         &cfg.eos_token_ids,
+                        &limit_of,
                     );
+                    let step = out.tokens.len() + drafts.len() + 1;
+                    if let Some(&(_, why)) = bad_rows(&s).first() {
+                        let who = format!("{who} (the draft model's draft)");
+                        return Err(unpickable(step, &who, why));
+                    }
                     let x = if sample {
                         let q = s.softmax(-1, Kind::Float);
-                        let x = q.multinomial(1, false).int64_value(&[0]);
+                        let x = q
+                            .f_multinomial(1, false)
+                            .map_err(|e| pick_failed(step, e))?
+                            .int64_value(&[0]);
                         q_rows.push(to_vec(&q.squeeze_dim(0)));
                         x
                     } else {
@@ -251,11 +272,19 @@ fn one_prompt(
         let logits = logits.narrow(0, (fed - nd - 1) as i64, nd as i64 + 1); // (nd + 1, V)
         let scores = scores_for(&logits, &seq, &drafts, nd + 1);
         let logp = scores.log_softmax(-1, Kind::Float);
+        // Row i picks token number `out.tokens.len() + i + 1`; a row after a rejected
+        // draft is never used, so only a used row with no token is an error.
+        let bad = bad_rows(&scores);
+        let usable = |i: usize| match bad.iter().find(|(r, _)| *r == i) {
+            Some(&(_, why)) => Err(unpickable(out.tokens.len() + i + 1, who, why)),
+            None => Ok(()),
+        };
         stats.steps += 1;
         stats.proposed += nd;
         let mut kept: Vec<i64> = Vec::new();
         let mut next = None;
         for (i, &x) in drafts.iter().enumerate() {
+            usable(i)?;
             let accept = if !sample {
                 scores.get(i as i64).argmax(-1, false).int64_value(&[]) == x
             } else {
@@ -273,7 +302,10 @@ fn one_prompt(
                     Ok(()) => true,
                     Err(residual) => {
                         let r = Tensor::from_slice(&residual);
-                        next = Some(r.multinomial(1, false).int64_value(&[0]));
+                        let x = r
+                            .f_multinomial(1, false)
+                            .map_err(|e| pick_failed(out.tokens.len() + i + 1, e))?;
+                        next = Some(x.int64_value(&[0]));
                         false
                     }
                 }
@@ -285,16 +317,21 @@ fn one_prompt(
         }
         stats.accepted += kept.len();
         let i = kept.len();
-        let last = next.unwrap_or_else(|| {
-            let s = scores.get(i as i64);
-            if sample {
-                s.softmax(-1, Kind::Float)
-                    .multinomial(1, false)
-                    .int64_value(&[0])
-            } else {
-                s.argmax(-1, false).int64_value(&[])
+        let last = match next {
+            Some(x) => x,
+            None => {
+                usable(i)?;
+                let s = scores.get(i as i64);
+                if sample {
+                    s.softmax(-1, Kind::Float)
+                        .f_multinomial(1, false)
+                        .map_err(|e| pick_failed(out.tokens.len() + i + 1, e))?
+                        .int64_value(&[0])
+                } else {
+                    s.argmax(-1, false).int64_value(&[])
+                }
             }
-        });
+        };
         kept.push(last);
         // Emit in order, stopping at EOS, a stop string or the length limit.
         let mut finished = false;
@@ -315,7 +352,7 @@ fn one_prompt(
             }
         }
         if finished {
-            return out;
+            return Ok(out);
         }
         // Roll back: both caches keep only tokens of `seq` except its last.
         t_cache.truncate((seq.len() - 1) as i64);
@@ -325,7 +362,7 @@ fn one_prompt(
         }
         if deadline.is_some_and(|d| Instant::now() >= d) {
             out.finish_reason = FinishReason::Time;
-            return out;
+            return Ok(out);
         }
     }
 }
