@@ -337,6 +337,7 @@ pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> 
     let mut extra: Vec<String> = names
         .into_iter()
         .filter(|n| layer_of(n, prefix).is_some_and(|l| l >= config.n_layer))
+        .filter(|n| !is_legacy_buffer(n))
         .collect();
     if !extra.is_empty() {
         sort_by_layer(&mut extra, prefix);
@@ -354,15 +355,17 @@ pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> 
     Ok(())
 }
 
+/// GPT-2's causal-mask buffers, saved by older transformers: not weights.
+fn is_legacy_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+}
+
 /// Refuses weights that the model did not read (transformers warns about them; a
 /// silently ignored tensor is usually a config that does not describe the file).
 /// GPT-2's legacy attention buffers and a stored head of a tied model are not weights.
 fn check_all_used(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> {
-    let ignorable = |n: &str| {
-        n.ends_with(".attn.bias")
-            || n.ends_with(".attn.masked_bias")
-            || (config.tie_word_embeddings && n == "lm_head.weight")
-    };
+    let ignorable =
+        |n: &str| is_legacy_buffer(n) || (config.tie_word_embeddings && n == "lm_head.weight");
     let mut unused: Vec<String> = files
         .unused()
         .into_iter()
