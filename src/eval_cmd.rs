@@ -1,6 +1,6 @@
 //! `gpt2kit eval`: loss and perplexity of a model on JSONL data.
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
@@ -26,9 +26,13 @@ pub struct Args {
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weights' dtype: f32, f16, bf16 or auto (as stored).
+    /// Weights' and compute dtype: f32, f16, bf16, or auto (the dtype the checkpoint
+    /// stores; unlike infer, whose default is f32).
     #[arg(long, default_value = "auto")]
     dtype: String,
+    /// The JSON field holding a text row's text (as train's --text-field).
+    #[arg(long, default_value = "text")]
+    text_field: String,
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
@@ -44,6 +48,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let model = Gpt2::load(&args.model, kind, device)
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
+    infer::check_vocab(&model.config, &tokenizer, &args.model)?;
     let block = args
         .block_size
         .unwrap_or(model.config.n_positions.min(1024));
@@ -59,8 +64,14 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         ))
         .into());
     }
-    let r =
-        train::eval::perplexity_on_jsonl(&model, &tokenizer, &args.data, block, args.batch_size)?;
+    let r = perplexity(
+        &model,
+        &tokenizer,
+        &args.data,
+        block,
+        args.batch_size,
+        &args.text_field,
+    )?;
     if args.json {
         return crate::write_json(
             out,
@@ -73,4 +84,38 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         r.loss, r.perplexity, r.tokens
     )?;
     Ok(())
+}
+
+/// Loss and perplexity of `model` on a JSONL file, as `train::eval::perplexity_on_jsonl`
+/// computes them, with the text rows' field named by `--text-field`. A loss that is not
+/// finite is an error: a model that computes NaN has not been measured.
+pub(crate) fn perplexity(
+    model: &Gpt2,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    block_size: i64,
+    batch_size: i64,
+    text_field: &str,
+) -> anyhow::Result<train::eval::EvalResult> {
+    let n_pos = model.config.n_positions;
+    if block_size > n_pos {
+        return Err(infer::Error::Input(format!(
+            "block size {block_size} exceeds the model's n_positions ({n_pos})"
+        ))
+        .into());
+    }
+    let eos = train::data::eos_id(&model.config, tokenizer)?;
+    let mut opts = train::data::DataOptions::new(block_size);
+    opts.truncation = true;
+    opts.text_field = text_field.to_string();
+    let (samples, _) = train::data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)?;
+    let r = train::eval::evaluate(model, &samples, batch_size, eos)?;
+    if !r.loss.is_finite() {
+        anyhow::bail!(
+            "{}: the loss is {} (the model computes non-finite values; try --dtype f32)",
+            path.display(),
+            r.loss
+        );
+    }
+    Ok(r)
 }

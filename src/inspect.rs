@@ -26,10 +26,33 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     infer::model::check_model_dir(dir)?;
     let config = Gpt2Config::from_file(&dir.join("config.json"))?;
     let files = WeightFiles::open_dir(dir)?;
+    // Every float tensor is scanned for NaN and ±inf first, so that all of them are named.
+    let bad = files.non_finite();
+    if !bad.is_empty() {
+        anyhow::bail!(
+            "{}: {} tensor(s) hold NaN or infinite values: {}",
+            files.path_of(&bad[0]).display(),
+            bad.len(),
+            bad.iter()
+                .map(|n| format!("`{n}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let kind = infer::model::stored_kind(&files);
     let model = Gpt2::from_weights(config, &files, kind, &[tch::Device::Cpu])
         .with_context(|| format!("loading model {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_dir(dir).ok();
+    // No tokenizer is reported as such; a broken one, or one larger than the
+    // embedding table, is an error.
+    let tokenizer = match Tokenizer::from_dir(dir) {
+        Ok(t) => {
+            infer::check_vocab(&model.config, &t, dir)?;
+            Some(t)
+        }
+        Err(infer::Error::Tokenizer { path, .. }) if &path == dir => None,
+        Err(e) => return Err(e.into()),
+    };
+    let quantization = model.quantization();
     let c = &model.config;
     let params = c.num_parameters();
     let bytes = files.file_bytes();
@@ -49,6 +72,15 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
                 "stored_dtypes": files.dtype_summary().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
                 "file_bytes": bytes,
                 "tokenizer_vocab_size": tokenizer.as_ref().map(Tokenizer::vocab_size),
+                "quantization": quantization.map(|q| json!({
+                    "method": q.method.name(),
+                    "quant_method": q.quant_method,
+                    "bits": q.bits,
+                    "granularity": q.granularity,
+                    "quantize_embeddings": q.quantize_embeddings,
+                    "sparsity": q.sparsity,
+                    "dropped_layers": q.dropped_layers,
+                })),
             }),
         );
     }
@@ -99,6 +131,10 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             ),
         ),
         (
+            "quantized",
+            quantization.map_or("no (float weights)".into(), describe),
+        ),
+        (
             "bytes",
             format!(
                 "{} ({:.1} MiB on disk)",
@@ -118,6 +154,28 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         writeln!(out, "{k:<11}{v}")?;
     }
     Ok(())
+}
+
+/// "int8-dynamic (gpt2kit, 8 bits per-output-channel, embeddings int8)".
+fn describe(q: &infer::quant::QuantizationConfig) -> String {
+    let mut parts = vec![
+        q.quant_method.clone(),
+        format!("{} bits {}", q.bits, q.granularity),
+    ];
+    if q.method.is_int8() {
+        parts.push(if q.quantize_embeddings {
+            "embeddings int8".into()
+        } else {
+            "embeddings float".into()
+        });
+    }
+    if q.sparsity > 0.0 {
+        parts.push(format!("sparsity {:.1}%", q.sparsity * 100.0));
+    }
+    if !q.dropped_layers.is_empty() {
+        parts.push(format!("dropped layers {:?}", q.dropped_layers));
+    }
+    format!("{} ({})", q.method.name(), parts.join(", "))
 }
 
 /// 124439808 → "124,439,808".

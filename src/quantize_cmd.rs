@@ -60,6 +60,10 @@ pub struct Args {
     /// JSONL file for perplexity before and after.
     #[arg(long)]
     eval: Option<PathBuf>,
+    /// The JSON field holding a text row's text in --eval and --calibration files (as
+    /// train's --text-field).
+    #[arg(long, default_value = "text")]
+    text_field: String,
     /// Tokens per block for --eval and --calibration (default: n_positions, at most 256).
     #[arg(long)]
     block_size: Option<i64>,
@@ -179,10 +183,12 @@ fn calibrate(
     path: &Path,
     block: i64,
     samples: usize,
+    text_field: &str,
 ) -> anyhow::Result<Calibration> {
     let eos = train::data::eos_id(&model.config, tokenizer)?;
     let mut opts = train::data::DataOptions::new(block);
     opts.truncation = true;
+    opts.text_field = text_field.to_string();
     let (rows, _) = train::data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)
         .with_context(|| format!("--calibration {}", path.display()))?;
     if rows.is_empty() {
@@ -194,6 +200,8 @@ fn calibrate(
     model.observe_linear_inputs()?;
     let _g = tch::no_grad_guard();
     for s in rows.iter().take(samples.max(1)) {
+        // The embedding lookup does not check its ids: refuse them here.
+        model.config.check_ids(&s.ids)?;
         let ids = Tensor::from_slice(&s.ids).unsqueeze(0);
         let _ = model.forward_train(&ids);
     }
@@ -233,14 +241,16 @@ struct Measured {
     tok_s: Option<f64>,
 }
 
-fn measure(dir: &Path, args: &Args, block: i64) -> anyhow::Result<Measured> {
+/// Perplexity and decode speed of the model in `dir`; `what` names it in errors (the
+/// artifact is measured in a temporary folder that is gone when the error is read).
+fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
     let model = Gpt2::load(dir, Some(Kind::Float), Device::Cpu)
-        .with_context(|| format!("loading {}", dir.display()))?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
+        .with_context(|| format!("loading {what}"))?;
+    let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading {what}"))?;
     let ppl = match &args.eval {
         Some(path) => Some(
-            train::eval::perplexity_on_jsonl(&model, &tokenizer, path, block, 4)
-                .with_context(|| format!("--eval {}", path.display()))?
+            crate::eval_cmd::perplexity(&model, &tokenizer, path, block, 4, &args.text_field)
+                .with_context(|| format!("--eval {} on {what}", path.display()))?
                 .perplexity,
         ),
         None => None,
@@ -386,24 +396,29 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             config.n_positions
         )));
     }
-    let kept = quantize::kept_layers(config.n_layer, &args.drop_layers, &args.keep_layers)?;
-    let paths = weight_paths(dir)?;
+    // The config's sizes are checked against the weights' headers before the layer
+    // list is built from n_layer.
     let files = WeightFiles::open_dir(dir)?;
+    infer::model::check_sizes(&config, &files)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    let kept = quantize::kept_layers(config.n_layer, &args.drop_layers, &args.keep_layers)?;
+    // The report runs text through both models: the tokenizer must fit the embeddings.
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    infer::check_vocab(&config, &tokenizer, dir)?;
+    let paths = weight_paths(dir)?;
     let source_sha256 = quantize::sha256_files(&paths)?;
     let mut model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
         .with_context(|| format!("loading model {}", dir.display()))?;
     drop(files);
     let calibration = match &args.calibration {
-        Some(path) => {
-            let tokenizer = Tokenizer::from_dir(dir)?;
-            Some(calibrate(
-                &mut model,
-                &tokenizer,
-                path,
-                block,
-                args.calibration_samples,
-            )?)
-        }
+        Some(path) => Some(calibrate(
+            &mut model,
+            &tokenizer,
+            path,
+            block,
+            args.calibration_samples,
+            &args.text_field,
+        )?),
         None => None,
     };
     let opts = Options {
@@ -421,8 +436,9 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let tmp = TmpDir::beside(&args.out)?;
     write_folder(&tmp.path, &artifact.config, &artifact.tensors, dir)?;
     // Measured on the folder as written, before it is renamed into place.
-    let before = measure(dir, args, block)?;
-    let after = measure(&tmp.path, args, block)?;
+    let source = format!("model {}", dir.display());
+    let before = measure(dir, &source, args, block)?;
+    let after = measure(&tmp.path, "the quantized artifact", args, block)?;
     let bytes_before = bytes_of(&paths);
     let bytes_after = bytes_of(&weight_paths(&tmp.path)?);
     let qc = QuantizationConfig::from_config(&artifact.config, &tmp.path.join("config.json"))?;

@@ -1,10 +1,13 @@
 //! Reading Hugging Face safetensors checkpoints: one `model.safetensors`, or shards
 //! listed by `model.safetensors.index.json`. Headers are validated by the `safetensors`
 //! crate (sizes, offsets, overflow, trailing bytes) before any tensor is touched, and
-//! every error names the file and the tensor.
-use std::collections::HashMap;
+//! every error names the file and the tensor. Only regular files are opened (a FIFO
+//! would block the reader), and float tensors are checked for NaN and ±inf as they are
+//! read, on the mapped bytes.
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
@@ -29,6 +32,73 @@ struct Entry {
 pub struct WeightFiles {
     files: Vec<(PathBuf, Mmap)>,
     entries: HashMap<String, Entry>,
+    /// Names read so far (`tensor`, `tensor_as_stored`): what a model left unused.
+    used: Mutex<HashSet<String>>,
+}
+
+/// Refuses a path that exists but is not a regular file (or a link to one): a FIFO
+/// would block the reader forever, a device or folder is not a model file.
+pub fn check_regular_file(path: &Path) -> Result<()> {
+    let meta = std::fs::metadata(path).map_err(|e| Error::io(path, e))?;
+    if meta.is_file() {
+        return Ok(());
+    }
+    Err(Error::ModelFolder {
+        path: path.into(),
+        reason: format!(
+            "not a regular file ({}); refusing to read it",
+            file_type_name(&meta.file_type())
+        ),
+    })
+}
+
+/// Whether `path` names something (a file, FIFO, folder, ...), following links.
+pub(crate) fn exists(path: &Path) -> bool {
+    std::fs::metadata(path).is_ok()
+}
+
+fn file_type_name(t: &std::fs::FileType) -> &'static str {
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::FileTypeExt;
+        if t.is_fifo() {
+            return "a FIFO";
+        }
+        if t.is_socket() {
+            return "a socket";
+        }
+        if t.is_block_device() || t.is_char_device() {
+            return "a device";
+        }
+    }
+    if t.is_dir() {
+        "a folder"
+    } else {
+        "not a plain file"
+    }
+}
+
+/// Whether float bytes of `dtype` hold a NaN or an infinity (all exponent bits set).
+/// Runs on the mapped bytes, a block at a time so that the loop vectorises.
+fn has_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
+    fn scan<const N: usize>(bytes: &[u8], mask: u32) -> bool {
+        let word = |c: &[u8]| -> u32 {
+            let mut b = [0u8; 4];
+            b[..N].copy_from_slice(c);
+            u32::from_le_bytes(b)
+        };
+        bytes.chunks(N * 1024).any(|block| {
+            block
+                .chunks_exact(N)
+                .fold(false, |bad, c| bad | (word(c) & mask == mask))
+        })
+    }
+    match dtype {
+        Dtype::F32 => scan::<4>(bytes, 0x7f80_0000),
+        Dtype::F16 => scan::<2>(bytes, 0x7c00),
+        Dtype::BF16 => scan::<2>(bytes, 0x7f80),
+        _ => false,
+    }
 }
 
 impl WeightFiles {
@@ -36,9 +106,9 @@ impl WeightFiles {
     pub fn open_dir(dir: &Path) -> Result<Self> {
         let single = dir.join(SINGLE_FILE);
         let index = dir.join(SHARD_INDEX);
-        if single.is_file() {
+        if exists(&single) {
             Self::open_files(&[single])
-        } else if index.is_file() {
+        } else if exists(&index) {
             let shards = read_shard_index(&index)?;
             Self::open_files(&shards)
         } else {
@@ -54,6 +124,7 @@ impl WeightFiles {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
+            check_regular_file(path)?;
             let file = File::open(path).map_err(|e| Error::io(path, e))?;
             // SAFETY: the mapping is read-only and private to this struct; tensors are
             // copied out of it before use. A file truncated by another process while
@@ -82,7 +153,11 @@ impl WeightFiles {
             }
             files.push((path.clone(), map));
         }
-        Ok(Self { files, entries })
+        Ok(Self {
+            files,
+            entries,
+            used: Mutex::new(HashSet::new()),
+        })
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -91,6 +166,58 @@ impl WeightFiles {
 
     pub fn contains(&self, name: &str) -> bool {
         self.entries.contains_key(name)
+    }
+
+    /// The stored shape of `name`, from the header (nothing is read).
+    pub fn shape_of(&self, name: &str) -> Option<Vec<i64>> {
+        self.entries.get(name).map(|e| e.shape.clone())
+    }
+
+    /// Tensors not read since the files were opened, sorted.
+    pub fn unused(&self) -> Vec<String> {
+        let used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<String> = self
+            .entries
+            .keys()
+            .filter(|n| !used.contains(*n))
+            .cloned()
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn mark_used(&self, name: &str) {
+        let mut used = self.used.lock().unwrap_or_else(|p| p.into_inner());
+        if !used.contains(name) {
+            used.insert(name.to_string());
+        }
+    }
+
+    /// Float tensors holding NaN or ±inf, sorted by name (every tensor is scanned).
+    pub fn non_finite(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| has_non_finite(e.dtype, self.bytes(e)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        v.sort();
+        v
+    }
+
+    fn bytes(&self, e: &Entry) -> &[u8] {
+        &self.files[e.file].1[e.start..e.end]
+    }
+
+    /// Refuses a float tensor holding NaN or ±inf.
+    fn check_finite(&self, name: &str, entry: &Entry) -> Result<()> {
+        if has_non_finite(entry.dtype, self.bytes(entry)) {
+            return Err(Error::NonFinite {
+                path: self.files[entry.file].0.clone(),
+                name: name.into(),
+            });
+        }
+        Ok(())
     }
 
     /// The file a tensor lives in, or the first file when it is absent (for messages).
@@ -148,7 +275,9 @@ impl WeightFiles {
             name: name.into(),
             dtype: format!("{:?}", entry.dtype),
         })?;
-        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        self.check_finite(name, entry)?;
+        self.mark_used(name);
+        let bytes = self.bytes(entry);
         let t = Tensor::f_from_data_size(bytes, shape, file_kind)?;
         Ok(t.f_to_kind(kind)?.f_to_device(device)?)
     }
@@ -164,7 +293,9 @@ impl WeightFiles {
             path: path.clone(),
             reason: format!("tensor `{name}` has unsupported dtype {:?}", entry.dtype),
         })?;
-        let bytes = &self.files[entry.file].1[entry.start..entry.end];
+        self.check_finite(name, entry)?;
+        self.mark_used(name);
+        let bytes = self.bytes(entry);
         let t = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
         Ok(t.f_to_device(device)?)
     }
@@ -187,6 +318,19 @@ pub trait TensorSource {
             name: name.into(),
         })
     }
+    /// Every tensor name, when the source can list them without reading (file headers);
+    /// empty otherwise, and then the checks against config.json are skipped.
+    fn tensor_names(&self) -> Vec<String> {
+        Vec::new()
+    }
+    /// The stored shape of `name`, from a header, if known without reading it.
+    fn shape_of(&self, _name: &str) -> Option<Vec<i64>> {
+        None
+    }
+    /// Tensors nothing has read so far (empty when the source does not track it).
+    fn unused(&self) -> Vec<String> {
+        Vec::new()
+    }
 }
 
 impl TensorSource for WeightFiles {
@@ -201,6 +345,15 @@ impl TensorSource for WeightFiles {
     }
     fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
         WeightFiles::tensor_as_stored(self, name, device)
+    }
+    fn tensor_names(&self) -> Vec<String> {
+        self.names().map(str::to_string).collect()
+    }
+    fn shape_of(&self, name: &str) -> Option<Vec<i64>> {
+        WeightFiles::shape_of(self, name)
+    }
+    fn unused(&self) -> Vec<String> {
+        WeightFiles::unused(self)
     }
 }
 
@@ -264,6 +417,7 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
         path: index.into(),
         reason,
     };
+    check_regular_file(index)?;
     let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
     let json: serde_json::Value =
         serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
@@ -292,4 +446,41 @@ fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
         return Err(bad("`weight_map` is empty".into()));
     }
     Ok(shards)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn le16(v: &[u16]) -> Vec<u8> {
+        v.iter().flat_map(|x| x.to_le_bytes()).collect()
+    }
+
+    #[test]
+    fn non_finite_bits_per_dtype() {
+        let f32s = |v: &[f32]| -> Vec<u8> { v.iter().flat_map(|x| x.to_le_bytes()).collect() };
+        assert!(!has_non_finite(
+            Dtype::F32,
+            &f32s(&[0.0, -1.0, f32::MAX, f32::MIN, 1e-40])
+        ));
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            // Past the first block too, and at the very end.
+            let mut v = vec![1.0f32; 5000];
+            v[4999] = bad;
+            assert!(has_non_finite(Dtype::F32, &f32s(&v)), "{bad}");
+        }
+        // f16: 0x7bff is the largest finite, 0x7c00 inf, 0xfe00 a NaN.
+        assert!(!has_non_finite(
+            Dtype::F16,
+            &le16(&[0x7bff, 0xfbff, 0x0001])
+        ));
+        assert!(has_non_finite(Dtype::F16, &le16(&[0x3c00, 0x7c00])));
+        assert!(has_non_finite(Dtype::F16, &le16(&[0xfe00])));
+        // bf16: 0x7f7f is the largest finite, 0x7f80 inf, 0xffc1 a NaN.
+        assert!(!has_non_finite(Dtype::BF16, &le16(&[0x7f7f, 0xff7f])));
+        assert!(has_non_finite(Dtype::BF16, &le16(&[0x7f80])));
+        assert!(has_non_finite(Dtype::BF16, &le16(&[0x3f80, 0xffc1])));
+        // Integers are not floats.
+        assert!(!has_non_finite(Dtype::I32, &[0xff; 8]));
+    }
 }

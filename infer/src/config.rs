@@ -178,6 +178,7 @@ impl Gpt2Config {
 
     /// Reads and validates `config.json`; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
+        crate::checkpoint::check_regular_file(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let config: Gpt2Config = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: path.into(),
@@ -218,6 +219,17 @@ impl Gpt2Config {
             if n <= 0 {
                 return Err(format!("n_inner must be positive, got {n}"));
             }
+        }
+        if self.checked_num_parameters().is_none() {
+            return Err(format!(
+                "the sizes describe more parameters than fit in 64 bits \
+                 (vocab_size {}, n_positions {}, n_embd {}, n_layer {}, n_inner {})",
+                self.vocab_size,
+                self.n_positions,
+                self.n_embd,
+                self.n_layer,
+                self.n_inner.map_or("default".into(), |n| n.to_string())
+            ));
         }
         if !(self.layer_norm_epsilon.is_finite() && self.layer_norm_epsilon > 0.0) {
             return Err(format!(
@@ -281,20 +293,28 @@ impl Gpt2Config {
     }
 
     /// Parameter count of the model this config describes (tied head counted once).
+    /// Saturates at `i64::MAX` for sizes that `validate` refuses.
     pub fn num_parameters(&self) -> i64 {
-        let (e, v, p, i) = (
-            self.n_embd,
-            self.vocab_size,
-            self.n_positions,
-            self.inner_dim(),
-        );
-        let block = 2 * 2 * e // ln_1, ln_2
-            + e * 3 * e + 3 * e // c_attn
-            + e * e + e // attn.c_proj
-            + e * i + i // c_fc
-            + i * e + e; // mlp.c_proj
-        let head = if self.tie_word_embeddings { 0 } else { v * e };
-        v * e + p * e + self.n_layer * block + 2 * e + head
+        self.checked_num_parameters().unwrap_or(i64::MAX)
+    }
+
+    /// The parameter count, or `None` when it (or a product on the way) overflows i64.
+    fn checked_num_parameters(&self) -> Option<i64> {
+        let (e, v, p) = (self.n_embd, self.vocab_size, self.n_positions);
+        let i = self.n_inner.map_or_else(|| e.checked_mul(4), Some)?;
+        let (add, mul) = (i64::checked_add, i64::checked_mul);
+        let ee = mul(e, e)?;
+        let ei = mul(e, i)?;
+        // ln_1, ln_2 (4e); c_attn (3e² + 3e); attn.c_proj (e² + e); c_fc (ei + i);
+        // mlp.c_proj (ei + e).
+        let block = [mul(ee, 4)?, mul(ei, 2)?, mul(e, 9)?, i]
+            .into_iter()
+            .try_fold(0i64, add)?;
+        let ve = mul(v, e)?;
+        let head = if self.tie_word_embeddings { 0 } else { ve };
+        [ve, mul(p, e)?, mul(self.n_layer, block)?, mul(e, 2)?, head]
+            .into_iter()
+            .try_fold(0i64, add)
     }
 }
 
@@ -332,6 +352,8 @@ mod tests {
         assert!(bad(r#"{"n_layer": 0}"#).contains("n_layer"));
         assert!(bad(r#"{"model_type": "llama"}"#).contains("llama"));
         assert!(bad(r#"{"vocab_size": 100}"#).contains("50256"));
+        assert!(bad(r#"{"n_layer": 1000000000000000}"#).contains("n_layer 1000000000000000"));
+        assert!(bad(r#"{"n_embd": 4611686018427387904, "n_head": 1}"#).contains("64 bits"));
     }
 
     #[test]

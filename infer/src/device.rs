@@ -3,7 +3,8 @@ use tch::{Cuda, Device, Kind};
 
 use crate::error::{Error, Result};
 
-/// `cpu`, `cuda` (device 0), `cuda:N` or `mps`; CUDA devices must exist.
+/// `cpu`, `cuda` (device 0), `cuda:N` or `mps`; the device must exist in this build and
+/// on this machine, so that no command reaches libtorch with one that is not there.
 pub fn parse_device(s: &str) -> Result<Device> {
     let bad = |why: String| Error::Input(format!("--device {s:?}: {why}"));
     let device = match s {
@@ -18,6 +19,11 @@ pub fn parse_device(s: &str) -> Result<Device> {
             None => return Err(bad("expected cpu, cuda, cuda:N or mps".into())),
         },
     };
+    if device == Device::Mps && !tch::utils::has_mps() {
+        return Err(bad(
+            "MPS (Apple GPU) is not available on this machine (or this libtorch build)".into(),
+        ));
+    }
     if let Device::Cuda(i) = device {
         let n = Cuda::device_count() as usize;
         if n == 0 {

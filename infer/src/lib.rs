@@ -24,4 +24,4 @@ pub use cache::KvCache;
 pub use config::Gpt2Config;
 pub use error::{Error, Result};
 pub use model::Gpt2;
-pub use tokenizer::Tokenizer;
+pub use tokenizer::{check_vocab, Tokenizer};

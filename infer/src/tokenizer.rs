@@ -8,6 +8,8 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
+use crate::checkpoint::{check_regular_file, exists};
+use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 
 pub const TOKENIZER_JSON: &str = "tokenizer.json";
@@ -26,9 +28,9 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         let json = dir.join(TOKENIZER_JSON);
         let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));
-        if json.is_file() {
+        if exists(&json) {
             Self::from_json(&json)
-        } else if vocab.is_file() && merges.is_file() {
+        } else if exists(&vocab) && exists(&merges) {
             Self::from_vocab_merges(&vocab, &merges)
         } else {
             Err(Error::Tokenizer {
@@ -39,6 +41,7 @@ impl Tokenizer {
     }
 
     pub fn from_json(path: &Path) -> Result<Self> {
+        check_regular_file(path)?;
         let inner = tokenizers::Tokenizer::from_file(path).map_err(|e| Error::Tokenizer {
             path: path.into(),
             reason: e.to_string(),
@@ -54,6 +57,8 @@ impl Tokenizer {
             path: vocab.into(),
             reason: format!("with {}: {e}", merges.display()),
         };
+        check_regular_file(vocab)?;
+        check_regular_file(merges)?;
         let (v, m) = (vocab.to_string_lossy(), merges.to_string_lossy());
         let bpe = BPE::from_file(&v, &m).build().map_err(|e| err(&e))?;
         let mut inner = tokenizers::Tokenizer::new(bpe);
@@ -118,4 +123,22 @@ impl Tokenizer {
             reason: e.to_string(),
         }
     }
+}
+
+/// Refuses a model folder whose `config.json` has fewer token embeddings than its
+/// tokenizer has tokens: a token id past `vocab_size` would index outside `wte`.
+/// (A larger `vocab_size`, padded as GPT-2's 50257 → 50304 often is, is fine.)
+pub fn check_vocab(config: &Gpt2Config, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
+    let n = tokenizer.vocab_size() as i64;
+    if n <= config.vocab_size {
+        return Ok(());
+    }
+    Err(Error::Input(format!(
+        "{}: config.json has vocab_size {} but the tokenizer ({}) has {n} tokens; \
+         token ids {}..{n} would index past the embedding table",
+        dir.display(),
+        config.vocab_size,
+        tokenizer.path().display(),
+        config.vocab_size,
+    )))
 }
