@@ -316,6 +316,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    infer::check_vocab(&config, &tokenizer, dir)?;
     let cfg = generation_config(args, dir, &config, &tokenizer)?;
     let prompts = texts
         .iter()

@@ -299,14 +299,13 @@ fn undersized_vocab(c: &Commands) -> PathBuf {
 fn a_vocab_size_below_the_tokenizer_is_refused() {
     let c = Commands::new("vocab");
     let dir = undersized_vocab(&c);
-    // infer refuses the prompt's ids with its own message (src/infer_cmd.rs does not
-    // call check_vocab); train is the next test.
+    // train is the next test.
     assert_fail(
         c.some(&dir, &["inspect", "infer", "eval", "quantize"]),
         &dir,
         2,
         &["vocab_size 200", "400 tokens", s(&dir)],
-        &[("infer", &["vocab_size 200"])],
+        &[],
     );
 
     // Config smaller than the weights: the header check names key and tensor.
@@ -328,7 +327,6 @@ fn a_vocab_size_below_the_tokenizer_is_refused() {
     assert_fail(c.some(&dir, &["infer"]), &dir, 2, &["vocab_size 200"], &[]);
 }
 
-/// Needs train/src/trainer.rs to call `infer::check_vocab` before it tokenizes.
 #[test]
 fn train_refuses_a_vocab_size_below_the_tokenizer() {
     let c = Commands::new("vocab-train");

@@ -118,6 +118,7 @@ pub enum Noop {
 /// Applies the fields of the JSON object in `path` to `cfg` and records `path` as the
 /// source of each (`GenerationConfig::sources`). Returns warnings about unknown keys.
 pub fn apply_file(cfg: &mut GenerationConfig, path: &Path) -> Result<Vec<String>> {
+    crate::checkpoint::check_regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),

@@ -156,17 +156,18 @@ pub fn read_tokenizer_files(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     let mut files = Vec::new();
     for file in TOKENIZER_FILES {
         let src = dir.join(file);
-        if src.is_file() {
+        if src.symlink_metadata().is_ok() {
+            infer::checkpoint::check_regular_file(&src)?;
             let bytes = fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
             files.push((file.to_string(), bytes));
         }
     }
     if files.is_empty() {
-        bail!(infer::Error::Input(format!(
+        bail!(
             "{}: no tokenizer files ({})",
             dir.display(),
             TOKENIZER_FILES.join(", ")
-        )));
+        );
     }
     Ok(files)
 }

@@ -205,6 +205,9 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     }
     infer::model::check_model_dir(&o.model)?;
     let base_config = Gpt2Config::from_file(&o.model.join("config.json"))?;
+    // config.json against the weights' headers, before the tokenizer is compared with
+    // it or anything is allocated.
+    infer::model::check_sizes(&base_config, &WeightFiles::open_dir(&o.model)?)?;
     check_options(o, &base_config)?;
     if o.bf16 {
         check_bf16(o.device)?;
@@ -314,6 +317,7 @@ fn train_owned(
     // Data, all checked before training starts.
     let tokenizer = Tokenizer::from_dir(&start_dir)
         .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
+    infer::check_vocab(base_config, &tokenizer, &start_dir)?;
     let eos = data::eos_id(base_config, &tokenizer)?;
     let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &o.data_options)?;
     let mut skipped_lines = report.skipped;
