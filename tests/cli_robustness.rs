@@ -1,0 +1,175 @@
+//! Nothing a user types may lose their work or crash the tool: a closed or full stderr
+//! loses messages but not the run.
+mod common;
+
+use common::{gpt2kit, reference, stderr, stdout};
+use std::fs;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> Self {
+        let d = std::env::temp_dir().join(format!("gpt2kit-robust-{name}-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        Self(d)
+    }
+    fn path(&self, name: &str) -> PathBuf {
+        self.0.join(name)
+    }
+    fn s(&self, name: &str) -> String {
+        self.path(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn text_rows(n: usize) -> String {
+    let words = [
+        "the", "model", "reads", "every", "weight", "once", "per", "token",
+    ];
+    (0..n)
+        .map(|i| {
+            let text: Vec<&str> = (0..6 + i % 9).map(|j| words[(i * 7 + j * 3) % 8]).collect();
+            format!("{}\n", serde_json::json!({ "text": text.join(" ") }))
+        })
+        .collect()
+}
+
+/// A small model and data to train it on.
+fn tiny_run(t: &TempDir) -> [String; 2] {
+    let o = gpt2kit(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        reference("hub-tied").to_str().unwrap(),
+        "--out",
+        &t.s("init"),
+        "--n-layer",
+        "1",
+        "--n-embd",
+        "32",
+        "--n-head",
+        "2",
+        "--n-positions",
+        "32",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::write(t.path("train.jsonl"), text_rows(40)).unwrap();
+    [t.s("init"), t.s("train.jsonl")]
+}
+
+fn train_command(t: &TempDir, model: &str, data: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+    c.args([
+        "train",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--output",
+        &t.s("run"),
+        "--max-steps",
+        "6",
+        "--logging-steps",
+        "1",
+        "--batch-size",
+        "2",
+    ]);
+    c
+}
+
+/// `gpt2kit train ... 2>&1 | head -1` closed the pipe under a run that still logs to
+/// stderr: its writes fail with EPIPE, where `eprintln!` panics, and a panic in the panic
+/// hook (which wrote with `eprintln!` too) aborted the process without the final model.
+#[test]
+fn a_closed_or_full_stderr_does_not_stop_training() {
+    let t = TempDir::new("stderr");
+    let [model, data] = tiny_run(&t);
+    // Stderr a pipe whose read end is closed before anything is written.
+    let mut child = train_command(&t, &model, &data)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stderr.take());
+    let o = child.wait_with_output().unwrap();
+    assert_eq!(o.status.code(), Some(0), "stdout: {}", stdout(&o));
+    assert!(t.path("run/final/model.safetensors").is_file());
+    assert!(stdout(&o).contains("trained 6 steps"), "{}", stdout(&o));
+
+    // Stderr a full device.
+    fs::remove_dir_all(t.path("run")).unwrap();
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = train_command(&t, &model, &data)
+        .stderr(Stdio::from(full))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0), "stdout: {}", stdout(&o));
+    assert!(t.path("run/final/model.safetensors").is_file());
+}
+
+/// An error message to a full stderr: lost, but the exit status still says what
+/// happened (2 for bad input), with no abort.
+#[test]
+fn an_error_with_a_full_stderr_keeps_its_exit_status() {
+    let t = TempDir::new("stderr-error");
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args([
+            "init",
+            "--preset",
+            "no-such-preset",
+            "--tokenizer",
+            reference("hub-tied").to_str().unwrap(),
+            "--out",
+            &t.s("m"),
+        ])
+        .stderr(Stdio::from(full))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(2));
+}
+
+/// `gpt2kit infer ... --stats 2>/dev/full`: the generated text on stdout is intact and
+/// the exit status 0; the statistics are lost.
+#[test]
+fn infer_stats_to_a_full_stderr_keeps_the_output() {
+    let model = reference("hub-tied");
+    let args = [
+        "infer",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "Hello",
+        "--max-new-tokens",
+        "3",
+    ];
+    let plain = gpt2kit(&args);
+    assert!(plain.status.success(), "{}", stderr(&plain));
+    let full = fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
+    let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args(args)
+        .arg("--stats")
+        .stderr(Stdio::from(full))
+        .output()
+        .unwrap();
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(stdout(&o), stdout(&plain));
+}
