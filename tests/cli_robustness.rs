@@ -1,11 +1,13 @@
-//! Nothing a user types may lose their work or crash the tool: a closed or full stderr
-//! loses messages but not the run.
+//! Nothing a user types may lose their work or crash the tool: an existing `--out` is
+//! refused with every earlier byte intact, and a closed or full stderr loses messages
+//! but not the run.
 mod common;
 
-use common::{gpt2kit, reference, stderr, stdout};
+use common::{assert_clean_failure, gpt2kit, reference, stderr, stdout};
+use std::collections::BTreeMap;
 use std::fs;
-use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
 
 struct TempDir(PathBuf);
 
@@ -30,6 +32,42 @@ impl Drop for TempDir {
     }
 }
 
+/// Every file under `dir` (recursively) with its bytes.
+fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                todo.push(p);
+            } else {
+                out.insert(p.clone(), fs::read(&p).unwrap());
+            }
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to).unwrap();
+    for e in fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
+
+/// Names in `dir` that start with `.tmp-` (temporary folders left behind).
+fn leftovers(dir: &Path) -> Vec<String> {
+    fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tmp-"))
+        .collect()
+}
+
 fn text_rows(n: usize) -> String {
     let words = [
         "the", "model", "reads", "every", "weight", "once", "per", "token",
@@ -40,6 +78,80 @@ fn text_rows(n: usize) -> String {
             format!("{}\n", serde_json::json!({ "text": text.join(" ") }))
         })
         .collect()
+}
+
+fn tokenizer_train(data: &Path, out: &str) -> Output {
+    gpt2kit(&[
+        "tokenizer",
+        "train",
+        "--data",
+        data.to_str().unwrap(),
+        "--vocab-size",
+        "300",
+        "--out",
+        out,
+    ])
+}
+
+#[test]
+fn tokenizer_train_refuses_an_existing_folder_and_leaves_it_intact() {
+    let t = TempDir::new("tok-out");
+    let data = t.path("data.jsonl");
+    fs::write(&data, text_rows(50)).unwrap();
+    let model = t.path("model");
+    copy_dir(&reference("hub-tied"), &model);
+    let before = snapshot(&t.0);
+    let o = tokenizer_train(&data, &t.s("model"));
+    assert_clean_failure(&o, 2, &format!("{}: already exists", model.display()));
+    assert_eq!(snapshot(&t.0), before, "a file changed");
+
+    // A file in the way, also refused.
+    fs::write(t.path("file"), "keep").unwrap();
+    let o = tokenizer_train(&data, &t.s("file"));
+    assert_clean_failure(&o, 2, "already exists and is not a folder");
+    assert_eq!(fs::read(t.path("file")).unwrap(), b"keep");
+
+    // A new folder, or an existing empty one, is written whole and nothing is left
+    // beside it.
+    for name in ["new", "empty"] {
+        if name == "empty" {
+            fs::create_dir(t.path(name)).unwrap();
+        }
+        let o = tokenizer_train(&data, &t.s(name));
+        assert!(o.status.success(), "{}", stderr(&o));
+        for f in [
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "vocab.json",
+            "merges.txt",
+        ] {
+            assert!(t.path(name).join(f).is_file(), "{name}/{f}");
+        }
+    }
+    assert_eq!(leftovers(&t.0), Vec::<String>::new());
+}
+
+#[test]
+fn init_refuses_an_existing_folder_and_leaves_it_intact() {
+    let t = TempDir::new("init-out");
+    let tok = reference("hub-tied");
+    let model = t.path("model");
+    copy_dir(&tok, &model);
+    fs::write(t.path("file"), "keep").unwrap();
+    let before = snapshot(&t.0);
+    for out in ["model", "file"] {
+        let o = gpt2kit(&[
+            "init",
+            "--preset",
+            "tiny",
+            "--tokenizer",
+            tok.to_str().unwrap(),
+            "--out",
+            &t.s(out),
+        ]);
+        assert_clean_failure(&o, 2, &t.s(out));
+    }
+    assert_eq!(snapshot(&t.0), before, "a file changed");
 }
 
 /// A small model and data to train it on.

@@ -9,7 +9,7 @@
 //! `vocab.json` + `merges.txt`.
 use std::collections::HashSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use infer::Error;
@@ -19,6 +19,8 @@ use tokenizers::normalizers::NormalizerWrapper;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerImpl};
+
+use crate::folder::TMP_PREFIX;
 
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 /// The byte symbols plus `<|endoftext|>`: the smallest vocabulary there is.
@@ -130,13 +132,102 @@ pub fn train(
     Ok(tokenizer)
 }
 
-/// Writes `tokenizer.json`, `tokenizer_config.json`, `vocab.json` and `merges.txt`.
+/// Refuses an output folder that exists and is not empty (or is not a folder), so that
+/// training never replaces a model's tokenizer; `save` checks again before it writes.
+pub fn check_new_folder(dir: &Path) -> Result<(), Error> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::Input("the output folder's path is empty".into()));
+    }
+    if !dir.exists() {
+        // The nearest existing folder above must be a folder, or nothing can be made.
+        return match dir.ancestors().skip(1).find(|a| a.exists()) {
+            Some(above) if !above.as_os_str().is_empty() && !above.is_dir() => Err(Error::Input(
+                format!("{}: {} is not a folder", dir.display(), above.display()),
+            )),
+            _ => Ok(()),
+        };
+    }
+    match fs::read_dir(dir).map(|mut entries| entries.next().is_none()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Input(format!(
+            "{}: already exists and is not empty; choose a new folder",
+            dir.display()
+        ))),
+        Err(_) => Err(Error::Input(format!(
+            "{}: already exists and is not a folder; choose a new folder",
+            dir.display()
+        ))),
+    }
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json`, `vocab.json` and `merges.txt` into
+/// `dir`, which must not exist or be empty. Atomic: the files go into a temporary
+/// folder beside `dir` that is renamed into place when complete, so a failure or a kill
+/// leaves no partial tokenizer (rename also refuses a folder that gained files since).
 pub fn save(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    check_new_folder(dir)?;
+    let files = tokenizer_files(tokenizer, dir)?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a folder name", dir.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let tmp = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let written = (|| {
+        for (file, text) in &files {
+            write_synced(&tmp.join(file), text.as_bytes())?;
+        }
+        sync(&tmp)?;
+        fs::rename(&tmp, dir).map_err(io(dir))?;
+        sync(&parent)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(files.iter().map(|(file, _)| dir.join(file)).collect())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let mut f = fs::File::create(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+}
+
+fn sync(dir: &Path) -> Result<(), Error> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.into(),
+            source,
+        })
+}
+
+/// The four files' names and contents (`dir` names errors only).
+fn tokenizer_files(
+    tokenizer: &tokenizers::Tokenizer,
+    dir: &Path,
+) -> Result<[(&'static str, String); 4], Error> {
     let eos = tokenizer
         .token_to_id(ENDOFTEXT)
         .ok_or_else(|| Error::Tokenizer {
@@ -190,19 +281,12 @@ pub fn save(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<Vec<PathBuf
         },
     });
     let config = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-    let files = [
+    Ok([
         ("tokenizer.json", json + "\n"),
         ("tokenizer_config.json", config),
         ("vocab.json", vocab_json),
         ("merges.txt", merges_txt),
-    ];
-    let mut written = Vec::new();
-    for (name, text) in files {
-        let path = dir.join(name);
-        fs::write(&path, text).map_err(io(&path))?;
-        written.push(path);
-    }
-    Ok(written)
+    ])
 }
 
 /// Tokens of `texts` under `tokenizer` (no special tokens added), for bytes per token.
