@@ -1,6 +1,6 @@
 //! Nothing a user types may lose their work or crash the tool: an existing `--out` is
-//! refused with every earlier byte intact, and a closed or full stderr loses messages
-//! but not the run.
+//! refused with every earlier byte intact, a closed or full stderr loses messages but
+//! not the run, and JSONL files that Python reads (a byte order mark) train.
 mod common;
 
 use common::{assert_clean_failure, gpt2kit, reference, stderr, stdout};
@@ -284,4 +284,42 @@ fn infer_stats_to_a_full_stderr_keeps_the_output() {
         .unwrap();
     assert_eq!(o.status.code(), Some(0));
     assert_eq!(stdout(&o), stdout(&plain));
+}
+
+/// Python's `open(..., encoding="utf-8-sig")` reads a file that starts with a byte order
+/// mark; `tokenizer train`, `train` and `eval` do too (it was "invalid JSON at line 1").
+#[test]
+fn jsonl_with_a_byte_order_mark_is_read() {
+    let t = TempDir::new("bom");
+    let [model, _] = tiny_run(&t);
+    let rows = text_rows(40);
+    fs::write(t.path("plain.jsonl"), &rows).unwrap();
+    fs::write(t.path("bom.jsonl"), format!("\u{feff}{rows}")).unwrap();
+
+    let o = tokenizer_train(&t.path("bom.jsonl"), &t.s("tok-bom"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    let o = tokenizer_train(&t.path("plain.jsonl"), &t.s("tok-plain"));
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        fs::read(t.path("tok-bom/tokenizer.json")).unwrap(),
+        fs::read(t.path("tok-plain/tokenizer.json")).unwrap(),
+        "the BOM became training text"
+    );
+
+    let eval = |data: &str| {
+        let o = gpt2kit(&["eval", "--model", &model, "--data", data, "--json"]);
+        assert!(o.status.success(), "{}", stderr(&o));
+        stdout(&o)
+    };
+    assert_eq!(eval(&t.s("bom.jsonl")), eval(&t.s("plain.jsonl")));
+
+    let o = train_command(&t, &model, &t.s("bom.jsonl"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", stderr(&o));
+
+    // A BOM anywhere else is still an error naming its line.
+    fs::write(t.path("mid.jsonl"), format!("{rows}\u{feff}{rows}")).unwrap();
+    let o = gpt2kit(&["eval", "--model", &model, "--data", &t.s("mid.jsonl")]);
+    assert_clean_failure(&o, 2, &format!("{}:41: invalid JSON", t.s("mid.jsonl")));
 }

@@ -9,6 +9,9 @@ use anyhow::{Context, Result};
 use infer::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
+/// The UTF-8 byte order mark, skipped at the start of a file.
+const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
+
 /// Label of a position the loss ignores (PyTorch's `ignore_index`).
 pub const IGNORE: i64 = -100;
 
@@ -136,6 +139,8 @@ pub fn load_jsonl(
     let mut rows = Vec::new();
     for path in paths {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+        // A byte order mark opens some UTF-8 files (Python reads them as utf-8-sig).
+        let bytes = bytes.strip_prefix(UTF8_BOM).unwrap_or(&bytes);
         for (i, line) in bytes.split(|&b| b == b'\n').enumerate() {
             let line = line.strip_suffix(b"\r").unwrap_or(line);
             match parse_row(line, &opts.text_field) {

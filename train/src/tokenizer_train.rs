@@ -28,7 +28,8 @@ pub const MIN_VOCAB_SIZE: usize = 256 + 1;
 
 /// The training texts of JSONL files: each row's `text_field`, or else both its
 /// `prompt` and its `completion`. Blank lines are skipped; any other line that is not
-/// such an object is an `Error::Input` naming `file:line`.
+/// such an object is an `Error::Input` naming `file:line`. A UTF-8 byte order mark at the
+/// start of a file is skipped.
 pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Error> {
     let mut texts = Vec::new();
     for path in paths {
@@ -39,6 +40,11 @@ pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Er
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let at = || format!("{}:{}", path.display(), i + 1);
             let line = line.map_err(|e| Error::Input(format!("{}: {e}", at())))?;
+            // A byte order mark opens some UTF-8 files (Python reads them as utf-8-sig).
+            let line = match line.strip_prefix('\u{feff}') {
+                Some(rest) if i == 0 => rest.to_string(),
+                _ => line,
+            };
             if line.trim().is_empty() {
                 continue;
             }
