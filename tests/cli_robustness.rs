@@ -1,6 +1,7 @@
 //! Nothing a user types may lose their work or crash the tool: an existing `--out` is
 //! refused with every earlier byte intact, a closed or full stderr loses messages but
-//! not the run, and JSONL files that Python reads (a byte order mark) train.
+//! not the run, JSONL files that Python reads (a byte order mark) train, and a tokenizer
+//! that is not the model's is refused naming the row instead of crashing the forward.
 mod common;
 
 use common::{assert_clean_failure, gpt2kit, reference, stderr, stdout};
@@ -322,4 +323,71 @@ fn jsonl_with_a_byte_order_mark_is_read() {
     fs::write(t.path("mid.jsonl"), format!("{rows}\u{feff}{rows}")).unwrap();
     let o = gpt2kit(&["eval", "--model", &model, "--data", &t.s("mid.jsonl")]);
     assert_clean_failure(&o, 2, &format!("{}:41: invalid JSON", t.s("mid.jsonl")));
+}
+
+/// A model folder whose tokenizer was retrained into it (what `tokenizer train --out
+/// MODEL` used to do): 1000 tokens for a model of 400. Returns (model, data).
+fn model_with_a_bigger_tokenizer(t: &TempDir) -> (String, String) {
+    let [model, _] = tiny_run(t);
+    // Random words, so that 1000 tokens are learnt.
+    let mut x = 7u64;
+    let mut next = || {
+        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+        (x >> 33) as usize
+    };
+    let words: Vec<String> = (0..3000)
+        .map(|_| {
+            (0..2 + next() % 6)
+                .map(|_| (b'a' + (next() % 26) as u8) as char)
+                .collect()
+        })
+        .collect();
+    let rows: String = (0..3000)
+        .map(|_| {
+            let text: Vec<&str> = (0..30)
+                .map(|_| words[next() % words.len()].as_str())
+                .collect();
+            format!("{}\n", serde_json::json!({ "text": text.join(" ") }))
+        })
+        .collect();
+    fs::write(t.path("words.jsonl"), rows).unwrap();
+    let o = gpt2kit(&[
+        "tokenizer",
+        "train",
+        "--data",
+        &t.s("words.jsonl"),
+        "--vocab-size",
+        "1000",
+        "--out",
+        &t.s("tok"),
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    fs::copy(
+        t.path("tok/tokenizer.json"),
+        Path::new(&model).join("tokenizer.json"),
+    )
+    .unwrap();
+    (model, t.s("words.jsonl"))
+}
+
+/// Token ids past the model's `vocab_size` are refused naming the row, where the
+/// embedding lookup panicked ("index out of range in self").
+#[test]
+fn eval_refuses_token_ids_past_the_models_vocabulary() {
+    let t = TempDir::new("vocab-eval");
+    let (model, data) = model_with_a_bigger_tokenizer(&t);
+    let o = gpt2kit(&["eval", "--model", &model, "--data", &data]);
+    assert_clean_failure(&o, 2, &format!("{data}:1: token id "));
+    assert!(stderr(&o).contains("vocab_size 400"), "{}", stderr(&o));
+}
+
+/// As for eval; needs src/train_cmd.rs to pass the model's `vocab_size` in
+/// `DataOptions::vocab_size`.
+#[test]
+fn train_refuses_token_ids_past_the_models_vocabulary() {
+    let t = TempDir::new("vocab-train");
+    let (model, data) = model_with_a_bigger_tokenizer(&t);
+    let o = train_command(&t, &model, &data).output().unwrap();
+    assert_clean_failure(&o, 2, &format!("{data}:1: token id "));
+    assert!(!t.path("run/final").exists());
 }
