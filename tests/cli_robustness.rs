@@ -232,6 +232,27 @@ fn a_closed_or_full_stderr_does_not_stop_training() {
     assert!(t.path("run/final/model.safetensors").is_file());
 }
 
+/// The issue's own command, `gpt2kit train ... 2>&1 | head -1`, closes stdout too: the
+/// eval lines the trainer prints mid-run fail with EPIPE. The run must still finish and
+/// write its final model (needs train/src/trainer.rs to ignore failed stdout writes
+/// mid-run; it stopped at the first eval line with exit 0 and no `final/`).
+#[test]
+fn a_closed_stdout_and_stderr_do_not_stop_training() {
+    let t = TempDir::new("closed-both");
+    let [model, data] = tiny_run(&t);
+    let mut child = train_command(&t, &model, &data)
+        .args(["--eval-split", "0.2", "--eval-steps", "2"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    assert!(t.path("run/final/model.safetensors").is_file());
+}
+
 /// An error message to a full stderr: lost, but the exit status still says what
 /// happened (2 for bad input), with no abort.
 #[test]
