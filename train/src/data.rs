@@ -333,17 +333,40 @@ impl Progress {
 /// Bytes of text encoded per tokenizer call. The `tokenizers` crate keeps roughly 180
 /// bytes of bookkeeping per input byte while it encodes (offsets, alignments, token
 /// strings): a 20 MB line peaked at 3.6 GB in one call.
-const PIECE_BYTES: usize = 1 << 18;
+pub(crate) const PIECE_BYTES: usize = 1 << 18;
 
-/// Token ids of `text`, encoded `piece` bytes at a time when `splittable` (the
-/// tokenizer splits like GPT-2, see `splits_like_gpt2`), with `on_piece(bytes done,
-/// ids so far)` before and between pieces. The ids are those of encoding `text` whole: a piece ends just before
-/// an ASCII whitespace byte that follows an ASCII non-whitespace one, and GPT-2's split
-/// regex always cuts there. (Every position starts a match of the regex, so its matches
-/// tile the text; a match holding a non-whitespace character has whitespace only as its
-/// first character, so the match that holds byte i-1 ends at i; the regex has no
-/// look-behind, so the matches from i on do not depend on what came before; and no
-/// special token holds whitespace, so none spans the cut.)
+/// `text` in pieces of `piece` bytes or a little more (the last may be shorter), each
+/// ending just before an ASCII whitespace byte that follows an ASCII non-whitespace one:
+/// GPT-2's split regex always cuts there, so the pieces pre-tokenize (and encode) to the
+/// words (and ids) of the whole text. (Every position starts a match of the regex, so
+/// its matches tile the text; a match holding a non-whitespace character has whitespace
+/// only as its first character, so the match holding byte i-1 ends at i; the regex has
+/// no look-behind, so its matches from i on do not depend on what came before; and no
+/// special token holds whitespace, so none spans a cut.)
+pub(crate) fn gpt2_pieces(text: &str, piece: usize) -> impl Iterator<Item = &str> + Send {
+    let bytes = text.as_bytes();
+    let piece = piece.max(1);
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= bytes.len() {
+            return None;
+        }
+        let mut end = start.saturating_add(piece).min(bytes.len());
+        while end < bytes.len()
+            && !(bytes[end].is_ascii_whitespace() && bytes[end - 1].is_ascii_graphic())
+        {
+            end += 1;
+        }
+        // Both bytes around a cut are ASCII, so it is a char boundary.
+        let s = &text[start..end];
+        start = end;
+        Some(s)
+    })
+}
+
+/// Token ids of `text`, encoded in `gpt2_pieces` of `piece` bytes when `splittable`
+/// (the tokenizer splits like GPT-2, see `splits_like_gpt2`): the ids of encoding it
+/// whole. `on_piece(bytes done, ids so far)` is called before and between pieces.
 fn encode_in_pieces(
     tokenizer: &Tokenizer,
     text: &str,
@@ -355,20 +378,12 @@ fn encode_in_pieces(
     if !splittable || text.len() <= piece {
         return tokenizer.encode(text);
     }
-    let bytes = text.as_bytes();
     let mut ids = Vec::new();
-    let mut start = 0;
-    while start < bytes.len() {
-        let mut end = (start + piece).min(bytes.len());
-        while end < bytes.len()
-            && !(bytes[end].is_ascii_whitespace() && bytes[end - 1].is_ascii_graphic())
-        {
-            end += 1;
-        }
-        // Both bytes around the cut are ASCII, so it is a char boundary.
-        ids.extend(tokenizer.encode(&text[start..end])?);
-        start = end;
-        on_piece(start, ids.len());
+    let mut done = 0;
+    for p in gpt2_pieces(text, piece) {
+        ids.extend(tokenizer.encode(p)?);
+        done += p.len();
+        on_piece(done, ids.len());
     }
     Ok(ids)
 }

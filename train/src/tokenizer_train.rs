@@ -20,6 +20,7 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerImpl};
 
+use crate::data::{gpt2_pieces, PIECE_BYTES};
 use crate::folder::TMP_PREFIX;
 
 pub const ENDOFTEXT: &str = "<|endoftext|>";
@@ -85,10 +86,21 @@ pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Er
 /// `vocab_size` entries or no pair occurs `min_frequency` times. Deterministic: the
 /// trainer breaks count ties by the pair's ids, and the byte symbols take ids 0–255 in
 /// GPT-2's order (its printable bytes first: the byte-level characters' code points).
+/// The texts are fed in `gpt2_pieces`, which pre-tokenize to the same words, so that a
+/// long text does not hold the trainer's per-byte bookkeeping all at once.
 pub fn train(
     texts: &[String],
     vocab_size: usize,
     min_frequency: u64,
+) -> Result<tokenizers::Tokenizer, Error> {
+    train_in_pieces(texts, vocab_size, min_frequency, PIECE_BYTES)
+}
+
+fn train_in_pieces(
+    texts: &[String],
+    vocab_size: usize,
+    min_frequency: u64,
+    piece: usize,
 ) -> Result<tokenizers::Tokenizer, Error> {
     if vocab_size < MIN_VOCAB_SIZE {
         return Err(Error::Input(format!(
@@ -114,7 +126,10 @@ pub fn train(
     > = TokenizerImpl::new(BPE::default());
     learner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     learner
-        .train(&mut trainer, texts.iter())
+        .train(
+            &mut trainer,
+            texts.iter().flat_map(|t| gpt2_pieces(t, piece)),
+        )
         .map_err(|e| failed(&e))?;
 
     // Rebuild the model with `<|endoftext|>` in its vocabulary too, as GPT-2's
@@ -296,10 +311,101 @@ fn tokenizer_files(
 }
 
 /// Tokens of `texts` under `tokenizer` (no special tokens added), for bytes per token.
+/// `tokenizer` splits like GPT-2's (one that `train` made): the texts are encoded in
+/// `gpt2_pieces`, a batch of about `PIECE_BYTES` at a time, to bound the memory.
 pub fn count_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[String]) -> Result<usize, Error> {
-    let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let encodings = tokenizer
-        .encode_batch_fast(inputs, false)
-        .map_err(|e| Error::Input(format!("encoding the training text: {e}")))?;
-    Ok(encodings.iter().map(|e| e.get_ids().len()).sum())
+    count_in_pieces(tokenizer, texts, PIECE_BYTES)
+}
+
+fn count_in_pieces(
+    tokenizer: &tokenizers::Tokenizer,
+    texts: &[String],
+    piece: usize,
+) -> Result<usize, Error> {
+    let mut count = 0;
+    let mut batch: Vec<&str> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut pieces = texts.iter().flat_map(|t| gpt2_pieces(t, piece)).peekable();
+    while let Some(p) = pieces.next() {
+        batch.push(p);
+        batch_bytes += p.len();
+        if batch_bytes >= piece || pieces.peek().is_none() {
+            let encodings = tokenizer
+                .encode_batch_fast(std::mem::take(&mut batch), false)
+                .map_err(|e| Error::Input(format!("encoding the training text: {e}")))?;
+            count += encodings.iter().map(|e| e.get_ids().len()).sum::<usize>();
+            batch_bytes = 0;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Long texts of words, numbers, punctuation and whitespace runs of every kind.
+    fn long_texts() -> Vec<String> {
+        let parts = [
+            "the",
+            "model",
+            "café",
+            "日本語",
+            "🚀",
+            "42",
+            "x=1;",
+            "!!",
+            "'s",
+            "don't",
+            " ",
+            " ",
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\t",
+            "\r\n",
+            "\u{a0}",
+            "\u{3000}",
+            "(",
+            ".",
+            ",",
+        ];
+        let mut x = 11u64;
+        (0..6)
+            .map(|_| {
+                (0..3000)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        parts[(x >> 33) as usize % parts.len()]
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn training_and_counting_in_pieces_changes_nothing() {
+        let texts = long_texts();
+        let whole = train_in_pieces(&texts, 500, 2, usize::MAX).unwrap();
+        let cut = train_in_pieces(&texts, 500, 2, 7).unwrap();
+        assert_eq!(
+            cut.to_string(false).unwrap(),
+            whole.to_string(false).unwrap()
+        );
+        let n = count_in_pieces(&whole, &texts, usize::MAX).unwrap();
+        let encoded: usize = texts
+            .iter()
+            .map(|t| {
+                whole
+                    .encode_fast(t.as_str(), false)
+                    .unwrap()
+                    .get_ids()
+                    .len()
+            })
+            .sum();
+        assert_eq!(n, encoded);
+        assert_eq!(count_in_pieces(&whole, &texts, 7).unwrap(), n);
+        assert_eq!(count_in_pieces(&whole, &texts, 1000).unwrap(), n);
+    }
 }
