@@ -47,8 +47,10 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    // `eprintln!` panics when stderr is closed or full, and a panic inside the panic
+    // hook aborts the process: nothing written to stderr may panic.
     std::panic::set_hook(Box::new(|info| {
-        eprintln!("gpt2kit: internal error: {info}");
+        let _ = writeln!(io::stderr(), "gpt2kit: internal error: {info}");
     }));
     let cli = Cli::parse();
     // Checks that a command line parses without running it (the README's usage test).
@@ -71,7 +73,7 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) if is_broken_pipe(&e) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            let _ = writeln!(io::stderr(), "error: {e:#}");
             ExitCode::from(exit_code(&e))
         }
     }

@@ -3,6 +3,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
+use anyhow::Context;
 use clap::{Args as ClapArgs, Subcommand};
 use train::tokenizer_train;
 
@@ -50,12 +51,15 @@ fn train_tokenizer(args: &TrainArgs, out: &mut Out) -> anyhow::Result<()> {
         ))
         .into());
     }
+    // Before the (long) training, and again before writing: a model's folder keeps its
+    // tokenizer.
+    tokenizer_train::check_new_folder(&args.out).context("--out")?;
     let start = Instant::now();
     let texts = tokenizer_train::read_texts(&args.data, &args.text_field)?;
     let bytes: usize = texts.iter().map(String::len).sum();
     let tokenizer = tokenizer_train::train(&texts, args.vocab_size, args.min_frequency)?;
     let seconds = start.elapsed().as_secs_f64();
-    let files = tokenizer_train::save(&tokenizer, &args.out)?;
+    let files = tokenizer_train::save(&tokenizer, &args.out).context("--out")?;
     let tokens = tokenizer_train::count_tokens(&tokenizer, &texts)?;
     let vocab = tokenizer.get_vocab_size(true);
     writeln!(

@@ -291,6 +291,8 @@ fn min_frequency_stops_the_merges() {
     let tok = Tokenizer::from_dir(&out).unwrap();
     assert_eq!(tok.vocab_size(), 257);
     assert_eq!(tok.encode("abab").unwrap().len(), 4);
+    // A new folder: `--out` is never overwritten.
+    let out = dir.join("tok4");
     assert_trained(&train(&[&data], 1000, &out, &["--min-frequency", "4"]));
     let tok = Tokenizer::from_dir(&out).unwrap();
     assert!(tok.vocab_size() > 257);

@@ -1,6 +1,12 @@
 //! What a person sees of training: TensorBoard scalars (tensorboard-rs event files under
 //! `OUTPUT/runs/`), an indicatif progress bar on a terminal's stderr (step, loss, lr,
 //! tokens/s, ETA), and plain log lines on stderr when it is not a terminal.
+//!
+//! A closed or full stderr loses these messages and nothing else: `eprintln!` would
+//! panic there (Rust ignores SIGPIPE, so a closed pipe is an EPIPE write error), which
+//! would end a training run before its final model is written. Every write goes
+//! through `stderr_line`, and indicatif ignores its own write errors.
+use std::io::Write;
 use std::path::Path;
 
 use anyhow::{Context, Result};
@@ -55,10 +61,10 @@ impl Metrics {
             tb.add_scalar("train/tokens_per_s", tokens_per_s as f32, s);
         }
         if self.bar.is_hidden() {
-            eprintln!(
+            stderr_line(&format!(
                 "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s",
                 self.bar.length().unwrap_or(0)
-            );
+            ));
         }
     }
 
@@ -73,7 +79,7 @@ impl Metrics {
     /// A message that does not tear the bar.
     pub fn line(&self, text: &str) {
         if self.bar.is_hidden() {
-            eprintln!("{text}");
+            stderr_line(text);
         } else {
             self.bar.println(text);
         }
@@ -90,4 +96,9 @@ impl Metrics {
             tb.flush();
         }
     }
+}
+
+/// Writes a line to stderr, ignoring a closed or full stderr (where `eprintln!` panics).
+pub fn stderr_line(text: &str) {
+    let _ = writeln!(std::io::stderr(), "{text}");
 }

@@ -9,7 +9,7 @@
 //! `vocab.json` + `merges.txt`.
 use std::collections::HashSet;
 use std::fs;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 
 use infer::Error;
@@ -20,13 +20,17 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerImpl};
 
+use crate::data::{gpt2_pieces, PIECE_BYTES};
+use crate::folder::TMP_PREFIX;
+
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 /// The byte symbols plus `<|endoftext|>`: the smallest vocabulary there is.
 pub const MIN_VOCAB_SIZE: usize = 256 + 1;
 
 /// The training texts of JSONL files: each row's `text_field`, or else both its
 /// `prompt` and its `completion`. Blank lines are skipped; any other line that is not
-/// such an object is an `Error::Input` naming `file:line`.
+/// such an object is an `Error::Input` naming `file:line`. A UTF-8 byte order mark at the
+/// start of a file is skipped.
 pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Error> {
     let mut texts = Vec::new();
     for path in paths {
@@ -37,6 +41,11 @@ pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Er
         for (i, line) in BufReader::new(file).lines().enumerate() {
             let at = || format!("{}:{}", path.display(), i + 1);
             let line = line.map_err(|e| Error::Input(format!("{}: {e}", at())))?;
+            // A byte order mark opens some UTF-8 files (Python reads them as utf-8-sig).
+            let line = match line.strip_prefix('\u{feff}') {
+                Some(rest) if i == 0 => rest.to_string(),
+                _ => line,
+            };
             if line.trim().is_empty() {
                 continue;
             }
@@ -77,10 +86,21 @@ pub fn read_texts(paths: &[PathBuf], text_field: &str) -> Result<Vec<String>, Er
 /// `vocab_size` entries or no pair occurs `min_frequency` times. Deterministic: the
 /// trainer breaks count ties by the pair's ids, and the byte symbols take ids 0–255 in
 /// GPT-2's order (its printable bytes first: the byte-level characters' code points).
+/// The texts are fed in `gpt2_pieces`, which pre-tokenize to the same words, so that a
+/// long text does not hold the trainer's per-byte bookkeeping all at once.
 pub fn train(
     texts: &[String],
     vocab_size: usize,
     min_frequency: u64,
+) -> Result<tokenizers::Tokenizer, Error> {
+    train_in_pieces(texts, vocab_size, min_frequency, PIECE_BYTES)
+}
+
+fn train_in_pieces(
+    texts: &[String],
+    vocab_size: usize,
+    min_frequency: u64,
+    piece: usize,
 ) -> Result<tokenizers::Tokenizer, Error> {
     if vocab_size < MIN_VOCAB_SIZE {
         return Err(Error::Input(format!(
@@ -106,7 +126,10 @@ pub fn train(
     > = TokenizerImpl::new(BPE::default());
     learner.with_pre_tokenizer(Some(ByteLevel::new(false, true, true)));
     learner
-        .train(&mut trainer, texts.iter())
+        .train(
+            &mut trainer,
+            texts.iter().flat_map(|t| gpt2_pieces(t, piece)),
+        )
         .map_err(|e| failed(&e))?;
 
     // Rebuild the model with `<|endoftext|>` in its vocabulary too, as GPT-2's
@@ -130,13 +153,102 @@ pub fn train(
     Ok(tokenizer)
 }
 
-/// Writes `tokenizer.json`, `tokenizer_config.json`, `vocab.json` and `merges.txt`.
+/// Refuses an output folder that exists and is not empty (or is not a folder), so that
+/// training never replaces a model's tokenizer; `save` checks again before it writes.
+pub fn check_new_folder(dir: &Path) -> Result<(), Error> {
+    if dir.as_os_str().is_empty() {
+        return Err(Error::Input("the output folder's path is empty".into()));
+    }
+    if !dir.exists() {
+        // The nearest existing folder above must be a folder, or nothing can be made.
+        return match dir.ancestors().skip(1).find(|a| a.exists()) {
+            Some(above) if !above.as_os_str().is_empty() && !above.is_dir() => Err(Error::Input(
+                format!("{}: {} is not a folder", dir.display(), above.display()),
+            )),
+            _ => Ok(()),
+        };
+    }
+    match fs::read_dir(dir).map(|mut entries| entries.next().is_none()) {
+        Ok(true) => Ok(()),
+        Ok(false) => Err(Error::Input(format!(
+            "{}: already exists and is not empty; choose a new folder",
+            dir.display()
+        ))),
+        Err(_) => Err(Error::Input(format!(
+            "{}: already exists and is not a folder; choose a new folder",
+            dir.display()
+        ))),
+    }
+}
+
+/// Writes `tokenizer.json`, `tokenizer_config.json`, `vocab.json` and `merges.txt` into
+/// `dir`, which must not exist or be empty. Atomic: the files go into a temporary
+/// folder beside `dir` that is renamed into place when complete, so a failure or a kill
+/// leaves no partial tokenizer (rename also refuses a folder that gained files since).
 pub fn save(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<Vec<PathBuf>, Error> {
+    check_new_folder(dir)?;
+    let files = tokenizer_files(tokenizer, dir)?;
+    let name = dir
+        .file_name()
+        .ok_or_else(|| Error::Input(format!("{}: not a folder name", dir.display())))?
+        .to_string_lossy()
+        .into_owned();
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
     let io = |path: &Path| {
         let path = path.to_path_buf();
         move |source| Error::Io { path, source }
     };
-    fs::create_dir_all(dir).map_err(io(dir))?;
+    fs::create_dir_all(&parent).map_err(io(&parent))?;
+    let tmp = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
+    if tmp.exists() {
+        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    }
+    fs::create_dir(&tmp).map_err(io(&tmp))?;
+    let written = (|| {
+        for (file, text) in &files {
+            write_synced(&tmp.join(file), text.as_bytes())?;
+        }
+        sync(&tmp)?;
+        fs::rename(&tmp, dir).map_err(io(dir))?;
+        sync(&parent)
+    })();
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    Ok(files.iter().map(|(file, _)| dir.join(file)).collect())
+}
+
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
+    let mut f = fs::File::create(path).map_err(|source| Error::Io {
+        path: path.into(),
+        source,
+    })?;
+    f.write_all(bytes)
+        .and_then(|()| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: path.into(),
+            source,
+        })
+}
+
+fn sync(dir: &Path) -> Result<(), Error> {
+    fs::File::open(dir)
+        .and_then(|f| f.sync_all())
+        .map_err(|source| Error::Io {
+            path: dir.into(),
+            source,
+        })
+}
+
+/// The four files' names and contents (`dir` names errors only).
+fn tokenizer_files(
+    tokenizer: &tokenizers::Tokenizer,
+    dir: &Path,
+) -> Result<[(&'static str, String); 4], Error> {
     let eos = tokenizer
         .token_to_id(ENDOFTEXT)
         .ok_or_else(|| Error::Tokenizer {
@@ -190,26 +302,110 @@ pub fn save(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<Vec<PathBuf
         },
     });
     let config = serde_json::to_string_pretty(&config).unwrap_or_default() + "\n";
-    let files = [
+    Ok([
         ("tokenizer.json", json + "\n"),
         ("tokenizer_config.json", config),
         ("vocab.json", vocab_json),
         ("merges.txt", merges_txt),
-    ];
-    let mut written = Vec::new();
-    for (name, text) in files {
-        let path = dir.join(name);
-        fs::write(&path, text).map_err(io(&path))?;
-        written.push(path);
-    }
-    Ok(written)
+    ])
 }
 
 /// Tokens of `texts` under `tokenizer` (no special tokens added), for bytes per token.
+/// `tokenizer` splits like GPT-2's (one that `train` made): the texts are encoded in
+/// `gpt2_pieces`, a batch of about `PIECE_BYTES` at a time, to bound the memory.
 pub fn count_tokens(tokenizer: &tokenizers::Tokenizer, texts: &[String]) -> Result<usize, Error> {
-    let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-    let encodings = tokenizer
-        .encode_batch_fast(inputs, false)
-        .map_err(|e| Error::Input(format!("encoding the training text: {e}")))?;
-    Ok(encodings.iter().map(|e| e.get_ids().len()).sum())
+    count_in_pieces(tokenizer, texts, PIECE_BYTES)
+}
+
+fn count_in_pieces(
+    tokenizer: &tokenizers::Tokenizer,
+    texts: &[String],
+    piece: usize,
+) -> Result<usize, Error> {
+    let mut count = 0;
+    let mut batch: Vec<&str> = Vec::new();
+    let mut batch_bytes = 0;
+    let mut pieces = texts.iter().flat_map(|t| gpt2_pieces(t, piece)).peekable();
+    while let Some(p) = pieces.next() {
+        batch.push(p);
+        batch_bytes += p.len();
+        if batch_bytes >= piece || pieces.peek().is_none() {
+            let encodings = tokenizer
+                .encode_batch_fast(std::mem::take(&mut batch), false)
+                .map_err(|e| Error::Input(format!("encoding the training text: {e}")))?;
+            count += encodings.iter().map(|e| e.get_ids().len()).sum::<usize>();
+            batch_bytes = 0;
+        }
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Long texts of words, numbers, punctuation and whitespace runs of every kind.
+    fn long_texts() -> Vec<String> {
+        let parts = [
+            "the",
+            "model",
+            "café",
+            "日本語",
+            "🚀",
+            "42",
+            "x=1;",
+            "!!",
+            "'s",
+            "don't",
+            " ",
+            " ",
+            " ",
+            "  ",
+            "\n",
+            "\n\n",
+            "\t",
+            "\r\n",
+            "\u{a0}",
+            "\u{3000}",
+            "(",
+            ".",
+            ",",
+        ];
+        let mut x = 11u64;
+        (0..6)
+            .map(|_| {
+                (0..3000)
+                    .map(|_| {
+                        x = x.wrapping_mul(6364136223846793005).wrapping_add(1);
+                        parts[(x >> 33) as usize % parts.len()]
+                    })
+                    .collect()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn training_and_counting_in_pieces_changes_nothing() {
+        let texts = long_texts();
+        let whole = train_in_pieces(&texts, 500, 2, usize::MAX).unwrap();
+        let cut = train_in_pieces(&texts, 500, 2, 7).unwrap();
+        assert_eq!(
+            cut.to_string(false).unwrap(),
+            whole.to_string(false).unwrap()
+        );
+        let n = count_in_pieces(&whole, &texts, usize::MAX).unwrap();
+        let encoded: usize = texts
+            .iter()
+            .map(|t| {
+                whole
+                    .encode_fast(t.as_str(), false)
+                    .unwrap()
+                    .get_ids()
+                    .len()
+            })
+            .sum();
+        assert_eq!(n, encoded);
+        assert_eq!(count_in_pieces(&whole, &texts, 7).unwrap(), n);
+        assert_eq!(count_in_pieces(&whole, &texts, 1000).unwrap(), n);
+    }
 }
