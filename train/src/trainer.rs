@@ -274,12 +274,14 @@ fn train_owned(
 ) -> Result<TrainSummary> {
     let start_dir = o.model.clone();
     let cleaned = folder::remove_leftovers(&o.output)?;
+    // Lines on `out` are for people: a reader that went away (`| head`) loses them, the
+    // run goes on to its final model.
     if cleaned > 0 {
-        writeln!(
+        let _ = writeln!(
             out,
             "removed {cleaned} unfinished save(s) left in {}",
             o.output.display()
-        )?;
+        );
     }
     let resume_dir = resolve_resume(o)?;
     if resume_dir.is_none() {
@@ -319,25 +321,27 @@ fn train_owned(
         .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
     infer::check_vocab(base_config, &tokenizer, &start_dir)?;
     let eos = data::eos_id(base_config, &tokenizer)?;
-    let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &o.data_options)?;
+    // A token id past the model's vocabulary fails naming its file and line.
+    let mut data_options = o.data_options.clone();
+    data_options.vocab_size = Some(base_config.vocab_size);
+    let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &data_options)?;
     let mut skipped_lines = report.skipped;
     if report.skipped > 0 {
-        writeln!(
+        let _ = writeln!(
             out,
             "skipped {} invalid line(s) in the training data",
             report.skipped
-        )?;
+        );
     }
     let (train_set, eval_set) = match (&o.eval_data, o.eval_split) {
         (Some(p), _) => {
-            let (e, r) =
-                data::load_jsonl(std::slice::from_ref(p), &tokenizer, eos, &o.data_options)?;
+            let (e, r) = data::load_jsonl(std::slice::from_ref(p), &tokenizer, eos, &data_options)?;
             if r.skipped > 0 {
-                writeln!(
+                let _ = writeln!(
                     out,
                     "skipped {} invalid line(s) in the eval data",
                     r.skipped
-                )?;
+                );
                 skipped_lines += r.skipped;
             }
             (samples, e)
@@ -409,12 +413,12 @@ fn train_owned(
         adam.load_state(&opt)
             .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
         state.max_steps = total_steps;
-        writeln!(
+        let _ = writeln!(
             out,
             "resuming from {} at step {}",
             dir.display(),
             state.global_step
-        )?;
+        );
     }
 
     let mut metrics = Metrics::new(
@@ -551,19 +555,19 @@ fn train_owned(
         if eval_now {
             let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
             record_eval(&mut state, &mut metrics, step, &r);
-            writeln!(
+            let _ = writeln!(
                 out,
                 "step {step}: eval loss {:.4} · perplexity {:.3}",
                 r.loss, r.perplexity
-            )?;
+            );
             last_eval = Some(r);
             if let Some(p) = o.early_stopping_patience {
                 if state.evals_without_improvement >= p {
-                    writeln!(
+                    let _ = writeln!(
                         out,
                         "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
                         state.best_metric.unwrap_or(f64::NAN)
-                    )?;
+                    );
                     early_stopped = true;
                 }
             }
