@@ -467,6 +467,20 @@ fn fifos_are_refused_not_read() {
         mkfifo(&dir.join(file));
         assert_all_fail(&c, &dir, 1, &[file, "not a regular file (a FIFO)"]);
     }
+    // A --generation-config FIFO blocked infer until killed.
+    let fifo = c.scratch.join("generation_config.json");
+    mkfifo(&fifo);
+    let model = reference("hub-tied");
+    let o = run(&[
+        "infer",
+        "--model",
+        s(&model),
+        "--prompt",
+        "hello",
+        "--generation-config",
+        s(&fifo),
+    ]);
+    assert_clean_failure(&o, 1, "not a regular file (a FIFO)");
 }
 
 #[test]
