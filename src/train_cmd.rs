@@ -106,6 +106,9 @@ pub struct Args {
     /// step's; needs --eval-steps and --save-steps a multiple of it.
     #[arg(long)]
     load_best_model_at_end: bool,
+    /// Testing hook: fail as a crash would after N micro-batches of this run.
+    #[arg(long, hide = true)]
+    stop_after_micro_batches: Option<u64>,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -140,9 +143,6 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     data_options.text_field = args.text_field.clone();
     data_options.skip_invalid = args.skip_invalid;
     data_options.truncation = args.truncation;
-    let stop_after = std::env::var("GPT2KIT_TRAIN_STOP_AFTER")
-        .ok()
-        .and_then(|v| v.parse().ok());
     let options = TrainOptions {
         model: args.model.clone(),
         data: args.data.clone(),
@@ -181,7 +181,10 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         device,
         bf16,
         progress: std::io::stderr().is_terminal(),
-        stop_after_micro_batches: stop_after,
+        // Documented switches of the environment, read here only.
+        profile: std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some(),
+        keep_freed_memory: std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none(),
+        stop_after_micro_batches: args.stop_after_micro_batches,
     };
     let s = train(&options, out)?;
     writeln!(

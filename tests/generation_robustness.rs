@@ -50,6 +50,9 @@ fn long_context_model(dir: &Path) -> PathBuf {
 
 /// A copy of the hub-tied reference model whose final layer norm weight is NaN, so that
 /// every logit is NaN.
+/// A model whose weights are finite (the loader refuses NaN weights) but whose
+/// final layer norm scales every hidden value to f32::MAX: the head's products
+/// overflow, and the scores are infinities and NaN.
 fn nan_model(dir: &Path) -> PathBuf {
     let src = reference("hub-tied");
     let out = dir.join("nan");
@@ -63,7 +66,7 @@ fn nan_model(dir: &Path) -> PathBuf {
         .into_iter()
         .map(|(n, t)| {
             let t = if n.ends_with("ln_f.weight") {
-                t.full_like(f64::NAN)
+                t.full_like(f32::MAX as f64)
             } else {
                 t
             };

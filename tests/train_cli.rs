@@ -234,7 +234,7 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
         per_epoch > 12 && per_epoch % 3 != 0,
         "{per_epoch} micro-batches per epoch"
     );
-    let o = run(&crashed, &[], &[("GPT2KIT_TRAIN_STOP_AFTER", "17")]);
+    let o = run(&crashed, &["--stop-after-micro-batches", "17"], &[]);
     assert_clean_failure(&o, 1, "stopped after 17 micro-batches");
     assert!(t.path("crashed/checkpoint-4").is_dir() && !t.path("crashed/checkpoint-8").exists());
     // A save cut short leaves a temporary folder: the next start removes it.

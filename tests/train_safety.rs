@@ -9,8 +9,7 @@
 mod common;
 
 use common::{
-    assert_clean_failure, assert_ok, corpus, gpt2kit, gpt2kit_env, reference, stderr, stdout,
-    TempDir,
+    assert_clean_failure, assert_ok, corpus, gpt2kit, reference, stderr, stdout, TempDir,
 };
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -134,7 +133,8 @@ fn a_failed_resumed_run_says_that_final_is_an_earlier_runs() {
     args.extend(b.iter().map(String::as_str));
     args.push("--resume");
     // Dies after 5 micro-batches of the resumed run: checkpoint-10 and -12 are saved.
-    let o = gpt2kit_env(&args, &[("GPT2KIT_TRAIN_STOP_AFTER", "5")]);
+    args.extend(["--stop-after-micro-batches", "5"]);
+    let o = gpt2kit(&args);
     assert_clean_failure(&o, 1, "still holds the model of step 8 from an earlier run");
     assert!(
         stderr(&o).contains("checkpoint-12 (step 12)"),

@@ -51,6 +51,10 @@ pub struct TrainOptions {
     pub bf16: bool,
     /// Show a progress bar on a terminal (plain log lines otherwise).
     pub progress: bool,
+    /// Seconds per phase of each step on stderr.
+    pub profile: bool,
+    /// Keep freed memory in the process (glibc's allocator; see `trainer`).
+    pub keep_freed_memory: bool,
     /// Testing hook: fail as a crash would after this many micro-batches of this run.
     pub stop_after_micro_batches: Option<u64>,
 }

@@ -200,7 +200,7 @@ fn keep_freed_memory() {
 }
 
 pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
-    if std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none() {
+    if o.keep_freed_memory {
         keep_freed_memory();
     }
     infer::model::check_model_dir(&o.model)?;
@@ -433,8 +433,7 @@ fn train_owned(
     let mut last_eval = None;
     let mut early_stopped = false;
     let mut last_saved = None;
-    // GPT2KIT_TRAIN_PROFILE=1: seconds per phase of each step on stderr.
-    let profile = std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some();
+    let profile = o.profile;
 
     *started = true;
     while state.global_step < total_steps {
@@ -488,7 +487,9 @@ fn train_owned(
             micro_batches_run += 1;
             if o.stop_after_micro_batches == Some(micro_batches_run) {
                 metrics.finish();
-                bail!("stopped after {micro_batches_run} micro-batches (GPT2KIT_TRAIN_STOP_AFTER testing hook)");
+                bail!(
+                    "stopped after {micro_batches_run} micro-batches (--stop-after-micro-batches)"
+                );
             }
         }
         let loss = loss_sum / targets.max(1) as f64;
