@@ -268,9 +268,9 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
         "final weights differ"
     );
     assert!(weights("full/checkpoint-8") == weights("crashed/checkpoint-8"));
-    // Resuming from an explicit path works too and refuses a non-checkpoint.
-    let o = run(&t.s("other"), &["--resume", &t.s("full")], &[]);
-    assert_clean_failure(&o, 2, "not a checkpoint folder");
+    // An explicit path that holds no checkpoint is refused.
+    let o = run(&t.s("other"), &["--resume", &t.s("full/runs")], &[]);
+    assert_clean_failure(&o, 2, "neither a checkpoint folder");
     // An output folder with checkpoints is not silently trained over.
     assert_clean_failure(
         &run(&full, &[], &[]),

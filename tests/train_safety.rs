@@ -426,3 +426,181 @@ fn load_best_model_at_end_makes_final_the_best_checkpoint() {
     bad[i + 1] = "3".into();
     assert_clean_failure(&run(&bad, &[]), 2, "--save-steps to be a multiple");
 }
+
+/// A lock file planted as a symbolic link or a hard link is refused, and the file it
+/// names keeps its bytes (it was truncated and overwritten with the owner's name).
+#[test]
+fn a_planted_lock_file_never_has_its_target_written() {
+    let t = TempDir::new("lock-link");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(40, 31)).unwrap();
+    let (data, out) = (t.s("train.jsonl"), t.s("out"));
+    assert_ok(&run(&base(&model, &data, &out, "2"), &[]));
+    std::fs::write(t.path("victim.txt"), "precious").unwrap();
+    let lock = t.path("out/.gpt2kit-train.lock");
+    std::os::unix::fs::symlink(t.path("victim.txt"), &lock).unwrap();
+    let o = run(&base(&model, &data, &out, "3"), &["--resume"]);
+    assert_clean_failure(&o, 2, "is a symbolic link, not a lock file");
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::hard_link(t.path("victim.txt"), &lock).unwrap();
+    let o = run(&base(&model, &data, &out, "3"), &["--resume"]);
+    assert_clean_failure(&o, 2, "a hard link to another file");
+    assert_eq!(
+        std::fs::read_to_string(t.path("victim.txt")).unwrap(),
+        "precious"
+    );
+    std::fs::remove_file(&lock).unwrap();
+    std::fs::create_dir(&lock).unwrap();
+    let o = run(&base(&model, &data, &out, "3"), &["--resume"]);
+    assert_clean_failure(&o, 2, "is a folder, not a lock file");
+}
+
+/// Resuming from an older checkpoint of a folder that holds later ones would have
+/// rotation (newest by step) delete this run's own saves: refused, nothing touched.
+/// A link named like a checkpoint is never taken for the latest one.
+#[test]
+fn resuming_behind_later_checkpoints_is_refused() {
+    let t = TempDir::new("behind");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(40, 32)).unwrap();
+    let (data, out) = (t.s("train.jsonl"), t.s("out"));
+    assert_ok(&run(&base(&model, &data, &out, "6"), &[]));
+    let before = snapshot(&t.path("out"));
+    let o = run(
+        &base(&model, &data, &out, "4"),
+        &[
+            "--resume",
+            &t.s("out/checkpoint-2"),
+            "--save-total-limit",
+            "1",
+        ],
+    );
+    assert_clean_failure(
+        &o,
+        2,
+        "already holds later checkpoints (checkpoint-4, checkpoint-6)",
+    );
+    assert_eq!(snapshot(&t.path("out")), before);
+    // Resumed into another folder, the same checkpoint is fine; --resume also takes
+    // an output folder and continues its latest checkpoint.
+    assert_ok(&run(
+        &base(&model, &data, &t.s("branch"), "4"),
+        &["--resume", &t.s("out/checkpoint-2")],
+    ));
+    let o = run(&base(&model, &data, &t.s("more"), "8"), &["--resume", &out]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("checkpoint-6 at step 6"),
+        "{}",
+        stdout(&o)
+    );
+    std::os::unix::fs::symlink(t.path("branch/checkpoint-4"), t.path("out/checkpoint-99")).unwrap();
+    let o = run(&base(&model, &data, &out, "8"), &["--resume"]);
+    assert_ok(&o);
+    assert!(
+        stdout(&o).contains("checkpoint-6 at step 6"),
+        "{}",
+        stdout(&o)
+    );
+}
+
+/// A hand-edited trainer_state.json cannot point the run outside its folder or back
+/// in time.
+#[test]
+fn a_checkpoints_state_is_checked_before_it_is_trusted() {
+    let t = TempDir::new("state");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(40, 33)).unwrap();
+    let (data, out) = (t.s("train.jsonl"), t.s("out"));
+    assert_ok(&run(&base(&model, &data, &out, "2"), &[]));
+    let path = t.path("out/checkpoint-2/trainer_state.json");
+    let good = std::fs::read_to_string(&path).unwrap();
+    for (key, value, needle) in [
+        (
+            "best_model_checkpoint",
+            serde_json::json!("/etc"),
+            "is not a checkpoint-STEP name",
+        ),
+        ("global_step", serde_json::json!(-5), "negative step"),
+        ("global_step", serde_json::json!(7), "named for step 2"),
+    ] {
+        let mut state: serde_json::Value = serde_json::from_str(&good).unwrap();
+        state[key] = value;
+        std::fs::write(&path, state.to_string()).unwrap();
+        let o = run(&base(&model, &data, &out, "4"), &["--resume"]);
+        assert_clean_failure(&o, 1, needle);
+    }
+}
+
+/// Resuming a run that is already complete changes nothing: no second eval in the
+/// history, no early-stopping count, no rewritten checkpoint.
+#[test]
+fn resuming_a_complete_run_changes_nothing() {
+    let t = TempDir::new("complete");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(60, 34)).unwrap();
+    let (data, out) = (t.s("train.jsonl"), t.s("out"));
+    let extra = [
+        "--eval-split",
+        "0.2",
+        "--eval-steps",
+        "1",
+        "--early-stopping-patience",
+        "5",
+    ];
+    assert_ok(&run(&base(&model, &data, &out, "3"), &extra));
+    let ckpt = snapshot(&t.path("out/checkpoint-3"));
+    let state = |dir: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(t.path(dir)).unwrap()).unwrap()
+    };
+    let first = state("out/final/trainer_state.json");
+    for _ in 0..2 {
+        let o = run(
+            &base(&model, &data, &out, "3"),
+            &[&extra[..], &["--resume"]].concat(),
+        );
+        assert_ok(&o);
+        assert!(stdout(&o).contains("eval loss"), "{}", stdout(&o));
+    }
+    assert_eq!(snapshot(&t.path("out/checkpoint-3")), ckpt);
+    let again = state("out/final/trainer_state.json");
+    assert_eq!(again["log_history"], first["log_history"]);
+    assert_eq!(
+        again["evals_without_improvement"],
+        first["evals_without_improvement"]
+    );
+}
+
+#[test]
+fn output_folders_and_their_paths_fail_cleanly() {
+    let t = TempDir::new("paths");
+    let model = reference("hub-tied");
+    std::fs::write(t.path("train.jsonl"), corpus(40, 35)).unwrap();
+    std::fs::write(t.path("bad.jsonl"), "not json\n").unwrap();
+    let data = t.s("train.jsonl");
+    // A failed run removes every folder it made, parents included.
+    let o = run(&base(&model, &t.s("bad.jsonl"), &t.s("a/b/c"), "2"), &[]);
+    assert_clean_failure(&o, 2, "bad.jsonl:1");
+    assert!(!t.path("a").exists());
+    std::os::unix::fs::symlink(t.path("nowhere"), t.path("dangling")).unwrap();
+    let o = run(&base(&model, &data, &t.s("dangling"), "2"), &[]);
+    assert_clean_failure(&o, 2, "is a symbolic link to nothing");
+    // Data kept inside a checkpoint that rotation would delete.
+    let out = t.s("out");
+    assert_ok(&run(&base(&model, &data, &out, "2"), &[]));
+    std::fs::copy(t.path("train.jsonl"), t.path("out/checkpoint-2/d.jsonl")).unwrap();
+    let o = run(
+        &base(&model, &t.s("out/checkpoint-2/d.jsonl"), &out, "6"),
+        &["--resume", "--save-total-limit", "1"],
+    );
+    assert_clean_failure(&o, 2, "this run may rotate away or replace");
+    assert!(t.path("out/checkpoint-2/d.jsonl").is_file());
+    // An event file path past PATH_MAX: a clean error, where the TensorBoard writer
+    // thread panicked and the process aborted.
+    let mut deep = t.path("deep");
+    while deep.as_os_str().len() < 4000 {
+        deep = deep.join("d".repeat(200));
+    }
+    let o = run(&base(&model, &data, deep.to_str().unwrap(), "2"), &[]);
+    assert_clean_failure(&o, 1, "TensorBoard event file");
+}

@@ -72,8 +72,10 @@ pub fn list_checkpoints(output: &Path) -> Vec<(i64, PathBuf)> {
         .filter_map(|e| {
             let name = e.file_name().to_string_lossy().into_owned();
             let step = name.strip_prefix(PREFIX)?.parse::<i64>().ok()?;
+            // Real folders only: a link named like a checkpoint is not this run's.
             let p = e.path();
-            p.join(TRAINER_STATE).is_file().then_some((step, p))
+            let dir = e.file_type().is_ok_and(|t| t.is_dir());
+            (dir && p.join(TRAINER_STATE).is_file()).then_some((step, p))
         })
         .collect();
     out.sort();
@@ -95,7 +97,18 @@ pub fn rotate(output: &Path, keep: usize, best: Option<&Path>) -> Result<Vec<Pat
         let newest = i + keep >= n;
         let is_best = best.is_some_and(|b| same_dir(b, &dir));
         if !newest && !is_best {
-            std::fs::remove_dir_all(&dir).with_context(|| format!("removing {}", dir.display()))?;
+            // Renamed aside first: a process killed while deleting leaves a temporary
+            // folder (removed at the next start), never a half-deleted checkpoint.
+            let name = dir.file_name().unwrap_or_default().to_string_lossy();
+            let aside = output.join(format!(
+                "{}rotated-{name}-{}",
+                crate::folder::TMP_PREFIX,
+                std::process::id()
+            ));
+            std::fs::rename(&dir, &aside)
+                .with_context(|| format!("moving {} aside", dir.display()))?;
+            std::fs::remove_dir_all(&aside)
+                .with_context(|| format!("removing {}", aside.display()))?;
             removed.push(dir);
         }
     }

@@ -4,12 +4,14 @@
 pub mod checkpoint;
 pub mod data;
 pub mod eval;
+pub mod events;
 pub mod folder;
 pub mod init;
 pub mod metrics;
 pub mod optim;
 pub mod options;
 pub mod output;
+pub mod resume;
 pub mod schedule;
 pub mod tokenizer_train;
 pub mod trainer;

@@ -1,5 +1,5 @@
-//! What a person sees of training: TensorBoard scalars (tensorboard-rs event files under
-//! `OUTPUT/runs/`), an indicatif progress bar on a terminal's stderr (step, loss, lr,
+//! What a person sees of training: TensorBoard scalars (event files under `OUTPUT/runs/`,
+//! see `events`), an indicatif progress bar on a terminal's stderr (step, loss, lr,
 //! tokens/s, ETA), and plain log lines on stderr when it is not a terminal.
 //!
 //! A closed or full stderr loses these messages and nothing else: `eprintln!` would
@@ -9,21 +9,22 @@
 use std::io::Write;
 use std::path::Path;
 
+use crate::eval::EvalResult;
+use crate::events::EventFile;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
-use tensorboard_rs::summary_writer::SummaryWriter;
-
-use crate::eval::EvalResult;
 
 pub struct Metrics {
-    tb: Option<SummaryWriter>,
+    /// None once a write failed: TensorBoard logs are lost then, not the run.
+    tb: Option<EventFile>,
     bar: ProgressBar,
 }
 
 impl Metrics {
     pub fn new(runs: &Path, progress: bool, total_steps: i64, done: i64) -> Result<Self> {
-        // Created here so that a bad folder is an error, not the writer thread's panic.
         std::fs::create_dir_all(runs).with_context(|| format!("creating {}", runs.display()))?;
+        let tb = EventFile::create(runs)
+            .with_context(|| format!("creating a TensorBoard event file in {}", runs.display()))?;
         let target = if progress {
             ProgressDrawTarget::stderr()
         } else {
@@ -37,10 +38,7 @@ impl Metrics {
             .expect("a valid template"),
         );
         bar.set_position(done.max(0) as u64);
-        Ok(Self {
-            tb: Some(SummaryWriter::new(runs)),
-            bar,
-        })
+        Ok(Self { tb: Some(tb), bar })
     }
 
     /// Called after every step: the bar's position and message.
@@ -53,13 +51,16 @@ impl Metrics {
 
     /// Called every logging step: TensorBoard scalars, and a plain line without a bar.
     pub fn log(&mut self, step: i64, loss: f64, lr: f64, grad_norm: f64, tokens_per_s: f64) {
-        if let Some(tb) = &mut self.tb {
-            let s = step as usize;
-            tb.add_scalar("train/loss", loss as f32, s);
-            tb.add_scalar("train/lr", lr as f32, s);
-            tb.add_scalar("train/grad_norm", grad_norm as f32, s);
-            tb.add_scalar("train/tokens_per_s", tokens_per_s as f32, s);
-        }
+        self.scalars(
+            step,
+            &[
+                ("train/loss", loss),
+                ("train/lr", lr),
+                ("train/grad_norm", grad_norm),
+                ("train/tokens_per_s", tokens_per_s),
+            ],
+            false,
+        );
         if self.bar.is_hidden() {
             stderr_line(&format!(
                 "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s",
@@ -69,10 +70,27 @@ impl Metrics {
     }
 
     pub fn eval(&mut self, step: i64, r: &EvalResult) {
-        if let Some(tb) = &mut self.tb {
-            tb.add_scalar("eval/loss", r.loss as f32, step as usize);
-            tb.add_scalar("eval/perplexity", r.perplexity as f32, step as usize);
-            tb.flush();
+        self.scalars(
+            step,
+            &[("eval/loss", r.loss), ("eval/perplexity", r.perplexity)],
+            true,
+        );
+    }
+
+    fn scalars(&mut self, step: i64, values: &[(&str, f64)], flush: bool) {
+        let Some(tb) = &mut self.tb else {
+            return;
+        };
+        let written = values
+            .iter()
+            .try_for_each(|(tag, v)| tb.scalar(tag, *v as f32, step))
+            .and_then(|()| if flush { tb.flush() } else { Ok(()) });
+        if let Err(e) = written {
+            let path = tb.path().display().to_string();
+            self.tb = None;
+            self.line(&format!(
+                "warning: writing {path} failed ({e}); training goes on without TensorBoard logs"
+            ));
         }
     }
 
@@ -93,7 +111,12 @@ impl Metrics {
     pub fn finish(&mut self) {
         self.bar.finish_and_clear();
         if let Some(mut tb) = self.tb.take() {
-            tb.flush();
+            if let Err(e) = tb.flush() {
+                stderr_line(&format!(
+                    "warning: writing {} failed: {e}",
+                    tb.path().display()
+                ));
+            }
         }
     }
 }

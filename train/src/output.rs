@@ -5,7 +5,7 @@
 //! model, data and checkpoint a run reads are never among what overwriting removes.
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::Write;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -33,13 +33,35 @@ impl OutputLock {
         // A releasing owner removes the file while still holding it: a file locked
         // after that removal is no longer the one at `path`, so try again.
         for _ in 0..16 {
-            let file = OpenOptions::new()
+            // Never through a link: a lock file that is a symbolic link (or a second
+            // name of another file) would have its target overwritten below.
+            let file = match OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create(true)
                 .truncate(false)
+                .custom_flags(libc::O_NOFOLLOW)
                 .open(&path)
-                .with_context(|| format!("opening {}", path.display()))?;
+            {
+                Ok(f) => f,
+                Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                    return Err(not_a_lock_file(&path, "a symbolic link"))
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::IsADirectory => {
+                    return Err(not_a_lock_file(&path, "a folder"))
+                }
+                Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
+            };
+            let meta = file.metadata()?;
+            if !meta.is_file() {
+                return Err(not_a_lock_file(
+                    &path,
+                    "something other than a regular file",
+                ));
+            }
+            if meta.nlink() > 1 {
+                return Err(not_a_lock_file(&path, "a hard link to another file"));
+            }
             match file.try_lock() {
                 Ok(()) => {}
                 Err(TryLockError::WouldBlock) => {
@@ -92,10 +114,44 @@ impl Drop for OutputLock {
     }
 }
 
+fn not_a_lock_file(path: &Path, what: &str) -> anyhow::Error {
+    input(format!(
+        "{} is {what}, not a lock file this tool wrote; remove it if no run is using the folder",
+        path.display()
+    ))
+}
+
 fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
+}
+
+/// A failed run leaves `final/` as an earlier run wrote it: the error says which step it
+/// holds and where the newest checkpoint is, so that it is not taken for this run's.
+pub fn explain_stale_final(e: anyhow::Error, output: &Path) -> anyhow::Error {
+    let final_dir = output.join(crate::trainer::FINAL_DIR);
+    let Ok(state) =
+        ckpt::read_json::<crate::checkpoint::TrainerState>(&final_dir.join(ckpt::TRAINER_STATE))
+    else {
+        return e;
+    };
+    let newest = ckpt::list_checkpoints(output).pop();
+    if newest
+        .as_ref()
+        .is_some_and(|(step, _)| *step <= state.global_step)
+    {
+        return e;
+    }
+    e.context(format!(
+        "{} was not updated: it still holds the model of step {} from an earlier run{}",
+        final_dir.display(),
+        state.global_step,
+        newest.map_or(String::new(), |(step, dir)| format!(
+            "; the newest checkpoint is {} (step {step})",
+            dir.display()
+        ))
+    ))
 }
 
 /// What an earlier run left in `output`: everything but the lock file and
@@ -132,9 +188,52 @@ pub fn overwritten(output: &Path) -> Vec<PathBuf> {
     doomed
 }
 
-/// Refuses, before anything is touched, to overwrite a folder that holds one of the
-/// run's own inputs (`(flag, path)`): the model it starts from, its data.
-pub fn check_inputs_survive(doomed: &[PathBuf], inputs: &[(&str, &Path)]) -> Result<()> {
+/// Creates the output folder (and any missing parents), remembering which folders it
+/// made, so that a run that fails before writing anything leaves none of them behind.
+pub struct CreatedDirs(Vec<PathBuf>);
+
+impl CreatedDirs {
+    pub fn create(output: &Path) -> Result<Self> {
+        if output.symlink_metadata().is_ok() && !output.exists() {
+            return Err(input(format!(
+                "--output {} is a symbolic link to nothing",
+                output.display()
+            )));
+        }
+        if output.exists() && !output.is_dir() {
+            return Err(input(format!(
+                "--output {}: exists and is not a folder",
+                output.display()
+            )));
+        }
+        let mut missing = Vec::new();
+        let mut p = output;
+        while p.symlink_metadata().is_err() {
+            missing.push(p.to_path_buf());
+            match p.parent() {
+                Some(q) if !q.as_os_str().is_empty() => p = q,
+                _ => break,
+            }
+        }
+        fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+        Ok(Self(missing))
+    }
+
+    /// Removes the folders made, deepest first, as long as they are empty: a failed
+    /// run keeps the logs and checkpoints it wrote.
+    pub fn remove_if_empty(&self) {
+        for d in &self.0 {
+            if fs::remove_dir(d).is_err() {
+                break;
+            }
+        }
+    }
+}
+
+/// Refuses, before anything is touched, a run whose own inputs (`(flag, path)`: the
+/// model it starts from, its data) lie inside a folder it may remove: one that
+/// `--overwrite-output-dir` clears, or that rotation and the final save replace.
+pub fn check_inputs_survive(doomed: &[PathBuf], inputs: &[(&str, &Path)], why: &str) -> Result<()> {
     for (flag, path) in inputs {
         let Ok(real) = path.canonicalize() else {
             continue;
@@ -142,8 +241,8 @@ pub fn check_inputs_survive(doomed: &[PathBuf], inputs: &[(&str, &Path)]) -> Res
         for d in doomed {
             if d.canonicalize().is_ok_and(|d| real.starts_with(d)) {
                 return Err(input(format!(
-                    "{flag} {} lies inside {}, which --overwrite-output-dir would remove; \
-                     copy it elsewhere first or choose another --output",
+                    "{flag} {} lies inside {}, which {why}; copy it elsewhere first or \
+                     choose another --output",
                     path.display(),
                     d.display()
                 )));

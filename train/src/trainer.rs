@@ -26,6 +26,7 @@ use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
 pub use crate::options::{Resume, TrainOptions};
 use crate::output::{self, OutputLock};
+use crate::resume;
 use crate::schedule::Schedule;
 
 /// Non-finite steps in a row that abort training.
@@ -155,31 +156,6 @@ fn first_line(e: &tch::TchError) -> String {
     e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
-fn resolve_resume(o: &TrainOptions) -> Result<Option<PathBuf>> {
-    Ok(match &o.resume {
-        None => None,
-        Some(Resume::Path(p)) => {
-            if !p.join(ckpt::TRAINER_STATE).is_file() {
-                return Err(input(format!(
-                    "--resume {}: not a checkpoint folder (no {})",
-                    p.display(),
-                    ckpt::TRAINER_STATE
-                )));
-            }
-            Some(p.clone())
-        }
-        Some(Resume::Latest) => match ckpt::list_checkpoints(&o.output).pop() {
-            Some((_, p)) => Some(p),
-            None => {
-                return Err(input(format!(
-                    "--resume: {} holds no checkpoint to resume from",
-                    o.output.display()
-                )))
-            }
-        },
-    })
-}
-
 /// Keeps freed memory in the process (glibc): a training step allocates and frees the
 /// same large activation and gradient buffers every time, and glibc's default serves
 /// them with fresh `mmap`s whose pages fault in again on every step.
@@ -212,15 +188,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     if o.bf16 {
         check_bf16(o.device)?;
     }
-    if o.output.exists() && !o.output.is_dir() {
-        return Err(input(format!(
-            "--output {}: exists and is not a folder",
-            o.output.display()
-        )));
-    }
-    let created = !o.output.exists();
-    std::fs::create_dir_all(&o.output)
-        .with_context(|| format!("creating {}", o.output.display()))?;
+    let created = output::CreatedDirs::create(&o.output)?;
     let mut started = false;
     let result = OutputLock::acquire(&o.output).and_then(|lock| {
         let r = train_owned(o, &base_config, out, &mut started);
@@ -228,41 +196,13 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
         r
     });
     result.map_err(|e| {
-        if created {
-            // Only if empty: a failed run keeps the logs and checkpoints it wrote.
-            let _ = std::fs::remove_dir(&o.output);
-        }
+        created.remove_if_empty();
         if started {
-            explain_stale_final(e, &o.output)
+            output::explain_stale_final(e, &o.output)
         } else {
             e
         }
     })
-}
-
-/// A failed run leaves `final/` as an earlier run wrote it: the error says which step it
-/// holds and where the newest checkpoint is, so that it is not taken for this run's.
-fn explain_stale_final(e: anyhow::Error, output: &Path) -> anyhow::Error {
-    let final_dir = output.join(FINAL_DIR);
-    let Ok(state) = ckpt::read_json::<TrainerState>(&final_dir.join(ckpt::TRAINER_STATE)) else {
-        return e;
-    };
-    let newest = ckpt::list_checkpoints(output).pop();
-    if newest
-        .as_ref()
-        .is_some_and(|(step, _)| *step <= state.global_step)
-    {
-        return e;
-    }
-    e.context(format!(
-        "{} was not updated: it still holds the model of step {} from an earlier run{}",
-        final_dir.display(),
-        state.global_step,
-        newest.map_or(String::new(), |(step, dir)| format!(
-            "; the newest checkpoint is {} (step {step})",
-            dir.display()
-        ))
-    ))
 }
 
 /// The run, with the output folder locked.
@@ -283,7 +223,17 @@ fn train_owned(
             o.output.display()
         );
     }
-    let resume_dir = resolve_resume(o)?;
+    let resume_dir = resume::resolve(o)?;
+    // Data kept inside a checkpoint or final/ would go with rotation or the final save.
+    let data: Vec<(&str, &Path)> = o
+        .data
+        .iter()
+        .map(|p| ("--data", p.as_path()))
+        .chain(o.eval_data.iter().map(|p| ("--eval-data", p.as_path())))
+        .collect();
+    let mut replaced = output::overwritten(&o.output);
+    replaced.retain(|d| !d.ends_with("runs"));
+    output::check_inputs_survive(&replaced, &data, "this run may rotate away or replace")?;
     if resume_dir.is_none() {
         let earlier = output::earlier_contents(&o.output);
         if !earlier.is_empty() && !o.overwrite_output_dir {
@@ -301,10 +251,9 @@ fn train_owned(
             // Starting over: the earlier run's checkpoints would otherwise be rotated in
             // with the new ones (and deleted the new ones as "older") or picked by --resume.
             let doomed = output::overwritten(&o.output);
-            let mut inputs: Vec<(&str, &Path)> = vec![("--model", o.model.as_path())];
-            inputs.extend(o.data.iter().map(|p| ("--data", p.as_path())));
-            inputs.extend(o.eval_data.iter().map(|p| ("--eval-data", p.as_path())));
-            output::check_inputs_survive(&doomed, &inputs)?;
+            let mut inputs = data.clone();
+            inputs.push(("--model", o.model.as_path()));
+            output::check_inputs_survive(&doomed, &inputs, "--overwrite-output-dir would remove")?;
             output::remove_all(&doomed)?;
         }
     }
@@ -313,7 +262,7 @@ fn train_owned(
     let tokenizer_files =
         folder::read_tokenizer_files(resume_dir.as_deref().unwrap_or(&start_dir))?;
     if let Some(dir) = &resume_dir {
-        check_same_model(&start_dir, base_config, dir)?;
+        resume::check_same_model(&start_dir, base_config, dir)?;
     }
 
     // Data, all checked before training starts.
@@ -387,7 +336,8 @@ fn train_owned(
         ..Default::default()
     };
     if let Some(dir) = &resume_dir {
-        state = ckpt::read_json(&dir.join(ckpt::TRAINER_STATE))?;
+        state = resume::read_state(dir)?;
+        resume::check_no_later_checkpoints(&o.output, dir, state.global_step)?;
         if state.train_examples != n as i64 || state.batches_per_epoch != batches_per_epoch {
             return Err(input(format!(
                 "--resume {}: the checkpoint was trained on {} examples in {} batches per \
@@ -408,7 +358,7 @@ fn train_owned(
                 batches_per_epoch
             )));
         }
-        check_same_run(dir, &schedule, o.seed)?;
+        resume::check_same_run(dir, &schedule, o.seed)?;
         let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
         adam.load_state(&opt)
             .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
@@ -432,7 +382,12 @@ fn train_owned(
     let mut final_loss = None;
     let mut last_eval = None;
     let mut early_stopped = false;
-    let mut last_saved = None;
+    // Resumed from a checkpoint of this folder: that step is saved already (a resumed
+    // run that is already complete then writes nothing new).
+    let mut last_saved = resume_dir
+        .as_ref()
+        .filter(|d| same_folder(d.parent(), &o.output))
+        .map(|_| state.global_step);
     let profile = o.profile;
 
     *started = true;
@@ -584,8 +539,7 @@ fn train_owned(
     }
     metrics.finish_bar();
 
-    let evaluated_last_step = o.eval_steps.is_some_and(|e| state.global_step % e == 0);
-    if !eval_set.is_empty() && (last_eval.is_none() || !evaluated_last_step) {
+    if !eval_set.is_empty() && state.last_eval_step != Some(state.global_step) {
         let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
         let step = state.global_step;
         record_eval(&mut state, &mut metrics, step, &r);
@@ -594,6 +548,7 @@ fn train_owned(
     if o.save_steps.is_some() && last_saved != Some(state.global_step) {
         save_checkpoint(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
     }
+    let last_eval = last_eval.or_else(|| saved_eval(&state));
     let final_dir = o.output.join(FINAL_DIR);
     if !tr.all_finite() {
         bail!("the trained weights hold NaN or infinite values; the final model is not saved");
@@ -649,84 +604,28 @@ fn train_owned(
     })
 }
 
-/// `--model` with `--resume`: the checkpoint continues the model of --model, so a
-/// --model of another shape or vocabulary (whose tokenizer would encode the data) is
-/// refused rather than ignored.
-fn check_same_model(model: &Path, config: &Gpt2Config, checkpoint: &Path) -> Result<()> {
-    let saved = Gpt2Config::from_file(&checkpoint.join("config.json"))?;
-    let mut diffs = Vec::new();
-    for (key, a, b) in [
-        ("vocab_size", config.vocab_size, saved.vocab_size),
-        ("n_positions", config.n_positions, saved.n_positions),
-        ("n_embd", config.n_embd, saved.n_embd),
-        ("n_layer", config.n_layer, saved.n_layer),
-        ("n_head", config.n_head, saved.n_head),
-        ("n_inner", config.inner_dim(), saved.inner_dim()),
-    ] {
-        if a != b {
-            diffs.push(format!("{key} {a} (checkpoint: {b})"));
-        }
-    }
-    if config.activation_function != saved.activation_function {
-        diffs.push(format!(
-            "activation_function {} (checkpoint: {})",
-            config.activation_function, saved.activation_function
-        ));
-    }
-    if diffs.is_empty() {
-        let ours = Tokenizer::from_dir(model)?;
-        let theirs = Tokenizer::from_dir(checkpoint)?;
-        if !ours.same_vocabulary(&theirs) {
-            diffs.push("its tokenizer's vocabulary".into());
-        }
-    }
-    if diffs.is_empty() {
-        return Ok(());
-    }
-    Err(input(format!(
-        "--model {} is not the model --resume {} continues: {}; resume with the --model the \
-         run started from",
-        model.display(),
-        checkpoint.display(),
-        diffs.join(", ")
-    )))
+fn same_folder(a: Option<&Path>, b: &Path) -> bool {
+    let real = |p: &Path| p.canonicalize().ok();
+    a.and_then(real).is_some_and(|a| real(b) == Some(a))
 }
 
-/// An exact resume needs the schedule and the data order the checkpoint was made with:
-/// refuses flags that would change them mid-run (naming them), as a silent change would
-/// rebuild the LR curve or reshuffle (and, with --eval-split, re-split) the data. The
-/// total length may change (`--max-steps` to train further, as transformers allows).
-fn check_same_run(dir: &Path, schedule: &Schedule, seed: u64) -> Result<()> {
-    let saved: SchedulerState = ckpt::read_json(&dir.join(ckpt::SCHEDULER))?;
-    let rng: RngState = ckpt::read_json(&dir.join(ckpt::RNG_STATE))?;
-    let mut diffs = Vec::new();
-    if saved.kind != schedule.kind.name() {
-        diffs.push(format!(
-            "--lr-scheduler {} (was {})",
-            schedule.kind.name(),
-            saved.kind
-        ));
+/// The eval a resumed, already complete run recorded at its last step.
+fn saved_eval(state: &TrainerState) -> Option<EvalResult> {
+    if state.last_eval_step != Some(state.global_step) {
+        return None;
     }
-    if saved.base_lr != schedule.base_lr {
-        diffs.push(format!("--lr {} (was {})", schedule.base_lr, saved.base_lr));
-    }
-    if saved.warmup_steps != schedule.warmup_steps {
-        diffs.push(format!(
-            "warmup of {} steps (was {}; --warmup-steps/--warmup-ratio)",
-            schedule.warmup_steps, saved.warmup_steps
-        ));
-    }
-    if rng.seed != seed {
-        diffs.push(format!("--seed {seed} (was {})", rng.seed));
-    }
-    if diffs.is_empty() {
-        return Ok(());
-    }
-    Err(input(format!(
-        "--resume {}: this run differs from the checkpoint's: {}; resume with the same flags",
-        dir.display(),
-        diffs.join(", ")
-    )))
+    let loss = state.last_eval_loss?;
+    let tokens = state
+        .log_history
+        .iter()
+        .rev()
+        .find_map(|e| e.get("eval_tokens").and_then(|t| t.as_i64()))
+        .unwrap_or(0);
+    Some(EvalResult {
+        loss,
+        perplexity: loss.exp(),
+        tokens,
+    })
 }
 
 fn run_eval(tr: &Trainable, set: &[Sample], batch_size: i64, eos: i64) -> Result<EvalResult> {
