@@ -4,8 +4,14 @@
 //! atomically by `folder`. Rotation keeps the newest K plus the best by eval loss.
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
+
+use crate::folder::{self, FolderContents};
+use crate::optim::AdamW;
+use crate::options::TrainOptions;
+use crate::schedule::Schedule;
+use crate::trainable::Trainable;
 
 pub const PREFIX: &str = "checkpoint-";
 pub const TRAINER_STATE: &str = "trainer_state.json";
@@ -117,4 +123,67 @@ pub fn rotate(output: &Path, keep: usize, best: Option<&Path>) -> Result<Vec<Pat
 
 fn same_dir(a: &Path, b: &Path) -> bool {
     a.file_name() == b.file_name()
+}
+
+/// Writes `OUTPUT/checkpoint-STEP/` (the model, optimizer, schedule, RNG and trainer
+/// state), records it as the best when it holds the weights of the best eval, then
+/// rotates.
+pub fn save(
+    o: &TrainOptions,
+    tr: &Trainable,
+    adam: &AdamW,
+    schedule: &Schedule,
+    state: &mut TrainerState,
+    tokenizer_files: &[(String, Vec<u8>)],
+) -> Result<()> {
+    if !tr.all_finite() {
+        bail!(
+            "step {}: the weights hold NaN or infinite values; not saving a checkpoint",
+            state.global_step
+        );
+    }
+    let dir = checkpoint_dir(&o.output, state.global_step);
+    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+    // The best checkpoint is one saved at the step of the best eval so far.
+    if let (Some(last), Some(best)) = (state.last_eval_loss, state.best_metric) {
+        if last == best && state.last_eval_step == Some(state.global_step) {
+            state.best_model_checkpoint = Some(name.clone());
+        }
+    }
+    let sched = SchedulerState {
+        kind: schedule.kind.name().into(),
+        base_lr: schedule.base_lr,
+        warmup_steps: schedule.warmup_steps,
+        total_steps: schedule.total_steps,
+        last_step: state.global_step,
+    };
+    let rng = RngState {
+        seed: o.seed,
+        data_epoch: state.data_epoch,
+    };
+    folder::write_model_folder(
+        &dir,
+        &FolderContents {
+            config: &tr.config,
+            tensors: &tr.params,
+            tokenizer_files,
+            extra_files: vec![
+                (TRAINER_STATE.into(), serde_json::to_vec_pretty(state)?),
+                (SCHEDULER.into(), serde_json::to_vec_pretty(&sched)?),
+                (RNG_STATE.into(), serde_json::to_vec_pretty(&rng)?),
+            ],
+            extra_tensors: vec![(OPTIMIZER.into(), adam.state_tensors())],
+        },
+        // A folder of this step from an earlier run (resumed from an older checkpoint)
+        // is swapped out only once the new one is complete.
+        true,
+    )?;
+    if let Some(k) = o.save_total_limit {
+        let best = state
+            .best_model_checkpoint
+            .as_ref()
+            .map(|b| o.output.join(b));
+        rotate(&o.output, k, best.as_deref())?;
+    }
+    Ok(())
 }

@@ -20,8 +20,8 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerImpl};
 
-use crate::data::{gpt2_pieces, PIECE_BYTES};
 use crate::folder::TMP_PREFIX;
+use crate::pieces::{gpt2_pieces, PIECE_BYTES};
 
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 /// The byte symbols plus `<|endoftext|>`: the smallest vocabulary there is.

@@ -4,7 +4,6 @@
 //! gradient, periodic eval, checkpoints, early stopping and TensorBoard scalars.
 //! Resuming restores weights, optimizer, schedule and data position, so on the CPU the
 //! losses after a resume equal an uninterrupted run's bit for bit.
-use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -15,9 +14,9 @@ use infer::{Gpt2, Gpt2Config, Tokenizer};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use serde_json::json;
-use tch::{Device, Kind, Tensor};
+use tch::{Device, Kind};
 
-use crate::checkpoint::{self as ckpt, RngState, SchedulerState, TrainerState};
+use crate::checkpoint::{self as ckpt, TrainerState};
 use crate::data::{self, Sample};
 use crate::eval::{evaluate, EvalResult};
 use crate::folder::{self, FolderContents};
@@ -28,6 +27,7 @@ pub use crate::options::{Resume, TrainOptions};
 use crate::output::{self, OutputLock};
 use crate::resume;
 use crate::schedule::Schedule;
+use crate::trainable::{check_bf16, first_line, Trainable};
 
 /// Non-finite steps in a row that abort training.
 pub const MAX_CONSECUTIVE_NAN_STEPS: i64 = 5;
@@ -50,110 +50,12 @@ pub struct TrainSummary {
     pub best_model_checkpoint: Option<String>,
 }
 
-/// The trainable model: f32 leaf tensors that require grad, and the model over them.
-struct Trainable {
-    config: Gpt2Config,
-    params: Vec<(String, Tensor)>,
-    map: HashMap<String, Tensor>,
-    /// The model sharing `params` (f32 runs); bf16 runs build one per micro-batch.
-    model: Gpt2,
-    bf16: bool,
-    device: Device,
-}
-
-impl Trainable {
-    fn load(dir: &Path, device: Device, bf16: bool) -> Result<Self> {
-        infer::model::check_model_dir(dir)?;
-        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        let files = WeightFiles::open_dir(dir)?;
-        let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
-            .with_context(|| format!("loading {}", dir.display()))?;
-        let mut params = model.named_tensors()?;
-        for (_, p) in &mut params {
-            let _ = p.requires_grad_(true);
-        }
-        let map = params
-            .iter()
-            .map(|(n, t)| (n.clone(), t.shallow_clone()))
-            .collect();
-        Ok(Self {
-            config,
-            params,
-            map,
-            model,
-            bf16,
-            device,
-        })
-    }
-
-    /// Replaces the leaves by fresh ones over the same storage, so the next backward
-    /// writes new gradient buffers instead of adding into zeroed ones (PyTorch's
-    /// `zero_grad(set_to_none=True)`), and the old gradients are freed.
-    fn fresh_leaves(&mut self) -> Result<()> {
-        for (name, p) in &mut self.params {
-            let mut q = p.detach();
-            let _ = q.requires_grad_(true);
-            self.map.insert(name.clone(), q.shallow_clone());
-            *p = q;
-        }
-        if !self.bf16 {
-            self.model =
-                Gpt2::from_weights(self.config.clone(), &self.map, Kind::Float, &[self.device])?;
-        }
-        Ok(())
-    }
-
-    /// The model to run: the shared f32 one, or a bf16 cast whose gradients flow back
-    /// to the f32 masters.
-    fn compute_model(&self) -> Result<Option<Gpt2>> {
-        if !self.bf16 {
-            return Ok(None);
-        }
-        Ok(Some(Gpt2::from_weights(
-            self.config.clone(),
-            &self.map,
-            Kind::BFloat16,
-            &[self.device],
-        )?))
-    }
-
-    fn all_finite(&self) -> bool {
-        self.first_non_finite().is_none()
-    }
-
-    /// The name of the first tensor holding a NaN or an infinity.
-    fn first_non_finite(&self) -> Option<&str> {
-        let _g = tch::no_grad_guard();
-        self.params
-            .iter()
-            .find(|(_, p)| p.isfinite().all().int64_value(&[]) != 1)
-            .map(|(n, _)| n.as_str())
-    }
-}
-
 /// Micro-batches per epoch and the order of examples in `epoch`.
 fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
     let mix = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix));
     order
-}
-
-/// Whether bf16 training runs on `device`: a bf16 matmul must run there.
-fn check_bf16(device: Device) -> Result<()> {
-    let t = Tensor::ones([4, 4], (Kind::BFloat16, device));
-    match t.f_matmul(&t) {
-        Ok(_) => Ok(()),
-        Err(e) => Err(input(format!(
-            "--dtype bf16 is not supported on {device:?}: {}",
-            first_line(&e)
-        ))),
-    }
-}
-
-/// libtorch errors carry a C++ backtrace after their first line.
-fn first_line(e: &tch::TchError) -> String {
-    e.to_string().lines().next().unwrap_or_default().to_string()
 }
 
 /// Keeps freed memory in the process (glibc): a training step allocates and frees the
@@ -530,7 +432,7 @@ fn train_owned(
         }
         if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
         {
-            save_checkpoint(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
+            ckpt::save(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
             last_saved = Some(step);
         }
         if early_stopped {
@@ -546,7 +448,7 @@ fn train_owned(
         last_eval = Some(r);
     }
     if o.save_steps.is_some() && last_saved != Some(state.global_step) {
-        save_checkpoint(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
+        ckpt::save(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
     }
     let last_eval = last_eval.or_else(|| saved_eval(&state));
     let final_dir = o.output.join(FINAL_DIR);
@@ -647,67 +549,4 @@ fn record_eval(state: &mut TrainerState, metrics: &mut Metrics, step: i64, r: &E
     } else {
         state.evals_without_improvement += 1;
     }
-}
-
-fn save_checkpoint(
-    o: &TrainOptions,
-    tr: &Trainable,
-    adam: &AdamW,
-    schedule: &Schedule,
-    state: &mut TrainerState,
-    tokenizer_files: &[(String, Vec<u8>)],
-) -> Result<()> {
-    if !tr.all_finite() {
-        bail!(
-            "step {}: the weights hold NaN or infinite values; not saving a checkpoint",
-            state.global_step
-        );
-    }
-    let dir = ckpt::checkpoint_dir(&o.output, state.global_step);
-    let name = dir.file_name().unwrap().to_string_lossy().into_owned();
-    // The best checkpoint is one saved at the step of the best eval so far.
-    if let (Some(last), Some(best)) = (state.last_eval_loss, state.best_metric) {
-        if last == best && state.last_eval_step == Some(state.global_step) {
-            state.best_model_checkpoint = Some(name.clone());
-        }
-    }
-    let sched = SchedulerState {
-        kind: schedule.kind.name().into(),
-        base_lr: schedule.base_lr,
-        warmup_steps: schedule.warmup_steps,
-        total_steps: schedule.total_steps,
-        last_step: state.global_step,
-    };
-    let rng = RngState {
-        seed: o.seed,
-        data_epoch: state.data_epoch,
-    };
-    folder::write_model_folder(
-        &dir,
-        &FolderContents {
-            config: &tr.config,
-            tensors: &tr.params,
-            tokenizer_files,
-            extra_files: vec![
-                (
-                    ckpt::TRAINER_STATE.into(),
-                    serde_json::to_vec_pretty(state)?,
-                ),
-                (ckpt::SCHEDULER.into(), serde_json::to_vec_pretty(&sched)?),
-                (ckpt::RNG_STATE.into(), serde_json::to_vec_pretty(&rng)?),
-            ],
-            extra_tensors: vec![(ckpt::OPTIMIZER.into(), adam.state_tensors())],
-        },
-        // A folder of this step from an earlier run (resumed from an older checkpoint)
-        // is swapped out only once the new one is complete.
-        true,
-    )?;
-    if let Some(k) = o.save_total_limit {
-        let best = state
-            .best_model_checkpoint
-            .as_ref()
-            .map(|b| o.output.join(b));
-        ckpt::rotate(&o.output, k, best.as_deref())?;
-    }
-    Ok(())
 }
