@@ -322,57 +322,6 @@ pub fn dequantize(
     Ok((config, out))
 }
 
-/// One tensor's bytes for the safetensors writer.
-struct Bytes {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &Bytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Writes tensors as one safetensors file with `{"format": "pt"}` metadata, as
-/// transformers' `save_pretrained` does (transformers checks it when loading).
-pub fn save_safetensors(path: &std::path::Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use safetensors::Dtype;
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.to_device(tch::Device::Cpu).contiguous();
-        let dtype = match t.kind() {
-            Kind::Float => Dtype::F32,
-            Kind::Half => Dtype::F16,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Int8 => Dtype::I8,
-            Kind::Int64 => Dtype::I64,
-            Kind::Int => Dtype::I32,
-            k => return Err(Error::Input(format!("tensor `{name}`: cannot save {k:?}"))),
-        };
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), Bytes { dtype, shape, data }));
-    }
-    let views: Vec<(&str, &Bytes)> = owned.iter().map(|(n, b)| (n.as_str(), b)).collect();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-    Ok(())
-}
-
 /// SHA-256 (hex) over the bytes of `paths`, in order.
 pub fn sha256_files(paths: &[std::path::PathBuf]) -> Result<String> {
     use sha2::Digest;
