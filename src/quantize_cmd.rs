@@ -111,7 +111,7 @@ fn bytes_of(paths: &[PathBuf]) -> u64 {
 
 /// A config.json naming the quantization it carries, if any, as an error message.
 fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
-    let q = config.extra.get("quantization_config")?;
+    let q = config.extra.get(infer::quant::CONFIG_KEY)?;
     let method = q.get("method").and_then(|m| m.as_str()).unwrap_or("?");
     let qm = q
         .get("quant_method")
@@ -471,7 +471,7 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     infer::model::check_model_dir(dir)?;
     check_out(&args.out)?;
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
-    if !config.extra.contains_key("quantization_config") {
+    if !config.extra.contains_key(infer::quant::CONFIG_KEY) {
         return Err(usage(format!(
             "--model {}: not a gpt2kit artifact (config.json has no quantization_config); \
              it is a float model already",
@@ -489,7 +489,7 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     let files = WeightFiles::open_dir(dir)?;
     let mut names: Vec<String> = files.names().map(str::to_string).collect();
     names.sort();
-    let (float_config, tensors) = quantize::dequantize(&config, &files, &names)?;
+    let (float_config, tensors) = infer::quant::dequantize_artifact(&config, &files, &names)?;
     let tensors: Vec<(String, Tensor)> = tensors
         .into_iter()
         .map(|(n, t)| {
