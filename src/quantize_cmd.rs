@@ -7,6 +7,7 @@ use std::time::Instant;
 use anyhow::Context;
 use clap::Args as ClapArgs;
 use infer::checkpoint::WeightFiles;
+use infer::folder::{self, TempFolder};
 use infer::generate::{generate, GenerationConfig};
 use infer::quant::{Method, QuantizationConfig};
 use infer::{Gpt2, Gpt2Config, Tokenizer};
@@ -100,33 +101,6 @@ fn check_out(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The weight files of a model folder: `model.safetensors`, or the shards its index
-/// lists, in name order (what the source hash and the byte counts cover; optimizer
-/// state and other files beside them are not the model).
-fn weight_paths(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
-    let single = dir.join(infer::checkpoint::SINGLE_FILE);
-    if single.is_file() {
-        return Ok(vec![single]);
-    }
-    let index = dir.join(infer::checkpoint::SHARD_INDEX);
-    let text =
-        std::fs::read_to_string(&index).with_context(|| format!("reading {}", index.display()))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).with_context(|| format!("parsing {}", index.display()))?;
-    let mut v: Vec<PathBuf> = json["weight_map"]
-        .as_object()
-        .map(|m| {
-            m.values()
-                .filter_map(|f| f.as_str())
-                .map(|f| dir.join(f))
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v.dedup();
-    Ok(v)
-}
-
 fn bytes_of(paths: &[PathBuf]) -> u64 {
     paths
         .iter()
@@ -137,7 +111,7 @@ fn bytes_of(paths: &[PathBuf]) -> u64 {
 
 /// A config.json naming the quantization it carries, if any, as an error message.
 fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
-    let q = config.extra.get("quantization_config")?;
+    let q = config.extra.get(infer::quant::CONFIG_KEY)?;
     let method = q.get("method").and_then(|m| m.as_str()).unwrap_or("?");
     let qm = q
         .get("quant_method")
@@ -260,84 +234,35 @@ fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Me
     Ok(Measured { ppl, tok_s })
 }
 
-/// A temporary folder beside `target`, removed on drop unless kept.
-struct TmpDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl TmpDir {
-    fn beside(target: &Path) -> anyhow::Result<Self> {
-        let parent = match target.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-            _ => PathBuf::from("."),
-        };
-        std::fs::create_dir_all(&parent)
-            .with_context(|| format!("creating {}", parent.display()))?;
-        let name = target
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_else(|| "artifact".into());
-        let path = parent.join(format!(".tmp-{name}-{}", std::process::id()));
-        if path.exists() {
-            std::fs::remove_dir_all(&path)?;
-        }
-        std::fs::create_dir(&path).with_context(|| format!("creating {}", path.display()))?;
-        Ok(Self { path, keep: false })
-    }
-
-    /// Renames the folder into place.
-    fn commit(mut self, target: &Path) -> anyhow::Result<()> {
-        check_out(target)?;
-        // Synced before and after the rename, so that after a crash `target` is either
-        // absent or complete.
-        train::folder::sync_dir(&self.path)?;
-        std::fs::rename(&self.path, target)
-            .with_context(|| format!("renaming to {}", target.display()))?;
-        self.keep = true;
-        let parent = target.parent().filter(|p| !p.as_os_str().is_empty());
-        train::folder::sync_dir(parent.unwrap_or(Path::new(".")))
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
-/// Writes config (with transformers' GPT2LMHeadModel fields), weights, tokenizer files
-/// and generation config into `dir`.
+/// Writes config (with transformers' GPT2LMHeadModel fields) and weights into `tmp`,
+/// with the tokenizer files and generation config of the `source` folder.
 fn write_folder(
-    dir: &Path,
+    tmp: &TempFolder,
     config: &Gpt2Config,
     tensors: &[(String, Tensor)],
     source: &Path,
 ) -> anyhow::Result<()> {
-    train::folder::write_file(
-        &dir.join("config.json"),
-        train::folder::config_json(config)?.as_bytes(),
-    )?;
-    let weights = dir.join(infer::checkpoint::SINGLE_FILE);
-    quantize::save_safetensors(&weights, tensors)?;
-    train::folder::sync_file(&weights)?;
-    for file in train::folder::TOKENIZER_FILES
+    tmp.write(folder::CONFIG_FILE, folder::config_json(config)?.as_bytes())?;
+    folder::write_safetensors(&tmp.path().join(folder::SINGLE_FILE), tensors)?;
+    let names: Vec<&str> = folder::TOKENIZER_FILES
         .iter()
-        .chain(&["generation_config.json"])
-    {
-        let src = source.join(file);
-        if src.is_file() {
-            let bytes =
-                std::fs::read(&src).with_context(|| format!("reading {}", src.display()))?;
-            train::folder::write_file(&dir.join(file), &bytes)?;
-        }
+        .copied()
+        .chain([folder::GENERATION_CONFIG_FILE])
+        .collect();
+    for (file, bytes) in folder::read_present(source, &names)? {
+        tmp.write(&file, &bytes)?;
     }
     Ok(())
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+/// Renames the written folder into place, refusing an `out` made meanwhile.
+fn commit(tmp: TempFolder, out: &Path) -> anyhow::Result<()> {
+    check_out(out)?;
+    Ok(tmp.commit(out)?)
+}
+
+/// The method and pruning the flags ask for, every flag checked before any work.
+fn check_flags(args: &Args) -> anyhow::Result<(Method, Option<Prune>)> {
     let method = Method::from_name(&args.method).ok_or_else(|| {
         usage(format!(
             "--method {:?}: expected one of {}",
@@ -384,9 +309,14 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         check_file("--eval", e)?;
     }
     check_out(&args.out)?;
+    Ok((method, prune))
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let (method, prune) = check_flags(args)?;
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if let Some(msg) = already_quantized(&config, dir) {
         return Err(usage(msg));
     }
@@ -406,7 +336,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     // The report runs text through both models: the tokenizer must fit the embeddings.
     let tokenizer = Tokenizer::from_dir(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
-    let paths = weight_paths(dir)?;
+    let paths = folder::weight_paths(dir)?;
     let source_sha256 = quantize::sha256_files(&paths)?;
     let mut model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -434,15 +364,16 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let artifact =
         quantize::quantize(&config, model.named_tensors()?, &opts, calibration.as_ref())?;
     drop(model);
-    let tmp = TmpDir::beside(&args.out)?;
-    write_folder(&tmp.path, &artifact.config, &artifact.tensors, dir)?;
+    let tmp = TempFolder::beside(&args.out)?;
+    write_folder(&tmp, &artifact.config, &artifact.tensors, dir)?;
     // Measured on the folder as written, before it is renamed into place.
     let source = format!("model {}", dir.display());
     let before = measure(dir, &source, args, block)?;
-    let after = measure(&tmp.path, "the quantized artifact", args, block)?;
+    let after = measure(tmp.path(), "the quantized artifact", args, block)?;
     let bytes_before = bytes_of(&paths);
-    let bytes_after = bytes_of(&weight_paths(&tmp.path)?);
-    let qc = QuantizationConfig::from_config(&artifact.config, &tmp.path.join("config.json"))?;
+    let bytes_after = bytes_of(&folder::weight_paths(tmp.path())?);
+    let qc =
+        QuantizationConfig::from_config(&artifact.config, &tmp.path().join(folder::CONFIG_FILE))?;
     let report = json!({
         "model": dir,
         "method": method.name(),
@@ -459,11 +390,11 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         "decode_tokens": args.decode_tokens,
         "tensors": artifact.stats,
     });
-    train::folder::write_file(
-        &tmp.path.join("quantize_report.json"),
+    tmp.write(
+        "quantize_report.json",
         serde_json::to_string_pretty(&report)?.as_bytes(),
     )?;
-    tmp.commit(&args.out)?;
+    commit(tmp, &args.out)?;
     if args.json {
         return crate::write_json(out, &report);
     }
@@ -539,8 +470,8 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     check_out(&args.out)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-    if !config.extra.contains_key("quantization_config") {
+    let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
+    if !config.extra.contains_key(infer::quant::CONFIG_KEY) {
         return Err(usage(format!(
             "--model {}: not a gpt2kit artifact (config.json has no quantization_config); \
              it is a float model already",
@@ -558,7 +489,7 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     let files = WeightFiles::open_dir(dir)?;
     let mut names: Vec<String> = files.names().map(str::to_string).collect();
     names.sort();
-    let (float_config, tensors) = quantize::dequantize(&config, &files, &names)?;
+    let (float_config, tensors) = infer::quant::dequantize_artifact(&config, &files, &names)?;
     let tensors: Vec<(String, Tensor)> = tensors
         .into_iter()
         .map(|(n, t)| {
@@ -568,16 +499,11 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
             (n, t)
         })
         .collect();
-    let tmp = TmpDir::beside(&args.out)?;
+    let tmp = TempFolder::beside(&args.out)?;
     // transformers' names: `transformer.` before the body, `lm_head.weight` alone.
-    write_folder(
-        &tmp.path,
-        &float_config,
-        &train::folder::hf_names(&tensors),
-        dir,
-    )?;
+    write_folder(&tmp, &float_config, &folder::hf_names(&tensors), dir)?;
     let n = tensors.len();
-    tmp.commit(&args.out)?;
+    commit(tmp, &args.out)?;
     writeln!(
         out,
         "wrote {} ({n} float tensors, transformers-loadable)",

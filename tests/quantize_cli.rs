@@ -527,3 +527,63 @@ fn bad_input_is_refused_and_nothing_is_written() {
         .collect();
     assert!(left.is_empty());
 }
+
+/// `folder` with its `model.safetensors` moved to one shard, and an index that maps the
+/// tensors there and one more name to `escape`.
+fn shard_with_escape(folder: &Path, escape: &str) {
+    let shard = "model-00001-of-00001.safetensors";
+    std::fs::rename(folder.join("model.safetensors"), folder.join(shard)).unwrap();
+    let files = WeightFiles::open_files(&[folder.join(shard)]).unwrap();
+    let mut map: serde_json::Map<String, serde_json::Value> = files
+        .names()
+        .map(|n| (n.to_string(), shard.into()))
+        .collect();
+    drop(files);
+    map.insert("transformer.zz.weight".into(), escape.into());
+    let index = serde_json::json!({"metadata": {}, "weight_map": map});
+    std::fs::write(
+        folder.join("model.safetensors.index.json"),
+        index.to_string(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn shard_indexes_naming_files_outside_the_folder_are_refused() {
+    let tmp = scratch("shard-escape");
+    let art = tmp.join("artifact");
+    quantize(&reference("hub-tied"), &art, &["--method", "int8-weight"]);
+    for (i, escape) in ["../../../../../../etc/passwd", "/etc/passwd"]
+        .iter()
+        .enumerate()
+    {
+        let float = tmp.join(format!("float-{i}"));
+        let artifact = tmp.join(format!("artifact-{i}"));
+        let copy = |from: &Path, to: &Path| {
+            std::fs::create_dir_all(to).unwrap();
+            for e in std::fs::read_dir(from).unwrap().flatten() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        };
+        copy(&reference("hub-tied"), &float);
+        copy(&art, &artifact);
+        shard_with_escape(&float, escape);
+        shard_with_escape(&artifact, escape);
+        let out = tmp.join(format!("out-{i}"));
+        for (cmd, model) in [
+            (vec!["quantize", "--method", "int8-weight"], &float),
+            (vec!["dequantize"], &artifact),
+        ] {
+            let mut args = cmd.clone();
+            args.extend(["--model", s(model), "--out", s(&out)]);
+            let o = gpt2kit(&args);
+            let err = String::from_utf8_lossy(&o.stderr);
+            assert_eq!(o.status.code(), Some(1), "{cmd:?} {escape}: {err}");
+            assert!(
+                err.contains(&format!("shard name {escape:?}")) && err.contains("not a file name"),
+                "{cmd:?} {escape}: {err}"
+            );
+            assert!(!out.exists(), "{cmd:?} {escape}");
+        }
+    }
+}

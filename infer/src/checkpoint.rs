@@ -15,8 +15,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
 
-pub const SINGLE_FILE: &str = "model.safetensors";
-pub const SHARD_INDEX: &str = "model.safetensors.index.json";
+pub use crate::folder::{SHARD_INDEX, SINGLE_FILE};
 
 /// Where one tensor's bytes live.
 struct Entry {
@@ -104,19 +103,7 @@ fn has_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
 impl WeightFiles {
     /// Opens the weights of a model folder (single file or shards).
     pub fn open_dir(dir: &Path) -> Result<Self> {
-        let single = dir.join(SINGLE_FILE);
-        let index = dir.join(SHARD_INDEX);
-        if exists(&single) {
-            Self::open_files(&[single])
-        } else if exists(&index) {
-            let shards = read_shard_index(&index)?;
-            Self::open_files(&shards)
-        } else {
-            Err(Error::ModelFolder {
-                path: dir.into(),
-                reason: format!("no {SINGLE_FILE} or {SHARD_INDEX} in this folder"),
-            })
-        }
+        Self::open_files(&crate::folder::weight_paths(dir)?)
     }
 
     /// Opens the given safetensors files as one checkpoint; a tensor in two files is an error.
@@ -409,43 +396,6 @@ fn float_kind(dtype: Dtype) -> Option<Kind> {
         Dtype::BF16 => Some(Kind::BFloat16),
         _ => None,
     }
-}
-
-/// The distinct shard files named by `model.safetensors.index.json`, in order.
-fn read_shard_index(index: &Path) -> Result<Vec<PathBuf>> {
-    let bad = |reason: String| Error::ShardIndex {
-        path: index.into(),
-        reason,
-    };
-    check_regular_file(index)?;
-    let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, e))?;
-    let json: serde_json::Value =
-        serde_json::from_str(&text).map_err(|e| bad(format!("invalid JSON: {e}")))?;
-    let map = json
-        .get("weight_map")
-        .and_then(|m| m.as_object())
-        .ok_or_else(|| bad("no `weight_map` object".into()))?;
-    let dir = index.parent().unwrap_or(Path::new("."));
-    let mut shards: Vec<PathBuf> = Vec::new();
-    for (name, file) in map {
-        let file = file
-            .as_str()
-            .ok_or_else(|| bad(format!("`weight_map[{name:?}]` is not a file name")))?;
-        // Shard names are plain file names inside the folder; refuse paths that leave it.
-        if file.is_empty() || file.contains('/') || file.contains('\\') || file == ".." {
-            return Err(bad(format!(
-                "shard name {file:?} for `{name}` is not a file name"
-            )));
-        }
-        let path = dir.join(file);
-        if !shards.contains(&path) {
-            shards.push(path);
-        }
-    }
-    if shards.is_empty() {
-        return Err(bad("`weight_map` is empty".into()));
-    }
-    Ok(shards)
 }
 
 #[cfg(test)]

@@ -1,27 +1,11 @@
-//! Symmetric int8 per-output-channel weight quantization and SmoothQuant's smoothing
-//! (Xiao et al. 2022, arXiv 2211.10438, eq. 4: s_j = max|X_j|^α / max|W_j|^(1-α)).
+//! SmoothQuant's smoothing (Xiao et al. 2022, arXiv 2211.10438, eq. 4:
+//! s_j = max|X_j|^α / max|W_j|^(1-α)); the int8 rounding itself is the format's
+//! (`infer::quant`).
 use std::collections::BTreeMap;
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
-/// q = round(w / s) in [-127, 127], s = max|w| / 127 over `dim` (the reduced dimension:
-/// 0 for a Conv1D weight (in, out) → scales (out,), 1 for embeddings (V, E) → (V,)).
-/// An all-zero channel gets scale 0 and zeros.
-pub fn quantize_per_channel(w: &Tensor, dim: i64) -> (Tensor, Tensor) {
-    let w = w.to_kind(Kind::Float);
-    let scale = w.abs().amax([dim], true) / 127.0;
-    let safe = scale.clamp_min(f32::MIN_POSITIVE as f64);
-    let q = (&w / &safe)
-        .round()
-        .clamp(-127.0, 127.0)
-        .to_kind(Kind::Int8);
-    (q, scale.reshape([-1]).contiguous())
-}
-
-/// The float tensor `q` stands for: `q * scale` along `dim`'s other axis.
-pub fn dequantize_per_channel(q: &Tensor, scale: &Tensor, dim: i64) -> Tensor {
-    q.to_kind(Kind::Float) * scale.unsqueeze(dim)
-}
+pub use infer::quant::quantize_per_channel;
 
 /// Smoothing factors (in,) of a Conv1D weight (in, out) from its inputs' per-channel
 /// max |x| (in,): activations are divided by s, weight rows multiplied by it.

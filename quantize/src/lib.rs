@@ -1,12 +1,13 @@
 //! Post-training int8 quantization, magnitude pruning and layer dropping: pure
 //! transforms over named tensors (checkpoint names without `transformer.`) that produce
-//! the artifact format the `infer` engine defines (`infer::quant`).
+//! the artifact format the `infer` engine defines (`infer::quant`, which also reads
+//! it back and dequantizes it).
 //!
 //! Order of one call: drop layers → prune (float) → smooth (SmoothQuant, folded into
 //! the LayerNorms) → pick outlier columns → quantize per output channel.
 use std::collections::BTreeMap;
 
-use infer::quant::{Method, QuantizationConfig, GRANULARITY, OUTLIER_SUFFIX, QUANT_METHOD};
+use infer::quant::{self, Method, QuantizationConfig};
 use infer::{Error, Gpt2Config, Result};
 use tch::{Kind, Tensor};
 
@@ -104,7 +105,7 @@ pub fn quantize(
     opts: &Options,
     calibration: Option<&Calibration>,
 ) -> Result<Artifact> {
-    if config.extra.contains_key("quantization_config") {
+    if config.extra.contains_key(quant::CONFIG_KEY) {
         return Err(Error::Input(
             "the source is already a quantized artifact; quantize its float original".into(),
         ));
@@ -120,8 +121,56 @@ pub fn quantize(
             "--smooth-alpha / --outlier-threshold need --calibration FILE.jsonl".into(),
         ));
     }
-    let mut map: BTreeMap<String, Tensor> = BTreeMap::new();
-    // Layer dropping: keep the listed blocks, renumbered from 0.
+    let mut map = keep_layers(tensors, &opts.kept_layers)?;
+    let n_layer = opts.kept_layers.len() as i64;
+    let linear_names: Vec<String> = (0..n_layer)
+        .flat_map(|l| LINEARS.iter().map(move |s| format!("h.{l}.{s}")))
+        .collect();
+    let zeros = prune_linears(&mut map, &linear_names, opts.prune.as_ref())?;
+    let outliers = match calibration.filter(|_| needs_calibration) {
+        Some(calib) => smooth(&mut map, &linear_names, calib, opts)?,
+        None => BTreeMap::new(),
+    };
+    let int8 = opts.method.is_int8();
+    let quantize_embeddings = int8 && !opts.keep_embeddings_float;
+    let (tensors, stats) = encode(
+        map,
+        &linear_names,
+        &zeros,
+        &outliers,
+        int8,
+        quantize_embeddings,
+    );
+    let (total_zeros, total): (i64, i64) = stats
+        .iter()
+        .filter(|s| !quant::rows_are_out(&s.name))
+        .fold((0, 0), |(z, n), s| (z + s.zeros, n + s.numel));
+    let qc = QuantizationConfig {
+        sparsity: total_zeros as f64 / total.max(1) as f64,
+        prune: opts.prune.as_ref().map(Prune::to_json),
+        dropped_layers: (0..config.n_layer)
+            .filter(|l| !opts.kept_layers.contains(l))
+            .collect(),
+        kept_layers: opts.kept_layers.clone(),
+        source_sha256: opts.source_sha256.clone(),
+        smooth_alpha: opts.smooth_alpha,
+        outlier_threshold: opts.outlier_threshold,
+        ..QuantizationConfig::new(opts.method, quantize_embeddings)
+    };
+    let mut config = config.clone();
+    config.n_layer = n_layer;
+    qc.insert_into(&mut config)?;
+    Ok(Artifact {
+        config,
+        tensors,
+        stats,
+    })
+}
+
+/// The tensors in f32 on the CPU by name, the blocks `kept` (source indices) only,
+/// renumbered from 0.
+fn keep_layers(tensors: Vec<(String, Tensor)>, kept: &[i64]) -> Result<BTreeMap<String, Tensor>> {
+    let mut map = BTreeMap::new();
     for (name, t) in tensors {
         let t = t.detach().to_kind(t.kind()).to_device(tch::Device::Cpu);
         if let Some(rest) = name.strip_prefix("h.") {
@@ -129,19 +178,23 @@ pub fn quantize(
             let idx: i64 = idx
                 .parse()
                 .map_err(|_| Error::Input(format!("tensor `{name}`")))?;
-            if let Some(new) = opts.kept_layers.iter().position(|&k| k == idx) {
+            if let Some(new) = kept.iter().position(|&k| k == idx) {
                 map.insert(format!("h.{new}.{tail}"), t.to_kind(Kind::Float));
             }
         } else {
             map.insert(name, t.to_kind(Kind::Float));
         }
     }
-    let n_layer = opts.kept_layers.len() as i64;
-    let linear_names: Vec<String> = (0..n_layer)
-        .flat_map(|l| LINEARS.iter().map(move |s| format!("h.{l}.{s}")))
-        .collect();
-    let mut zeros = BTreeMap::new();
-    if let Some(p) = &opts.prune {
+    Ok(map)
+}
+
+/// Prunes the linear layers' weights (when asked) and counts each one's zeros.
+fn prune_linears(
+    map: &mut BTreeMap<String, Tensor>,
+    linear_names: &[String],
+    prune: Option<&Prune>,
+) -> Result<BTreeMap<String, i64>> {
+    if let Some(p) = prune {
         let mut weights: Vec<(String, Tensor)> = linear_names
             .iter()
             .map(|n| {
@@ -156,10 +209,22 @@ pub fn quantize(
             map.insert(n, t);
         }
     }
-    for n in &linear_names {
+    let mut zeros = BTreeMap::new();
+    for n in linear_names {
         let w = &map[&format!("{n}.weight")];
         zeros.insert(n.clone(), w.eq(0.0).sum(Kind::Int64).int64_value(&[]));
     }
+    Ok(zeros)
+}
+
+/// SmoothQuant's smoothing folded into the LayerNorms before `c_attn` and `c_fc`, then
+/// the outlier columns of every linear layer (by its smoothed input statistics).
+fn smooth(
+    map: &mut BTreeMap<String, Tensor>,
+    linear_names: &[String],
+    calib: &Calibration,
+    opts: &Options,
+) -> Result<BTreeMap<String, Tensor>> {
     // Source name of an artifact layer `h.N.x` for the calibration statistics.
     let source_name = |n: &str| -> String {
         let rest = &n[2..];
@@ -167,210 +232,79 @@ pub fn quantize(
         let idx: usize = idx.parse().unwrap();
         format!("h.{}.{tail}", opts.kept_layers[idx])
     };
-    let mut outliers: BTreeMap<String, Tensor> = BTreeMap::new();
-    if let Some(calib) = calibration.filter(|_| needs_calibration) {
-        for n in &linear_names {
-            let src = source_name(n);
-            let mut stat = calib
-                .get(&src)
-                .ok_or_else(|| Error::Input(format!("calibration has no statistics for `{src}`")))?
-                .to_kind(Kind::Float);
-            let ln = if n.ends_with("attn.c_attn") {
-                Some(n.replace("attn.c_attn", "ln_1"))
-            } else if n.ends_with("mlp.c_fc") {
-                Some(n.replace("mlp.c_fc", "ln_2"))
-            } else {
-                None // c_proj: no LayerNorm to fold into; not smoothed (README).
-            };
-            if let (Some(alpha), Some(ln)) = (opts.smooth_alpha, ln) {
-                let wname = format!("{n}.weight");
-                let s = int8::smooth_scales(&stat, &map[&wname], alpha);
-                int8::fold_smoothing(&mut map, &ln, &wname, &s);
-                stat /= &s;
-            }
-            if let Some(thr) = opts.outlier_threshold {
-                let idx = stat.gt(thr).nonzero().reshape([-1]);
-                outliers.insert(n.clone(), idx);
-            }
+    let mut outliers = BTreeMap::new();
+    for n in linear_names {
+        let src = source_name(n);
+        let mut stat = calib
+            .get(&src)
+            .ok_or_else(|| Error::Input(format!("calibration has no statistics for `{src}`")))?
+            .to_kind(Kind::Float);
+        let ln = if n.ends_with("attn.c_attn") {
+            Some(n.replace("attn.c_attn", "ln_1"))
+        } else if n.ends_with("mlp.c_fc") {
+            Some(n.replace("mlp.c_fc", "ln_2"))
+        } else {
+            None // c_proj: no LayerNorm to fold into; not smoothed (README).
+        };
+        if let (Some(alpha), Some(ln)) = (opts.smooth_alpha, ln) {
+            let wname = format!("{n}.weight");
+            let s = int8::smooth_scales(&stat, &map[&wname], alpha);
+            int8::fold_smoothing(map, &ln, &wname, &s);
+            stat /= &s;
+        }
+        if let Some(thr) = opts.outlier_threshold {
+            let idx = stat.gt(thr).nonzero().reshape([-1]);
+            outliers.insert(n.clone(), idx);
         }
     }
+    Ok(outliers)
+}
+
+/// The artifact's tensors (`quant::encode_weight` for those stored int8) and a
+/// `TensorStat` for every linear weight and int8 embedding.
+fn encode(
+    map: BTreeMap<String, Tensor>,
+    linear_names: &[String],
+    zeros: &BTreeMap<String, i64>,
+    outliers: &BTreeMap<String, Tensor>,
+    int8: bool,
+    quantize_embeddings: bool,
+) -> (Vec<(String, Tensor)>, Vec<TensorStat>) {
     let mut out = Vec::new();
     let mut stats = Vec::new();
-    let int8 = opts.method.is_int8();
-    let quantize_embeddings = int8 && !opts.keep_embeddings_float;
     for (name, t) in map {
-        let layer = name.strip_suffix(".weight");
-        let is_linear = layer.is_some_and(|l| linear_names.iter().any(|n| n == l));
-        let is_rows = name == "wte.weight" || name == "lm_head.weight";
-        let numel = t.numel() as i64;
-        if int8 && (is_linear || (is_rows && quantize_embeddings)) {
-            // Conv1D (in, out): one scale per column; embeddings (V, E): per row.
-            let dim = if is_linear { 0 } else { 1 };
-            let (q, scale) = int8::quantize_per_channel(&t, dim);
-            let mut stat = TensorStat {
-                name: name.clone(),
-                numel,
-                zeros: layer.and_then(|l| zeros.get(l)).copied().unwrap_or(0),
-                sparsity: 0.0,
-                stored: "int8".into(),
-                outlier_columns: 0,
-            };
-            if let Some(idx) = layer.and_then(|l| outliers.get(l)) {
-                stat.outlier_columns = idx.numel() as i64;
-                out.push((
-                    format!("{}.{OUTLIER_SUFFIX}", layer.unwrap()),
-                    idx.shallow_clone(),
-                ));
-            }
-            stat.sparsity = stat.zeros as f64 / numel.max(1) as f64;
-            stats.push(stat);
-            out.push((format!("{name}_scale"), scale));
-            out.push((name, q));
-        } else {
-            if is_linear {
-                let z = zeros[layer.unwrap()];
-                stats.push(TensorStat {
-                    name: name.clone(),
-                    numel,
-                    zeros: z,
-                    sparsity: z as f64 / numel.max(1) as f64,
-                    stored: "f32".into(),
-                    outlier_columns: 0,
-                });
-            }
+        let layer = name
+            .strip_suffix(".weight")
+            .filter(|l| linear_names.iter().any(|n| n == l));
+        let is_int8 =
+            int8 && (layer.is_some() || (quant::rows_are_out(&name) && quantize_embeddings));
+        if layer.is_none() && !is_int8 {
             out.push((name, t));
-        }
-    }
-    let (total_zeros, total): (i64, i64) = stats
-        .iter()
-        .filter(|s| !s.name.starts_with("wte") && !s.name.starts_with("lm_head"))
-        .fold((0, 0), |(z, n), s| (z + s.zeros, n + s.numel));
-    let source_layers: Vec<i64> = (0..config.n_layer).collect();
-    let qc = QuantizationConfig {
-        quant_method: QUANT_METHOD.into(),
-        method: opts.method,
-        bits: if int8 { 8 } else { 32 },
-        granularity: GRANULARITY.into(),
-        quantize_embeddings,
-        sparsity: total_zeros as f64 / total.max(1) as f64,
-        prune: opts.prune.as_ref().map(Prune::to_json),
-        dropped_layers: source_layers
-            .into_iter()
-            .filter(|l| !opts.kept_layers.contains(l))
-            .collect(),
-        kept_layers: opts.kept_layers.clone(),
-        source_sha256: opts.source_sha256.clone(),
-        smooth_alpha: opts.smooth_alpha,
-        outlier_threshold: opts.outlier_threshold,
-        extra: Default::default(),
-    };
-    let mut config = config.clone();
-    config.n_layer = n_layer;
-    config.extra.insert(
-        "quantization_config".into(),
-        serde_json::to_value(&qc).map_err(|e| Error::Input(e.to_string()))?,
-    );
-    Ok(Artifact {
-        config,
-        tensors: out,
-        stats,
-    })
-}
-
-/// A float model's tensors from an artifact's (as the engine reads them), with the
-/// `quantization_config` removed from the config: what `gpt2kit dequantize` writes.
-pub fn dequantize(
-    config: &Gpt2Config,
-    stored: &dyn infer::checkpoint::TensorSource,
-    names: &[String],
-) -> Result<(Gpt2Config, Vec<(String, Tensor)>)> {
-    let path = stored.path_of("config.json").with_file_name("config.json");
-    let qc = QuantizationConfig::from_config(config, &path)?.ok_or_else(|| {
-        Error::Input(format!(
-            "{}: not a gpt2kit artifact (no quantization_config); it is already a float model",
-            path.display()
-        ))
-    })?;
-    let mut out = Vec::new();
-    for name in names {
-        if name.ends_with("_scale") || name.ends_with(OUTLIER_SUFFIX) {
             continue;
         }
-        let t = stored.tensor_as_stored(name, tch::Device::Cpu)?;
-        let t = if t.kind() == Kind::Int8 {
-            let rows_are_out = name == "wte.weight" || name == "lm_head.weight";
-            let size = t.size();
-            if size.len() != 2 {
-                return Err(Error::Input(format!("int8 tensor `{name}` is not 2-D")));
-            }
-            let shape = [size[0], size[1]];
-            let r = infer::quant::read_int8(stored, name, shape, rows_are_out, tch::Device::Cpu)?;
-            let w = r.dequantize(Kind::Float); // (out, in)
-            if rows_are_out {
-                w
-            } else {
-                w.tr().contiguous()
-            }
-        } else {
-            t
+        let numel = t.numel() as i64;
+        let zeros = layer.map_or(0, |l| zeros[l]);
+        let mut stat = TensorStat {
+            name: name.clone(),
+            numel,
+            zeros,
+            sparsity: zeros as f64 / numel.max(1) as f64,
+            stored: if is_int8 { "int8" } else { "f32" }.into(),
+            outlier_columns: 0,
         };
-        out.push((name.clone(), t));
+        if !is_int8 {
+            stats.push(stat);
+            out.push((name, t));
+            continue;
+        }
+        if let Some((l, idx)) = layer.and_then(|l| Some((l, outliers.get(l)?))) {
+            stat.outlier_columns = idx.numel() as i64;
+            out.push((quant::outlier_name(l), idx.shallow_clone()));
+        }
+        stats.push(stat);
+        out.extend(quant::encode_weight(&name, &t));
     }
-    let _ = qc;
-    let mut config = config.clone();
-    config.extra.remove("quantization_config");
-    Ok((config, out))
-}
-
-/// One tensor's bytes for the safetensors writer.
-struct Bytes {
-    dtype: safetensors::Dtype,
-    shape: Vec<usize>,
-    data: Vec<u8>,
-}
-
-impl safetensors::View for &Bytes {
-    fn dtype(&self) -> safetensors::Dtype {
-        self.dtype
-    }
-    fn shape(&self) -> &[usize] {
-        &self.shape
-    }
-    fn data(&self) -> std::borrow::Cow<'_, [u8]> {
-        std::borrow::Cow::Borrowed(&self.data)
-    }
-    fn data_len(&self) -> usize {
-        self.data.len()
-    }
-}
-
-/// Writes tensors as one safetensors file with `{"format": "pt"}` metadata, as
-/// transformers' `save_pretrained` does (transformers checks it when loading).
-pub fn save_safetensors(path: &std::path::Path, tensors: &[(String, Tensor)]) -> Result<()> {
-    use safetensors::Dtype;
-    let mut owned = Vec::with_capacity(tensors.len());
-    for (name, t) in tensors {
-        let t = t.to_device(tch::Device::Cpu).contiguous();
-        let dtype = match t.kind() {
-            Kind::Float => Dtype::F32,
-            Kind::Half => Dtype::F16,
-            Kind::BFloat16 => Dtype::BF16,
-            Kind::Int8 => Dtype::I8,
-            Kind::Int64 => Dtype::I64,
-            Kind::Int => Dtype::I32,
-            k => return Err(Error::Input(format!("tensor `{name}`: cannot save {k:?}"))),
-        };
-        let numel = t.numel();
-        let mut data = vec![0u8; numel * t.kind().elt_size_in_bytes()];
-        t.f_copy_data_u8(&mut data, numel)?;
-        let shape = t.size().iter().map(|&d| d as usize).collect();
-        owned.push((name.clone(), Bytes { dtype, shape, data }));
-    }
-    let views: Vec<(&str, &Bytes)> = owned.iter().map(|(n, b)| (n.as_str(), b)).collect();
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
-    safetensors::serialize_to_file(views, Some(meta), path)
-        .map_err(|e| Error::Input(format!("{}: {e}", path.display())))?;
-    Ok(())
+    (out, stats)
 }
 
 /// SHA-256 (hex) over the bytes of `paths`, in order.

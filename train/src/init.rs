@@ -11,8 +11,7 @@ use tch::{Device, Kind, Tensor};
 
 use crate::folder::{write_model_folder, FolderContents};
 
-/// transformers' `GPT2Config.initializer_range` default.
-pub const INITIALIZER_RANGE: f64 = 0.02;
+pub use infer::folder::INITIALIZER_RANGE;
 
 /// Preset names `init` accepts: `tiny` and `small` (ours) and the published shapes.
 pub const PRESET_NAMES: &[&str] = &[

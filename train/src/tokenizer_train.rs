@@ -9,9 +9,10 @@
 //! `vocab.json` + `merges.txt`.
 use std::collections::HashSet;
 use std::fs;
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
+use infer::folder::TempFolder;
 use infer::Error;
 use serde_json::Value;
 use tokenizers::models::bpe::{BpeTrainer, BPE};
@@ -20,7 +21,6 @@ use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::processors::PostProcessorWrapper;
 use tokenizers::{AddedToken, DecoderWrapper, PreTokenizerWrapper, TokenizerImpl};
 
-use crate::folder::TMP_PREFIX;
 use crate::pieces::{gpt2_pieces, PIECE_BYTES};
 
 pub const ENDOFTEXT: &str = "<|endoftext|>";
@@ -188,60 +188,18 @@ pub fn check_new_folder(dir: &Path) -> Result<(), Error> {
 pub fn save(tokenizer: &tokenizers::Tokenizer, dir: &Path) -> Result<Vec<PathBuf>, Error> {
     check_new_folder(dir)?;
     let files = tokenizer_files(tokenizer, dir)?;
-    let name = dir
-        .file_name()
-        .ok_or_else(|| Error::Input(format!("{}: not a folder name", dir.display())))?
-        .to_string_lossy()
-        .into_owned();
-    let parent = match dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let io = |path: &Path| {
-        let path = path.to_path_buf();
-        move |source| Error::Io { path, source }
-    };
-    fs::create_dir_all(&parent).map_err(io(&parent))?;
-    let tmp = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp).map_err(io(&tmp))?;
+    if dir.file_name().is_none() {
+        return Err(Error::Input(format!(
+            "{}: not a folder name",
+            dir.display()
+        )));
     }
-    fs::create_dir(&tmp).map_err(io(&tmp))?;
-    let written = (|| {
-        for (file, text) in &files {
-            write_synced(&tmp.join(file), text.as_bytes())?;
-        }
-        sync(&tmp)?;
-        fs::rename(&tmp, dir).map_err(io(dir))?;
-        sync(&parent)
-    })();
-    if let Err(e) = written {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
+    let tmp = TempFolder::beside(dir)?;
+    for (file, text) in &files {
+        tmp.write(file, text.as_bytes())?;
     }
+    tmp.commit(dir)?;
     Ok(files.iter().map(|(file, _)| dir.join(file)).collect())
-}
-
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<(), Error> {
-    let mut f = fs::File::create(path).map_err(|source| Error::Io {
-        path: path.into(),
-        source,
-    })?;
-    f.write_all(bytes)
-        .and_then(|()| f.sync_all())
-        .map_err(|source| Error::Io {
-            path: path.into(),
-            source,
-        })
-}
-
-fn sync(dir: &Path) -> Result<(), Error> {
-    fs::File::open(dir)
-        .and_then(|f| f.sync_all())
-        .map_err(|source| Error::Io {
-            path: dir.into(),
-            source,
-        })
 }
 
 /// The four files' names and contents (`dir` names errors only).
