@@ -698,6 +698,8 @@ impl Gpt2 {
 
     /// Starts recording the per-input-channel max |x| of every linear layer's inputs
     /// (calibration for SmoothQuant and outlier columns); read with `observed_input_max`.
+    /// Decode steps then run on libtorch, through the observers (observed layers have no
+    /// fused plan).
     pub fn observe_linear_inputs(&mut self) -> Result<()> {
         if self.devices.len() != 1 {
             return Err(Error::Input("calibration needs an unsharded model".into()));
@@ -712,6 +714,8 @@ impl Gpt2 {
             );
             *l = taken.observed();
         }
+        let fused = self.fused.is_some();
+        self.set_fused_decode(fused);
         Ok(())
     }
 
