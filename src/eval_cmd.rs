@@ -36,6 +36,8 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    engine: crate::EngineArgs,
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
@@ -45,7 +47,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             infer::Error::Input(format!("--data {}: no such file", args.data.display())).into(),
         );
     }
-    let model = Gpt2::load(&args.model, kind, device)
+    let model = Gpt2::load_with(&args.model, kind, &[device], &args.engine.options())
         .with_context(|| format!("loading model {}", args.model.display()))?;
     let tokenizer = Tokenizer::from_dir(&args.model)?;
     infer::check_vocab(&model.config, &tokenizer, &args.model)?;

@@ -164,6 +164,8 @@ pub struct Args {
     /// Untimed warm-up generations (4 tokens each) before the real one, for benchmarks.
     #[arg(long, default_value_t = 0)]
     warmup: usize,
+    #[command(flatten)]
+    engine: crate::EngineArgs,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -398,12 +400,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "--stream cannot show --ensemble-mode rerank or vote".into(),
         ));
     }
-    let model = Gpt2::load_sharded(dir, kind, &devices)
+    let engine = args.engine.options();
+    let model = Gpt2::load_with(dir, kind, &devices, &engine)
         .with_context(|| format!("loading model {}", dir.display()))?;
     let mut others = Vec::new();
     for other in &args.ensemble {
         others.push(
-            Gpt2::load(other, kind, device)
+            Gpt2::load_with(other, kind, &[device], &engine)
                 .with_context(|| format!("loading model {}", other.display()))?,
         );
     }
@@ -437,7 +440,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     }
     let draft = match &args.draft_model {
         Some(d) => Some(
-            Gpt2::load(d, kind, device)
+            Gpt2::load_with(d, kind, &[device], &engine)
                 .with_context(|| format!("loading model {}", d.display()))?,
         ),
         None => None,

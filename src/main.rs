@@ -113,6 +113,43 @@ pub(crate) fn device_and_dtype(
     ))
 }
 
+/// The engine's switches (`infer::EngineOptions`), for commands that load a model to run
+/// it. Hidden flags, for comparisons and benchmarks; each falls back to the environment
+/// variable the README documents, read here and nowhere in the crates.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct EngineArgs {
+    /// libtorch everywhere instead of the CPU decode kernels [env: GPT2KIT_KERNELS=0].
+    #[arg(long, hide = true)]
+    no_kernels: bool,
+    /// libtorch between the decode kernels instead of fused decode steps
+    /// [env: GPT2KIT_FUSED_DECODE=0].
+    #[arg(long, hide = true)]
+    no_fused_decode: bool,
+    /// Threads of the decode kernels' pool [env: GPT2KIT_KERNEL_THREADS; default: one per
+    /// available core].
+    #[arg(long, hide = true)]
+    kernel_threads: Option<std::num::NonZeroUsize>,
+}
+
+impl EngineArgs {
+    /// The flags, else the environment, else the engine's defaults. As before the flags
+    /// existed, an environment value that is not a positive number is ignored.
+    pub(crate) fn options(&self) -> infer::EngineOptions {
+        let off = |var: &str| std::env::var(var).is_ok_and(|v| v == "0");
+        let env_threads = || {
+            std::env::var("GPT2KIT_KERNEL_THREADS")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .filter(|&n| n > 0)
+        };
+        infer::EngineOptions {
+            kernels: !self.no_kernels && !off("GPT2KIT_KERNELS"),
+            fused_decode: !self.no_fused_decode && !off("GPT2KIT_FUSED_DECODE"),
+            kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
+        }
+    }
+}
+
 pub(crate) type Out<'a> = io::StdoutLock<'a>;
 
 pub(crate) fn write_json(out: &mut Out, value: &serde_json::Value) -> anyhow::Result<()> {

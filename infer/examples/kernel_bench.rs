@@ -12,8 +12,8 @@
 //! decode step. Other jobs may share the machine, so ours and libtorch's measurements
 //! alternate in rounds and every figure is a median.
 //!
-//! `cargo run --release -p infer --example kernel_bench [-- --quick]`. Threads:
-//! `GPT2KIT_KERNEL_THREADS`, else every core, for the kernels and libtorch alike.
+//! `cargo run --release -p infer --example kernel_bench [-- --quick] [--threads N]`.
+//! Threads: N, else every core, for the kernels and libtorch alike.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -394,10 +394,17 @@ fn print_line(name: &str, f: WeightFormat, rows: i64, t: &Timing, bw: f64) {
 }
 
 fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    let threads = args.iter().position(|a| a == "--threads").map(|i| {
+        match args.get(i + 1).and_then(|n| n.parse().ok()) {
+            Some(n) if n > 0 => n,
+            _ => panic!("--threads takes a positive number"),
+        }
+    });
     let o = Opts {
         quick,
-        pool: ThreadPool::global(),
+        pool: ThreadPool::global_with(threads),
     };
     let threads = o.pool.threads();
     tch::set_num_threads(threads as i32);

@@ -212,9 +212,3 @@ pub(crate) fn kernel_max_rows(packed: &PackedLinear) -> i64 {
 /// a quarter of the f32 bytes, while dequantizing writes and reads the f32 weight again
 /// (a prompt of up to 64 tokens costs at most 8 passes).
 const INT8_KERNEL_MAX_ROWS: i64 = 64;
-
-/// Whether CPU models get the decode kernels: on unless `GPT2KIT_KERNELS=0` (which
-/// forces libtorch everywhere, for comparison).
-pub fn kernels_enabled() -> bool {
-    std::env::var("GPT2KIT_KERNELS").map_or(true, |v| v != "0")
-}

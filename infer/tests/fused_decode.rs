@@ -144,3 +144,53 @@ fn greedy_and_beam_tokens_match_the_libtorch_path() {
         }
     })
 }
+
+/// Calibration wraps every linear in an input observer; decoding afterwards, in the same
+/// process, gives the tokens a fresh model gives, through the observers.
+#[test]
+fn decoding_after_calibration_matches_a_fresh_model() {
+    tch::no_grad(|| {
+        for name in MODELS {
+            let exp = expected(name);
+            let fresh = load(name, Kind::Float);
+            let mut model = load(name, Kind::Float);
+            assert!(
+                model.set_fused_decode(true),
+                "{name}: fused decode expected"
+            );
+            model.observe_linear_inputs().unwrap();
+            // A calibration pass over the first prompt.
+            let p = &exp.ids[0];
+            let mut cache = model.new_cache(1, p.len() as i64);
+            let _ = model.forward(&Tensor::from_slice(p).view([1, -1]), &mut cache);
+            let after_prompt = model.observed_input_max();
+            assert!(!after_prompt.is_empty(), "{name}: nothing observed");
+            let cfg = GenerationConfig {
+                max_new_tokens: exp.max_new_tokens as usize,
+                eos_token_ids: model.config.eos_ids(),
+                ..GenerationConfig::default()
+            };
+            let tokens = |m: &Gpt2| {
+                let out = generate(m, &exp.ids, &cfg, &|_| false, |_, _| {}).unwrap();
+                out.sequences
+                    .iter()
+                    .flatten()
+                    .map(|s| s.tokens.clone())
+                    .collect::<Vec<_>>()
+            };
+            assert_eq!(tokens(&model), tokens(&fresh), "{name}: greedy tokens");
+            // Generation ran through the observers: every max held or grew, some grew.
+            let after = model.observed_input_max();
+            assert_eq!(after.len(), after_prompt.len());
+            let (mut shrunk, mut grew) = (0f64, 0f64);
+            for ((_, a), (_, b)) in after_prompt.iter().zip(&after) {
+                shrunk = shrunk.max(f64::try_from((a - b).max()).unwrap());
+                grew = grew.max(f64::try_from((b - a).max()).unwrap());
+            }
+            assert!(
+                shrunk <= 0.0 && grew > 0.0,
+                "{name}: observed max {shrunk} {grew}"
+            );
+        }
+    })
+}

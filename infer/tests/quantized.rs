@@ -181,7 +181,7 @@ fn int8_artifacts_run_as_their_dequantized_model() {
         // Decoding one token at a time runs the int8 decode kernels (≤ 8 rows); it must
         // agree with the full forward (per-call dequantized weights on libtorch) within
         // the 1e-4 of the f32 cache tests (summation order only).
-        assert!(art.decodes_on_kernels(2) || !infer::model::kernels_enabled());
+        assert!(art.decodes_on_kernels(2));
         let mut cache = art.new_cache(2, 6);
         let steps: Vec<Tensor> = (0..6)
             .map(|t| tch::no_grad(|| art.forward(&ids.narrow(1, t, 1), &mut cache)))

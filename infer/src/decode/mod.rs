@@ -17,14 +17,15 @@
 //!
 //! Used for decode steps (one new token per row, up to `kernels::MAX_ROWS` rows) of a
 //! one-device CPU model whose every linear runs on a decode kernel; anything else (and
-//! `GPT2KIT_FUSED_DECODE=0`) takes the libtorch path.
-use tch::{Device, Kind, Tensor};
+//! `EngineOptions::fused_decode` off) takes the libtorch path. The model hands this
+//! module its layers' parameters (`LayerParts`) and linears (`Layers`), so that `decode`
+//! does not depend on `model`.
+use tch::{Kind, Tensor};
 
 use crate::cache::KvCache;
 use crate::config::Activation;
 use crate::kernels::{self, PackedLinear, ThreadPool};
 use crate::linear::Linear;
-use crate::model::{Block, Gpt2, LayerNorm};
 
 mod attend;
 mod math;
@@ -42,11 +43,11 @@ struct Norm {
     eps: f32,
 }
 impl Norm {
-    fn new(ln: &LayerNorm, eps: f64) -> Option<Self> {
+    fn new([weight, bias]: [&Tensor; 2], eps: f64) -> Option<Self> {
         let f = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1])).ok();
         Some(Self {
-            weight: f(&ln.weight)?,
-            bias: f(&ln.bias)?,
+            weight: f(weight)?,
+            bias: f(bias)?,
             eps: eps as f32,
         })
     }
@@ -97,68 +98,66 @@ fn kernel(l: &Linear) -> Option<&PackedLinear> {
         _ => None,
     }
 }
-/// Whether fused decode steps are allowed: on unless `GPT2KIT_FUSED_DECODE=0` (which
-/// keeps the kernels but runs libtorch between them, for comparison).
-pub fn fused_decode_enabled() -> bool {
-    std::env::var("GPT2KIT_FUSED_DECODE").map_or(true, |v| v != "0")
+/// The linears of a one-device CPU model's blocks, in the order a block runs them:
+/// `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`.
+pub(crate) trait Layers {
+    fn linears(&self, layer: usize) -> [&Linear; 4];
 }
-/// Per-layer settings `Plan::new` reads from each block (private to `model`).
-pub(crate) struct LayerSettings {
+/// What `Plan::new` reads from one block besides its linears.
+pub(crate) struct LayerParts<'a> {
+    /// `ln_1`'s and `ln_2`'s weight and bias, and their epsilon.
+    pub ln_1: [&'a Tensor; 2],
+    pub ln_2: [&'a Tensor; 2],
     pub ln_eps: f64,
+    /// Multiplier of q·kᵀ.
     pub scale: f64,
+    /// `reorder_and_upcast_attn`.
     pub upcast: bool,
 }
+/// Whether every linear of `layers` (`n` of them) has a decode kernel.
+fn all_on_kernels(layers: &dyn Layers, n: usize) -> bool {
+    (0..n).all(|l| layers.linears(l).iter().all(|x| kernel(x).is_some()))
+}
 impl Plan {
-    /// The plan for `model`, or `None` when its steps cannot run fused (not one CPU
-    /// device, a dtype other than f32/bf16, a linear without a decode kernel, an
-    /// activation this module does not compute).
+    /// The plan for a one-device CPU model of dtype `kind` with `n_head` heads, whose
+    /// blocks are `parts` and `layers`, or `None` when its steps cannot run fused (a
+    /// dtype other than f32/bf16, a linear without a decode kernel, heads over 256 wide).
     pub(crate) fn new(
-        model: &Gpt2,
-        blocks: &[Block],
-        settings: &[LayerSettings],
-        ln_f: (&LayerNorm, f64),
+        kind: Kind,
+        n_head: usize,
+        parts: &[LayerParts],
+        layers: &dyn Layers,
+        ln_f: ([&Tensor; 2], f64),
         act: Activation,
     ) -> Option<Self> {
-        let bf16 = match model.kind() {
+        let bf16 = match kind {
             Kind::Float => false,
             Kind::BFloat16 => true,
             _ => return None,
         };
+        let ln_f = Norm::new(ln_f.0, ln_f.1)?;
         // Attention keeps a head's accumulators on the stack: up to 256 values.
-        let small_heads = model.config.head_dim() <= 256;
-        if model.devices() != [Device::Cpu] || !fused_decode_enabled() || !small_heads {
+        if ln_f.weight.len() / n_head.max(1) > 256 || !all_on_kernels(layers, parts.len()) {
             return None;
         }
-        let mut pool = None;
-        let mut layers = Vec::new();
-        for (block, s) in blocks.iter().zip(settings) {
-            let [a] = &block.attn.shards[..] else {
-                return None;
-            };
-            let [m] = &block.mlp.shards[..] else {
-                return None;
-            };
-            for l in [&a.c_attn, &a.c_proj, &m.c_fc, &m.c_proj] {
-                pool.get_or_insert_with(|| kernel(l).map(|k| k.pool().clone()));
-                kernel(l)?;
-            }
-            if block.attn.c_proj_bias.is_some() || block.mlp.c_proj_bias.is_some() {
-                return None;
-            }
-            layers.push(LayerPlan {
-                ln_1: Norm::new(&block.ln_1, s.ln_eps)?,
-                ln_2: Norm::new(&block.ln_2, s.ln_eps)?,
+        parts.first()?;
+        let pool = kernel(layers.linears(0)[0])?.pool().clone();
+        let mut plans = Vec::new();
+        for s in parts {
+            plans.push(LayerPlan {
+                ln_1: Norm::new(s.ln_1, s.ln_eps)?,
+                ln_2: Norm::new(s.ln_2, s.ln_eps)?,
                 scale: s.scale as f32,
                 upcast: s.upcast,
             });
         }
         Some(Self {
-            layers,
-            ln_f: Norm::new(ln_f.0, ln_f.1)?,
+            layers: plans,
+            ln_f,
             act,
-            n_head: model.config.n_head as usize,
+            n_head,
             bf16,
-            pool: pool.flatten()?,
+            pool,
             simd: Simd::detect(),
         })
     }
@@ -166,11 +165,15 @@ impl Plan {
     /// Runs the blocks and `ln_f` for one new token per row: `x` (B, 1, E) is the
     /// embedded input, the result (B, 1, E) in the model's dtype. Writes the keys and
     /// values into the cache's next slot (the caller advances it). `None` (nothing
-    /// written) when this step cannot run fused; the caller then takes libtorch's path.
-    pub(crate) fn step(&self, blocks: &[Block], x: &Tensor, cache: &KvCache) -> Option<Tensor> {
+    /// written) when this step cannot run fused, or a layer lost its kernel since the
+    /// plan was made; the caller then takes libtorch's path.
+    pub(crate) fn step(&self, layers: &dyn Layers, x: &Tensor, cache: &KvCache) -> Option<Tensor> {
         let (b, t, e) = x.size3().ok()?;
         let (rows, e) = (b as usize, e as usize);
         if t != 1 || rows > kernels::MAX_ROWS || rows == 0 || x.requires_grad() {
+            return None;
+        }
+        if !all_on_kernels(layers, self.layers.len()) {
             return None;
         }
         let (nh, slot, cap) = (self.n_head, cache.len() as usize, cache.capacity() as usize);
@@ -198,7 +201,7 @@ impl Plan {
         };
         let mut h = Vec::<f32>::try_from(x.to_kind(Kind::Float).reshape([-1])).ok()?;
         let step = Step {
-            blocks,
+            layers,
             cache,
             valid: valid.as_deref(),
             rows,
@@ -247,7 +250,7 @@ impl Plan {
     #[inline(always)]
     fn blocks(&self, step: &Step, h: &mut [f32]) -> Vec<f32> {
         let Step {
-            blocks,
+            layers,
             cache,
             valid,
             rows,
@@ -257,23 +260,25 @@ impl Plan {
         let e = h.len() / rows;
         let hs = e / nh;
         let cap = cache.capacity() as usize;
-        let inner = kernel(&blocks[0].mlp.shards[0].c_fc).map_or(0, |k| k.out_features());
+        let inner = kernel(layers.linears(0)[2]).map_or(0, |k| k.out_features());
         let mut normed = vec![0f32; rows * e];
         let mut qkv = vec![0f32; rows * 3 * e];
         let mut attn = vec![0f32; rows * e];
         let mut proj = vec![0f32; rows * e];
         let mut mid = vec![0f32; rows * inner];
         let bf16 = self.bf16;
-        for ((block, lp), (kc, vc)) in blocks
+        for (l, (lp, (kc, vc))) in self
+            .layers
             .iter()
-            .zip(&self.layers)
             .zip(cache.k.iter().zip(&cache.v))
+            .enumerate()
         {
-            let (a, m) = (&block.attn.shards[0], &block.mlp.shards[0]);
-            // `Plan::new` checked that every linear has a kernel.
-            let k = |l| kernel(l).expect("checked by Plan::new");
+            // `step` checked that every linear has a kernel.
+            let [c_attn, attn_proj, c_fc, mlp_proj] = layers
+                .linears(l)
+                .map(|x| kernel(x).expect("checked by step"));
             lp.ln_1.forward(h, &mut normed, bf16);
-            k(&a.c_attn).forward(&normed, rows, &mut qkv);
+            c_attn.forward(&normed, rows, &mut qkv);
             round_all(&mut qkv, bf16);
             let cache = CacheView {
                 k: kc[0].data_ptr(),
@@ -304,12 +309,12 @@ impl Plan {
                     job.run(i);
                 }
             }
-            k(&a.c_proj).forward(&attn, rows, &mut proj);
+            attn_proj.forward(&attn, rows, &mut proj);
             add_residual(h, &proj, bf16);
             lp.ln_2.forward(h, &mut normed, bf16);
-            k(&m.c_fc).forward(&normed, rows, &mut mid);
+            c_fc.forward(&normed, rows, &mut mid);
             activate(self.act, &mut mid, bf16);
-            k(&m.c_proj).forward(&mid, rows, &mut proj);
+            mlp_proj.forward(&mid, rows, &mut proj);
             add_residual(h, &proj, bf16);
         }
         self.ln_f.forward(h, &mut normed, bf16);
@@ -319,7 +324,7 @@ impl Plan {
 /// One step's inputs to `Plan::blocks`.
 #[derive(Clone, Copy)]
 struct Step<'a> {
-    blocks: &'a [Block],
+    layers: &'a dyn Layers,
     cache: &'a KvCache,
     valid: Option<&'a [u8]>,
     rows: usize,

@@ -106,14 +106,17 @@ impl ThreadPool {
         }
     }
 
-    /// The process-wide pool: `GPT2KIT_KERNEL_THREADS` threads if set, else one per
-    /// available core.
+    /// The process-wide pool, made on first use with one thread per available core.
     pub fn global() -> Arc<ThreadPool> {
+        Self::global_with(None)
+    }
+
+    /// The process-wide pool, made on first use with `threads` threads (`None`: one per
+    /// available core); later calls get the pool as it was first made.
+    pub fn global_with(threads: Option<usize>) -> Arc<ThreadPool> {
         static GLOBAL: OnceLock<Arc<ThreadPool>> = OnceLock::new();
         Arc::clone(GLOBAL.get_or_init(|| {
-            let threads = std::env::var("GPT2KIT_KERNEL_THREADS")
-                .ok()
-                .and_then(|s| s.parse().ok())
+            let threads = threads
                 .filter(|&n| n > 0)
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
             Arc::new(ThreadPool::new(threads))

@@ -1,0 +1,544 @@
+//! Loading a GPT-2 from a Hugging Face model folder or from named tensors: the
+//! checkpoint's tensor names (with or without `transformer.`), config.json's sizes checked
+//! against the weight files' headers, the tensor-parallel split (`parallel`), int8 layers
+//! routed to `quant`, the head tied to `wte`; and the reverse, the model's tensors under
+//! their checkpoint names.
+use std::path::Path;
+
+use tch::{Device, Kind, Tensor};
+
+use crate::checkpoint::{TensorSource, WeightFiles};
+use crate::config::Gpt2Config;
+use crate::error::{Error, Result};
+use crate::linear::Linear;
+use crate::model::{Attention, AttentionShard, Block, Gpt2, LayerNorm, Mlp, MlpShard};
+use crate::options::EngineOptions;
+use crate::parallel::{check_layout, qkv_columns, slice, CopyCommunicator, Split};
+use crate::quant::{self, Int8Layers, Int8Linear, Method, QuantRows, QuantizationConfig};
+
+/// The float kind a checkpoint stores `wte` in (f32 when unknown): `--dtype auto`.
+pub fn stored_kind(files: &WeightFiles) -> Kind {
+    ["wte.weight", "transformer.wte.weight"]
+        .iter()
+        .find_map(|n| files.stored_kind(n))
+        .unwrap_or(Kind::Float)
+}
+
+/// Refuses a path that is not a folder before anything is read from it.
+pub fn check_model_dir(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let what = if dir.exists() {
+        "is not a folder"
+    } else {
+        "does not exist"
+    };
+    Err(Error::ModelFolder {
+        path: dir.into(),
+        reason: format!("{what} (expected a Hugging Face model folder with config.json)"),
+    })
+}
+
+/// How many names a message lists before it says "and N more".
+const LIST: usize = 5;
+
+fn listed(names: &[String]) -> String {
+    let mut s = names
+        .iter()
+        .take(LIST)
+        .map(|n| format!("`{n}`"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if names.len() > LIST {
+        s += &format!(" and {} more", names.len() - LIST);
+    }
+    s
+}
+
+/// The layer index of `h.N.…` (after the prefix), if the name is a block's.
+fn layer_of(name: &str, prefix: &str) -> Option<i64> {
+    let rest = name.strip_prefix(prefix)?.strip_prefix("h.")?;
+    rest.split('.').next()?.parse().ok()
+}
+
+/// Sorts names with their layer numbers in numeric order (`h.2` before `h.10`).
+fn sort_by_layer(names: &mut [String], prefix: &str) {
+    names.sort_by(|a, b| (layer_of(a, prefix), a.as_str()).cmp(&(layer_of(b, prefix), b.as_str())));
+}
+
+/// Compares config.json's sizes with the shapes in the weight files' headers, before
+/// any tensor is read or any layer allocated (`from_weights` runs it first; callers
+/// that size work by the config before loading run it themselves). Errors name
+/// config.json, the key and the tensor. Sources that cannot list their tensors
+/// (in-memory ones) are not checked here; each tensor's shape is checked as it is read.
+pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> {
+    let names = files.tensor_names();
+    if names.is_empty() {
+        return Ok(());
+    }
+    let prefix = if files.contains("transformer.wte.weight") {
+        "transformer."
+    } else {
+        ""
+    };
+    let config_path = files.path_of("config.json").with_file_name("config.json");
+    let weights = |name: &str| files.path_of(name);
+    let bad = |reason: String| Error::Config {
+        path: config_path.clone(),
+        reason,
+    };
+    let (e, v, p, i) = (
+        config.n_embd,
+        config.vocab_size,
+        config.n_positions,
+        config.inner_dim(),
+    );
+    // (tensor, the shape the config implies, the key behind each axis).
+    let checks: [(&str, Vec<i64>, &[&str]); 4] = [
+        ("ln_f.weight", vec![e], &["n_embd"]),
+        ("wte.weight", vec![v, e], &["vocab_size", "n_embd"]),
+        ("wpe.weight", vec![p, e], &["n_positions", "n_embd"]),
+        ("h.0.mlp.c_fc.bias", vec![i], &["n_inner"]),
+    ];
+    for (tensor, expected, keys) in checks {
+        let name = format!("{prefix}{tensor}");
+        let Some(got) = files.shape_of(&name) else {
+            continue; // missing tensors are reported, by name, when read
+        };
+        if got == expected {
+            continue;
+        }
+        // The first axis that differs names the key (both keys when the rank differs).
+        let key = match (0..keys.len()).find(|&a| got.get(a) != Some(&expected[a])) {
+            Some(a) if got.len() == expected.len() => format!("{} is {}", keys[a], expected[a]),
+            _ => keys
+                .iter()
+                .zip(&expected)
+                .map(|(k, v)| format!("{k} is {v}"))
+                .collect::<Vec<_>>()
+                .join(" and "),
+        };
+        return Err(bad(format!(
+            "{key}, but tensor `{name}` has shape {got:?}, expected {expected:?} (in {})",
+            weights(&name).display()
+        )));
+    }
+    // Layers: the weights must hold h.0 .. h.{n_layer-1} and nothing past them.
+    let held = names
+        .iter()
+        .filter_map(|n| layer_of(n, prefix))
+        .max()
+        .map_or(0, |l| l + 1);
+    if config.n_layer > held {
+        let first = format!("{prefix}h.{held}.ln_1.weight");
+        return Err(bad(format!(
+            "n_layer is {}, but {} holds {held} layer(s) (tensor `{first}` is missing)",
+            config.n_layer,
+            weights(&first).display()
+        )));
+    }
+    let mut extra: Vec<String> = names
+        .into_iter()
+        .filter(|n| layer_of(n, prefix).is_some_and(|l| l >= config.n_layer))
+        .filter(|n| !is_legacy_buffer(n))
+        .collect();
+    if !extra.is_empty() {
+        sort_by_layer(&mut extra, prefix);
+        return Err(Error::UnusedTensors {
+            path: config_path.clone(),
+            reason: format!(
+                "n_layer is {}, but {} holds {held} layers: {} tensor(s) would be unused: {}",
+                config.n_layer,
+                weights(&extra[0]).display(),
+                extra.len(),
+                listed(&extra)
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// GPT-2's causal-mask buffers, saved by older transformers: not weights.
+fn is_legacy_buffer(name: &str) -> bool {
+    name.ends_with(".attn.bias") || name.ends_with(".attn.masked_bias")
+}
+
+/// Refuses weights that the model did not read (transformers warns about them; a
+/// silently ignored tensor is usually a config that does not describe the file).
+/// GPT-2's legacy attention buffers and a stored head of a tied model are not weights.
+fn check_all_used(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> {
+    let ignorable =
+        |n: &str| is_legacy_buffer(n) || (config.tie_word_embeddings && n == "lm_head.weight");
+    let mut unused: Vec<String> = files
+        .unused()
+        .into_iter()
+        .filter(|n| !ignorable(n))
+        .collect();
+    if unused.is_empty() {
+        return Ok(());
+    }
+    sort_by_layer(&mut unused, "");
+    Err(Error::UnusedTensors {
+        path: files.path_of(&unused[0]),
+        reason: format!(
+            "{} tensor(s) are not used by the GPT-2 that config.json describes: {}",
+            unused.len(),
+            listed(&unused)
+        ),
+    })
+}
+
+impl Gpt2 {
+    /// Loads a Hugging Face model folder's `config.json` and weights, converted to
+    /// `kind` (`None`: the dtype the checkpoint stores `wte` in), with the default
+    /// `EngineOptions`.
+    pub fn load(dir: &Path, kind: Option<Kind>, device: Device) -> Result<Self> {
+        Self::load_with(dir, kind, &[device], &EngineOptions::default())
+    }
+
+    /// Loads the model split over `devices` (tensor parallelism, one shard per entry;
+    /// the same device may appear several times), with the default `EngineOptions`.
+    pub fn load_sharded(dir: &Path, kind: Option<Kind>, devices: &[Device]) -> Result<Self> {
+        Self::load_with(dir, kind, devices, &EngineOptions::default())
+    }
+
+    /// Loads the model split over `devices` and readies it as `options` say (packed for
+    /// the CPU decode kernels, fused decode steps). The layout is checked against the
+    /// config before any weight is read.
+    pub fn load_with(
+        dir: &Path,
+        kind: Option<Kind>,
+        devices: &[Device],
+        options: &EngineOptions,
+    ) -> Result<Self> {
+        check_model_dir(dir)?;
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        check_layout(config.n_head, config.inner_dim(), devices)?;
+        options.apply_threads()?;
+        let files = WeightFiles::open_dir(dir)?;
+        let kind = kind.unwrap_or_else(|| stored_kind(&files));
+        let mut model = Self::from_weights(config, &files, kind, devices)?;
+        if options.kernels {
+            model.pack_for_cpu_decode()?;
+            model.set_fused_decode(options.fused_decode);
+        }
+        Ok(model)
+    }
+
+    /// Builds the model from checkpoint tensors, named with or without `transformer.`,
+    /// split over `devices`. Float layers only: no kernel packing (see
+    /// `pack_for_cpu_decode`), so a model built from trainable tensors stays trainable.
+    pub fn from_weights(
+        config: Gpt2Config,
+        files: &dyn TensorSource,
+        kind: Kind,
+        devices: &[Device],
+    ) -> Result<Self> {
+        check_layout(config.n_head, config.inner_dim(), devices)?;
+        let prefix = if files.contains("transformer.wte.weight") {
+            "transformer."
+        } else {
+            ""
+        };
+        // Sizes against the headers first: nothing is allocated for a config.json that
+        // disagrees with the weights (an n_layer of 10¹² would try to).
+        check_sizes(&config, files)?;
+        let quantization = QuantizationConfig::from_config(
+            &config,
+            &files.path_of("config.json").with_file_name("config.json"),
+        )?;
+        let method = quantization.as_ref().map_or(Method::None, |q| q.method);
+        let reader = Reader {
+            config: &config,
+            files,
+            prefix,
+            kind,
+            devices,
+            // An int8 artifact's linear layers come from `quant`, split the same way.
+            int8: Int8Layers::new(files, prefix, method, kind, devices)?,
+        };
+        let h = (0..config.n_layer)
+            .map(|l| reader.block(l))
+            .collect::<Result<Vec<_>>>()?;
+        let int8_embeddings = quantization.as_ref().is_some_and(|q| q.quantize_embeddings);
+        let (wte, wte_q, lm_head, head_q) = reader.embeddings_and_head(int8_embeddings, method)?;
+        let (p, e) = (config.n_positions, config.n_embd);
+        let wpe = reader.get("wpe.weight", &[p, e])?.to_device(devices[0]);
+        let ln_f = reader.ln("ln_f")?;
+        check_all_used(&config, files)?;
+        Ok(Self {
+            wte,
+            wpe,
+            ln_f,
+            h,
+            lm_head,
+            wte_q,
+            head_q,
+            quantization,
+            config,
+            kind,
+            devices: devices.to_vec(),
+            head_packed: None,
+            comm: Box::new(CopyCommunicator),
+            fused: None,
+        })
+    }
+}
+
+/// `wte`, its int8 rows, `lm_head` and the int8 head, as `Gpt2` holds them.
+type EmbeddingsAndHead = (Tensor, Option<QuantRows>, Option<Tensor>, Option<Linear>);
+
+/// Reads one model's tensors from a source, split over its devices.
+struct Reader<'a> {
+    config: &'a Gpt2Config,
+    files: &'a dyn TensorSource,
+    /// `transformer.` or empty.
+    prefix: &'a str,
+    kind: Kind,
+    devices: &'a [Device],
+    int8: Option<Int8Layers<'a>>,
+}
+
+impl Reader<'_> {
+    fn shards(&self) -> i64 {
+        self.devices.len() as i64
+    }
+
+    /// Tensor `name` (no prefix) of `shape`, on the device it is split from: the CPU when
+    /// sharded (read whole, sliced, then moved), else the model's device.
+    fn get(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let staging = if self.shards() > 1 {
+            Device::Cpu
+        } else {
+            self.devices[0]
+        };
+        let name = format!("{}{name}", self.prefix);
+        self.files.tensor(&name, shape, self.kind, staging)
+    }
+
+    fn ln(&self, name: &str) -> Result<LayerNorm> {
+        let (e, main) = (self.config.n_embd, self.devices[0]);
+        Ok(LayerNorm {
+            weight: self.get(&format!("{name}.weight"), &[e])?.to_device(main),
+            bias: self.get(&format!("{name}.bias"), &[e])?.to_device(main),
+            eps: self.config.layer_norm_epsilon,
+        })
+    }
+
+    /// One `Linear` per shard, and the bias that a row split leaves to be added once
+    /// after the shards' sum. Conv1D weights are (in, out).
+    fn linear(
+        &self,
+        name: &str,
+        n_in: i64,
+        n_out: i64,
+        split: Split,
+    ) -> Result<(Vec<Linear>, Option<Tensor>)> {
+        if let Some(int8) = &self.int8 {
+            return int8.layer(name, [n_in, n_out], split);
+        }
+        let (w, b) = (
+            self.get(&format!("{name}.weight"), &[n_in, n_out])?,
+            self.get(&format!("{name}.bias"), &[n_out])?,
+        );
+        let n = self.shards();
+        if n == 1 {
+            let one = Linear::Float {
+                weight: w,
+                bias: Some(b),
+            };
+            return Ok((vec![one], None));
+        }
+        let on = |t: Tensor, r: i64| t.to_device(self.devices[r as usize]);
+        Ok(match split {
+            Split::Columns(part) => {
+                let parts = (0..n).map(|r| Linear::Float {
+                    weight: on(part(&w, 1, r), r),
+                    bias: Some(on(part(&b, 0, r), r)),
+                });
+                (parts.collect(), None)
+            }
+            Split::Rows => {
+                let parts = (0..n).map(|r| Linear::Float {
+                    weight: on(slice(&w, 0, r, n), r),
+                    bias: None,
+                });
+                (parts.collect(), Some(b.to_device(self.devices[0])))
+            }
+        })
+    }
+
+    /// Block `l`: its attention split by heads, its MLP by the inner dimension.
+    fn block(&self, l: i64) -> Result<Block> {
+        let config = self.config;
+        let (n, e, i) = (self.shards(), config.n_embd, config.inner_dim());
+        let qkv = |t: &Tensor, dim: i64, r: i64| qkv_columns(t, dim, r, n);
+        let even = |t: &Tensor, dim: i64, r: i64| slice(t, dim, r, n);
+        let mut scale = if config.scale_attn_weights {
+            1.0 / (config.head_dim() as f64).sqrt()
+        } else {
+            1.0
+        };
+        if config.scale_attn_by_inverse_layer_idx {
+            scale /= (l + 1) as f64;
+        }
+        let (attn, mlp) = (format!("h.{l}.attn"), format!("h.{l}.mlp"));
+        let (c_attn, _) = self.linear(&format!("{attn}.c_attn"), e, 3 * e, Split::Columns(&qkv))?;
+        let (attn_proj, attn_bias) = self.linear(&format!("{attn}.c_proj"), e, e, Split::Rows)?;
+        let (c_fc, _) = self.linear(&format!("{mlp}.c_fc"), e, i, Split::Columns(&even))?;
+        let (mlp_proj, mlp_bias) = self.linear(&format!("{mlp}.c_proj"), i, e, Split::Rows)?;
+        let n_head = config.n_head / n;
+        Ok(Block {
+            ln_1: self.ln(&format!("h.{l}.ln_1"))?,
+            attn: Attention {
+                shards: c_attn
+                    .into_iter()
+                    .zip(attn_proj)
+                    .map(|(c_attn, c_proj)| AttentionShard {
+                        c_attn,
+                        c_proj,
+                        n_head,
+                    })
+                    .collect(),
+                c_proj_bias: attn_bias,
+                scale,
+                upcast: config.reorder_and_upcast_attn,
+            },
+            ln_2: self.ln(&format!("h.{l}.ln_2"))?,
+            mlp: Mlp {
+                shards: c_fc
+                    .into_iter()
+                    .zip(mlp_proj)
+                    .map(|(c_fc, c_proj)| MlpShard { c_fc, c_proj })
+                    .collect(),
+                c_proj_bias: mlp_bias,
+                act: config.activation(),
+            },
+        })
+    }
+
+    /// `wte` and the head: float rows, or int8 rows when the artifact quantized the
+    /// embeddings (then `wte` is empty and the head runs on the int8 GEMM). transformers
+    /// ties the head to wte whenever tie_word_embeddings is set, even when the file also
+    /// stores `lm_head.weight`; untied models must store it.
+    fn embeddings_and_head(&self, int8: bool, method: Method) -> Result<EmbeddingsAndHead> {
+        let (v, e, main) = (self.config.vocab_size, self.config.n_embd, self.devices[0]);
+        let tied = self.config.tie_word_embeddings;
+        let wte_name = format!("{}wte.weight", self.prefix);
+        if !int8 {
+            let wte = self.files.tensor(&wte_name, &[v, e], self.kind, main)?; // (V, E)
+            let lm_head = match tied {
+                true => None,
+                false => Some(
+                    self.files
+                        .tensor("lm_head.weight", &[v, e], self.kind, main)?,
+                ),
+            };
+            return Ok((wte, None, lm_head, None));
+        }
+        // The head over int8 rows (out = V, in = E), as the method runs its linears.
+        let int8_head = |w: QuantRows| match method {
+            Method::Int8Dynamic => Linear::Int8(Box::new(Int8Linear::new(w, None, None))),
+            _ => Linear::Int8Weight {
+                w,
+                bias: None,
+                packed: None,
+            },
+        };
+        let w = quant::read_int8(self.files, &wte_name, [v, e], true, main)?;
+        let head_q = if tied {
+            int8_head(QuantRows {
+                q: w.q.shallow_clone(),
+                scale: w.scale.shallow_clone(),
+            })
+        } else {
+            int8_head(quant::read_int8(
+                self.files,
+                "lm_head.weight",
+                [v, e],
+                true,
+                main,
+            )?)
+        };
+        Ok((Tensor::new(), Some(w), None, Some(head_q)))
+    }
+}
+
+/// The model's tensors under their checkpoint names.
+impl Gpt2 {
+    /// Every linear layer by checkpoint name (`h.N.attn.c_attn`, ...), unsharded models.
+    pub(crate) fn named_linears(&self) -> Vec<(String, &Linear)> {
+        let mut out = Vec::new();
+        for (l, block) in self.h.iter().enumerate() {
+            out.push((format!("h.{l}.attn.c_attn"), &block.attn.shards[0].c_attn));
+            out.push((format!("h.{l}.attn.c_proj"), &block.attn.shards[0].c_proj));
+            out.push((format!("h.{l}.mlp.c_fc"), &block.mlp.shards[0].c_fc));
+            out.push((format!("h.{l}.mlp.c_proj"), &block.mlp.shards[0].c_proj));
+        }
+        out
+    }
+
+    /// Every tensor of an unsharded float model under its checkpoint name (no
+    /// `transformer.` prefix; `lm_head.weight` only when untied). The tensors share
+    /// storage with the model.
+    pub fn named_tensors(&self) -> Result<Vec<(String, Tensor)>> {
+        if self.devices.len() != 1 {
+            return Err(Error::Input(
+                "named_tensors needs an unsharded model (--tp 1)".into(),
+            ));
+        }
+        if self.wte_q.is_some() || self.head_q.is_some() {
+            return Err(Error::Input(
+                "named_tensors needs float weights; this model runs int8 tensors".into(),
+            ));
+        }
+        let mut out = vec![
+            ("wte.weight".to_string(), self.wte.shallow_clone()),
+            ("wpe.weight".to_string(), self.wpe.shallow_clone()),
+        ];
+        let ln = |out: &mut Vec<(String, Tensor)>, name: String, ln: &LayerNorm| {
+            out.push((format!("{name}.weight"), ln.weight.shallow_clone()));
+            out.push((format!("{name}.bias"), ln.bias.shallow_clone()));
+        };
+        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| -> Result<()> {
+            let (weight, bias) = l.float_parts().ok_or_else(|| {
+                Error::Input(format!("named_tensors: `{name}` is int8, not float"))
+            })?;
+            out.push((format!("{name}.weight"), weight.shallow_clone()));
+            if let Some(b) = bias {
+                out.push((format!("{name}.bias"), b.shallow_clone()));
+            }
+            Ok(())
+        };
+        for (l, block) in self.h.iter().enumerate() {
+            ln(&mut out, format!("h.{l}.ln_1"), &block.ln_1);
+            lin(
+                &mut out,
+                format!("h.{l}.attn.c_attn"),
+                &block.attn.shards[0].c_attn,
+            )?;
+            lin(
+                &mut out,
+                format!("h.{l}.attn.c_proj"),
+                &block.attn.shards[0].c_proj,
+            )?;
+            ln(&mut out, format!("h.{l}.ln_2"), &block.ln_2);
+            lin(
+                &mut out,
+                format!("h.{l}.mlp.c_fc"),
+                &block.mlp.shards[0].c_fc,
+            )?;
+            lin(
+                &mut out,
+                format!("h.{l}.mlp.c_proj"),
+                &block.mlp.shards[0].c_proj,
+            )?;
+        }
+        ln(&mut out, "ln_f".into(), &self.ln_f);
+        if let Some(head) = &self.lm_head {
+            out.push(("lm_head.weight".into(), head.shallow_clone()));
+        }
+        Ok(out)
+    }
+}
