@@ -74,6 +74,8 @@ pub struct Args {
     /// Print the report as one JSON object.
     #[arg(long)]
     json: bool,
+    #[command(flatten)]
+    engine: crate::EngineArgs,
 }
 
 #[derive(ClapArgs)]
@@ -219,8 +221,13 @@ struct Measured {
 /// Perplexity and decode speed of the model in `dir`; `what` names it in errors (the
 /// artifact is measured in a temporary folder that is gone when the error is read).
 fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
-    let model = Gpt2::load(dir, Some(Kind::Float), Device::Cpu)
-        .with_context(|| format!("loading {what}"))?;
+    let model = Gpt2::load_with(
+        dir,
+        Some(Kind::Float),
+        &[Device::Cpu],
+        &args.engine.options(),
+    )
+    .with_context(|| format!("loading {what}"))?;
     let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading {what}"))?;
     let ppl = match &args.eval {
         Some(path) => Some(

@@ -86,13 +86,13 @@ impl Int8Linear {
                 .step_by(step.max(1) as usize)
                 .map(|c0| (c0, step.min(n_out - c0)))
                 .collect();
-            let host = |t: &Tensor| Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1]));
+            // Any tensor converts to f32 and flattens to one dimension: infallible.
+            let host = |t: &Tensor| {
+                Vec::<f32>::try_from(t.to_kind(Kind::Float).reshape([-1])).expect("f32, 1-D")
+            };
             HostSide {
-                scale: host(&w.scale).unwrap_or_default(),
-                bias: bias
-                    .as_ref()
-                    .map_or(Ok(vec![0.0; n_out as usize]), host)
-                    .unwrap_or_default(),
+                scale: host(&w.scale),
+                bias: bias.as_ref().map_or(vec![0.0; n_out as usize], host),
                 chunks,
                 pool,
             }
@@ -134,7 +134,8 @@ impl Int8Linear {
     fn forward_pooled(&self, x2: &Tensor, rows: usize) -> Option<Tensor> {
         let host = self.host.as_ref()?;
         let (n_out, n_in) = (self.w.q.size()[0] as usize, self.w.q.size()[1] as usize);
-        let xs = Vec::<f32>::try_from(x2.to_kind(Kind::Float).contiguous().reshape([-1])).ok()?;
+        let xs = Vec::<f32>::try_from(x2.to_kind(Kind::Float).contiguous().reshape([-1]))
+            .expect("f32, 1-D");
         let mut xq = vec![0i8; rows * n_in];
         let mut sx = vec![0f32; rows];
         for (r, s) in sx.iter_mut().enumerate() {
@@ -154,13 +155,13 @@ impl Int8Linear {
             let (c0, len) = host.chunks[t];
             let w = shared.q.narrow(0, c0, len); // (len, in), contiguous rows
             let acc = shared.xq.internal_int_mm(&w.tr()); // (rows, len) int32
-            let acc = Vec::<i32>::try_from(acc.reshape([-1])).unwrap_or_default();
+                                                          // _int_mm gives int32 (rows, len): infallible, exactly rows·len values.
+            let acc = Vec::<i32>::try_from(acc.reshape([-1])).expect("int32, 1-D");
             let (c0, len) = (c0 as usize, len as usize);
             for (r, &s_r) in sx.iter().enumerate() {
                 for j in 0..len {
                     let c = c0 + j;
-                    let v = acc.get(r * len + j).copied().unwrap_or(0) as f32 * s_r * host.scale[c]
-                        + host.bias[c];
+                    let v = acc[r * len + j] as f32 * s_r * host.scale[c] + host.bias[c];
                     // SAFETY: r < rows, c < n_out: inside y; column c belongs to this chunk only.
                     unsafe { *shared.y.add(r * n_out + c) = v };
                 }
