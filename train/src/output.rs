@@ -12,7 +12,57 @@ use anyhow::{Context, Result};
 
 use crate::checkpoint as ckpt;
 use crate::folder::TMP_PREFIX;
-use crate::options::input;
+use crate::options::{input, TrainOptions};
+
+/// Before anything is read: leftovers of a killed save removed, the checkpoint to
+/// resume from found, and the folder's earlier contents refused, or (overwriting)
+/// removed where that spares the run's inputs. Returns the checkpoint to resume from.
+pub fn claim(o: &TrainOptions, out: &mut dyn Write) -> Result<Option<PathBuf>> {
+    let cleaned = crate::folder::remove_leftovers(&o.output)?;
+    if cleaned > 0 {
+        let _ = writeln!(
+            out,
+            "removed {cleaned} unfinished save(s) left in {}",
+            o.output.display()
+        );
+    }
+    let resume_dir = crate::resume::resolve(o)?;
+    // Data kept inside a checkpoint or final/ would go with rotation or the final save.
+    let data: Vec<(&str, &Path)> = o
+        .data
+        .iter()
+        .map(|p| ("--data", p.as_path()))
+        .chain(o.eval_data.iter().map(|p| ("--eval-data", p.as_path())))
+        .collect();
+    let mut replaced = overwritten(&o.output);
+    replaced.retain(|d| !d.ends_with("runs"));
+    check_inputs_survive(&replaced, &data, "this run may rotate away or replace")?;
+    if resume_dir.is_some() {
+        return Ok(resume_dir);
+    }
+    let earlier = earlier_contents(&o.output);
+    if !earlier.is_empty() && !o.overwrite_output_dir {
+        let shown: Vec<&str> = earlier.iter().take(5).map(String::as_str).collect();
+        return Err(input(format!(
+            "--output {} is not empty (it holds {}{}); pass --resume to continue from its \
+             latest checkpoint, --overwrite-output-dir to replace an earlier run's \
+             checkpoints, final/ and runs/, or choose an empty folder",
+            o.output.display(),
+            shown.join(", "),
+            if earlier.len() > 5 { ", ..." } else { "" }
+        )));
+    }
+    if o.overwrite_output_dir {
+        // Starting over: the earlier run's checkpoints would otherwise be rotated in
+        // with the new ones (and deleted the new ones as "older") or picked by --resume.
+        let doomed = overwritten(&o.output);
+        let mut inputs = data.clone();
+        inputs.push(("--model", o.model.as_path()));
+        check_inputs_survive(&doomed, &inputs, "--overwrite-output-dir would remove")?;
+        remove_all(&doomed)?;
+    }
+    Ok(None)
+}
 
 /// The lock file inside an output folder.
 pub const LOCK_FILE: &str = ".gpt2kit-train.lock";

@@ -114,94 +114,203 @@ fn train_owned(
     out: &mut dyn Write,
     started: &mut bool,
 ) -> Result<TrainSummary> {
-    let start_dir = o.model.clone();
-    let cleaned = folder::remove_leftovers(&o.output)?;
-    // Lines on `out` are for people: a reader that went away (`| head`) loses them, the
-    // run goes on to its final model.
-    if cleaned > 0 {
-        let _ = writeln!(
-            out,
-            "removed {cleaned} unfinished save(s) left in {}",
-            o.output.display()
-        );
-    }
-    let resume_dir = resume::resolve(o)?;
-    // Data kept inside a checkpoint or final/ would go with rotation or the final save.
-    let data: Vec<(&str, &Path)> = o
-        .data
-        .iter()
-        .map(|p| ("--data", p.as_path()))
-        .chain(o.eval_data.iter().map(|p| ("--eval-data", p.as_path())))
-        .collect();
-    let mut replaced = output::overwritten(&o.output);
-    replaced.retain(|d| !d.ends_with("runs"));
-    output::check_inputs_survive(&replaced, &data, "this run may rotate away or replace")?;
-    if resume_dir.is_none() {
-        let earlier = output::earlier_contents(&o.output);
-        if !earlier.is_empty() && !o.overwrite_output_dir {
-            let shown: Vec<&str> = earlier.iter().take(5).map(String::as_str).collect();
-            return Err(input(format!(
-                "--output {} is not empty (it holds {}{}); pass --resume to continue from its \
-                 latest checkpoint, --overwrite-output-dir to replace an earlier run's \
-                 checkpoints, final/ and runs/, or choose an empty folder",
-                o.output.display(),
-                shown.join(", "),
-                if earlier.len() > 5 { ", ..." } else { "" }
-            )));
-        }
-        if o.overwrite_output_dir {
-            // Starting over: the earlier run's checkpoints would otherwise be rotated in
-            // with the new ones (and deleted the new ones as "older") or picked by --resume.
-            let doomed = output::overwritten(&o.output);
-            let mut inputs = data.clone();
-            inputs.push(("--model", o.model.as_path()));
-            output::check_inputs_survive(&doomed, &inputs, "--overwrite-output-dir would remove")?;
-            output::remove_all(&doomed)?;
-        }
-    }
-    // The run's tokenizer files, kept in memory: the folder they come from (the
-    // checkpoint resumed from) may be rotated away before the run's last save.
-    let tokenizer_files =
-        folder::read_tokenizer_files(resume_dir.as_deref().unwrap_or(&start_dir))?;
-    if let Some(dir) = &resume_dir {
-        resume::check_same_model(&start_dir, base_config, dir)?;
-    }
+    let resume_dir = output::claim(o, out)?;
+    let data = load_data(o, base_config, resume_dir.as_deref(), out)?;
+    let (schedule, batches_per_epoch) = plan(o, data.train.len())?;
+    let (mut tr, mut adam, mut state) = restore(
+        o,
+        resume_dir.as_deref(),
+        &schedule,
+        data.train.len(),
+        batches_per_epoch,
+        out,
+    )?;
+    let total_steps = schedule.total_steps;
+    let mut metrics = Metrics::new(
+        &o.output.join("runs"),
+        o.progress,
+        total_steps,
+        state.global_step,
+    )?;
+    let n = data.train.len();
+    let mut order = epoch_order(n, o.seed, state.data_epoch);
+    let mut micro_batches_run: u64 = 0;
+    let mut final_loss = None;
+    let mut last_eval = None;
+    let mut early_stopped = false;
+    // Resumed from a checkpoint of this folder: that step is saved already (a resumed
+    // run that is already complete then writes nothing new).
+    let mut last_saved = resume_dir
+        .as_ref()
+        .filter(|d| same_folder(d.parent(), &o.output))
+        .map(|_| state.global_step);
 
-    // Data, all checked before training starts.
-    let tokenizer = Tokenizer::from_dir(&start_dir)
-        .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
-    infer::check_vocab(base_config, &tokenizer, &start_dir)?;
-    let eos = data::eos_id(base_config, &tokenizer)?;
-    // A token id past the model's vocabulary fails naming its file and line.
-    let mut data_options = o.data_options.clone();
-    data_options.vocab_size = Some(base_config.vocab_size);
-    let (samples, report) = data::load_jsonl(&o.data, &tokenizer, eos, &data_options)?;
-    let mut skipped_lines = report.skipped;
-    if report.skipped > 0 {
-        let _ = writeln!(
-            out,
-            "skipped {} invalid line(s) in the training data",
-            report.skipped
-        );
-    }
-    let (train_set, eval_set) = match (&o.eval_data, o.eval_split) {
-        (Some(p), _) => {
-            let (e, r) = data::load_jsonl(std::slice::from_ref(p), &tokenizer, eos, &data_options)?;
-            if r.skipped > 0 {
-                let _ = writeln!(
-                    out,
-                    "skipped {} invalid line(s) in the eval data",
-                    r.skipped
-                );
-                skipped_lines += r.skipped;
+    *started = true;
+    while state.global_step < total_steps {
+        let step_start = Instant::now();
+        // The micro-batches of this step: up to `accum`, not crossing the epoch's end.
+        let mut batches: Vec<Vec<usize>> = Vec::new();
+        while (batches.len() as i64) < o.gradient_accumulation_steps {
+            let b = state.data_batch as usize;
+            let bs = o.batch_size as usize;
+            batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
+            state.data_batch += 1;
+            if state.data_batch >= batches_per_epoch {
+                state.data_epoch += 1;
+                state.data_batch = 0;
+                order = epoch_order(n, o.seed, state.data_epoch);
+                break;
             }
+        }
+        let tokens: usize = batches
+            .iter()
+            .flatten()
+            .map(|&i| data.train[i].ids.len())
+            .sum();
+        let loss = accumulate(o, &tr, &data, &batches, &mut micro_batches_run)
+            .inspect_err(|_| metrics.finish())?;
+        let lr = schedule.lr(state.global_step);
+        let grad_norm = update(o, &mut tr, &mut adam, &mut state, &mut metrics, loss, lr)?;
+        state.global_step += 1;
+        let step = state.global_step;
+        state.epoch = state.data_epoch as f64 + state.data_batch as f64 / batches_per_epoch as f64;
+        let tokens_per_s = tokens as f64 / step_start.elapsed().as_secs_f64().max(1e-9);
+        final_loss = Some(loss);
+        metrics.step(step, loss, lr, tokens_per_s);
+        if step % o.logging_steps == 0 || step == total_steps {
+            state.log_history.push(json!({
+                "step": step, "epoch": state.epoch, "loss": loss, "learning_rate": lr,
+                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
+            }));
+            metrics.log(step, loss, lr, grad_norm, tokens_per_s);
+        }
+        if o.eval_steps.is_some_and(|e| step % e == 0) && !data.eval.is_empty() {
+            let r = run_eval(&tr, &data.eval, o.eval_batch_size, data.eos)?;
+            record_eval(&mut state, &mut metrics, step, &r);
+            // Lines on `out` are for people: a reader that went away (`| head`) loses
+            // them, the run goes on to its final model.
+            let _ = writeln!(
+                out,
+                "step {step}: eval loss {:.4} · perplexity {:.3}",
+                r.loss, r.perplexity
+            );
+            last_eval = Some(r);
+            if let Some(p) = o.early_stopping_patience {
+                if state.evals_without_improvement >= p {
+                    let _ = writeln!(
+                        out,
+                        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
+                        state.best_metric.unwrap_or(f64::NAN)
+                    );
+                    early_stopped = true;
+                }
+            }
+        }
+        if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
+        {
+            ckpt::save(o, &tr, &adam, &schedule, &mut state, &data.tokenizer_files)?;
+            last_saved = Some(step);
+        }
+        if early_stopped {
+            break;
+        }
+    }
+    metrics.finish_bar();
+
+    if !data.eval.is_empty() && state.last_eval_step != Some(state.global_step) {
+        let r = run_eval(&tr, &data.eval, o.eval_batch_size, data.eos)?;
+        let step = state.global_step;
+        record_eval(&mut state, &mut metrics, step, &r);
+        last_eval = Some(r);
+    }
+    if o.save_steps.is_some() && last_saved != Some(state.global_step) {
+        ckpt::save(o, &tr, &adam, &schedule, &mut state, &data.tokenizer_files)?;
+    }
+    let last_eval = last_eval.or_else(|| saved_eval(&state));
+    let (final_dir, final_from) = write_final(o, &tr, &state, &data.tokenizer_files)?;
+    metrics.finish();
+    let final_eval = match (&final_from, state.best_metric) {
+        (Some(_), Some(loss)) => last_eval.as_ref().map(|e| EvalResult {
+            loss,
+            perplexity: loss.exp(),
+            tokens: e.tokens,
+        }),
+        _ => last_eval,
+    };
+    Ok(TrainSummary {
+        global_step: state.global_step,
+        final_loss,
+        eval: final_eval,
+        nan_steps_skipped: state.nan_steps_skipped,
+        skipped_lines: data.skipped_lines,
+        early_stopped,
+        final_dir,
+        final_from,
+        best_model_checkpoint: state.best_model_checkpoint.clone(),
+    })
+}
+
+/// The run's data, tokenized and checked, and the tokenizer files its saves carry.
+struct Dataset {
+    tokenizer_files: Vec<(String, Vec<u8>)>,
+    eos: i64,
+    train: Vec<Sample>,
+    eval: Vec<Sample>,
+    skipped_lines: usize,
+}
+
+fn load_data(
+    o: &TrainOptions,
+    config: &Gpt2Config,
+    resume_dir: Option<&Path>,
+    out: &mut dyn Write,
+) -> Result<Dataset> {
+    let start_dir = o.model.as_path();
+    // Kept in memory: the folder they come from (the checkpoint resumed from) may be
+    // rotated away before the run's last save.
+    let tokenizer_files = folder::read_tokenizer_files(resume_dir.unwrap_or(start_dir))?;
+    if let Some(dir) = resume_dir {
+        resume::check_same_model(start_dir, config, dir)?;
+    }
+    let tokenizer = Tokenizer::from_dir(start_dir)
+        .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
+    infer::check_vocab(config, &tokenizer, start_dir)?;
+    let eos = data::eos_id(config, &tokenizer)?;
+    // A token id past the model's vocabulary fails naming its file and line.
+    let mut options = o.data_options.clone();
+    options.vocab_size = Some(config.vocab_size);
+    let mut load = |paths: &[PathBuf], what: &str| -> Result<(Vec<Sample>, usize)> {
+        let (samples, report) = data::load_jsonl(paths, &tokenizer, eos, &options)?;
+        if report.skipped > 0 {
+            let _ = writeln!(
+                out,
+                "skipped {} invalid line(s) in the {what} data",
+                report.skipped
+            );
+        }
+        Ok((samples, report.skipped))
+    };
+    let (samples, mut skipped_lines) = load(&o.data, "training")?;
+    let (train, eval) = match (&o.eval_data, o.eval_split) {
+        (Some(p), _) => {
+            let (e, skipped) = load(std::slice::from_ref(p), "eval")?;
+            skipped_lines += skipped;
             (samples, e)
         }
         (None, Some(f)) => data::split(samples, f, o.seed)?,
         (None, None) => (samples, Vec::new()),
     };
+    Ok(Dataset {
+        tokenizer_files,
+        eos,
+        train,
+        eval,
+        skipped_lines,
+    })
+}
 
-    let n = train_set.len();
+/// The schedule over the run's steps, and the micro-batches per epoch of `n` examples.
+fn plan(o: &TrainOptions, n: usize) -> Result<(Schedule, i64)> {
     let batches_per_epoch = n.div_ceil(o.batch_size as usize) as i64;
     let accum = o.gradient_accumulation_steps;
     let steps_per_epoch = (batches_per_epoch + accum - 1) / accum;
@@ -226,238 +335,180 @@ fn train_owned(
         warmup_steps: warmup,
         total_steps,
     };
+    Ok((schedule, batches_per_epoch))
+}
 
-    // Model, optimizer and state: fresh, or from the checkpoint.
-    let weights_dir = resume_dir.clone().unwrap_or_else(|| start_dir.clone());
-    let mut tr = Trainable::load(&weights_dir, o.device, o.bf16)?;
+/// Model, optimizer and trainer state: fresh, or from the checkpoint resumed from.
+fn restore(
+    o: &TrainOptions,
+    resume_dir: Option<&Path>,
+    schedule: &Schedule,
+    n: usize,
+    batches_per_epoch: i64,
+    out: &mut dyn Write,
+) -> Result<(Trainable, AdamW, TrainerState)> {
+    let tr = Trainable::load(resume_dir.unwrap_or(&o.model), o.device, o.bf16)?;
     let mut adam = AdamW::new(&tr.params, o.adam);
-    let mut state = TrainerState {
-        max_steps: total_steps,
-        batches_per_epoch,
-        train_examples: n as i64,
-        ..Default::default()
+    let Some(dir) = resume_dir else {
+        let state = TrainerState {
+            max_steps: schedule.total_steps,
+            batches_per_epoch,
+            train_examples: n as i64,
+            ..Default::default()
+        };
+        return Ok((tr, adam, state));
     };
-    if let Some(dir) = &resume_dir {
-        state = resume::read_state(dir)?;
-        resume::check_no_later_checkpoints(&o.output, dir, state.global_step)?;
-        if state.train_examples != n as i64 || state.batches_per_epoch != batches_per_epoch {
-            return Err(input(format!(
-                "--resume {}: the checkpoint was trained on {} examples in {} batches per \
-                 epoch; this run has {} and {} (different data or --batch-size)",
-                dir.display(),
-                state.train_examples,
-                state.batches_per_epoch,
-                n,
-                batches_per_epoch
-            )));
-        }
-        if state.data_batch < 0 || state.data_batch > batches_per_epoch || state.data_epoch < 0 {
-            return Err(input(format!(
-                "{}: data position (epoch {}, batch {}) is outside this data's {} batches",
-                dir.join(ckpt::TRAINER_STATE).display(),
-                state.data_epoch,
-                state.data_batch,
-                batches_per_epoch
-            )));
-        }
-        resume::check_same_run(dir, &schedule, o.seed)?;
-        let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
-        adam.load_state(&opt)
-            .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
-        state.max_steps = total_steps;
-        let _ = writeln!(
-            out,
-            "resuming from {} at step {}",
+    let mut state = resume::read_state(dir)?;
+    resume::check_no_later_checkpoints(&o.output, dir, state.global_step)?;
+    if state.train_examples != n as i64 || state.batches_per_epoch != batches_per_epoch {
+        return Err(input(format!(
+            "--resume {}: the checkpoint was trained on {} examples in {} batches per \
+             epoch; this run has {} and {} (different data or --batch-size)",
             dir.display(),
-            state.global_step
-        );
+            state.train_examples,
+            state.batches_per_epoch,
+            n,
+            batches_per_epoch
+        )));
     }
+    if state.data_batch < 0 || state.data_batch > batches_per_epoch || state.data_epoch < 0 {
+        return Err(input(format!(
+            "{}: data position (epoch {}, batch {}) is outside this data's {} batches",
+            dir.join(ckpt::TRAINER_STATE).display(),
+            state.data_epoch,
+            state.data_batch,
+            batches_per_epoch
+        )));
+    }
+    resume::check_same_run(dir, schedule, o.seed)?;
+    let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
+    adam.load_state(&opt)
+        .with_context(|| format!("{}", dir.join(ckpt::OPTIMIZER).display()))?;
+    state.max_steps = schedule.total_steps;
+    let _ = writeln!(
+        out,
+        "resuming from {} at step {}",
+        dir.display(),
+        state.global_step
+    );
+    Ok((tr, adam, state))
+}
 
-    let mut metrics = Metrics::new(
-        &o.output.join("runs"),
-        o.progress,
-        total_steps,
-        state.global_step,
-    )?;
-    let mut order = epoch_order(n, o.seed, state.data_epoch);
-    let mut micro_batches_run: u64 = 0;
-    let mut final_loss = None;
-    let mut last_eval = None;
-    let mut early_stopped = false;
-    // Resumed from a checkpoint of this folder: that step is saved already (a resumed
-    // run that is already complete then writes nothing new).
-    let mut last_saved = resume_dir
-        .as_ref()
-        .filter(|d| same_folder(d.parent(), &o.output))
-        .map(|_| state.global_step);
-    let profile = o.profile;
-
-    *started = true;
-    while state.global_step < total_steps {
-        let step_start = Instant::now();
-        // The micro-batches of this step: up to `accum`, not crossing the epoch's end.
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        while (batches.len() as i64) < accum {
-            let b = state.data_batch as usize;
-            let bs = o.batch_size as usize;
-            batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
-            state.data_batch += 1;
-            if state.data_batch >= batches_per_epoch {
-                state.data_epoch += 1;
-                state.data_batch = 0;
-                order = epoch_order(n, o.seed, state.data_epoch);
-                break;
-            }
-        }
-        let targets: i64 = batches
-            .iter()
-            .flatten()
-            .map(|&i| train_set[i].target_tokens())
-            .sum();
-        let tokens: usize = batches
-            .iter()
-            .flatten()
-            .map(|&i| train_set[i].ids.len())
-            .sum();
-        let mut loss_sum = 0f64;
-        for batch in &batches {
-            let refs: Vec<&Sample> = batch.iter().map(|&i| &train_set[i]).collect();
-            let (ids, labels) = data::collate(&refs, eos, o.device);
-            let bf16_model = tr.compute_model()?;
-            let model = bf16_model.as_ref().unwrap_or(&tr.model);
-            let t0 = Instant::now();
-            let logits = model.forward_train(&ids);
-            let loss = data::lm_loss_sum(&logits, &labels);
-            loss_sum += loss.double_value(&[]);
-            let t1 = Instant::now();
-            (loss / targets.max(1) as f64)
-                .f_backward()
-                .map_err(|e| anyhow::anyhow!("the backward pass failed: {}", first_line(&e)))?;
-            if profile {
-                let _ = writeln!(
-                    std::io::stderr(),
-                    "profile: forward {:.3}s backward {:.3}s",
-                    (t1 - t0).as_secs_f64(),
-                    t1.elapsed().as_secs_f64()
-                );
-            }
-            micro_batches_run += 1;
-            if o.stop_after_micro_batches == Some(micro_batches_run) {
-                metrics.finish();
-                bail!(
-                    "stopped after {micro_batches_run} micro-batches (--stop-after-micro-batches)"
-                );
-            }
-        }
-        let loss = loss_sum / targets.max(1) as f64;
-        let lr = schedule.lr(state.global_step);
-        let t_opt = Instant::now();
-        let norm = total_grad_norm(&tr.params);
-        let grad_norm = norm.as_ref().map_or(0.0, |n| n.double_value(&[]));
-        if loss.is_finite() && grad_norm.is_finite() {
-            let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
-            adam.step(&tr.params, lr, scale);
-            state.consecutive_nan_steps = 0;
-            // A finite gradient can still give a non-finite update (an overflow, or
-            // 0/0 where AdamW's epsilon is 0): stop at once rather than train on
-            // weights no checkpoint may hold.
-            if let Some(name) = tr.first_non_finite() {
-                metrics.finish();
-                bail!(
-                    "step {}: the update made `{name}` NaN or infinite (loss {loss}, gradient \
-                     norm {grad_norm}, lr {lr}); stopping. Lower --lr or check --adam-epsilon",
-                    state.global_step + 1
-                );
-            }
-        } else {
-            state.nan_steps_skipped += 1;
-            state.consecutive_nan_steps += 1;
-            metrics.line(&format!(
-                "step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); step skipped",
-                state.global_step + 1
-            ));
-            if state.consecutive_nan_steps >= MAX_CONSECUTIVE_NAN_STEPS {
-                metrics.finish();
-                bail!(
-                    "{} steps in a row had a non-finite loss or gradient (last at step {}); \
-                     stopping. Lower --lr, set --max-grad-norm, or check the data",
-                    state.consecutive_nan_steps,
-                    state.global_step + 1
-                );
-            }
-        }
-        tr.fresh_leaves()?;
-        if profile {
+/// Forward and backward over one step's micro-batches, the gradients accumulating in
+/// the leaves; returns the step's loss (mean over every target token of the step, as
+/// transformers' `num_items_in_batch`).
+fn accumulate(
+    o: &TrainOptions,
+    tr: &Trainable,
+    data: &Dataset,
+    batches: &[Vec<usize>],
+    micro_batches_run: &mut u64,
+) -> Result<f64> {
+    let targets: i64 = batches
+        .iter()
+        .flatten()
+        .map(|&i| data.train[i].target_tokens())
+        .sum();
+    let mut loss_sum = 0f64;
+    for batch in batches {
+        let refs: Vec<&Sample> = batch.iter().map(|&i| &data.train[i]).collect();
+        let (ids, labels) = data::collate(&refs, data.eos, o.device);
+        let bf16_model = tr.compute_model()?;
+        let model = bf16_model.as_ref().unwrap_or(&tr.model);
+        let t0 = Instant::now();
+        let logits = model.forward_train(&ids);
+        let loss = data::lm_loss_sum(&logits, &labels);
+        loss_sum += loss.double_value(&[]);
+        let t1 = Instant::now();
+        (loss / targets.max(1) as f64)
+            .f_backward()
+            .map_err(|e| anyhow::anyhow!("the backward pass failed: {}", first_line(&e)))?;
+        if o.profile {
             let _ = writeln!(
                 std::io::stderr(),
-                "profile: clip + adamw + zero_grad {:.3}s",
-                t_opt.elapsed().as_secs_f64()
+                "profile: forward {:.3}s backward {:.3}s",
+                (t1 - t0).as_secs_f64(),
+                t1.elapsed().as_secs_f64()
             );
         }
-        state.global_step += 1;
-        let step = state.global_step;
-        state.epoch = state.data_epoch as f64 + state.data_batch as f64 / batches_per_epoch as f64;
-        let secs = step_start.elapsed().as_secs_f64();
-        let tokens_per_s = tokens as f64 / secs.max(1e-9);
-        final_loss = Some(loss);
-        metrics.step(step, loss, lr, tokens_per_s);
-        if step % o.logging_steps == 0 || step == total_steps {
-            state.log_history.push(json!({
-                "step": step, "epoch": state.epoch, "loss": loss, "learning_rate": lr,
-                "grad_norm": grad_norm, "tokens_per_s": tokens_per_s,
-            }));
-            metrics.log(step, loss, lr, grad_norm, tokens_per_s);
+        *micro_batches_run += 1;
+        if o.stop_after_micro_batches == Some(*micro_batches_run) {
+            bail!("stopped after {micro_batches_run} micro-batches (--stop-after-micro-batches)");
         }
+    }
+    Ok(loss_sum / targets.max(1) as f64)
+}
 
-        let eval_now = o.eval_steps.is_some_and(|e| step % e == 0) && !eval_set.is_empty();
-        if eval_now {
-            let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
-            record_eval(&mut state, &mut metrics, step, &r);
-            let _ = writeln!(
-                out,
-                "step {step}: eval loss {:.4} · perplexity {:.3}",
-                r.loss, r.perplexity
+/// Clipping and the AdamW update, or a skipped step when the loss or the gradient is
+/// not finite (five in a row stop the run); returns the gradient norm.
+fn update(
+    o: &TrainOptions,
+    tr: &mut Trainable,
+    adam: &mut AdamW,
+    state: &mut TrainerState,
+    metrics: &mut Metrics,
+    loss: f64,
+    lr: f64,
+) -> Result<f64> {
+    let t_opt = Instant::now();
+    let norm = total_grad_norm(&tr.params);
+    let grad_norm = norm.as_ref().map_or(0.0, |n| n.double_value(&[]));
+    if loss.is_finite() && grad_norm.is_finite() {
+        let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
+        adam.step(&tr.params, lr, scale);
+        state.consecutive_nan_steps = 0;
+        // A finite gradient can still give a non-finite update (an overflow, or 0/0
+        // where AdamW's epsilon is 0): stop at once rather than train on weights no
+        // checkpoint may hold.
+        if let Some(name) = tr.first_non_finite() {
+            metrics.finish();
+            bail!(
+                "step {}: the update made `{name}` NaN or infinite (loss {loss}, gradient \
+                 norm {grad_norm}, lr {lr}); stopping. Lower --lr or check --adam-epsilon",
+                state.global_step + 1
             );
-            last_eval = Some(r);
-            if let Some(p) = o.early_stopping_patience {
-                if state.evals_without_improvement >= p {
-                    let _ = writeln!(
-                        out,
-                        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
-                        state.best_metric.unwrap_or(f64::NAN)
-                    );
-                    early_stopped = true;
-                }
-            }
         }
-        if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
-        {
-            ckpt::save(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
-            last_saved = Some(step);
-        }
-        if early_stopped {
-            break;
+    } else {
+        state.nan_steps_skipped += 1;
+        state.consecutive_nan_steps += 1;
+        metrics.line(&format!(
+            "step {}: non-finite loss ({loss}) or gradient norm ({grad_norm}); step skipped",
+            state.global_step + 1
+        ));
+        if state.consecutive_nan_steps >= MAX_CONSECUTIVE_NAN_STEPS {
+            metrics.finish();
+            bail!(
+                "{} steps in a row had a non-finite loss or gradient (last at step {}); \
+                 stopping. Lower --lr, set --max-grad-norm, or check the data",
+                state.consecutive_nan_steps,
+                state.global_step + 1
+            );
         }
     }
-    metrics.finish_bar();
+    tr.fresh_leaves()?;
+    if o.profile {
+        let _ = writeln!(
+            std::io::stderr(),
+            "profile: clip + adamw + zero_grad {:.3}s",
+            t_opt.elapsed().as_secs_f64()
+        );
+    }
+    Ok(grad_norm)
+}
 
-    if !eval_set.is_empty() && state.last_eval_step != Some(state.global_step) {
-        let r = run_eval(&tr, &eval_set, o.eval_batch_size, eos)?;
-        let step = state.global_step;
-        record_eval(&mut state, &mut metrics, step, &r);
-        last_eval = Some(r);
-    }
-    if o.save_steps.is_some() && last_saved != Some(state.global_step) {
-        ckpt::save(o, &tr, &adam, &schedule, &mut state, &tokenizer_files)?;
-    }
-    let last_eval = last_eval.or_else(|| saved_eval(&state));
+/// Writes `final/`: the last step's weights, or with --load-best-model-at-end the best
+/// checkpoint's (transformers' `load_best_model_at_end`), read back from its folder,
+/// which rotation always spares. Returns the folder and the checkpoint it came from.
+fn write_final(
+    o: &TrainOptions,
+    tr: &Trainable,
+    state: &TrainerState,
+    tokenizer_files: &[(String, Vec<u8>)],
+) -> Result<(PathBuf, Option<String>)> {
     let final_dir = o.output.join(FINAL_DIR);
     if !tr.all_finite() {
         bail!("the trained weights hold NaN or infinite values; the final model is not saved");
     }
-    // final/ is the last step's weights, or with --load-best-model-at-end the best
-    // checkpoint's (transformers' `load_best_model_at_end`), read back from its folder:
-    // rotation always spares it.
     let best = match (&state.best_model_checkpoint, o.load_best_model_at_end) {
         (Some(name), true) => {
             let dir = o.output.join(name);
@@ -469,41 +520,21 @@ fn train_owned(
         }
         _ => None,
     };
-    let final_tensors = best.as_ref().map_or(&tr.params, |(_, t)| t);
     folder::write_model_folder(
         &final_dir,
         &FolderContents {
             config: &tr.config,
-            tensors: final_tensors,
-            tokenizer_files: &tokenizer_files,
+            tensors: best.as_ref().map_or(&tr.params, |(_, t)| t),
+            tokenizer_files,
             extra_files: vec![(
                 ckpt::TRAINER_STATE.into(),
-                serde_json::to_vec_pretty(&state)?,
+                serde_json::to_vec_pretty(state)?,
             )],
             extra_tensors: vec![],
         },
         true,
     )?;
-    metrics.finish();
-    let final_eval = match (&best, state.best_metric) {
-        (Some(_), Some(loss)) => last_eval.as_ref().map(|e| EvalResult {
-            loss,
-            perplexity: loss.exp(),
-            tokens: e.tokens,
-        }),
-        _ => last_eval,
-    };
-    Ok(TrainSummary {
-        global_step: state.global_step,
-        final_loss,
-        eval: final_eval,
-        nan_steps_skipped: state.nan_steps_skipped,
-        skipped_lines,
-        early_stopped,
-        final_dir,
-        final_from: best.map(|(name, _)| name),
-        best_model_checkpoint: state.best_model_checkpoint.clone(),
-    })
+    Ok((final_dir, best.map(|(name, _)| name)))
 }
 
 fn same_folder(a: Option<&Path>, b: &Path) -> bool {
