@@ -186,7 +186,8 @@ fn generation_config(
     };
     let own = model_dir.join(genconfig::FILE_NAME);
     let mut files = Vec::new();
-    if own.is_file() {
+    // Anything by that name is read (apply_file refuses a folder or FIFO by path).
+    if own.symlink_metadata().is_ok() {
         files.push(own);
     }
     files.extend(args.generation_config.iter().cloned());
@@ -268,7 +269,8 @@ fn generation_config(
                 "--max-time must be a positive number of seconds, got {t}"
             )));
         }
-        cfg.max_time = Some(Duration::from_secs_f64(t));
+        // Past Duration's range (~5.8e11 years): no limit in practice.
+        cfg.max_time = Some(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX));
     }
     cfg.seed = args.seed.or(cfg.seed);
     Ok(cfg)

@@ -21,6 +21,8 @@ pub fn read_prompts(path: &Path, field: Option<&str>) -> anyhow::Result<Vec<Stri
         None => "a \"prompt\" or \"text\" string".into(),
     };
     let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    // A UTF-8 byte order mark starts the file only (as for train's data).
+    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
     let mut out = Vec::new();
     for (i, line) in text.split(|&b| b == b'\n').enumerate() {
         let at = |why: &str| usage(format!("{}:{}: {why}", path.display(), i + 1));

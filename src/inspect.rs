@@ -65,7 +65,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         return crate::write_json(
             out,
             &json!({
-                "model": dir,
+                "model": dir.to_string_lossy(),
                 "config": c,
                 "parameters": params,
                 "dtype": dtype_name(model.kind()),

@@ -278,6 +278,12 @@ fn check_flags(args: &Args) -> anyhow::Result<(Method, Option<Prune>)> {
         ))
     })?;
     let prune = Prune::new(args.prune_sparsity, &args.prune_scope, &args.prune_pattern)?;
+    if args.calibration_samples == 0 {
+        return Err(usage(
+            "--calibration-samples must be at least 1 (omit --calibration to skip calibrating)"
+                .into(),
+        ));
+    }
     if let Some(a) = args.smooth_alpha {
         if !(0.0..=1.0).contains(&a) {
             return Err(usage(format!("--smooth-alpha {a}: must lie in [0, 1]")));
@@ -382,7 +388,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let qc =
         QuantizationConfig::from_config(&artifact.config, &tmp.path().join(folder::CONFIG_FILE))?;
     let report = json!({
-        "model": dir,
+        "model": dir.to_string_lossy(),
         "method": method.name(),
         "quantization_config": qc,
         "bytes_before": bytes_before,
@@ -390,7 +396,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
         "perplexity_before": before.ppl,
         "perplexity_after": after.ppl,
-        "eval_file": args.eval,
+        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
         "block_size": block,
         "decode_tokens_per_s_before": before.tok_s,
         "decode_tokens_per_s_after": after.tok_s,

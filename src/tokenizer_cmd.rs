@@ -51,6 +51,17 @@ fn train_tokenizer(args: &TrainArgs, out: &mut Out) -> anyhow::Result<()> {
         ))
         .into());
     }
+    // The trainer sizes its tables by the request, not by what the data can give: an
+    // absurd size aborted on a failed allocation. GPT-2's vocabulary is 50257; the
+    // largest in common use are about 256k.
+    if args.vocab_size > tokenizer_train::MAX_VOCAB_SIZE {
+        return Err(infer::Error::Input(format!(
+            "--vocab-size {} is above {}",
+            args.vocab_size,
+            tokenizer_train::MAX_VOCAB_SIZE
+        ))
+        .into());
+    }
     // Before the (long) training, and again before writing: a model's folder keeps its
     // tokenizer.
     tokenizer_train::check_new_folder(&args.out).context("--out")?;

@@ -284,10 +284,14 @@ pub fn apply_json(
         cfg.pad_token_id = v.first().copied();
     }
     if let Some(v) = float("max_time")? {
-        cfg.max_time = Some(
-            std::time::Duration::try_from_secs_f64(v)
-                .map_err(|_| format!("`max_time` must be a number of seconds ≥ 0, got {v}"))?,
-        );
+        if !(v >= 0.0) {
+            return Err(format!(
+                "`max_time` must be a number of seconds ≥ 0, got {v}"
+            ));
+        }
+        // Past Duration's range (~5.8e11 years): no limit in practice.
+        cfg.max_time =
+            Some(std::time::Duration::try_from_secs_f64(v).unwrap_or(std::time::Duration::MAX));
     }
     if let Some(v) = get("stop_strings") {
         let strings: Option<Vec<String>> = match v {

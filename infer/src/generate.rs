@@ -331,8 +331,9 @@ pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfi
                 cfg.max_length.unwrap_or(0)
             ));
         }
-        let need = (prompt.len() + limit) as i64;
-        if need > n_positions {
+        // Saturating: a limit near usize::MAX must not wrap around below n_positions.
+        let need = prompt.len().saturating_add(limit);
+        if need > n_positions.max(0) as usize {
             let flag = match cfg.max_length {
                 Some(l) => format!("{} {l}", n("max_length")),
                 None => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),

@@ -75,6 +75,16 @@ impl Tokenizer {
         })
     }
 
+    /// One past the largest token id, added tokens included: the embedding rows the
+    /// tokenizer can index.
+    pub fn id_bound(&self) -> usize {
+        self.inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1)
+    }
+
     /// The vocabulary size, added tokens included.
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
@@ -104,7 +114,7 @@ impl Tokenizer {
 
     /// Text of `ids`; bytes that are not valid UTF-8 on their own become U+FFFD.
     pub fn decode(&self, ids: &[i64]) -> Result<String> {
-        let vocab = self.vocab_size() as i64;
+        let vocab = self.id_bound() as i64;
         let mut ids32 = Vec::with_capacity(ids.len());
         for &id in ids {
             if id < 0 || id >= vocab {
@@ -129,16 +139,19 @@ impl Tokenizer {
 /// tokenizer has tokens: a token id past `vocab_size` would index outside `wte`.
 /// (A larger `vocab_size`, padded as GPT-2's 50257 → 50304 often is, is fine.)
 pub fn check_vocab(config: &Gpt2Config, tokenizer: &Tokenizer, dir: &Path) -> Result<()> {
-    let n = tokenizer.vocab_size() as i64;
-    if n <= config.vocab_size {
+    // The largest id, not the count: a tokenizer's ids need not be contiguous.
+    let bound = tokenizer.id_bound() as i64;
+    if bound <= config.vocab_size {
         return Ok(());
     }
     Err(Error::Input(format!(
-        "{}: config.json has vocab_size {} but the tokenizer ({}) has {n} tokens; \
-         token ids {}..{n} would index past the embedding table",
+        "{}: config.json has vocab_size {} but the tokenizer ({}) has {} tokens with ids \
+         up to {}; token ids {}..{bound} would index past the embedding table",
         dir.display(),
         config.vocab_size,
         tokenizer.path().display(),
+        tokenizer.vocab_size(),
+        bound - 1,
         config.vocab_size,
     )))
 }

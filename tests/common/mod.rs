@@ -134,3 +134,11 @@ pub fn corpus(rows: usize, seed: u64) -> String {
     }
     out
 }
+
+/// `gpt2kit` with arguments that need not be UTF-8.
+pub fn gpt2kit_os(args: &[&std::ffi::OsStr]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args(args)
+        .output()
+        .unwrap()
+}

@@ -122,7 +122,7 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
     }
     let tokenizer = Tokenizer::from_dir(opts.tokenizer_dir)
         .with_context(|| format!("--tokenizer {}", opts.tokenizer_dir.display()))?;
-    config.vocab_size = tokenizer.vocab_size() as i64;
+    config.vocab_size = tokenizer.id_bound() as i64;
     // GPT-2 separates documents with <|endoftext|> (its bos and eos): a tokenizer without
     // it would make some arbitrary token the separator.
     let eos = tokenizer.token_to_id("<|endoftext|>").ok_or_else(|| {
@@ -141,6 +141,7 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
     config
         .validate()
         .map_err(|reason| infer::Error::Input(format!("the model's config: {reason}")))?;
+    check_fits_in_memory(&config)?;
     if opts.out.exists() && std::fs::read_dir(opts.out).map_or(true, |mut d| d.next().is_some()) {
         return Err(infer::Error::Input(format!(
             "--out {}: already exists and is not empty",
@@ -162,4 +163,30 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
         true,
     )?;
     Ok(config)
+}
+
+/// Refuses a model whose f32 weights alone exceed the machine's memory, naming the
+/// sizes, before drawing them (the draw would grow until the kernel killed it).
+fn check_fits_in_memory(config: &Gpt2Config) -> Result<()> {
+    let bytes = config.num_parameters().saturating_mul(4) as u64;
+    let total = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        let line = m.lines().find(|l| l.starts_with("MemTotal:"))?;
+        let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+        Some(kib * 1024)
+    });
+    match total {
+        Some(total) if bytes > total => Err(infer::Error::Input(format!(
+            "a model of n_layer {}, n_embd {}, n_positions {} and vocab_size {} has {} \
+             parameters: {:.1} GB of f32 weights, more than this machine's {:.1} GB of memory",
+            config.n_layer,
+            config.n_embd,
+            config.n_positions,
+            config.vocab_size,
+            config.num_parameters(),
+            bytes as f64 / 1e9,
+            total as f64 / 1e9
+        ))
+        .into()),
+        _ => Ok(()),
+    }
 }

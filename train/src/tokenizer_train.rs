@@ -26,6 +26,8 @@ use crate::pieces::{gpt2_pieces, PIECE_BYTES};
 pub const ENDOFTEXT: &str = "<|endoftext|>";
 /// The byte symbols plus `<|endoftext|>`: the smallest vocabulary there is.
 pub const MIN_VOCAB_SIZE: usize = 256 + 1;
+/// The largest vocabulary `train` accepts (2^20).
+pub const MAX_VOCAB_SIZE: usize = 1 << 20;
 
 /// The training texts of JSONL files: each row's `text_field`, or else both its
 /// `prompt` and its `completion`. Blank lines are skipped; any other line that is not
