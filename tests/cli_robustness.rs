@@ -50,16 +50,6 @@ fn snapshot(dir: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
     out
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    fs::create_dir_all(to).unwrap();
-    for e in fs::read_dir(from).unwrap() {
-        let p = e.unwrap().path();
-        if p.is_file() {
-            fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
-        }
-    }
-}
-
 /// Names in `dir` that start with `.tmp-` (temporary folders left behind).
 fn leftovers(dir: &Path) -> Vec<String> {
     fs::read_dir(dir)
@@ -100,7 +90,7 @@ fn tokenizer_train_refuses_an_existing_folder_and_leaves_it_intact() {
     let data = t.path("data.jsonl");
     fs::write(&data, text_rows(50)).unwrap();
     let model = t.path("model");
-    copy_dir(&reference("hub-tied"), &model);
+    common::copy_files(&reference("hub-tied"), &model);
     let before = snapshot(&t.0);
     let o = tokenizer_train(&data, &t.s("model"));
     assert_clean_failure(&o, 2, &format!("{}: already exists", model.display()));
@@ -137,7 +127,7 @@ fn init_refuses_an_existing_folder_and_leaves_it_intact() {
     let t = TempDir::new("init-out");
     let tok = reference("hub-tied");
     let model = t.path("model");
-    copy_dir(&tok, &model);
+    common::copy_files(&tok, &model);
     fs::write(t.path("file"), "keep").unwrap();
     let before = snapshot(&t.0);
     for out in ["model", "file"] {

@@ -10,13 +10,6 @@ use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-fn copy_model(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for f in std::fs::read_dir(src).unwrap().flatten() {
-        std::fs::copy(f.path(), dst.join(f.file_name())).unwrap();
-    }
-}
-
 fn infer(model: &Path, extra: &[&str]) -> std::process::Output {
     let mut args = vec![
         "infer",
@@ -66,7 +59,7 @@ fn generation_limits_near_the_integer_limits_are_refused_or_unbounded() {
 /// A tokenizer.json whose ids are not contiguous: 400 tokens, one of them id 5000.
 fn sparse_tokenizer_model(t: &TempDir) -> PathBuf {
     let dir = t.path("sparse");
-    copy_model(&reference("hub-tied"), &dir);
+    common::copy_files(&reference("hub-tied"), &dir);
     let path = dir.join("tokenizer.json");
     let mut tok: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
@@ -119,7 +112,7 @@ fn folder_names_that_are_not_utf8_are_written_lossily() {
     let t = TempDir::new("hostile-utf8");
     let name = OsStr::from_bytes(b"x\xff");
     let model = t.path("").join(name);
-    copy_model(&reference("hub-tied"), &model);
+    common::copy_files(&reference("hub-tied"), &model);
     let o = common::gpt2kit_os(&[
         "inspect".as_ref(),
         "--model".as_ref(),
@@ -181,7 +174,7 @@ fn absurd_sizes_are_refused_before_anything_is_allocated() {
 fn a_generation_config_that_is_a_folder_is_named() {
     let t = TempDir::new("hostile-gcdir");
     let model = t.path("m");
-    copy_model(&reference("hub-tied"), &model);
+    common::copy_files(&reference("hub-tied"), &model);
     let _ = std::fs::remove_file(model.join("generation_config.json"));
     std::fs::create_dir(model.join("generation_config.json")).unwrap();
     let o = infer(&model, &["--max-new-tokens", "2"]);

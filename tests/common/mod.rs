@@ -142,3 +142,14 @@ pub fn gpt2kit_os(args: &[&std::ffi::OsStr]) -> Output {
         .output()
         .unwrap()
 }
+
+/// Copies the files (not subfolders) of `from` into `to`, made if missing.
+pub fn copy_files(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_file() {
+            std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
+        }
+    }
+}
