@@ -57,7 +57,7 @@ fn main() -> ExitCode {
     if std::env::var_os("GPT2KIT_PARSE_ONLY").is_some() {
         return ExitCode::SUCCESS;
     }
-    let mut out = io::stdout().lock();
+    let mut out = Out(io::stdout().lock());
     let result = match cli.command {
         Command::Inspect(args) => inspect::run(&args, &mut out),
         Command::Init(args) => init_cmd::run(&args, &mut out),
@@ -150,7 +150,23 @@ impl EngineArgs {
     }
 }
 
-pub(crate) type Out<'a> = io::StdoutLock<'a>;
+/// Standard output, whose write errors say so: a full stdout after a command wrote its
+/// files must not read as if the files had failed.
+pub(crate) struct Out<'a>(io::StdoutLock<'a>);
+
+impl Write for Out<'_> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.0.write(buf).map_err(on_stdout)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush().map_err(on_stdout)
+    }
+}
+
+fn on_stdout(e: io::Error) -> io::Error {
+    io::Error::new(e.kind(), format!("writing to stdout: {e}"))
+}
 
 pub(crate) fn write_json(out: &mut Out, value: &serde_json::Value) -> anyhow::Result<()> {
     writeln!(out, "{value}")?;

@@ -219,3 +219,41 @@ fn a_prompts_file_may_start_with_a_byte_order_mark() {
     ]);
     assert_ok(&o);
 }
+
+/// A full stdout after the artifact is written says that it was stdout that failed.
+#[test]
+fn a_full_stdout_is_named_as_such() {
+    let t = TempDir::new("hostile-fullout");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args([
+            "quantize",
+            "--model",
+            reference("hub-tied").to_str().unwrap(),
+            "--out",
+            &t.s("q"),
+            "--method",
+            "int8-weight",
+            "--decode-tokens",
+            "0",
+        ])
+        .stdout(std::fs::File::create("/dev/full").unwrap())
+        .output()
+        .unwrap();
+    assert_clean_failure(&o, 1, "writing to stdout: No space left on device");
+    assert!(t.path("q/model.safetensors").is_file());
+}
+
+/// config.json's pad_token_id is named as such, not as a flag that does not exist.
+#[test]
+fn a_bad_pad_token_id_names_where_it_comes_from() {
+    let t = TempDir::new("hostile-pad");
+    let model = t.path("m");
+    common::copy_files(&reference("hub-tied"), &model);
+    let path = model.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    c["pad_token_id"] = 9999.into();
+    std::fs::write(&path, c.to_string()).unwrap();
+    let o = infer(&model, &["--max-new-tokens", "2"]);
+    assert_clean_failure(&o, 2, "`pad_token_id` (config.json");
+}

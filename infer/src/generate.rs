@@ -97,6 +97,8 @@ impl GenerationConfig {
             | "begin_suppress_tokens"
             | "forced_eos_token_id"
             | "sequence_bias" => format!("generation config `{key}`"),
+            // No flag sets it: it comes from config.json or a generation config.
+            "pad_token_id" => "`pad_token_id` (config.json or generation_config.json)".into(),
             _ => format!("--{}", key.replace('_', "-")),
         }
     }
@@ -358,8 +360,9 @@ pub(crate) fn unpickable(step: usize, who: &str, why: BadRow) -> Error {
              can be generated"
         ),
         BadRow::NotFinite => format!(
-            "step {step}: the scores for {who} are not finite (NaN or +inf); are the \
-             model's weights finite?"
+            "step {step}: the scores for {who} are not finite (NaN or +inf): the model's \
+             activations overflowed, or a setting scaled the logits past f32's range (a \
+             --temperature or --repetition-penalty near 0, huge --ensemble-weights)"
         ),
     })
 }
