@@ -10,6 +10,8 @@ use serde_json::json;
 use crate::Out;
 
 #[derive(ClapArgs)]
+/// Negative numbers are values, not flags (`--seed -1` is refused by its type).
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model folder (Hugging Face layout; a checkpoint or an int8 artifact too).
     #[arg(long)]

@@ -16,6 +16,8 @@ use crate::infer_io::{peak_rss_mb, read_prompts, Streamer};
 use crate::Out;
 
 #[derive(clap::Args)]
+/// Negative numbers are values, not flags (`--seed -1` is refused by its type).
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]

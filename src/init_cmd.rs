@@ -8,6 +8,8 @@ use train::init::{init_model, InitOptions};
 use crate::Out;
 
 #[derive(ClapArgs)]
+/// Negative numbers are values, not flags (`--seed -1` is refused by its type).
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model shape: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2.
     #[arg(long)]

@@ -18,6 +18,8 @@ use tch::{Device, Kind, Tensor};
 use crate::Out;
 
 #[derive(ClapArgs)]
+/// Negative numbers are values, not flags (`--seed -1` is refused by its type).
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Float model folder to quantize (Hugging Face layout).
     #[arg(long)]

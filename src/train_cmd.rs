@@ -11,6 +11,8 @@ use train::trainer::{train, Resume, TrainOptions};
 use crate::Out;
 
 #[derive(ClapArgs)]
+/// Negative numbers are values, not flags (`--seed -1` is refused by its type).
+#[command(allow_negative_numbers = true)]
 pub struct Args {
     /// Model folder to start from (Hugging Face layout, or one made by `gpt2kit init`).
     #[arg(long)]

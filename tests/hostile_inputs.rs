@@ -257,3 +257,14 @@ fn a_bad_pad_token_id_names_where_it_comes_from() {
     let o = infer(&model, &["--max-new-tokens", "2"]);
     assert_clean_failure(&o, 2, "`pad_token_id` (config.json");
 }
+
+/// A negative number is read as the flag's value (and refused by its type), not as an
+/// unknown flag.
+#[test]
+fn negative_numbers_are_values() {
+    let model = reference("hub-tied");
+    let o = infer(&model, &["--seed", "-1"]);
+    assert_clean_failure(&o, 2, "invalid value '-1' for '--seed");
+    let o = infer(&model, &["--max-new-tokens", "2", "--length-penalty", "-1"]);
+    assert_ok(&o);
+}
