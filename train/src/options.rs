@@ -160,6 +160,20 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
             config.n_positions
         )));
     }
+    check_best_model_options(o)?;
+    if let Some(0) = o.save_total_limit {
+        return Err(input("--save-total-limit must be positive".into()));
+    }
+    for p in o.data.iter().chain(&o.eval_data) {
+        if !p.is_file() {
+            return Err(input(format!("{}: no such data file", p.display())));
+        }
+    }
+    Ok(())
+}
+
+/// --load-best-model-at-end compares checkpoints by their eval: every save must be one.
+fn check_best_model_options(o: &TrainOptions) -> Result<()> {
     if o.load_best_model_at_end {
         match (o.eval_steps, o.save_steps) {
             (Some(e), Some(s)) if s % e == 0 => {}
@@ -175,14 +189,6 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
                         .into(),
                 ))
             }
-        }
-    }
-    if let Some(0) = o.save_total_limit {
-        return Err(input("--save-total-limit must be positive".into()));
-    }
-    for p in o.data.iter().chain(&o.eval_data) {
-        if !p.is_file() {
-            return Err(input(format!("{}: no such data file", p.display())));
         }
     }
     Ok(())

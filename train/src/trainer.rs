@@ -186,25 +186,8 @@ fn train_owned(
         }
         if o.eval_steps.is_some_and(|e| step % e == 0) && !data.eval.is_empty() {
             let r = run_eval(&tr, &data.eval, o.eval_batch_size, data.eos)?;
-            record_eval(&mut state, &mut metrics, step, &r);
-            // Lines on `out` are for people: a reader that went away (`| head`) loses
-            // them, the run goes on to its final model.
-            let _ = writeln!(
-                out,
-                "step {step}: eval loss {:.4} · perplexity {:.3}",
-                r.loss, r.perplexity
-            );
+            early_stopped = record_step_eval(o, &mut state, &mut metrics, &r, out);
             last_eval = Some(r);
-            if let Some(p) = o.early_stopping_patience {
-                if state.evals_without_improvement >= p {
-                    let _ = writeln!(
-                        out,
-                        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
-                        state.best_metric.unwrap_or(f64::NAN)
-                    );
-                    early_stopped = true;
-                }
-            }
         }
         if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
         {
@@ -565,6 +548,37 @@ fn run_eval(tr: &Trainable, set: &[Sample], batch_size: i64, eos: i64) -> Result
     let _g = tch::no_grad_guard();
     let bf16 = tr.compute_model()?;
     evaluate(bf16.as_ref().unwrap_or(&tr.model), set, batch_size, eos)
+}
+
+/// Records the eval of a step and prints it; true when early stopping's patience ran
+/// out. Lines on `out` are for people: a reader that went away (`| head`) loses them,
+/// the run goes on to its final model.
+fn record_step_eval(
+    o: &TrainOptions,
+    state: &mut TrainerState,
+    metrics: &mut Metrics,
+    r: &EvalResult,
+    out: &mut dyn Write,
+) -> bool {
+    let step = state.global_step;
+    record_eval(state, metrics, step, r);
+    let _ = writeln!(
+        out,
+        "step {step}: eval loss {:.4} · perplexity {:.3}",
+        r.loss, r.perplexity
+    );
+    let Some(p) = o.early_stopping_patience else {
+        return false;
+    };
+    if state.evals_without_improvement < p {
+        return false;
+    }
+    let _ = writeln!(
+        out,
+        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
+        state.best_metric.unwrap_or(f64::NAN)
+    );
+    true
 }
 
 fn record_eval(state: &mut TrainerState, metrics: &mut Metrics, step: i64, r: &EvalResult) {
