@@ -10,7 +10,7 @@ use common::{
     assert_clean_failure, assert_ok, corpus, gpt2kit, gpt2kit_env, python, reference,
     reference_dir, stderr, stdout, TempDir,
 };
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use tch::{Device, Kind, Tensor};

@@ -50,6 +50,31 @@ pub struct TrainSummary {
     pub best_model_checkpoint: Option<String>,
 }
 
+/// The micro-batches of the next step: up to --gradient-accumulation-steps of them, not
+/// crossing the epoch's end (the next epoch's order is drawn there).
+fn next_batches(
+    o: &TrainOptions,
+    state: &mut TrainerState,
+    order: &mut Vec<usize>,
+    batches_per_epoch: i64,
+) -> Vec<Vec<usize>> {
+    let n = order.len();
+    let bs = o.batch_size as usize;
+    let mut batches = Vec::new();
+    while (batches.len() as i64) < o.gradient_accumulation_steps {
+        let b = state.data_batch as usize;
+        batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
+        state.data_batch += 1;
+        if state.data_batch >= batches_per_epoch {
+            state.data_epoch += 1;
+            state.data_batch = 0;
+            *order = epoch_order(n, o.seed, state.data_epoch);
+            break;
+        }
+    }
+    batches
+}
+
 /// Micro-batches per epoch and the order of examples in `epoch`.
 fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
     let mut order: Vec<usize> = (0..n).collect();
@@ -148,20 +173,7 @@ fn train_owned(
     *started = true;
     while state.global_step < total_steps {
         let step_start = Instant::now();
-        // The micro-batches of this step: up to `accum`, not crossing the epoch's end.
-        let mut batches: Vec<Vec<usize>> = Vec::new();
-        while (batches.len() as i64) < o.gradient_accumulation_steps {
-            let b = state.data_batch as usize;
-            let bs = o.batch_size as usize;
-            batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
-            state.data_batch += 1;
-            if state.data_batch >= batches_per_epoch {
-                state.data_epoch += 1;
-                state.data_batch = 0;
-                order = epoch_order(n, o.seed, state.data_epoch);
-                break;
-            }
-        }
+        let batches = next_batches(o, &mut state, &mut order, batches_per_epoch);
         let tokens: usize = batches
             .iter()
             .flatten()
