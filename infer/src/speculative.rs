@@ -23,8 +23,8 @@ use crate::cache::KvCache;
 use crate::decode::bad_rows;
 use crate::error::{Error, Result};
 use crate::generate::{
-    finish_reason, pick_failed, unpickable, validate, FinishReason, Generated, GenerationConfig,
-    Output, StopCheck,
+    choose, finish_reason, pick_failed, unpickable, validate, FinishReason, Generated,
+    GenerationConfig, Output, Sampling, StopCheck,
 };
 use crate::model::Gpt2;
 use crate::processors::{process_rows, Row};
@@ -180,7 +180,7 @@ fn one_prompt(
     on_token: &mut dyn FnMut(i64),
     first_token: &mut dyn FnMut(),
 ) -> Result<Generated> {
-    let sample = cfg.processing.do_sample;
+    let sampling = Sampling::of(cfg.processing.do_sample);
     let limit = cfg.limit(prompt.len());
     let capacity = (prompt.len() + limit + k + 1) as i64;
     let mut t_cache = target.new_cache(1, capacity);
@@ -214,56 +214,18 @@ fn one_prompt(
             &limit_of,
         )
     };
-    let to_vec = |t: &Tensor| -> Vec<f64> {
-        Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).expect("floats")
-    };
     loop {
         let room = limit - out.tokens.len();
         let kk = k.min(room.saturating_sub(1));
         // Draft phase: up to kk proposals and, for a draft model, their distributions.
-        let mut drafts: Vec<i64> = Vec::with_capacity(kk);
-        let mut q_rows: Vec<Vec<f64>> = Vec::new();
-        match (drafter, &mut d_cache) {
+        let (drafts, q_rows) = match (drafter, &mut d_cache) {
             (Drafter::Model(d), Some(cache)) => {
-                for _ in 0..kk {
-                    let logits = feed(d, cache, &seq, &drafts);
-                    let last = logits.get(-1).unsqueeze(0);
-                    let hist: Vec<i64> = [seq.as_slice(), &drafts].concat();
-                    let s = process_rows(
-                        &cfg.processing,
-                        &last,
-                        &[Row {
-                            tokens: &hist,
-                            prompt_len: prompt.len(),
-                        }],
-                        &cfg.eos_token_ids,
-                        &limit_of,
-                    );
-                    let step = out.tokens.len() + drafts.len() + 1;
-                    if let Some(&(_, why)) = bad_rows(&s).first() {
-                        let who = format!("{who} (the draft model's draft)");
-                        return Err(unpickable(step, &who, why));
-                    }
-                    let x = if sample {
-                        let q = s.softmax(-1, Kind::Float);
-                        let x = q
-                            .f_multinomial(1, false)
-                            .map_err(|e| pick_failed(step, e))?
-                            .int64_value(&[0]);
-                        q_rows.push(to_vec(&q.squeeze_dim(0)));
-                        x
-                    } else {
-                        s.argmax(-1, false).int64_value(&[0])
-                    };
-                    drafts.push(x);
-                    if cfg.eos_token_ids.contains(&x) {
-                        break;
-                    }
-                }
+                let done = out.tokens.len();
+                draft(d, cache, &seq, kk, cfg, prompt.len(), sampling, done, who)?
             }
-            (Drafter::PromptLookup(n), _) => drafts = lookup(&seq, *n, kk),
+            (Drafter::PromptLookup(n), _) => (lookup(&seq, *n, kk), Vec::new()),
             _ => unreachable!("a draft model always has a cache"),
-        }
+        };
         // Verify: the target scores seq's unfed tail and every draft in one pass.
         let base = t_cache.len() as usize;
         let logits = feed(target, &mut t_cache, &seq, &drafts); // (fed, V)
@@ -272,67 +234,10 @@ fn one_prompt(
         let logits = logits.narrow(0, (fed - nd - 1) as i64, nd as i64 + 1); // (nd + 1, V)
         let scores = scores_for(&logits, &seq, &drafts, nd + 1);
         let logp = scores.log_softmax(-1, Kind::Float);
-        // Row i picks token number `out.tokens.len() + i + 1`; a row after a rejected
-        // draft is never used, so only a used row with no token is an error.
-        let bad = bad_rows(&scores);
-        let usable = |i: usize| match bad.iter().find(|(r, _)| *r == i) {
-            Some(&(_, why)) => Err(unpickable(out.tokens.len() + i + 1, who, why)),
-            None => Ok(()),
-        };
         stats.steps += 1;
         stats.proposed += nd;
-        let mut kept: Vec<i64> = Vec::new();
-        let mut next = None;
-        for (i, &x) in drafts.iter().enumerate() {
-            usable(i)?;
-            let accept = if !sample {
-                scores.get(i as i64).argmax(-1, false).int64_value(&[]) == x
-            } else {
-                let p = to_vec(&scores.get(i as i64).softmax(-1, Kind::Float));
-                let q = match q_rows.get(i) {
-                    Some(q) => q.clone(),
-                    None => {
-                        let mut point = vec![0.0; p.len()];
-                        point[x as usize] = 1.0;
-                        point
-                    }
-                };
-                let u = Tensor::rand([1], (Kind::Double, Device::Cpu)).double_value(&[0]);
-                match accept_or_residual(&p, &q, x as usize, u) {
-                    Ok(()) => true,
-                    Err(residual) => {
-                        let r = Tensor::from_slice(&residual);
-                        let x = r
-                            .f_multinomial(1, false)
-                            .map_err(|e| pick_failed(out.tokens.len() + i + 1, e))?;
-                        next = Some(x.int64_value(&[0]));
-                        false
-                    }
-                }
-            };
-            if !accept {
-                break;
-            }
-            kept.push(x);
-        }
-        stats.accepted += kept.len();
-        let i = kept.len();
-        let last = match next {
-            Some(x) => x,
-            None => {
-                usable(i)?;
-                let s = scores.get(i as i64);
-                if sample {
-                    s.softmax(-1, Kind::Float)
-                        .f_multinomial(1, false)
-                        .map_err(|e| pick_failed(out.tokens.len() + i + 1, e))?
-                        .int64_value(&[0])
-                } else {
-                    s.argmax(-1, false).int64_value(&[])
-                }
-            }
-        };
-        kept.push(last);
+        let kept = accept(&scores, &drafts, &q_rows, sampling, out.tokens.len(), who)?;
+        stats.accepted += kept.len() - 1;
         // Emit in order, stopping at EOS, a stop string or the length limit.
         let mut finished = false;
         for (j, &tok) in kept.iter().enumerate() {
@@ -365,6 +270,137 @@ fn one_prompt(
             return Ok(out);
         }
     }
+}
+
+/// Up to `kk` tokens drafted by the draft model `d` after `seq` (stopping at EOS) and,
+/// when sampling, the distribution each was drawn from. `done`: tokens generated so far.
+#[allow(clippy::too_many_arguments)]
+fn draft(
+    d: &Gpt2,
+    cache: &mut KvCache,
+    seq: &[i64],
+    kk: usize,
+    cfg: &GenerationConfig,
+    prompt_len: usize,
+    sampling: Sampling,
+    done: usize,
+    who: &str,
+) -> Result<(Vec<i64>, Vec<Vec<f64>>)> {
+    let limit_of = |r: &Row| cfg.limit(r.prompt_len);
+    let mut drafts: Vec<i64> = Vec::with_capacity(kk);
+    let mut q_rows: Vec<Vec<f64>> = Vec::new();
+    for _ in 0..kk {
+        let logits = feed(d, cache, seq, &drafts);
+        let last = logits.get(-1).unsqueeze(0);
+        let hist: Vec<i64> = [seq, &drafts].concat();
+        let s = process_rows(
+            &cfg.processing,
+            &last,
+            &[Row {
+                tokens: &hist,
+                prompt_len,
+            }],
+            &cfg.eos_token_ids,
+            &limit_of,
+        );
+        let step = done + drafts.len() + 1;
+        let x = choose(&s, sampling, &|_| true)
+            .map_err(|e| e.at(step, |_| format!("{who} (the draft model's draft)")))?
+            .ids[0];
+        if sampling == Sampling::Multinomial {
+            q_rows.push(to_vec(&s.softmax(-1, Kind::Float).squeeze_dim(0)));
+        }
+        drafts.push(x);
+        if cfg.eos_token_ids.contains(&x) {
+            break;
+        }
+    }
+    Ok((drafts, q_rows))
+}
+
+/// The accept rule over the target's processed `scores` (nd + 1, V) for the `drafts`
+/// (nd) drawn from `q_rows` (a point mass where absent): the drafts kept and then the
+/// target's own token. `done`: tokens generated so far.
+fn accept(
+    scores: &Tensor,
+    drafts: &[i64],
+    q_rows: &[Vec<f64>],
+    sampling: Sampling,
+    done: usize,
+    who: &str,
+) -> Result<Vec<i64>> {
+    // Row i picks token number `done + i + 1`; a row after a rejected
+    // draft is never used, so only a used row with no token is an error.
+    let bad = bad_rows(scores);
+    let usable = |i: usize| match bad.iter().find(|(r, _)| *r == i) {
+        Some(&(_, why)) => Err(unpickable(done + i + 1, who, why)),
+        None => Ok(()),
+    };
+    // Greedy: the target's token for every row at once (a row is checked when used).
+    let greedy = match sampling {
+        Sampling::ArgMax => Some(
+            choose(scores, sampling, &|_| false)
+                .map_err(|e| e.at(done + 1, |_| who.to_string()))?
+                .ids,
+        ),
+        Sampling::Multinomial => None,
+    };
+    let mut kept: Vec<i64> = Vec::new();
+    let mut next = None;
+    for (i, &x) in drafts.iter().enumerate() {
+        usable(i)?;
+        let accept = if let Some(greedy) = &greedy {
+            greedy[i] == x
+        } else {
+            let p = to_vec(&scores.get(i as i64).softmax(-1, Kind::Float));
+            let q = match q_rows.get(i) {
+                Some(q) => q.clone(),
+                None => {
+                    let mut point = vec![0.0; p.len()];
+                    point[x as usize] = 1.0;
+                    point
+                }
+            };
+            let u = Tensor::rand([1], (Kind::Double, Device::Cpu)).double_value(&[0]);
+            match accept_or_residual(&p, &q, x as usize, u) {
+                Ok(()) => true,
+                Err(residual) => {
+                    let r = Tensor::from_slice(&residual);
+                    let x = r
+                        .f_multinomial(1, false)
+                        .map_err(|e| pick_failed(done + i + 1, e))?;
+                    next = Some(x.int64_value(&[0]));
+                    false
+                }
+            }
+        };
+        if !accept {
+            break;
+        }
+        kept.push(x);
+    }
+    let i = kept.len();
+    let last = match next {
+        Some(x) => x,
+        None => {
+            usable(i)?;
+            match &greedy {
+                Some(greedy) => greedy[i],
+                None => {
+                    let step = done + i + 1;
+                    choose(&scores.narrow(0, i as i64, 1), sampling, &|_| true)
+                        .map_err(|e| e.at(step, |_| who.to_string()))?
+                        .ids[0]
+                }
+            }
+        }
+    };
+    kept.push(last);
+    Ok(kept)
+}
+
+fn to_vec(t: &Tensor) -> Vec<f64> {
+    Vec::try_from(t.to_device(Device::Cpu).to_kind(Kind::Double)).expect("floats")
 }
 
 /// Up to `k` tokens that followed the earliest earlier occurrence of the sequence's

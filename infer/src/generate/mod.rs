@@ -7,16 +7,18 @@
 //! `processors.rs` for the one deliberate difference (padding is not history).
 use std::time::{Duration, Instant};
 
-use tch::{Kind, Tensor};
+use tch::Tensor;
 
 use crate::beam::Beam;
-use crate::decode::{BadRow, Rows};
+use crate::decode::BadRow;
 use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 use crate::processors::{process_rows, Row};
 
+mod choose;
 mod settings;
+pub use choose::{choose, Choice, NoPick, Sampling};
 pub use settings::{validate, EarlyStopping, GenerationConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -367,56 +369,14 @@ impl Strategy for Single {
                 format!("prompt {i}")
             }
         };
-        let scan = Rows::scan(&scores);
-        let bad = match &scan {
-            Some(rows) => rows.bad(),
-            None => crate::decode::bad_rows(&scores),
-        };
-        if let Some(&(r, why)) = bad.iter().find(|(r, _)| !self.done[*r]) {
-            return Err(unpickable(step, &who(r), why));
-        }
-        let (next, logp) = match (&scan, cfg.processing.do_sample) {
-            (Some(rows), false) => rows.greedy(),
-            _ => {
-                let next = if cfg.processing.do_sample {
-                    // A finished row with no token would make `multinomial` throw: give it
-                    // uniform scores (each row draws the same amount of randomness
-                    // whatever its distribution, so the live rows' draws do not change).
-                    let scores = if bad.is_empty() {
-                        scores.shallow_clone()
-                    } else {
-                        let s = scores.copy();
-                        for &(r, _) in &bad {
-                            let _ = s.get(r as i64).fill_(0.0);
-                        }
-                        s
-                    };
-                    // libtorch's multinomial: for a seed, on the CPU, transformers' own draws.
-                    scores
-                        .softmax(-1, Kind::Float)
-                        .f_multinomial(1, false)
-                        .map_err(|e| pick_failed(step, e))?
-                        .squeeze_dim(1)
-                } else {
-                    scores.argmax(-1, false)
-                };
-                let next: Vec<i64> = Vec::try_from(next.to_device(tch::Device::Cpu))
-                    .map_err(|e| pick_failed(step, e))?;
-                let logp = match scan.as_ref().and_then(|rows| rows.logprobs(&next)) {
-                    Some(lp) => lp,
-                    None => {
-                        let idx = Tensor::from_slice(&next).to_device(scores.device());
-                        let logp = scores
-                            .log_softmax(-1, Kind::Float)
-                            .gather(1, &idx.unsqueeze(1), false)
-                            .squeeze_dim(1);
-                        Vec::try_from(logp.to_device(tch::Device::Cpu))
-                            .map_err(|e| pick_failed(step, e))?
-                    }
-                };
-                (next, logp)
-            }
-        };
+        let done = &self.done;
+        let Choice {
+            ids: next,
+            logprobs: logp,
+        } = choose(&scores, Sampling::of(cfg.processing.do_sample), &|r| {
+            !done[r]
+        })
+        .map_err(|e| e.at(step, who))?;
         let mut feed = next.clone();
         for (r, &tok) in next.iter().enumerate() {
             if self.done[r] {

@@ -1,0 +1,168 @@
+//! Token choice in one place: how a token is picked from a step's processed scores
+//! (`Sampling`), and the one chooser (`choose`) that picks one token per row and gives
+//! its log-probability under those scores. Greedy and sampled decoding (`Single`) and
+//! speculative decoding's drafts and target tokens pick through it. The processors and
+//! warpers (temperature, top-k, top-p, ...) have already shaped the scores
+//! (`processors.rs`); what is left is the pick itself.
+//!
+//! Sampling keeps libtorch's `multinomial` on the softmax of the scores, one draw per
+//! row of an (R, V) tensor: for a seed, on the CPU, transformers' own draws.
+use tch::{Device, Kind, Tensor};
+
+use crate::decode::{bad_rows, BadRow, Rows};
+use crate::error::Error;
+
+use super::{pick_failed, unpickable};
+
+/// How a token is picked from processed scores.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sampling {
+    /// Each row's first maximal token (libtorch's `argmax`).
+    ArgMax,
+    /// One draw from each row's softmax (libtorch's `multinomial`, without replacement).
+    Multinomial,
+}
+
+impl Sampling {
+    /// `do_sample` of a `GenerationConfig`'s processing.
+    pub fn of(do_sample: bool) -> Self {
+        if do_sample {
+            Sampling::Multinomial
+        } else {
+            Sampling::ArgMax
+        }
+    }
+}
+
+/// One picked token per row and its log-softmax under the scores it was picked from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Choice {
+    pub ids: Vec<i64>,
+    pub logprobs: Vec<f64>,
+}
+
+/// Why `choose` picked nothing.
+#[derive(Debug)]
+pub enum NoPick {
+    /// A live row offers no token.
+    Row(usize, BadRow),
+    /// libtorch failed.
+    Torch(tch::TchError),
+}
+
+impl NoPick {
+    /// The error for a pick at `step` (counted from 1); `who(r)` names row r's sequence.
+    pub fn at(self, step: usize, who: impl Fn(usize) -> String) -> Error {
+        match self {
+            NoPick::Row(r, why) => unpickable(step, &who(r), why),
+            NoPick::Torch(e) => pick_failed(step, e),
+        }
+    }
+}
+
+impl From<tch::TchError> for NoPick {
+    fn from(e: tch::TchError) -> Self {
+        NoPick::Torch(e)
+    }
+}
+
+/// Picks one token per row of the processed `scores` (R, V) as `sampling` says.
+/// `live(r)` says whether row r's pick is used: a live row with no token to pick (see
+/// `BadRow`) is an error, a row that is not live gets some token (token 0 and a NaN
+/// log-prob on the CPU path) and draws the same randomness as any other row, so that
+/// the live rows' draws do not depend on it.
+pub fn choose(
+    scores: &Tensor,
+    sampling: Sampling,
+    live: &dyn Fn(usize) -> bool,
+) -> std::result::Result<Choice, NoPick> {
+    let scan = Rows::scan(scores);
+    let bad = match &scan {
+        Some(rows) => rows.bad(),
+        None => bad_rows(scores),
+    };
+    if let Some(&(r, why)) = bad.iter().find(|(r, _)| live(*r)) {
+        return Err(NoPick::Row(r, why));
+    }
+    let ids = match (&scan, sampling) {
+        (Some(rows), Sampling::ArgMax) => {
+            let (ids, logprobs) = rows.greedy();
+            return Ok(Choice { ids, logprobs });
+        }
+        (None, Sampling::ArgMax) => scores.argmax(-1, false),
+        (_, Sampling::Multinomial) => {
+            // A row that is not live and has no token would make `multinomial` throw:
+            // give it uniform scores (each row draws the same amount of randomness
+            // whatever its distribution).
+            let scores = if bad.is_empty() {
+                scores.shallow_clone()
+            } else {
+                let s = scores.copy();
+                for &(r, _) in &bad {
+                    let _ = s.get(r as i64).fill_(0.0);
+                }
+                s
+            };
+            scores
+                .softmax(-1, Kind::Float)
+                .f_multinomial(1, false)?
+                .squeeze_dim(1)
+        }
+    };
+    let ids: Vec<i64> = Vec::try_from(ids.to_device(Device::Cpu))?;
+    let logprobs = match scan.as_ref().and_then(|rows| rows.logprobs(&ids)) {
+        Some(lp) => lp,
+        None => {
+            let idx = Tensor::from_slice(&ids).to_device(scores.device());
+            let logp = scores
+                .log_softmax(-1, Kind::Float)
+                .gather(1, &idx.unsqueeze(1), false)
+                .squeeze_dim(1);
+            Vec::try_from(logp.to_device(Device::Cpu))?
+        }
+    };
+    Ok(Choice { ids, logprobs })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn greedy_is_argmax_and_sampling_draws_from_the_softmax() {
+        // No global generator here (other tests seed it in parallel): fixed scores, and
+        // rows whose softmax leaves a single token to draw. Seeded parity with
+        // transformers is the generation tests' business.
+        let v = 1000;
+        let s: Vec<f32> = (0..4 * v)
+            .map(|i| ((i * 7919) % 1013) as f32 / 97.0)
+            .collect();
+        let s = Tensor::from_slice(&s).view([4, v as i64]);
+        let c = choose(&s, Sampling::ArgMax, &|_| true).unwrap();
+        assert_eq!(c.ids, Vec::<i64>::try_from(s.argmax(-1, false)).unwrap());
+        let lp = s.log_softmax(-1, Kind::Float);
+        for (r, (&t, &l)) in c.ids.iter().zip(&c.logprobs).enumerate() {
+            assert!((lp.double_value(&[r as i64, t]) - l).abs() < 1e-5);
+        }
+        let one = s.full_like(f64::NEG_INFINITY);
+        for (r, t) in [(0, 5), (1, 999), (2, 0), (3, 417)] {
+            let _ = one.get(r).narrow(0, t, 1).fill_(1.5);
+        }
+        let c = choose(&one, Sampling::Multinomial, &|_| true).unwrap();
+        assert_eq!(c.ids, vec![5, 999, 0, 417]);
+        assert_eq!(c.logprobs, vec![0.0; 4]);
+    }
+
+    #[test]
+    fn only_a_live_row_with_no_token_is_an_error() {
+        let s = Tensor::from_slice(&[0f32, 1.0, f32::NEG_INFINITY, f32::NEG_INFINITY]).view([2, 2]);
+        for sampling in [Sampling::ArgMax, Sampling::Multinomial] {
+            assert!(matches!(
+                choose(&s, sampling, &|_| true),
+                Err(NoPick::Row(1, BadRow::Banned))
+            ));
+            let c = choose(&s, sampling, &|r| r == 0).unwrap();
+            assert!(c.logprobs[0].is_finite());
+        }
+    }
+}
