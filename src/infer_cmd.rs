@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use infer::ensemble::{Ensemble, EnsembleMode};
 use infer::generate::{generate, generate_ensemble, validate, GenerationConfig, Output};
-use infer::speculative::{generate_speculative, Drafter};
+use infer::speculative::{generate_speculative, Drafter, SpecStats};
 use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
 
@@ -307,28 +307,15 @@ fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::De
     }
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
-    let devices = shard_devices(args, device)?;
-    let device = devices[0];
-    let mut texts = args.prompt.clone();
-    if let Some(path) = &args.prompts {
-        texts.extend(read_prompts(path, args.text_field.as_deref())?);
-    }
-    if let Some(i) = texts.iter().position(String::is_empty) {
-        return Err(usage(format!("prompt {i} is empty")));
-    }
-    let dir = &args.model;
-    infer::model::check_model_dir(dir)?;
-    let tokenizer = Tokenizer::from_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-    infer::check_vocab(&config, &tokenizer, dir)?;
-    let cfg = generation_config(args, dir, &config, &tokenizer)?;
-    let prompts = texts
-        .iter()
-        .map(|p| tokenizer.encode(p))
-        .collect::<Result<Vec<_>, _>>()?;
-    validate(&config, &prompts, &cfg)?;
+/// The strategy flags against each other and the other models (tokenizers, contexts),
+/// before any model is loaded. Returns the ensemble mode.
+fn check_strategy<'a>(
+    args: &'a Args,
+    dir: &Path,
+    tokenizer: &Tokenizer,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+) -> anyhow::Result<&'a str> {
     if args.stream
         && (prompts.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
     {
@@ -404,16 +391,145 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             "--stream cannot show --ensemble-mode rerank or vote".into(),
         ));
     }
+    Ok(mode)
+}
+
+/// `rerank` and `vote`: each model proposes its own candidates; the pool is scored by
+/// all of them.
+fn run_pooled(
+    ensemble: &Ensemble,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    stop_check: &dyn Fn(&[i64]) -> bool,
+    vote: bool,
+) -> anyhow::Result<Output> {
+    let mut runs = Vec::new();
+    let mut first: Option<Output> = None;
+    let mut steps = 0;
+    for m in &ensemble.models {
+        let o = tch::no_grad(|| generate(m, prompts, cfg, stop_check, |_, _| {}))?;
+        runs.push(o.sequences.clone());
+        steps += o.steps;
+        first.get_or_insert(o);
+    }
+    let picked = tch::no_grad(|| {
+        infer::ensemble::select_candidates(ensemble, prompts, runs, vote, cfg.num_return_sequences)
+    });
+    let mut o = first.expect("at least one model");
+    o.sequences = picked;
+    o.steps = steps;
+    Ok(o)
+}
+
+/// Each returned sequence after its prompt, or as a JSON line.
+fn print_sequences(
+    args: &Args,
+    texts: &[String],
+    output: &Output,
+    tokenizer: &Tokenizer,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
+    for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {
+        for (j, g) in seqs.iter().enumerate() {
+            let text = tokenizer.decode(&g.tokens)?;
+            if args.json {
+                let line = json!({
+                    "prompt_index": i,
+                    "sequence_index": j,
+                    "text": text,
+                    "token_ids": g.tokens,
+                    "logprobs": g.logprobs,
+                    "score": g.score,
+                    "finish_reason": g.finish_reason.as_str(),
+                });
+                crate::write_json(out, &line)?;
+            } else if !args.stream {
+                writeln!(out, "{prompt}{text}")?;
+                if several {
+                    writeln!(out)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The models at `paths`, each on `device`, named in errors.
+fn load_models(
+    paths: &[PathBuf],
+    kind: Option<tch::Kind>,
+    device: tch::Device,
+    engine: &infer::EngineOptions,
+) -> anyhow::Result<Vec<Gpt2>> {
+    paths
+        .iter()
+        .map(|p| {
+            Gpt2::load_with(p, kind, &[device], engine)
+                .with_context(|| format!("loading model {}", p.display()))
+        })
+        .collect()
+}
+
+/// The `--stats` line on stderr.
+fn print_stats(prompts: &[Vec<i64>], output: &Output, spec_stats: Option<SpecStats>) {
+    let generated: usize = output
+        .sequences
+        .iter()
+        .flatten()
+        .map(|g| g.tokens.len())
+        .sum();
+    let decode_ms = output.decode.as_secs_f64() * 1e3;
+    // Tokens per second of the decode phase: every token after the first of each sequence.
+    let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
+    let mut stats = json!({
+        "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
+        "generated_tokens": generated,
+        "steps": output.steps,
+        "prefill_ms": output.prefill.as_secs_f64() * 1e3,
+        "decode_ms": decode_ms,
+        "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    if let Some(st) = spec_stats {
+        stats["draft_tokens_proposed"] = json!(st.proposed);
+        stats["draft_tokens_accepted"] = json!(st.accepted);
+        stats["acceptance_rate"] = json!(st.acceptance_rate());
+        stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
+    }
+    // stderr closed or full (`2>/dev/full`) loses the line, not the run's output.
+    let _ = writeln!(std::io::stderr(), "{stats}");
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
+    let devices = shard_devices(args, device)?;
+    let device = devices[0];
+    let mut texts = args.prompt.clone();
+    if let Some(path) = &args.prompts {
+        texts.extend(read_prompts(path, args.text_field.as_deref())?);
+    }
+    if let Some(i) = texts.iter().position(String::is_empty) {
+        return Err(usage(format!("prompt {i} is empty")));
+    }
+    let dir = &args.model;
+    infer::model::check_model_dir(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    infer::check_vocab(&config, &tokenizer, dir)?;
+    let cfg = generation_config(args, dir, &config, &tokenizer)?;
+    let prompts = texts
+        .iter()
+        .map(|p| tokenizer.encode(p))
+        .collect::<Result<Vec<_>, _>>()?;
+    validate(&config, &prompts, &cfg)?;
+    let mode = check_strategy(args, dir, &tokenizer, &prompts, &cfg)?;
+    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
     let engine = args.engine.options();
     let model = Gpt2::load_with(dir, kind, &devices, &engine)
         .with_context(|| format!("loading model {}", dir.display()))?;
-    let mut others = Vec::new();
-    for other in &args.ensemble {
-        others.push(
-            Gpt2::load_with(other, kind, &[device], &engine)
-                .with_context(|| format!("loading model {}", other.display()))?,
-        );
-    }
+    let others = load_models(&args.ensemble, kind, device, &engine)?;
     let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
     let combine = if mode == "mean-logprob" {
         EnsembleMode::MeanLogprob
@@ -442,13 +558,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     for _ in 0..args.warmup {
         tch::no_grad(|| generate(&model, &prompts, &warm, &|_| false, |_, _| {}))?;
     }
-    let draft = match &args.draft_model {
-        Some(d) => Some(
-            Gpt2::load_with(d, kind, &[device], &engine)
-                .with_context(|| format!("loading model {}", d.display()))?,
-        ),
-        None => None,
-    };
+    let draft = load_models(args.draft_model.as_slice(), kind, device, &engine)?.pop();
     let mut streamer = Streamer::default();
     let mut spec_stats = None;
     let mut stream_err = None;
@@ -456,6 +566,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         write!(out, "{}", texts[0])?;
         out.flush()?;
     }
+    let mut on_token = |_: usize, tok: i64| {
+        if args.stream && stream_err.is_none() {
+            if let Err(e) = streamer.push(tok, &tokenizer, out) {
+                stream_err = Some(e);
+            }
+        }
+    };
     let output: Output = if speculative {
         let (drafter, k) = match &draft {
             Some(d) => (Drafter::Model(d), args.num_draft_tokens),
@@ -472,51 +589,15 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
                 &cfg,
                 k,
                 &stop_check,
-                |_, tok| {
-                    if args.stream && stream_err.is_none() {
-                        if let Err(e) = streamer.push(tok, &tokenizer, out) {
-                            stream_err = Some(e);
-                        }
-                    }
-                },
+                &mut on_token,
             )
         })?;
         spec_stats = Some(st);
         o
     } else if !pooled {
-        tch::no_grad(|| {
-            generate_ensemble(&ensemble, &prompts, &cfg, &stop_check, |_, tok| {
-                if args.stream && stream_err.is_none() {
-                    if let Err(e) = streamer.push(tok, &tokenizer, out) {
-                        stream_err = Some(e);
-                    }
-                }
-            })
-        })?
+        tch::no_grad(|| generate_ensemble(&ensemble, &prompts, &cfg, &stop_check, &mut on_token))?
     } else {
-        // Each model proposes its own candidates; the pool is scored by all of them.
-        let mut runs = Vec::new();
-        let mut first: Option<Output> = None;
-        let mut steps = 0;
-        for m in &ensemble.models {
-            let o = tch::no_grad(|| generate(m, &prompts, &cfg, &stop_check, |_, _| {}))?;
-            runs.push(o.sequences.clone());
-            steps += o.steps;
-            first.get_or_insert(o);
-        }
-        let picked = tch::no_grad(|| {
-            infer::ensemble::select_candidates(
-                &ensemble,
-                &prompts,
-                runs,
-                mode == "vote",
-                cfg.num_return_sequences,
-            )
-        });
-        let mut o = first.expect("at least one model");
-        o.sequences = picked;
-        o.steps = steps;
-        o
+        run_pooled(&ensemble, &prompts, &cfg, &stop_check, mode == "vote")?
     };
 
     if let Some(e) = stream_err {
@@ -525,56 +606,9 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     if args.stream {
         streamer.finish(&tokenizer, out)?;
     }
-    let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
-    for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {
-        for (j, g) in seqs.iter().enumerate() {
-            let text = tokenizer.decode(&g.tokens)?;
-            if args.json {
-                let line = json!({
-                    "prompt_index": i,
-                    "sequence_index": j,
-                    "text": text,
-                    "token_ids": g.tokens,
-                    "logprobs": g.logprobs,
-                    "score": g.score,
-                    "finish_reason": g.finish_reason.as_str(),
-                });
-                crate::write_json(out, &line)?;
-            } else if !args.stream {
-                writeln!(out, "{prompt}{text}")?;
-                if several {
-                    writeln!(out)?;
-                }
-            }
-        }
-    }
+    print_sequences(args, &texts, &output, &tokenizer, out)?;
     if args.stats {
-        let generated: usize = output
-            .sequences
-            .iter()
-            .flatten()
-            .map(|g| g.tokens.len())
-            .sum();
-        let decode_ms = output.decode.as_secs_f64() * 1e3;
-        // Tokens per second of the decode phase: every token after the first of each sequence.
-        let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
-        let mut stats = json!({
-            "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
-            "generated_tokens": generated,
-            "steps": output.steps,
-            "prefill_ms": output.prefill.as_secs_f64() * 1e3,
-            "decode_ms": decode_ms,
-            "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
-            "peak_rss_mb": peak_rss_mb(),
-        });
-        if let Some(st) = spec_stats {
-            stats["draft_tokens_proposed"] = json!(st.proposed);
-            stats["draft_tokens_accepted"] = json!(st.accepted);
-            stats["acceptance_rate"] = json!(st.acceptance_rate());
-            stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
-        }
-        // stderr closed or full (`2>/dev/full`) loses the line, not the run's output.
-        let _ = writeln!(std::io::stderr(), "{stats}");
+        print_stats(&prompts, &output, spec_stats);
     }
     Ok(())
 }
