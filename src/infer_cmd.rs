@@ -8,11 +8,10 @@ use std::time::Duration;
 use anyhow::Context;
 use infer::ensemble::{Ensemble, EnsembleMode};
 use infer::generate::{generate, generate_ensemble, validate, GenerationConfig, Output};
-use infer::speculative::{generate_speculative, Drafter, SpecStats};
+use infer::speculative::{generate_speculative, Drafter};
 use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
-use serde_json::json;
 
-use crate::infer_io::{peak_rss_mb, read_prompts, Streamer};
+use crate::infer_io::{print_sequences, print_stats, read_prompts, Streamer};
 use crate::Out;
 
 #[derive(clap::Args)]
@@ -421,40 +420,6 @@ fn run_pooled(
     Ok(o)
 }
 
-/// Each returned sequence after its prompt, or as a JSON line.
-fn print_sequences(
-    args: &Args,
-    texts: &[String],
-    output: &Output,
-    tokenizer: &Tokenizer,
-    out: &mut Out,
-) -> anyhow::Result<()> {
-    let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
-    for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {
-        for (j, g) in seqs.iter().enumerate() {
-            let text = tokenizer.decode(&g.tokens)?;
-            if args.json {
-                let line = json!({
-                    "prompt_index": i,
-                    "sequence_index": j,
-                    "text": text,
-                    "token_ids": g.tokens,
-                    "logprobs": g.logprobs,
-                    "score": g.score,
-                    "finish_reason": g.finish_reason.as_str(),
-                });
-                crate::write_json(out, &line)?;
-            } else if !args.stream {
-                writeln!(out, "{prompt}{text}")?;
-                if several {
-                    writeln!(out)?;
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 /// The models at `paths`, each on `device`, named in errors.
 fn load_models(
     paths: &[PathBuf],
@@ -469,36 +434,6 @@ fn load_models(
                 .with_context(|| format!("loading model {}", p.display()))
         })
         .collect()
-}
-
-/// The `--stats` line on stderr.
-fn print_stats(prompts: &[Vec<i64>], output: &Output, spec_stats: Option<SpecStats>) {
-    let generated: usize = output
-        .sequences
-        .iter()
-        .flatten()
-        .map(|g| g.tokens.len())
-        .sum();
-    let decode_ms = output.decode.as_secs_f64() * 1e3;
-    // Tokens per second of the decode phase: every token after the first of each sequence.
-    let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
-    let mut stats = json!({
-        "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
-        "generated_tokens": generated,
-        "steps": output.steps,
-        "prefill_ms": output.prefill.as_secs_f64() * 1e3,
-        "decode_ms": decode_ms,
-        "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
-        "peak_rss_mb": peak_rss_mb(),
-    });
-    if let Some(st) = spec_stats {
-        stats["draft_tokens_proposed"] = json!(st.proposed);
-        stats["draft_tokens_accepted"] = json!(st.accepted);
-        stats["acceptance_rate"] = json!(st.acceptance_rate());
-        stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
-    }
-    // stderr closed or full (`2>/dev/full`) loses the line, not the run's output.
-    let _ = writeln!(std::io::stderr(), "{stats}");
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
@@ -606,7 +541,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     if args.stream {
         streamer.finish(&tokenizer, out)?;
     }
-    print_sequences(args, &texts, &output, &tokenizer, out)?;
+    print_sequences(args.json, args.stream, &texts, &output, &tokenizer, out)?;
     if args.stats {
         print_stats(&prompts, &output, spec_stats);
     }

@@ -1,10 +1,14 @@
 //! `gpt2kit infer`'s input and output around the engine: prompts from JSONL files,
-//! UTF-8-safe streaming of tokens as text, and the process's peak memory for `--stats`.
+//! UTF-8-safe streaming of tokens as text, the returned sequences (text or JSON lines),
+//! and the `--stats` line with the process's peak memory.
 use std::io::Write;
 use std::path::Path;
 
 use anyhow::Context;
+use infer::generate::Output;
+use infer::speculative::SpecStats;
 use infer::{Error, Tokenizer};
+use serde_json::json;
 
 use crate::Out;
 
@@ -92,4 +96,70 @@ pub fn peak_rss_mb() -> Option<f64> {
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)
+}
+
+/// Each returned sequence after its prompt (nothing when it was streamed), or as a
+/// JSON line.
+pub fn print_sequences(
+    json: bool,
+    stream: bool,
+    texts: &[String],
+    output: &Output,
+    tokenizer: &Tokenizer,
+    out: &mut Out,
+) -> anyhow::Result<()> {
+    let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
+    for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {
+        for (j, g) in seqs.iter().enumerate() {
+            let text = tokenizer.decode(&g.tokens)?;
+            if json {
+                let line = json!({
+                    "prompt_index": i,
+                    "sequence_index": j,
+                    "text": text,
+                    "token_ids": g.tokens,
+                    "logprobs": g.logprobs,
+                    "score": g.score,
+                    "finish_reason": g.finish_reason.as_str(),
+                });
+                crate::write_json(out, &line)?;
+            } else if !stream {
+                writeln!(out, "{prompt}{text}")?;
+                if several {
+                    writeln!(out)?;
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The `--stats` line on stderr.
+pub fn print_stats(prompts: &[Vec<i64>], output: &Output, spec_stats: Option<SpecStats>) {
+    let generated: usize = output
+        .sequences
+        .iter()
+        .flatten()
+        .map(|g| g.tokens.len())
+        .sum();
+    let decode_ms = output.decode.as_secs_f64() * 1e3;
+    // Tokens per second of the decode phase: every token after the first of each sequence.
+    let decode_tokens = generated.saturating_sub(output.sequences.iter().flatten().count());
+    let mut stats = json!({
+        "prompt_tokens": prompts.iter().map(Vec::len).sum::<usize>(),
+        "generated_tokens": generated,
+        "steps": output.steps,
+        "prefill_ms": output.prefill.as_secs_f64() * 1e3,
+        "decode_ms": decode_ms,
+        "decode_tokens_per_s": if decode_ms > 0.0 { decode_tokens as f64 / (decode_ms / 1e3) } else { 0.0 },
+        "peak_rss_mb": peak_rss_mb(),
+    });
+    if let Some(st) = spec_stats {
+        stats["draft_tokens_proposed"] = json!(st.proposed);
+        stats["draft_tokens_accepted"] = json!(st.accepted);
+        stats["acceptance_rate"] = json!(st.acceptance_rate());
+        stats["tokens_per_step"] = json!(st.tokens_per_step(generated));
+    }
+    // stderr closed or full (`2>/dev/full`) loses the line, not the run's output.
+    let _ = writeln!(std::io::stderr(), "{stats}");
 }

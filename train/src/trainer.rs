@@ -18,7 +18,7 @@ use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, TrainerState};
 use crate::data::{self, Sample};
-use crate::eval::{evaluate, EvalResult};
+use crate::eval::{record_eval, record_step_eval, run_eval, saved_eval, EvalResult};
 use crate::folder::{self, FolderContents};
 use crate::metrics::Metrics;
 use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
@@ -535,75 +535,4 @@ fn write_final(
 fn same_folder(a: Option<&Path>, b: &Path) -> bool {
     let real = |p: &Path| p.canonicalize().ok();
     a.and_then(real).is_some_and(|a| real(b) == Some(a))
-}
-
-/// The eval a resumed, already complete run recorded at its last step.
-fn saved_eval(state: &TrainerState) -> Option<EvalResult> {
-    if state.last_eval_step != Some(state.global_step) {
-        return None;
-    }
-    let loss = state.last_eval_loss?;
-    let tokens = state
-        .log_history
-        .iter()
-        .rev()
-        .find_map(|e| e.get("eval_tokens").and_then(|t| t.as_i64()))
-        .unwrap_or(0);
-    Some(EvalResult {
-        loss,
-        perplexity: loss.exp(),
-        tokens,
-    })
-}
-
-fn run_eval(tr: &Trainable, set: &[Sample], batch_size: i64, eos: i64) -> Result<EvalResult> {
-    let _g = tch::no_grad_guard();
-    let bf16 = tr.compute_model()?;
-    evaluate(bf16.as_ref().unwrap_or(&tr.model), set, batch_size, eos)
-}
-
-/// Records the eval of a step and prints it; true when early stopping's patience ran
-/// out. Lines on `out` are for people: a reader that went away (`| head`) loses them,
-/// the run goes on to its final model.
-fn record_step_eval(
-    o: &TrainOptions,
-    state: &mut TrainerState,
-    metrics: &mut Metrics,
-    r: &EvalResult,
-    out: &mut dyn Write,
-) -> bool {
-    let step = state.global_step;
-    record_eval(state, metrics, step, r);
-    let _ = writeln!(
-        out,
-        "step {step}: eval loss {:.4} · perplexity {:.3}",
-        r.loss, r.perplexity
-    );
-    let Some(p) = o.early_stopping_patience else {
-        return false;
-    };
-    if state.evals_without_improvement < p {
-        return false;
-    }
-    let _ = writeln!(
-        out,
-        "early stopping at step {step}: no better eval loss in {p} evals (best {:.4})",
-        state.best_metric.unwrap_or(f64::NAN)
-    );
-    true
-}
-
-fn record_eval(state: &mut TrainerState, metrics: &mut Metrics, step: i64, r: &EvalResult) {
-    state.log_history.push(json!({
-        "step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens,
-    }));
-    metrics.eval(step, r);
-    state.last_eval_loss = Some(r.loss);
-    state.last_eval_step = Some(step);
-    if state.best_metric.is_none_or(|b| r.loss < b) {
-        state.best_metric = Some(r.loss);
-        state.evals_without_improvement = 0;
-    } else {
-        state.evals_without_improvement += 1;
-    }
 }
