@@ -54,8 +54,15 @@ impl AdamW {
 
     /// One update of `params` (the same list, in the same order, as at `new`) from
     /// their `.grad()` times `grad_scale` (the clipping coefficient, see
-    /// `clip_coefficient`), at learning rate `lr`.
-    pub fn step(&mut self, params: &[(String, Tensor)], lr: f64, grad_scale: f64) {
+    /// `clip_coefficient`), at learning rate `lr`. Returns the name of the first tensor
+    /// the update left holding a NaN or an infinity (an overflowing step size), found in
+    /// the same pass on the CPU.
+    pub fn step(
+        &mut self,
+        params: &[(String, Tensor)],
+        lr: f64,
+        grad_scale: f64,
+    ) -> Option<String> {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.config;
@@ -72,17 +79,23 @@ impl AdamW {
             neg_step_size: -(lr / bias_correction1),
             grad_scale,
         };
-        for (i, (_, p)) in params.iter().enumerate() {
+        let mut non_finite = None;
+        for (i, (name, p)) in params.iter().enumerate() {
             let g = p.grad();
             if !g.defined() {
                 continue;
             }
             let decay = self.decay[i] && c.weight_decay != 0.0;
             let (m, v) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
-            if !fused_cpu_step(p, &g, m, v, &k, decay) {
+            let finite = fused_cpu_step(p, &g, m, v, &k, decay).unwrap_or_else(|| {
                 tensor_step(p, &g, m, v, &k, decay);
+                p.isfinite().all().int64_value(&[]) == 1
+            });
+            if !finite && non_finite.is_none() {
+                non_finite = Some(name.clone());
             }
         }
+        non_finite
     }
 
     /// The state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`) plus the step.
@@ -183,16 +196,16 @@ fn fused_cpu_step(
     v: &Tensor,
     k: &Coefficients,
     decay: bool,
-) -> bool {
+) -> Option<bool> {
     let ok = |t: &Tensor| {
         t.device() == tch::Device::Cpu && t.kind() == tch::Kind::Float && t.is_contiguous()
     };
     if !(ok(p) && ok(g) && ok(m) && ok(v)) {
-        return false;
+        return None;
     }
     let n = p.numel();
     if g.numel() != n || m.numel() != n || v.numel() != n {
-        return false;
+        return None;
     }
     // SAFETY: four distinct contiguous f32 CPU buffers of n elements each (p's grad, the
     // optimizer's own m and v are separate allocations from p); nothing else touches
@@ -217,7 +230,9 @@ fn fused_cpu_step(
         f(k.grad_scale),
     );
     let scaled = k.grad_scale != 1.0;
+    // Also whether every updated value is finite, in the same pass.
     let run = |p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32]| {
+        let mut finite = true;
         for i in 0..p.len() {
             let gi = if scaled { g[i] * scale } else { g[i] };
             let mut pi = p[i];
@@ -231,26 +246,27 @@ fn fused_cpu_step(
             p[i] = pi + neg_lr * (mi / denom);
             m[i] = mi;
             v[i] = vi;
+            finite &= p[i].is_finite();
         }
+        finite
     };
     let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
     const MIN_CHUNK: usize = 1 << 16;
     if threads < 2 || n < 2 * MIN_CHUNK {
-        run(pp, gp, mp, vp);
-        return true;
+        return Some(run(pp, gp, mp, vp));
     }
     let chunk = n.div_ceil(threads).max(MIN_CHUNK);
     std::thread::scope(|s| {
-        for (((p, g), m), v) in pp
+        let parts: Vec<_> = pp
             .chunks_mut(chunk)
             .zip(gp.chunks(chunk))
             .zip(mp.chunks_mut(chunk))
             .zip(vp.chunks_mut(chunk))
-        {
-            s.spawn(move || run(p, g, m, v));
-        }
-    });
-    true
+            .map(|(((p, g), m), v)| s.spawn(move || run(p, g, m, v)))
+            .collect();
+        // A panic in a part is re-raised here, as the scope would.
+        Some(parts.into_iter().all(|h| h.join().unwrap()))
+    })
 }
 
 /// The total 2-norm of the gradients as `clip_grad_norm_` computes it (the norm of the
@@ -312,7 +328,7 @@ mod tests {
         };
         let (p1, m1, v1) = (p.copy(), m.copy(), v.copy());
         let (p2, m2, v2) = (p.copy(), m.copy(), v.copy());
-        assert!(fused_cpu_step(&p1, &g, &m1, &v1, &k, true));
+        assert_eq!(fused_cpu_step(&p1, &g, &m1, &v1, &k, true), Some(true));
         tensor_step(&p2, &g, &m2, &v2, &k, true);
         for (a, b) in [(&p1, &p2), (&m1, &m2), (&v1, &v2)] {
             let rel = (a - b).abs().max().double_value(&[]) / b.abs().max().double_value(&[]);

@@ -78,16 +78,10 @@ impl Trainable {
     }
 
     pub fn all_finite(&self) -> bool {
-        self.first_non_finite().is_none()
-    }
-
-    /// The name of the first tensor holding a NaN or an infinity.
-    pub fn first_non_finite(&self) -> Option<&str> {
         let _g = tch::no_grad_guard();
         self.params
             .iter()
-            .find(|(_, p)| p.isfinite().all().int64_value(&[]) != 1)
-            .map(|(n, _)| n.as_str())
+            .all(|(_, p)| p.isfinite().all().int64_value(&[]) == 1)
     }
 }
 

@@ -271,11 +271,9 @@ fn load_data(
         .with_context(|| format!("the tokenizer of {}", start_dir.display()))?;
     infer::check_vocab(config, &tokenizer, start_dir)?;
     let eos = data::eos_id(config, &tokenizer)?;
-    // A token id past the model's vocabulary fails naming its file and line.
-    let mut options = o.data_options.clone();
-    options.vocab_size = Some(config.vocab_size);
+    let options = &o.data_options;
     let mut load = |paths: &[PathBuf], what: &str| -> Result<(Vec<Sample>, usize)> {
-        let (samples, report) = data::load_jsonl(paths, &tokenizer, eos, &options)?;
+        let (samples, report) = data::load_jsonl(paths, &tokenizer, eos, options)?;
         if report.skipped > 0 {
             let _ = writeln!(
                 out,
@@ -450,12 +448,11 @@ fn update(
     let grad_norm = norm.as_ref().map_or(0.0, |n| n.double_value(&[]));
     if loss.is_finite() && grad_norm.is_finite() {
         let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
-        adam.step(&tr.params, lr, scale);
+        // A finite gradient can still give a non-finite update (an overflowing step
+        // size): stop at once rather than train on weights no checkpoint may hold.
+        let non_finite = adam.step(&tr.params, lr, scale);
         state.consecutive_nan_steps = 0;
-        // A finite gradient can still give a non-finite update (an overflow, or 0/0
-        // where AdamW's epsilon is 0): stop at once rather than train on weights no
-        // checkpoint may hold.
-        if let Some(name) = tr.first_non_finite() {
+        if let Some(name) = non_finite {
             metrics.finish();
             bail!(
                 "step {}: the update made `{name}` NaN or infinite (loss {loss}, gradient \
