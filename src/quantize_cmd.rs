@@ -167,7 +167,6 @@ fn calibrate(
     let mut opts = train::data::DataOptions::new(block);
     opts.truncation = true;
     opts.text_field = text_field.to_string();
-    opts.vocab_size = Some(model.config.vocab_size);
     let (rows, _) = train::data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)
         .with_context(|| format!("--calibration {}", path.display()))?;
     if rows.is_empty() {

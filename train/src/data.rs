@@ -30,10 +30,6 @@ pub struct DataOptions {
     pub block_size: i64,
     /// Truncate prompt/completion examples past `block_size` instead of refusing them.
     pub truncation: bool,
-    /// The model's `vocab_size`: a token id (or `eos`) at or past it is refused, naming
-    /// the row, before any forward pass indexes the embedding with it (a tokenizer that
-    /// is not the model's, e.g. one retrained into its folder).
-    pub vocab_size: Option<i64>,
 }
 
 impl DataOptions {
@@ -43,7 +39,6 @@ impl DataOptions {
             skip_invalid: false,
             block_size,
             truncation: false,
-            vocab_size: None,
         }
     }
 }
@@ -155,12 +150,6 @@ fn load(
         ))
         .into());
     }
-    if let Some(v) = opts.vocab_size.filter(|&v| !(0..v).contains(&eos)) {
-        return Err(infer::Error::Input(format!(
-            "the end-of-text id {eos} is outside the model's vocabulary (vocab_size {v})"
-        ))
-        .into());
-    }
     let mut report = LoadReport::default();
     // Every line of every file is parsed before anything is tokenized.
     let mut rows = Vec::new();
@@ -202,20 +191,6 @@ fn load(
                 })
             })
             .with_context(|| format!("{}:{line}: tokenizing", path.display()))?;
-            if let Some(v) = opts.vocab_size {
-                if let Some(&id) = ids.iter().find(|&&id| id >= v) {
-                    let token = tokenizer.decode(&[id]).unwrap_or_default();
-                    return Err(bad_line(
-                        path,
-                        line,
-                        format!(
-                            "token id {id} ({token:?}) is outside the model's vocabulary \
-                             (vocab_size {v}): the tokenizer ({}) is not the model's",
-                            tokenizer.path().display()
-                        ),
-                    ));
-                }
-            }
             tokens_so_far += ids.len();
             Ok(ids)
         };

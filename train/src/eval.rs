@@ -70,7 +70,6 @@ pub fn perplexity_on_jsonl(
     let eos = data::eos_id(&model.config, tokenizer)?;
     let mut opts = DataOptions::new(block_size);
     opts.truncation = true;
-    opts.vocab_size = Some(model.config.vocab_size);
     let (samples, _) = data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)?;
     evaluate(model, &samples, batch_size, eos)
 }

@@ -18,9 +18,7 @@ impl EventFile {
     /// Creates `dir/events.out.tfevents.SECONDS.HOST.PID.0` (TensorBoard's name) and
     /// writes its version record.
     pub fn create(dir: &Path) -> io::Result<Self> {
-        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
-            .map(|h| h.trim().to_string())
-            .unwrap_or_else(|_| "localhost".into());
+        let host = crate::output::hostname();
         let name = format!(
             "events.out.tfevents.{:010}.{host}.{}.0",
             now().trunc() as u64,

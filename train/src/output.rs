@@ -171,7 +171,8 @@ fn not_a_lock_file(path: &Path, what: &str) -> anyhow::Error {
     ))
 }
 
-fn hostname() -> String {
+/// This machine's name, for lock owners and event file names.
+pub(crate) fn hostname() -> String {
     fs::read_to_string("/proc/sys/kernel/hostname")
         .map(|h| h.trim().to_string())
         .unwrap_or_else(|_| "unknown".into())
