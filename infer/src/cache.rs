@@ -4,6 +4,11 @@
 //! left-padded batch attends and positions exactly as transformers' `generate` does
 //! (`position_ids = attention_mask.cumsum(-1) - 1`).
 //!
+//! Rows are also independent sequences (the engine's unit, `generate::engine`): each row
+//! has its own length, a forward pass feeds any subset of rows (`Span`), each at its own
+//! position, and a row is freed or copied without touching the others. Such a cache is
+//! never left-padded: a row's slot s holds its token at position s.
+//!
 //! Beam search reorders rows every step. Copying every layer's keys and values for that
 //! took ~13% of a beam-5 decode step on the CPU, so a reorder that keeps the batch size
 //! only permutes a table saying which stored row holds each row's slot (`slot_rows`);
@@ -28,8 +33,41 @@ pub struct KvCache {
     /// (B × capacity), row-major: the stored row of `k`/`v` that holds row b's slot s;
     /// `None` when every row holds its own (the tensors are in order).
     slot_rows: Option<Vec<u32>>,
-    len: i64,
+    /// Per row: how many slots are filled.
+    lens: Vec<i64>,
     capacity: i64,
+}
+
+/// The rows one forward pass feeds, in the order of its input rows, and where each
+/// row's new tokens go: `t` tokens at slots `[starts[i], starts[i] + t)` of row `rows[i]`.
+#[derive(Debug, Clone)]
+pub struct Span {
+    pub rows: Vec<usize>,
+    pub starts: Vec<i64>,
+    pub t: i64,
+}
+
+impl Span {
+    /// Whether every row starts at the same slot.
+    pub(crate) fn uniform(&self) -> Option<i64> {
+        let first = *self.starts.first()?;
+        self.starts.iter().all(|&s| s == first).then_some(first)
+    }
+
+    /// The first row, when the rows are consecutive (`rows[i] = first + i`).
+    pub(crate) fn consecutive(&self) -> Option<usize> {
+        let first = *self.rows.first()?;
+        self.rows
+            .iter()
+            .enumerate()
+            .all(|(i, &r)| r == first + i)
+            .then_some(first)
+    }
+
+    /// Slots attended by the longest row after this pass.
+    pub(crate) fn end(&self) -> i64 {
+        self.starts.iter().max().map_or(0, |s| s + self.t)
+    }
 }
 
 impl KvCache {
@@ -66,7 +104,7 @@ impl KvCache {
                 .repeat([batch, 1]),
             padded: false,
             slot_rows: None,
-            len: 0,
+            lens: vec![0; batch.max(0) as usize],
             capacity,
         }
     }
@@ -93,12 +131,18 @@ impl KvCache {
         self.padded
     }
 
+    /// Filled slots of the longest row (of every row, when they move together).
     pub fn len(&self) -> i64 {
-        self.len
+        self.lens.iter().copied().max().unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
-        self.len == 0
+        self.len() == 0
+    }
+
+    /// Filled slots of `row`.
+    pub fn row_len(&self, row: usize) -> i64 {
+        self.lens[row]
     }
 
     pub fn capacity(&self) -> i64 {
@@ -109,18 +153,67 @@ impl KvCache {
         self.valid.size()[0]
     }
 
-    /// Forgets the slots from `len` on (speculative decoding rolls back this way).
+    /// Forgets every row's slots from `len` on (speculative decoding rolls back this way).
     pub fn truncate(&mut self, len: i64) {
-        self.len = self.len.min(len.max(0));
+        for l in &mut self.lens {
+            *l = (*l).min(len.max(0));
+        }
         self.own_free_slots();
     }
 
-    /// Slots from `len` on are written by their own row: point the table there.
+    /// Empties `row` (its sequence left); the other rows are untouched.
+    pub fn free_row(&mut self, row: usize) {
+        self.lens[row] = 0;
+        self.own_free_slots();
+    }
+
+    /// Makes `to` a copy of `from`'s filled slots (a prompt prefilled once, sampled
+    /// several times).
+    pub fn copy_row(&mut self, from: usize, to: usize) {
+        self.materialize();
+        let n = self.lens[from];
+        if from != to && n > 0 {
+            for t in self.k.iter().chain(self.v.iter()).flatten() {
+                t.get(to as i64)
+                    .narrow(1, 0, n)
+                    .copy_(&t.get(from as i64).narrow(1, 0, n));
+            }
+        }
+        self.lens[to] = n;
+        self.own_free_slots();
+    }
+
+    /// The span of `t` new tokens for each of `rows` (all rows when `None`), each at
+    /// its row's next slot. Errors when a row is out of range, or when a row would
+    /// run past the capacity.
+    pub fn span(&self, rows: Option<&[usize]>, t: i64) -> Result<Span, String> {
+        let rows: Vec<usize> = match rows {
+            Some(r) => r.to_vec(),
+            None => (0..self.lens.len()).collect(),
+        };
+        let mut starts = Vec::with_capacity(rows.len());
+        for &r in &rows {
+            let Some(&len) = self.lens.get(r) else {
+                return Err(format!("row {r} of a cache of {}", self.lens.len()));
+            };
+            if len + t > self.capacity {
+                return Err(format!(
+                    "KV cache holds {} slots, {} needed",
+                    self.capacity,
+                    len + t
+                ));
+            }
+            starts.push(len);
+        }
+        Ok(Span { rows, starts, t })
+    }
+
+    /// Slots past each row's length are written by their own row: point the table there.
     fn own_free_slots(&mut self) {
-        let (cap, len) = (self.capacity as usize, self.len as usize);
+        let cap = self.capacity as usize;
         if let Some(map) = &mut self.slot_rows {
             for (b, row) in map.chunks_exact_mut(cap.max(1)).enumerate() {
-                row[len..].fill(b as u32);
+                row[self.lens[b] as usize..].fill(b as u32);
             }
         }
     }
@@ -147,6 +240,7 @@ impl KvCache {
                         row.copy_from_slice(&old[from * cap..(from + 1) * cap]);
                     }
                     self.slot_rows = Some(map);
+                    self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
                     self.own_free_slots();
                     self.valid = self.valid.index_select(0, &index);
                     self.positions = self.positions.index_select(0, &index);
@@ -158,6 +252,8 @@ impl KvCache {
         for t in self.k.iter_mut().chain(self.v.iter_mut()).flatten() {
             *t = t.index_select(0, &index.to_device(t.device()));
         }
+        let idx = Vec::<i64>::try_from(&index.to_device(Device::Cpu)).unwrap_or_default();
+        self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
         self.valid = self.valid.index_select(0, &index);
         self.positions = self.positions.index_select(0, &index);
     }
@@ -174,7 +270,7 @@ impl KvCache {
         let Some(map) = self.slot_rows.take() else {
             return;
         };
-        let (b, cap, len) = (self.batch_size(), self.capacity, self.len);
+        let (b, cap, len) = (self.batch_size(), self.capacity, self.len());
         if len == 0 {
             return;
         }
@@ -195,36 +291,60 @@ impl KvCache {
         }
     }
 
-    /// Position ids of the next `t` slots: (B, t).
-    pub(crate) fn next_positions(&self, t: i64) -> Tensor {
-        self.positions.narrow(1, self.len, t)
+    /// Position ids of the span's new tokens: (R, t). A left-padded cache (all rows
+    /// together) reads them from its mask; otherwise slot s is position s.
+    pub(crate) fn positions(&self, span: &Span) -> Tensor {
+        let device = self.valid.device();
+        match (span.uniform(), self.padded) {
+            (Some(start), true) => self.positions.narrow(1, start, span.t),
+            _ => {
+                let starts: Vec<i64> = span.starts.clone();
+                let r = starts.len() as i64;
+                let starts = Tensor::from_slice(&starts).view([r, 1]).to_device(device);
+                starts + Tensor::arange(span.t, (Kind::Int64, device)).unsqueeze(0)
+            }
+        }
     }
 
-    /// The attention mask for `t` new queries over all slots up to `len + t`:
-    /// (B, 1, t, len + t) bool, or `None` when plain causal attention is exact.
-    /// Each query may always attend to its own slot, so a padding query never has an
-    /// empty row (which would give NaN and leak through later layers' values).
-    pub(crate) fn attention_mask(&self, t: i64) -> Option<Tensor> {
-        let s = self.len + t;
-        if !self.padded && (t == 1 || self.len == 0) {
+    /// The attention mask of the span's queries over slots `[0, span.end())`:
+    /// (R, 1, t, end) bool, or `None` when every query sees every slot up to its own
+    /// (one token per row at one slot) or plain causal attention is exact (then
+    /// `plain_causal`). Each query may always attend to its own slot, so a padding query
+    /// never has an empty row (which would give NaN and leak through later layers'
+    /// values).
+    pub(crate) fn attention_mask(&self, span: &Span) -> Option<Tensor> {
+        let (t, s) = (span.t, span.end());
+        let uniform = span.uniform();
+        if !self.padded && uniform.is_some_and(|start| t == 1 || start == 0) {
             return None;
         }
         let device = self.valid.device();
-        let q = Tensor::arange_start(self.len, s, (Kind::Int64, device)).unsqueeze(1); // (t, 1)
-        let k = Tensor::arange(s, (Kind::Int64, device)).unsqueeze(0); // (1, s)
-        let causal = k.le_tensor(&q); // (t, s)
-        let own = k.eq_tensor(&q); // (t, s)
+        let r = span.rows.len() as i64;
+        let starts = Tensor::from_slice(&span.starts)
+            .view([r, 1, 1, 1])
+            .to_device(device);
+        let q = starts + Tensor::arange(t, (Kind::Int64, device)).view([1, 1, t, 1]); // (R, 1, t, 1)
+        let k = Tensor::arange(s, (Kind::Int64, device)).view([1, 1, 1, s]); // (1, 1, 1, s)
+        let causal = k.le_tensor(&q); // (R, 1, t, s)
+        if !self.padded {
+            return Some(causal);
+        }
+        let own = k.eq_tensor(&q); // (R, 1, t, s)
         let keys = self.valid.narrow(1, 0, s).unsqueeze(1).unsqueeze(1); // (B, 1, 1, s)
         Some(keys.logical_and(&causal).logical_or(&own))
     }
 
-    /// Whether the causal flag alone describes the attention of the next `t` queries.
-    pub(crate) fn plain_causal(&self, t: i64) -> bool {
-        !self.padded && self.len == 0 && t > 1
+    /// Whether the causal flag alone describes the attention of the span's queries.
+    pub(crate) fn plain_causal(&self, span: &Span) -> bool {
+        !self.padded && span.uniform() == Some(0) && span.t > 1
     }
 
-    pub(crate) fn advance(&mut self, t: i64) {
-        self.len += t;
+    /// The span's tokens are written: its rows grow by `t`.
+    pub(crate) fn advance(&mut self, span: &Span) {
+        // The table already points slots past each length at their own row.
+        for &r in &span.rows {
+            self.lens[r] += span.t;
+        }
     }
 }
 
@@ -251,7 +371,8 @@ mod tests {
                     t.narrow(2, step as i64, 1)
                         .copy_(&new.expand([b, 1, 1, 4], false));
                 }
-                cache.advance(1);
+                let span = cache.span(None, 1).unwrap();
+                cache.advance(&span);
             }
             let index = Tensor::from_slice(order);
             lazy.reorder(&index);

@@ -5,7 +5,7 @@
 use tch::{Device, Kind, Tensor};
 
 use crate::attention::sdpa;
-use crate::cache::KvCache;
+use crate::cache::{KvCache, Span};
 use crate::config::{Activation, Gpt2Config};
 use crate::decode::{LayerParts, Layers, Plan};
 use crate::error::{Error, Result};
@@ -123,24 +123,65 @@ fn act(a: Activation, x: &Tensor) -> Tensor {
     }
 }
 
+/// What one cached forward pass attends with: the cache, the rows it feeds and where
+/// (`Span`), and the mask of their queries.
+struct Pass<'a> {
+    cache: &'a KvCache,
+    span: &'a Span,
+    mask: Option<Tensor>,
+    causal: bool,
+}
+
+impl Pass<'_> {
+    /// Writes the new keys or values `new` (R, nh, t, hs) of shard `r` into `which`
+    /// (`k` or `v`), and returns the rows' slots `[0, end)`: (R, nh, S, hs).
+    fn write_read(&self, cache: &Tensor, new: &Tensor) -> Tensor {
+        let span = self.span;
+        let (t, s) = (span.t, span.end());
+        let first = span.consecutive();
+        match (first, span.uniform()) {
+            (Some(first), Some(start)) => {
+                let rows = cache.narrow(0, first as i64, span.rows.len() as i64);
+                rows.narrow(2, start, t).copy_(new);
+                rows.narrow(2, 0, s)
+            }
+            _ => {
+                // One indexed write for every row: cache[rows[i], :, starts[i] + j, :].
+                let device = cache.device();
+                let (r, nh, hs) = (span.rows.len() as i64, new.size()[1], new.size()[3]);
+                let rows: Vec<i64> = span.rows.iter().map(|&x| x as i64).collect();
+                let rows = Tensor::from_slice(&rows).to_device(device);
+                let slots = Tensor::from_slice(&span.starts)
+                    .to_device(device)
+                    .view([r, 1])
+                    + Tensor::arange(t, (Kind::Int64, device)).view([1, t]); // (R, t)
+                let row_of = rows.view([r, 1]).expand([r, t], false).reshape([-1]);
+                let values = new.permute([0, 2, 1, 3]).reshape([r * t, nh, hs]); // (R·t, nh, hs)
+                let mut c = cache.shallow_clone();
+                let _ = c.index_put_(
+                    &[Some(row_of), None, Some(slots.reshape([-1]))],
+                    &values,
+                    false,
+                );
+                match first {
+                    Some(first) => cache.narrow(0, first as i64, r).narrow(2, 0, s),
+                    None => cache.index_select(0, &rows).narrow(2, 0, s),
+                }
+            }
+        }
+    }
+}
+
 impl Attention {
-    /// x: (B, T, E) → (B, T, E). Keys and values of the new tokens go into the cache
-    /// slots `[len, len + T)`; attention runs over slots `[0, len + T)`. Each shard
-    /// attends with its own heads and cache; their `c_proj` outputs are summed.
-    fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        cache: Option<&KvCache>,
-        mask: Option<&Tensor>,
-        model: &Gpt2,
-    ) -> Tensor {
+    /// x: (R, T, E) → (R, T, E). With a cache, the new tokens' keys and values go into
+    /// the span's slots and attention runs over each row's slots up to its own; without
+    /// one (training) every row is a whole causal sequence. Each shard attends with its
+    /// own heads and cache; their `c_proj` outputs are summed.
+    fn forward(&self, x: &Tensor, layer: usize, pass: Option<&Pass>, model: &Gpt2) -> Tensor {
         let (b, t, e) = x.size3().expect("(B, T, E)");
         let hs = e / model.config.n_head;
-        let start = cache.map_or(0, |c| c.len());
-        let s = start + t;
-        // Without a cache (training) every row is a whole causal sequence.
-        let causal = mask.is_none() && cache.map_or(true, |c| c.plain_causal(t));
+        let mask = pass.and_then(|p| p.mask.as_ref());
+        let causal = pass.map_or(true, |p| p.causal);
         let partial = |r: usize| -> Tensor {
             let shard = &self.shards[r];
             let device = model.devices[r];
@@ -150,13 +191,12 @@ impl Attention {
             let qkv = shard.c_attn.forward(&x).split(nh * hs, 2); // 3 × (B, T, nh·hs)
             let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
             let (q, k, v) = (heads(q), heads(k), heads(v));
-            let (k_all, v_all) = match cache {
-                Some(cache) => {
-                    let (kc, vc) = (&cache.k[layer][r], &cache.v[layer][r]); // (B, nh, capacity, hs)
-                    kc.narrow(2, start, t).copy_(&k);
-                    vc.narrow(2, start, t).copy_(&v);
-                    (kc.narrow(2, 0, s), vc.narrow(2, 0, s)) // (B, nh, S, hs)
-                }
+            let (k_all, v_all) = match pass {
+                // (B, nh, S, hs)
+                Some(p) => (
+                    p.write_read(&p.cache.k[layer][r], &k),
+                    p.write_read(&p.cache.v[layer][r], &v),
+                ),
                 None => (k, v),
             };
             let y = if self.upcast && q.kind() != Kind::Float {
@@ -202,17 +242,8 @@ impl Mlp {
 }
 
 impl Block {
-    fn forward(
-        &self,
-        x: &Tensor,
-        layer: usize,
-        cache: Option<&KvCache>,
-        mask: Option<&Tensor>,
-        model: &Gpt2,
-    ) -> Tensor {
-        let x = x + self
-            .attn
-            .forward(&self.ln_1.forward(x), layer, cache, mask, model);
+    fn forward(&self, x: &Tensor, layer: usize, pass: Option<&Pass>, model: &Gpt2) -> Tensor {
+        let x = x + self.attn.forward(&self.ln_1.forward(x), layer, pass, model);
         &x + self.mlp.forward(&self.ln_2.forward(&x), model)
     }
 }
@@ -406,28 +437,45 @@ impl Gpt2 {
         KvCache::new(&self.config, batch, capacity, self.kind, &self.devices)
     }
 
-    /// Hidden states after `ln_f` for `ids` (B, T), appended to `cache`: (B, T, E).
+    /// Hidden states after `ln_f` for `ids` (B, T), appended to every row of `cache`:
+    /// (B, T, E).
     pub fn forward_hidden(&self, ids: &Tensor, cache: &mut KvCache) -> Tensor {
         let (_, t) = ids.size2().expect("ids are (B, T)");
+        let span = cache.span(None, t).unwrap_or_else(|e| panic!("{e}"));
+        self.forward_span(ids, cache, &span)
+    }
+
+    /// Hidden states after `ln_f` for `ids` (R, T), one input row per row of `span`
+    /// (made by `cache.span`), each at its own position: (R, T, E). A left-padded cache
+    /// (`set_attention_mask`) runs all its rows together.
+    pub fn forward_span(&self, ids: &Tensor, cache: &mut KvCache, span: &Span) -> Tensor {
         assert!(
-            cache.len() + t <= cache.capacity(),
-            "KV cache holds {} slots, {} needed",
-            cache.capacity(),
-            cache.len() + t
+            !cache.padded()
+                || (span.uniform().is_some() && span.rows.len() as i64 == cache.batch_size()),
+            "a left-padded cache runs all its rows at one length"
         );
-        let pos = cache.next_positions(t); // (B, T)
+        let pos = cache.positions(span); // (R, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (B, T, E)
-        if let Some(h) = self.fused.as_ref().and_then(|p| p.step(&self.h, &x, cache)) {
-            cache.advance(t);
+        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (R, T, E)
+        if let Some(h) = self
+            .fused
+            .as_ref()
+            .and_then(|p| p.step(&self.h, &x, cache, span))
+        {
+            cache.advance(span);
             return h;
         }
         cache.materialize();
-        let mask = cache.attention_mask(t);
+        let pass = Pass {
+            mask: cache.attention_mask(span),
+            causal: cache.plain_causal(span),
+            cache,
+            span,
+        };
         for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, Some(cache), mask.as_ref(), self);
+            x = block.forward(&x, l, Some(&pass), self);
         }
-        cache.advance(t);
+        cache.advance(span);
         self.ln_f.forward(&x)
     }
 
@@ -439,7 +487,7 @@ impl Gpt2 {
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
         let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos);
         for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, None, None, self);
+            x = block.forward(&x, l, None, self);
         }
         self.logits(&self.ln_f.forward(&x))
     }

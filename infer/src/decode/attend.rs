@@ -10,6 +10,8 @@ pub(super) struct CacheView<'a> {
     pub(super) v: *mut std::ffi::c_void,
     /// `KvCache::slot_rows`: which stored row holds each row's slot (None: its own).
     pub(super) slot_rows: Option<&'a [u32]>,
+    /// The cache row of each of the step's rows (`Span::rows`).
+    pub(super) rows: &'a [usize],
     pub(super) bf16: bool,
     pub(super) nh: usize,
     pub(super) cap: usize,
@@ -25,13 +27,14 @@ impl CacheView<'_> {
         ((row * self.nh + head) * self.cap + slot) * self.hs
     }
 
-    /// Stores the new token's keys and values (from qkv rows: q | k | v) at `slot`.
+    /// Stores each step row's new keys and values (from qkv rows: q | k | v) at its
+    /// slot `slots[r]`, in its own cache row.
     #[inline(always)]
-    pub(super) fn write(&self, qkv: &[f32], rows: usize, slot: usize) {
+    pub(super) fn write(&self, qkv: &[f32], slots: &[usize]) {
         let e = self.nh * self.hs;
-        for r in 0..rows {
+        for (r, (&row, &slot)) in self.rows.iter().zip(slots).enumerate() {
             for h in 0..self.nh {
-                let at = self.at(r, h, slot);
+                let at = self.at(row, h, slot);
                 let k = &qkv[r * 3 * e + e + h * self.hs..][..self.hs];
                 let v = &qkv[r * 3 * e + 2 * e + h * self.hs..][..self.hs];
                 // SAFETY: `Plan::step` checked each cache tensor is contiguous with shape
@@ -54,8 +57,9 @@ impl CacheView<'_> {
         }
     }
 
-    /// Row `row`'s key or value of `head` at slot `s` (hs values), in the cache's
-    /// storage: in the stored row `slot_rows` names (its own when there is no table).
+    /// Step row `row`'s key or value of `head` at slot `s` (hs values), in the cache's
+    /// storage: in the stored row `slot_rows` names for its cache row (that row itself
+    /// when there is no table).
     ///
     /// # Safety
     /// `T` is the cache's element type (f32, or u16 for bf16 bits), `row` < B, `head` <
@@ -68,6 +72,7 @@ impl CacheView<'_> {
         head: usize,
         s: usize,
     ) -> &[T] {
+        let row = self.rows[row];
         let stored = self
             .slot_rows
             .map_or(row, |m| m[row * self.cap + s] as usize);
@@ -157,8 +162,10 @@ pub(super) struct Attend<'a> {
     pub(super) cache: &'a CacheView<'a>,
     pub(super) qkv: &'a [f32],
     pub(super) out: SyncPtr,
+    /// A left-padded batch's mask: (rows × (slot + 1)), all rows at one slot.
     pub(super) valid: Option<&'a [u8]>,
-    pub(super) slot: usize,
+    /// Each step row's new slot (its position).
+    pub(super) slots: &'a [usize],
     pub(super) scale: f32,
     pub(super) round_p: bool,
     pub(super) bf16: bool,
@@ -319,7 +326,7 @@ impl Attend<'_> {
         Task {
             row,
             head,
-            n: self.slot + 1,
+            n: self.slots[row] + 1,
             q: &self.qkv[row * 3 * nh * hs + head * hs..][..hs],
         }
     }
@@ -327,8 +334,8 @@ impl Attend<'_> {
     /// Whether `row` attends to slot `s`: its valid slots, and always its own new one.
     #[inline(always)]
     fn seen(&self, row: usize, s: usize) -> bool {
-        let n = self.slot + 1;
-        s == self.slot || self.valid.map_or(true, |v| v[row * n + s] != 0)
+        let slot = self.slots[row];
+        s == slot || self.valid.map_or(true, |v| v[row * (slot + 1) + s] != 0)
     }
 
     /// The (row, head) output: the weighted sum of values `acc` (hs) over `total`.
@@ -383,8 +390,20 @@ mod tests {
             Simd::Avx512 => Simd::detect() == Simd::Avx512,
             _ => Simd::detect() != Simd::Base,
         }));
+        // A left-padded batch (all rows at one slot, a mask), and independent rows at
+        // their own slots in other cache rows.
+        let identity: Vec<usize> = (0..rows).collect();
+        let uniform = vec![slot; rows];
+        let (permuted, ragged) = (vec![2usize, 0, 1], vec![slot, 5, 20]);
+        let layouts = [
+            (Some(&valid[..]), &uniform, &identity),
+            (None, &ragged, &permuted),
+        ];
         for bf16 in [false, true] {
-            for slot_rows in [None, Some(&table[..])] {
+            for (slot_rows, (valid, slots, row_of)) in [None, Some(&table[..])]
+                .into_iter()
+                .flat_map(|t| layouts.iter().map(move |l| (t, *l)))
+            {
                 let (k, v) = if bf16 {
                     (
                         k16.as_mut_ptr() as *mut std::ffi::c_void,
@@ -400,6 +419,7 @@ mod tests {
                     k,
                     v,
                     slot_rows,
+                    rows: row_of,
                     bf16,
                     nh,
                     cap,
@@ -413,8 +433,8 @@ mod tests {
                             cache: &cache,
                             qkv: &qkv,
                             out: SyncPtr(out.as_mut_ptr()),
-                            valid: Some(&valid),
-                            slot,
+                            valid,
+                            slots,
                             scale: 0.125,
                             round_p: bf16,
                             bf16,

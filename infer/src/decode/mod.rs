@@ -22,7 +22,7 @@
 //! does not depend on `model`.
 use tch::{Kind, Tensor};
 
-use crate::cache::KvCache;
+use crate::cache::{KvCache, Span};
 use crate::config::Activation;
 use crate::kernels::{self, PackedLinear, ThreadPool};
 use crate::linear::Linear;
@@ -162,39 +162,45 @@ impl Plan {
         })
     }
 
-    /// Runs the blocks and `ln_f` for one new token per row: `x` (B, 1, E) is the
-    /// embedded input, the result (B, 1, E) in the model's dtype. Writes the keys and
-    /// values into the cache's next slot (the caller advances it). `None` (nothing
-    /// written) when this step cannot run fused, or a layer lost its kernel since the
-    /// plan was made; the caller then takes libtorch's path.
-    pub(crate) fn step(&self, layers: &dyn Layers, x: &Tensor, cache: &KvCache) -> Option<Tensor> {
+    /// Runs the blocks and `ln_f` for one new token per row of `span`: `x` (R, 1, E) is
+    /// the embedded input, the result (R, 1, E) in the model's dtype. Writes the keys
+    /// and values into each row's next slot (the caller advances the cache). `None`
+    /// (nothing written) when this step cannot run fused, or a layer lost its kernel
+    /// since the plan was made; the caller then takes libtorch's path.
+    pub(crate) fn step(
+        &self,
+        layers: &dyn Layers,
+        x: &Tensor,
+        cache: &KvCache,
+        span: &Span,
+    ) -> Option<Tensor> {
         let (b, t, e) = x.size3().ok()?;
         let (rows, e) = (b as usize, e as usize);
         if t != 1 || rows > kernels::MAX_ROWS || rows == 0 || x.requires_grad() {
             return None;
         }
-        if !all_on_kernels(layers, self.layers.len()) {
+        if span.t != 1 || span.rows.len() != rows || !all_on_kernels(layers, self.layers.len()) {
             return None;
         }
-        let (nh, slot, cap) = (self.n_head, cache.len() as usize, cache.capacity() as usize);
+        let (nh, cap) = (self.n_head, cache.capacity() as usize);
         let hs = e / nh;
         let cache_kind = if self.bf16 {
             Kind::BFloat16
         } else {
             Kind::Float
         };
-        let shape = [b, nh as i64, cap as i64, hs as i64];
+        let shape = [cache.batch_size(), nh as i64, cap as i64, hs as i64];
         for t in cache.k.iter().chain(&cache.v).flatten() {
             if t.kind() != cache_kind || t.size() != shape || !t.is_contiguous() {
                 return None;
             }
         }
-        // Which slots each row may attend to: its valid ones, and always its own.
+        let slots: Vec<usize> = span.starts.iter().map(|&s| s as usize).collect();
+        // A left-padded batch: which slots each row may attend to (its valid ones, and
+        // always its own). Its rows are all the cache's, at one slot.
         let valid: Option<Vec<u8>> = if cache.padded() {
-            let v = cache
-                .valid()
-                .narrow(1, 0, slot as i64 + 1)
-                .to_kind(Kind::Uint8);
+            let slot = span.uniform()?;
+            let v = cache.valid().narrow(1, 0, slot + 1).to_kind(Kind::Uint8);
             Some(Vec::<u8>::try_from(v.contiguous().reshape([-1])).ok()?)
         } else {
             None
@@ -204,8 +210,8 @@ impl Plan {
             layers,
             cache,
             valid: valid.as_deref(),
-            rows,
-            slot,
+            rows: &span.rows,
+            slots: &slots,
         };
         let out = match self.simd {
             #[cfg(target_arch = "x86_64")]
@@ -253,9 +259,10 @@ impl Plan {
             layers,
             cache,
             valid,
-            rows,
-            slot,
+            rows: row_of,
+            slots,
         } = *step;
+        let rows = row_of.len();
         let nh = self.n_head;
         let e = h.len() / rows;
         let hs = e / nh;
@@ -284,25 +291,27 @@ impl Plan {
                 k: kc[0].data_ptr(),
                 v: vc[0].data_ptr(),
                 slot_rows: cache.slot_rows(),
+                rows: row_of,
                 bf16,
                 nh,
                 cap,
                 hs,
             };
-            cache.write(&qkv, rows, slot);
+            cache.write(&qkv, slots);
             let job = Attend {
                 cache: &cache,
                 qkv: &qkv,
                 out: SyncPtr(attn.as_mut_ptr()),
                 valid,
-                slot,
+                slots,
                 scale: lp.scale,
                 round_p: bf16 && !lp.upcast,
                 bf16,
                 simd: self.simd,
             };
             let tasks = rows * nh;
-            if tasks * (slot + 1) * hs >= PARALLEL_ATTENTION_MIN {
+            let work: usize = slots.iter().map(|s| (s + 1) * nh * hs).sum();
+            if work >= PARALLEL_ATTENTION_MIN {
                 self.pool.run(tasks, &|i| job.run(i));
             } else {
                 for i in 0..tasks {
@@ -327,8 +336,9 @@ struct Step<'a> {
     layers: &'a dyn Layers,
     cache: &'a KvCache,
     valid: Option<&'a [u8]>,
-    rows: usize,
-    slot: usize,
+    /// The cache row and the new slot of each of the step's rows.
+    rows: &'a [usize],
+    slots: &'a [usize],
 }
 /// The widest vector ISA the small ops are compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
