@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use anyhow::Context;
 use infer::ensemble::{Ensemble, EnsembleMode};
-use infer::generate::{generate, generate_ensemble, validate, GenerationConfig, Output};
+use infer::generate::{
+    check_requests, generate, generate_requests, validate, GenerationConfig, Output, Request,
+    Schedule,
+};
 use infer::speculative::{generate_speculative, Drafter};
 use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
 
@@ -21,11 +24,11 @@ pub struct Args {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// Prompt text; repeat the flag for several prompts (run as one left-padded batch).
+    /// Prompt text; repeat the flag for several prompts (decoded together).
     #[arg(long, required_unless_present = "prompts")]
     prompt: Vec<String>,
     /// JSONL file of prompts, one `{"prompt": "..."}` (or `{"text": "..."}`) object per
-    /// line (after any --prompt).
+    /// line (after any --prompt); a line's `"max_new_tokens"` overrides the flag for it.
     #[arg(long)]
     prompts: Option<PathBuf>,
     /// The field of each --prompts line that holds the prompt [default: prompt, else text].
@@ -162,6 +165,14 @@ pub struct Args {
     /// One JSON line of timings and token counts on stderr.
     #[arg(long)]
     stats: bool,
+    /// At most N sequences (beams count each) decode at once; the rest wait and take a
+    /// freed slot at once [default: all at once].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..=1 << 20))]
+    max_num_seqs: Option<u64>,
+    /// With --max-num-seqs: run the prompts in batches of that size, each to its longest
+    /// member, instead of refilling freed slots (for comparison).
+    #[arg(long, requires = "max_num_seqs")]
+    static_batches: bool,
     /// Untimed warm-up generations (4 tokens each) before the real one, for benchmarks.
     #[arg(long, default_value_t = 0)]
     warmup: usize,
@@ -436,13 +447,52 @@ fn load_models(
         .collect()
 }
 
+/// Each prompt with its token limit: its --prompts line's `max_new_tokens`, else the
+/// settings'. Per-prompt limits and --max-num-seqs apply to plain decoding only.
+fn requests(
+    args: &Args,
+    prompts: &[Vec<i64>],
+    limits: &[Option<usize>],
+    cfg: &GenerationConfig,
+    other_strategy: bool,
+) -> anyhow::Result<Vec<Request>> {
+    if other_strategy {
+        if let Some(i) = limits.iter().position(Option::is_some) {
+            return Err(usage(format!(
+                "prompt {i} sets max_new_tokens: per-prompt limits need plain decoding (not \
+                 --draft-model, --prompt-lookup or a rerank/vote --ensemble-mode)"
+            )));
+        }
+        if args.max_num_seqs.is_some() {
+            return Err(usage(
+                "--max-num-seqs needs plain decoding (not --draft-model, --prompt-lookup or \
+                 a rerank/vote --ensemble-mode)"
+                    .into(),
+            ));
+        }
+    }
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(limits)
+        .map(|(p, l)| Request {
+            prompt: p.clone(),
+            max_new_tokens: l.unwrap_or_else(|| cfg.limit(p.len())),
+        })
+        .collect();
+    Ok(requests)
+}
+
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
     let devices = shard_devices(args, device)?;
     let device = devices[0];
     let mut texts = args.prompt.clone();
+    let mut limits = vec![None; texts.len()];
     if let Some(path) = &args.prompts {
-        texts.extend(read_prompts(path, args.text_field.as_deref())?);
+        for (text, limit) in read_prompts(path, args.text_field.as_deref())? {
+            texts.push(text);
+            limits.push(limit);
+        }
     }
     if let Some(i) = texts.iter().position(String::is_empty) {
         return Err(usage(format!("prompt {i} is empty")));
@@ -461,6 +511,8 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let mode = check_strategy(args, dir, &tokenizer, &prompts, &cfg)?;
     let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
+    let requests = requests(args, &prompts, &limits, &cfg, pooled || speculative)?;
+    check_requests(&config, &requests)?;
     let engine = args.engine.options();
     let model = Gpt2::load_with(dir, kind, &devices, &engine)
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -530,7 +582,20 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         spec_stats = Some(st);
         o
     } else if !pooled {
-        tch::no_grad(|| generate_ensemble(&ensemble, &prompts, &cfg, &stop_check, &mut on_token))?
+        let schedule = Schedule {
+            max_num_seqs: args.max_num_seqs.map(|n| n as usize),
+            static_batches: args.static_batches,
+        };
+        tch::no_grad(|| {
+            generate_requests(
+                &ensemble,
+                requests,
+                &cfg,
+                schedule,
+                &stop_check,
+                &mut on_token,
+            )
+        })?
     } else {
         run_pooled(&ensemble, &prompts, &cfg, &stop_check, mode == "vote")?
     };

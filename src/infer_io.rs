@@ -17,9 +17,12 @@ fn usage(msg: String) -> anyhow::Error {
 }
 
 /// The prompts of a JSONL file, one object per line: its `field` string, or with no
-/// `field` given its `prompt` string, else its `text` (train's data files). Errors name
-/// the file and line.
-pub fn read_prompts(path: &Path, field: Option<&str>) -> anyhow::Result<Vec<String>> {
+/// `field` given its `prompt` string, else its `text` (train's data files), and the
+/// line's own `max_new_tokens` if it has one. Errors name the file and line.
+pub fn read_prompts(
+    path: &Path,
+    field: Option<&str>,
+) -> anyhow::Result<Vec<(String, Option<usize>)>> {
     let wanted = match field {
         Some(f) => format!("a {f:?} string"),
         None => "a \"prompt\" or \"text\" string".into(),
@@ -45,8 +48,19 @@ pub fn read_prompts(path: &Path, field: Option<&str>) -> anyhow::Result<Vec<Stri
             None if v.get("prompt").is_some() => "prompt",
             None => "text",
         };
+        let limit = match v.get("max_new_tokens") {
+            None | Some(serde_json::Value::Null) => None,
+            Some(n) => match n.as_u64() {
+                Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
+                _ => {
+                    return Err(at(&format!(
+                        "\"max_new_tokens\" must be an integer ≥ 1, got {n}"
+                    )))
+                }
+            },
+        };
         match v.get(key) {
-            Some(serde_json::Value::String(s)) => out.push(s.clone()),
+            Some(serde_json::Value::String(s)) => out.push((s.clone(), limit)),
             Some(_) => return Err(at(&format!("{key:?} is not a string"))),
             None => return Err(at(&format!("expected an object with {wanted}"))),
         }

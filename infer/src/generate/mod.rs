@@ -9,17 +9,17 @@ use std::time::{Duration, Instant};
 
 use tch::Tensor;
 
-use crate::beam::Beam;
 use crate::decode::BadRow;
 use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
-use crate::processors::{process_rows, Row};
 
 mod choose;
+mod engine;
 mod settings;
 pub use choose::{choose, Choice, NoPick, Sampling};
-pub use settings::{validate, EarlyStopping, GenerationConfig};
+pub use engine::{Engine, Request, Schedule};
+pub use settings::{check_requests, validate, EarlyStopping, GenerationConfig};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {
@@ -135,7 +135,6 @@ pub(crate) struct StepContext<'a> {
     pub cfg: &'a GenerationConfig,
     pub stop: StopCheck<'a>,
     pub timed_out: bool,
-    pub pad: i64,
 }
 
 pub(crate) trait Strategy {
@@ -151,14 +150,15 @@ pub(crate) trait Strategy {
     fn finish(self: Box<Self>) -> Vec<Vec<Generated>>;
 }
 
-/// Generates for every prompt as one left-padded batch. `stop` ends a sequence whose
-/// generated tokens it accepts; `on_token(row, id)` sees each token as soon as it is
-/// picked (greedy and sampling; rows are prompt-major).
+/// Generates for every prompt, all of them decoding at once (see `engine`). `stop` ends
+/// a sequence whose generated tokens it accepts; `on_token(row, id)` sees each token as
+/// soon as it is picked (greedy and sampling; row k is prompt k / n's sequence k % n for
+/// n = `num_return_sequences`).
 ///
-/// With `cfg.seed`, the run seeds libtorch's process-wide generator, as
-/// `torch.manual_seed`, so that its samples are transformers' samples. Two seeded runs
-/// in one process at the same time would draw from that one generator in turn, and
-/// neither would repeat: a seeded run holds a process-wide lock until it returns.
+/// With `cfg.seed`, each sampled sequence draws from its own generator seeded `seed + k`
+/// (row k; a beam group from its first row's), so a single prompt draws what
+/// transformers draws after `torch.manual_seed(seed)`, and a sequence draws the same
+/// whatever is decoded beside it.
 pub fn generate(
     model: &Gpt2,
     prompts: &[Vec<i64>],
@@ -175,251 +175,53 @@ pub fn generate_ensemble(
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
     stop: StopCheck,
+    on_token: impl FnMut(usize, i64),
+) -> Result<Output> {
+    let requests = prompts
+        .iter()
+        .map(|p| Request {
+            prompt: p.clone(),
+            max_new_tokens: cfg.limit(p.len()),
+        })
+        .collect::<Vec<_>>();
+    generate_requests(models, requests, cfg, Schedule::default(), stop, on_token)
+}
+
+/// `generate_ensemble` for requests with their own token limits, admitted as `schedule`
+/// says (at most so many at once; refilling freed slots, or in static batches).
+pub fn generate_requests(
+    models: &Ensemble,
+    requests: Vec<Request>,
+    cfg: &GenerationConfig,
+    schedule: Schedule,
+    stop: StopCheck,
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Output> {
-    validate(&models.config(), prompts, cfg)?;
-    let _seeded = seed_rng(cfg.seed);
+    let prompts: Vec<Vec<i64>> = requests.iter().map(|r| r.prompt.clone()).collect();
+    validate(&models.config(), &prompts, cfg)?;
+    check_requests(&models.config(), &requests)?;
     let started = Instant::now();
-    let device = models.models[0].device();
-    let pad = cfg
-        .pad_token_id
-        .or_else(|| cfg.eos_token_ids.first().copied())
-        .unwrap_or(0);
-    let b = prompts.len();
-    let t0 = prompts.iter().map(Vec::len).max().unwrap_or(0);
-    let mut ids = Vec::with_capacity(b * t0);
-    let mut mask = Vec::with_capacity(b * t0);
-    for p in prompts {
-        let n_pad = t0 - p.len();
-        ids.extend(std::iter::repeat_n(pad, n_pad).chain(p.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, n_pad).chain(std::iter::repeat_n(1, p.len())));
-    }
-    let shape = [b as i64, t0 as i64];
-    let ids = Tensor::from_slice(&ids).view(shape).to_device(device);
-    let mask = Tensor::from_slice(&mask).view(shape);
-
-    // Each prompt becomes `expand` rows: its beams, or its independent samples.
-    let expand = if cfg.num_beams > 1 {
-        cfg.num_beams
-    } else {
-        cfg.num_return_sequences
-    };
-    let expand_rows = (expand > 1).then(|| {
-        let rows: Vec<i64> = (0..b as i64)
-            .flat_map(|i| std::iter::repeat_n(i, expand))
-            .collect();
-        Tensor::from_slice(&rows).to_device(device)
-    });
-    let longest = prompts
-        .iter()
-        .map(|p| cfg.limit(p.len()))
-        .max()
-        .unwrap_or(0);
-    let mut caches = Vec::with_capacity(models.models.len());
-    let mut hidden = Vec::with_capacity(models.models.len());
-    // While the kernels' own pool does the matrix products, libtorch's threads would only
-    // fight it for the cores over the small ops between them: one libtorch thread then
-    // (measured on a 2-core machine: a prompt of 8 × 11 tokens 20% faster).
-    let prefill_threads = models
-        .models
-        .iter()
-        .all(|m| m.prefills_on_kernels(b * t0))
-        .then(|| LibtorchThreads::limit(1));
-    for model in &models.models {
-        let mut cache = model.new_cache(b as i64, (t0 + longest) as i64);
-        cache.set_attention_mask(&mask);
-        let mut h = model.forward_hidden(&ids, &mut cache).select(1, -1); // (B, E)
-        if let Some(rows) = &expand_rows {
-            cache.reorder(rows);
-            h = h.index_select(0, rows);
-        }
-        caches.push(cache);
-        hidden.push(h);
-    }
-    drop(prefill_threads);
-    let mut strategy: Box<dyn Strategy> = if cfg.num_beams > 1 {
-        Box::new(Beam::new(prompts, cfg))
-    } else {
-        Box::new(Single::new(prompts, expand))
-    };
+    let mut engine = Engine::new(models, cfg, requests, schedule);
     let mut prefill = None;
-    let mut steps = 0;
-    let rows = prompts.len() * expand;
-    let _threads = models
-        .models
-        .iter()
-        .all(|m| m.decodes_on_kernels(rows))
-        .then(|| LibtorchThreads::limit(1));
-    loop {
-        let scores = models.scores(&hidden); // (R, V)
-        let timed_out = cfg.max_time.is_some_and(|t| started.elapsed() >= t);
-        let ctx = StepContext {
-            cfg,
-            stop,
-            timed_out,
-            pad,
-        };
-        let step = strategy.step(&scores, &ctx, &mut on_token)?;
-        steps += 1;
+    while !engine.is_idle() {
+        engine.step(stop, &mut on_token)?;
         prefill.get_or_insert_with(|| started.elapsed());
-        match step {
-            Step::Done => break,
-            Step::Continue { feed, parents } => {
-                let parents = parents.map(|p| Tensor::from_slice(&p).to_device(device));
-                let r = feed.len() as i64;
-                let feed = Tensor::from_slice(&feed).view([r, 1]).to_device(device);
-                for ((model, cache), h) in models.models.iter().zip(&mut caches).zip(&mut hidden) {
-                    if let Some(parents) = &parents {
-                        cache.reorder(parents);
-                    }
-                    *h = model.forward_hidden(&feed, cache).select(1, -1);
-                }
-            }
-        }
     }
     let prefill = prefill.unwrap_or_default();
+    let steps = engine.steps;
     Ok(Output {
-        sequences: strategy.finish(),
+        sequences: engine.finish(),
         prefill,
         decode: started.elapsed().saturating_sub(prefill),
         steps,
     })
 }
 
-/// Limits libtorch's intra-op threads until dropped.
-struct LibtorchThreads(i32);
-
-impl LibtorchThreads {
-    fn limit(n: i32) -> Self {
-        let before = tch::get_num_threads();
-        tch::set_num_threads(n);
-        Self(before)
-    }
-}
-
-impl Drop for LibtorchThreads {
-    fn drop(&mut self) {
-        tch::set_num_threads(self.0);
-    }
-}
-
-/// Greedy decoding and multinomial sampling: one sequence per row, rows never move.
-struct Single {
-    prompts: Vec<Vec<i64>>,
-    /// Per row: prompt then generated tokens.
-    history: Vec<Vec<i64>>,
-    out: Vec<Generated>,
-    done: Vec<bool>,
-    expand: usize,
-    /// Steps taken (tokens picked per row so far).
-    step: usize,
-}
-
-impl Single {
-    fn new(prompts: &[Vec<i64>], expand: usize) -> Self {
-        let rows = prompts.len() * expand;
-        let history = (0..rows).map(|r| prompts[r / expand].clone()).collect();
-        let out = (0..rows)
-            .map(|_| Generated {
-                tokens: vec![],
-                logprobs: vec![],
-                score: 0.0,
-                finish_reason: FinishReason::Length,
-            })
-            .collect();
-        Self {
-            prompts: prompts.to_vec(),
-            history,
-            out,
-            done: vec![false; rows],
-            expand,
-            step: 0,
-        }
-    }
-}
-
-impl Strategy for Single {
-    fn step(
-        &mut self,
-        logits: &Tensor,
-        ctx: &StepContext,
-        on_token: &mut dyn FnMut(usize, i64),
-    ) -> Result<Step> {
-        let cfg = ctx.cfg;
-        let rows: Vec<Row> = self
-            .history
-            .iter()
-            .enumerate()
-            .map(|(r, h)| Row {
-                tokens: h,
-                prompt_len: self.prompts[r / self.expand].len(),
-            })
-            .collect();
-        let limit = |r: &Row| cfg.limit(r.prompt_len);
-        let scores = process_rows(&cfg.processing, logits, &rows, &cfg.eos_token_ids, &limit); // (R, V)
-        self.step += 1;
-        let step = self.step;
-        // A finished row is still computed (it is fed padding), but its scores are not
-        // used: only a live row with no token to pick is an error.
-        let who = |r: usize| {
-            let (i, j) = (r / self.expand, r % self.expand);
-            if self.expand > 1 {
-                format!("prompt {i}, sequence {j}")
-            } else {
-                format!("prompt {i}")
-            }
-        };
-        let done = &self.done;
-        let Choice {
-            ids: next,
-            logprobs: logp,
-        } = choose(&scores, Sampling::of(cfg.processing.do_sample), &|r| {
-            !done[r]
-        })
-        .map_err(|e| e.at(step, who))?;
-        let mut feed = next.clone();
-        for (r, &tok) in next.iter().enumerate() {
-            if self.done[r] {
-                feed[r] = ctx.pad;
-                continue;
-            }
-            let g = &mut self.out[r];
-            g.tokens.push(tok);
-            g.logprobs.push(logp[r]);
-            g.score += logp[r];
-            self.history[r].push(tok);
-            on_token(r, tok);
-            let limit = cfg.limit(self.prompts[r / self.expand].len());
-            if let Some(reason) = finish_reason(cfg, &g.tokens, limit, ctx.stop, ctx.timed_out) {
-                g.finish_reason = reason;
-                self.done[r] = true;
-            }
-        }
-        Ok(if self.done.iter().all(|&d| d) {
-            Step::Done
-        } else {
-            Step::Continue {
-                feed,
-                parents: None,
-            }
-        })
-    }
-
-    fn finish(self: Box<Self>) -> Vec<Vec<Generated>> {
-        let expand = self.expand;
-        let mut out = self.out.into_iter();
-        (0..self.prompts.len())
-            .map(|_| out.by_ref().take(expand).collect())
-            .collect()
-    }
-}
-
 /// Seeds libtorch's global generator and holds the lock that keeps other seeded runs
 /// from drawing from it until the guard drops; `None` (unseeded) takes no lock.
-pub(crate) fn seed_rng(seed: Option<u64>) -> Option<std::sync::MutexGuard<'static, ()>> {
-    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) fn seed_rng(seed: Option<u64>) -> Option<crate::rng::RngLock> {
     let seed = seed?;
-    let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = crate::rng::lock();
     tch::manual_seed(seed as i64);
     Some(guard)
 }

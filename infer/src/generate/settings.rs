@@ -283,3 +283,26 @@ fn check_prompts(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConf
     }
     Ok(())
 }
+
+/// Checks requests' own token limits (`Request::max_new_tokens`, from a prompts file)
+/// against the model's context; `validate` has checked the prompts.
+pub fn check_requests(config: &Gpt2Config, requests: &[super::Request]) -> Result<()> {
+    let n_positions = config.n_positions.max(0) as usize;
+    for (i, r) in requests.iter().enumerate() {
+        if r.max_new_tokens < 1 {
+            return Err(Error::Input(format!(
+                "prompt {i}: max_new_tokens must be at least 1"
+            )));
+        }
+        let need = r.prompt.len().saturating_add(r.max_new_tokens);
+        if need > n_positions {
+            return Err(Error::Input(format!(
+                "prompt {i} has {} tokens; with max_new_tokens {} that is {need} positions, \
+                 more than the model's context (n_positions {n_positions})",
+                r.prompt.len(),
+                r.max_new_tokens
+            )));
+        }
+    }
+    Ok(())
+}
