@@ -320,7 +320,7 @@ fn apply_lengths_and_stops(cfg: &mut GenerationConfig, f: &Fields) -> Parsed<()>
         cfg.pad_token_id = v.first().copied();
     }
     if let Some(v) = f.float("max_time")? {
-        if !(v >= 0.0) {
+        if v.is_nan() || v < 0.0 {
             return Err(format!(
                 "`max_time` must be a number of seconds ≥ 0, got {v}"
             ));
