@@ -1,6 +1,6 @@
 //! `gpt2kit inspect`: what a model folder holds, checked by loading it.
 use std::io::Write;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use infer::checkpoint::WeightFiles;
@@ -21,139 +21,170 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let dir = &args.model;
-    // Every tensor is read and checked, once, with no decode-kernel packing.
-    infer::model::check_model_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-    let files = WeightFiles::open_dir(dir)?;
-    // Every float tensor is scanned for NaN and ±inf first, so that all of them are named.
-    let bad = files.non_finite();
-    if !bad.is_empty() {
-        anyhow::bail!(
-            "{}: {} tensor(s) hold NaN or infinite values: {}",
-            files.path_of(&bad[0]).display(),
-            bad.len(),
-            bad.iter()
-                .map(|n| format!("`{n}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-    }
-    let kind = infer::model::stored_kind(&files);
-    let model = Gpt2::from_weights(config, &files, kind, &[tch::Device::Cpu])
-        .with_context(|| format!("loading model {}", dir.display()))?;
-    // No tokenizer is reported as such; a broken one, or one larger than the
-    // embedding table, is an error.
-    let tokenizer = match Tokenizer::from_dir(dir) {
-        Ok(t) => {
-            infer::check_vocab(&model.config, &t, dir)?;
-            Some(t)
-        }
-        Err(infer::Error::Tokenizer { path, .. }) if &path == dir => None,
-        Err(e) => return Err(e.into()),
-    };
-    let quantization = model.quantization();
-    let c = &model.config;
-    let params = c.num_parameters();
-    let bytes = files.file_bytes();
-    let stored: Vec<String> = files
-        .dtype_summary()
-        .iter()
-        .map(|(d, n)| format!("{d} {}", group(*n)))
-        .collect();
+    let model = Inspected::load(&args.model)?;
     if args.json {
-        return crate::write_json(
-            out,
-            &json!({
-                "model": dir.to_string_lossy(),
-                "config": c,
-                "parameters": params,
-                "dtype": dtype_name(model.kind()),
-                "stored_dtypes": files.dtype_summary().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-                "file_bytes": bytes,
-                "tokenizer_vocab_size": tokenizer.as_ref().map(Tokenizer::vocab_size),
-                "quantization": quantization.map(|q| json!({
-                    "method": q.method.name(),
-                    "quant_method": q.quant_method,
-                    "bits": q.bits,
-                    "granularity": q.granularity,
-                    "quantize_embeddings": q.quantize_embeddings,
-                    "sparsity": q.sparsity,
-                    "dropped_layers": q.dropped_layers,
-                })),
-            }),
-        );
+        return crate::write_json(out, &model.json());
     }
-    let rows = [
-        ("model", dir.display().to_string()),
-        (
-            "shape",
-            format!(
-                "n_layer {} · n_head {} · n_embd {} · n_inner {} · n_positions {} · vocab_size {}",
-                c.n_layer,
-                c.n_head,
-                c.n_embd,
-                c.inner_dim(),
-                c.n_positions,
-                c.vocab_size
-            ),
-        ),
-        (
-            "options",
-            format!(
-                "activation {} · layer_norm_epsilon {} · scale_attn_weights {} · \
-                 scale_attn_by_inverse_layer_idx {} · reorder_and_upcast_attn {}",
-                c.activation_function,
-                c.layer_norm_epsilon,
-                c.scale_attn_weights,
-                c.scale_attn_by_inverse_layer_idx,
-                c.reorder_and_upcast_attn
-            ),
-        ),
-        (
-            "parameters",
-            format!(
-                "{} ({})",
-                group(params),
-                if c.tie_word_embeddings {
-                    "head tied to wte"
-                } else {
-                    "own lm_head"
-                }
-            ),
-        ),
-        (
-            "dtype",
-            format!(
-                "{} (stored: {})",
-                dtype_name(model.kind()),
-                stored.join(", ")
-            ),
-        ),
-        (
-            "quantized",
-            quantization.map_or("no (float weights)".into(), describe),
-        ),
-        (
-            "bytes",
-            format!(
-                "{} ({:.1} MiB on disk)",
-                group(bytes as i64),
-                bytes as f64 / (1 << 20) as f64
-            ),
-        ),
-        (
-            "tokenizer",
-            tokenizer.map_or("none found".into(), |t| {
-                format!("{} tokens", t.vocab_size())
-            }),
-        ),
-        ("eos", format!("{:?}", c.eos_ids())),
-    ];
-    for (k, v) in rows {
+    for (k, v) in model.table() {
         writeln!(out, "{k:<11}{v}")?;
     }
     Ok(())
+}
+
+/// A model folder loaded and checked: its weight files, the model, its tokenizer if any.
+struct Inspected<'a> {
+    dir: &'a Path,
+    files: WeightFiles,
+    model: Gpt2,
+    tokenizer: Option<Tokenizer>,
+}
+
+impl<'a> Inspected<'a> {
+    /// Reads and checks every tensor, once, with no decode-kernel packing; a tensor
+    /// holding NaN or ±inf, a broken tokenizer or one larger than the embedding table
+    /// is an error.
+    fn load(dir: &'a Path) -> anyhow::Result<Self> {
+        infer::model::check_model_dir(dir)?;
+        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+        let files = WeightFiles::open_dir(dir)?;
+        // Every float tensor is scanned for NaN and ±inf first, so that all of them are named.
+        let bad = files.non_finite();
+        if !bad.is_empty() {
+            anyhow::bail!(
+                "{}: {} tensor(s) hold NaN or infinite values: {}",
+                files.path_of(&bad[0]).display(),
+                bad.len(),
+                bad.iter()
+                    .map(|n| format!("`{n}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        let kind = infer::model::stored_kind(&files);
+        let model = Gpt2::from_weights(config, &files, kind, &[tch::Device::Cpu])
+            .with_context(|| format!("loading model {}", dir.display()))?;
+        // No tokenizer is reported as such; a broken one, or one larger than the
+        // embedding table, is an error.
+        let tokenizer = match Tokenizer::from_dir(dir) {
+            Ok(t) => {
+                infer::check_vocab(&model.config, &t, dir)?;
+                Some(t)
+            }
+            Err(infer::Error::Tokenizer { path, .. }) if path == dir => None,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Self {
+            dir,
+            files,
+            model,
+            tokenizer,
+        })
+    }
+
+    /// The `--json` object.
+    fn json(&self) -> serde_json::Value {
+        let (dir, files, model) = (self.dir, &self.files, &self.model);
+        let c = &model.config;
+        json!({
+            "model": dir.to_string_lossy(),
+            "config": c,
+            "parameters": c.num_parameters(),
+            "dtype": dtype_name(model.kind()),
+            "stored_dtypes": files.dtype_summary().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "file_bytes": files.file_bytes(),
+            "tokenizer_vocab_size": self.tokenizer.as_ref().map(Tokenizer::vocab_size),
+            "quantization": model.quantization().map(|q| json!({
+                "method": q.method.name(),
+                "quant_method": q.quant_method,
+                "bits": q.bits,
+                "granularity": q.granularity,
+                "quantize_embeddings": q.quantize_embeddings,
+                "sparsity": q.sparsity,
+                "dropped_layers": q.dropped_layers,
+            })),
+        })
+    }
+
+    /// The table's rows: (label, value).
+    fn table(&self) -> [(&'static str, String); 9] {
+        let (dir, files, model) = (self.dir, &self.files, &self.model);
+        let c = &model.config;
+        let params = c.num_parameters();
+        let bytes = files.file_bytes();
+        let stored: Vec<String> = files
+            .dtype_summary()
+            .iter()
+            .map(|(d, n)| format!("{d} {}", group(*n)))
+            .collect();
+        [
+            ("model", dir.display().to_string()),
+            (
+                "shape",
+                format!(
+                    "n_layer {} · n_head {} · n_embd {} · n_inner {} · n_positions {} · vocab_size {}",
+                    c.n_layer,
+                    c.n_head,
+                    c.n_embd,
+                    c.inner_dim(),
+                    c.n_positions,
+                    c.vocab_size
+                ),
+            ),
+            (
+                "options",
+                format!(
+                    "activation {} · layer_norm_epsilon {} · scale_attn_weights {} · \
+                     scale_attn_by_inverse_layer_idx {} · reorder_and_upcast_attn {}",
+                    c.activation_function,
+                    c.layer_norm_epsilon,
+                    c.scale_attn_weights,
+                    c.scale_attn_by_inverse_layer_idx,
+                    c.reorder_and_upcast_attn
+                ),
+            ),
+            (
+                "parameters",
+                format!(
+                    "{} ({})",
+                    group(params),
+                    if c.tie_word_embeddings {
+                        "head tied to wte"
+                    } else {
+                        "own lm_head"
+                    }
+                ),
+            ),
+            (
+                "dtype",
+                format!(
+                    "{} (stored: {})",
+                    dtype_name(model.kind()),
+                    stored.join(", ")
+                ),
+            ),
+            (
+                "quantized",
+                model
+                    .quantization()
+                    .map_or("no (float weights)".into(), describe),
+            ),
+            (
+                "bytes",
+                format!(
+                    "{} ({:.1} MiB on disk)",
+                    group(bytes as i64),
+                    bytes as f64 / (1 << 20) as f64
+                ),
+            ),
+            (
+                "tokenizer",
+                self.tokenizer
+                    .as_ref()
+                    .map_or("none found".into(), |t| format!("{} tokens", t.vocab_size())),
+            ),
+            ("eos", format!("{:?}", c.eos_ids())),
+        ]
+    }
 }
 
 /// "int8-dynamic (gpt2kit, 8 bits per-output-channel, embeddings int8)".
@@ -183,7 +214,7 @@ fn group(n: i64) -> String {
     let s = n.abs().to_string();
     let mut g = String::new();
     for (i, ch) in s.chars().enumerate() {
-        if i > 0 && (s.len() - i) % 3 == 0 {
+        if i > 0 && (s.len() - i).is_multiple_of(3) {
             g.push(',');
         }
         g.push(ch);

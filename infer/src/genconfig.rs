@@ -15,10 +15,11 @@
 //!   caller to show, since a misspelt key (`temprature`) is most likely a mistake.
 use std::path::Path;
 
-use serde_json::Value;
+use serde_json::{Map, Value};
 
 use crate::error::{Error, Result};
 use crate::generate::{EarlyStopping, GenerationConfig};
+use crate::processors::Processing;
 
 pub const FILE_NAME: &str = "generation_config.json";
 
@@ -149,6 +150,20 @@ pub fn apply_json(
     json: &Value,
 ) -> std::result::Result<Vec<String>, String> {
     let obj = json.as_object().ok_or("expected a JSON object")?;
+    let warnings = check_keys(obj)?;
+    let f = Fields(obj);
+    apply_scores(&mut cfg.processing, &f)?;
+    apply_lengths_and_stops(cfg, &f)?;
+    apply_forced(&mut cfg.processing, &f)?;
+    Ok(warnings)
+}
+
+/// A result whose error names the field at fault.
+type Parsed<T> = std::result::Result<T, String>;
+
+/// Refuses unsupported keys set to anything but a no-op value; returns a warning for
+/// each unknown key.
+fn check_keys(obj: &Map<String, Value>) -> Parsed<Vec<String>> {
     let mut warnings = Vec::new();
     for (k, v) in obj {
         if READ.contains(&k.as_str()) || IGNORED.contains(&k.as_str()) {
@@ -173,23 +188,36 @@ pub fn apply_json(
             )),
         }
     }
-    let get = |k: &str| obj.get(k).filter(|v| !v.is_null());
-    let float = |k: &str| -> std::result::Result<Option<f64>, String> {
-        get(k)
+    Ok(warnings)
+}
+
+/// The object's fields, typed; a null field reads as absent.
+struct Fields<'a>(&'a Map<String, Value>);
+
+impl Fields<'_> {
+    fn get(&self, k: &str) -> Option<&Value> {
+        self.0.get(k).filter(|v| !v.is_null())
+    }
+
+    fn float(&self, k: &str) -> Parsed<Option<f64>> {
+        self.get(k)
             .map(|v| v.as_f64().ok_or(format!("`{k}` must be a number")))
             .transpose()
-    };
-    let uint = |k: &str| -> std::result::Result<Option<usize>, String> {
-        get(k)
+    }
+
+    fn uint(&self, k: &str) -> Parsed<Option<usize>> {
+        self.get(k)
             .map(|v| {
                 v.as_u64()
                     .map(|n| n as usize)
                     .ok_or(format!("`{k}` must be a non-negative integer"))
             })
             .transpose()
-    };
-    let ids = |k: &str| -> std::result::Result<Option<Vec<i64>>, String> {
-        get(k)
+    }
+
+    /// A token id or a list of them.
+    fn ids(&self, k: &str) -> Parsed<Option<Vec<i64>>> {
+        self.get(k)
             .map(|v| match v {
                 Value::Number(n) => n
                     .as_i64()
@@ -202,39 +230,42 @@ pub fn apply_json(
                 _ => Err(format!("`{k}` must be a token id or a list of them")),
             })
             .transpose()
-    };
-    let p = &mut cfg.processing;
-    if let Some(v) = get("do_sample") {
+    }
+}
+
+/// Sampling, penalties, banned words and minimum lengths.
+fn apply_scores(p: &mut Processing, f: &Fields) -> Parsed<()> {
+    if let Some(v) = f.get("do_sample") {
         p.do_sample = v.as_bool().ok_or("`do_sample` must be true or false")?;
     }
-    if let Some(v) = float("temperature")? {
+    if let Some(v) = f.float("temperature")? {
         p.temperature = v;
     }
-    if let Some(v) = get("top_k") {
+    if let Some(v) = f.get("top_k") {
         p.top_k = v.as_i64().ok_or("`top_k` must be an integer")?;
     }
-    if let Some(v) = float("top_p")? {
+    if let Some(v) = f.float("top_p")? {
         p.top_p = v;
     }
-    if let Some(v) = float("min_p")? {
+    if let Some(v) = f.float("min_p")? {
         p.min_p = Some(v);
     }
-    if let Some(v) = float("typical_p")? {
+    if let Some(v) = f.float("typical_p")? {
         p.typical_p = v;
     }
-    if let Some(v) = float("epsilon_cutoff")? {
+    if let Some(v) = f.float("epsilon_cutoff")? {
         p.epsilon_cutoff = v;
     }
-    if let Some(v) = float("eta_cutoff")? {
+    if let Some(v) = f.float("eta_cutoff")? {
         p.eta_cutoff = v;
     }
-    if let Some(v) = float("repetition_penalty")? {
+    if let Some(v) = f.float("repetition_penalty")? {
         p.repetition_penalty = v;
     }
-    if let Some(v) = uint("no_repeat_ngram_size")? {
+    if let Some(v) = f.uint("no_repeat_ngram_size")? {
         p.no_repeat_ngram_size = v;
     }
-    if let Some(v) = get("bad_words_ids") {
+    if let Some(v) = f.get("bad_words_ids") {
         let words: Option<Vec<Vec<i64>>> = v
             .as_array()
             .map(|a| {
@@ -248,28 +279,33 @@ pub fn apply_json(
             .unwrap_or(None);
         p.bad_words_ids = words.ok_or("`bad_words_ids` must be a list of lists of token ids")?;
     }
-    if let Some(v) = uint("min_length")? {
+    if let Some(v) = f.uint("min_length")? {
         p.min_length = v;
     }
-    if let Some(v) = uint("min_new_tokens")? {
+    if let Some(v) = f.uint("min_new_tokens")? {
         p.min_new_tokens = v;
     }
-    if let Some(v) = uint("max_new_tokens")? {
+    Ok(())
+}
+
+/// Length limits, beam search, end-of-sequence and padding ids, and stop criteria.
+fn apply_lengths_and_stops(cfg: &mut GenerationConfig, f: &Fields) -> Parsed<()> {
+    if let Some(v) = f.uint("max_new_tokens")? {
         cfg.max_new_tokens = v;
         cfg.max_length = None;
-    } else if let Some(v) = uint("max_length")? {
+    } else if let Some(v) = f.uint("max_length")? {
         cfg.max_length = Some(v);
     }
-    if let Some(v) = uint("num_beams")? {
+    if let Some(v) = f.uint("num_beams")? {
         cfg.num_beams = v;
     }
-    if let Some(v) = uint("num_return_sequences")? {
+    if let Some(v) = f.uint("num_return_sequences")? {
         cfg.num_return_sequences = v;
     }
-    if let Some(v) = float("length_penalty")? {
+    if let Some(v) = f.float("length_penalty")? {
         cfg.length_penalty = v;
     }
-    if let Some(v) = get("early_stopping") {
+    if let Some(v) = f.get("early_stopping") {
         cfg.early_stopping = match v {
             Value::Bool(true) => EarlyStopping::True,
             Value::Bool(false) => EarlyStopping::False,
@@ -277,14 +313,14 @@ pub fn apply_json(
             _ => return Err("`early_stopping` must be true, false or \"never\"".into()),
         };
     }
-    if let Some(v) = ids("eos_token_id")? {
+    if let Some(v) = f.ids("eos_token_id")? {
         cfg.eos_token_ids = v;
     }
-    if let Some(v) = ids("pad_token_id")? {
+    if let Some(v) = f.ids("pad_token_id")? {
         cfg.pad_token_id = v.first().copied();
     }
-    if let Some(v) = float("max_time")? {
-        if !(v >= 0.0) {
+    if let Some(v) = f.float("max_time")? {
+        if v.is_nan() || v < 0.0 {
             return Err(format!(
                 "`max_time` must be a number of seconds ≥ 0, got {v}"
             ));
@@ -293,7 +329,7 @@ pub fn apply_json(
         cfg.max_time =
             Some(std::time::Duration::try_from_secs_f64(v).unwrap_or(std::time::Duration::MAX));
     }
-    if let Some(v) = get("stop_strings") {
+    if let Some(v) = f.get("stop_strings") {
         let strings: Option<Vec<String>> = match v {
             Value::String(s) => Some(vec![s.clone()]),
             Value::Array(a) => a.iter().map(|s| s.as_str().map(String::from)).collect(),
@@ -301,37 +337,46 @@ pub fn apply_json(
         };
         cfg.stop_strings = strings.ok_or("`stop_strings` must be a string or a list of them")?;
     }
-    let p = &mut cfg.processing;
-    if let Some(v) = ids("suppress_tokens")? {
+    Ok(())
+}
+
+/// Suppressed and forced tokens, and sequence biases.
+fn apply_forced(p: &mut Processing, f: &Fields) -> Parsed<()> {
+    if let Some(v) = f.ids("suppress_tokens")? {
         p.suppress_tokens = v;
     }
-    if let Some(v) = ids("begin_suppress_tokens")? {
+    if let Some(v) = f.ids("begin_suppress_tokens")? {
         p.begin_suppress_tokens = v;
     }
-    if let Some(v) = ids("forced_eos_token_id")? {
+    if let Some(v) = f.ids("forced_eos_token_id")? {
         p.forced_eos_token_id = v;
     }
-    if let Some(v) = get("sequence_bias") {
-        let why = "`sequence_bias` must be a list of [[token ids], bias] pairs";
-        let pairs = v.as_array().ok_or(why)?;
-        let mut bias: Vec<(Vec<i64>, f64)> = Vec::with_capacity(pairs.len());
-        for pair in pairs {
-            let (seq, b) = match pair.as_array().map(Vec::as_slice) {
-                Some([seq, b]) => (seq, b),
-                _ => return Err(why.into()),
-            };
-            let seq: Vec<i64> = seq
-                .as_array()
-                .and_then(|s| s.iter().map(Value::as_i64).collect())
-                .ok_or(why)?;
-            let b = b.as_f64().ok_or(why)?;
-            // transformers keeps a dict: the last bias of a repeated sequence wins.
-            bias.retain(|(s, _)| *s != seq);
-            bias.push((seq, b));
-        }
-        p.sequence_bias = bias;
+    if let Some(v) = f.get("sequence_bias") {
+        p.sequence_bias = sequence_bias(v)?;
     }
-    Ok(warnings)
+    Ok(())
+}
+
+/// `sequence_bias` as a list of `[[token ids], bias]` pairs.
+fn sequence_bias(v: &Value) -> Parsed<Vec<(Vec<i64>, f64)>> {
+    let why = "`sequence_bias` must be a list of [[token ids], bias] pairs";
+    let pairs = v.as_array().ok_or(why)?;
+    let mut bias: Vec<(Vec<i64>, f64)> = Vec::with_capacity(pairs.len());
+    for pair in pairs {
+        let (seq, b) = match pair.as_array().map(Vec::as_slice) {
+            Some([seq, b]) => (seq, b),
+            _ => return Err(why.into()),
+        };
+        let seq: Vec<i64> = seq
+            .as_array()
+            .and_then(|s| s.iter().map(Value::as_i64).collect())
+            .ok_or(why)?;
+        let b = b.as_f64().ok_or(why)?;
+        // transformers keeps a dict: the last bias of a repeated sequence wins.
+        bias.retain(|(s, _)| *s != seq);
+        bias.push((seq, b));
+    }
+    Ok(bias)
 }
 
 /// Parses `--early-stopping`.

@@ -11,7 +11,7 @@
 //! penalises the pad id and its min_length counts the padding.)
 use std::collections::{HashMap, HashSet};
 
-use tch::{Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// The knobs of decoding, with Hugging Face `GenerationConfig` names and defaults.
 #[derive(Debug, Clone)]
@@ -96,98 +96,20 @@ pub fn process_rows(
     eos: &[i64],
     limit: &dyn Fn(&Row) -> usize,
 ) -> Tensor {
-    let (b, v) = scores.size2().expect("scores are (B, V)");
-    let device = scores.device();
+    let batch = Batch::new(scores, rows);
     let mut s = scores.shallow_clone();
-    // The listed (row, token) cells as an index of (B, V) tensors.
-    let index_of = |cells: &[(i64, i64)]| -> [Option<Tensor>; 2] {
-        let (r, c): (Vec<i64>, Vec<i64>) = cells.iter().copied().unzip();
-        [
-            Some(Tensor::from_slice(&r).to_device(device)),
-            Some(Tensor::from_slice(&c).to_device(device)),
-        ]
-    };
-    // A (B, V) mask that is true at the listed cells.
-    let mask_of = |cells: &[(i64, i64)]| -> Tensor {
-        let mask = Tensor::zeros([b, v], (Kind::Bool, device));
-        mask.index_put(
-            &index_of(cells),
-            &Tensor::from(true).to_device(device),
-            false,
-        )
-    };
-    // Puts `value` at the listed cells (a copy of s with them written: one pass over the
-    // scores, where a mask and `masked_fill` took three).
-    let fill = |s: &Tensor, cells: &[(i64, i64)], value: f64| -> Tensor {
-        if cells.is_empty() {
-            return s.shallow_clone();
-        }
-        let value = Tensor::from(value).to_kind(s.kind()).to_device(device);
-        s.index_put(&index_of(cells), &value, false)
-    };
-    let cells = |f: &dyn Fn(&Row) -> Vec<i64>| -> Vec<(i64, i64)> {
-        let mut out = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            out.extend(
-                f(row)
-                    .into_iter()
-                    .filter(|&t| (0..v).contains(&t))
-                    .map(|t| (i as i64, t)),
-            );
-        }
-        out
-    };
-
     if !p.sequence_bias.is_empty() {
-        let mut cells = Vec::new();
-        let mut bias = Vec::new();
-        for (i, row) in rows.iter().enumerate() {
-            for (seq, b) in &p.sequence_bias {
-                let (last, prefix) = seq.split_last().expect("validated: not empty");
-                if (0..v).contains(last) && row.tokens.ends_with(prefix) {
-                    cells.push((i as i64, *last));
-                    bias.push(*b as f32);
-                }
-            }
-        }
-        if !cells.is_empty() {
-            let bias = Tensor::from_slice(&bias)
-                .to_device(device)
-                .to_kind(s.kind());
-            s = s.index_put(&index_of(&cells), &bias, true);
-        }
+        s = batch.add_sequence_bias(s, &p.sequence_bias);
     }
     if p.repetition_penalty != 1.0 {
-        let seen = cells(&|r| unique(r.tokens));
-        if !seen.is_empty() {
-            let mask = mask_of(&seen);
-            let pen = p.repetition_penalty;
-            // tch's `a.where_self(cond, b)` is torch.where(cond, a, b).
-            let penalised = (&s * pen).where_self(&s.lt(0.0), &(&s / pen));
-            s = penalised.where_self(&mask, &s);
-        }
+        s = batch.penalise_repetition(s, p.repetition_penalty);
     }
     if p.presence_penalty != 0.0 || p.frequency_penalty != 0.0 {
-        let mut counts = vec![0f32; (b * v) as usize];
-        for (i, row) in rows.iter().enumerate() {
-            for &t in &row.tokens[row.prompt_len..] {
-                if (0..v).contains(&t) {
-                    counts[i * v as usize + t as usize] += 1.0;
-                }
-            }
-        }
-        let counts = Tensor::from_slice(&counts).view([b, v]).to_device(device);
-        s = &s
-            - &counts * p.frequency_penalty
-            - counts.gt(0.0).to_kind(Kind::Float) * p.presence_penalty;
+        s = batch.penalise_generated(s, p.presence_penalty, p.frequency_penalty);
     }
     if p.no_repeat_ngram_size > 0 {
         let n = p.no_repeat_ngram_size;
-        s = fill(
-            &s,
-            &cells(&|r| banned_ngram_tokens(r.tokens, n)),
-            f64::NEG_INFINITY,
-        );
+        s = batch.ban(&s, &|r| banned_ngram_tokens(r.tokens, n));
     }
     if !p.bad_words_ids.is_empty() {
         let banned = |r: &Row| {
@@ -197,67 +119,183 @@ pub fn process_rows(
                 .map(|w| w[w.len() - 1])
                 .collect()
         };
-        s = fill(&s, &cells(&banned), f64::NEG_INFINITY);
+        s = batch.ban(&s, &banned);
     }
     let too_short =
         |r: &Row| r.tokens.len() < p.min_length || r.tokens.len() - r.prompt_len < p.min_new_tokens;
     if p.min_length > 0 || p.min_new_tokens > 0 {
-        s = fill(
-            &s,
-            &cells(&|r| {
-                if too_short(r) {
-                    eos.to_vec()
-                } else {
-                    Vec::new()
-                }
-            }),
-            f64::NEG_INFINITY,
-        );
+        let eos_if_short = |r: &Row| {
+            if too_short(r) {
+                eos.to_vec()
+            } else {
+                Vec::new()
+            }
+        };
+        s = batch.ban(&s, &eos_if_short);
     }
     if !p.forced_eos_token_id.is_empty() {
-        let at_last: Vec<i64> = (0..rows.len() as i64)
-            .filter(|&i| {
-                let r = &rows[i as usize];
-                r.tokens.len() - r.prompt_len + 1 == limit(r)
-            })
-            .collect();
-        if !at_last.is_empty() {
-            let mut forced = Tensor::full([v], f64::NEG_INFINITY, (s.kind(), device));
-            let ids: Vec<i64> = p
-                .forced_eos_token_id
-                .iter()
-                .copied()
-                .filter(|t| (0..v).contains(t))
-                .collect();
-            let _ = forced.index_fill_(0, &Tensor::from_slice(&ids).to_device(device), 0.0);
-            let at_last = Tensor::from_slice(&at_last).to_device(device);
-            s = s.index_put(&[Some(at_last)], &forced, false);
-        }
+        s = batch.force_eos(s, &p.forced_eos_token_id, limit);
     }
     if !p.suppress_tokens.is_empty() {
-        s = fill(
-            &s,
-            &cells(&|_| p.suppress_tokens.clone()),
-            f64::NEG_INFINITY,
-        );
+        s = batch.ban(&s, &|_| p.suppress_tokens.clone());
     }
     if !p.begin_suppress_tokens.is_empty() {
-        s = fill(
-            &s,
-            &cells(&|r| {
-                if r.tokens.len() == r.prompt_len {
-                    p.begin_suppress_tokens.clone()
-                } else {
-                    Vec::new()
-                }
-            }),
-            f64::NEG_INFINITY,
-        );
+        let at_begin = |r: &Row| {
+            if r.tokens.len() == r.prompt_len {
+                p.begin_suppress_tokens.clone()
+            } else {
+                Vec::new()
+            }
+        };
+        s = batch.ban(&s, &at_begin);
     }
     if p.do_sample {
         s = warp(p, &s);
     }
     s
+}
+
+/// The rows of a (B, V) score tensor and the cell-indexing the processors share.
+struct Batch<'r, 'a> {
+    rows: &'r [Row<'a>],
+    b: i64,
+    v: i64,
+    device: Device,
+}
+
+impl<'r, 'a> Batch<'r, 'a> {
+    fn new(scores: &Tensor, rows: &'r [Row<'a>]) -> Self {
+        let (b, v) = scores.size2().expect("scores are (B, V)");
+        Self {
+            rows,
+            b,
+            v,
+            device: scores.device(),
+        }
+    }
+
+    /// The listed (row, token) cells as an index of (B, V) tensors.
+    fn index_of(&self, cells: &[(i64, i64)]) -> [Option<Tensor>; 2] {
+        let (r, c): (Vec<i64>, Vec<i64>) = cells.iter().copied().unzip();
+        [
+            Some(Tensor::from_slice(&r).to_device(self.device)),
+            Some(Tensor::from_slice(&c).to_device(self.device)),
+        ]
+    }
+
+    /// A (B, V) mask that is true at the listed cells.
+    fn mask_of(&self, cells: &[(i64, i64)]) -> Tensor {
+        let mask = Tensor::zeros([self.b, self.v], (Kind::Bool, self.device));
+        mask.index_put(
+            &self.index_of(cells),
+            &Tensor::from(true).to_device(self.device),
+            false,
+        )
+    }
+
+    /// Puts `value` at the listed cells (a copy of s with them written: one pass over the
+    /// scores, where a mask and `masked_fill` took three).
+    fn fill(&self, s: &Tensor, cells: &[(i64, i64)], value: f64) -> Tensor {
+        if cells.is_empty() {
+            return s.shallow_clone();
+        }
+        let value = Tensor::from(value).to_kind(s.kind()).to_device(self.device);
+        s.index_put(&self.index_of(cells), &value, false)
+    }
+
+    /// The cells (row, token) of the in-vocabulary tokens `f` lists for each row.
+    fn cells(&self, f: &dyn Fn(&Row) -> Vec<i64>) -> Vec<(i64, i64)> {
+        let mut out = Vec::new();
+        for (i, row) in self.rows.iter().enumerate() {
+            out.extend(
+                f(row)
+                    .into_iter()
+                    .filter(|&t| (0..self.v).contains(&t))
+                    .map(|t| (i as i64, t)),
+            );
+        }
+        out
+    }
+
+    /// Sets to -inf the in-vocabulary tokens `f` lists for each row.
+    fn ban(&self, s: &Tensor, f: &dyn Fn(&Row) -> Vec<i64>) -> Tensor {
+        self.fill(s, &self.cells(f), f64::NEG_INFINITY)
+    }
+
+    /// `sequence_bias`: each bias added to its last token where the row ends with the
+    /// others.
+    fn add_sequence_bias(&self, s: Tensor, sequence_bias: &[(Vec<i64>, f64)]) -> Tensor {
+        let mut cells = Vec::new();
+        let mut bias = Vec::new();
+        for (i, row) in self.rows.iter().enumerate() {
+            for (seq, b) in sequence_bias {
+                let (last, prefix) = seq.split_last().expect("validated: not empty");
+                if (0..self.v).contains(last) && row.tokens.ends_with(prefix) {
+                    cells.push((i as i64, *last));
+                    bias.push(*b as f32);
+                }
+            }
+        }
+        if cells.is_empty() {
+            return s;
+        }
+        let bias = Tensor::from_slice(&bias)
+            .to_device(self.device)
+            .to_kind(s.kind());
+        s.index_put(&self.index_of(&cells), &bias, true)
+    }
+
+    /// transformers' repetition penalty over each row's whole history: a seen token's
+    /// score is divided by `pen` when positive, multiplied when negative.
+    fn penalise_repetition(&self, s: Tensor, pen: f64) -> Tensor {
+        let seen = self.cells(&|r| unique(r.tokens));
+        if seen.is_empty() {
+            return s;
+        }
+        let mask = self.mask_of(&seen);
+        // tch's `a.where_self(cond, b)` is torch.where(cond, a, b).
+        let penalised = (&s * pen).where_self(&s.lt(0.0), &(&s / pen));
+        penalised.where_self(&mask, &s)
+    }
+
+    /// OpenAI's presence and frequency penalties, over each row's generated tokens.
+    fn penalise_generated(&self, s: Tensor, presence: f64, frequency: f64) -> Tensor {
+        let (b, v) = (self.b, self.v);
+        let mut counts = vec![0f32; (b * v) as usize];
+        for (i, row) in self.rows.iter().enumerate() {
+            for &t in &row.tokens[row.prompt_len..] {
+                if (0..v).contains(&t) {
+                    counts[i * v as usize + t as usize] += 1.0;
+                }
+            }
+        }
+        let counts = Tensor::from_slice(&counts)
+            .view([b, v])
+            .to_device(self.device);
+        &s - &counts * frequency - counts.gt(0.0).to_kind(Kind::Float) * presence
+    }
+
+    /// `forced_eos_token_id`: rows one token short of their limit may only end.
+    fn force_eos(&self, s: Tensor, forced_eos: &[i64], limit: &dyn Fn(&Row) -> usize) -> Tensor {
+        let at_last: Vec<i64> = (0..self.rows.len() as i64)
+            .filter(|&i| {
+                let r = &self.rows[i as usize];
+                r.tokens.len() - r.prompt_len + 1 == limit(r)
+            })
+            .collect();
+        if at_last.is_empty() {
+            return s;
+        }
+        let mut forced = Tensor::full([self.v], f64::NEG_INFINITY, (s.kind(), self.device));
+        let ids: Vec<i64> = forced_eos
+            .iter()
+            .copied()
+            .filter(|t| (0..self.v).contains(t))
+            .collect();
+        let _ = forced.index_fill_(0, &Tensor::from_slice(&ids).to_device(self.device), 0.0);
+        let at_last = Tensor::from_slice(&at_last).to_device(self.device);
+        s.index_put(&[Some(at_last)], &forced, false)
+    }
 }
 
 /// The sampling warpers, in transformers' order.

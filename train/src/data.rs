@@ -11,10 +11,9 @@ use infer::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
 use crate::metrics::stderr_line;
-
-/// The UTF-8 byte order mark, skipped at the start of a file.
 use crate::pieces::{encode_in_pieces, splits_like_gpt2, PIECE_BYTES};
 
+/// The UTF-8 byte order mark, skipped at the start of a file.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 
 /// Label of a position the loss ignores (PyTorch's `ignore_index`).
@@ -151,7 +150,44 @@ fn load(
         .into());
     }
     let mut report = LoadReport::default();
-    // Every line of every file is parsed before anything is tokenized.
+    let rows = read_rows(paths, opts, &mut progress, &mut report)?;
+    let (mut samples, stream) =
+        tokenize_rows(rows, tokenizer, eos, opts, &mut progress, &mut report)?;
+    for chunk in stream.chunks(opts.block_size as usize) {
+        if chunk.len() >= 2 {
+            samples.push(Sample {
+                ids: chunk.to_vec(),
+                labels: chunk.to_vec(),
+            });
+        }
+    }
+    if samples.is_empty() {
+        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        return Err(infer::Error::Input(format!(
+            "{}: the dataset is empty (no row with tokens to learn from{})",
+            names.join(", "),
+            if report.skipped > 0 {
+                format!("; {} invalid lines skipped", report.skipped)
+            } else {
+                String::new()
+            }
+        ))
+        .into());
+    }
+    Ok((samples, report))
+}
+
+/// A parsed row with the file and line (from 1) it came from.
+type Located<'p> = (&'p PathBuf, usize, Row);
+
+/// Parses every line of every file, before anything is tokenized; blank lines are
+/// skipped, and invalid ones too (counted) under `skip_invalid`.
+fn read_rows<'p>(
+    paths: &'p [PathBuf],
+    opts: &DataOptions,
+    progress: &mut Progress,
+    report: &mut LoadReport,
+) -> Result<Vec<Located<'p>>> {
     let mut rows = Vec::new();
     for path in paths {
         let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
@@ -171,7 +207,19 @@ fn load(
             }
         }
     }
-    let block = opts.block_size as usize;
+    Ok(rows)
+}
+
+/// Tokenizes the rows in order: (the prompt/completion examples, the stream of text
+/// rows' tokens with `eos` after each, to be packed).
+fn tokenize_rows(
+    rows: Vec<Located>,
+    tokenizer: &Tokenizer,
+    eos: i64,
+    opts: &DataOptions,
+    progress: &mut Progress,
+    report: &mut LoadReport,
+) -> Result<(Vec<Sample>, Vec<i64>)> {
     let splittable = splits_like_gpt2(tokenizer);
     let total_rows = rows.len();
     let mut tokens_so_far = 0usize;
@@ -205,32 +253,8 @@ fn load(
                 let prompt = encode(&p)?;
                 let mut completion = encode(&c)?;
                 completion.push(eos);
-                let mut ids = prompt.clone();
-                ids.extend(&completion);
-                let mut labels = vec![IGNORE; prompt.len()];
-                labels.extend(&completion);
-                if ids.len() > block {
-                    if !opts.truncation {
-                        return Err(bad_line(
-                            path,
-                            line,
-                            format!(
-                                "the example is {} tokens, longer than --block-size {}; \
-                                 pass --truncation to cut it",
-                                ids.len(),
-                                block
-                            ),
-                        ));
-                    }
-                    // The prompt's earliest tokens go first, then the completion's last.
-                    let cut = (ids.len() - block).min(prompt.len());
-                    ids.drain(..cut);
-                    labels.drain(..cut);
-                    ids.truncate(block);
-                    labels.truncate(block);
-                    report.truncated += 1;
-                }
-                let sample = Sample { ids, labels };
+                let sample = pair_sample(prompt, completion, opts, report)
+                    .map_err(|reason| bad_line(path, line, reason))?;
                 if sample.target_tokens() > 0 {
                     samples.push(sample);
                 }
@@ -244,28 +268,40 @@ fn load(
         );
         (progress.write)(&line);
     }
-    for chunk in stream.chunks(block) {
-        if chunk.len() >= 2 {
-            samples.push(Sample {
-                ids: chunk.to_vec(),
-                labels: chunk.to_vec(),
-            });
+    Ok((samples, stream))
+}
+
+/// One prompt/completion example, the loss on the completion only; past `block_size`
+/// it is cut under `truncation` (counted), else refused.
+fn pair_sample(
+    prompt: Vec<i64>,
+    completion: Vec<i64>,
+    opts: &DataOptions,
+    report: &mut LoadReport,
+) -> std::result::Result<Sample, String> {
+    let block = opts.block_size as usize;
+    let mut ids = prompt.clone();
+    ids.extend(&completion);
+    let mut labels = vec![IGNORE; prompt.len()];
+    labels.extend(&completion);
+    if ids.len() > block {
+        if !opts.truncation {
+            return Err(format!(
+                "the example is {} tokens, longer than --block-size {}; \
+                 pass --truncation to cut it",
+                ids.len(),
+                block
+            ));
         }
+        // The prompt's earliest tokens go first, then the completion's last.
+        let cut = (ids.len() - block).min(prompt.len());
+        ids.drain(..cut);
+        labels.drain(..cut);
+        ids.truncate(block);
+        labels.truncate(block);
+        report.truncated += 1;
     }
-    if samples.is_empty() {
-        let names: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
-        return Err(infer::Error::Input(format!(
-            "{}: the dataset is empty (no row with tokens to learn from{})",
-            names.join(", "),
-            if report.skipped > 0 {
-                format!("; {} invalid lines skipped", report.skipped)
-            } else {
-                String::new()
-            }
-        ))
-        .into());
-    }
-    Ok((samples, report))
+    Ok(Sample { ids, labels })
 }
 
 /// Progress lines on stderr while a dataset loads: the first after 2 s, then every 5 s,
