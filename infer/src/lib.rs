@@ -20,6 +20,7 @@ pub mod options;
 pub mod parallel;
 pub mod processors;
 pub mod quant;
+pub mod rng;
 pub mod speculative;
 pub mod tokenizer;
 

@@ -416,10 +416,9 @@ impl Strategy for Single {
 
 /// Seeds libtorch's global generator and holds the lock that keeps other seeded runs
 /// from drawing from it until the guard drops; `None` (unseeded) takes no lock.
-pub(crate) fn seed_rng(seed: Option<u64>) -> Option<std::sync::MutexGuard<'static, ()>> {
-    static SEEDED: std::sync::Mutex<()> = std::sync::Mutex::new(());
+pub(crate) fn seed_rng(seed: Option<u64>) -> Option<crate::rng::RngLock> {
     let seed = seed?;
-    let guard = SEEDED.lock().unwrap_or_else(|p| p.into_inner());
+    let guard = crate::rng::lock();
     tch::manual_seed(seed as i64);
     Some(guard)
 }
