@@ -19,7 +19,7 @@ use crate::generate::{
     finish_reason, pick_failed, unpickable, EarlyStopping, FinishReason, Generated,
     GenerationConfig, Step, StepContext, Strategy,
 };
-use crate::processors::{process_rows, Processing, Row};
+use crate::processors::{process, Processing, Row};
 
 #[derive(Clone)]
 struct Hyp {
@@ -116,14 +116,14 @@ impl Strategy for Beam {
             .map(|(h, prompt_len)| Row {
                 tokens: h,
                 prompt_len,
+                limit: cfg.limit(prompt_len),
             })
             .collect();
-        let logp = process_rows(
+        let logp = process(
             &self.processing,
             &logits.log_softmax(-1, Kind::Float),
             &rows,
             &cfg.eos_token_ids,
-            &|r: &Row| cfg.limit(r.prompt_len),
         );
         let step = self.generated + 1;
         let running: Vec<f32> = self

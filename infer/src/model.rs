@@ -457,11 +457,7 @@ impl Gpt2 {
         let pos = cache.positions(span); // (R, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
         let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (R, T, E)
-        if let Some(h) = self
-            .fused
-            .as_ref()
-            .and_then(|p| p.step(&self.h, &x, cache, span))
-        {
+        if let Some(h) = self.fused_step(&x, cache, span) {
             cache.advance(span);
             return h;
         }
@@ -477,6 +473,29 @@ impl Gpt2 {
         }
         cache.advance(span);
         self.ln_f.forward(&x)
+    }
+
+    /// A decode step on the fused plan, in chunks of at most `kernels::MAX_ROWS` rows (the
+    /// kernels read the weights once per chunk in any case), or `None` when it cannot
+    /// run fused (then nothing was written).
+    fn fused_step(&self, x: &Tensor, cache: &KvCache, span: &Span) -> Option<Tensor> {
+        let plan = self.fused.as_ref()?;
+        if span.rows.len() <= kernels::MAX_ROWS {
+            return plan.step(&self.h, x, cache, span);
+        }
+        let mut out = Vec::new();
+        for (i, rows) in span.rows.chunks(kernels::MAX_ROWS).enumerate() {
+            let at = i * kernels::MAX_ROWS;
+            let part = Span {
+                rows: rows.to_vec(),
+                starts: span.starts[at..at + rows.len()].to_vec(),
+                t: span.t,
+            };
+            let x = x.narrow(0, at as i64, rows.len() as i64);
+            // Every chunk meets the same checks, so either the first fails or none does.
+            out.push(plan.step(&self.h, &x, cache, &part)?);
+        }
+        Some(Tensor::cat(&out, 0))
     }
 
     /// Logits (B, T, V) of whole causal sequences `ids` (B, T) at positions 0..T, with no

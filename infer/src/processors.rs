@@ -79,23 +79,13 @@ impl Default for Processing {
 pub struct Row<'a> {
     pub tokens: &'a [i64],
     pub prompt_len: usize,
+    /// How many tokens the row may generate in all (for `forced_eos_token_id`:
+    /// transformers forces at `max_length - 1`); `usize::MAX`: no limit.
+    pub limit: usize,
 }
 
-/// Applies every enabled processor to `scores` (B, V) float, returning new scores; no
-/// length limit (`forced_eos_token_id` never applies).
+/// Applies every enabled processor to `scores` (B, V) float, returning new scores.
 pub fn process(p: &Processing, scores: &Tensor, rows: &[Row], eos: &[i64]) -> Tensor {
-    process_rows(p, scores, rows, eos, &|_| usize::MAX)
-}
-
-/// `process`, where `limit(row)` is how many tokens the row may generate in all (for
-/// `forced_eos_token_id`: transformers forces at `max_length - 1`).
-pub fn process_rows(
-    p: &Processing,
-    scores: &Tensor,
-    rows: &[Row],
-    eos: &[i64],
-    limit: &dyn Fn(&Row) -> usize,
-) -> Tensor {
     let batch = Batch::new(scores, rows);
     let mut s = scores.shallow_clone();
     if !p.sequence_bias.is_empty() {
@@ -134,7 +124,7 @@ pub fn process_rows(
         s = batch.ban(&s, &eos_if_short);
     }
     if !p.forced_eos_token_id.is_empty() {
-        s = batch.force_eos(s, &p.forced_eos_token_id, limit);
+        s = batch.force_eos(s, &p.forced_eos_token_id);
     }
     if !p.suppress_tokens.is_empty() {
         s = batch.ban(&s, &|_| p.suppress_tokens.clone());
@@ -276,11 +266,11 @@ impl<'r, 'a> Batch<'r, 'a> {
     }
 
     /// `forced_eos_token_id`: rows one token short of their limit may only end.
-    fn force_eos(&self, s: Tensor, forced_eos: &[i64], limit: &dyn Fn(&Row) -> usize) -> Tensor {
+    fn force_eos(&self, s: Tensor, forced_eos: &[i64]) -> Tensor {
         let at_last: Vec<i64> = (0..self.rows.len() as i64)
             .filter(|&i| {
                 let r = &self.rows[i as usize];
-                r.tokens.len() - r.prompt_len + 1 == limit(r)
+                r.tokens.len() - r.prompt_len + 1 == r.limit
             })
             .collect();
         if at_last.is_empty() {
@@ -460,24 +450,31 @@ mod tests {
             Row {
                 tokens: &[7, 2],
                 prompt_len: 2,
+                limit: 3,
             },
             Row {
                 tokens: &[7, 5, 2],
                 prompt_len: 2,
+                limit: 3,
             },
             Row {
                 tokens: &[7, 5, 6],
                 prompt_len: 1,
+                limit: 3,
             },
         ];
-        let out = process_rows(&p, &scores, &rows, &[], &|_| 3);
+        let out = process(&p, &scores, &rows, &[]);
         let got: Vec<Vec<f32>> = Vec::try_from(out).unwrap();
         let ninf = f32::NEG_INFINITY;
         assert_eq!(got[0], vec![ninf, ninf, 0.0, -2.0, 0.0]);
         assert_eq!(got[1], vec![ninf, 0.5, 0.0, -2.0, 0.0]);
         assert_eq!(got[2], vec![ninf, ninf, ninf, ninf, 0.0]);
         // With no length limit, nothing is forced.
-        let free = process(&p, &scores, &rows[2..], &[]);
+        let unlimited = Row {
+            limit: usize::MAX,
+            ..rows[2]
+        };
+        let free = process(&p, &scores, &[unlimited], &[]);
         assert_eq!(
             Vec::<Vec<f32>>::try_from(free).unwrap()[0],
             vec![ninf, 0.5, 0.0, 0.0, 0.0]

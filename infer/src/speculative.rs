@@ -27,7 +27,7 @@ use crate::generate::{
     GenerationConfig, Output, Sampling, StopCheck,
 };
 use crate::model::Gpt2;
-use crate::processors::{process_rows, Row};
+use crate::processors::{process, Row};
 
 /// Where draft tokens come from.
 pub enum Drafter<'a> {
@@ -195,7 +195,6 @@ fn one_prompt(
         score: 0.0,
         finish_reason: FinishReason::Length,
     };
-    let limit_of = |r: &Row| cfg.limit(r.prompt_len);
     let scores_for = |logits: &Tensor, seq: &[i64], drafts: &[i64], n: usize| -> Tensor {
         // Row i predicts the token after seq + drafts[..i]; process each with its history.
         let hist: Vec<Vec<i64>> = (0..n).map(|i| [seq, &drafts[..i]].concat()).collect();
@@ -204,15 +203,10 @@ fn one_prompt(
             .map(|h| Row {
                 tokens: h,
                 prompt_len: prompt.len(),
+                limit: cfg.limit(prompt.len()),
             })
             .collect();
-        process_rows(
-            &cfg.processing,
-            logits,
-            &rows,
-            &cfg.eos_token_ids,
-            &limit_of,
-        )
+        process(&cfg.processing, logits, &rows, &cfg.eos_token_ids)
     };
     loop {
         let room = limit - out.tokens.len();
@@ -286,23 +280,18 @@ fn draft(
     done: usize,
     who: &str,
 ) -> Result<(Vec<i64>, Vec<Vec<f64>>)> {
-    let limit_of = |r: &Row| cfg.limit(r.prompt_len);
     let mut drafts: Vec<i64> = Vec::with_capacity(kk);
     let mut q_rows: Vec<Vec<f64>> = Vec::new();
     for _ in 0..kk {
         let logits = feed(d, cache, seq, &drafts);
         let last = logits.get(-1).unsqueeze(0);
         let hist: Vec<i64> = [seq, &drafts].concat();
-        let s = process_rows(
-            &cfg.processing,
-            &last,
-            &[Row {
-                tokens: &hist,
-                prompt_len,
-            }],
-            &cfg.eos_token_ids,
-            &limit_of,
-        );
+        let row = Row {
+            tokens: &hist,
+            prompt_len,
+            limit: cfg.limit(prompt_len),
+        };
+        let s = process(&cfg.processing, &last, &[row], &cfg.eos_token_ids);
         let step = done + drafts.len() + 1;
         let x = choose(&s, sampling, &|_| true)
             .map_err(|e| e.at(step, |_| format!("{who} (the draft model's draft)")))?

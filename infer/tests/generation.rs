@@ -140,6 +140,7 @@ fn warpers_give_transformers_distributions() {
             let rows = [Row {
                 tokens: &ids,
                 prompt_len: ids.len(),
+                limit: usize::MAX,
             }];
             let got = process(&cfg.processing, &raw, &rows, &model_cfg.eos_ids())
                 .log_softmax(-1, Kind::Float)

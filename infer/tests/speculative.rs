@@ -124,6 +124,7 @@ fn sampled_tokens_follow_the_target_distribution() {
         let rows = [infer::processors::Row {
             tokens: &prompt,
             prompt_len: prompt.len(),
+            limit: usize::MAX,
         }];
         let p: Vec<f64> = Vec::try_from(
             infer::processors::process(&cfg.processing, &logits, &rows, &[])

@@ -15,7 +15,8 @@
 //! multiply the values (as libtorch's CPU flash attention does, unless the config asks
 //! for `reorder_and_upcast_attn`). f32 differs only in summation order.
 //!
-//! Used for decode steps (one new token per row, up to `kernels::MAX_ROWS` rows) of a
+//! Used for decode steps (one new token per row, each row at its own slot of its own
+//! cache row; up to `kernels::MAX_ROWS` rows a call, larger steps in chunks) of a
 //! one-device CPU model whose every linear runs on a decode kernel; anything else (and
 //! `EngineOptions::fused_decode` off) takes the libtorch path. The model hands this
 //! module its layers' parameters (`LayerParts`) and linears (`Layers`), so that `decode`
@@ -197,10 +198,18 @@ impl Plan {
         }
         let slots: Vec<usize> = span.starts.iter().map(|&s| s as usize).collect();
         // A left-padded batch: which slots each row may attend to (its valid ones, and
-        // always its own). Its rows are all the cache's, at one slot.
+        // always its own). Its rows are at one slot.
         let valid: Option<Vec<u8>> = if cache.padded() {
             let slot = span.uniform()?;
-            let v = cache.valid().narrow(1, 0, slot + 1).to_kind(Kind::Uint8);
+            let rows: Vec<i64> = span.rows.iter().map(|&r| r as i64).collect();
+            let v = cache
+                .valid()
+                .index_select(
+                    0,
+                    &Tensor::from_slice(&rows).to_device(cache.valid().device()),
+                )
+                .narrow(1, 0, slot + 1)
+                .to_kind(Kind::Uint8);
             Some(Vec::<u8>::try_from(v.contiguous().reshape([-1])).ok()?)
         } else {
             None

@@ -21,7 +21,7 @@ use crate::beam::Beam;
 use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::Result;
-use crate::processors::{process_rows, Row};
+use crate::processors::{process, Row};
 use crate::rng::{self, RngLock, SeqRng};
 
 use super::{
@@ -367,18 +367,12 @@ impl<'a> Engine<'a> {
                 Kind::One { tokens, .. } => Row {
                     tokens,
                     prompt_len: u.prompt_len,
+                    limit: u.limit,
                 },
                 Kind::Beams(..) => unreachable!("a run is all beams or all single sequences"),
             })
             .collect();
-        let limits: Vec<usize> = self.live.iter().map(|u| u.limit).collect();
-        // The processors see rows, not units: find the row by its token history.
-        let limit = |r: &Row| {
-            rows.iter()
-                .position(|x| std::ptr::eq(x.tokens, r.tokens))
-                .map_or(usize::MAX, |i| limits[i])
-        };
-        let processed = process_rows(&cfg.processing, scores, &rows, &cfg.eos_token_ids, &limit);
+        let processed = process(&cfg.processing, scores, &rows, &cfg.eos_token_ids);
         drop(rows);
         let sampling = Sampling::of(cfg.processing.do_sample);
         let per_request = self.per_request;

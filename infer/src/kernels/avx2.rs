@@ -31,8 +31,8 @@ pub(super) unsafe fn f32(t: &Tile) {
             // SAFETY: forwarded from this function's contract; r0 + rows in group <= rows.
             unsafe {
                 match (t.rows - r0).min(GROUP) {
-                    1 => f32_panel::<1, 4>(t, p, r0),
-                    2 => f32_panel::<2, 2>(t, p, r0),
+                    1 => f32_panel::<1, 1>(t, p, r0),
+                    2 => f32_panel::<2, 1>(t, p, r0),
                     3 => f32_panel::<3, 1>(t, p, r0),
                     _ => f32_panel::<4, 1>(t, p, r0),
                 }
@@ -50,8 +50,8 @@ pub(super) unsafe fn bf16(t: &Tile) {
             // SAFETY: forwarded from this function's contract; r0 + rows in group <= rows.
             unsafe {
                 match (t.rows - r0).min(GROUP) {
-                    1 => bf16_panel::<1, 4>(t, p, r0),
-                    2 => bf16_panel::<2, 2>(t, p, r0),
+                    1 => bf16_panel::<1, 1>(t, p, r0),
+                    2 => bf16_panel::<2, 1>(t, p, r0),
                     3 => bf16_panel::<3, 1>(t, p, r0),
                     _ => bf16_panel::<4, 1>(t, p, r0),
                 }
@@ -73,7 +73,8 @@ unsafe fn init<const R: usize, const U: usize>(t: &Tile, p: usize) -> Acc<R, U> 
     acc
 }
 
-/// Panel p for x rows r0 .. r0 + R, U partial sums per row.
+/// Panel p for x rows r0 .. r0 + R, U partial sums per row. Every caller passes U = 1:
+/// each row sums in input order whatever the number of rows (see `avx512`'s notes).
 #[target_feature(enable = "avx2,fma")]
 #[inline]
 unsafe fn f32_panel<const R: usize, const U: usize>(t: &Tile, p: usize, r0: usize) {

@@ -7,8 +7,12 @@
 //! operand makes each two uops per 64-byte line (16 for bf16), which kept the loop
 //! below memory speed; with two, bf16 at 8 rows is left bound by its 16 FMAs per line,
 //! close to memory speed on 2 cores (the kernel_bench table shows how close).
-//! With 1 row, the chain of FMAs into one accumulator (4 cycles each) would set the
-//! pace, so row 1 keeps U = 2 partial sums per panel (4 chains with P = 2).
+//! Every row, whatever the number of rows, sums its products in input order into one
+//! accumulator per panel (U = 1), so a row's output does not depend on the rows beside
+//! it: a sequence decodes the same alone or in any batch. (U = 2 partial sums at 1 row,
+//! to break the FMA chain, measured the same on batch-1 decode, f32 and bf16: it is
+//! memory-bound, 2 chains with P = 2.) The int8-dynamic sums are exact integers, so its
+//! row 1 keeps U = 2.
 //! `int8_dynamic` (W8A8, see `vnni`) has the same shape with `vpdpbusd` in place of the
 //! FMA: one per line and x row, 4 input rows per line.
 // Index loops over const-sized arrays of registers say which accumulator meets which
@@ -49,7 +53,7 @@ pub(super) unsafe fn f32(t: &Tile) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match t.rows {
-            1 => f32_rows::<1, 2>(t),
+            1 => f32_rows::<1, 1>(t),
             2 => f32_rows::<2, 1>(t),
             3 => f32_rows::<3, 1>(t),
             4 => f32_rows::<4, 1>(t),
@@ -69,7 +73,7 @@ pub(super) unsafe fn bf16(t: &Tile) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match t.rows {
-            1 => bf16_rows::<1, 2>(t),
+            1 => bf16_rows::<1, 1>(t),
             2 => bf16_rows::<2, 1>(t),
             3 => bf16_rows::<3, 1>(t),
             4 => bf16_rows::<4, 1>(t),
@@ -268,7 +272,7 @@ pub(super) unsafe fn int8(t: &Tile) {
     // SAFETY: forwarded from this function's contract.
     unsafe {
         match t.rows {
-            1 => int8_rows::<1, 2>(t),
+            1 => int8_rows::<1, 1>(t),
             2 => int8_rows::<2, 1>(t),
             3 => int8_rows::<3, 1>(t),
             4 => int8_rows::<4, 1>(t),
