@@ -11,6 +11,8 @@
 //! libtorch's own choice.
 use tch::{Kind, Tensor};
 
+use crate::cache::{KvCache, Span};
+
 /// softmax(q·kᵀ·scale + mask)·v for q (B, H, T, D) and k, v (B, H, S, D). `mask`
 /// (B, 1, T, S) bool says which keys each query may see (every row has at least one);
 /// `causal` is plain causal attention from the first key (then `mask` is `None`).
@@ -54,4 +56,53 @@ fn additive_bias(mask: &Tensor, q: &Tensor) -> Tensor {
     let mut view = bias.narrow(3, 0, s);
     let _ = view.masked_fill_(&mask.to_device(q.device()), 0.0);
     view.expand([b, h, t, s], false)
+}
+
+/// What one cached forward pass attends with: the cache, the rows it feeds and where
+/// (`Span`), and the mask of their queries.
+pub(crate) struct Pass<'a> {
+    pub(crate) cache: &'a KvCache,
+    pub(crate) span: &'a Span,
+    pub(crate) mask: Option<Tensor>,
+    pub(crate) causal: bool,
+}
+
+impl Pass<'_> {
+    /// Writes the new keys or values `new` (R, nh, t, hs) of shard `r` into `which`
+    /// (`k` or `v`), and returns the rows' slots `[0, end)`: (R, nh, S, hs).
+    pub(crate) fn write_read(&self, cache: &Tensor, new: &Tensor) -> Tensor {
+        let span = self.span;
+        let (t, s) = (span.t, span.end());
+        let first = span.consecutive();
+        match (first, span.uniform()) {
+            (Some(first), Some(start)) => {
+                let rows = cache.narrow(0, first as i64, span.rows.len() as i64);
+                rows.narrow(2, start, t).copy_(new);
+                rows.narrow(2, 0, s)
+            }
+            _ => {
+                // One indexed write for every row: cache[rows[i], :, starts[i] + j, :].
+                let device = cache.device();
+                let (r, nh, hs) = (span.rows.len() as i64, new.size()[1], new.size()[3]);
+                let rows: Vec<i64> = span.rows.iter().map(|&x| x as i64).collect();
+                let rows = Tensor::from_slice(&rows).to_device(device);
+                let slots = Tensor::from_slice(&span.starts)
+                    .to_device(device)
+                    .view([r, 1])
+                    + Tensor::arange(t, (Kind::Int64, device)).view([1, t]); // (R, t)
+                let row_of = rows.view([r, 1]).expand([r, t], false).reshape([-1]);
+                let values = new.permute([0, 2, 1, 3]).reshape([r * t, nh, hs]); // (R·t, nh, hs)
+                let mut c = cache.shallow_clone();
+                let _ = c.index_put_(
+                    &[Some(row_of), None, Some(slots.reshape([-1]))],
+                    &values,
+                    false,
+                );
+                match first {
+                    Some(first) => cache.narrow(0, first as i64, r).narrow(2, 0, s),
+                    None => cache.index_select(0, &rows).narrow(2, 0, s),
+                }
+            }
+        }
+    }
 }

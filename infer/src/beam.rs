@@ -86,17 +86,10 @@ impl Beam {
     }
 }
 
-impl Strategy for Beam {
-    fn step(
-        &mut self,
-        logits: &Tensor,
-        ctx: &StepContext,
-        _on_token: &mut dyn FnMut(usize, i64),
-    ) -> Result<Step> {
-        let cfg = ctx.cfg;
+impl Beam {
+    /// The processed log-probabilities of every running beam's next token: (R, V).
+    fn processed(&self, logits: &Tensor, cfg: &GenerationConfig) -> Tensor {
         let nb = self.num_beams;
-        let (r, v) = logits.size2().expect("(R, V)");
-        let b = self.items.len() as i64;
         let histories: Vec<Vec<i64>> = self
             .items
             .iter()
@@ -119,12 +112,146 @@ impl Strategy for Beam {
                 limit: cfg.limit(prompt_len),
             })
             .collect();
-        let logp = process(
+        process(
             &self.processing,
             &logits.log_softmax(-1, Kind::Float),
             &rows,
             &cfg.eos_token_ids,
-        );
+        )
+    }
+
+    /// The `k` best (or, sampling, drawn) continuations of each item over all its beams
+    /// from the accumulated scores `acc` (B, nb·V): their scores and flat indices, best
+    /// first. An error when an item still searching has too few tokens to choose from.
+    fn candidates(&self, acc: &Tensor, k: i64, step: usize) -> Result<(Tensor, Tensor)> {
+        if !self.processing.do_sample {
+            return Ok(acc.topk(k, -1, true, true));
+        }
+        let probs = acc.softmax(-1, Kind::Float);
+        // Sampling k continuations without replacement needs k of nonzero probability
+        // (libtorch throws otherwise): count them in the items still searching.
+        let live = Vec::<i64>::try_from(
+            probs
+                .gt(0.0)
+                .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
+                .to_device(tch::Device::Cpu),
+        )
+        .map_err(|e| pick_failed(step, e))?;
+        let nan =
+            Vec::<bool>::try_from(probs.isnan().any_dim(-1, false).to_device(tch::Device::Cpu))
+                .map_err(|e| pick_failed(step, e))?;
+        for (i, item) in self.items.iter().enumerate() {
+            if !item.improvable {
+                continue;
+            }
+            if nan[i] {
+                return Err(unpickable(step, &format!("prompt {i}"), BadRow::NotFinite));
+            }
+            if live[i] == 0 {
+                return Err(unpickable(step, &format!("prompt {i}"), BadRow::Banned));
+            }
+            if live[i] < k {
+                return Err(crate::Error::Input(format!(
+                    "step {step}: beam sampling draws {k} continuations for \
+                     prompt {i}, but only {} tokens of its beams are allowed; use fewer \
+                     --num-beams or a larger --top-k / --top-p",
+                    live[i]
+                )));
+            }
+        }
+        let idx = probs
+            .f_multinomial(k, false)
+            .map_err(|e| pick_failed(step, e))?;
+        let (top, order) = acc.gather(1, &idx, false).sort(-1, true);
+        Ok((top, idx.gather(1, &order, false)))
+    }
+
+    /// Item `i`'s continuations (ranked `cands`: beam, token, log-prob, score) become its
+    /// finished hypotheses (those hitting a stopping criterion within the top `nb`) and
+    /// its next running beams; returns the parent rows and tokens fed, and whether every
+    /// continuation hit a criterion.
+    fn advance_item(
+        &mut self,
+        i: usize,
+        cands: &[(usize, i64, f64, f64)],
+        ctx: &StepContext,
+        feed: &mut Vec<i64>,
+        parents: &mut Vec<i64>,
+    ) -> bool {
+        let cfg = ctx.cfg;
+        let (nb, gen_len, lp) = (self.num_beams, self.generated, cfg.length_penalty);
+        let item = &mut self.items[i];
+        let mut all_hit = true;
+        let mut next_running: Vec<(usize, Hyp)> = Vec::with_capacity(nb);
+        let mut hit_rank: Vec<(usize, Hyp)> = Vec::new();
+        let full = item.finished.len() >= nb && cfg.early_stopping == EarlyStopping::True;
+        let limit = cfg.limit(item.prompt.len());
+        for (rank, &(beam, tok, logp, score)) in cands.iter().enumerate() {
+            let mut hyp = item.running[beam].clone();
+            hyp.tokens.push(tok);
+            hyp.logprobs.push(logp);
+            hyp.score = score;
+            match finish_reason(cfg, &hyp.tokens, limit, ctx.stop, ctx.timed_out) {
+                None => {
+                    all_hit = false;
+                    if next_running.len() < nb {
+                        next_running.push((beam, hyp));
+                    }
+                }
+                Some(reason) => {
+                    if rank < nb && item.improvable && !full {
+                        let score = hyp.score / (gen_len as f64).powf(lp);
+                        item.finished.push(Finished {
+                            score,
+                            hyp: hyp.clone(),
+                            reason,
+                        });
+                    }
+                    hit_rank.push((beam, hyp));
+                }
+            }
+        }
+        item.finished.sort_by(|a, b| b.score.total_cmp(&a.score));
+        item.finished.truncate(nb);
+        // Fewer than nb live continuations: the rest run on at -1e9 and never win.
+        for (beam, mut hyp) in hit_rank.into_iter().take(nb - next_running.len()) {
+            hyp.score -= 1e9;
+            next_running.push((beam, hyp));
+        }
+        item.running = next_running
+            .into_iter()
+            .map(|(beam, hyp)| {
+                parents.push((i * nb + beam) as i64);
+                feed.push(*hyp.tokens.last().expect("a token was just added"));
+                hyp
+            })
+            .collect();
+        if item.improvable && item.finished.len() >= nb {
+            let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
+                limit
+            } else {
+                gen_len
+            };
+            let best_possible = item.running[0].score / (best_len as f64).powf(lp);
+            let worst = item.finished.last().map_or(f64::NEG_INFINITY, |f| f.score);
+            item.improvable = best_possible > worst;
+        }
+        all_hit
+    }
+}
+
+impl Strategy for Beam {
+    fn step(
+        &mut self,
+        logits: &Tensor,
+        ctx: &StepContext,
+        _on_token: &mut dyn FnMut(usize, i64),
+    ) -> Result<Step> {
+        let cfg = ctx.cfg;
+        let nb = self.num_beams;
+        let (r, v) = logits.size2().expect("(R, V)");
+        let b = self.items.len() as i64;
+        let logp = self.processed(logits, cfg);
         let step = self.generated + 1;
         let running: Vec<f32> = self
             .items
@@ -136,47 +263,7 @@ impl Strategy for Beam {
             .view([r, 1]);
         let acc = (&logp + running).view([b, nb as i64 * v]); // (B, nb·V)
         let k = (2.max(1 + cfg.eos_token_ids.len()) * nb) as i64;
-        let (top, idx) = if self.processing.do_sample {
-            let probs = acc.softmax(-1, Kind::Float);
-            // Sampling k continuations without replacement needs k of nonzero probability
-            // (libtorch throws otherwise): count them in the items still searching.
-            let live = Vec::<i64>::try_from(
-                probs
-                    .gt(0.0)
-                    .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
-                    .to_device(tch::Device::Cpu),
-            )
-            .map_err(|e| pick_failed(step, e))?;
-            let nan =
-                Vec::<bool>::try_from(probs.isnan().any_dim(-1, false).to_device(tch::Device::Cpu))
-                    .map_err(|e| pick_failed(step, e))?;
-            for (i, item) in self.items.iter().enumerate() {
-                if !item.improvable {
-                    continue;
-                }
-                if nan[i] {
-                    return Err(unpickable(step, &format!("prompt {i}"), BadRow::NotFinite));
-                }
-                if live[i] == 0 {
-                    return Err(unpickable(step, &format!("prompt {i}"), BadRow::Banned));
-                }
-                if live[i] < k {
-                    return Err(crate::Error::Input(format!(
-                        "step {step}: beam sampling draws {k} continuations for \
-                         prompt {i}, but only {} tokens of its beams are allowed; use fewer \
-                         --num-beams or a larger --top-k / --top-p",
-                        live[i]
-                    )));
-                }
-            }
-            let idx = probs
-                .f_multinomial(k, false)
-                .map_err(|e| pick_failed(step, e))?;
-            let (top, order) = acc.gather(1, &idx, false).sort(-1, true);
-            (top, idx.gather(1, &order, false))
-        } else {
-            acc.topk(k, -1, true, true)
-        };
+        let (top, idx) = self.candidates(&acc, k, step)?;
         let token_logp = logp.view([b, nb as i64 * v]).gather(1, &idx, false);
         let cpu = |t: Tensor| t.to_device(tch::Device::Cpu).contiguous().view(-1);
         let top: Vec<f64> = Vec::try_from(cpu(top)).expect("scores");
@@ -199,68 +286,14 @@ impl Strategy for Beam {
         }
 
         self.generated += 1;
-        let gen_len = self.generated;
         let mut parents = Vec::with_capacity(r as usize);
         let mut feed = Vec::with_capacity(r as usize);
         let mut all_hit = true;
-        let lp = cfg.length_penalty;
-        for (i, item) in self.items.iter_mut().enumerate() {
-            let mut next_running: Vec<(usize, Hyp)> = Vec::with_capacity(nb);
-            let mut hit_rank: Vec<(usize, Hyp)> = Vec::new();
-            let full = item.finished.len() >= nb && cfg.early_stopping == EarlyStopping::True;
-            for rank in 0..k {
-                let j = i * k + rank;
-                let (beam, tok) = ((idx[j] / v) as usize, idx[j] % v);
-                let mut hyp = item.running[beam].clone();
-                hyp.tokens.push(tok);
-                hyp.logprobs.push(token_logp[j]);
-                hyp.score = top[j];
-                let limit = cfg.limit(item.prompt.len());
-                match finish_reason(cfg, &hyp.tokens, limit, ctx.stop, ctx.timed_out) {
-                    None => {
-                        all_hit = false;
-                        if next_running.len() < nb {
-                            next_running.push((beam, hyp));
-                        }
-                    }
-                    Some(reason) => {
-                        if rank < nb && item.improvable && !full {
-                            let score = hyp.score / (gen_len as f64).powf(lp);
-                            item.finished.push(Finished {
-                                score,
-                                hyp: hyp.clone(),
-                                reason,
-                            });
-                        }
-                        hit_rank.push((beam, hyp));
-                    }
-                }
-            }
-            item.finished.sort_by(|a, b| b.score.total_cmp(&a.score));
-            item.finished.truncate(nb);
-            // Fewer than nb live continuations: the rest run on at -1e9 and never win.
-            for (beam, mut hyp) in hit_rank.into_iter().take(nb - next_running.len()) {
-                hyp.score -= 1e9;
-                next_running.push((beam, hyp));
-            }
-            item.running = next_running
-                .into_iter()
-                .map(|(beam, hyp)| {
-                    parents.push((i * nb + beam) as i64);
-                    feed.push(*hyp.tokens.last().expect("a token was just added"));
-                    hyp
-                })
+        for i in 0..self.items.len() {
+            let cands: Vec<(usize, i64, f64, f64)> = (i * k..(i + 1) * k)
+                .map(|j| ((idx[j] / v) as usize, idx[j] % v, token_logp[j], top[j]))
                 .collect();
-            if item.improvable && item.finished.len() >= nb {
-                let best_len = if cfg.early_stopping == EarlyStopping::Never && lp > 0.0 {
-                    cfg.limit(item.prompt.len())
-                } else {
-                    gen_len
-                };
-                let best_possible = item.running[0].score / (best_len as f64).powf(lp);
-                let worst = item.finished.last().map_or(f64::NEG_INFINITY, |f| f.score);
-                item.improvable = best_possible > worst;
-            }
+            all_hit &= self.advance_item(i, &cands, ctx, &mut feed, &mut parents);
         }
         let any_improvable = self.items.iter().any(|it| it.improvable);
         let all_full = cfg.early_stopping == EarlyStopping::True

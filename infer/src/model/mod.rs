@@ -1,18 +1,21 @@
 //! GPT-2 (Radford et al. 2019) as transformers' `GPT2LMHeadModel` computes it. Field
 //! names are the checkpoint's (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, `mlp.c_fc`,
 //! `ln_f`), so a reader holding a Hugging Face checkpoint can follow every tensor.
-//! Loading (tensor names, size checks, the tensor-parallel split) is in `load`.
+//! Loading (tensor names, size checks, the tensor-parallel split) is in `load`; which
+//! paths a model runs (decode kernels, fused steps, calibration observers) in `paths`.
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::sdpa;
+use crate::attention::{sdpa, Pass};
 use crate::cache::{KvCache, Span};
 use crate::config::{Activation, Gpt2Config};
-use crate::decode::{LayerParts, Layers, Plan};
-use crate::error::{Error, Result};
-use crate::kernels::{self, PackedLinear};
+use crate::decode::{Layers, Plan};
+
+use crate::kernels::PackedLinear;
 pub use crate::linear::Linear;
 use crate::linear::{kernel_max_rows, packed_forward};
 pub use crate::load::{check_model_dir, check_sizes, stored_kind};
+
+mod paths;
 use crate::parallel::{per_shard, Communicator};
 use crate::quant::{QuantRows, QuantizationConfig};
 
@@ -123,55 +126,6 @@ fn act(a: Activation, x: &Tensor) -> Tensor {
     }
 }
 
-/// What one cached forward pass attends with: the cache, the rows it feeds and where
-/// (`Span`), and the mask of their queries.
-struct Pass<'a> {
-    cache: &'a KvCache,
-    span: &'a Span,
-    mask: Option<Tensor>,
-    causal: bool,
-}
-
-impl Pass<'_> {
-    /// Writes the new keys or values `new` (R, nh, t, hs) of shard `r` into `which`
-    /// (`k` or `v`), and returns the rows' slots `[0, end)`: (R, nh, S, hs).
-    fn write_read(&self, cache: &Tensor, new: &Tensor) -> Tensor {
-        let span = self.span;
-        let (t, s) = (span.t, span.end());
-        let first = span.consecutive();
-        match (first, span.uniform()) {
-            (Some(first), Some(start)) => {
-                let rows = cache.narrow(0, first as i64, span.rows.len() as i64);
-                rows.narrow(2, start, t).copy_(new);
-                rows.narrow(2, 0, s)
-            }
-            _ => {
-                // One indexed write for every row: cache[rows[i], :, starts[i] + j, :].
-                let device = cache.device();
-                let (r, nh, hs) = (span.rows.len() as i64, new.size()[1], new.size()[3]);
-                let rows: Vec<i64> = span.rows.iter().map(|&x| x as i64).collect();
-                let rows = Tensor::from_slice(&rows).to_device(device);
-                let slots = Tensor::from_slice(&span.starts)
-                    .to_device(device)
-                    .view([r, 1])
-                    + Tensor::arange(t, (Kind::Int64, device)).view([1, t]); // (R, t)
-                let row_of = rows.view([r, 1]).expand([r, t], false).reshape([-1]);
-                let values = new.permute([0, 2, 1, 3]).reshape([r * t, nh, hs]); // (R·t, nh, hs)
-                let mut c = cache.shallow_clone();
-                let _ = c.index_put_(
-                    &[Some(row_of), None, Some(slots.reshape([-1]))],
-                    &values,
-                    false,
-                );
-                match first {
-                    Some(first) => cache.narrow(0, first as i64, r).narrow(2, 0, s),
-                    None => cache.index_select(0, &rows).narrow(2, 0, s),
-                }
-            }
-        }
-    }
-}
-
 impl Attention {
     /// x: (R, T, E) → (R, T, E). With a cache, the new tokens' keys and values go into
     /// the span's slots and attention runs over each row's slots up to its own; without
@@ -249,164 +203,6 @@ impl Block {
 }
 
 impl Gpt2 {
-    /// Repacks every linear layer and the head for the CPU decode kernels: a one-device
-    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch). The packed copies
-    /// double the weights' memory.
-    pub fn pack_for_cpu_decode(&mut self) -> Result<()> {
-        let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
-        if self.devices != [Device::Cpu] || !packable || self.head_packed.is_some() {
-            return Ok(());
-        }
-        let take = |l: &mut Linear| {
-            std::mem::replace(
-                l,
-                Linear::Float {
-                    weight: Tensor::new(),
-                    bias: None,
-                },
-            )
-        };
-        for block in &mut self.h {
-            for shard in &mut block.attn.shards {
-                shard.c_attn = take(&mut shard.c_attn).pack()?;
-                shard.c_proj = take(&mut shard.c_proj).pack()?;
-            }
-            for shard in &mut block.mlp.shards {
-                shard.c_fc = take(&mut shard.c_fc).pack()?;
-                shard.c_proj = take(&mut shard.c_proj).pack()?;
-            }
-        }
-        match self.head_q.take() {
-            Some(h) => self.head_q = Some(h.pack()?),
-            None => {
-                let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
-                self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
-            }
-        }
-        self.set_fused_decode(true);
-        Ok(())
-    }
-
-    /// Turns fused CPU decode steps (`decode`) on or off; returns whether they are on.
-    /// They need the packed copies (`pack_for_cpu_decode`, which turns them on) on one
-    /// CPU device, and no tensor-parallel split. Off, decode steps run libtorch between
-    /// the kernels.
-    pub fn set_fused_decode(&mut self, on: bool) -> bool {
-        self.fused = None;
-        let unsplit = |b: &Block| {
-            b.attn.shards.len() == 1
-                && b.mlp.shards.len() == 1
-                && b.attn.c_proj_bias.is_none()
-                && b.mlp.c_proj_bias.is_none()
-        };
-        if on && self.devices == [Device::Cpu] && self.h.iter().all(unsplit) {
-            let parts: Vec<LayerParts> = self
-                .h
-                .iter()
-                .map(|b| LayerParts {
-                    ln_1: [&b.ln_1.weight, &b.ln_1.bias],
-                    ln_2: [&b.ln_2.weight, &b.ln_2.bias],
-                    ln_eps: b.ln_1.eps,
-                    scale: b.attn.scale,
-                    upcast: b.attn.upcast,
-                })
-                .collect();
-            let act = self.h.first().map_or(Activation::Linear, |b| b.mlp.act);
-            let ln_f = ([&self.ln_f.weight, &self.ln_f.bias], self.ln_f.eps);
-            let n_head = self.config.n_head as usize;
-            self.fused = Plan::new(self.kind, n_head, &parts, &self.h, ln_f, act);
-        }
-        self.fused.is_some()
-    }
-
-    /// Whether decode steps run fused (`set_fused_decode`).
-    pub fn fuses_decode(&self) -> bool {
-        self.fused.is_some()
-    }
-
-    /// The artifact's `quantization_config` (None for a float model folder).
-    pub fn quantization(&self) -> Option<&QuantizationConfig> {
-        self.quantization.as_ref()
-    }
-
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = Vec::new();
-        for block in &mut self.h {
-            for shard in &mut block.attn.shards {
-                out.push(&mut shard.c_attn);
-                out.push(&mut shard.c_proj);
-            }
-            for shard in &mut block.mlp.shards {
-                out.push(&mut shard.c_fc);
-                out.push(&mut shard.c_proj);
-            }
-        }
-        out
-    }
-
-    /// Starts recording the per-input-channel max |x| of every linear layer's inputs
-    /// (calibration for SmoothQuant and outlier columns); read with `observed_input_max`.
-    /// Decode steps then run on libtorch, through the observers (observed layers have no
-    /// fused plan).
-    pub fn observe_linear_inputs(&mut self) -> Result<()> {
-        if self.devices.len() != 1 {
-            return Err(Error::Input("calibration needs an unsharded model".into()));
-        }
-        for l in self.linears_mut() {
-            let taken = std::mem::replace(
-                l,
-                Linear::Float {
-                    weight: Tensor::new(),
-                    bias: None,
-                },
-            );
-            *l = taken.observed();
-        }
-        let fused = self.fused.is_some();
-        self.set_fused_decode(fused);
-        Ok(())
-    }
-
-    /// Per layer (checkpoint name without `.weight`), the max |x| of each input channel
-    /// over every input seen since `observe_linear_inputs`: (in,) f32 on the CPU.
-    pub fn observed_input_max(&self) -> Vec<(String, Tensor)> {
-        self.named_linears()
-            .into_iter()
-            .filter_map(|(n, l)| l.observed_max().map(|m| (n, m)))
-            .collect()
-    }
-
-    pub fn kind(&self) -> Kind {
-        self.kind
-    }
-
-    /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
-    /// kernels (their own thread pool) rather than libtorch.
-    pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        let head = self.head_packed.is_some()
-            || self.head_q.as_ref().is_some_and(|h| h.runs_on_pool(rows));
-        head && rows <= kernels::MAX_ROWS && self.blocks_on_kernels(rows)
-    }
-
-    /// Whether a pass over `rows` prompt tokens (all rows of a batch together) runs the
-    /// blocks' matrix products on the CPU decode kernels.
-    pub fn prefills_on_kernels(&self, rows: usize) -> bool {
-        self.blocks_on_kernels(rows)
-    }
-
-    fn blocks_on_kernels(&self, rows: usize) -> bool {
-        self.h.iter().all(|b| {
-            b.attn
-                .shards
-                .iter()
-                .all(|s| s.c_attn.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
-                && b.mlp
-                    .shards
-                    .iter()
-                    .all(|s| s.c_fc.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
-        })
-    }
-
     /// Token embeddings of `ids` (…) → (…, E).
     fn embed_tokens(&self, ids: &Tensor) -> Tensor {
         match &self.wte_q {
@@ -473,29 +269,6 @@ impl Gpt2 {
         }
         cache.advance(span);
         self.ln_f.forward(&x)
-    }
-
-    /// A decode step on the fused plan, in chunks of at most `kernels::MAX_ROWS` rows (the
-    /// kernels read the weights once per chunk in any case), or `None` when it cannot
-    /// run fused (then nothing was written).
-    fn fused_step(&self, x: &Tensor, cache: &KvCache, span: &Span) -> Option<Tensor> {
-        let plan = self.fused.as_ref()?;
-        if span.rows.len() <= kernels::MAX_ROWS {
-            return plan.step(&self.h, x, cache, span);
-        }
-        let mut out = Vec::new();
-        for (i, rows) in span.rows.chunks(kernels::MAX_ROWS).enumerate() {
-            let at = i * kernels::MAX_ROWS;
-            let part = Span {
-                rows: rows.to_vec(),
-                starts: span.starts[at..at + rows.len()].to_vec(),
-                t: span.t,
-            };
-            let x = x.narrow(0, at as i64, rows.len() as i64);
-            // Every chunk meets the same checks, so either the first fails or none does.
-            out.push(plan.step(&self.h, &x, cache, &part)?);
-        }
-        Some(Tensor::cat(&out, 0))
     }
 
     /// Logits (B, T, V) of whole causal sequences `ids` (B, T) at positions 0..T, with no

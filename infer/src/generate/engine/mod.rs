@@ -13,6 +13,9 @@
 //! own generator (`SeqRng`), seeded `seed + k` for output row k, so that a sequence
 //! gives the same tokens whatever else is decoded beside it.
 use std::collections::VecDeque;
+
+mod admit;
+mod pick;
 use std::time::Instant;
 
 use tch::{Device, Tensor};
@@ -21,13 +24,9 @@ use crate::beam::Beam;
 use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::Result;
-use crate::processors::{process, Row};
 use crate::rng::{self, RngLock, SeqRng};
 
-use super::{
-    choose, finish_reason, Choice, FinishReason, Generated, GenerationConfig, NoPick, Sampling,
-    Step, StepContext, StopCheck, Strategy,
-};
+use super::{Generated, GenerationConfig, StopCheck, Strategy};
 
 /// How the engine admits sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -181,140 +180,6 @@ impl<'a> Engine<'a> {
             .collect()
     }
 
-    /// Admits waiting units into free slots (all of them that fit, or with static
-    /// batches only when nothing runs) and prefills their prompts.
-    fn admit(&mut self) -> Result<()> {
-        if self.schedule.static_batches && !self.live.is_empty() {
-            return Ok(());
-        }
-        let mut joined = Vec::new();
-        while let Some(&u) = self.waiting.front() {
-            if self.free.len() < self.beams {
-                break;
-            }
-            self.waiting.pop_front();
-            let slots: Vec<usize> = (0..self.beams).filter_map(|_| self.free.pop()).collect();
-            joined.push(self.unit(u, slots)?);
-        }
-        self.prefill(&mut joined)?;
-        self.live.extend(joined);
-        Ok(())
-    }
-
-    /// Unit `u` (request `u / per_request`) in `slots`, not yet prefilled.
-    fn unit(&self, u: usize, slots: Vec<usize>) -> Result<Unit> {
-        let request = u / self.per_request;
-        let req = &self.requests[request];
-        let row = u;
-        let sampled = self.cfg.processing.do_sample;
-        let rng = match self.cfg.seed {
-            Some(seed) if sampled => {
-                Some(SeqRng::seeded(seed.wrapping_add(row as u64), self.device)?)
-            }
-            _ => None,
-        };
-        let kind = if self.beams > 1 {
-            let mut cfg = self.cfg.clone();
-            cfg.max_new_tokens = req.max_new_tokens;
-            cfg.max_length = None;
-            let beam = Beam::new(std::slice::from_ref(&req.prompt), &cfg);
-            Kind::Beams(Box::new(beam), Box::new(cfg))
-        } else {
-            Kind::One {
-                tokens: req.prompt.clone(),
-                out: Generated {
-                    tokens: vec![],
-                    logprobs: vec![],
-                    score: 0.0,
-                    finish_reason: FinishReason::Length,
-                },
-            }
-        };
-        Ok(Unit {
-            request,
-            row,
-            prompt_len: req.prompt.len(),
-            limit: req.max_new_tokens,
-            slots,
-            hidden: Vec::new(),
-            rng,
-            kind,
-        })
-    }
-
-    /// Prefills the joined units: each distinct request once (the prompts of one length
-    /// together, in chunks), then copied to its other units' and beams' slots.
-    fn prefill(&mut self, joined: &mut [Unit]) -> Result<()> {
-        // The first unit of each request among the joined does the forward pass.
-        let mut firsts: Vec<usize> = Vec::new();
-        for (i, u) in joined.iter().enumerate() {
-            if !firsts.iter().any(|&f| joined[f].request == u.request) {
-                firsts.push(i);
-            }
-        }
-        let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
-        for &f in &firsts {
-            let n = joined[f].prompt_len;
-            match by_len.iter_mut().find(|(len, _)| *len == n) {
-                Some((_, group)) => group.push(f),
-                None => by_len.push((n, vec![f])),
-            }
-        }
-        for (len, group) in by_len {
-            let rows: Vec<usize> = group.iter().map(|&f| joined[f].slots[0]).collect();
-            let ids: Vec<i64> = group
-                .iter()
-                .flat_map(|&f| self.requests[joined[f].request].prompt.iter().copied())
-                .collect();
-            let ids = Tensor::from_slice(&ids)
-                .view([group.len() as i64, len as i64])
-                .to_device(self.device);
-            let tokens = group.len() * len.min(PREFILL_CHUNK);
-            let models = &self.models.models;
-            self.threads
-                .one(models.iter().all(|m| m.prefills_on_kernels(tokens)));
-            for (m, (model, cache)) in self.models.models.iter().zip(&mut self.caches).enumerate() {
-                let mut h = None;
-                for start in (0..len).step_by(PREFILL_CHUNK) {
-                    let t = PREFILL_CHUNK.min(len - start) as i64;
-                    let span = cache.span(Some(&rows), t).map_err(crate::Error::Input)?;
-                    let piece = ids.narrow(1, start as i64, t);
-                    h = Some(model.forward_span(&piece, cache, &span));
-                }
-                let h = h.expect("prompts are not empty").select(1, -1); // (G, E)
-                for (i, &f) in group.iter().enumerate() {
-                    let hidden = &mut joined[f].hidden;
-                    hidden.resize_with(m + 1, Tensor::new);
-                    hidden[m] = h.narrow(0, i as i64, 1);
-                }
-            }
-        }
-        // The other units of a request, and every beam, copy the first's slot.
-        for i in 0..joined.len() {
-            let f = firsts
-                .iter()
-                .copied()
-                .find(|&f| joined[f].request == joined[i].request)
-                .expect("every request has a first");
-            let from = joined[f].slots[0];
-            let hidden: Vec<Tensor> = joined[f].hidden.iter().map(|h| h.shallow_clone()).collect();
-            let u = &mut joined[i];
-            for cache in &mut self.caches {
-                for &to in &u.slots {
-                    if to != from {
-                        cache.copy_row(from, to);
-                    }
-                }
-            }
-            let rows = u.rows() as i64;
-            u.hidden = hidden
-                .iter()
-                .map(|h| h.expand([rows, h.size()[1]], false).contiguous())
-                .collect();
-        }
-        Ok(())
-    }
-
     /// One step: admit what fits, pick a token for every live row, let finished units
     /// leave, feed the picked tokens. `on_token(row, id)` sees each picked token of a
     /// single sequence (output row `row`).
@@ -348,143 +213,6 @@ impl<'a> Engine<'a> {
         };
         self.retire(&feeds);
         self.feed(feeds)
-    }
-
-    /// Greedy or sampled tokens for every live sequence; per unit, the token to feed
-    /// (`None`: it finished).
-    fn pick_singles(
-        &mut self,
-        scores: &Tensor,
-        stop: StopCheck,
-        timed_out: bool,
-        on_token: &mut dyn FnMut(usize, i64),
-    ) -> Result<Vec<Option<Feed>>> {
-        let cfg = self.cfg;
-        let rows: Vec<Row> = self
-            .live
-            .iter()
-            .map(|u| match &u.kind {
-                Kind::One { tokens, .. } => Row {
-                    tokens,
-                    prompt_len: u.prompt_len,
-                    limit: u.limit,
-                },
-                Kind::Beams(..) => unreachable!("a run is all beams or all single sequences"),
-            })
-            .collect();
-        let processed = process(&cfg.processing, scores, &rows, &cfg.eos_token_ids);
-        drop(rows);
-        let sampling = Sampling::of(cfg.processing.do_sample);
-        let per_request = self.per_request;
-        let who = move |u: &Unit| {
-            let (i, j) = (u.request, u.row % per_request);
-            if per_request > 1 {
-                format!("prompt {i}, sequence {j}")
-            } else {
-                format!("prompt {i}")
-            }
-        };
-        let Choice { ids, logprobs } = self.choose(&processed, sampling, &who)?;
-        let mut feeds = Vec::with_capacity(self.live.len());
-        for (u, (&tok, &lp)) in self.live.iter_mut().zip(ids.iter().zip(&logprobs)) {
-            let Kind::One { tokens, out } = &mut u.kind else {
-                unreachable!("checked above")
-            };
-            out.tokens.push(tok);
-            out.logprobs.push(lp);
-            out.score += lp;
-            tokens.push(tok);
-            on_token(u.row, tok);
-            match finish_reason(cfg, &out.tokens, u.limit, stop, timed_out) {
-                Some(reason) => {
-                    out.finish_reason = reason;
-                    feeds.push(None);
-                }
-                None => feeds.push(Some(Feed {
-                    tokens: vec![tok],
-                    parents: None,
-                })),
-            }
-        }
-        Ok(feeds)
-    }
-
-    /// One token per row of `processed` (R, V), each sampled row drawing from its own
-    /// generator when seeded.
-    fn choose(
-        &mut self,
-        processed: &Tensor,
-        sampling: Sampling,
-        who: &dyn Fn(&Unit) -> String,
-    ) -> Result<Choice> {
-        // The error names the row's sequence and its step (its tokens so far + 1).
-        let step = |u: &Unit| match &u.kind {
-            Kind::One { out, .. } => out.tokens.len() + 1,
-            Kind::Beams(..) => 1,
-        };
-        let fail = |e: NoPick, u: &Unit| e.at(step(u), |_| who(u));
-        let seeded = self.live.iter().any(|u| u.rng.is_some());
-        if !seeded || sampling == Sampling::ArgMax {
-            return choose(processed, sampling, &|_| true).map_err(|e| match e {
-                NoPick::Row(r, _) => fail(e, &self.live[r]),
-                NoPick::Torch(_) => fail(e, &self.live[0]),
-            });
-        }
-        let mut all = Choice {
-            ids: Vec::with_capacity(self.live.len()),
-            logprobs: Vec::with_capacity(self.live.len()),
-        };
-        for (r, u) in self.live.iter_mut().enumerate() {
-            let row = processed.narrow(0, r as i64, 1);
-            let pick = || choose(&row, sampling, &|_| true);
-            let c = match (&mut u.rng, &self.rng_lock) {
-                (Some(rng), Some(lock)) => rng.with(lock, pick)?,
-                _ => pick(),
-            };
-            let c = c.map_err(|e| fail(e, u))?;
-            all.ids.extend(c.ids);
-            all.logprobs.extend(c.logprobs);
-        }
-        Ok(all)
-    }
-
-    /// Each beam group's step on its rows' logits.
-    fn pick_beams(
-        &mut self,
-        scores: &Tensor,
-        stop: StopCheck,
-        timed_out: bool,
-        on_token: &mut dyn FnMut(usize, i64),
-    ) -> Result<Vec<Option<Feed>>> {
-        let mut feeds = Vec::with_capacity(self.live.len());
-        let mut offset = 0;
-        for u in &mut self.live {
-            let n = u.rows() as i64;
-            let logits = scores.narrow(0, offset, n);
-            offset += n;
-            let Kind::Beams(beam, cfg) = &mut u.kind else {
-                unreachable!("a run is all beams or all single sequences")
-            };
-            let ctx = StepContext {
-                cfg,
-                stop,
-                timed_out,
-            };
-            let step = match (&mut u.rng, &self.rng_lock) {
-                (Some(rng), Some(lock)) => {
-                    rng.with(lock, || beam.step(&logits, &ctx, on_token))??
-                }
-                _ => beam.step(&logits, &ctx, on_token)?,
-            };
-            feeds.push(match step {
-                Step::Done => None,
-                Step::Continue { feed, parents } => Some(Feed {
-                    tokens: feed,
-                    parents,
-                }),
-            });
-        }
-        Ok(feeds)
     }
 
     /// Finished units leave: their slots are freed, their sequences stored.

@@ -1,0 +1,144 @@
+//! Admission: waiting requests become units in free slots, their prompts prefilled.
+use tch::Tensor;
+
+use super::{Engine, Generated, Kind, Unit, PREFILL_CHUNK};
+use crate::beam::Beam;
+use crate::error::Result;
+use crate::generate::FinishReason;
+use crate::rng::SeqRng;
+
+impl Engine<'_> {
+    /// Admits waiting units into free slots (all of them that fit, or with static
+    /// batches only when nothing runs) and prefills their prompts.
+    pub(super) fn admit(&mut self) -> Result<()> {
+        if self.schedule.static_batches && !self.live.is_empty() {
+            return Ok(());
+        }
+        let mut joined = Vec::new();
+        while let Some(&u) = self.waiting.front() {
+            if self.free.len() < self.beams {
+                break;
+            }
+            self.waiting.pop_front();
+            let slots: Vec<usize> = (0..self.beams).filter_map(|_| self.free.pop()).collect();
+            joined.push(self.unit(u, slots)?);
+        }
+        self.prefill(&mut joined)?;
+        self.live.extend(joined);
+        Ok(())
+    }
+
+    /// Unit `u` (request `u / per_request`) in `slots`, not yet prefilled.
+    fn unit(&self, u: usize, slots: Vec<usize>) -> Result<Unit> {
+        let request = u / self.per_request;
+        let req = &self.requests[request];
+        let row = u;
+        let sampled = self.cfg.processing.do_sample;
+        let rng = match self.cfg.seed {
+            Some(seed) if sampled => {
+                Some(SeqRng::seeded(seed.wrapping_add(row as u64), self.device)?)
+            }
+            _ => None,
+        };
+        let kind = if self.beams > 1 {
+            let mut cfg = self.cfg.clone();
+            cfg.max_new_tokens = req.max_new_tokens;
+            cfg.max_length = None;
+            let beam = Beam::new(std::slice::from_ref(&req.prompt), &cfg);
+            Kind::Beams(Box::new(beam), Box::new(cfg))
+        } else {
+            Kind::One {
+                tokens: req.prompt.clone(),
+                out: Generated {
+                    tokens: vec![],
+                    logprobs: vec![],
+                    score: 0.0,
+                    finish_reason: FinishReason::Length,
+                },
+            }
+        };
+        Ok(Unit {
+            request,
+            row,
+            prompt_len: req.prompt.len(),
+            limit: req.max_new_tokens,
+            slots,
+            hidden: Vec::new(),
+            rng,
+            kind,
+        })
+    }
+
+    /// Prefills the joined units: each distinct request once (the prompts of one length
+    /// together, in chunks), then copied to its other units' and beams' slots.
+    fn prefill(&mut self, joined: &mut [Unit]) -> Result<()> {
+        // The first unit of each request among the joined does the forward pass.
+        let mut firsts: Vec<usize> = Vec::new();
+        for (i, u) in joined.iter().enumerate() {
+            if !firsts.iter().any(|&f| joined[f].request == u.request) {
+                firsts.push(i);
+            }
+        }
+        let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
+        for &f in &firsts {
+            let n = joined[f].prompt_len;
+            match by_len.iter_mut().find(|(len, _)| *len == n) {
+                Some((_, group)) => group.push(f),
+                None => by_len.push((n, vec![f])),
+            }
+        }
+        for (len, group) in by_len {
+            let rows: Vec<usize> = group.iter().map(|&f| joined[f].slots[0]).collect();
+            let ids: Vec<i64> = group
+                .iter()
+                .flat_map(|&f| self.requests[joined[f].request].prompt.iter().copied())
+                .collect();
+            let ids = Tensor::from_slice(&ids)
+                .view([group.len() as i64, len as i64])
+                .to_device(self.device);
+            let tokens = group.len() * len.min(PREFILL_CHUNK);
+            let models = &self.models.models;
+            self.threads
+                .one(models.iter().all(|m| m.prefills_on_kernels(tokens)));
+            for (m, (model, cache)) in self.models.models.iter().zip(&mut self.caches).enumerate() {
+                let mut h = None;
+                for start in (0..len).step_by(PREFILL_CHUNK) {
+                    let t = PREFILL_CHUNK.min(len - start) as i64;
+                    let span = cache.span(Some(&rows), t).map_err(crate::Error::Input)?;
+                    let piece = ids.narrow(1, start as i64, t);
+                    h = Some(model.forward_span(&piece, cache, &span));
+                }
+                let h = h.expect("prompts are not empty").select(1, -1); // (G, E)
+                for (i, &f) in group.iter().enumerate() {
+                    let hidden = &mut joined[f].hidden;
+                    hidden.resize_with(m + 1, Tensor::new);
+                    hidden[m] = h.narrow(0, i as i64, 1);
+                }
+            }
+        }
+        // The other units of a request, and every beam, copy the first's slot.
+        for i in 0..joined.len() {
+            let f = firsts
+                .iter()
+                .copied()
+                .find(|&f| joined[f].request == joined[i].request)
+                .expect("every request has a first");
+            let from = joined[f].slots[0];
+            let hidden: Vec<Tensor> = joined[f].hidden.iter().map(|h| h.shallow_clone()).collect();
+            let u = &mut joined[i];
+            for cache in &mut self.caches {
+                for &to in &u.slots {
+                    if to != from {
+                        cache.copy_row(from, to);
+                    }
+                }
+            }
+            let rows = u.rows() as i64;
+            u.hidden = hidden
+                .iter()
+                .map(|h| h.expand([rows, h.size()[1]], false).contiguous())
+                .collect();
+        }
+        Ok(())
+    }
+}
