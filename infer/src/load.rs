@@ -469,14 +469,9 @@ impl Reader<'_> {
 impl Gpt2 {
     /// Every linear layer by checkpoint name (`h.N.attn.c_attn`, ...), unsharded models.
     pub(crate) fn named_linears(&self) -> Vec<(String, &Linear)> {
-        let mut out = Vec::new();
-        for (l, block) in self.h.iter().enumerate() {
-            out.push((format!("h.{l}.attn.c_attn"), &block.attn.shards[0].c_attn));
-            out.push((format!("h.{l}.attn.c_proj"), &block.attn.shards[0].c_proj));
-            out.push((format!("h.{l}.mlp.c_fc"), &block.mlp.shards[0].c_fc));
-            out.push((format!("h.{l}.mlp.c_proj"), &block.mlp.shards[0].c_proj));
-        }
-        out
+        self.linears()
+            .map(|(l, name, x)| (format!("h.{l}.{name}"), x))
+            .collect()
     }
 
     /// Every tensor of an unsharded float model under its checkpoint name (no

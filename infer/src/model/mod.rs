@@ -94,6 +94,59 @@ pub struct Gpt2 {
     pub(crate) fused: Option<Plan>,
 }
 
+impl Block {
+    /// The block's linear layers, each tensor-parallel shard's, with their names under
+    /// the block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`), shard by shard:
+    /// the one walk over a block's layers.
+    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
+        let mut out = Vec::new();
+        for s in &mut self.attn.shards {
+            out.push(("attn.c_attn", &mut s.c_attn));
+            out.push(("attn.c_proj", &mut s.c_proj));
+        }
+        for s in &mut self.mlp.shards {
+            out.push(("mlp.c_fc", &mut s.c_fc));
+            out.push(("mlp.c_proj", &mut s.c_proj));
+        }
+        out
+    }
+
+    /// `linears_mut`, shared.
+    fn linears(&self) -> Vec<(&'static str, &Linear)> {
+        let mut out = Vec::new();
+        for s in &self.attn.shards {
+            out.push(("attn.c_attn", &s.c_attn));
+            out.push(("attn.c_proj", &s.c_proj));
+        }
+        for s in &self.mlp.shards {
+            out.push(("mlp.c_fc", &s.c_fc));
+            out.push(("mlp.c_proj", &s.c_proj));
+        }
+        out
+    }
+}
+
+impl Gpt2 {
+    /// Every linear layer of every block and shard, with its layer index and name under
+    /// the block.
+    pub(crate) fn linears(&self) -> impl Iterator<Item = (usize, &'static str, &Linear)> {
+        self.h
+            .iter()
+            .enumerate()
+            .flat_map(|(l, b)| b.linears().into_iter().map(move |(n, x)| (l, n, x)))
+    }
+
+    /// `linears`, mutable.
+    pub(crate) fn linears_mut(
+        &mut self,
+    ) -> impl Iterator<Item = (usize, &'static str, &mut Linear)> {
+        self.h
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(l, b)| b.linears_mut().into_iter().map(move |(n, x)| (l, n, x)))
+    }
+}
+
 /// An unsplit model's linears, for fused decode steps.
 impl Layers for Vec<Block> {
     fn linears(&self, layer: usize) -> [&Linear; 4] {

@@ -30,15 +30,8 @@ impl Gpt2 {
                 },
             )
         };
-        for block in &mut self.h {
-            for shard in &mut block.attn.shards {
-                shard.c_attn = take(&mut shard.c_attn).pack()?;
-                shard.c_proj = take(&mut shard.c_proj).pack()?;
-            }
-            for shard in &mut block.mlp.shards {
-                shard.c_fc = take(&mut shard.c_fc).pack()?;
-                shard.c_proj = take(&mut shard.c_proj).pack()?;
-            }
+        for (_, _, l) in self.linears_mut() {
+            *l = take(l).pack()?;
         }
         match self.head_q.take() {
             Some(h) => self.head_q = Some(h.pack()?),
@@ -93,21 +86,6 @@ impl Gpt2 {
         self.quantization.as_ref()
     }
 
-    fn linears_mut(&mut self) -> Vec<&mut Linear> {
-        let mut out = Vec::new();
-        for block in &mut self.h {
-            for shard in &mut block.attn.shards {
-                out.push(&mut shard.c_attn);
-                out.push(&mut shard.c_proj);
-            }
-            for shard in &mut block.mlp.shards {
-                out.push(&mut shard.c_fc);
-                out.push(&mut shard.c_proj);
-            }
-        }
-        out
-    }
-
     /// Starts recording the per-input-channel max |x| of every linear layer's inputs
     /// (calibration for SmoothQuant and outlier columns); read with `observed_input_max`.
     /// Decode steps then run on libtorch, through the observers (observed layers have no
@@ -116,7 +94,7 @@ impl Gpt2 {
         if self.devices.len() != 1 {
             return Err(Error::Input("calibration needs an unsharded model".into()));
         }
-        for l in self.linears_mut() {
+        for (_, _, l) in self.linears_mut() {
             let taken = std::mem::replace(
                 l,
                 Linear::Float {
@@ -159,16 +137,7 @@ impl Gpt2 {
     }
 
     fn blocks_on_kernels(&self, rows: usize) -> bool {
-        self.h.iter().all(|b| {
-            b.attn
-                .shards
-                .iter()
-                .all(|s| s.c_attn.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
-                && b.mlp
-                    .shards
-                    .iter()
-                    .all(|s| s.c_fc.runs_on_pool(rows) && s.c_proj.runs_on_pool(rows))
-        })
+        self.linears().all(|(_, _, l)| l.runs_on_pool(rows))
     }
 
     /// A decode step on the fused plan, in chunks of at most `kernels::MAX_ROWS` rows (the
