@@ -178,7 +178,7 @@ impl Gpt2Config {
 
     /// Reads and validates `config.json`; errors name the file.
     pub fn from_file(path: &Path) -> Result<Self> {
-        crate::checkpoint::check_regular_file(path)?;
+        crate::files::check_regular_file(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
         let config: Gpt2Config = serde_json::from_str(&text).map_err(|e| Error::Config {
             path: path.into(),

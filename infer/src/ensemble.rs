@@ -238,11 +238,11 @@ mod tests {
 pub fn select_candidates(
     models: &Ensemble,
     prompts: &[Vec<i64>],
-    runs: Vec<Vec<Vec<crate::generate::Generated>>>,
+    runs: Vec<Vec<Vec<crate::sequence::Generated>>>,
     vote: bool,
     n: usize,
-) -> Vec<Vec<crate::generate::Generated>> {
-    let mut per_prompt: Vec<Vec<crate::generate::Generated>> = vec![Vec::new(); prompts.len()];
+) -> Vec<Vec<crate::sequence::Generated>> {
+    let mut per_prompt: Vec<Vec<crate::sequence::Generated>> = vec![Vec::new(); prompts.len()];
     for run in runs {
         for (i, seqs) in run.into_iter().enumerate() {
             for g in seqs {

@@ -15,14 +15,14 @@ use std::path::{Path, PathBuf};
 use safetensors::{Dtype, View};
 use tch::{Device, Kind, Tensor};
 
-use crate::checkpoint::{check_regular_file, exists};
 use crate::error::{Error, Result};
+use crate::files::{check_regular_file, exists};
 use crate::Gpt2Config;
 
 pub const SINGLE_FILE: &str = "model.safetensors";
 pub const SHARD_INDEX: &str = "model.safetensors.index.json";
 pub const CONFIG_FILE: &str = "config.json";
-pub const GENERATION_CONFIG_FILE: &str = crate::genconfig::FILE_NAME;
+pub const GENERATION_CONFIG_FILE: &str = "generation_config.json";
 
 /// Tokenizer files copied from a model folder when present.
 pub const TOKENIZER_FILES: &[&str] = &[

@@ -21,7 +21,7 @@ use crate::error::{Error, Result};
 use crate::generate::{EarlyStopping, GenerationConfig};
 use crate::processors::Processing;
 
-pub const FILE_NAME: &str = "generation_config.json";
+pub const FILE_NAME: &str = crate::folder::GENERATION_CONFIG_FILE;
 
 /// The keys `apply_json` reads.
 pub const READ: &[&str] = &[
@@ -119,7 +119,7 @@ pub enum Noop {
 /// Applies the fields of the JSON object in `path` to `cfg` and records `path` as the
 /// source of each (`GenerationConfig::sources`). Returns warnings about unknown keys.
 pub fn apply_file(cfg: &mut GenerationConfig, path: &Path) -> Result<Vec<String>> {
-    crate::checkpoint::check_regular_file(path)?;
+    crate::files::check_regular_file(path)?;
     let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
     let json: Value = serde_json::from_str(&text).map_err(|e| Error::Config {
         path: path.into(),

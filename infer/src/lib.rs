@@ -1,14 +1,15 @@
 //! gpt2kit's engine: GPT-2 on Hugging Face checkpoints, the tokenizer, the KV cache and
 //! the decoding loop. Knows nothing of training or of how an artifact was made.
 mod attention;
-mod beam;
 pub mod cache;
+mod check;
 pub mod checkpoint;
 pub mod config;
 pub mod decode;
 pub mod device;
 pub mod ensemble;
 pub mod error;
+mod files;
 pub mod folder;
 pub mod genconfig;
 pub mod generate;
@@ -21,6 +22,7 @@ pub mod parallel;
 pub mod processors;
 pub mod quant;
 pub mod rng;
+pub mod sequence;
 pub mod speculative;
 pub mod tokenizer;
 

@@ -8,9 +8,9 @@ use tokenizers::models::bpe::BPE;
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
 use tokenizers::AddedToken;
 
-use crate::checkpoint::{check_regular_file, exists};
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
+use crate::files::{check_regular_file, exists};
 
 pub const TOKENIZER_JSON: &str = "tokenizer.json";
 pub const VOCAB_JSON: &str = "vocab.json";

@@ -14,42 +14,14 @@ use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
 use crate::model::Gpt2;
 
+mod beam;
 mod choose;
 mod engine;
 mod settings;
+pub use crate::sequence::{FinishReason, Generated};
 pub use choose::{choose, Choice, NoPick, Sampling};
 pub use engine::{Engine, Request, Schedule};
 pub use settings::{check_requests, validate, EarlyStopping, GenerationConfig};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FinishReason {
-    Eos,
-    Stop,
-    Length,
-    Time,
-}
-
-impl FinishReason {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            FinishReason::Eos => "eos",
-            FinishReason::Stop => "stop",
-            FinishReason::Length => "length",
-            FinishReason::Time => "time",
-        }
-    }
-}
-
-/// One returned sequence: the generated tokens only, each token's log-probability under
-/// the processed distribution, and the sequence score (beam: transformers'
-/// `sequences_scores`; otherwise the sum of the log-probabilities).
-#[derive(Debug, Clone, PartialEq)]
-pub struct Generated {
-    pub tokens: Vec<i64>,
-    pub logprobs: Vec<f64>,
-    pub score: f64,
-    pub finish_reason: FinishReason,
-}
 
 /// The sequences of each prompt, and where the time went.
 #[derive(Debug)]

@@ -13,7 +13,7 @@
 #![allow(clippy::needless_range_loop)]
 use std::arch::x86_64::*;
 
-use super::vnni::{dequant, QTile};
+use super::qtile::{dequant, QTile};
 use super::{Tile, PANEL};
 
 const GROUP: usize = 4;
@@ -242,7 +242,7 @@ pub(super) unsafe fn int8_dynamic(t: &QTile) {
     }
 }
 
-/// Panel p for quantized x rows r0 .. r0 + R: Σ xq·q in i32, then `vnni::dequant` with
+/// Panel p for quantized x rows r0 .. r0 + R: Σ xq·q in i32, then `qtile::dequant` with
 /// no correction (these sums are of xq, not of xq + 128).
 #[target_feature(enable = "avx2,fma")]
 #[inline]

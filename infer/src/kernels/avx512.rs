@@ -23,7 +23,7 @@
 #![allow(clippy::incompatible_msrv)]
 use std::arch::x86_64::*;
 
-use super::vnni::QTile;
+use super::qtile::QTile;
 use super::{Tile, PANEL};
 
 /// How far ahead of the loads (in 64-byte lines) to prefetch. The hardware prefetcher
@@ -386,7 +386,7 @@ unsafe fn int8_dynamic_rows<const R: usize, const U: usize>(t: &QTile) {
 
 /// R rows of quantized x times panels p0 .. p0 + P: int32 sums with `vpdpbusd` (x's 4
 /// bytes broadcast to every lane, the line's 4 weight bytes per column), then
-/// y = (acc − corr)·s_r·scale + b with separate multiplies and add, as `vnni::dequant`.
+/// y = (acc − corr)·s_r·scale + b with separate multiplies and add, as `qtile::dequant`.
 #[target_feature(enable = "avx512f,avx512vnni")]
 #[inline]
 unsafe fn int8_dynamic_block<const R: usize, const P: usize, const U: usize>(t: &QTile, p0: usize) {

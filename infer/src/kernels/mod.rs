@@ -28,6 +28,7 @@ mod avx2;
 mod avx512;
 mod isa;
 mod pool;
+mod qtile;
 mod scalar;
 mod vnni;
 

@@ -1,7 +1,7 @@
 //! Portable kernels for CPUs without AVX2, over the same packed layout. Written so that
 //! the compiler vectorizes the 16-column inner loop with whatever the target baseline
 //! has (SSE2 on x86-64, NEON on aarch64); still one pass over W for up to 8 rows.
-use super::vnni::{dequant, QTile};
+use super::qtile::{dequant, QTile};
 use super::{Tile, WeightFormat, MAX_ROWS, PANEL};
 
 /// # Safety
@@ -65,7 +65,7 @@ pub(super) unsafe fn run(t: &Tile, format: WeightFormat) {
 }
 
 /// The Int8Dynamic kernel: the same integers as `vpdpbusd` (u8 activations times i8
-/// weights, 4 per lane, wrapping i32 sums), then `vnni::dequant`.
+/// weights, 4 per lane, wrapping i32 sums), then `qtile::dequant`.
 ///
 /// # Safety
 /// `t` satisfies `QTile`'s field contracts: slice lengths as stated, and `y` writable for

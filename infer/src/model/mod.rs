@@ -10,10 +10,10 @@ use crate::cache::{KvCache, Span};
 use crate::config::{Activation, Gpt2Config};
 use crate::decode::{Layers, Plan};
 
+pub use crate::check::{check_model_dir, check_sizes, stored_kind};
 use crate::kernels::PackedLinear;
 pub use crate::linear::Linear;
 use crate::linear::{kernel_max_rows, packed_forward};
-pub use crate::load::{check_model_dir, check_sizes, stored_kind};
 
 mod paths;
 use crate::parallel::{per_shard, Communicator};

@@ -18,7 +18,7 @@
 //!
 //! One module for the format: names and config here, the arithmetic and the stored
 //! tensors in `codec` (used by the `quantize` crate to write and by the engine to read),
-//! the runtime layers in `layers` and `linear`.
+//! the runtime layer in `linear` (the loader, `load::int8`, builds an artifact's layers).
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
@@ -26,7 +26,6 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Error, Result};
 
 mod codec;
-mod layers;
 mod linear;
 mod observe;
 
@@ -34,7 +33,6 @@ pub use codec::{
     dequantize_artifact, encode_weight, quantize_per_channel, quantize_per_token, quantize_row,
     read_int8, read_outliers, QuantRows,
 };
-pub(crate) use layers::Int8Layers;
 pub use linear::Int8Linear;
 pub use observe::InputObserver;
 

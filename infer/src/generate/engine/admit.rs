@@ -2,8 +2,8 @@
 use tch::Tensor;
 
 use super::{Engine, Generated, Kind, Unit, PREFILL_CHUNK};
-use crate::beam::Beam;
 use crate::error::Result;
+use crate::generate::beam::Beam;
 use crate::generate::FinishReason;
 use crate::rng::SeqRng;
 

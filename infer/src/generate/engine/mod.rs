@@ -20,10 +20,10 @@ use std::time::Instant;
 
 use tch::{Device, Tensor};
 
-use crate::beam::Beam;
 use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::Result;
+use crate::generate::beam::Beam;
 use crate::rng::{self, RngLock, SeqRng};
 
 use super::{Generated, GenerationConfig, StopCheck, Strategy};

@@ -2,11 +2,11 @@
 //! parallelism.
 use tch::{Device, Kind, Tensor};
 
-use super::{outlier_name, read_int8, read_outliers, Int8Linear, Method, QuantRows};
 use crate::checkpoint::TensorSource;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::parallel::{local_indices, slice, Split};
+use crate::quant::{outlier_name, read_int8, read_outliers, Int8Linear, Method, QuantRows};
 
 /// An int8 artifact's linear layers, read as tensor-parallel shards split as the float
 /// ones are (`parallel.rs`). A column split takes rows of `q` (output channels), their

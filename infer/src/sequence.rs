@@ -1,0 +1,33 @@
+//! What generation returns for one sequence: its tokens, their log-probabilities, its
+//! score and why it ended. Below `generate` so that what consumes sequences
+//! (`ensemble`'s pooled selection) does not depend on how they are made.
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Eos,
+    Stop,
+    Length,
+    Time,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Eos => "eos",
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Time => "time",
+        }
+    }
+}
+
+/// One returned sequence: the generated tokens only, each token's log-probability under
+/// the processed distribution, and the sequence score (beam: transformers'
+/// `sequences_scores`; otherwise the sum of the log-probabilities).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Generated {
+    pub tokens: Vec<i64>,
+    pub logprobs: Vec<f64>,
+    pub score: f64,
+    pub finish_reason: FinishReason,
+}
