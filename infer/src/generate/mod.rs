@@ -103,6 +103,7 @@ pub(crate) enum Step {
 }
 
 /// Everything a strategy sees of a step besides the logits.
+#[derive(Clone, Copy)]
 pub(crate) struct StepContext<'a> {
     pub cfg: &'a GenerationConfig,
     pub stop: StopCheck<'a>,

@@ -26,7 +26,7 @@ use crate::error::Result;
 use crate::generate::beam::Beam;
 use crate::rng::{self, RngLock, SeqRng};
 
-use super::{Generated, GenerationConfig, StopCheck, Strategy};
+use super::{Generated, GenerationConfig, StepContext, StopCheck, Strategy};
 
 /// How the engine admits sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -201,15 +201,19 @@ impl<'a> Engine<'a> {
             })
             .collect();
         let scores = self.models.scores(&hidden); // (R, V)
-        let timed_out = self
-            .cfg
-            .max_time
-            .is_some_and(|t| self.started.elapsed() >= t);
+        let ctx = StepContext {
+            cfg: self.cfg,
+            stop,
+            timed_out: self
+                .cfg
+                .max_time
+                .is_some_and(|t| self.started.elapsed() >= t),
+        };
         self.steps += 1;
         let feeds = if self.beams > 1 {
-            self.pick_beams(&scores, stop, timed_out, on_token)?
+            self.pick_beams(&scores, &ctx, on_token)?
         } else {
-            self.pick_singles(&scores, stop, timed_out, on_token)?
+            self.pick_singles(&scores, &ctx, on_token)?
         };
         self.retire(&feeds);
         self.feed(feeds)

@@ -5,7 +5,7 @@ use tch::Tensor;
 use super::{Engine, Feed, Kind, Unit};
 use crate::error::Result;
 use crate::generate::{
-    choose, finish_reason, Choice, NoPick, Sampling, Step, StepContext, StopCheck, Strategy,
+    choose, finish_reason, Choice, NoPick, Sampling, Step, StepContext, Strategy,
 };
 use crate::processors::{process, Row};
 
@@ -15,8 +15,7 @@ impl Engine<'_> {
     pub(super) fn pick_singles(
         &mut self,
         scores: &Tensor,
-        stop: StopCheck,
-        timed_out: bool,
+        ends: &StepContext,
         on_token: &mut dyn FnMut(usize, i64),
     ) -> Result<Vec<Option<Feed>>> {
         let cfg = self.cfg;
@@ -55,7 +54,7 @@ impl Engine<'_> {
             out.score += lp;
             tokens.push(tok);
             on_token(u.row, tok);
-            match finish_reason(cfg, &out.tokens, u.limit, stop, timed_out) {
+            match finish_reason(cfg, &out.tokens, u.limit, ends.stop, ends.timed_out) {
                 Some(reason) => {
                     out.finish_reason = reason;
                     feeds.push(None);
@@ -108,12 +107,12 @@ impl Engine<'_> {
         Ok(all)
     }
 
-    /// Each beam group's step on its rows' logits.
+    /// Each beam group's step on its rows' logits, under its own settings (its length
+    /// limit) and the step's stop checks `ends`.
     pub(super) fn pick_beams(
         &mut self,
         scores: &Tensor,
-        stop: StopCheck,
-        timed_out: bool,
+        ends: &StepContext,
         on_token: &mut dyn FnMut(usize, i64),
     ) -> Result<Vec<Option<Feed>>> {
         let mut feeds = Vec::with_capacity(self.live.len());
@@ -125,11 +124,7 @@ impl Engine<'_> {
             let Kind::Beams(beam, cfg) = &mut u.kind else {
                 unreachable!("a run is all beams or all single sequences")
             };
-            let ctx = StepContext {
-                cfg,
-                stop,
-                timed_out,
-            };
+            let ctx = StepContext { cfg, ..*ends };
             let step = match (&mut u.rng, &self.rng_lock) {
                 (Some(rng), Some(lock)) => {
                     rng.with(lock, || beam.step(&logits, &ctx, on_token))??
