@@ -93,7 +93,9 @@ impl<'a> Ensemble<'a> {
     /// Next-token scores (R, V) float from each model's hidden state (R, E).
     pub fn scores(&self, hidden: &[Tensor]) -> Tensor {
         if self.models.len() == 1 {
-            return self.models[0].logits(&hidden[0]).to_kind(Kind::Float);
+            return self.models[0]
+                .decode_logits(&hidden[0])
+                .to_kind(Kind::Float);
         }
         let logp: Vec<Tensor> = self
             .models
@@ -102,7 +104,7 @@ impl<'a> Ensemble<'a> {
             .zip(&self.weights)
             .map(|((m, h), &w)| {
                 let lp = m
-                    .logits(h)
+                    .decode_logits(h)
                     .to_kind(Kind::Float)
                     .log_softmax(-1, Kind::Float);
                 match self.mode {

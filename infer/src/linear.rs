@@ -53,6 +53,19 @@ impl Linear {
         }
     }
 
+    /// The most input rows one call runs on the decode kernels (`usize::MAX` when no
+    /// kernel serves this layer, or when every path computes the same values).
+    pub(crate) fn kernel_rows(&self) -> usize {
+        match self {
+            Linear::Packed { packed, .. } => kernel_max_rows(packed) as usize,
+            Linear::Int8Weight {
+                packed: Some(_), ..
+            } => INT8_KERNEL_MAX_ROWS as usize,
+            // W8A8's integer sums and rescale are the same on every path.
+            _ => usize::MAX,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (weight, bias) = match self {
             Linear::Float { weight, bias } => (weight, bias),

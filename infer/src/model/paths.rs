@@ -9,7 +9,7 @@ use crate::config::Activation;
 use crate::decode::{LayerParts, Plan};
 use crate::error::{Error, Result};
 use crate::kernels::{self, PackedLinear};
-use crate::linear::Linear;
+use crate::linear::{kernel_max_rows, Linear};
 use crate::quant::QuantizationConfig;
 
 impl Gpt2 {
@@ -138,6 +138,26 @@ impl Gpt2 {
 
     fn blocks_on_kernels(&self, rows: usize) -> bool {
         self.linears().all(|(_, _, l)| l.runs_on_pool(rows))
+    }
+
+    /// Logits of one hidden row per sequence (R, E) → (R, V), in chunks that the head's
+    /// decode kernel takes whole, so that a row's logits do not depend on how many rows
+    /// are scored beside it (past the kernel's rows libtorch would round differently).
+    pub(crate) fn decode_logits(&self, hidden: &Tensor) -> Tensor {
+        let chunk = match (&self.head_packed, &self.head_q) {
+            (Some(p), _) => kernel_max_rows(p) as usize,
+            (None, Some(q)) => q.kernel_rows(),
+            (None, None) => usize::MAX,
+        };
+        let rows = hidden.size()[0] as usize;
+        if rows <= chunk {
+            return self.logits(hidden);
+        }
+        let parts: Vec<Tensor> = (0..rows)
+            .step_by(chunk)
+            .map(|s| self.logits(&hidden.narrow(0, s as i64, chunk.min(rows - s) as i64)))
+            .collect();
+        Tensor::cat(&parts, 0)
     }
 
     /// A decode step on the fused plan, in chunks of at most `kernels::MAX_ROWS` rows (the

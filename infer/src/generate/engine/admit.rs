@@ -79,10 +79,19 @@ impl Engine<'_> {
                 firsts.push(i);
             }
         }
+        // Prompts of one length share a pass while it stays on the decode kernels (which
+        // compute each row the same beside any others); past that libtorch would round a
+        // row differently than alone, so each goes on its own.
+        let models = &self.models.models;
+        let on_kernels = |tokens: usize| models.iter().all(|m| m.prefills_on_kernels(tokens));
         let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
         for &f in &firsts {
             let n = joined[f].prompt_len;
-            match by_len.iter_mut().find(|(len, _)| *len == n) {
+            let t = n.min(PREFILL_CHUNK);
+            let open = by_len
+                .iter_mut()
+                .find(|(len, group)| *len == n && on_kernels((group.len() + 1) * t));
+            match open {
                 Some((_, group)) => group.push(f),
                 None => by_len.push((n, vec![f])),
             }
@@ -97,9 +106,7 @@ impl Engine<'_> {
                 .view([group.len() as i64, len as i64])
                 .to_device(self.device);
             let tokens = group.len() * len.min(PREFILL_CHUNK);
-            let models = &self.models.models;
-            self.threads
-                .one(models.iter().all(|m| m.prefills_on_kernels(tokens)));
+            self.threads.one(on_kernels(tokens));
             for (m, (model, cache)) in self.models.models.iter().zip(&mut self.caches).enumerate() {
                 let mut h = None;
                 for start in (0..len).step_by(PREFILL_CHUNK) {
