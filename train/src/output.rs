@@ -13,6 +13,7 @@ use anyhow::{Context, Result};
 use crate::checkpoint as ckpt;
 use crate::folder::TMP_PREFIX;
 use crate::options::{input, TrainOptions};
+use crate::util::hostname;
 
 /// Before anything is read: leftovers of a killed save removed, the checkpoint to
 /// resume from found, and the folder's earlier contents refused, or (overwriting)
@@ -169,13 +170,6 @@ fn not_a_lock_file(path: &Path, what: &str) -> anyhow::Error {
         "{} is {what}, not a lock file this tool wrote; remove it if no run is using the folder",
         path.display()
     ))
-}
-
-/// This machine's name, for lock owners and event file names.
-pub(crate) fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// A failed run leaves `final/` as an earlier run wrote it: the error says which step it
