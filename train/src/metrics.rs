@@ -11,7 +11,6 @@ use std::path::Path;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::eval::EvalResult;
 use crate::events::EventFile;
 use crate::util::stderr_line;
 
@@ -70,10 +69,11 @@ impl Metrics {
         }
     }
 
-    pub fn eval(&mut self, step: i64, r: &EvalResult) {
+    /// Called after every eval: its loss and perplexity as TensorBoard scalars.
+    pub fn eval(&mut self, step: i64, loss: f64, perplexity: f64) {
         self.scalars(
             step,
-            &[("eval/loss", r.loss), ("eval/perplexity", r.perplexity)],
+            &[("eval/loss", loss), ("eval/perplexity", perplexity)],
             true,
         );
     }
