@@ -10,8 +10,8 @@ use anyhow::{Context, Result};
 use infer::Tokenizer;
 use tch::{Device, Kind, Tensor};
 
-use crate::metrics::stderr_line;
 use crate::pieces::{encode_in_pieces, splits_like_gpt2, PIECE_BYTES};
+use crate::util::stderr_line;
 
 /// The UTF-8 byte order mark, skipped at the start of a file.
 const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";

@@ -147,7 +147,7 @@ pub(crate) fn record_eval(
     state.log_history.push(json!({
         "step": step, "eval_loss": r.loss, "eval_perplexity": r.perplexity, "eval_tokens": r.tokens,
     }));
-    metrics.eval(step, r);
+    metrics.eval(step, r.loss, r.perplexity);
     state.last_eval_loss = Some(r.loss);
     state.last_eval_step = Some(step);
     if state.best_metric.is_none_or(|b| r.loss < b) {

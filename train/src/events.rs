@@ -18,7 +18,7 @@ impl EventFile {
     /// Creates `dir/events.out.tfevents.SECONDS.HOST.PID.0` (TensorBoard's name) and
     /// writes its version record.
     pub fn create(dir: &Path) -> io::Result<Self> {
-        let host = crate::output::hostname();
+        let host = crate::util::hostname();
         let name = format!(
             "events.out.tfevents.{:010}.{host}.{}.0",
             now().trunc() as u64,

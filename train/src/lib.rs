@@ -17,3 +17,4 @@ pub mod schedule;
 pub mod tokenizer_train;
 pub mod trainable;
 pub mod trainer;
+mod util;

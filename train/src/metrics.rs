@@ -5,14 +5,14 @@
 //! A closed or full stderr loses these messages and nothing else: `eprintln!` would
 //! panic there (Rust ignores SIGPIPE, so a closed pipe is an EPIPE write error), which
 //! would end a training run before its final model is written. Every write goes
-//! through `stderr_line`, and indicatif ignores its own write errors.
-use std::io::Write;
+//! through `util::stderr_line`, and indicatif ignores its own write errors.
 use std::path::Path;
 
-use crate::eval::EvalResult;
-use crate::events::EventFile;
 use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::events::EventFile;
+use crate::util::stderr_line;
 
 pub struct Metrics {
     /// None once a write failed: TensorBoard logs are lost then, not the run.
@@ -69,10 +69,11 @@ impl Metrics {
         }
     }
 
-    pub fn eval(&mut self, step: i64, r: &EvalResult) {
+    /// Called after every eval: its loss and perplexity as TensorBoard scalars.
+    pub fn eval(&mut self, step: i64, loss: f64, perplexity: f64) {
         self.scalars(
             step,
-            &[("eval/loss", r.loss), ("eval/perplexity", r.perplexity)],
+            &[("eval/loss", loss), ("eval/perplexity", perplexity)],
             true,
         );
     }
@@ -119,9 +120,4 @@ impl Metrics {
             }
         }
     }
-}
-
-/// Writes a line to stderr, ignoring a closed or full stderr (where `eprintln!` panics).
-pub fn stderr_line(text: &str) {
-    let _ = writeln!(std::io::stderr(), "{text}");
 }

@@ -13,6 +13,10 @@ use anyhow::{Context, Result};
 use crate::checkpoint as ckpt;
 use crate::folder::TMP_PREFIX;
 use crate::options::{input, TrainOptions};
+use crate::util::hostname;
+
+/// Where the final model goes inside the output folder.
+pub const FINAL_DIR: &str = "final";
 
 /// Before anything is read: leftovers of a killed save removed, the checkpoint to
 /// resume from found, and the folder's earlier contents refused, or (overwriting)
@@ -171,17 +175,10 @@ fn not_a_lock_file(path: &Path, what: &str) -> anyhow::Error {
     ))
 }
 
-/// This machine's name, for lock owners and event file names.
-pub(crate) fn hostname() -> String {
-    fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "unknown".into())
-}
-
 /// A failed run leaves `final/` as an earlier run wrote it: the error says which step it
 /// holds and where the newest checkpoint is, so that it is not taken for this run's.
 pub fn explain_stale_final(e: anyhow::Error, output: &Path) -> anyhow::Error {
-    let final_dir = output.join(crate::trainer::FINAL_DIR);
+    let final_dir = output.join(FINAL_DIR);
     let Ok(state) =
         ckpt::read_json::<crate::checkpoint::TrainerState>(&final_dir.join(ckpt::TRAINER_STATE))
     else {

@@ -24,6 +24,7 @@ use crate::metrics::Metrics;
 use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
 pub use crate::options::{Resume, TrainOptions};
+pub use crate::output::FINAL_DIR;
 use crate::output::{self, OutputLock};
 use crate::resume;
 use crate::schedule::Schedule;
@@ -31,9 +32,6 @@ use crate::trainable::{check_bf16, first_line, Trainable};
 
 /// Non-finite steps in a row that abort training.
 pub const MAX_CONSECUTIVE_NAN_STEPS: i64 = 5;
-
-/// Where the final model goes inside the output folder.
-pub const FINAL_DIR: &str = "final";
 
 #[derive(Debug, Clone)]
 pub struct TrainSummary {
