@@ -21,7 +21,7 @@ mod settings;
 pub use crate::sequence::{FinishReason, Generated};
 pub use choose::{choose, Choice, NoPick, Sampling};
 pub use engine::{Engine, Request, Schedule};
-pub use settings::{check_requests, validate, EarlyStopping, GenerationConfig};
+pub use settings::{validate, validate_requests, EarlyStopping, GenerationConfig};
 
 /// The sequences of each prompt, and where the time went.
 #[derive(Debug)]
@@ -170,9 +170,7 @@ pub fn generate_requests(
     stop: StopCheck,
     mut on_token: impl FnMut(usize, i64),
 ) -> Result<Output> {
-    let prompts: Vec<Vec<i64>> = requests.iter().map(|r| r.prompt.clone()).collect();
-    validate(&models.config(), &prompts, cfg)?;
-    check_requests(&models.config(), &requests)?;
+    validate_requests(&models.config(), &requests, cfg)?;
     let started = Instant::now();
     let mut engine = Engine::new(models, cfg, requests, schedule);
     let mut prefill = None;

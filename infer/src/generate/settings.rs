@@ -97,10 +97,35 @@ impl GenerationConfig {
 /// each error names the flag, or the generation_config.json file and key that set the
 /// value (`GenerationConfig::sources`).
 pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<()> {
+    check_settings(config, prompts.len(), cfg)?;
+    check_prompts(config, prompts, cfg)
+}
+
+/// `validate` for requests with their own token limits (`Request::max_new_tokens`, from
+/// a prompts file): each is checked against its own limit, and one that kept the
+/// settings' limit as `validate` checks it (naming the flag).
+pub fn validate_requests(
+    config: &Gpt2Config,
+    requests: &[super::Request],
+    cfg: &GenerationConfig,
+) -> Result<()> {
+    check_settings(config, requests.len(), cfg)?;
+    for (i, r) in requests.iter().enumerate() {
+        if r.max_new_tokens == cfg.limit(r.prompt.len()) {
+            check_prompt(config, i, &r.prompt, cfg)?;
+        } else {
+            check_request(config, i, r)?;
+        }
+    }
+    Ok(())
+}
+
+/// The settings alone, for `n_prompts` prompts.
+fn check_settings(config: &Gpt2Config, n_prompts: usize, cfg: &GenerationConfig) -> Result<()> {
     let bad = |msg: String| Err(Error::Input(msg));
     let n = |key: &str| cfg.name(key);
     let p = &cfg.processing;
-    if prompts.is_empty() {
+    if n_prompts == 0 {
         return bad("no prompt given".into());
     }
     if cfg.max_length.is_none() && cfg.max_new_tokens < 1 {
@@ -200,8 +225,7 @@ pub fn validate(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfi
             n("num_return_sequences")
         ));
     }
-    check_token_ids(config, cfg)?;
-    check_prompts(config, prompts, cfg)
+    check_token_ids(config, cfg)
 }
 
 /// Every token id a setting names lies inside the vocabulary.
@@ -250,59 +274,75 @@ fn check_token_ids(config: &Gpt2Config, cfg: &GenerationConfig) -> Result<()> {
 
 /// Every prompt is non-empty, in the vocabulary, and fits the context with its limit.
 fn check_prompts(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<()> {
-    let bad = |msg: String| Err(Error::Input(msg));
-    let n = |key: &str| cfg.name(key);
-    let n_positions = config.n_positions;
     for (i, prompt) in prompts.iter().enumerate() {
-        if prompt.is_empty() {
-            return bad(format!("prompt {i} is empty (it encodes to no tokens)"));
-        }
-        config.check_ids(prompt)?;
-        let limit = cfg.limit(prompt.len());
-        if limit == 0 {
-            return bad(format!(
-                "prompt {i} has {} tokens, already {} {}: nothing left to generate",
-                prompt.len(),
-                n("max_length"),
-                cfg.max_length.unwrap_or(0)
-            ));
-        }
-        // Saturating: a limit near usize::MAX must not wrap around below n_positions.
-        let need = prompt.len().saturating_add(limit);
-        if need > n_positions.max(0) as usize {
-            let flag = match cfg.max_length {
-                Some(l) => format!("{} {l}", n("max_length")),
-                None => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),
-            };
-            return bad(format!(
-                "prompt {i} has {} tokens; with {flag} that is {need} positions, \
-                 more than the model's context (n_positions {n_positions})",
-                prompt.len()
-            ));
-        }
+        check_prompt(config, i, prompt, cfg)?;
     }
     Ok(())
 }
 
-/// Checks requests' own token limits (`Request::max_new_tokens`, from a prompts file)
-/// against the model's context; `validate` has checked the prompts.
-pub fn check_requests(config: &Gpt2Config, requests: &[super::Request]) -> Result<()> {
+/// Prompt `i` is non-empty, in the vocabulary, and fits the context with the settings'
+/// limit (the error names the flag or file that set it).
+fn check_prompt(
+    config: &Gpt2Config,
+    i: usize,
+    prompt: &[i64],
+    cfg: &GenerationConfig,
+) -> Result<()> {
+    let bad = |msg: String| Err(Error::Input(msg));
+    let n = |key: &str| cfg.name(key);
+    let n_positions = config.n_positions;
+    if prompt.is_empty() {
+        return bad(format!("prompt {i} is empty (it encodes to no tokens)"));
+    }
+    config.check_ids(prompt)?;
+    let limit = cfg.limit(prompt.len());
+    if limit == 0 {
+        return bad(format!(
+            "prompt {i} has {} tokens, already {} {}: nothing left to generate",
+            prompt.len(),
+            n("max_length"),
+            cfg.max_length.unwrap_or(0)
+        ));
+    }
+    // Saturating: a limit near usize::MAX must not wrap around below n_positions.
+    let need = prompt.len().saturating_add(limit);
+    if need > n_positions.max(0) as usize {
+        let flag = match cfg.max_length {
+            Some(l) => format!("{} {l}", n("max_length")),
+            None => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),
+        };
+        return bad(format!(
+            "prompt {i} has {} tokens; with {flag} that is {need} positions, \
+             more than the model's context (n_positions {n_positions})",
+            prompt.len()
+        ));
+    }
+    Ok(())
+}
+
+/// Request `i` with its own token limit (`Request::max_new_tokens`, from a prompts
+/// file): a non-empty prompt in the vocabulary that fits the context with that limit.
+fn check_request(config: &Gpt2Config, i: usize, r: &super::Request) -> Result<()> {
     let n_positions = config.n_positions.max(0) as usize;
-    for (i, r) in requests.iter().enumerate() {
-        if r.max_new_tokens < 1 {
-            return Err(Error::Input(format!(
-                "prompt {i}: max_new_tokens must be at least 1"
-            )));
-        }
-        let need = r.prompt.len().saturating_add(r.max_new_tokens);
-        if need > n_positions {
-            return Err(Error::Input(format!(
-                "prompt {i} has {} tokens; with max_new_tokens {} that is {need} positions, \
-                 more than the model's context (n_positions {n_positions})",
-                r.prompt.len(),
-                r.max_new_tokens
-            )));
-        }
+    if r.prompt.is_empty() {
+        return Err(Error::Input(format!(
+            "prompt {i} is empty (it encodes to no tokens)"
+        )));
+    }
+    config.check_ids(&r.prompt)?;
+    if r.max_new_tokens < 1 {
+        return Err(Error::Input(format!(
+            "prompt {i}: max_new_tokens must be at least 1"
+        )));
+    }
+    let need = r.prompt.len().saturating_add(r.max_new_tokens);
+    if need > n_positions {
+        return Err(Error::Input(format!(
+            "prompt {i} has {} tokens; with max_new_tokens {} that is {need} positions, \
+             more than the model's context (n_positions {n_positions})",
+            r.prompt.len(),
+            r.max_new_tokens
+        )));
     }
     Ok(())
 }

@@ -11,6 +11,26 @@ impl Engine<'_> {
     /// Admits waiting units into free slots (all of them that fit, or with static
     /// batches only when nothing runs) and prefills their prompts.
     pub(super) fn admit(&mut self) -> Result<()> {
+        if self.timed_out() {
+            // --max-time has passed: what has not started never will.
+            for u in std::mem::take(&mut self.waiting) {
+                let (request, j) = (u / self.per_request, u % self.per_request);
+                let n = if self.beams > 1 {
+                    self.done[request].len()
+                } else {
+                    1
+                };
+                for slot in self.done[request].iter_mut().skip(j).take(n) {
+                    *slot = Some(Generated {
+                        tokens: vec![],
+                        logprobs: vec![],
+                        score: 0.0,
+                        finish_reason: FinishReason::Time,
+                    });
+                }
+            }
+            return Ok(());
+        }
         if self.schedule.static_batches && !self.live.is_empty() {
             return Ok(());
         }
@@ -33,10 +53,17 @@ impl Engine<'_> {
         let request = u / self.per_request;
         let req = &self.requests[request];
         let row = u;
+        // Output row k draws from seed + k; a beam group (one unit per request) from its
+        // first row's, request × num_return_sequences.
+        let k = if self.beams > 1 {
+            request * self.cfg.num_return_sequences
+        } else {
+            row
+        };
         let sampled = self.cfg.processing.do_sample;
         let rng = match self.cfg.seed {
             Some(seed) if sampled => {
-                Some(SeqRng::seeded(seed.wrapping_add(row as u64), self.device)?)
+                Some(SeqRng::seeded(seed.wrapping_add(k as u64), self.device)?)
             }
             _ => None,
         };

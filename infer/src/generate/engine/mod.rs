@@ -167,6 +167,13 @@ impl<'a> Engine<'a> {
         }
     }
 
+    /// Whether `max_time` has passed since the engine started.
+    fn timed_out(&self) -> bool {
+        self.cfg
+            .max_time
+            .is_some_and(|t| self.started.elapsed() >= t)
+    }
+
     /// Whether every request has finished.
     pub fn is_idle(&self) -> bool {
         self.live.is_empty() && self.waiting.is_empty()
@@ -204,10 +211,7 @@ impl<'a> Engine<'a> {
         let ctx = StepContext {
             cfg: self.cfg,
             stop,
-            timed_out: self
-                .cfg
-                .max_time
-                .is_some_and(|t| self.started.elapsed() >= t),
+            timed_out: self.timed_out(),
         };
         self.steps += 1;
         let feeds = if self.beams > 1 {
