@@ -23,6 +23,10 @@ mod train_cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Testing hook: check that the command line parses, and stop (the README's usage
+    /// test).
+    #[arg(long, hide = true, global = true)]
+    parse_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -53,8 +57,7 @@ fn main() -> ExitCode {
         let _ = writeln!(io::stderr(), "gpt2kit: internal error: {info}");
     }));
     let cli = Cli::parse();
-    // Checks that a command line parses without running it (the README's usage test).
-    if std::env::var_os("GPT2KIT_PARSE_ONLY").is_some() {
+    if cli.parse_only {
         return ExitCode::SUCCESS;
     }
     let mut out = Out(io::stdout().lock());

@@ -617,7 +617,7 @@ fn every_readme_usage_command_parses() {
         seen.insert(words[0].clone());
         let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
             .args(&words)
-            .env("GPT2KIT_PARSE_ONLY", "1")
+            .arg("--parse-only")
             .output()
             .unwrap();
         assert!(
@@ -638,12 +638,39 @@ fn every_readme_usage_command_parses() {
 #[test]
 fn parse_only_still_refuses_bad_flags() {
     // The usage test is only meaningful if parse-only mode rejects what clap rejects.
+    for args in [
+        &["infer", "--no-such-flag", "--parse-only"][..],
+        &[
+            "infer",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--seed",
+            "-1",
+            "--parse-only",
+        ],
+        &["--parse-only", "tokenizer", "train", "--out", "t"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
+    // And that it runs nothing: no model folder is read.
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(["infer", "--no-such-flag"])
-        .env("GPT2KIT_PARSE_ONLY", "1")
+        .args([
+            "infer",
+            "--model",
+            "/no/such/model",
+            "--prompt",
+            "x",
+            "--parse-only",
+        ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 }
 
 #[test]
