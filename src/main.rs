@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod eval_cmd;
 mod infer_cmd;
 mod infer_io;
+mod infer_settings;
 mod init_cmd;
 mod inspect;
 mod quantize_cmd;
