@@ -5,7 +5,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::Context;
-use infer::ensemble::{Ensemble, EnsembleMode};
+use infer::ensemble::Ensemble;
 use infer::generate::{
     check_requests, generate, generate_requests, validate, GenerationConfig, Output, Request,
     Schedule,
@@ -13,6 +13,7 @@ use infer::generate::{
 use infer::speculative::{generate_speculative, Drafter};
 use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
 
+use crate::choices::{name, Dtype, EnsembleMode};
 use crate::infer_io::{print_sequences, print_stats, read_prompts, Streamer};
 use crate::infer_settings::{generation_config, GenerationArgs};
 use crate::Out;
@@ -43,8 +44,8 @@ pub struct Args {
     /// mean-prob (weighted mean of probabilities), mean-logprob, rerank (each model's
     /// candidates scored by all) or vote (minimum-Bayes-risk choice among candidates);
     /// needs --ensemble [default: mean-prob].
-    #[arg(long)]
-    ensemble_mode: Option<String>,
+    #[arg(long, value_enum)]
+    ensemble_mode: Option<EnsembleMode>,
     /// Comma-separated weights, one per model (--model first) [default: equal].
     #[arg(long, value_delimiter = ',')]
     ensemble_weights: Vec<f64>,
@@ -63,9 +64,9 @@ pub struct Args {
     /// Longest n-gram --prompt-lookup matches.
     #[arg(long, default_value_t = 2)]
     max_matching_ngram_size: usize,
-    /// Weights and compute dtype: f32, f16, bf16, or auto (the checkpoint's own).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Weights and compute dtype; auto: the checkpoint's own.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -135,13 +136,13 @@ fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::De
 
 /// The strategy flags against each other and the other models (tokenizers, contexts),
 /// before any model is loaded. Returns the ensemble mode.
-fn check_strategy<'a>(
-    args: &'a Args,
+fn check_strategy(
+    args: &Args,
     dir: &Path,
     tokenizer: &Tokenizer,
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
-) -> anyhow::Result<&'a str> {
+) -> anyhow::Result<EnsembleMode> {
     if args.stream
         && (prompts.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
     {
@@ -152,7 +153,8 @@ fn check_strategy<'a>(
     if args.ensemble.is_empty() {
         if let Some(mode) = &args.ensemble_mode {
             return Err(usage(format!(
-                "--ensemble-mode {mode} needs --ensemble (another model to decode with)"
+                "--ensemble-mode {} needs --ensemble (another model to decode with)",
+                name(mode)
             )));
         }
         if !args.ensemble_weights.is_empty() {
@@ -161,12 +163,7 @@ fn check_strategy<'a>(
             ));
         }
     }
-    let mode = args.ensemble_mode.as_deref().unwrap_or("mean-prob");
-    if !["mean-prob", "mean-logprob", "rerank", "vote"].contains(&mode) {
-        return Err(usage(format!(
-            "--ensemble-mode {mode:?}: expected mean-prob, mean-logprob, rerank or vote"
-        )));
-    }
+    let mode = args.ensemble_mode.unwrap_or(EnsembleMode::MeanProb);
     for other in &args.ensemble {
         infer::model::check_model_dir(other)?;
         let tok = Tokenizer::from_dir(other)?;
@@ -187,7 +184,7 @@ fn check_strategy<'a>(
             1 + args.ensemble.len()
         )));
     }
-    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let pooled = !args.ensemble.is_empty() && mode.pooled();
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
     if speculative && !args.ensemble.is_empty() {
         return Err(usage(
@@ -334,7 +331,7 @@ fn warm_up(
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
+    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
     let devices = shard_devices(args, device)?;
     let device = devices[0];
     let (texts, limits) = prompt_texts(args)?;
@@ -350,7 +347,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         .collect::<Result<Vec<_>, _>>()?;
     validate(&config, &prompts, &cfg)?;
     let mode = check_strategy(args, dir, &tokenizer, &prompts, &cfg)?;
-    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let pooled = !args.ensemble.is_empty() && mode.pooled();
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
     let requests = requests(args, &prompts, &limits, &cfg, pooled || speculative)?;
     check_requests(&config, &requests)?;
@@ -359,15 +356,10 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", dir.display()))?;
     let others = load_models(&args.ensemble, kind, device, &engine)?;
     let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
-    let combine = if mode == "mean-logprob" {
-        EnsembleMode::MeanLogprob
-    } else {
-        EnsembleMode::MeanProb
-    };
     let ensemble = Ensemble::new(
         std::iter::once(&model).chain(&others).collect(),
         weights,
-        combine,
+        mode.combine(),
     )?;
 
     // transformers' StopStringCriteria: a sequence stops at the token that completes a
@@ -431,7 +423,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             )
         })?
     } else {
-        run_pooled(&ensemble, &prompts, &cfg, &stop_check, mode == "vote")?
+        run_pooled(
+            &ensemble,
+            &prompts,
+            &cfg,
+            &stop_check,
+            mode == EnsembleMode::Vote,
+        )?
     };
 
     if let Some(e) = stream_err {

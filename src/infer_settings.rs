@@ -8,6 +8,8 @@ use std::time::Duration;
 use infer::generate::GenerationConfig;
 use infer::{genconfig, Error, Gpt2Config, Tokenizer};
 
+use crate::choices::EarlyStopping;
+
 fn usage(msg: String) -> anyhow::Error {
     Error::Input(msg).into()
 }
@@ -78,9 +80,9 @@ pub(crate) struct GenerationArgs {
     /// Beam score = sum of log-probs / length^length_penalty [default: 1.0].
     #[arg(long, allow_negative_numbers = true)]
     length_penalty: Option<f64>,
-    /// Beam stopping: true, false or never (transformers' three meanings) [default: false].
-    #[arg(long)]
-    early_stopping: Option<String>,
+    /// Beam stopping: transformers' three meanings [default: false].
+    #[arg(long, value_enum)]
+    early_stopping: Option<EarlyStopping>,
     /// End-of-sequence token id; repeatable; replaces the config's.
     #[arg(long)]
     eos_token_id: Vec<i64>,
@@ -164,12 +166,8 @@ pub(crate) fn generation_config(
         p.bad_words_ids.push(ids);
     }
     from_flag(&mut cfg, "bad_words_ids", !args.bad_words.is_empty());
-    if let Some(s) = &args.early_stopping {
-        cfg.early_stopping = genconfig::parse_early_stopping(s).ok_or_else(|| {
-            usage(format!(
-                "--early-stopping {s:?}: expected true, false or never"
-            ))
-        })?;
+    if let Some(e) = args.early_stopping {
+        cfg.early_stopping = e.into();
     }
     if let Some(n) = args.max_new_tokens {
         cfg.max_new_tokens = n;

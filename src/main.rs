@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod choices;
 mod eval_cmd;
 mod infer_cmd;
 mod infer_io;
@@ -109,12 +110,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Reads `--device` and `--dtype` into what the engine takes.
 pub(crate) fn device_and_dtype(
     device: &str,
-    dtype: &str,
+    dtype: choices::Dtype,
 ) -> anyhow::Result<(tch::Device, Option<tch::Kind>)> {
-    Ok((
-        infer::device::parse_device(device)?,
-        infer::device::parse_dtype(dtype)?,
-    ))
+    Ok((infer::device::parse_device(device)?, dtype.kind()))
 }
 
 /// The engine's switches (`infer::EngineOptions`), for commands that load a model to run
