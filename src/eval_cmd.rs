@@ -7,6 +7,7 @@ use clap::Args as ClapArgs;
 use infer::{Gpt2, Tokenizer};
 use serde_json::json;
 
+use crate::choices::Dtype;
 use crate::Out;
 
 #[derive(ClapArgs)]
@@ -28,10 +29,10 @@ pub struct Args {
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// Weights' and compute dtype: f32, f16, bf16, or auto (the dtype the checkpoint
-    /// stores; unlike infer, whose default is f32).
-    #[arg(long, default_value = "auto")]
-    dtype: String,
+    /// Weights' and compute dtype; auto: the dtype the checkpoint stores (unlike infer,
+    /// whose default is f32).
+    #[arg(long, value_enum, default_value_t = Dtype::Auto)]
+    dtype: Dtype,
     /// The JSON field holding a text row's text (as train's --text-field).
     #[arg(long, default_value = "text")]
     text_field: String,
@@ -43,7 +44,7 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
+    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
     if !args.data.is_file() {
         return Err(
             infer::Error::Input(format!("--data {}: no such file", args.data.display())).into(),

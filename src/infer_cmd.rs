@@ -3,18 +3,19 @@
 //! `generation_config.json`, then `--generation-config FILE`, then flags.
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
 use anyhow::Context;
-use infer::ensemble::{Ensemble, EnsembleMode};
+use infer::ensemble::Ensemble;
 use infer::generate::{
     check_requests, generate, generate_requests, validate, GenerationConfig, Output, Request,
     Schedule,
 };
 use infer::speculative::{generate_speculative, Drafter};
-use infer::{genconfig, Error, Gpt2, Gpt2Config, Tokenizer};
+use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
 
+use crate::choices::{name, Dtype, EnsembleMode};
 use crate::infer_io::{print_sequences, print_stats, read_prompts, Streamer};
+use crate::infer_settings::{generation_config, GenerationArgs};
 use crate::Out;
 
 #[derive(clap::Args)]
@@ -34,88 +35,8 @@ pub struct Args {
     /// The field of each --prompts line that holds the prompt [default: prompt, else text].
     #[arg(long, requires = "prompts")]
     text_field: Option<String>,
-    /// A generation_config.json whose fields override the model folder's own.
-    #[arg(long)]
-    generation_config: Option<PathBuf>,
-    /// Tokens to generate after each prompt [default: 20].
-    #[arg(long)]
-    max_new_tokens: Option<usize>,
-    /// Total length (prompt + generated) per prompt; used when --max-new-tokens is absent.
-    #[arg(long)]
-    max_length: Option<usize>,
-    /// No EOS before this many new tokens.
-    #[arg(long)]
-    min_new_tokens: Option<usize>,
-    /// No EOS before the sequence (prompt included) has this many tokens.
-    #[arg(long)]
-    min_length: Option<usize>,
-    /// Sample from the processed distribution instead of taking its argmax.
-    #[arg(long)]
-    do_sample: bool,
-    /// Divide logits by this before sampling (> 0) [default: 1.0].
-    #[arg(long, allow_negative_numbers = true)]
-    temperature: Option<f64>,
-    /// Keep the k most likely tokens when sampling; 0 disables [default: 50].
-    #[arg(long, allow_negative_numbers = true)]
-    top_k: Option<i64>,
-    /// Keep the smallest set of tokens with probability mass ≥ p, in (0, 1] [default: 1.0].
-    #[arg(long, allow_negative_numbers = true)]
-    top_p: Option<f64>,
-    /// Drop tokens less likely than min_p × the top token's probability, in [0, 1].
-    #[arg(long, allow_negative_numbers = true)]
-    min_p: Option<f64>,
-    /// Locally typical sampling mass, in (0, 1] [default: 1.0].
-    #[arg(long, allow_negative_numbers = true)]
-    typical_p: Option<f64>,
-    /// Drop tokens with probability below this, in [0, 1) [default: 0].
-    #[arg(long, allow_negative_numbers = true)]
-    epsilon_cutoff: Option<f64>,
-    /// Eta sampling cutoff, in [0, 1) [default: 0].
-    #[arg(long, allow_negative_numbers = true)]
-    eta_cutoff: Option<f64>,
-    /// transformers' repetition penalty over prompt and output (> 0; > 1 penalises) [default: 1.0].
-    #[arg(long, allow_negative_numbers = true)]
-    repetition_penalty: Option<f64>,
-    /// OpenAI/vLLM presence penalty over generated tokens [default: 0].
-    #[arg(long, allow_negative_numbers = true)]
-    presence_penalty: Option<f64>,
-    /// OpenAI/vLLM frequency penalty over generated tokens [default: 0].
-    #[arg(long, allow_negative_numbers = true)]
-    frequency_penalty: Option<f64>,
-    /// Never repeat an n-gram of this size (prompt included); 0 disables.
-    #[arg(long)]
-    no_repeat_ngram_size: Option<usize>,
-    /// Text that must not be generated (its token sequence); repeatable.
-    #[arg(long)]
-    bad_words: Vec<String>,
-    /// Beam search with this many beams [default: 1].
-    #[arg(long)]
-    num_beams: Option<usize>,
-    /// Sequences returned per prompt (≤ --num-beams; > 1 without beams needs --do-sample).
-    #[arg(long)]
-    num_return_sequences: Option<usize>,
-    /// Beam score = sum of log-probs / length^length_penalty [default: 1.0].
-    #[arg(long, allow_negative_numbers = true)]
-    length_penalty: Option<f64>,
-    /// Beam stopping: true, false or never (transformers' three meanings) [default: false].
-    #[arg(long)]
-    early_stopping: Option<String>,
-    /// End-of-sequence token id; repeatable; replaces the config's.
-    #[arg(long)]
-    eos_token_id: Vec<i64>,
-    /// Generate through EOS tokens (only the length limits stop).
-    #[arg(long)]
-    ignore_eos: bool,
-    /// Stop a sequence once its text contains this string; repeatable; replaces the
-    /// generation config's stop_strings.
-    #[arg(long)]
-    stop: Vec<String>,
-    /// Stop after the step during which this many seconds have passed.
-    #[arg(long, allow_negative_numbers = true)]
-    max_time: Option<f64>,
-    /// Seed for sampling: the same seed gives the same tokens on the same device.
-    #[arg(long)]
-    seed: Option<u64>,
+    #[command(flatten)]
+    generation: GenerationArgs,
     /// Another model folder decoded together with --model; repeatable. Every model must
     /// share the tokenizer.
     #[arg(long)]
@@ -123,8 +44,8 @@ pub struct Args {
     /// mean-prob (weighted mean of probabilities), mean-logprob, rerank (each model's
     /// candidates scored by all) or vote (minimum-Bayes-risk choice among candidates);
     /// needs --ensemble [default: mean-prob].
-    #[arg(long)]
-    ensemble_mode: Option<String>,
+    #[arg(long, value_enum)]
+    ensemble_mode: Option<EnsembleMode>,
     /// Comma-separated weights, one per model (--model first) [default: equal].
     #[arg(long, value_delimiter = ',')]
     ensemble_weights: Vec<f64>,
@@ -143,9 +64,9 @@ pub struct Args {
     /// Longest n-gram --prompt-lookup matches.
     #[arg(long, default_value_t = 2)]
     max_matching_ngram_size: usize,
-    /// Weights and compute dtype: f32, f16, bf16, or auto (the checkpoint's own).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// Weights and compute dtype; auto: the checkpoint's own.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -184,110 +105,6 @@ fn usage(msg: String) -> anyhow::Error {
     Error::Input(msg).into()
 }
 
-/// Merges defaults, files and flags into one config.
-fn generation_config(
-    args: &Args,
-    model_dir: &Path,
-    config: &Gpt2Config,
-    tok: &Tokenizer,
-) -> anyhow::Result<GenerationConfig> {
-    let mut cfg = GenerationConfig {
-        eos_token_ids: config.eos_ids(),
-        pad_token_id: config.pad_token_id,
-        ..GenerationConfig::default()
-    };
-    let own = model_dir.join(genconfig::FILE_NAME);
-    let mut files = Vec::new();
-    // Anything by that name is read (apply_file refuses a folder or FIFO by path).
-    if own.symlink_metadata().is_ok() {
-        files.push(own);
-    }
-    files.extend(args.generation_config.iter().cloned());
-    for path in &files {
-        for warning in genconfig::apply_file(&mut cfg, path)? {
-            let _ = writeln!(std::io::stderr(), "warning: {warning}");
-        }
-    }
-    // A flag's value replaces the file's: errors about it name the flag then.
-    let from_flag = |cfg: &mut GenerationConfig, key: &str, given: bool| {
-        if given {
-            cfg.sources.remove(key);
-        }
-    };
-    from_flag(&mut cfg, "do_sample", args.do_sample);
-    macro_rules! set {
-        ($key:literal, $($field:ident).+ <- $arg:expr) => {
-            if let Some(v) = $arg {
-                cfg.sources.remove($key);
-                $($field).+ = v;
-            }
-        };
-    }
-    set!("temperature", cfg.processing.temperature <- args.temperature);
-    set!("top_k", cfg.processing.top_k <- args.top_k);
-    set!("top_p", cfg.processing.top_p <- args.top_p);
-    set!("typical_p", cfg.processing.typical_p <- args.typical_p);
-    set!("epsilon_cutoff", cfg.processing.epsilon_cutoff <- args.epsilon_cutoff);
-    set!("eta_cutoff", cfg.processing.eta_cutoff <- args.eta_cutoff);
-    set!("repetition_penalty", cfg.processing.repetition_penalty <- args.repetition_penalty);
-    set!("presence_penalty", cfg.processing.presence_penalty <- args.presence_penalty);
-    set!("frequency_penalty", cfg.processing.frequency_penalty <- args.frequency_penalty);
-    set!("no_repeat_ngram_size", cfg.processing.no_repeat_ngram_size <- args.no_repeat_ngram_size);
-    set!("min_new_tokens", cfg.processing.min_new_tokens <- args.min_new_tokens);
-    set!("min_length", cfg.processing.min_length <- args.min_length);
-    set!("min_p", cfg.processing.min_p <- args.min_p.map(Some));
-    set!("num_beams", cfg.num_beams <- args.num_beams);
-    set!("num_return_sequences", cfg.num_return_sequences <- args.num_return_sequences);
-    set!("length_penalty", cfg.length_penalty <- args.length_penalty);
-    let p = &mut cfg.processing;
-    p.do_sample |= args.do_sample;
-    for word in &args.bad_words {
-        let ids = tok.encode(word)?;
-        if ids.is_empty() {
-            return Err(usage(format!("--bad-words {word:?} encodes to no tokens")));
-        }
-        p.bad_words_ids.push(ids);
-    }
-    from_flag(&mut cfg, "bad_words_ids", !args.bad_words.is_empty());
-    if let Some(s) = &args.early_stopping {
-        cfg.early_stopping = genconfig::parse_early_stopping(s).ok_or_else(|| {
-            usage(format!(
-                "--early-stopping {s:?}: expected true, false or never"
-            ))
-        })?;
-    }
-    if let Some(n) = args.max_new_tokens {
-        cfg.max_new_tokens = n;
-        cfg.max_length = None;
-        cfg.sources.remove("max_new_tokens");
-    } else if let Some(n) = args.max_length {
-        cfg.max_length = Some(n);
-        cfg.sources.remove("max_length");
-    }
-    if !args.eos_token_id.is_empty() {
-        cfg.eos_token_ids = args.eos_token_id.clone();
-        cfg.sources.remove("eos_token_id");
-    }
-    if !args.stop.is_empty() {
-        cfg.stop_strings = args.stop.clone();
-        cfg.sources.remove("stop_strings");
-    }
-    if args.ignore_eos {
-        cfg.eos_token_ids.clear();
-    }
-    if let Some(t) = args.max_time {
-        if !(t.is_finite() && t > 0.0) {
-            return Err(usage(format!(
-                "--max-time must be a positive number of seconds, got {t}"
-            )));
-        }
-        // Past Duration's range (~5.8e11 years): no limit in practice.
-        cfg.max_time = Some(Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX));
-    }
-    cfg.seed = args.seed.or(cfg.seed);
-    Ok(cfg)
-}
-
 /// One device per tensor-parallel shard: --devices, else the first --tp CUDA devices,
 /// else --device alone.
 fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::Device>> {
@@ -319,13 +136,13 @@ fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::De
 
 /// The strategy flags against each other and the other models (tokenizers, contexts),
 /// before any model is loaded. Returns the ensemble mode.
-fn check_strategy<'a>(
-    args: &'a Args,
+fn check_strategy(
+    args: &Args,
     dir: &Path,
     tokenizer: &Tokenizer,
     prompts: &[Vec<i64>],
     cfg: &GenerationConfig,
-) -> anyhow::Result<&'a str> {
+) -> anyhow::Result<EnsembleMode> {
     if args.stream
         && (prompts.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
     {
@@ -336,7 +153,8 @@ fn check_strategy<'a>(
     if args.ensemble.is_empty() {
         if let Some(mode) = &args.ensemble_mode {
             return Err(usage(format!(
-                "--ensemble-mode {mode} needs --ensemble (another model to decode with)"
+                "--ensemble-mode {} needs --ensemble (another model to decode with)",
+                name(mode)
             )));
         }
         if !args.ensemble_weights.is_empty() {
@@ -345,16 +163,11 @@ fn check_strategy<'a>(
             ));
         }
     }
-    let mode = args.ensemble_mode.as_deref().unwrap_or("mean-prob");
-    if !["mean-prob", "mean-logprob", "rerank", "vote"].contains(&mode) {
-        return Err(usage(format!(
-            "--ensemble-mode {mode:?}: expected mean-prob, mean-logprob, rerank or vote"
-        )));
-    }
+    let mode = args.ensemble_mode.unwrap_or(EnsembleMode::MeanProb);
     for other in &args.ensemble {
         infer::model::check_model_dir(other)?;
         let tok = Tokenizer::from_dir(other)?;
-        if !tok.same_vocabulary(&tokenizer) {
+        if !tok.same_vocabulary(tokenizer) {
             return Err(usage(format!(
                 "--ensemble {}: its tokenizer differs from {}'s; ensembled models must share one",
                 other.display(),
@@ -362,7 +175,7 @@ fn check_strategy<'a>(
             )));
         }
         let c = Gpt2Config::from_file(&other.join("config.json"))?;
-        validate(&c, &prompts, &cfg).with_context(|| format!("--ensemble {}", other.display()))?;
+        validate(&c, prompts, cfg).with_context(|| format!("--ensemble {}", other.display()))?;
     }
     if !args.ensemble_weights.is_empty() && args.ensemble_weights.len() != 1 + args.ensemble.len() {
         return Err(usage(format!(
@@ -371,7 +184,7 @@ fn check_strategy<'a>(
             1 + args.ensemble.len()
         )));
     }
-    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let pooled = !args.ensemble.is_empty() && mode.pooled();
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
     if speculative && !args.ensemble.is_empty() {
         return Err(usage(
@@ -388,7 +201,7 @@ fn check_strategy<'a>(
     }
     if let Some(draft) = &args.draft_model {
         infer::model::check_model_dir(draft)?;
-        if !Tokenizer::from_dir(draft)?.same_vocabulary(&tokenizer) {
+        if !Tokenizer::from_dir(draft)?.same_vocabulary(tokenizer) {
             return Err(usage(format!(
                 "--draft-model {}: its tokenizer differs from {}'s; the draft must share it",
                 draft.display(),
@@ -482,10 +295,9 @@ fn requests(
     Ok(requests)
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, &args.dtype)?;
-    let devices = shard_devices(args, device)?;
-    let device = devices[0];
+/// The --prompt texts, then the --prompts file's, each with its own token limit if its
+/// line sets one.
+fn prompt_texts(args: &Args) -> anyhow::Result<(Vec<String>, Vec<Option<usize>>)> {
     let mut texts = args.prompt.clone();
     let mut limits = vec![None; texts.len()];
     if let Some(path) = &args.prompts {
@@ -497,19 +309,45 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     if let Some(i) = texts.iter().position(String::is_empty) {
         return Err(usage(format!("prompt {i} is empty")));
     }
+    Ok((texts, limits))
+}
+
+/// `--warmup`: `n` untimed generations of 4 tokens.
+fn warm_up(
+    model: &Gpt2,
+    prompts: &[Vec<i64>],
+    cfg: &GenerationConfig,
+    n: usize,
+) -> anyhow::Result<()> {
+    let warm = GenerationConfig {
+        max_new_tokens: 4,
+        max_length: None,
+        ..cfg.clone()
+    };
+    for _ in 0..n {
+        tch::no_grad(|| generate(model, prompts, &warm, &|_| false, |_, _| {}))?;
+    }
+    Ok(())
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
+    let devices = shard_devices(args, device)?;
+    let device = devices[0];
+    let (texts, limits) = prompt_texts(args)?;
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
     let config = Gpt2Config::from_file(&dir.join("config.json"))?;
     infer::check_vocab(&config, &tokenizer, dir)?;
-    let cfg = generation_config(args, dir, &config, &tokenizer)?;
+    let cfg = generation_config(&args.generation, dir, &config, &tokenizer)?;
     let prompts = texts
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<Result<Vec<_>, _>>()?;
     validate(&config, &prompts, &cfg)?;
     let mode = check_strategy(args, dir, &tokenizer, &prompts, &cfg)?;
-    let pooled = !args.ensemble.is_empty() && matches!(mode, "rerank" | "vote");
+    let pooled = !args.ensemble.is_empty() && mode.pooled();
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
     let requests = requests(args, &prompts, &limits, &cfg, pooled || speculative)?;
     check_requests(&config, &requests)?;
@@ -518,15 +356,10 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         .with_context(|| format!("loading model {}", dir.display()))?;
     let others = load_models(&args.ensemble, kind, device, &engine)?;
     let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
-    let combine = if mode == "mean-logprob" {
-        EnsembleMode::MeanLogprob
-    } else {
-        EnsembleMode::MeanProb
-    };
     let ensemble = Ensemble::new(
         std::iter::once(&model).chain(&others).collect(),
         weights,
-        combine,
+        mode.combine(),
     )?;
 
     // transformers' StopStringCriteria: a sequence stops at the token that completes a
@@ -537,14 +370,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
                 .decode(tokens)
                 .is_ok_and(|t| cfg.stop_strings.iter().any(|s| t.contains(s.as_str())))
     };
-    let warm = GenerationConfig {
-        max_new_tokens: 4,
-        max_length: None,
-        ..cfg.clone()
-    };
-    for _ in 0..args.warmup {
-        tch::no_grad(|| generate(&model, &prompts, &warm, &|_| false, |_, _| {}))?;
-    }
+    warm_up(&model, &prompts, &cfg, args.warmup)?;
     let draft = load_models(args.draft_model.as_slice(), kind, device, &engine)?.pop();
     let mut streamer = Streamer::default();
     let mut spec_stats = None;
@@ -597,7 +423,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
             )
         })?
     } else {
-        run_pooled(&ensemble, &prompts, &cfg, &stop_check, mode == "vote")?
+        run_pooled(
+            &ensemble,
+            &prompts,
+            &cfg,
+            &stop_check,
+            mode == EnsembleMode::Vote,
+        )?
     };
 
     if let Some(e) = stream_err {

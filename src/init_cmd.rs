@@ -5,15 +5,17 @@ use std::path::PathBuf;
 use clap::Args as ClapArgs;
 use train::init::{init_model, InitOptions};
 
+use crate::choices::Preset;
 use crate::Out;
 
 #[derive(ClapArgs)]
 /// Negative numbers are values, not flags (`--seed -1` is refused by its type).
 #[command(allow_negative_numbers = true)]
 pub struct Args {
-    /// Model shape: tiny, small, gpt2, gpt2-medium, gpt2-large, gpt2-xl, distilgpt2.
-    #[arg(long)]
-    preset: String,
+    /// Model shape: tiny (4 layers × 4 heads × 256 wide, 256 positions), small (6 × 8 ×
+    /// 512, 512 positions) or a published GPT-2 shape.
+    #[arg(long, value_enum)]
+    preset: Preset,
     /// Folder with the tokenizer (tokenizer.json, or vocab.json + merges.txt); sets
     /// vocab_size and is copied into the new folder.
     #[arg(long)]
@@ -40,7 +42,7 @@ pub struct Args {
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let config = init_model(&InitOptions {
-        preset: &args.preset,
+        preset: &crate::choices::name(&args.preset),
         tokenizer_dir: &args.tokenizer,
         out: &args.out,
         seed: args.seed,

@@ -5,9 +5,11 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod choices;
 mod eval_cmd;
 mod infer_cmd;
 mod infer_io;
+mod infer_settings;
 mod init_cmd;
 mod inspect;
 mod quantize_cmd;
@@ -23,6 +25,10 @@ mod train_cmd;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    /// Testing hook: check that the command line parses, and stop (the README's usage
+    /// test).
+    #[arg(long, hide = true, global = true)]
+    parse_only: bool,
 }
 
 #[derive(Subcommand)]
@@ -53,8 +59,7 @@ fn main() -> ExitCode {
         let _ = writeln!(io::stderr(), "gpt2kit: internal error: {info}");
     }));
     let cli = Cli::parse();
-    // Checks that a command line parses without running it (the README's usage test).
-    if std::env::var_os("GPT2KIT_PARSE_ONLY").is_some() {
+    if cli.parse_only {
         return ExitCode::SUCCESS;
     }
     let mut out = Out(io::stdout().lock());
@@ -105,12 +110,9 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
 /// Reads `--device` and `--dtype` into what the engine takes.
 pub(crate) fn device_and_dtype(
     device: &str,
-    dtype: &str,
+    dtype: choices::Dtype,
 ) -> anyhow::Result<(tch::Device, Option<tch::Kind>)> {
-    Ok((
-        infer::device::parse_device(device)?,
-        infer::device::parse_dtype(dtype)?,
-    ))
+    Ok((infer::device::parse_device(device)?, dtype.kind()))
 }
 
 /// The engine's switches (`infer::EngineOptions`), for commands that load a model to run

@@ -15,6 +15,7 @@ use quantize::{Calibration, Options, Prune};
 use serde_json::json;
 use tch::{Device, Kind, Tensor};
 
+use crate::choices::{name, PrunePattern, PruneScope, QuantMethod};
 use crate::Out;
 
 #[derive(ClapArgs)]
@@ -27,9 +28,10 @@ pub struct Args {
     /// Artifact folder to write; must not exist.
     #[arg(long)]
     out: PathBuf,
-    /// int8-weight, int8-dynamic or none (pruning / layer dropping only).
-    #[arg(long)]
-    method: String,
+    /// int8-weight (int8 weights, float activations), int8-dynamic (int8 weights and
+    /// activations) or none (float weights: pruning / layer dropping only).
+    #[arg(long, value_enum)]
+    method: QuantMethod,
     /// Keep wte (and the tied head) in float.
     #[arg(long)]
     keep_embeddings_float: bool,
@@ -37,11 +39,11 @@ pub struct Args {
     #[arg(long, allow_negative_numbers = true)]
     prune_sparsity: Option<f64>,
     /// layer (a threshold per tensor) or global (one over all linear weights).
-    #[arg(long, default_value = "layer")]
-    prune_scope: String,
-    /// unstructured or 2:4.
-    #[arg(long, default_value = "unstructured")]
-    prune_pattern: String,
+    #[arg(long, value_enum, default_value_t = PruneScope::Layer)]
+    prune_scope: PruneScope,
+    /// unstructured, or 2:4 (2 of every 4 consecutive input rows per output column).
+    #[arg(long, value_enum, default_value_t = PrunePattern::Unstructured)]
+    prune_pattern: PrunePattern,
     /// Layers to remove, e.g. 3,7.
     #[arg(long, value_delimiter = ',')]
     drop_layers: Vec<i64>,
@@ -271,14 +273,9 @@ fn commit(tmp: TempFolder, out: &Path) -> anyhow::Result<()> {
 
 /// The method and pruning the flags ask for, every flag checked before any work.
 fn check_flags(args: &Args) -> anyhow::Result<(Method, Option<Prune>)> {
-    let method = Method::from_name(&args.method).ok_or_else(|| {
-        usage(format!(
-            "--method {:?}: expected one of {}",
-            args.method,
-            Method::NAMES.join(", ")
-        ))
-    })?;
-    let prune = Prune::new(args.prune_sparsity, &args.prune_scope, &args.prune_pattern)?;
+    let method = args.method.method();
+    let (scope, pattern) = (name(&args.prune_scope), name(&args.prune_pattern));
+    let prune = Prune::new(args.prune_sparsity, &scope, &pattern)?;
     if args.calibration_samples == 0 {
         return Err(usage(
             "--calibration-samples must be at least 1 (omit --calibration to skip calibrating)"

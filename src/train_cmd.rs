@@ -5,9 +5,9 @@ use std::path::PathBuf;
 use clap::Args as ClapArgs;
 use train::data::DataOptions;
 use train::optim::AdamWConfig;
-use train::schedule::SchedulerKind;
 use train::trainer::{train, Resume, TrainOptions};
 
+use crate::choices::{LrScheduler, TrainDtype};
 use crate::Out;
 
 #[derive(ClapArgs)]
@@ -44,9 +44,9 @@ pub struct Args {
     /// Peak learning rate.
     #[arg(long, default_value_t = 5e-5)]
     lr: f64,
-    /// constant, linear or cosine.
-    #[arg(long, default_value = "linear")]
-    lr_scheduler: String,
+    /// Learning-rate schedule after warmup (constant_with_warmup is constant).
+    #[arg(long, value_enum, default_value_t = LrScheduler::Linear)]
+    lr_scheduler: LrScheduler,
     /// Linear warmup steps.
     #[arg(long)]
     warmup_steps: Option<i64>,
@@ -114,25 +114,13 @@ pub struct Args {
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
-    /// f32, or bf16 (bf16 compute with f32 master weights, where the device supports it).
-    #[arg(long, default_value = "f32")]
-    dtype: String,
+    /// bf16: bf16 compute with f32 master weights, where the device supports it.
+    #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
+    dtype: TrainDtype,
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let input = |m: String| anyhow::Error::from(infer::Error::Input(m));
     let device = infer::device::parse_device(&args.device)?;
-    let bf16 = match args.dtype.as_str() {
-        "f32" | "float32" | "fp32" => false,
-        "bf16" | "bfloat16" => true,
-        d => return Err(input(format!("--dtype {d:?}: expected f32 or bf16"))),
-    };
-    let scheduler = SchedulerKind::parse(&args.lr_scheduler).ok_or_else(|| {
-        input(format!(
-            "--lr-scheduler {:?}: expected constant, linear or cosine",
-            args.lr_scheduler
-        ))
-    })?;
     let block_size = match args.block_size {
         Some(b) => b,
         None => {
@@ -153,7 +141,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         data_options,
         output: args.output.clone(),
         lr: args.lr,
-        scheduler,
+        scheduler: args.lr_scheduler.kind(),
         warmup_steps: args.warmup_steps,
         warmup_ratio: args.warmup_ratio,
         adam: AdamWConfig {
@@ -181,7 +169,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         overwrite_output_dir: args.overwrite_output_dir,
         load_best_model_at_end: args.load_best_model_at_end,
         device,
-        bf16,
+        bf16: args.dtype == TrainDtype::Bf16,
         progress: std::io::stderr().is_terminal(),
         // Documented switches of the environment, read here only.
         profile: std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some(),

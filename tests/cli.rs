@@ -617,7 +617,7 @@ fn every_readme_usage_command_parses() {
         seen.insert(words[0].clone());
         let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
             .args(&words)
-            .env("GPT2KIT_PARSE_ONLY", "1")
+            .arg("--parse-only")
             .output()
             .unwrap();
         assert!(
@@ -638,12 +638,146 @@ fn every_readme_usage_command_parses() {
 #[test]
 fn parse_only_still_refuses_bad_flags() {
     // The usage test is only meaningful if parse-only mode rejects what clap rejects.
+    for args in [
+        &["infer", "--no-such-flag", "--parse-only"][..],
+        &[
+            "infer",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--seed",
+            "-1",
+            "--parse-only",
+        ],
+        &[
+            "infer",
+            "--model",
+            "m",
+            "--prompt",
+            "x",
+            "--dtype",
+            "f64",
+            "--parse-only",
+        ],
+        &["--parse-only", "tokenizer", "train", "--out", "t"],
+    ] {
+        let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .args(args)
+            .output()
+            .unwrap();
+        assert_eq!(o.status.code(), Some(2), "{args:?}");
+    }
+    // And that it runs nothing: no model folder is read.
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
-        .args(["infer", "--no-such-flag"])
-        .env("GPT2KIT_PARSE_ONLY", "1")
+        .args([
+            "infer",
+            "--model",
+            "/no/such/model",
+            "--prompt",
+            "x",
+            "--parse-only",
+        ])
         .output()
         .unwrap();
-    assert_eq!(o.status.code(), Some(2));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+}
+
+#[test]
+fn choice_flags_take_every_spelling_and_list_their_values() {
+    let infer = ["infer", "--model", "m", "--prompt", "x"];
+    let train = ["train", "--model", "m", "--data", "d", "--output", "o"];
+    let quantize = ["quantize", "--model", "m", "--out", "o", "--method"];
+    let init = ["init", "--tokenizer", "t", "--out", "o", "--preset"];
+    let parses = |base: &[&str], extra: &[&str]| {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = gpt2kit(&[&args[..], &["--parse-only"]].concat());
+        assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    };
+    for dtype in [
+        "f32", "float32", "fp32", "f16", "float16", "fp16", "half", "bf16",
+    ] {
+        parses(&infer, &["--dtype", dtype]);
+    }
+    parses(
+        &["eval", "--model", "m", "--data", "d"],
+        &["--dtype", "bfloat16"],
+    );
+    parses(
+        &["eval", "--model", "m", "--data", "d"],
+        &["--dtype", "auto"],
+    );
+    for mode in ["mean-prob", "mean-logprob", "rerank", "vote"] {
+        parses(&infer, &["--ensemble-mode", mode]);
+    }
+    for rule in ["true", "false", "never"] {
+        parses(&infer, &["--early-stopping", rule]);
+    }
+    for s in ["constant", "constant_with_warmup", "linear", "cosine"] {
+        parses(&train, &["--lr-scheduler", s, "--dtype", "bfloat16"]);
+    }
+    parses(&train, &["--dtype", "fp32"]);
+    for m in ["int8-weight", "int8-dynamic", "none"] {
+        parses(
+            &quantize,
+            &[m, "--prune-scope", "global", "--prune-pattern", "2:4"],
+        );
+    }
+    for p in [
+        "tiny",
+        "small",
+        "gpt2",
+        "gpt2-medium",
+        "gpt2-large",
+        "gpt2-xl",
+        "distilgpt2",
+    ] {
+        parses(&init, &[p]);
+    }
+    // Any other value is refused before anything runs, naming the flag and the values.
+    let refused: [(&[&str], &[&str], &str, &str); 6] = [
+        (
+            &infer,
+            &["--dtype", "F32"],
+            "--dtype",
+            "f32, f16, bf16, auto",
+        ),
+        (
+            &infer,
+            &["--early-stopping", "1"],
+            "--early-stopping",
+            "true, false, never",
+        ),
+        (&train, &["--dtype", "f16"], "--dtype", "f32, bf16"),
+        (
+            &quantize,
+            &["int4"],
+            "--method",
+            "int8-weight, int8-dynamic, none",
+        ),
+        (
+            &quantize,
+            &["none", "--prune-scope", "row"],
+            "--prune-scope",
+            "layer, global",
+        ),
+        (
+            &init,
+            &["gpt3"],
+            "--preset",
+            "tiny, small, gpt2, gpt2-medium,",
+        ),
+    ];
+    for (base, extra, flag, values) in refused {
+        let args: Vec<&str> = base.iter().chain(extra).copied().collect();
+        let o = gpt2kit(&args);
+        assert_clean_failure(&o, 2, &format!("for '{flag} <"));
+        assert!(
+            stderr(&o).contains(&format!("[possible values: {values}")),
+            "{args:?}: {}",
+            stderr(&o)
+        );
+    }
 }
 
 #[test]
