@@ -7,8 +7,8 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 use infer::ensemble::Ensemble;
 use infer::generate::{
-    check_requests, generate, generate_requests, validate, GenerationConfig, Output, Request,
-    Schedule,
+    check_request_at, check_settings, generate, generate_requests, validate_requests,
+    GenerationConfig, Output, Request, Schedule,
 };
 use infer::speculative::{generate_speculative, Drafter};
 use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
@@ -140,11 +140,11 @@ fn check_strategy(
     args: &Args,
     dir: &Path,
     tokenizer: &Tokenizer,
-    prompts: &[Vec<i64>],
+    requests: &[Request],
     cfg: &GenerationConfig,
 ) -> anyhow::Result<EnsembleMode> {
     if args.stream
-        && (prompts.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
+        && (requests.len() > 1 || cfg.num_beams > 1 || cfg.num_return_sequences > 1 || args.json)
     {
         return Err(usage(
             "--stream needs one prompt, one sequence, no beams and no --json".into(),
@@ -175,7 +175,8 @@ fn check_strategy(
             )));
         }
         let c = Gpt2Config::from_file(&other.join("config.json"))?;
-        validate(&c, prompts, cfg).with_context(|| format!("--ensemble {}", other.display()))?;
+        validate_requests(&c, requests, cfg)
+            .with_context(|| format!("--ensemble {}", other.display()))?;
     }
     if !args.ensemble_weights.is_empty() && args.ensemble_weights.len() != 1 + args.ensemble.len() {
         return Err(usage(format!(
@@ -265,15 +266,17 @@ fn load_models(
 fn requests(
     args: &Args,
     prompts: &[Vec<i64>],
-    limits: &[Option<usize>],
+    from: &Prompts,
     cfg: &GenerationConfig,
     other_strategy: bool,
 ) -> anyhow::Result<Vec<Request>> {
+    let limits = &from.limits;
     if other_strategy {
         if let Some(i) = limits.iter().position(Option::is_some) {
+            let at = from.origins[i].as_deref().unwrap_or("--prompts");
             return Err(usage(format!(
-                "prompt {i} sets max_new_tokens: per-prompt limits need plain decoding (not \
-                 --draft-model, --prompt-lookup or a rerank/vote --ensemble-mode)"
+                "{at}: prompt {i} sets max_new_tokens: per-prompt limits need plain decoding \
+                 (not --draft-model, --prompt-lookup or a rerank/vote --ensemble-mode)"
             )));
         }
         if args.max_num_seqs.is_some() {
@@ -295,37 +298,75 @@ fn requests(
     Ok(requests)
 }
 
-/// The --prompt texts, then the --prompts file's, each with its own token limit if its
-/// line sets one.
-fn prompt_texts(args: &Args) -> anyhow::Result<(Vec<String>, Vec<Option<usize>>)> {
-    let mut texts = args.prompt.clone();
-    let mut limits = vec![None; texts.len()];
-    if let Some(path) = &args.prompts {
-        for (text, limit) in read_prompts(path, args.text_field.as_deref())? {
-            texts.push(text);
-            limits.push(limit);
-        }
-    }
-    if let Some(i) = texts.iter().position(String::is_empty) {
-        return Err(usage(format!("prompt {i} is empty")));
-    }
-    Ok((texts, limits))
+/// The --prompt texts, then the --prompts file's.
+struct Prompts {
+    texts: Vec<String>,
+    /// Each prompt's own token limit, if its --prompts line sets one.
+    limits: Vec<Option<usize>>,
+    /// Where each prompt came from: `FILE:LINE` for a --prompts line.
+    origins: Vec<Option<String>>,
 }
 
-/// `--warmup`: `n` untimed generations of 4 tokens.
+fn prompt_texts(args: &Args) -> anyhow::Result<Prompts> {
+    let n = args.prompt.len();
+    let mut p = Prompts {
+        texts: args.prompt.clone(),
+        limits: vec![None; n],
+        origins: vec![None; n],
+    };
+    if let Some(path) = &args.prompts {
+        for (text, limit, line) in read_prompts(path, args.text_field.as_deref())? {
+            p.texts.push(text);
+            p.limits.push(limit);
+            p.origins.push(Some(format!("{}:{line}", path.display())));
+        }
+    }
+    if let Some(i) = p.texts.iter().position(String::is_empty) {
+        return Err(usage(format!("prompt {i} is empty")));
+    }
+    Ok(p)
+}
+
+/// The settings, then every request against its own limit; an error about a --prompts
+/// line names the file and line.
+fn check_requests(
+    config: &Gpt2Config,
+    requests: &[Request],
+    cfg: &GenerationConfig,
+    origins: &[Option<String>],
+) -> anyhow::Result<()> {
+    check_settings(config, requests.len(), cfg)?;
+    for (i, r) in requests.iter().enumerate() {
+        if let Err(e) = check_request_at(config, i, r, cfg) {
+            return Err(match &origins[i] {
+                Some(at) => anyhow::Error::from(e).context(at.clone()),
+                None => e.into(),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// `--warmup`: `n` untimed generations of up to 4 tokens per request.
 fn warm_up(
     model: &Gpt2,
-    prompts: &[Vec<i64>],
+    requests: &[Request],
     cfg: &GenerationConfig,
     n: usize,
 ) -> anyhow::Result<()> {
-    let warm = GenerationConfig {
-        max_new_tokens: 4,
-        max_length: None,
-        ..cfg.clone()
-    };
+    let warm: Vec<Request> = requests
+        .iter()
+        .map(|r| Request {
+            prompt: r.prompt.clone(),
+            max_new_tokens: r.max_new_tokens.min(4),
+        })
+        .collect();
+    let single = Ensemble::single(model);
     for _ in 0..n {
-        tch::no_grad(|| generate(model, prompts, &warm, &|_| false, |_, _| {}))?;
+        tch::no_grad(|| {
+            let (w, never) = (warm.clone(), &|_: &[i64]| false);
+            generate_requests(&single, w, cfg, Schedule::default(), never, |_, _| {})
+        })?;
     }
     Ok(())
 }
@@ -334,7 +375,8 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
     let devices = shard_devices(args, device)?;
     let device = devices[0];
-    let (texts, limits) = prompt_texts(args)?;
+    let from = prompt_texts(args)?;
+    let texts = &from.texts;
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
@@ -345,12 +387,12 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         .iter()
         .map(|p| tokenizer.encode(p))
         .collect::<Result<Vec<_>, _>>()?;
-    validate(&config, &prompts, &cfg)?;
-    let mode = check_strategy(args, dir, &tokenizer, &prompts, &cfg)?;
+    let mode = args.ensemble_mode.unwrap_or(EnsembleMode::MeanProb);
     let pooled = !args.ensemble.is_empty() && mode.pooled();
     let speculative = args.draft_model.is_some() || args.prompt_lookup.is_some();
-    let requests = requests(args, &prompts, &limits, &cfg, pooled || speculative)?;
-    check_requests(&config, &requests)?;
+    let requests = requests(args, &prompts, &from, &cfg, pooled || speculative)?;
+    check_requests(&config, &requests, &cfg, &from.origins)?;
+    let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
     let engine = args.engine.options();
     let model = Gpt2::load_with(dir, kind, &devices, &engine)
         .with_context(|| format!("loading model {}", dir.display()))?;
@@ -370,7 +412,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
                 .decode(tokens)
                 .is_ok_and(|t| cfg.stop_strings.iter().any(|s| t.contains(s.as_str())))
     };
-    warm_up(&model, &prompts, &cfg, args.warmup)?;
+    warm_up(&model, &requests, &cfg, args.warmup)?;
     let draft = load_models(args.draft_model.as_slice(), kind, device, &engine)?.pop();
     let mut streamer = Streamer::default();
     let mut spec_stats = None;

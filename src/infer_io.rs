@@ -18,11 +18,12 @@ fn usage(msg: String) -> anyhow::Error {
 
 /// The prompts of a JSONL file, one object per line: its `field` string, or with no
 /// `field` given its `prompt` string, else its `text` (train's data files), and the
-/// line's own `max_new_tokens` if it has one. Errors name the file and line.
+/// line's own `max_new_tokens` if it has one, and the line number. Errors name the file
+/// and line.
 pub fn read_prompts(
     path: &Path,
     field: Option<&str>,
-) -> anyhow::Result<Vec<(String, Option<usize>)>> {
+) -> anyhow::Result<Vec<(String, Option<usize>, usize)>> {
     let wanted = match field {
         Some(f) => format!("a {f:?} string"),
         None => "a \"prompt\" or \"text\" string".into(),
@@ -60,7 +61,7 @@ pub fn read_prompts(
             },
         };
         match v.get(key) {
-            Some(serde_json::Value::String(s)) => out.push((s.clone(), limit)),
+            Some(serde_json::Value::String(s)) => out.push((s.clone(), limit, i + 1)),
             Some(_) => return Err(at(&format!("{key:?} is not a string"))),
             None => return Err(at(&format!("expected an object with {wanted}"))),
         }

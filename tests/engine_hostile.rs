@@ -4,9 +4,6 @@
 //! Bad input is refused naming the flag, or the file and line; good input gives each
 //! prompt the tokens it gets alone (the fused CPU path is bit-identical alone or beside
 //! any others).
-//!
-//! Tests marked `#[ignore]` pin problems whose fix lies in files outside these tests'
-//! reach (the reason names the file and line); run them with `cargo test -- --ignored`.
 mod common;
 
 use std::path::Path;
@@ -136,11 +133,6 @@ fn bad_line_limits_name_file_and_line() {
 /// default --max-new-tokens 20, or a --max-length the prompt already reaches) would
 /// have needed: the line's limit replaces it.
 #[test]
-#[ignore = "src/infer_cmd.rs:510 (`validate(&config, &prompts, &cfg)`, and again at :365 for \
-            --ensemble and in infer/src/generate/mod.rs:201) checks every prompt against the \
-            flags' limit before the per-line limits are applied, and names --max-new-tokens 20 \
-            though the line says 3; validate the prompts with each request's own limit \
-            (check_requests) and the settings without one"]
 fn line_limit_replaces_the_flags_limit_in_the_context_check() {
     let dir = TempDir::new("engine-hostile-near-context");
     let m = reference("hub-tied");
@@ -193,10 +185,6 @@ fn line_limit_replaces_the_flags_limit_in_the_context_check() {
 /// Errors about one --prompts line name the file and line, not only an index that
 /// counts the --prompt flags first.
 #[test]
-#[ignore = "src/infer_cmd.rs:515 (`check_requests`) says \"prompt 2 has ... max_new_tokens 61\" \
-            and src/infer_cmd.rs:462 (`requests`) \"prompt 1 sets max_new_tokens\" without the \
-            file and line the limit came from; keep each limit's line from read_prompts and \
-            name `FILE:LINE` in both"]
 fn line_limit_errors_name_file_and_line() {
     let dir = TempDir::new("engine-hostile-limit-lines");
     let m = reference("hub-tied");
@@ -234,9 +222,6 @@ fn line_limit_errors_name_file_and_line() {
 /// `--warmup` runs 4 tokens per prompt: a prompt that fits with its own 2 tokens must
 /// not be refused because of the warm-up's 4 (nor with a flag the user did not give).
 #[test]
-#[ignore = "src/infer_cmd.rs:540-547: the warm-up config is max_new_tokens 4 for every prompt, \
-            so a prompt within 4 tokens of n_positions fails with \"with --max-new-tokens 4\" \
-            though --max-new-tokens 2 was given; warm up with min(4, each request's limit)"]
 fn warmup_near_the_context_is_not_refused() {
     let m = reference("hub-tied");
     let long = "x".repeat(61);
@@ -387,12 +372,6 @@ fn run_lib(model: &Gpt2, reqs: Vec<Request>, cfg: &GenerationConfig, s: Schedule
 /// still be those it gets alone. Prompts have distinct lengths, so every prefill pass
 /// holds one prompt, as alone: only the step's row count differs.
 #[test]
-#[ignore = "infer/src/model.rs `Gpt2::logits` runs an f32 head on the decode kernel only up to \
-            `kernel_max_rows` = 128 rows (infer/src/linear.rs:205), past that on libtorch's \
-            GEMM, whose sums round differently: with > 128 live rows (no --max-num-seqs and \
-            > 128 prompts, or --max-num-seqs > 128) every sequence's logits change in the last \
-            bits (tokens can flip at near ties); engine.rs `step` should score in chunks of \
-            ≤ 128 rows (or logits() chunk the kernel as fused_step does)"]
 fn more_than_128_live_rows_score_as_alone() {
     let dir = TempDir::new("engine-hostile-wide");
     let model = init_model(

@@ -5,9 +5,6 @@
 //!
 //! (More than 128 live rows at once: tests/engine_hostile.rs, on a wider model than the
 //! reference ones.)
-//!
-//! Tests marked `#[ignore]` pin problems whose fix lies in files outside these tests'
-//! reach (the reason names the file); run them with `cargo test -- --ignored`.
 mod common;
 
 use std::time::Duration;
@@ -105,11 +102,6 @@ fn assert_each_as_alone(model: &Gpt2, reqs: &[Request], cfg: &GenerationConfig, 
 /// more than 128 tokens its products leave the decode kernels, and the prompts' hidden
 /// states differ from a lone prefill in the last bits.
 #[test]
-#[ignore = "infer/src/generate/engine.rs `prefill`: prompts of one length share one pass \
-            whatever its token count; past 128 tokens (linear.rs `kernel_max_rows`) the pass \
-            runs on libtorch's GEMM while each prompt alone (≤ 128 tokens) runs on the \
-            kernels; group only while group.len() × chunk stays ≤ 128 (or prefill each \
-            request alone)"]
 fn same_length_prompts_prefilled_together_as_alone() {
     let model = fused("hub-tied");
     let v = model.config.vocab_size;
@@ -304,10 +296,6 @@ fn degenerate_requests_are_refused_by_name() {
 /// prompt that fits the context with its own limit is decoded, whatever the settings'
 /// limit would have needed.
 #[test]
-#[ignore = "infer/src/generate/mod.rs `generate_requests` runs `validate(prompts, cfg)`, which \
-            checks each prompt against cfg's limit (max_new_tokens 20 / max_length) rather \
-            than the request's own; check the prompts with each request's max_new_tokens \
-            (check_requests), and the settings without a prompt limit"]
 fn request_limit_replaces_the_settings_limit() {
     let model = fused("hub-tied");
     let v = model.config.vocab_size;
@@ -340,10 +328,6 @@ fn request_limit_replaces_the_settings_limit() {
 /// token): each is returned empty with finish_reason `time`, and the run takes the one
 /// step during which the time passed. A 1 ns limit has always passed by the first step.
 #[test]
-#[ignore = "infer/src/generate/engine.rs `admit` keeps admitting (and prefilling) waiting \
-            units after max_time has passed, each then taking one step for one token, so \
-            --max-time does not bound a queued run; once timed out, admit should move the \
-            waiting units to `done` with no tokens and FinishReason::Time"]
 fn max_time_does_not_start_queued_requests() {
     let model = fused("hub-tied");
     let v = model.config.vocab_size;
@@ -417,10 +401,6 @@ fn max_time_reports_every_queued_request() {
 /// num_return_sequences (its first output row, as README's `--seed` and
 /// `generate`'s docs say), so prompt i alone with that seed gives its sequences.
 #[test]
-#[ignore = "infer/src/generate/engine.rs `unit`: a beam group is seeded seed + u (u = the \
-            request index, per_request being 1 with beams), not seed + i × \
-            num_return_sequences (its first output row) as README and generate's docs say; \
-            seed with `seed + request × cfg.num_return_sequences`, or change the docs"]
 fn beam_sampling_group_seeded_from_its_first_row() {
     let model = fused("hub-tied");
     let v = model.config.vocab_size;

@@ -21,7 +21,9 @@ mod settings;
 pub use crate::sequence::{FinishReason, Generated};
 pub use choose::{choose, Choice, NoPick, Sampling};
 pub use engine::{Engine, Request, Schedule};
-pub use settings::{validate, validate_requests, EarlyStopping, GenerationConfig};
+pub use settings::{
+    check_request_at, check_settings, validate, validate_requests, EarlyStopping, GenerationConfig,
+};
 
 /// The sequences of each prompt, and where the time went.
 #[derive(Debug)]

@@ -111,17 +111,28 @@ pub fn validate_requests(
 ) -> Result<()> {
     check_settings(config, requests.len(), cfg)?;
     for (i, r) in requests.iter().enumerate() {
-        if r.max_new_tokens == cfg.limit(r.prompt.len()) {
-            check_prompt(config, i, &r.prompt, cfg)?;
-        } else {
-            check_request(config, i, r)?;
-        }
+        check_request_at(config, i, r, cfg)?;
     }
     Ok(())
 }
 
-/// The settings alone, for `n_prompts` prompts.
-fn check_settings(config: &Gpt2Config, n_prompts: usize, cfg: &GenerationConfig) -> Result<()> {
+/// Request `i` of `validate_requests` on its own (after `check_settings`), so that a
+/// caller can say where it came from.
+pub fn check_request_at(
+    config: &Gpt2Config,
+    i: usize,
+    r: &super::Request,
+    cfg: &GenerationConfig,
+) -> Result<()> {
+    if r.max_new_tokens == cfg.limit(r.prompt.len()) {
+        check_prompt(config, i, &r.prompt, cfg)
+    } else {
+        check_request(config, i, r)
+    }
+}
+
+/// The settings alone, for `n_prompts` prompts (the first part of `validate`).
+pub fn check_settings(config: &Gpt2Config, n_prompts: usize, cfg: &GenerationConfig) -> Result<()> {
     let bad = |msg: String| Err(Error::Input(msg));
     let n = |key: &str| cfg.name(key);
     let p = &cfg.processing;

@@ -11,8 +11,9 @@ impl Engine<'_> {
     /// Admits waiting units into free slots (all of them that fit, or with static
     /// batches only when nothing runs) and prefills their prompts.
     pub(super) fn admit(&mut self) -> Result<()> {
-        if self.timed_out() {
-            // --max-time has passed: what has not started never will.
+        if self.steps > 0 && self.timed_out() {
+            // --max-time has passed (after at least one step, as for a running
+            // sequence): what has not started never will.
             for u in std::mem::take(&mut self.waiting) {
                 let (request, j) = (u / self.per_request, u % self.per_request);
                 let n = if self.beams > 1 {
