@@ -225,3 +225,66 @@ fn static_batches_give_the_refilled_tokens() {
         assert_eq!(refill, fixed);
     }
 }
+
+/// A long-running engine (a server's shape): requests added while others decode, their
+/// results taken as each finishes, each the tokens it gives alone (fused path: exact).
+#[test]
+fn requests_added_while_running_decode_as_alone() {
+    use infer::generate::Engine;
+    let (_, model) = models("prefixed-untied").into_iter().next().unwrap();
+    let mut cfg = GenerationConfig::default();
+    cfg.eos_token_ids = model.config.eos_ids();
+    let reqs = requests("prefixed-untied");
+    let ens = Ensemble::single(&model);
+    let capacity = reqs
+        .iter()
+        .map(|r| r.prompt.len() + r.max_new_tokens)
+        .max()
+        .unwrap();
+    let schedule = Schedule {
+        max_num_seqs: Some(2),
+        static_batches: false,
+    };
+    let mut got = vec![None; reqs.len()];
+    tch::no_grad(|| {
+        let mut engine = Engine::with_pool(&ens, &cfg, schedule, 2, capacity);
+        let too_long = Request {
+            prompt: vec![1; capacity],
+            max_new_tokens: 1,
+        };
+        assert!(
+            engine.add(too_long).is_err(),
+            "a request past the rows' capacity"
+        );
+        let (first, later) = reqs.split_at(3);
+        for r in first {
+            engine.add(r.clone()).unwrap();
+        }
+        let mut steps = 0;
+        while !engine.is_idle() || steps < 3 {
+            engine.step(&|_| false, &mut |_, _| {}).unwrap();
+            steps += 1;
+            if steps == 3 {
+                for r in later {
+                    engine.add(r.clone()).unwrap();
+                }
+            }
+            for (id, seqs) in engine.take_finished() {
+                assert!(got[id].is_none(), "request {id} taken twice");
+                got[id] = Some(seqs);
+            }
+        }
+    });
+    for (i, req) in reqs.iter().enumerate() {
+        let seqs = got[i]
+            .take()
+            .unwrap_or_else(|| panic!("request {i} never finished"));
+        let alone = run(&model, vec![req.clone()], &cfg, Schedule::default());
+        let seq = (
+            seqs[0].tokens.clone(),
+            seqs[0].logprobs.clone(),
+            seqs[0].score,
+        );
+        assert_eq!(seq, alone[0][0], "request {i}");
+    }
+}

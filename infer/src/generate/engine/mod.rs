@@ -95,6 +95,8 @@ pub struct Engine<'a> {
     per_request: usize,
     beams: usize,
     done: Vec<Vec<Option<Generated>>>,
+    /// Per request, whether `take_finished` has returned it.
+    taken: Vec<bool>,
     started: Instant,
     /// Decode steps taken.
     pub steps: usize,
@@ -113,39 +115,40 @@ impl<'a> Engine<'a> {
         requests: Vec<Request>,
         schedule: Schedule,
     ) -> Self {
+        let rows = requests.len() * cfg.num_return_sequences.max(cfg.num_beams).max(1);
+        let slots = schedule.max_num_seqs.map_or(rows, |m| m.min(rows));
+        let capacity = requests
+            .iter()
+            .map(|r| r.prompt.len() + r.max_new_tokens)
+            .max()
+            .unwrap_or(1);
+        let mut engine = Self::with_pool(models, cfg, schedule, slots, capacity);
+        for r in requests {
+            engine.queue(r);
+        }
+        engine
+    }
+
+    /// An empty engine with `slots` cache rows (at least one beam group's) of `capacity`
+    /// positions each, to which requests are added while it runs (`add`).
+    pub fn with_pool(
+        models: &'a Ensemble<'a>,
+        cfg: &'a GenerationConfig,
+        schedule: Schedule,
+        slots: usize,
+        capacity: usize,
+    ) -> Self {
         let beams = cfg.num_beams.max(1);
         let per_request = if beams > 1 {
             1
         } else {
             cfg.num_return_sequences.max(1)
         };
-        let rows = requests.len() * per_request * beams;
-        let pool = schedule
-            .max_num_seqs
-            .map_or(rows, |m| m.max(beams).min(rows));
-        let capacity = requests
-            .iter()
-            .map(|r| r.prompt.len() + r.max_new_tokens)
-            .max()
-            .unwrap_or(1)
-            .max(1) as i64;
+        let pool = slots.max(beams);
         let caches = models
             .models
             .iter()
-            .map(|m| m.new_cache(pool as i64, capacity))
-            .collect();
-        let waiting = (0..requests.len() * per_request).collect();
-        let done = (0..requests.len())
-            .map(|_| {
-                vec![
-                    None;
-                    if beams > 1 {
-                        cfg.num_return_sequences
-                    } else {
-                        per_request
-                    }
-                ]
-            })
+            .map(|m| m.new_cache(pool as i64, capacity.max(1) as i64))
             .collect();
         Self {
             device: models.models[0].device(),
@@ -154,17 +157,63 @@ impl<'a> Engine<'a> {
             schedule,
             caches,
             free: (0..pool).rev().collect(),
-            waiting,
+            waiting: VecDeque::new(),
             live: Vec::new(),
-            requests,
+            requests: Vec::new(),
             per_request,
             beams,
-            done,
+            done: Vec::new(),
+            taken: Vec::new(),
             started: Instant::now(),
             steps: 0,
             rng_lock: (cfg.seed.is_some() && cfg.processing.do_sample).then(rng::lock),
             threads: Threads(None),
         }
+    }
+
+    /// Queues a request (checked by the caller against the settings, e.g. with
+    /// `validate_requests`); returns its id, the index of its sequences in `finish` and
+    /// `take_finished`. An error when it cannot fit a cache row.
+    pub fn add(&mut self, request: Request) -> Result<usize> {
+        let need = request.prompt.len().saturating_add(request.max_new_tokens);
+        let capacity = self.caches[0].capacity() as usize;
+        if request.prompt.is_empty() || request.max_new_tokens == 0 || need > capacity {
+            return Err(crate::Error::Input(format!(
+                "a request of {} prompt tokens and max_new_tokens {} needs {need} positions; \
+                 the engine's rows hold {capacity} (and both must be at least 1)",
+                request.prompt.len(),
+                request.max_new_tokens
+            )));
+        }
+        Ok(self.queue(request))
+    }
+
+    /// `add` without the checks (`new`'s requests fit by construction).
+    fn queue(&mut self, request: Request) -> usize {
+        let id = self.requests.len();
+        self.requests.push(request);
+        let n = if self.beams > 1 {
+            self.cfg.num_return_sequences
+        } else {
+            self.per_request
+        };
+        self.done.push(vec![None; n]);
+        self.taken.push(false);
+        self.waiting
+            .extend(id * self.per_request..(id + 1) * self.per_request);
+        id
+    }
+
+    /// The requests that have finished since the last call, with their sequences.
+    pub fn take_finished(&mut self) -> Vec<(usize, Vec<Generated>)> {
+        let mut out = Vec::new();
+        for (id, seqs) in self.done.iter_mut().enumerate() {
+            if !self.taken[id] && seqs.iter().all(Option::is_some) {
+                self.taken[id] = true;
+                out.push((id, seqs.iter_mut().filter_map(Option::take).collect()));
+            }
+        }
+        out
     }
 
     /// Whether `max_time` has passed since the engine started.
