@@ -164,7 +164,10 @@ impl KvCache {
     /// Empties `row` (its sequence left); the other rows are untouched.
     pub fn free_row(&mut self, row: usize) {
         self.lens[row] = 0;
-        self.own_free_slots();
+        let cap = self.capacity as usize;
+        if let Some(map) = &mut self.slot_rows {
+            map[row * cap..(row + 1) * cap].fill(row as u32);
+        }
     }
 
     /// Makes `to` a copy of `from`'s filled slots (a prompt prefilled once, sampled

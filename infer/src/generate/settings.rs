@@ -124,11 +124,7 @@ pub fn check_request_at(
     r: &super::Request,
     cfg: &GenerationConfig,
 ) -> Result<()> {
-    if r.max_new_tokens == cfg.limit(r.prompt.len()) {
-        check_prompt(config, i, &r.prompt, cfg)
-    } else {
-        check_request(config, i, r)
-    }
+    check_prompt(config, i, &r.prompt, r.max_new_tokens, cfg)
 }
 
 /// The settings alone, for `n_prompts` prompts (the first part of `validate`).
@@ -286,74 +282,54 @@ fn check_token_ids(config: &Gpt2Config, cfg: &GenerationConfig) -> Result<()> {
 /// Every prompt is non-empty, in the vocabulary, and fits the context with its limit.
 fn check_prompts(config: &Gpt2Config, prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Result<()> {
     for (i, prompt) in prompts.iter().enumerate() {
-        check_prompt(config, i, prompt, cfg)?;
+        check_prompt(config, i, prompt, cfg.limit(prompt.len()), cfg)?;
     }
     Ok(())
 }
 
-/// Prompt `i` is non-empty, in the vocabulary, and fits the context with the settings'
-/// limit (the error names the flag or file that set it).
+/// Prompt `i` is non-empty, in the vocabulary, and fits the context with `limit` new
+/// tokens. The error names the flag or file that set the limit when it is the
+/// settings', else `max_new_tokens` (a request's own, from a prompts file).
 fn check_prompt(
     config: &Gpt2Config,
     i: usize,
     prompt: &[i64],
+    limit: usize,
     cfg: &GenerationConfig,
 ) -> Result<()> {
     let bad = |msg: String| Err(Error::Input(msg));
     let n = |key: &str| cfg.name(key);
     let n_positions = config.n_positions;
+    let own = limit != cfg.limit(prompt.len());
     if prompt.is_empty() {
         return bad(format!("prompt {i} is empty (it encodes to no tokens)"));
     }
     config.check_ids(prompt)?;
-    let limit = cfg.limit(prompt.len());
     if limit == 0 {
-        return bad(format!(
-            "prompt {i} has {} tokens, already {} {}: nothing left to generate",
-            prompt.len(),
-            n("max_length"),
-            cfg.max_length.unwrap_or(0)
-        ));
+        return bad(if own {
+            format!("prompt {i}: max_new_tokens must be at least 1")
+        } else {
+            format!(
+                "prompt {i} has {} tokens, already {} {}: nothing left to generate",
+                prompt.len(),
+                n("max_length"),
+                cfg.max_length.unwrap_or(0)
+            )
+        });
     }
     // Saturating: a limit near usize::MAX must not wrap around below n_positions.
     let need = prompt.len().saturating_add(limit);
     if need > n_positions.max(0) as usize {
-        let flag = match cfg.max_length {
-            Some(l) => format!("{} {l}", n("max_length")),
-            None => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),
+        let flag = match (own, cfg.max_length) {
+            (true, _) => format!("max_new_tokens {limit}"),
+            (false, Some(l)) => format!("{} {l}", n("max_length")),
+            (false, None) => format!("{} {}", n("max_new_tokens"), cfg.max_new_tokens),
         };
         return bad(format!(
             "prompt {i} has {} tokens; with {flag} that is {need} positions, \
              more than the model's context (n_positions {n_positions})",
             prompt.len()
         ));
-    }
-    Ok(())
-}
-
-/// Request `i` with its own token limit (`Request::max_new_tokens`, from a prompts
-/// file): a non-empty prompt in the vocabulary that fits the context with that limit.
-fn check_request(config: &Gpt2Config, i: usize, r: &super::Request) -> Result<()> {
-    let n_positions = config.n_positions.max(0) as usize;
-    if r.prompt.is_empty() {
-        return Err(Error::Input(format!(
-            "prompt {i} is empty (it encodes to no tokens)"
-        )));
-    }
-    config.check_ids(&r.prompt)?;
-    if r.max_new_tokens < 1 {
-        return Err(Error::Input(format!(
-            "prompt {i}: max_new_tokens must be at least 1"
-        )));
-    }
-    let need = r.prompt.len().saturating_add(r.max_new_tokens);
-    if need > n_positions {
-        return Err(Error::Input(format!(
-            "prompt {i} has {} tokens; with max_new_tokens {} that is {need} positions, \
-             more than the model's context (n_positions {n_positions})",
-            r.prompt.len(),
-            r.max_new_tokens
-        )));
     }
     Ok(())
 }
