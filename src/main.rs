@@ -13,6 +13,7 @@ mod infer_settings;
 mod init_cmd;
 mod inspect;
 mod quantize_cmd;
+mod serve_cmd;
 mod tokenizer_cmd;
 mod train_cmd;
 
@@ -50,6 +51,8 @@ enum Command {
     Dequantize(quantize_cmd::DequantizeArgs),
     /// Generate text from prompts.
     Infer(infer_cmd::Args),
+    /// An OpenAI-compatible HTTP server (completions, streaming) over continuous batching.
+    Serve(serve_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -72,6 +75,7 @@ fn main() -> ExitCode {
         Command::Quantize(args) => quantize_cmd::run(&args, &mut out),
         Command::Dequantize(args) => quantize_cmd::run_dequantize(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
+        Command::Serve(args) => serve_cmd::run(&args, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(Into::into));
     match result {
@@ -90,6 +94,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
         matches!(
             c.downcast_ref::<infer::Error>(),
             Some(infer::Error::Input(_))
+        ) || matches!(
+            c.downcast_ref::<serve::Error>(),
+            Some(serve::Error::Infer(infer::Error::Input(_)))
         )
     });
     if usage {

@@ -533,6 +533,7 @@ fn readme_documents_every_flag_and_no_other() {
         "quantize",
         "dequantize",
         "infer",
+        "serve",
     ] {
         // The section of this subcommand: from its heading to the next heading.
         let head = format!("### `gpt2kit {sub}");

@@ -1,0 +1,326 @@
+//! `POST /v1/completions`: a request becomes one job per choice (prompts × `n`); the
+//! answer is one JSON object, or with `stream` server-sent events, one `data:` chunk
+//! per piece of text, each choice's last with its `finish_reason`, then the usage chunk
+//! (`stream_options.include_usage`) and `data: [DONE]`, as OpenAI's API sends them.
+use std::collections::VecDeque;
+use std::convert::Infallible;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use infer::generate::FinishReason;
+use serde_json::{json, Value};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
+
+use crate::error::ApiError;
+use crate::params::{self, Completion};
+use crate::scheduler::{Event, Job};
+use crate::settings::{choice_config, prompt_ids, token_limit};
+use crate::text::ChoiceText;
+use crate::App;
+
+pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
+    match start(&app, req).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// What a response says of itself in every chunk.
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+}
+
+impl Head {
+    fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let mut v = json!({
+            "id": self.id, "object": "text_completion", "created": self.created,
+            "model": self.model, "choices": choices,
+        });
+        if let Some(u) = usage {
+            v["usage"] = u;
+        }
+        v
+    }
+}
+
+/// The choices of one response as their events arrive.
+struct Choices {
+    texts: Vec<ChoiceText>,
+    /// Per choice: set to tell the scheduler it is over (stop string found).
+    stopped: Vec<Arc<AtomicBool>>,
+    finish: Vec<Option<&'static str>>,
+    open: usize,
+    prompt_tokens: usize,
+    app: Arc<App>,
+}
+
+/// What an event turned into.
+enum Piece {
+    Text(usize, String, Option<&'static str>),
+    Failed(String),
+    Nothing,
+}
+
+impl Choices {
+    fn on(&mut self, i: usize, event: Event) -> Piece {
+        if self.finish[i].is_some() {
+            return Piece::Nothing;
+        }
+        let tok = &self.app.tokenizer;
+        let text = &mut self.texts[i];
+        let (piece, end) = match event {
+            Event::Token(t) => {
+                let piece = text.push(tok, t);
+                (piece, text.stopped.then_some("stop"))
+            }
+            Event::Done(why) => {
+                let end = match why {
+                    FinishReason::Eos | FinishReason::Stop => "stop",
+                    FinishReason::Length | FinishReason::Time => "length",
+                };
+                (text.finish(), Some(end))
+            }
+            Event::Failed(msg) => {
+                self.finish[i] = Some("error");
+                self.open -= 1;
+                return Piece::Failed(msg);
+            }
+        };
+        if end.is_some() {
+            self.stopped[i].store(true, Ordering::Relaxed);
+            self.finish[i] = end;
+            self.open -= 1;
+        }
+        if piece.is_empty() && end.is_none() {
+            Piece::Nothing
+        } else {
+            Piece::Text(i, piece, end)
+        }
+    }
+
+    fn usage(&self) -> Value {
+        let completion: usize = self.texts.iter().map(|t| t.generated).sum();
+        json!({
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": completion,
+            "total_tokens": self.prompt_tokens + completion,
+        })
+    }
+}
+
+/// Checks the request, queues its jobs and answers.
+async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
+    let body = crate::routes::read_body(req).await?;
+    let c = params::completion(&body)?;
+    app.check_model(c.model.as_deref())?;
+    let prompts = prompt_ids(&app.tokenizer, &c.prompts)?;
+    let limits = prompts
+        .iter()
+        .map(|p| token_limit(c.max_tokens, p.len(), app.max_model_len))
+        .collect::<Result<Vec<_>, _>>()?;
+    let configs = (0..c.n)
+        .map(|j| choice_config(&app.defaults, &c, &app.tokenizer, &app.config, j).map(Arc::new))
+        .collect::<Result<Vec<_>, _>>()?;
+    let (tx, rx) = unbounded_channel();
+    let group = app.next_group();
+    let arrived = Instant::now();
+    let mut jobs = Vec::new();
+    let mut choices = Choices {
+        texts: Vec::new(),
+        stopped: Vec::new(),
+        finish: Vec::new(),
+        open: 0,
+        prompt_tokens: prompts.iter().map(Vec::len).sum(),
+        app: app.clone(),
+    };
+    for (prompt, &limit) in prompts.iter().zip(&limits) {
+        for cfg in &configs {
+            let index = jobs.len();
+            let stopped = Arc::new(AtomicBool::new(false));
+            choices.texts.push(ChoiceText::new(
+                cfg.stop_strings.clone(),
+                cfg.eos_token_ids.clone(),
+            ));
+            choices.stopped.push(stopped.clone());
+            choices.finish.push(None);
+            choices.open += 1;
+            jobs.push(Job {
+                prompt: prompt.clone(),
+                max_new_tokens: limit,
+                settings: cfg.clone(),
+                group,
+                index,
+                events: tx.clone(),
+                stopped,
+                arrived,
+                started: false,
+            });
+        }
+    }
+    drop(tx);
+    app.submit(jobs)?;
+    let head = Head {
+        id: format!("cmpl-{group:x}{:x}", arrived.elapsed().subsec_nanos()),
+        created: crate::unix_time(),
+        model: app.name.clone(),
+    };
+    let echoes = echoes(app, &c, &prompts);
+    if c.stream {
+        Ok(stream(head, choices, rx, echoes, c.include_usage))
+    } else {
+        collect(head, choices, rx, echoes).await
+    }
+}
+
+/// With `echo`, each choice's prompt text (decoded, for token-id prompts).
+fn echoes(app: &App, c: &Completion, prompts: &[Vec<i64>]) -> Vec<String> {
+    if !c.echo {
+        return Vec::new();
+    }
+    prompts
+        .iter()
+        .flat_map(|p| {
+            let text = app.tokenizer.decode(p).unwrap_or_default();
+            std::iter::repeat_n(text, c.n)
+        })
+        .collect()
+}
+
+/// Waits for every choice; one JSON answer.
+async fn collect(
+    head: Head,
+    mut choices: Choices,
+    mut rx: UnboundedReceiver<(usize, Event)>,
+    echoes: Vec<String>,
+) -> Result<Response, ApiError> {
+    let n = choices.texts.len();
+    let mut texts: Vec<String> = (0..n)
+        .map(|i| echoes.get(i).cloned().unwrap_or_default())
+        .collect();
+    while choices.open > 0 {
+        let Some((i, event)) = rx.recv().await else {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the scheduler stopped before the answer was complete",
+            ));
+        };
+        match choices.on(i, event) {
+            Piece::Text(i, piece, _) => texts[i].push_str(&piece),
+            Piece::Failed(msg) => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("generation failed: {msg}"),
+                ))
+            }
+            Piece::Nothing => {}
+        }
+    }
+    let list: Vec<Value> = texts
+        .into_iter()
+        .enumerate()
+        .map(|(i, text)| {
+            json!({"index": i, "text": text, "logprobs": null, "finish_reason": choices.finish[i]})
+        })
+        .collect();
+    let body = head.chunk(Value::Array(list), Some(choices.usage()));
+    Ok(axum::Json(body).into_response())
+}
+
+/// The state of a streamed answer.
+struct Streaming {
+    head: Head,
+    choices: Choices,
+    rx: UnboundedReceiver<(usize, Event)>,
+    include_usage: bool,
+    /// Events ready to send.
+    queue: VecDeque<String>,
+    done: bool,
+}
+
+impl Streaming {
+    fn data(&mut self, v: &Value) {
+        self.queue.push_back(format!("data: {v}\n\n"));
+    }
+
+    fn piece(&mut self, i: usize, text: String, finish: Option<&str>) {
+        let choice = json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish}]);
+        let usage = self.include_usage.then_some(Value::Null);
+        let chunk = self.head.chunk(choice, usage);
+        self.data(&chunk);
+    }
+
+    /// Waits for the next event and turns it into chunks.
+    async fn next(&mut self) {
+        let event = self.rx.recv().await;
+        match event {
+            Some((i, event)) => match self.choices.on(i, event) {
+                Piece::Text(i, text, finish) => self.piece(i, text, finish),
+                Piece::Failed(msg) => {
+                    let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg);
+                    self.data(&e.body());
+                }
+                Piece::Nothing => {}
+            },
+            None if self.choices.open > 0 => {
+                let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "the scheduler stopped");
+                self.data(&e.body());
+                self.choices.open = 0;
+            }
+            None => {}
+        }
+        if self.choices.open == 0 {
+            if self.include_usage {
+                let last = self.head.chunk(json!([]), Some(self.choices.usage()));
+                self.data(&last);
+            }
+            self.queue.push_back("data: [DONE]\n\n".into());
+            self.done = true;
+        }
+    }
+}
+
+fn stream(
+    head: Head,
+    choices: Choices,
+    rx: UnboundedReceiver<(usize, Event)>,
+    echoes: Vec<String>,
+    include_usage: bool,
+) -> Response {
+    let mut s = Streaming {
+        head,
+        choices,
+        rx,
+        include_usage,
+        queue: VecDeque::new(),
+        done: false,
+    };
+    for (i, text) in echoes.into_iter().enumerate() {
+        s.piece(i, text, None);
+    }
+    let body = futures_util::stream::unfold(s, |mut s| async move {
+        loop {
+            if let Some(event) = s.queue.pop_front() {
+                return Some((Ok::<_, Infallible>(Bytes::from(event)), s));
+            }
+            if s.done {
+                return None;
+            }
+            s.next().await;
+        }
+    });
+    (
+        [
+            (header::CONTENT_TYPE, "text/event-stream"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        Body::from_stream(body),
+    )
+        .into_response()
+}

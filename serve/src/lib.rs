@@ -1,0 +1,259 @@
+//! `gpt2kit serve`: an HTTP server with OpenAI's Completions API (and vLLM's extras:
+//! `/tokenize`, `/detokenize`, its sampling fields) over the engine's continuous
+//! batching. One scheduler thread owns the model and the engine (`scheduler`); the HTTP
+//! side (tokio + axum) checks requests, queues one job per choice and relays tokens as
+//! they come. SIGTERM or Ctrl-C stop accepting, let running requests finish (bounded by
+//! the shutdown timeout) and return.
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Sender;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::http::StatusCode;
+use infer::generate::GenerationConfig;
+use infer::{EngineOptions, Gpt2, Gpt2Config, Tokenizer};
+
+mod completions;
+mod error;
+mod metrics;
+mod params;
+mod routes;
+mod scheduler;
+mod settings;
+mod text;
+
+pub use error::{ApiError, Error};
+use metrics::Metrics;
+use scheduler::{Job, Msg, Pool};
+
+/// Everything `gpt2kit serve` is told.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub model: PathBuf,
+    pub host: String,
+    /// 0: any free port (the one taken is printed).
+    pub port: u16,
+    pub kind: Option<tch::Kind>,
+    pub device: tch::Device,
+    /// The name clients send as `model` [default: the folder's name].
+    pub served_model_name: Option<String>,
+    pub max_num_seqs: usize,
+    pub max_queue: usize,
+    /// Positions per sequence, prompt included [default: the model's n_positions].
+    pub max_model_len: Option<usize>,
+    pub api_key: Option<String>,
+    pub shutdown_timeout: Duration,
+    pub engine: EngineOptions,
+}
+
+/// What the handlers share.
+pub(crate) struct App {
+    tokenizer: Tokenizer,
+    config: Gpt2Config,
+    defaults: GenerationConfig,
+    name: String,
+    max_model_len: usize,
+    api_key: Option<String>,
+    jobs: Mutex<Sender<Msg>>,
+    metrics: Arc<Metrics>,
+    max_queue: usize,
+    groups: AtomicU64,
+    started: u64,
+}
+
+impl App {
+    /// A request's `model`, if given, must be the served one (404 otherwise, as OpenAI).
+    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
+        match model {
+            Some(m) if m != self.name => Err(ApiError {
+                param: Some("model".into()),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    format!(
+                        "the model `{m}` does not exist; this server serves `{}`",
+                        self.name
+                    ),
+                )
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    fn next_group(&self) -> u64 {
+        self.groups.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Queues a request's jobs, or 503 when the queue cannot take them all.
+    fn submit(&self, jobs: Vec<Job>) -> Result<(), ApiError> {
+        let n = jobs.len();
+        let waiting = &self.metrics.waiting;
+        let room = waiting.fetch_update(Ordering::AcqRel, Ordering::Acquire, |w| {
+            (w + n <= self.max_queue).then_some(w + n)
+        });
+        if room.is_err() {
+            self.metrics.rejected.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError {
+                retry_after: Some(1),
+                ..ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    format!(
+                        "the server is busy: its queue holds {} sequences (--max-queue); retry later",
+                        self.max_queue
+                    ),
+                )
+            });
+        }
+        let sent = self
+            .jobs
+            .lock()
+            .map_err(|_| ())
+            .and_then(|tx| tx.send(Msg::Jobs(jobs)).map_err(|_| ()));
+        sent.map_err(|()| {
+            waiting.fetch_sub(n, Ordering::AcqRel);
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the server is shutting down",
+            )
+        })
+    }
+}
+
+pub(crate) fn unix_time() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Loads the model and serves until SIGTERM or Ctrl-C.
+pub fn run(opts: Options) -> Result<(), Error> {
+    let dir = &opts.model;
+    infer::model::check_model_dir(dir)?;
+    let tokenizer = Tokenizer::from_dir(dir)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    infer::check_vocab(&config, &tokenizer, dir)?;
+    let positions = config.n_positions as usize;
+    let max_model_len = opts.max_model_len.unwrap_or(positions);
+    if max_model_len < 2 || max_model_len > positions {
+        return Err(infer::Error::Input(format!(
+            "--max-model-len {max_model_len}: must be between 2 and the model's n_positions \
+             ({positions})"
+        ))
+        .into());
+    }
+    if opts.max_num_seqs == 0 {
+        return Err(infer::Error::Input("--max-num-seqs must be at least 1".into()).into());
+    }
+    let defaults = settings::defaults(dir, &config)?;
+    let model = load(&opts)?;
+    let metrics = Arc::new(Metrics::default());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let pool = Pool {
+        slots: opts.max_num_seqs,
+        capacity: max_model_len,
+    };
+    let m = metrics.clone();
+    std::thread::Builder::new()
+        .name("scheduler".into())
+        .spawn(move || scheduler::run(model, rx, m, pool))?;
+    let name = opts.served_model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string())
+    });
+    let app = Arc::new(App {
+        tokenizer,
+        config,
+        defaults,
+        name,
+        max_model_len,
+        api_key: opts.api_key.clone(),
+        jobs: Mutex::new(tx),
+        metrics,
+        max_queue: opts.max_queue,
+        groups: AtomicU64::new(0),
+        started: unix_time(),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(listen(&opts, app))
+}
+
+/// The model, loaded on the calling thread (the scheduler takes it over).
+fn load(opts: &Options) -> Result<Gpt2, Error> {
+    Ok(Gpt2::load_with(
+        &opts.model,
+        opts.kind,
+        &[opts.device],
+        &opts.engine,
+    )?)
+}
+
+async fn listen(opts: &Options, app: Arc<App>) -> Result<(), Error> {
+    let listener = tokio::net::TcpListener::bind((opts.host.as_str(), opts.port))
+        .await
+        .map_err(|source| Error::Bind {
+            host: opts.host.clone(),
+            port: opts.port,
+            source,
+        })?;
+    let addr = listener.local_addr()?;
+    let mut out = std::io::stdout();
+    let _ = writeln!(
+        out,
+        "gpt2kit serve: `{}` on http://{addr} (OpenAI API at /v1)",
+        app.name
+    );
+    let _ = out.flush();
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let signalled = stop.clone();
+    let server = axum::serve(listener, routes::router(app)).with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        signalled.notify_one();
+    });
+    let timeout = opts.shutdown_timeout;
+    let deadline = async move {
+        stop.notified().await;
+        tokio::time::sleep(timeout).await;
+    };
+    tokio::select! {
+        r = server => r?,
+        () = deadline => {
+            let _ = writeln!(
+                std::io::stderr(),
+                "gpt2kit serve: --shutdown-timeout {timeout:?} passed; closing the requests still running"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// SIGTERM or Ctrl-C (SIGINT).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    let _ = writeln!(
+        std::io::stderr(),
+        "gpt2kit serve: shutting down: no new requests; finishing the running ones"
+    );
+}

@@ -1,0 +1,183 @@
+//! The router: the endpoints, the API key check, the request body's limits, and the
+//! small endpoints (`/health`, `/v1/models`, `/metrics`, `/tokenize`, `/detokenize`).
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use serde_json::{json, Value};
+
+use crate::error::ApiError;
+use crate::params;
+use crate::App;
+
+/// The largest request body read (413 beyond).
+pub const BODY_LIMIT: usize = 4 << 20;
+/// How long a client may take to send its body (408 beyond).
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn router(app: Arc<App>) -> Router {
+    let api = Router::new()
+        .route("/v1/completions", post(crate::completions::handle))
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/tokenize", post(tokenize))
+        .route("/detokenize", post(detokenize))
+        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    Router::new()
+        .route("/health", get(health))
+        .merge(api)
+        .fallback(not_found)
+        .with_state(app)
+}
+
+/// Equal byte strings, compared in time that depends on their lengths only.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    let diff = a
+        .iter()
+        .zip(b)
+        .fold(0u8, |acc, (x, y)| acc | std::hint::black_box(x ^ y));
+    a.len() == b.len() && diff == 0
+}
+
+/// With an API key, `Authorization: Bearer KEY` or 401.
+async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
+    if let Some(key) = &app.api_key {
+        let given = req
+            .headers()
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        if !same(given.trim().as_bytes(), key.as_bytes()) {
+            return ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "a valid API key is needed: send `Authorization: Bearer KEY`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+/// The body, at most `BODY_LIMIT` bytes (413) read within `BODY_TIMEOUT` (408).
+pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("the request body is larger than the limit of {BODY_LIMIT} bytes"),
+        )
+    };
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
+        return Err(too_large());
+    }
+    let read = axum::body::to_bytes(req.into_body(), BODY_LIMIT);
+    match tokio::time::timeout(BODY_TIMEOUT, read).await {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            format!("the request body took longer than {BODY_TIMEOUT:?} to arrive"),
+        )),
+        Ok(Err(e)) if format!("{e:?}").contains("LengthLimit") => Err(too_large()),
+        Ok(Err(e)) => Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            format!("could not read the request body: {e}"),
+        )),
+        Ok(Ok(b)) => Ok(b),
+    }
+}
+
+async fn not_found(req: Request) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        format!("no endpoint {} {}", req.method(), req.uri().path()),
+    )
+}
+
+async fn health() -> impl IntoResponse {
+    axum::Json(json!({"status": "ok"}))
+}
+
+async fn models(State(app): State<Arc<App>>) -> impl IntoResponse {
+    axum::Json(json!({
+        "object": "list",
+        "data": [{
+            "id": app.name,
+            "object": "model",
+            "created": app.started,
+            "owned_by": "gpt2kit",
+            "max_model_len": app.max_model_len,
+        }],
+    }))
+}
+
+async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        app.metrics.render(),
+    )
+}
+
+/// vLLM's `/tokenize`: `{"prompt": text}` → its token ids.
+async fn tokenize(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
+    let obj = params::object(&read_body(req).await?)?;
+    params::only_known(&obj, &["model", "prompt", "add_special_tokens"])?;
+    app.check_model(params::string(&obj, "model")?.as_deref())?;
+    params::boolean(&obj, "add_special_tokens")?;
+    let Some(text) = params::string(&obj, "prompt")? else {
+        return Err(ApiError::invalid("prompt", "`prompt` is required"));
+    };
+    let tokens = app
+        .tokenizer
+        .encode(&text)
+        .map_err(|e| ApiError::invalid("prompt", e.to_string()))?;
+    let body = json!({"tokens": tokens, "count": tokens.len(), "max_model_len": app.max_model_len});
+    Ok(axum::Json(body).into_response())
+}
+
+/// vLLM's `/detokenize`: `{"tokens": ids}` → their text.
+async fn detokenize(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
+    let obj = params::object(&read_body(req).await?)?;
+    params::only_known(&obj, &["model", "tokens"])?;
+    app.check_model(params::string(&obj, "model")?.as_deref())?;
+    let ids = match obj.get("tokens") {
+        Some(v @ Value::Array(_)) => params::ids(v, "tokens")?,
+        Some(v) => {
+            return Err(ApiError::invalid(
+                "tokens",
+                format!(
+                    "`tokens` must be a list of token ids, got {}",
+                    params::type_name(v)
+                ),
+            ))
+        }
+        None => return Err(ApiError::invalid("tokens", "`tokens` is required")),
+    };
+    let text = app
+        .tokenizer
+        .decode(&ids)
+        .map_err(|e| ApiError::invalid("tokens", e.to_string()))?;
+    Ok(axum::Json(json!({"prompt": text})).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::same;
+
+    #[test]
+    fn key_comparison() {
+        assert!(same(b"secret", b"secret"));
+        assert!(!same(b"secret", b"secreT"));
+        assert!(!same(b"secret", b"secret2"));
+        assert!(!same(b"", b"x"));
+    }
+}

@@ -1,0 +1,79 @@
+//! `gpt2kit serve`: the flags, read into `serve::Options` (the API key from the
+//! environment too, here only), then one call to the server.
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::choices::Dtype;
+use crate::Out;
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json), as
+    /// infer loads: float or an int8 artifact.
+    #[arg(long)]
+    model: PathBuf,
+    /// Address to listen on; 0.0.0.0 listens on every interface.
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// Port to listen on; 0 takes a free one (printed on start).
+    #[arg(long, default_value_t = 8000)]
+    port: u16,
+    /// Weights and compute dtype; auto: the checkpoint's own.
+    #[arg(long, value_enum, default_value_t = Dtype::F32)]
+    dtype: Dtype,
+    /// cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// The model name clients send and see [default: the folder's name].
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// Sequences decoded at once (each choice of each request is one).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    max_num_seqs: u64,
+    /// Sequences waiting for a slot, at most; past that requests get 503.
+    #[arg(long, default_value_t = 256)]
+    max_queue: usize,
+    /// Positions per sequence, prompt included [default: the model's n_positions].
+    #[arg(long)]
+    max_model_len: Option<usize>,
+    /// Every endpoint but /health needs `Authorization: Bearer KEY` [env: GPT2KIT_API_KEY].
+    #[arg(long)]
+    api_key: Option<String>,
+    /// Seconds to let running requests finish after SIGTERM or Ctrl-C.
+    #[arg(long, default_value_t = 30.0)]
+    shutdown_timeout: f64,
+    #[command(flatten)]
+    engine: crate::EngineArgs,
+}
+
+pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
+    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
+    let t = args.shutdown_timeout;
+    if !(t.is_finite() && t >= 0.0) {
+        return Err(infer::Error::Input(format!(
+            "--shutdown-timeout must be a number of seconds ≥ 0, got {t}"
+        ))
+        .into());
+    }
+    let api_key = args
+        .api_key
+        .clone()
+        .or_else(|| std::env::var("GPT2KIT_API_KEY").ok())
+        .filter(|k| !k.is_empty());
+    let opts = serve::Options {
+        model: args.model.clone(),
+        host: args.host.clone(),
+        port: args.port,
+        kind,
+        device,
+        served_model_name: args.served_model_name.clone(),
+        max_num_seqs: args.max_num_seqs as usize,
+        max_queue: args.max_queue,
+        max_model_len: args.max_model_len,
+        api_key,
+        shutdown_timeout: Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
+        engine: args.engine.options(),
+    };
+    serve::run(opts)?;
+    Ok(())
+}
