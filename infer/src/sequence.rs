@@ -8,6 +8,8 @@ pub enum FinishReason {
     Stop,
     Length,
     Time,
+    /// The caller ended it (`Engine::cancel`).
+    Cancelled,
 }
 
 impl FinishReason {
@@ -17,6 +19,7 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Time => "time",
+            FinishReason::Cancelled => "cancelled",
         }
     }
 }
@@ -30,4 +33,16 @@ pub struct Generated {
     pub logprobs: Vec<f64>,
     pub score: f64,
     pub finish_reason: FinishReason,
+}
+
+impl Generated {
+    /// A sequence that ended before its first token.
+    pub fn empty(finish_reason: FinishReason) -> Self {
+        Self {
+            tokens: vec![],
+            logprobs: vec![],
+            score: 0.0,
+            finish_reason,
+        }
+    }
 }

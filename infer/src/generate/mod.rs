@@ -157,6 +157,7 @@ pub fn generate_ensemble(
         .map(|p| Request {
             prompt: p.clone(),
             max_new_tokens: cfg.limit(p.len()),
+            settings: None,
         })
         .collect::<Vec<_>>();
     generate_requests(models, requests, cfg, Schedule::default(), stop, on_token)
