@@ -119,7 +119,7 @@ impl Engine<'_> {
         let seeded = units.iter().any(|&i| self.live[i].rng.is_some());
         if !seeded || sampling == Sampling::ArgMax {
             return choose(processed, sampling, &|_| true).map_err(|e| match e {
-                NoPick::Row(r, _) => fail(e, &self.live[units[r]]),
+                NoPick::Row(r, _) | NoPick::TooFew { row: r, .. } => fail(e, &self.live[units[r]]),
                 NoPick::Torch(_) => fail(e, &self.live[units[0]]),
             });
         }
