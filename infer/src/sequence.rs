@@ -10,6 +10,10 @@ pub enum FinishReason {
     Time,
     /// The caller ended it (`Engine::cancel`).
     Cancelled,
+    /// No token could be picked under the request's own settings
+    /// (`Engine::take_error` says why); only requests with their own settings end so,
+    /// others fail the whole run.
+    Error,
 }
 
 impl FinishReason {
@@ -20,6 +24,7 @@ impl FinishReason {
             FinishReason::Length => "length",
             FinishReason::Time => "time",
             FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
         }
     }
 }

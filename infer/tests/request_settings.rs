@@ -268,3 +268,66 @@ fn own_settings_are_checked_on_add() {
     let e = engine.add(with(&|_| {})).unwrap_err().to_string();
     assert!(e.contains("one sequence a request"), "{e}");
 }
+
+/// A request whose own settings leave it no token (every token suppressed) ends with
+/// `FinishReason::Error` and a message saying so; the requests beside it go on and give
+/// their tokens alone.
+#[test]
+fn a_request_with_no_token_to_pick_fails_alone() {
+    let model = model();
+    let prompts = prompts();
+    let ens = Ensemble::single(&model);
+    let mut banned = settings(&model, 0);
+    banned.processing.suppress_tokens = (0..model.config.vocab_size).collect();
+    let base = settings(&model, 0);
+    let alone = |i: usize| {
+        let mut cfg = base.clone();
+        cfg.max_new_tokens = 6;
+        tch::no_grad(|| generate(&model, &[prompts[i].clone()], &cfg, &|_| false, |_, _| {}))
+            .unwrap()
+            .sequences[0][0]
+            .tokens
+            .clone()
+    };
+    let mut got = Vec::new();
+    let mut error = None;
+    tch::no_grad(|| {
+        let mut engine = Engine::with_pool(&ens, &base, Schedule::default(), 3, 64);
+        let ok_a = engine.add(Request {
+            prompt: prompts[0].clone(),
+            max_new_tokens: 6,
+            settings: None,
+        });
+        let bad = engine
+            .add(Request {
+                prompt: prompts[1].clone(),
+                max_new_tokens: 6,
+                settings: Some(Arc::new(banned)),
+            })
+            .unwrap();
+        let ok_b = engine.add(Request {
+            prompt: prompts[2].clone(),
+            max_new_tokens: 6,
+            settings: Some(Arc::new(base.clone())),
+        });
+        while !engine.is_idle() {
+            engine.step(&|_| false, &mut |_, _| {}).unwrap();
+        }
+        for (id, seqs) in engine.take_finished() {
+            if id == bad {
+                assert_eq!(seqs[0].finish_reason, FinishReason::Error);
+                assert!(seqs[0].tokens.is_empty());
+                error = engine.take_error(id);
+            } else {
+                got.push((id, seqs[0].tokens.clone()));
+            }
+        }
+        assert_eq!(engine.take_error(bad), None, "an error is taken once");
+        assert_eq!(got.len(), 2, "{ok_a:?} {ok_b:?}");
+    });
+    let error = error.expect("the failed request's error");
+    assert!(error.contains("banned"), "{error}");
+    got.sort();
+    assert_eq!(got[0].1, alone(0));
+    assert_eq!(got[1].1, alone(2));
+}

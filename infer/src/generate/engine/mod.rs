@@ -12,7 +12,7 @@
 //! sampled rows are processed together each step; each sampled sequence draws from its
 //! own generator (`SeqRng`), seeded `seed + k` for output row k, so that a sequence
 //! gives the same tokens whatever else is decoded beside it.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 mod admit;
@@ -107,6 +107,9 @@ pub struct Engine<'a> {
     done: Vec<Vec<Option<Generated>>>,
     /// Per request, whether `take_finished` has returned it.
     taken: Vec<bool>,
+    /// Why a request with its own settings ended with `FinishReason::Error`, until
+    /// `take_error`.
+    errors: HashMap<usize, String>,
     started: Instant,
     /// Decode steps taken.
     pub steps: usize,
@@ -172,6 +175,7 @@ impl<'a> Engine<'a> {
             beams,
             done: Vec::new(),
             taken: Vec::new(),
+            errors: HashMap::new(),
             started: Instant::now(),
             steps: 0,
             threads: Threads(None),
@@ -241,6 +245,12 @@ impl<'a> Engine<'a> {
             }
         }
         out
+    }
+
+    /// Why request `id` ended with `FinishReason::Error` (its own settings left a
+    /// sequence no token to pick: all banned, or scores not finite), once.
+    pub fn take_error(&mut self, id: usize) -> Option<String> {
+        self.errors.remove(&id)
     }
 
     /// Whether `max_time` has passed since the engine started.

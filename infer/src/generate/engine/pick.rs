@@ -11,6 +11,7 @@ use crate::generate::{
 };
 use crate::processors::{process, Row};
 use crate::rng;
+use crate::sequence::FinishReason;
 
 impl Engine<'_> {
     /// Greedy or sampled tokens for every live sequence; per unit, the token to feed
@@ -26,6 +27,8 @@ impl Engine<'_> {
             ids: vec![0; n],
             logprobs: vec![0.0; n],
         };
+        // Units whose own settings left them no token: they end, the others go on.
+        let mut failed: Vec<Option<String>> = vec![None; n];
         for group in self.groups() {
             let own = self.live[group[0]].settings.clone();
             let cfg = own.as_deref().unwrap_or(self.cfg);
@@ -38,7 +41,18 @@ impl Engine<'_> {
             let rows: Vec<Row> = group.iter().map(|&i| row(&self.live[i])).collect();
             let processed = process(&cfg.processing, &scores, &rows, &cfg.eos_token_ids);
             drop(rows);
-            let c = self.choose(&processed, Sampling::of(cfg.processing.do_sample), &group)?;
+            let c = match self.choose(&processed, Sampling::of(cfg.processing.do_sample), &group) {
+                Ok(c) => c,
+                // A request with its own settings fails alone (with the requests that
+                // share its settings value): a server's other streams go on.
+                Err(e) if own.is_some() => {
+                    for &i in &group {
+                        failed[i] = Some(e.to_string());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
             for (k, &i) in group.iter().enumerate() {
                 picked.ids[i] = c.ids[k];
                 picked.logprobs[i] = c.logprobs[k];
@@ -46,15 +60,22 @@ impl Engine<'_> {
         }
         let mut feeds = Vec::with_capacity(n);
         let base = self.cfg;
-        for (u, (&tok, &lp)) in self
+        for (i, (u, (&tok, &lp))) in self
             .live
             .iter_mut()
             .zip(picked.ids.iter().zip(&picked.logprobs))
+            .enumerate()
         {
             let cfg = u.settings.as_deref().unwrap_or(base);
             let Kind::One { tokens, out } = &mut u.kind else {
                 unreachable!("a run is all beams or all single sequences")
             };
+            if let Some(e) = failed[i].take() {
+                out.finish_reason = FinishReason::Error;
+                self.errors.insert(u.request, e);
+                feeds.push(None);
+                continue;
+            }
             out.tokens.push(tok);
             out.logprobs.push(lp);
             out.score += lp;
