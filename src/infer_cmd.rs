@@ -293,6 +293,7 @@ fn requests(
         .map(|(p, l)| Request {
             prompt: p.clone(),
             max_new_tokens: l.unwrap_or_else(|| cfg.limit(p.len())),
+            settings: None,
         })
         .collect();
     Ok(requests)
@@ -359,6 +360,7 @@ fn warm_up(
         .map(|r| Request {
             prompt: r.prompt.clone(),
             max_new_tokens: r.max_new_tokens.min(4),
+            settings: None,
         })
         .collect();
     let single = Ensemble::single(model);

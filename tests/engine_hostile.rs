@@ -402,6 +402,7 @@ fn more_than_128_live_rows_score_as_alone() {
                 .map(|i| 1 + ((i * 31 + n * 17) % 399) as i64)
                 .collect(),
             max_new_tokens: 2,
+            settings: None,
         })
         .collect();
     let cfg = GenerationConfig {

@@ -8,6 +8,12 @@ pub enum FinishReason {
     Stop,
     Length,
     Time,
+    /// The caller ended it (`Engine::cancel`).
+    Cancelled,
+    /// No token could be picked under the request's own settings
+    /// (`Engine::take_error` says why); only requests with their own settings end so,
+    /// others fail the whole run.
+    Error,
 }
 
 impl FinishReason {
@@ -17,6 +23,8 @@ impl FinishReason {
             FinishReason::Stop => "stop",
             FinishReason::Length => "length",
             FinishReason::Time => "time",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
         }
     }
 }
@@ -30,4 +38,16 @@ pub struct Generated {
     pub logprobs: Vec<f64>,
     pub score: f64,
     pub finish_reason: FinishReason,
+}
+
+impl Generated {
+    /// A sequence that ended before its first token.
+    pub fn empty(finish_reason: FinishReason) -> Self {
+        Self {
+            tokens: vec![],
+            logprobs: vec![],
+            score: 0.0,
+            finish_reason,
+        }
+    }
 }

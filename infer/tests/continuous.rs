@@ -63,6 +63,7 @@ fn requests(name: &str) -> Vec<Request> {
         .map(|(i, prompt)| Request {
             prompt,
             max_new_tokens: [3, 11, 6, 14, 2, 9, 5][i % 7],
+            settings: None,
         })
         .collect()
 }
@@ -251,6 +252,7 @@ fn requests_added_while_running_decode_as_alone() {
         let too_long = Request {
             prompt: vec![1; capacity],
             max_new_tokens: 1,
+            settings: None,
         };
         assert!(
             engine.add(too_long).is_err(),

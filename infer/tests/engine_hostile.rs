@@ -109,6 +109,7 @@ fn same_length_prompts_prefilled_together_as_alone() {
         .map(|i| Request {
             prompt: prompt(8, 1000 + i, v),
             max_new_tokens: 4,
+            settings: None,
         })
         .collect();
     let cfg = greedy(&model);
@@ -127,6 +128,7 @@ fn many_requests_any_schedule_as_alone() {
         .map(|i| Request {
             prompt: prompt(1 + (i as usize * 7) % 50, i, v),
             max_new_tokens: 1 + (i as usize * 5) % 13,
+            settings: None,
         })
         .collect();
     let mut cfg = greedy(&model);
@@ -163,6 +165,7 @@ fn one_slot_steps_count_every_token() {
         .map(|i| Request {
             prompt: prompt(3 + i as usize, i, v),
             max_new_tokens: 2 + i as usize,
+            settings: None,
         })
         .collect();
     let mut cfg = greedy(&model);
@@ -194,6 +197,7 @@ fn zero_or_too_small_max_num_seqs_still_decodes() {
         .map(|i| Request {
             prompt: prompt(4, i, v),
             max_new_tokens: 5,
+            settings: None,
         })
         .collect();
     let cfg = greedy(&model);
@@ -252,6 +256,7 @@ fn degenerate_requests_are_refused_by_name() {
     let ok = Request {
         prompt: prompt(3, 1, v),
         max_new_tokens: 2,
+        settings: None,
     };
 
     let msg = input_error(try_run(&model, vec![], &cfg, s));
@@ -260,6 +265,7 @@ fn degenerate_requests_are_refused_by_name() {
     let empty = Request {
         prompt: vec![],
         max_new_tokens: 2,
+        settings: None,
     };
     let msg = input_error(try_run(&model, vec![ok.clone(), empty], &cfg, s));
     assert!(msg.contains("prompt 1") && msg.contains("empty"), "{msg}");
@@ -268,6 +274,7 @@ fn degenerate_requests_are_refused_by_name() {
         let oov = Request {
             prompt: vec![5, bad],
             max_new_tokens: 2,
+            settings: None,
         };
         let r = try_run(&model, vec![ok.clone(), oov], &cfg, s);
         assert!(r.is_err(), "token {bad} accepted");
@@ -283,6 +290,7 @@ fn degenerate_requests_are_refused_by_name() {
         let r = Request {
             prompt: prompt(3, 2, v),
             max_new_tokens: limit,
+            settings: None,
         };
         let msg = input_error(try_run(&model, vec![ok.clone(), r], &cfg, s));
         assert!(
@@ -308,6 +316,7 @@ fn request_limit_replaces_the_settings_limit() {
     let long = Request {
         prompt: prompt(n - 3, 7, v),
         max_new_tokens: 3,
+        settings: None,
     };
     let out = try_run(&model, vec![long], &cfg, Schedule::default());
     assert!(out.is_ok(), "{}", out.unwrap_err());
@@ -319,6 +328,7 @@ fn request_limit_replaces_the_settings_limit() {
     let req = Request {
         prompt: prompt(12, 8, v),
         max_new_tokens: 3,
+        settings: None,
     };
     let out = try_run(&model, vec![req], &cfg, Schedule::default());
     assert!(out.is_ok(), "{}", out.unwrap_err());
@@ -335,6 +345,7 @@ fn max_time_does_not_start_queued_requests() {
         .map(|i| Request {
             prompt: prompt(4, i, v),
             max_new_tokens: 10,
+            settings: None,
         })
         .collect();
     let cfg = GenerationConfig {
@@ -371,6 +382,7 @@ fn max_time_reports_every_queued_request() {
         .map(|i| Request {
             prompt: prompt(4, i, v),
             max_new_tokens: 10,
+            settings: None,
         })
         .collect();
     let cfg = GenerationConfig {
@@ -408,6 +420,7 @@ fn beam_sampling_group_seeded_from_its_first_row() {
         .map(|i| Request {
             prompt: prompt(5, 50 + i, v),
             max_new_tokens: 6,
+            settings: None,
         })
         .collect();
     let mut cfg = GenerationConfig {
@@ -439,6 +452,7 @@ fn seeded_samples_through_one_slot_as_alone() {
         .map(|i| Request {
             prompt: prompt(2 + 3 * i as usize, 70 + i, v),
             max_new_tokens: 3 + i as usize,
+            settings: None,
         })
         .collect();
     let mut cfg = GenerationConfig {

@@ -13,11 +13,10 @@
 //!   early_stopping true the search ends once every item has `num_beams` finished.
 use tch::{Kind, Tensor};
 
-use crate::decode::BadRow;
 use crate::error::Result;
 use crate::generate::{
-    finish_reason, pick_failed, unpickable, EarlyStopping, FinishReason, Generated,
-    GenerationConfig, Step, StepContext, Strategy,
+    choose_k, finish_reason, EarlyStopping, FinishReason, Generated, GenerationConfig, Sampling,
+    Step, StepContext, Strategy,
 };
 use crate::processors::{process, Processing, Row};
 
@@ -124,46 +123,9 @@ impl Beam {
     /// from the accumulated scores `acc` (B, nb·V): their scores and flat indices, best
     /// first. An error when an item still searching has too few tokens to choose from.
     fn candidates(&self, acc: &Tensor, k: i64, step: usize) -> Result<(Tensor, Tensor)> {
-        if !self.processing.do_sample {
-            return Ok(acc.topk(k, -1, true, true));
-        }
-        let probs = acc.softmax(-1, Kind::Float);
-        // Sampling k continuations without replacement needs k of nonzero probability
-        // (libtorch throws otherwise): count them in the items still searching.
-        let live = Vec::<i64>::try_from(
-            probs
-                .gt(0.0)
-                .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
-                .to_device(tch::Device::Cpu),
-        )
-        .map_err(|e| pick_failed(step, e))?;
-        let nan =
-            Vec::<bool>::try_from(probs.isnan().any_dim(-1, false).to_device(tch::Device::Cpu))
-                .map_err(|e| pick_failed(step, e))?;
-        for (i, item) in self.items.iter().enumerate() {
-            if !item.improvable {
-                continue;
-            }
-            if nan[i] {
-                return Err(unpickable(step, &format!("prompt {i}"), BadRow::NotFinite));
-            }
-            if live[i] == 0 {
-                return Err(unpickable(step, &format!("prompt {i}"), BadRow::Banned));
-            }
-            if live[i] < k {
-                return Err(crate::Error::Input(format!(
-                    "step {step}: beam sampling draws {k} continuations for \
-                     prompt {i}, but only {} tokens of its beams are allowed; use fewer \
-                     --num-beams or a larger --top-k / --top-p",
-                    live[i]
-                )));
-            }
-        }
-        let idx = probs
-            .f_multinomial(k, false)
-            .map_err(|e| pick_failed(step, e))?;
-        let (top, order) = acc.gather(1, &idx, false).sort(-1, true);
-        Ok((top, idx.gather(1, &order, false)))
+        let sampling = Sampling::of(self.processing.do_sample);
+        choose_k(acc, k, sampling, &|i| self.items[i].improvable)
+            .map_err(|e| e.at(step, |i| format!("prompt {i}")))
     }
 
     /// Item `i`'s continuations (ranked `cands`: beam, token, log-prob, score) become its
@@ -269,22 +231,7 @@ impl Strategy for Beam {
         let top: Vec<f64> = Vec::try_from(cpu(top)).expect("scores");
         let idx: Vec<i64> = Vec::try_from(cpu(idx)).expect("indices");
         let token_logp: Vec<f64> = Vec::try_from(cpu(token_logp)).expect("log-probs");
-        // The best continuation of an item still searching must be a real one: -inf
-        // when every token of every beam is banned, NaN (topk ranks it first) when the
-        // scores are not finite.
         let k = k as usize;
-        for (i, item) in self.items.iter().enumerate() {
-            let best = top[i * k];
-            if item.improvable && !best.is_finite() {
-                let why = if best == f64::NEG_INFINITY {
-                    BadRow::Banned
-                } else {
-                    BadRow::NotFinite
-                };
-                return Err(unpickable(step, &format!("prompt {i}"), why));
-            }
-        }
-
         self.generated += 1;
         let mut parents = Vec::with_capacity(r as usize);
         let mut feed = Vec::with_capacity(r as usize);

@@ -1,7 +1,8 @@
 //! Token choice in one place: how a token is picked from a step's processed scores
-//! (`Sampling`), and the one chooser (`choose`) that picks one token per row and gives
-//! its log-probability under those scores. Greedy and sampled decoding (`Single`) and
-//! speculative decoding's drafts and target tokens pick through it. The processors and
+//! (`Sampling`), the one chooser (`choose`) that picks one token per row and gives its
+//! log-probability under those scores, and its k-best form for beams (`choose_k`).
+//! Greedy and sampled decoding, speculative decoding's drafts and target tokens, and
+//! beam search pick through them. The processors and
 //! warpers (temperature, top-k, top-p, ...) have already shaped the scores
 //! (`processors.rs`); what is left is the pick itself.
 //!
@@ -46,6 +47,8 @@ pub struct Choice {
 pub enum NoPick {
     /// A live row offers no token.
     Row(usize, BadRow),
+    /// A live row offers `have` tokens where `want` are drawn without replacement.
+    TooFew { row: usize, have: i64, want: i64 },
     /// libtorch failed.
     Torch(tch::TchError),
 }
@@ -55,6 +58,11 @@ impl NoPick {
     pub fn at(self, step: usize, who: impl Fn(usize) -> String) -> Error {
         match self {
             NoPick::Row(r, why) => unpickable(step, &who(r), why),
+            NoPick::TooFew { row, have, want } => Error::Input(format!(
+                "step {step}: {want} continuations are drawn for {}, but only {have} \
+                 tokens are allowed; use fewer --num-beams or a larger --top-k / --top-p",
+                who(row)
+            )),
             NoPick::Torch(e) => pick_failed(step, e),
         }
     }
@@ -124,6 +132,71 @@ pub fn choose(
     Ok(Choice { ids, logprobs })
 }
 
+/// The `k` best continuations of each row of `scores` (R, N) (`ArgMax`), or `k` drawn
+/// without replacement from each row's softmax and ranked (`Multinomial`): their
+/// scores and indices (R, k), best first. Beam search's pick. `live(r)` as for `choose`:
+/// sampling, a live row with a NaN, with no allowed token, or with fewer than `k` is an
+/// error.
+pub fn choose_k(
+    scores: &Tensor,
+    k: i64,
+    sampling: Sampling,
+    live: &dyn Fn(usize) -> bool,
+) -> std::result::Result<(Tensor, Tensor), NoPick> {
+    if sampling == Sampling::ArgMax {
+        let (top, idx) = scores.f_topk(k, -1, true, true)?;
+        // The best of a live row must be a real one: -inf when every token is banned,
+        // NaN (topk ranks it first) when the scores are not finite.
+        let best = Vec::<f64>::try_from(
+            top.select(1, 0)
+                .to_kind(Kind::Double)
+                .to_device(Device::Cpu),
+        )?;
+        for (r, &b) in best.iter().enumerate() {
+            if live(r) && !b.is_finite() {
+                let why = if b == f64::NEG_INFINITY {
+                    BadRow::Banned
+                } else {
+                    BadRow::NotFinite
+                };
+                return Err(NoPick::Row(r, why));
+            }
+        }
+        return Ok((top, idx));
+    }
+    let probs = scores.softmax(-1, Kind::Float);
+    // Drawing k without replacement needs k tokens of nonzero probability (libtorch
+    // throws otherwise).
+    let allowed = Vec::<i64>::try_from(
+        probs
+            .gt(0.0)
+            .sum_dim_intlist([-1].as_slice(), false, Kind::Int64)
+            .to_device(Device::Cpu),
+    )?;
+    let nan = Vec::<bool>::try_from(probs.isnan().any_dim(-1, false).to_device(Device::Cpu))?;
+    for (r, (&have, &nan)) in allowed.iter().zip(&nan).enumerate() {
+        if !live(r) {
+            continue;
+        }
+        if nan {
+            return Err(NoPick::Row(r, BadRow::NotFinite));
+        }
+        if have == 0 {
+            return Err(NoPick::Row(r, BadRow::Banned));
+        }
+        if have < k {
+            return Err(NoPick::TooFew {
+                row: r,
+                have,
+                want: k,
+            });
+        }
+    }
+    let idx = probs.f_multinomial(k, false)?;
+    let (top, order) = scores.gather(1, &idx, false).sort(-1, true);
+    Ok((top, idx.gather(1, &order, false)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -164,5 +237,40 @@ mod tests {
             let c = choose(&s, sampling, &|r| r == 0).unwrap();
             assert!(c.logprobs[0].is_finite());
         }
+    }
+
+    #[test]
+    fn choose_k_ranks_the_best_or_the_drawn_and_names_a_row_with_too_few() {
+        let ninf = f32::NEG_INFINITY;
+        let s = Tensor::from_slice(&[0.5f32, 2.0, 1.0, ninf, 3.0, ninf, ninf, ninf]).view([2, 4]);
+        let (top, idx) = choose_k(&s, 2, Sampling::ArgMax, &|_| true).unwrap();
+        assert_eq!(Vec::<i64>::try_from(idx.get(0)).unwrap(), vec![1, 2]);
+        assert_eq!(
+            idx.int64_value(&[1, 0]),
+            0,
+            "row 1's one allowed token first"
+        );
+        assert_eq!(top.double_value(&[0, 0]), 2.0);
+        // Row 1 has one allowed token: two cannot be drawn without replacement.
+        assert!(matches!(
+            choose_k(&s, 2, Sampling::Multinomial, &|_| true),
+            Err(NoPick::TooFew {
+                row: 1,
+                have: 1,
+                want: 2
+            })
+        ));
+        // Drawn two of row 0's three allowed, ranked by score.
+        let (top, idx) = choose_k(&s, 2, Sampling::Multinomial, &|r| r == 0).unwrap();
+        let (t0, t1) = (top.double_value(&[0, 0]), top.double_value(&[0, 1]));
+        assert!(t0 >= t1, "ranked: {t0} {t1}");
+        let i0 = idx.int64_value(&[0, 0]);
+        assert_eq!(s.double_value(&[0, i0]), t0);
+        // Every token banned in a live row: greedy says so too.
+        let banned = Tensor::from_slice(&[ninf; 4]).view([1, 4]);
+        assert!(matches!(
+            choose_k(&banned, 2, Sampling::ArgMax, &|_| true),
+            Err(NoPick::Row(0, BadRow::Banned))
+        ));
     }
 }

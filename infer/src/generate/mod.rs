@@ -19,7 +19,7 @@ mod choose;
 mod engine;
 mod settings;
 pub use crate::sequence::{FinishReason, Generated};
-pub use choose::{choose, Choice, NoPick, Sampling};
+pub use choose::{choose, choose_k, Choice, NoPick, Sampling};
 pub use engine::{Engine, Request, Schedule};
 pub use settings::{
     check_request_at, check_settings, validate, validate_requests, EarlyStopping, GenerationConfig,
@@ -157,6 +157,7 @@ pub fn generate_ensemble(
         .map(|p| Request {
             prompt: p.clone(),
             max_new_tokens: cfg.limit(p.len()),
+            settings: None,
         })
         .collect::<Vec<_>>();
     generate_requests(models, requests, cfg, Schedule::default(), stop, on_token)

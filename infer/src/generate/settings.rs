@@ -117,13 +117,21 @@ pub fn validate_requests(
 }
 
 /// Request `i` of `validate_requests` on its own (after `check_settings`), so that a
-/// caller can say where it came from.
+/// caller can say where it came from; under its own settings if it has them (checked
+/// here too).
 pub fn check_request_at(
     config: &Gpt2Config,
     i: usize,
     r: &super::Request,
     cfg: &GenerationConfig,
 ) -> Result<()> {
+    let cfg = match &r.settings {
+        Some(own) => {
+            check_settings(config, 1, own)?;
+            own
+        }
+        None => cfg,
+    };
     check_prompt(config, i, &r.prompt, r.max_new_tokens, cfg)
 }
 

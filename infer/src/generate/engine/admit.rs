@@ -22,12 +22,7 @@ impl Engine<'_> {
                     1
                 };
                 for slot in self.done[request].iter_mut().skip(j).take(n) {
-                    *slot = Some(Generated {
-                        tokens: vec![],
-                        logprobs: vec![],
-                        score: 0.0,
-                        finish_reason: FinishReason::Time,
-                    });
+                    *slot = Some(Generated::empty(FinishReason::Time));
                 }
             }
             return Ok(());
@@ -61,9 +56,13 @@ impl Engine<'_> {
         } else {
             row
         };
-        let sampled = self.cfg.processing.do_sample;
-        let rng = match self.cfg.seed {
-            Some(seed) if sampled => {
+        // A request with its own settings draws from its own seed.
+        let (cfg, k) = match &req.settings {
+            Some(own) => (&**own, 0),
+            None => (self.cfg, k),
+        };
+        let rng = match cfg.seed {
+            Some(seed) if cfg.processing.do_sample => {
                 Some(SeqRng::seeded(seed.wrapping_add(k as u64), self.device)?)
             }
             _ => None,
@@ -77,12 +76,7 @@ impl Engine<'_> {
         } else {
             Kind::One {
                 tokens: req.prompt.clone(),
-                out: Generated {
-                    tokens: vec![],
-                    logprobs: vec![],
-                    score: 0.0,
-                    finish_reason: FinishReason::Length,
-                },
+                out: Generated::empty(FinishReason::Length),
             }
         };
         Ok(Unit {
@@ -90,6 +84,7 @@ impl Engine<'_> {
             row,
             prompt_len: req.prompt.len(),
             limit: req.max_new_tokens,
+            settings: req.settings.clone(),
             slots,
             hidden: Vec::new(),
             rng,

@@ -12,7 +12,8 @@
 //! sampled rows are processed together each step; each sampled sequence draws from its
 //! own generator (`SeqRng`), seeded `seed + k` for output row k, so that a sequence
 //! gives the same tokens whatever else is decoded beside it.
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
 
 mod admit;
 mod pick;
@@ -24,7 +25,8 @@ use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::Result;
 use crate::generate::beam::Beam;
-use crate::rng::{self, RngLock, SeqRng};
+use crate::rng::SeqRng;
+use crate::sequence::FinishReason;
 
 use super::{Generated, GenerationConfig, StepContext, StopCheck, Strategy};
 
@@ -42,11 +44,17 @@ pub struct Schedule {
 /// Longest prompt piece prefilled in one forward pass.
 const PREFILL_CHUNK: usize = 512;
 
-/// One request: a prompt and how many new tokens it may take.
+/// One request: a prompt, how many new tokens it may take, and optionally its own
+/// settings.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub prompt: Vec<i64>,
     pub max_new_tokens: usize,
+    /// This request's own sampling settings, processors, seed and EOS ids (`None`: the
+    /// engine's). Only for one sequence a request (no beams, one return sequence): its
+    /// sequence draws from a generator seeded with its own `seed` (not `seed + k`), so it
+    /// gives the same tokens whenever it runs and whatever runs beside it.
+    pub settings: Option<Arc<GenerationConfig>>,
 }
 
 /// What a unit decodes with.
@@ -64,6 +72,8 @@ struct Unit {
     row: usize,
     prompt_len: usize,
     limit: usize,
+    /// The request's own settings (`Request::settings`).
+    settings: Option<Arc<GenerationConfig>>,
     /// Its cache rows, one per decoded row.
     slots: Vec<usize>,
     /// Per model: the hidden state of each row's newest position (rows, E).
@@ -97,12 +107,13 @@ pub struct Engine<'a> {
     done: Vec<Vec<Option<Generated>>>,
     /// Per request, whether `take_finished` has returned it.
     taken: Vec<bool>,
+    /// Why a request with its own settings ended with `FinishReason::Error`, until
+    /// `take_error`.
+    errors: HashMap<usize, String>,
     started: Instant,
     /// Decode steps taken.
     pub steps: usize,
     device: Device,
-    /// Held while sequences draw from their own generators (libtorch's are global).
-    rng_lock: Option<RngLock>,
     threads: Threads,
 }
 
@@ -164,9 +175,9 @@ impl<'a> Engine<'a> {
             beams,
             done: Vec::new(),
             taken: Vec::new(),
+            errors: HashMap::new(),
             started: Instant::now(),
             steps: 0,
-            rng_lock: (cfg.seed.is_some() && cfg.processing.do_sample).then(rng::lock),
             threads: Threads(None),
         }
     }
@@ -184,6 +195,23 @@ impl<'a> Engine<'a> {
                 request.prompt.len(),
                 request.max_new_tokens
             )));
+        }
+        if let Some(s) = &request.settings {
+            if self.beams > 1 || self.per_request > 1 {
+                return Err(crate::Error::Input(
+                    "a request's own settings need an engine of one sequence a request (no \
+                     beams, one return sequence)"
+                        .into(),
+                ));
+            }
+            super::check_settings(&self.models.config(), 1, s)?;
+            if s.num_beams > 1 || s.num_return_sequences > 1 {
+                return Err(crate::Error::Input(format!(
+                    "a request's own settings take one sequence: num_beams {} and \
+                     num_return_sequences {} must be 1",
+                    s.num_beams, s.num_return_sequences
+                )));
+            }
         }
         Ok(self.queue(request))
     }
@@ -210,10 +238,19 @@ impl<'a> Engine<'a> {
         for (id, seqs) in self.done.iter_mut().enumerate() {
             if !self.taken[id] && seqs.iter().all(Option::is_some) {
                 self.taken[id] = true;
+                // A long-running engine keeps only the request's slot in these lists.
+                self.requests[id].prompt = Vec::new();
+                self.requests[id].settings = None;
                 out.push((id, seqs.iter_mut().filter_map(Option::take).collect()));
             }
         }
         out
+    }
+
+    /// Why request `id` ended with `FinishReason::Error` (its own settings left a
+    /// sequence no token to pick: all banned, or scores not finite), once.
+    pub fn take_error(&mut self, id: usize) -> Option<String> {
+        self.errors.remove(&id)
     }
 
     /// Whether `max_time` has passed since the engine started.
@@ -276,28 +313,66 @@ impl<'a> Engine<'a> {
     fn retire(&mut self, feeds: &[Option<Feed>]) {
         let mut keep = Vec::with_capacity(self.live.len());
         for (u, f) in std::mem::take(&mut self.live).into_iter().zip(feeds) {
-            if f.is_some() {
-                keep.push(u);
-                continue;
-            }
-            for cache in &mut self.caches {
-                for &s in &u.slots {
-                    cache.free_row(s);
-                }
-            }
-            self.free.extend(u.slots.iter().rev());
-            let j = u.row % self.per_request;
-            match u.kind {
-                Kind::One { out, .. } => self.done[u.request][j] = Some(out),
-                Kind::Beams(beam, _) => {
-                    let seqs = Strategy::finish(beam).into_iter().next();
-                    for (j, g) in seqs.into_iter().flatten().enumerate() {
-                        self.done[u.request][j] = Some(g);
-                    }
-                }
+            match f {
+                Some(_) => keep.push(u),
+                None => self.release(u, None),
             }
         }
         self.live = keep;
+    }
+
+    /// Unit `u` leaves: its slots are freed and its sequences stored, their finish
+    /// reason replaced by `reason` if given.
+    fn release(&mut self, u: Unit, reason: Option<FinishReason>) {
+        for cache in &mut self.caches {
+            for &s in &u.slots {
+                cache.free_row(s);
+            }
+        }
+        self.free.extend(u.slots.iter().rev());
+        let j = u.row % self.per_request;
+        let seqs = match u.kind {
+            Kind::One { out, .. } => vec![out],
+            Kind::Beams(beam, _) => Strategy::finish(beam)
+                .into_iter()
+                .next()
+                .unwrap_or_default(),
+        };
+        // A beam group (the request's one unit, j = 0) fills every output row.
+        for (i, mut g) in seqs.into_iter().enumerate() {
+            if let Some(r) = reason {
+                g.finish_reason = r;
+            }
+            if let Some(slot) = self.done[u.request].get_mut(j + i) {
+                *slot = Some(g);
+            }
+        }
+    }
+
+    /// Ends request `id` now: its units that have not started never will, its running
+    /// ones leave at once with what they have (their slots free for the next step); all
+    /// end with `FinishReason::Cancelled`. `false` when it had already finished (or no
+    /// such request was added).
+    pub fn cancel(&mut self, id: usize) -> bool {
+        let Some(seqs) = self.done.get(id) else {
+            return false;
+        };
+        if self.taken[id] || seqs.iter().all(Option::is_some) {
+            return false;
+        }
+        let per_request = self.per_request;
+        self.waiting.retain(|&u| u / per_request != id);
+        let (mine, rest): (Vec<Unit>, Vec<Unit>) = std::mem::take(&mut self.live)
+            .into_iter()
+            .partition(|u| u.request == id);
+        self.live = rest;
+        for u in mine {
+            self.release(u, Some(FinishReason::Cancelled));
+        }
+        for slot in &mut self.done[id] {
+            slot.get_or_insert_with(|| Generated::empty(FinishReason::Cancelled));
+        }
+        true
     }
 
     /// Feeds every continuing unit's tokens (after reordering beams' slots).

@@ -1,5 +1,7 @@
 //! Token choice for a step: every live single sequence processed together and picked
 //! (each sampled one from its own generator), or each beam group's step.
+use std::sync::Arc;
+
 use tch::Tensor;
 
 use super::{Engine, Feed, Kind, Unit};
@@ -8,47 +10,72 @@ use crate::generate::{
     choose, finish_reason, Choice, NoPick, Sampling, Step, StepContext, Strategy,
 };
 use crate::processors::{process, Row};
+use crate::rng;
+use crate::sequence::FinishReason;
 
 impl Engine<'_> {
     /// Greedy or sampled tokens for every live sequence; per unit, the token to feed
-    /// (`None`: it finished).
+    /// (`None`: it finished). Units that share settings are processed together.
     pub(super) fn pick_singles(
         &mut self,
         scores: &Tensor,
         ends: &StepContext,
         on_token: &mut dyn FnMut(usize, i64),
     ) -> Result<Vec<Option<Feed>>> {
-        let cfg = self.cfg;
-        let rows: Vec<Row> = self
-            .live
-            .iter()
-            .map(|u| match &u.kind {
-                Kind::One { tokens, .. } => Row {
-                    tokens,
-                    prompt_len: u.prompt_len,
-                    limit: u.limit,
-                },
-                Kind::Beams(..) => unreachable!("a run is all beams or all single sequences"),
-            })
-            .collect();
-        let processed = process(&cfg.processing, scores, &rows, &cfg.eos_token_ids);
-        drop(rows);
-        let sampling = Sampling::of(cfg.processing.do_sample);
-        let per_request = self.per_request;
-        let who = move |u: &Unit| {
-            let (i, j) = (u.request, u.row % per_request);
-            if per_request > 1 {
-                format!("prompt {i}, sequence {j}")
-            } else {
-                format!("prompt {i}")
-            }
+        let n = self.live.len();
+        let mut picked = Choice {
+            ids: vec![0; n],
+            logprobs: vec![0.0; n],
         };
-        let Choice { ids, logprobs } = self.choose(&processed, sampling, &who)?;
-        let mut feeds = Vec::with_capacity(self.live.len());
-        for (u, (&tok, &lp)) in self.live.iter_mut().zip(ids.iter().zip(&logprobs)) {
-            let Kind::One { tokens, out } = &mut u.kind else {
-                unreachable!("checked above")
+        // Units whose own settings left them no token: they end, the others go on.
+        let mut failed: Vec<Option<String>> = vec![None; n];
+        for group in self.groups() {
+            let own = self.live[group[0]].settings.clone();
+            let cfg = own.as_deref().unwrap_or(self.cfg);
+            let scores = if group.len() == n {
+                scores.shallow_clone()
+            } else {
+                let index: Vec<i64> = group.iter().map(|&i| i as i64).collect();
+                scores.index_select(0, &Tensor::from_slice(&index).to_device(scores.device()))
             };
+            let rows: Vec<Row> = group.iter().map(|&i| row(&self.live[i])).collect();
+            let processed = process(&cfg.processing, &scores, &rows, &cfg.eos_token_ids);
+            drop(rows);
+            let c = match self.choose(&processed, Sampling::of(cfg.processing.do_sample), &group) {
+                Ok(c) => c,
+                // A request with its own settings fails alone (with the requests that
+                // share its settings value): a server's other streams go on.
+                Err(e) if own.is_some() => {
+                    for &i in &group {
+                        failed[i] = Some(e.to_string());
+                    }
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            for (k, &i) in group.iter().enumerate() {
+                picked.ids[i] = c.ids[k];
+                picked.logprobs[i] = c.logprobs[k];
+            }
+        }
+        let mut feeds = Vec::with_capacity(n);
+        let base = self.cfg;
+        for (i, (u, (&tok, &lp))) in self
+            .live
+            .iter_mut()
+            .zip(picked.ids.iter().zip(&picked.logprobs))
+            .enumerate()
+        {
+            let cfg = u.settings.as_deref().unwrap_or(base);
+            let Kind::One { tokens, out } = &mut u.kind else {
+                unreachable!("a run is all beams or all single sequences")
+            };
+            if let Some(e) = failed[i].take() {
+                out.finish_reason = FinishReason::Error;
+                self.errors.insert(u.request, e);
+                feeds.push(None);
+                continue;
+            }
             out.tokens.push(tok);
             out.logprobs.push(lp);
             out.score += lp;
@@ -68,37 +95,67 @@ impl Engine<'_> {
         Ok(feeds)
     }
 
-    /// One token per row of `processed` (R, V), each sampled row drawing from its own
-    /// generator when seeded.
+    /// The live units grouped by their settings (the engine's, or one request's own),
+    /// each group in live order.
+    fn groups(&self) -> Vec<Vec<usize>> {
+        let mut groups: Vec<Vec<usize>> = Vec::new();
+        for (i, u) in self.live.iter().enumerate() {
+            let same = |g: &&mut Vec<usize>| match (&self.live[g[0]].settings, &u.settings) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            };
+            match groups.iter_mut().find(same) {
+                Some(g) => g.push(i),
+                None => groups.push(vec![i]),
+            }
+        }
+        groups
+    }
+
+    /// One token per row of `processed` (one row per unit of `units`, indices into the
+    /// live units), each sampled row drawing from its own generator when seeded.
     fn choose(
         &mut self,
         processed: &Tensor,
         sampling: Sampling,
-        who: &dyn Fn(&Unit) -> String,
+        units: &[usize],
     ) -> Result<Choice> {
+        let per_request = self.per_request;
         // The error names the row's sequence and its step (its tokens so far + 1).
-        let step = |u: &Unit| match &u.kind {
-            Kind::One { out, .. } => out.tokens.len() + 1,
-            Kind::Beams(..) => 1,
+        let fail = |e: NoPick, u: &Unit| {
+            let step = match &u.kind {
+                Kind::One { out, .. } => out.tokens.len() + 1,
+                Kind::Beams(..) => 1,
+            };
+            let (i, j) = (u.request, u.row % per_request);
+            e.at(step, |_| {
+                if per_request > 1 {
+                    format!("prompt {i}, sequence {j}")
+                } else {
+                    format!("prompt {i}")
+                }
+            })
         };
-        let fail = |e: NoPick, u: &Unit| e.at(step(u), |_| who(u));
-        let seeded = self.live.iter().any(|u| u.rng.is_some());
+        let seeded = units.iter().any(|&i| self.live[i].rng.is_some());
         if !seeded || sampling == Sampling::ArgMax {
             return choose(processed, sampling, &|_| true).map_err(|e| match e {
-                NoPick::Row(r, _) => fail(e, &self.live[r]),
-                NoPick::Torch(_) => fail(e, &self.live[0]),
+                NoPick::Row(r, _) | NoPick::TooFew { row: r, .. } => fail(e, &self.live[units[r]]),
+                NoPick::Torch(_) => fail(e, &self.live[units[0]]),
             });
         }
+        let lock = rng::lock();
         let mut all = Choice {
-            ids: Vec::with_capacity(self.live.len()),
-            logprobs: Vec::with_capacity(self.live.len()),
+            ids: Vec::with_capacity(units.len()),
+            logprobs: Vec::with_capacity(units.len()),
         };
-        for (r, u) in self.live.iter_mut().enumerate() {
+        for (r, &i) in units.iter().enumerate() {
+            let u = &mut self.live[i];
             let row = processed.narrow(0, r as i64, 1);
             let pick = || choose(&row, sampling, &|_| true);
-            let c = match (&mut u.rng, &self.rng_lock) {
-                (Some(rng), Some(lock)) => rng.with(lock, pick)?,
-                _ => pick(),
+            let c = match &mut u.rng {
+                Some(rng) => rng.with(&lock, pick)?,
+                None => pick(),
             };
             let c = c.map_err(|e| fail(e, u))?;
             all.ids.extend(c.ids);
@@ -125,11 +182,9 @@ impl Engine<'_> {
                 unreachable!("a run is all beams or all single sequences")
             };
             let ctx = StepContext { cfg, ..*ends };
-            let step = match (&mut u.rng, &self.rng_lock) {
-                (Some(rng), Some(lock)) => {
-                    rng.with(lock, || beam.step(&logits, &ctx, on_token))??
-                }
-                _ => beam.step(&logits, &ctx, on_token)?,
+            let step = match &mut u.rng {
+                Some(rng) => rng.with(&rng::lock(), || beam.step(&logits, &ctx, on_token))??,
+                None => beam.step(&logits, &ctx, on_token)?,
             };
             feeds.push(match step {
                 Step::Done => None,
@@ -140,5 +195,17 @@ impl Engine<'_> {
             });
         }
         Ok(feeds)
+    }
+}
+
+/// A single sequence's processor row.
+fn row(u: &Unit) -> Row<'_> {
+    match &u.kind {
+        Kind::One { tokens, .. } => Row {
+            tokens,
+            prompt_len: u.prompt_len,
+            limit: u.limit,
+        },
+        Kind::Beams(..) => unreachable!("a run is all beams or all single sequences"),
     }
 }
