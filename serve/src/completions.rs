@@ -83,7 +83,8 @@ impl Choices {
             Event::Done(why) => {
                 let end = match why {
                     FinishReason::Eos | FinishReason::Stop => "stop",
-                    FinishReason::Length | FinishReason::Time => "length",
+                    FinishReason::Length | FinishReason::Time | FinishReason::Cancelled => "length",
+                    FinishReason::Error => "error",
                 };
                 (text.finish(), Some(end))
             }
@@ -129,7 +130,7 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
         .map(|j| choice_config(&app.defaults, &c, &app.tokenizer, &app.config, j).map(Arc::new))
         .collect::<Result<Vec<_>, _>>()?;
     let (tx, rx) = unbounded_channel();
-    let group = app.next_group();
+    let number = app.next_request();
     let arrived = Instant::now();
     let mut jobs = Vec::new();
     let mut choices = Choices {
@@ -155,7 +156,6 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
                 prompt: prompt.clone(),
                 max_new_tokens: limit,
                 settings: cfg.clone(),
-                group,
                 index,
                 events: tx.clone(),
                 stopped,
@@ -167,7 +167,7 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
     drop(tx);
     app.submit(jobs)?;
     let head = Head {
-        id: format!("cmpl-{group:x}{:x}", arrived.elapsed().subsec_nanos()),
+        id: format!("cmpl-{:x}{number:06x}", app.started),
         created: crate::unix_time(),
         model: app.name.clone(),
     };

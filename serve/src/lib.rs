@@ -59,7 +59,7 @@ pub(crate) struct App {
     jobs: Mutex<Sender<Msg>>,
     metrics: Arc<Metrics>,
     max_queue: usize,
-    groups: AtomicU64,
+    requests: AtomicU64,
     started: u64,
 }
 
@@ -81,8 +81,8 @@ impl App {
         }
     }
 
-    fn next_group(&self) -> u64 {
-        self.groups.fetch_add(1, Ordering::Relaxed)
+    fn next_request(&self) -> u64 {
+        self.requests.fetch_add(1, Ordering::Relaxed)
     }
 
     /// Queues a request's jobs, or 503 when the queue cannot take them all.
@@ -154,9 +154,10 @@ pub fn run(opts: Options) -> Result<(), Error> {
         capacity: max_model_len,
     };
     let m = metrics.clone();
+    let base = defaults.clone();
     std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || scheduler::run(model, rx, m, pool))?;
+        .spawn(move || scheduler::run(model, rx, m, pool, base))?;
     let name = opts.served_model_name.clone().unwrap_or_else(|| {
         dir.canonicalize()
             .ok()
@@ -173,7 +174,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
         jobs: Mutex::new(tx),
         metrics,
         max_queue: opts.max_queue,
-        groups: AtomicU64::new(0),
+        requests: AtomicU64::new(0),
         started: unix_time(),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

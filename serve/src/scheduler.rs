@@ -1,15 +1,11 @@
 //! The scheduler: one thread owns the model and the engine. Handlers send it jobs (one
-//! per choice) over a channel; each step it takes new jobs, admits waiting ones into free
-//! slots, runs one engine step, sends each job's token to its request's channel, retires
-//! finished jobs and drops those nobody listens to any more (client gone, stop string).
-//!
-//! Until the engine takes each request's own settings, jobs run in epochs: one engine
-//! per run of consecutive jobs with equal settings (a seeded request's jobs alone, so
-//! that choice `j` draws from `seed + j` whatever else is queued); a job with other
-//! settings waits until the running ones finish.
+//! per choice, each with its own settings) over a channel; each step it takes new jobs,
+//! cancels those nobody listens to any more (client gone, stop string found), admits
+//! waiting ones into free slots, runs one engine step, sends each token to its
+//! request's channel and retires finished jobs.
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{Receiver, TryRecvError};
+use std::sync::mpsc::Receiver;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,8 +31,6 @@ pub struct Job {
     pub prompt: Vec<i64>,
     pub max_new_tokens: usize,
     pub settings: Arc<GenerationConfig>,
-    /// The request's number: a seeded request's jobs run in an epoch of their own.
-    pub group: u64,
     /// The choice's index in its response.
     pub index: usize,
     pub events: Events,
@@ -56,15 +50,6 @@ impl Job {
     fn send(&self, e: Event) {
         let _ = self.events.send((self.index, e));
     }
-
-    /// Whether it may join an engine running `cfg` for `group`.
-    fn fits(&self, cfg: &GenerationConfig, group: u64) -> bool {
-        if self.settings.seed.is_some() || cfg.seed.is_some() {
-            return self.group == group;
-        }
-        let key = |c: &GenerationConfig| format!("{:?}{:?}", c.processing, c.eos_token_ids);
-        key(&self.settings) == key(cfg)
-    }
 }
 
 pub enum Msg {
@@ -79,112 +64,126 @@ pub struct Pool {
     pub capacity: usize,
 }
 
-/// The scheduler thread's body: serves jobs until every sender is gone.
-pub fn run(model: Gpt2, rx: Receiver<Msg>, metrics: Arc<Metrics>, pool: Pool) {
+/// Requests an engine takes before it is replaced by a fresh one once idle (it keeps a
+/// small record of every request it was given).
+const RENEW_AFTER: usize = 4096;
+
+/// The scheduler thread's body: serves jobs until every sender is gone. `base`: the
+/// engine's own settings (each job brings its own).
+pub fn run(
+    model: Gpt2,
+    rx: Receiver<Msg>,
+    metrics: Arc<Metrics>,
+    pool: Pool,
+    base: GenerationConfig,
+) {
     let _no_grad = tch::no_grad_guard();
     let ensemble = Ensemble::single(&model);
-    let mut pending = VecDeque::new();
+    let mut base = base;
+    base.max_time = None;
+    base.num_beams = 1;
+    base.num_return_sequences = 1;
+    let schedule = Schedule {
+        max_num_seqs: Some(pool.slots),
+        static_batches: false,
+    };
+    let new_engine = || Engine::with_pool(&ensemble, &base, schedule, pool.slots, pool.capacity);
+    let mut s = Scheduler {
+        engine: new_engine(),
+        added: 0,
+        live: HashMap::new(),
+        pending: VecDeque::new(),
+        slots: pool.slots,
+        metrics: &metrics,
+    };
     loop {
-        if pending.is_empty() {
+        if s.live.is_empty() && s.pending.is_empty() {
             match rx.recv() {
-                Ok(Msg::Jobs(jobs)) => pending.extend(jobs),
+                Ok(Msg::Jobs(jobs)) => s.pending.extend(jobs),
                 Err(_) => return,
             }
+            if s.added >= RENEW_AFTER {
+                s.engine = new_engine();
+                s.added = 0;
+            }
         }
-        let Some(first) = pending.front() else {
+        while let Ok(Msg::Jobs(jobs)) = rx.try_recv() {
+            s.pending.extend(jobs);
+        }
+        s.drop_gone();
+        s.admit();
+        if s.live.is_empty() {
             continue;
-        };
-        let (cfg, group) = ((*first.settings).clone(), first.group);
-        let schedule = Schedule {
-            max_num_seqs: Some(pool.slots),
-            static_batches: false,
-        };
-        let engine = Engine::with_pool(&ensemble, &cfg, schedule, pool.slots, pool.capacity);
-        let mut epoch = Epoch {
-            engine,
-            live: HashMap::new(),
-            cfg: &cfg,
-            group,
-            slots: pool.slots,
-            metrics: &metrics,
-        };
-        epoch.run(&rx, &mut pending);
+        }
+        if let Err(e) = s.step() {
+            // Not a request's own fault (those end alone): the engine may be half-way
+            // through a step, so every running job fails and a fresh engine takes over.
+            s.fail(&e.to_string());
+            s.engine = new_engine();
+            s.added = 0;
+        }
     }
 }
 
-/// One engine and the jobs it runs.
-struct Epoch<'a> {
+/// The engine and the jobs it runs or will run.
+struct Scheduler<'a> {
     engine: Engine<'a>,
-    /// Engine request id → its job; `None` once nobody listens (its slot is held until
-    /// the engine can cancel it).
-    live: HashMap<usize, Option<Job>>,
-    cfg: &'a GenerationConfig,
-    group: u64,
+    /// Requests given to this engine.
+    added: usize,
+    /// Engine request id → its job.
+    live: HashMap<usize, Job>,
+    pending: VecDeque<Job>,
     slots: usize,
     metrics: &'a Metrics,
 }
 
-impl Epoch<'_> {
-    /// Steps until no admitted job is left; returns to start another epoch.
-    fn run(&mut self, rx: &Receiver<Msg>, pending: &mut VecDeque<Job>) {
-        loop {
-            loop {
-                match rx.try_recv() {
-                    Ok(Msg::Jobs(jobs)) => pending.extend(jobs),
-                    Err(TryRecvError::Empty | TryRecvError::Disconnected) => break,
-                }
-            }
-            self.drop_gone(pending);
-            self.admit(pending);
-            if self.live.is_empty() {
-                return;
-            }
-            if let Err(e) = self.step() {
-                self.fail(&e.to_string());
-                return;
-            }
-        }
-    }
-
-    /// Forgets queued jobs nobody waits for, and stops sending to running ones.
-    fn drop_gone(&mut self, pending: &mut VecDeque<Job>) {
-        let before = pending.len();
-        pending.retain(|j| !j.gone());
-        let dropped = before - pending.len();
+impl Scheduler<'_> {
+    /// Forgets queued jobs nobody waits for, and cancels running ones (their slots free
+    /// at once).
+    fn drop_gone(&mut self) {
+        let before = self.pending.len();
+        self.pending.retain(|j| !j.gone());
+        let dropped = before - self.pending.len();
         let m = self.metrics;
         m.waiting.fetch_sub(dropped, Ordering::Relaxed);
         m.cancelled.fetch_add(dropped as u64, Ordering::Relaxed);
-        for slot in self.live.values_mut() {
-            if slot.as_ref().is_some_and(Job::gone) {
-                *slot = None;
-                m.cancelled.fetch_add(1, Ordering::Relaxed);
-            }
+        let gone: Vec<usize> = self
+            .live
+            .iter()
+            .filter(|(_, j)| j.gone())
+            .map(|(&id, _)| id)
+            .collect();
+        for id in gone {
+            self.engine.cancel(id);
+            self.live.remove(&id);
+            m.running.fetch_sub(1, Ordering::Relaxed);
+            m.cancelled.fetch_add(1, Ordering::Relaxed);
         }
     }
 
-    /// Queued jobs that fit this engine, in order, while slots are free.
-    fn admit(&mut self, pending: &mut VecDeque<Job>) {
+    /// Queued jobs, in order, while slots are free.
+    fn admit(&mut self) {
         while self.live.len() < self.slots {
-            let Some(job) = pending.front() else { break };
-            if !job.fits(self.cfg, self.group) {
+            let Some(job) = self.pending.pop_front() else {
                 break;
-            }
-            let job = pending.pop_front().expect("a front job");
-            self.metrics.waiting.fetch_sub(1, Ordering::Relaxed);
+            };
+            let m = self.metrics;
+            m.waiting.fetch_sub(1, Ordering::Relaxed);
             let request = Request {
                 prompt: job.prompt.clone(),
                 max_new_tokens: job.max_new_tokens,
+                settings: Some(job.settings.clone()),
             };
+            self.added += 1;
             match self.engine.add(request) {
                 Ok(id) => {
-                    let m = self.metrics;
                     m.running.fetch_add(1, Ordering::Relaxed);
                     m.prompt_tokens
                         .fetch_add(job.prompt.len() as u64, Ordering::Relaxed);
-                    self.live.insert(id, Some(job));
+                    self.live.insert(id, job);
                 }
                 Err(e) => {
-                    self.metrics.failed.fetch_add(1, Ordering::Relaxed);
+                    m.failed.fetch_add(1, Ordering::Relaxed);
                     job.send(Event::Failed(e.to_string()));
                 }
             }
@@ -197,7 +196,7 @@ impl Epoch<'_> {
         let m = self.metrics;
         let never = |_: &[i64]| false;
         self.engine.step(&never, &mut |row, token| {
-            if let Some(Some(job)) = live.get_mut(&row) {
+            if let Some(job) = live.get_mut(&row) {
                 if !job.started {
                     job.started = true;
                     m.first_token(job.arrived.elapsed().as_secs_f64());
@@ -208,28 +207,35 @@ impl Epoch<'_> {
         })?;
         m.steps.fetch_add(1, Ordering::Relaxed);
         for (id, seqs) in self.engine.take_finished() {
-            let Some(slot) = self.live.remove(&id) else {
+            let Some(job) = self.live.remove(&id) else {
                 continue;
             };
             m.running.fetch_sub(1, Ordering::Relaxed);
-            if let (Some(job), Some(g)) = (slot, seqs.first()) {
+            let why = seqs
+                .first()
+                .map_or(FinishReason::Error, |g| g.finish_reason);
+            if why == FinishReason::Error {
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                let msg = self.engine.take_error(id);
+                job.send(Event::Failed(
+                    msg.unwrap_or_else(|| "generation failed".into()),
+                ));
+            } else {
                 m.finished.fetch_add(1, Ordering::Relaxed);
                 m.end_to_end(job.arrived.elapsed().as_secs_f64());
-                job.send(Event::Done(g.finish_reason));
+                job.send(Event::Done(why));
             }
         }
         Ok(())
     }
 
-    /// A step failed: every running job hears why; the engine is dropped.
+    /// A step failed: every running job hears why.
     fn fail(&mut self, why: &str) {
         let m = self.metrics;
-        for (_, slot) in self.live.drain() {
+        for (_, job) in self.live.drain() {
             m.running.fetch_sub(1, Ordering::Relaxed);
-            if let Some(job) = slot {
-                m.failed.fetch_add(1, Ordering::Relaxed);
-                job.send(Event::Failed(why.to_string()));
-            }
+            m.failed.fetch_add(1, Ordering::Relaxed);
+            job.send(Event::Failed(why.to_string()));
         }
     }
 }
