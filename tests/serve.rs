@@ -611,3 +611,48 @@ fn full_queue_503_disconnect_cancels_and_sigterm_drains() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+#[test]
+fn concurrent_requests_answer_as_they_would_alone() {
+    let model = reference("hub-tied");
+    let server = Server::start(&model, &["--max-num-seqs", "4"], &[]);
+    // Greedy, seeded sampling with penalties, and seeded n = 2, with different lengths.
+    let bodies: Vec<Value> = (0..12)
+        .map(|i| match i % 3 {
+            0 => greedy(json!(format!("Hello {i}")), 4 + i),
+            1 => json!({"prompt": "The", "max_tokens": 6 + i, "seed": i, "top_k": 20,
+                        "presence_penalty": 0.5, "repetition_penalty": 1.2}),
+            _ => json!({"prompt": [5, 6, 7], "max_tokens": 5, "n": 2, "seed": i, "min_p": 0.05}),
+        })
+        .collect();
+    let alone: Vec<Value> = bodies
+        .iter()
+        .map(|b| server.post("/v1/completions", b).json()["choices"].clone())
+        .collect();
+    let addr = server.addr.clone();
+    let together: Vec<Value> = std::thread::scope(|s| {
+        let handles: Vec<_> = bodies
+            .iter()
+            .map(|b| {
+                let addr = addr.clone();
+                s.spawn(move || {
+                    let mut c = TcpStream::connect(&addr).unwrap();
+                    let body = b.to_string();
+                    write!(
+                        c,
+                        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .unwrap();
+                    read_reply(c).json()["choices"].clone()
+                })
+            })
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    for (i, (a, t)) in alone.iter().zip(&together).enumerate() {
+        assert_eq!(a, t, "request {i}: {}", bodies[i]);
+    }
+    assert_eq!(server.metric("num_requests_running"), 0.0);
+    assert_eq!(server.metric("num_requests_waiting"), 0.0);
+}
