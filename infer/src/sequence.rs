@@ -38,6 +38,17 @@ pub struct Generated {
     pub logprobs: Vec<f64>,
     pub score: f64,
     pub finish_reason: FinishReason,
+    /// Per token, its log-probability under the model's own distribution and the most
+    /// likely tokens' (only when `GenerationConfig::logprobs` asks; else empty).
+    pub raw_logprobs: Vec<Logprobs>,
+}
+
+/// One generated token's log-probability under the model's raw scores, and the `n` most
+/// likely tokens with theirs, most likely first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Logprobs {
+    pub logprob: f64,
+    pub top: Vec<(i64, f64)>,
 }
 
 impl Generated {
@@ -48,6 +59,7 @@ impl Generated {
             logprobs: vec![],
             score: 0.0,
             finish_reason,
+            raw_logprobs: vec![],
         }
     }
 }

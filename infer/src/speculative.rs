@@ -189,12 +189,7 @@ fn one_prompt(
         Drafter::PromptLookup(_) => None,
     };
     let mut seq = prompt.to_vec();
-    let mut out = Generated {
-        tokens: vec![],
-        logprobs: vec![],
-        score: 0.0,
-        finish_reason: FinishReason::Length,
-    };
+    let mut out = Generated::empty(FinishReason::Length);
     let scores_for = |logits: &Tensor, seq: &[i64], drafts: &[i64], n: usize| -> Tensor {
         // Row i predicts the token after seq + drafts[..i]; process each with its history.
         let hist: Vec<Vec<i64>> = (0..n).map(|i| [seq, &drafts[..i]].concat()).collect();

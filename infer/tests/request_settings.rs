@@ -331,3 +331,59 @@ fn a_request_with_no_token_to_pick_fails_alone() {
     assert_eq!(got[0].1, alone(0));
     assert_eq!(got[1].1, alone(2));
 }
+
+/// `logprobs`: per token, its log-probability under the model's own distribution (not
+/// the processed one it was sampled from) and the most likely tokens'. Checked against a
+/// fresh forward pass over the sequence so far; tolerance 1e-4: the engine's fused
+/// decode step and libtorch's whole-sequence forward sum in different orders (f32).
+#[test]
+fn raw_logprobs_are_the_models_own() {
+    let model = model();
+    let prompt = prompts()[1].clone();
+    let mut cfg = settings(&model, 1); // sampled at temperature 0.7, top-k 20
+    cfg.logprobs = Some(3);
+    cfg.max_new_tokens = 6;
+    let out =
+        tch::no_grad(|| generate(&model, &[prompt.clone()], &cfg, &|_| false, |_, _| {})).unwrap();
+    let g = &out.sequences[0][0];
+    assert_eq!(g.raw_logprobs.len(), g.tokens.len());
+    let mut differs = false;
+    for (t, lp) in g.raw_logprobs.iter().enumerate() {
+        let history: Vec<i64> = prompt.iter().chain(&g.tokens[..t]).copied().collect();
+        let fresh = tch::no_grad(|| {
+            let mut cache = model.new_cache(1, history.len() as i64);
+            model
+                .forward(&tch::Tensor::from_slice(&history).view([1, -1]), &mut cache)
+                .select(1, -1)
+                .select(0, 0)
+                .to_kind(Kind::Double)
+                .log_softmax(-1, Kind::Double)
+        });
+        let want = fresh.double_value(&[g.tokens[t]]);
+        assert!(
+            (lp.logprob - want).abs() < 1e-4,
+            "token {t}: {} vs {want}",
+            lp.logprob
+        );
+        assert_eq!(lp.top.len(), 3);
+        let (best, _) = fresh.topk(3, -1, true, true);
+        for (k, &(id, v)) in lp.top.iter().enumerate() {
+            assert!(
+                (v - best.double_value(&[k as i64])).abs() < 1e-4,
+                "token {t}, top {k}"
+            );
+            assert!(
+                (fresh.double_value(&[id]) - v).abs() < 1e-4,
+                "token {t}, id {id}"
+            );
+        }
+        differs |= (lp.logprob - g.logprobs[t]).abs() > 1e-3;
+    }
+    // The processed log-probabilities (temperature 0.7, top-k) are not the raw ones.
+    assert!(differs, "raw and processed log-probabilities coincide");
+    // Not asked: not computed.
+    cfg.logprobs = None;
+    let out =
+        tch::no_grad(|| generate(&model, &[prompt.clone()], &cfg, &|_| false, |_, _| {})).unwrap();
+    assert!(out.sequences[0][0].raw_logprobs.is_empty());
+}

@@ -268,6 +268,7 @@ impl Strategy for Beam {
                         logprobs: f.hyp.logprobs,
                         score: f.score,
                         finish_reason: f.reason,
+                        raw_logprobs: vec![],
                     })
                     .collect()
             })

@@ -18,7 +18,7 @@ mod beam;
 mod choose;
 mod engine;
 mod settings;
-pub use crate::sequence::{FinishReason, Generated};
+pub use crate::sequence::{FinishReason, Generated, Logprobs};
 pub use choose::{choose, choose_k, Choice, NoPick, Sampling};
 pub use engine::{Engine, Request, Schedule};
 pub use settings::{

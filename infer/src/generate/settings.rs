@@ -36,6 +36,11 @@ pub struct GenerationConfig {
     pub seed: Option<u64>,
     /// Ends generation after the step during which this much time has passed.
     pub max_time: Option<Duration>,
+    /// Per generated token, its log-probability under the model's own distribution
+    /// (the raw scores' log-softmax, before any processor, as vLLM and OpenAI return it)
+    /// and the `n` most likely tokens with theirs (`Generated::raw_logprobs`); `None`:
+    /// not computed. Single sequences only (not beams, not speculative decoding).
+    pub logprobs: Option<usize>,
     /// transformers' `stop_strings`: the caller's `StopCheck` ends a sequence whose text
     /// contains one (the engine holds no tokenizer; the CLI builds the check from these).
     pub stop_strings: Vec<String>,
@@ -58,6 +63,7 @@ impl Default for GenerationConfig {
             early_stopping: EarlyStopping::False,
             seed: None,
             max_time: None,
+            logprobs: None,
             stop_strings: Vec::new(),
             sources: BTreeMap::new(),
         }
@@ -238,6 +244,12 @@ pub fn check_settings(config: &Gpt2Config, n_prompts: usize, cfg: &GenerationCon
         return bad(format!(
             "{} > 1 needs --do-sample or --num-beams > 1 (greedy gives one answer)",
             n("num_return_sequences")
+        ));
+    }
+    if cfg.logprobs.is_some() && cfg.num_beams > 1 {
+        return bad(format!(
+            "raw log-probabilities (`logprobs`) are given for single sequences, not with {} > 1",
+            n("num_beams")
         ));
     }
     check_token_ids(config, cfg)

@@ -7,11 +7,11 @@ use tch::Tensor;
 use super::{Engine, Feed, Kind, Unit};
 use crate::error::Result;
 use crate::generate::{
-    choose, finish_reason, Choice, NoPick, Sampling, Step, StepContext, Strategy,
+    choose, finish_reason, pick_failed, Choice, NoPick, Sampling, Step, StepContext, Strategy,
 };
 use crate::processors::{process, Row};
 use crate::rng;
-use crate::sequence::FinishReason;
+use crate::sequence::{FinishReason, Logprobs};
 
 impl Engine<'_> {
     /// Greedy or sampled tokens for every live sequence; per unit, the token to feed
@@ -29,6 +29,7 @@ impl Engine<'_> {
         };
         // Units whose own settings left them no token: they end, the others go on.
         let mut failed: Vec<Option<String>> = vec![None; n];
+        let mut raw: Vec<Option<Logprobs>> = vec![None; n];
         for group in self.groups() {
             let own = self.live[group[0]].settings.clone();
             let cfg = own.as_deref().unwrap_or(self.cfg);
@@ -53,6 +54,16 @@ impl Engine<'_> {
                 }
                 Err(e) => return Err(e),
             };
+            if let Some(top) = cfg.logprobs {
+                let step = match &self.live[group[0]].kind {
+                    Kind::One { out, .. } => out.tokens.len() + 1,
+                    Kind::Beams(..) => 1,
+                };
+                let lp = raw_logprobs(&scores, &c.ids, top).map_err(|e| pick_failed(step, e))?;
+                for (&i, lp) in group.iter().zip(lp) {
+                    raw[i] = Some(lp);
+                }
+            }
             for (k, &i) in group.iter().enumerate() {
                 picked.ids[i] = c.ids[k];
                 picked.logprobs[i] = c.logprobs[k];
@@ -78,6 +89,7 @@ impl Engine<'_> {
             }
             out.tokens.push(tok);
             out.logprobs.push(lp);
+            out.raw_logprobs.extend(raw[i].take());
             out.score += lp;
             tokens.push(tok);
             on_token(u.row, tok);
@@ -208,4 +220,38 @@ fn row(u: &Unit) -> Row<'_> {
         },
         Kind::Beams(..) => unreachable!("a run is all beams or all single sequences"),
     }
+}
+
+/// Each row's picked token's log-probability under the raw `scores` (R, V) and the `top`
+/// most likely tokens with theirs.
+fn raw_logprobs(
+    scores: &Tensor,
+    ids: &[i64],
+    top: usize,
+) -> std::result::Result<Vec<Logprobs>, tch::TchError> {
+    let lsm = scores.f_log_softmax(-1, tch::Kind::Float)?; // (R, V)
+    let idx = Tensor::from_slice(ids).to_device(lsm.device()).unsqueeze(1);
+    let picked = Vec::<f64>::try_from(
+        lsm.f_gather(1, &idx, false)?
+            .reshape([-1])
+            .to_kind(tch::Kind::Double)
+            .to_device(tch::Device::Cpu),
+    )?;
+    let k = (top as i64).min(lsm.size()[1]);
+    let (vals, toks) = lsm.f_topk(k, -1, true, true)?;
+    let vals = Vec::<f64>::try_from(
+        vals.to_kind(tch::Kind::Double)
+            .reshape([-1])
+            .to_device(tch::Device::Cpu),
+    )?;
+    let toks = Vec::<i64>::try_from(toks.reshape([-1]).to_device(tch::Device::Cpu))?;
+    let k = k as usize;
+    Ok(picked
+        .into_iter()
+        .enumerate()
+        .map(|(r, logprob)| Logprobs {
+            logprob,
+            top: (r * k..(r + 1) * k).map(|j| (toks[j], vals[j])).collect(),
+        })
+        .collect())
 }
