@@ -73,7 +73,7 @@ impl Backend for Tensors<'_> {
         let device = self.devices[shard];
         let mask = self.pass.and_then(|p| p.mask.as_ref());
         let mask = mask.map(|m| m.to_device(device));
-        let causal = self.pass.map_or(true, |p| p.causal);
+        let causal = self.pass.is_none_or(|p| p.causal);
         let heads = |z: Tensor| z.view([b, t, nh, hs]).transpose(1, 2); // (B, nh, T, hs)
         let qkv = qkv.split(nh * hs, 2); // 3 × (B, T, nh·hs)
         let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
