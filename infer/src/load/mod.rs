@@ -12,7 +12,7 @@ use crate::checkpoint::{TensorSource, WeightFiles};
 use crate::config::Gpt2Config;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::model::{Attention, AttentionShard, Block, Gpt2, LayerNorm, Mlp, MlpShard};
+use crate::model::{Attention, AttentionShard, Block, Gpt2, LayerNorm, Mlp, MlpShard, Part};
 use crate::options::EngineOptions;
 use crate::parallel::{check_layout, qkv_columns, slice, CopyCommunicator, Split};
 use crate::quant::{self, Int8Linear, Method, QuantRows, QuantizationConfig};
@@ -154,6 +154,7 @@ impl Reader<'_> {
             weight: self.get(&format!("{name}.weight"), &[e])?.to_device(main),
             bias: self.get(&format!("{name}.bias"), &[e])?.to_device(main),
             eps: self.config.layer_norm_epsilon,
+            host: None,
         })
     }
 
@@ -327,39 +328,22 @@ impl Gpt2 {
             out.push((format!("{name}.weight"), ln.weight.shallow_clone()));
             out.push((format!("{name}.bias"), ln.bias.shallow_clone()));
         };
-        let lin = |out: &mut Vec<(String, Tensor)>, name: String, l: &Linear| -> Result<()> {
-            let (weight, bias) = l.float_parts().ok_or_else(|| {
+        for (l, name, part) in self.parts() {
+            let name = format!("h.{l}.{name}");
+            let lin = match part {
+                Part::Norm(n) => {
+                    ln(&mut out, name, n);
+                    continue;
+                }
+                Part::Linear(x) => x,
+            };
+            let (weight, bias) = lin.float_parts().ok_or_else(|| {
                 Error::Input(format!("named_tensors: `{name}` is int8, not float"))
             })?;
             out.push((format!("{name}.weight"), weight.shallow_clone()));
             if let Some(b) = bias {
                 out.push((format!("{name}.bias"), b.shallow_clone()));
             }
-            Ok(())
-        };
-        for (l, block) in self.h.iter().enumerate() {
-            ln(&mut out, format!("h.{l}.ln_1"), &block.ln_1);
-            lin(
-                &mut out,
-                format!("h.{l}.attn.c_attn"),
-                &block.attn.shards[0].c_attn,
-            )?;
-            lin(
-                &mut out,
-                format!("h.{l}.attn.c_proj"),
-                &block.attn.shards[0].c_proj,
-            )?;
-            ln(&mut out, format!("h.{l}.ln_2"), &block.ln_2);
-            lin(
-                &mut out,
-                format!("h.{l}.mlp.c_fc"),
-                &block.mlp.shards[0].c_fc,
-            )?;
-            lin(
-                &mut out,
-                format!("h.{l}.mlp.c_proj"),
-                &block.mlp.shards[0].c_proj,
-            )?;
         }
         ln(&mut out, "ln_f".into(), &self.ln_f);
         if let Some(head) = &self.lm_head {

@@ -1,28 +1,38 @@
 //! GPT-2 (Radford et al. 2019) as transformers' `GPT2LMHeadModel` computes it. Field
 //! names are the checkpoint's (`wte`, `wpe`, `h.N.ln_1`, `attn.c_attn`, `mlp.c_fc`,
 //! `ln_f`), so a reader holding a Hugging Face checkpoint can follow every tensor.
-//! Loading (tensor names, size checks, the tensor-parallel split) is in `load`; which
-//! paths a model runs (decode kernels, fused steps, calibration observers) in `paths`.
+//!
+//! The block is written once (`Block::forward`), against a `backend::Backend`: libtorch
+//! tensors (`backend::Tensors`: any device, tensor-parallel shards, training) or the
+//! fused CPU decode step's f32 slices (`fused`). Loading (tensor names, size checks, the
+//! tensor-parallel split) is in `load`; which paths a model runs (decode kernels, fused
+//! steps, calibration observers) in `paths`.
 use tch::{Device, Kind, Tensor};
 
-use crate::attention::{sdpa, Pass};
+use crate::attention::Pass;
 use crate::cache::{KvCache, Span};
 use crate::config::{Activation, Gpt2Config};
-use crate::decode::{Layers, Plan};
+use crate::decode::Norm;
 
 pub use crate::check::{check_model_dir, check_sizes, stored_kind};
 use crate::kernels::PackedLinear;
 pub use crate::linear::Linear;
 use crate::linear::{kernel_max_rows, packed_forward};
 
+mod backend;
+mod fused;
 mod paths;
-use crate::parallel::{per_shard, Communicator};
+use crate::parallel::Communicator;
 use crate::quant::{QuantRows, QuantizationConfig};
+use backend::{Backend, Tensors};
+use fused::Plan;
 
 pub struct LayerNorm {
     pub weight: Tensor, // (E,)
     pub bias: Tensor,   // (E,)
     pub(crate) eps: f64,
+    /// The parameters as f32, for fused decode steps (made by `set_fused_decode`).
+    pub(crate) host: Option<Norm>,
 }
 
 impl LayerNorm {
@@ -90,168 +100,132 @@ pub struct Gpt2 {
     /// The head (`lm_head`, or `wte`ᵀ when tied) packed for the CPU decode kernels.
     pub(crate) head_packed: Option<PackedLinear>,
     pub(crate) comm: Box<dyn Communicator>,
-    /// Fused CPU decode steps (`decode`), made with the packed copies.
+    /// Fused CPU decode steps (`fused`), made with the packed copies.
     pub(crate) fused: Option<Plan>,
 }
 
-impl Block {
-    /// The block's linear layers, each tensor-parallel shard's, with their names under
-    /// the block (`attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`), shard by shard:
-    /// the one walk over a block's layers.
-    fn linears_mut(&mut self) -> Vec<(&'static str, &mut Linear)> {
-        let mut out = Vec::new();
-        for s in &mut self.attn.shards {
-            out.push(("attn.c_attn", &mut s.c_attn));
-            out.push(("attn.c_proj", &mut s.c_proj));
-        }
-        for s in &mut self.mlp.shards {
-            out.push(("mlp.c_fc", &mut s.c_fc));
-            out.push(("mlp.c_proj", &mut s.c_proj));
-        }
-        out
-    }
+/// One of a block's layers, as `parts!` hands them out (shared or mutable).
+pub(crate) enum Part<N, L> {
+    Norm(N),
+    Linear(L),
+}
 
-    /// `linears_mut`, shared.
-    fn linears(&self) -> Vec<(&'static str, &Linear)> {
-        let mut out = Vec::new();
-        for s in &self.attn.shards {
-            out.push(("attn.c_attn", &s.c_attn));
-            out.push(("attn.c_proj", &s.c_proj));
+impl<N, L> Part<N, L> {
+    pub(crate) fn linear(self) -> Option<L> {
+        match self {
+            Part::Linear(x) => Some(x),
+            Part::Norm(_) => None,
         }
-        for s in &self.mlp.shards {
-            out.push(("mlp.c_fc", &s.c_fc));
-            out.push(("mlp.c_proj", &s.c_proj));
-        }
-        out
     }
 }
 
+/// A block's layers with their names under the block, in the checkpoint's order, each
+/// tensor-parallel shard's linears in turn: `ln_1`, (`attn.c_attn`, `attn.c_proj`) per
+/// shard, `ln_2`, (`mlp.c_fc`, `mlp.c_proj`) per shard. `$r` is `&` or `&mut`: the one
+/// walk over a block's layers, spelled once for both.
+macro_rules! parts {
+    ($block:expr, $($r:tt)+) => {{
+        let b = $block;
+        let mut out = Vec::with_capacity(2 + 2 * (b.attn.shards.len() + b.mlp.shards.len()));
+        out.push(("ln_1", Part::Norm($($r)+ b.ln_1)));
+        for s in $($r)+ b.attn.shards {
+            out.push(("attn.c_attn", Part::Linear($($r)+ s.c_attn)));
+            out.push(("attn.c_proj", Part::Linear($($r)+ s.c_proj)));
+        }
+        out.push(("ln_2", Part::Norm($($r)+ b.ln_2)));
+        for s in $($r)+ b.mlp.shards {
+            out.push(("mlp.c_fc", Part::Linear($($r)+ s.c_fc)));
+            out.push(("mlp.c_proj", Part::Linear($($r)+ s.c_proj)));
+        }
+        out
+    }};
+}
+
+/// A layer of block `.0`, named under the block (`.1`).
+pub(crate) type Named<N, L> = (usize, &'static str, Part<N, L>);
+
 impl Gpt2 {
-    /// Every linear layer of every block and shard, with its layer index and name under
-    /// the block.
+    /// Every block's layers, block by block, as `parts!` walks them.
+    pub(crate) fn parts(&self) -> impl Iterator<Item = Named<&LayerNorm, &Linear>> {
+        self.h.iter().enumerate().flat_map(|(l, b)| {
+            let named = parts!(b, &).into_iter();
+            named.map(move |(n, p)| (l, n, p))
+        })
+    }
+
+    /// `parts`, mutable.
+    pub(crate) fn parts_mut(&mut self) -> impl Iterator<Item = Named<&mut LayerNorm, &mut Linear>> {
+        self.h.iter_mut().enumerate().flat_map(|(l, b)| {
+            let named = parts!(b, &mut).into_iter();
+            named.map(move |(n, p)| (l, n, p))
+        })
+    }
+
+    /// Every linear layer of every block and shard, with its layer index and name.
     pub(crate) fn linears(&self) -> impl Iterator<Item = (usize, &'static str, &Linear)> {
-        self.h
-            .iter()
-            .enumerate()
-            .flat_map(|(l, b)| b.linears().into_iter().map(move |(n, x)| (l, n, x)))
+        self.parts()
+            .filter_map(|(l, n, p)| Some((l, n, p.linear()?)))
     }
 
     /// `linears`, mutable.
     pub(crate) fn linears_mut(
         &mut self,
     ) -> impl Iterator<Item = (usize, &'static str, &mut Linear)> {
-        self.h
-            .iter_mut()
-            .enumerate()
-            .flat_map(|(l, b)| b.linears_mut().into_iter().map(move |(n, x)| (l, n, x)))
+        self.parts_mut()
+            .filter_map(|(l, n, p)| Some((l, n, p.linear()?)))
     }
 }
 
-/// An unsplit model's linears, for fused decode steps.
-impl Layers for Vec<Block> {
-    fn linears(&self, layer: usize) -> [&Linear; 4] {
-        let (a, m) = (&self[layer].attn.shards[0], &self[layer].mlp.shards[0]);
-        [&a.c_attn, &a.c_proj, &m.c_fc, &m.c_proj]
-    }
-}
-
-/// Adds a bias that was kept out of the shards.
-fn add_bias(y: Tensor, bias: &Option<Tensor>) -> Tensor {
-    match bias {
-        Some(b) => y + b,
-        None => y,
-    }
-}
-
-fn act(a: Activation, x: &Tensor) -> Tensor {
-    match a {
-        Activation::GeluTanh => x.gelu("tanh"),
-        Activation::Gelu => x.gelu("none"),
-        Activation::QuickGelu => x * (x * 1.702).sigmoid(),
-        Activation::Relu => x.relu(),
-        Activation::Relu6 => x.clamp(0.0, 6.0),
-        Activation::Silu => x.silu(),
-        Activation::Tanh => x.tanh(),
-        Activation::Sigmoid => x.sigmoid(),
-        Activation::Mish => x.mish(),
-        Activation::LeakyRelu => x.leaky_relu(),
-        Activation::Linear => x.shallow_clone(),
+impl Block {
+    /// x (R, T, E) → (R, T, E): x + attn(ln_1(x)), then x + mlp(ln_2(x)), as `b` runs
+    /// each op; `layer` is this block's index (its KV cache).
+    #[inline(always)]
+    fn forward<B: Backend>(&self, b: &B, layer: usize, x: B::X) -> B::X {
+        let a = self.attn.forward(b, layer, &b.layer_norm(&self.ln_1, &x));
+        let x = b.residual(x, a);
+        let m = self.mlp.forward(b, &b.layer_norm(&self.ln_2, &x));
+        b.residual(x, m)
     }
 }
 
 impl Attention {
-    /// x: (R, T, E) → (R, T, E). With a cache, the new tokens' keys and values go into
-    /// the span's slots and attention runs over each row's slots up to its own; without
-    /// one (training) every row is a whole causal sequence. Each shard attends with its
-    /// own heads and cache; their `c_proj` outputs are summed.
-    fn forward(&self, x: &Tensor, layer: usize, pass: Option<&Pass>, model: &Gpt2) -> Tensor {
-        let (b, t, e) = x.size3().expect("(B, T, E)");
-        let hs = e / model.config.n_head;
-        let mask = pass.and_then(|p| p.mask.as_ref());
-        let causal = pass.map_or(true, |p| p.causal);
-        let partial = |r: usize| -> Tensor {
-            let shard = &self.shards[r];
-            let device = model.devices[r];
-            let (x, mask) = (x.to_device(device), mask.map(|m| m.to_device(device)));
-            let nh = shard.n_head;
-            let heads = |z: Tensor| z.view([b, t, nh, hs]).transpose(1, 2); // (B, nh, T, hs)
-            let qkv = shard.c_attn.forward(&x).split(nh * hs, 2); // 3 × (B, T, nh·hs)
-            let [q, k, v] = <[Tensor; 3]>::try_from(qkv).expect("c_attn gives q, k, v");
-            let (q, k, v) = (heads(q), heads(k), heads(v));
-            let (k_all, v_all) = match pass {
-                // (B, nh, S, hs)
-                Some(p) => (
-                    p.write_read(&p.cache.k[layer][r], &k),
-                    p.write_read(&p.cache.v[layer][r], &v),
-                ),
-                None => (k, v),
-            };
-            let y = if self.upcast && q.kind() != Kind::Float {
-                // reorder_and_upcast_attn: scores and softmax in fp32.
-                let f = |z: &Tensor| z.to_kind(Kind::Float);
-                sdpa(
-                    &f(&q),
-                    &f(&k_all),
-                    &f(&v_all),
-                    mask.as_ref(),
-                    causal,
-                    self.scale,
-                )
-                .to_kind(q.kind())
-            } else {
-                sdpa(&q, &k_all, &v_all, mask.as_ref(), causal, self.scale)
-            }; // (B, nh, T, hs)
-            let y = y.transpose(1, 2).reshape([b, t, nh * hs]); // (B, T, nh·hs)
-            shard.c_proj.forward(&y) // (B, T, E), partial when sharded
-        };
-        let parts = per_shard(self.shards.len(), &partial);
-        add_bias(
-            model.comm.all_reduce(parts, model.devices[0]),
-            &self.c_proj_bias,
+    /// x (R, T, E) → (R, T, E). Each shard: its heads' q, k and v (`c_attn`), attention
+    /// over the cache (the new keys and values written into it first), its `c_proj`;
+    /// the shards' outputs summed, then the bias kept out of them.
+    #[inline(always)]
+    fn forward<B: Backend>(&self, b: &B, layer: usize, x: &B::X) -> B::X {
+        let bias = self.c_proj_bias.as_ref();
+        b.shard_sum(
+            self.shards.len(),
+            x,
+            bias,
+            #[inline(always)]
+            |r, x| {
+                let shard = &self.shards[r];
+                let qkv = b.linear(&shard.c_attn, x); // (R, T, 3·nh·hs)
+                let y = b.attend(self, layer, r, qkv); // (R, T, nh·hs)
+                b.linear(&shard.c_proj, &y) // (R, T, E), partial when sharded
+            },
         )
     }
 }
 
 impl Mlp {
-    /// x: (B, T, E) → (B, T, E); each shard's slice of the inner dimension, summed.
-    fn forward(&self, x: &Tensor, model: &Gpt2) -> Tensor {
-        let partial = |r: usize| -> Tensor {
-            let shard = &self.shards[r];
-            let h = shard.c_fc.forward(&x.to_device(model.devices[r])); // (B, T, inner/N)
-            shard.c_proj.forward(&act(self.act, &h))
-        };
-        let parts = per_shard(self.shards.len(), &partial);
-        add_bias(
-            model.comm.all_reduce(parts, model.devices[0]),
-            &self.c_proj_bias,
+    /// x (R, T, E) → (R, T, E); each shard's slice of the inner dimension, summed.
+    #[inline(always)]
+    fn forward<B: Backend>(&self, b: &B, x: &B::X) -> B::X {
+        let bias = self.c_proj_bias.as_ref();
+        b.shard_sum(
+            self.shards.len(),
+            x,
+            bias,
+            #[inline(always)]
+            |r, x| {
+                let shard = &self.shards[r];
+                let h = b.linear(&shard.c_fc, x); // (R, T, inner/N)
+                b.linear(&shard.c_proj, &b.activate(self.act, h)) // (R, T, E)
+            },
         )
-    }
-}
-
-impl Block {
-    fn forward(&self, x: &Tensor, layer: usize, pass: Option<&Pass>, model: &Gpt2) -> Tensor {
-        let x = x + self.attn.forward(&self.ln_1.forward(x), layer, pass, model);
-        &x + self.mlp.forward(&self.ln_2.forward(&x), model)
     }
 }
 
@@ -305,7 +279,7 @@ impl Gpt2 {
         );
         let pos = cache.positions(span); // (R, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (R, T, E)
+        let x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (R, T, E)
         if let Some(h) = self.fused_step(&x, cache, span) {
             cache.advance(span);
             return h;
@@ -317,11 +291,9 @@ impl Gpt2 {
             cache,
             span,
         };
-        for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, Some(&pass), self);
-        }
+        let hidden = self.trunk(&Tensors::new(self, Some(&pass)), x);
         cache.advance(span);
-        self.ln_f.forward(&x)
+        hidden
     }
 
     /// Logits (B, T, V) of whole causal sequences `ids` (B, T) at positions 0..T, with no
@@ -330,11 +302,18 @@ impl Gpt2 {
         let (_, t) = ids.size2().expect("ids are (B, T)");
         let pos = Tensor::arange(t, (Kind::Int64, ids.device())).unsqueeze(0);
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
-        let mut x = self.embed_tokens(ids) + embed(&self.wpe, &pos);
-        for (l, block) in self.h.iter().enumerate() {
-            x = block.forward(&x, l, None, self);
+        let x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (B, T, E)
+        self.logits(&self.trunk(&Tensors::new(self, None), x))
+    }
+
+    /// Every block over the embedded input x (R, T, E), then `ln_f`: the hidden states
+    /// (R, T, E) the head reads. The layers loop, for every backend.
+    #[inline(always)]
+    fn trunk<B: Backend>(&self, b: &B, mut x: B::X) -> B::X {
+        for (layer, block) in self.h.iter().enumerate() {
+            x = block.forward(b, layer, x);
         }
-        self.logits(&self.ln_f.forward(&x))
+        b.layer_norm(&self.ln_f, &x)
     }
 
     /// Logits of hidden states (…, E) → (…, V).

@@ -1,12 +1,11 @@
 //! Which paths a loaded model runs: its linears repacked for the CPU decode kernels,
-//! fused decode steps over them (`decode::Plan`), and calibration observers on every
+//! fused decode steps over them (`fused::Plan`), and calibration observers on every
 //! linear's inputs. The forward itself is in `model`.
 use tch::{Device, Kind, Tensor};
 
-use super::{Block, Gpt2};
+use super::{Gpt2, LayerNorm, Part, Plan};
 use crate::cache::{KvCache, Span};
-use crate::config::Activation;
-use crate::decode::{LayerParts, Plan};
+use crate::decode::Norm;
 use crate::error::{Error, Result};
 use crate::kernels::{self, PackedLinear};
 use crate::linear::{kernel_max_rows, Linear};
@@ -44,34 +43,22 @@ impl Gpt2 {
         Ok(())
     }
 
-    /// Turns fused CPU decode steps (`decode`) on or off; returns whether they are on.
+    /// Turns fused CPU decode steps (`fused`) on or off; returns whether they are on.
     /// They need the packed copies (`pack_for_cpu_decode`, which turns them on) on one
     /// CPU device, and no tensor-parallel split. Off, decode steps run libtorch between
-    /// the kernels.
+    /// the kernels. On, the layer norms' f32 copies are made afresh.
     pub fn set_fused_decode(&mut self, on: bool) -> bool {
         self.fused = None;
-        let unsplit = |b: &Block| {
-            b.attn.shards.len() == 1
-                && b.mlp.shards.len() == 1
-                && b.attn.c_proj_bias.is_none()
-                && b.mlp.c_proj_bias.is_none()
-        };
-        if on && self.devices == [Device::Cpu] && self.h.iter().all(unsplit) {
-            let parts: Vec<LayerParts> = self
-                .h
-                .iter()
-                .map(|b| LayerParts {
-                    ln_1: [&b.ln_1.weight, &b.ln_1.bias],
-                    ln_2: [&b.ln_2.weight, &b.ln_2.bias],
-                    ln_eps: b.ln_1.eps,
-                    scale: b.attn.scale,
-                    upcast: b.attn.upcast,
-                })
-                .collect();
-            let act = self.h.first().map_or(Activation::Linear, |b| b.mlp.act);
-            let ln_f = ([&self.ln_f.weight, &self.ln_f.bias], self.ln_f.eps);
-            let n_head = self.config.n_head as usize;
-            self.fused = Plan::new(self.kind, n_head, &parts, &self.h, ln_f, act);
+        let dtype = matches!(self.kind, Kind::Float | Kind::BFloat16);
+        if on && dtype && self.devices == [Device::Cpu] {
+            let host = |ln: &mut LayerNorm| ln.host = Norm::new(&ln.weight, &ln.bias, ln.eps);
+            for (_, _, part) in self.parts_mut() {
+                if let Part::Norm(ln) = part {
+                    host(ln);
+                }
+            }
+            host(&mut self.ln_f);
+            self.fused = Plan::new(self);
         }
         self.fused.is_some()
     }
@@ -166,7 +153,7 @@ impl Gpt2 {
     pub(super) fn fused_step(&self, x: &Tensor, cache: &KvCache, span: &Span) -> Option<Tensor> {
         let plan = self.fused.as_ref()?;
         if span.rows.len() <= kernels::MAX_ROWS {
-            return plan.step(&self.h, x, cache, span);
+            return plan.step(self, x, cache, span);
         }
         let mut out = Vec::new();
         for (i, rows) in span.rows.chunks(kernels::MAX_ROWS).enumerate() {
@@ -178,7 +165,7 @@ impl Gpt2 {
             };
             let x = x.narrow(0, at as i64, rows.len() as i64);
             // Every chunk meets the same checks, so either the first fails or none does.
-            out.push(plan.step(&self.h, &x, cache, &part)?);
+            out.push(plan.step(self, &x, cache, &part)?);
         }
         Some(Tensor::cat(&out, 0))
     }
