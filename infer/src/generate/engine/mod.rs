@@ -16,6 +16,7 @@ use std::collections::VecDeque;
 
 mod admit;
 mod pick;
+mod speculate;
 use std::time::Instant;
 
 use tch::{Device, Tensor};
@@ -27,6 +28,7 @@ use crate::generate::beam::Beam;
 use crate::rng::{self, RngLock, SeqRng};
 
 use super::{Generated, GenerationConfig, StepContext, StopCheck, Strategy};
+pub use speculate::{feed_rows, Ask, Pick, Proposal, SpecStats, Speculator};
 
 /// How the engine admits sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -104,6 +106,8 @@ pub struct Engine<'a> {
     /// Held while sequences draw from their own generators (libtorch's are global).
     rng_lock: Option<RngLock>,
     threads: Threads,
+    /// Speculative decoding's drafter and counts (`speculate`), when it runs that way.
+    spec: Option<speculate::Speculation<'a>>,
 }
 
 impl<'a> Engine<'a> {
@@ -168,6 +172,7 @@ impl<'a> Engine<'a> {
             steps: 0,
             rng_lock: (cfg.seed.is_some() && cfg.processing.do_sample).then(rng::lock),
             threads: Threads(None),
+            spec: None,
         }
     }
 
@@ -243,6 +248,9 @@ impl<'a> Engine<'a> {
         self.admit()?;
         if self.live.is_empty() {
             return Ok(());
+        }
+        if self.spec.is_some() {
+            return self.speculate(stop, on_token);
         }
         let rows = self.live.iter().map(Unit::rows).sum();
         let models = &self.models.models;
