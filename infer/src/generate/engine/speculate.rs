@@ -129,23 +129,10 @@ impl<'a> Engine<'a> {
                 "speculative decoding runs one target model for one sequence per prompt".into(),
             ));
         }
-        let rows = requests.len();
-        let slots = schedule.max_num_seqs.map_or(rows, |m| m.min(rows));
-        // A round may pad a row's feed to k + 1 tokens past its last one.
-        let capacity = requests
-            .iter()
-            .map(|r| r.prompt.len() + r.max_new_tokens)
-            .max()
-            .unwrap_or(1)
-            + k
-            + 1;
-        let mut engine = Self::with_pool(models, cfg, schedule, slots, capacity);
-        let drafter = make(engine.free.len(), capacity);
-        for r in requests {
-            engine.queue(r);
-        }
+        let mut engine = Self::new(models, cfg, requests, schedule);
+        let (slots, capacity) = (engine.free.len(), engine.caches[0].capacity());
         engine.spec = Some(Speculation {
-            drafter,
+            drafter: make(slots, capacity as usize),
             k,
             stats: SpecStats::default(),
         });
@@ -342,7 +329,8 @@ fn pick_rows(
 /// slot, and gives the hidden states of each row's tokens, (n, E). Rows of at most
 /// `pad_to` tokens share one pass, each padded at its end to the longest (the padding is
 /// written past the row's length and rolled back at once; none of the row's queries
-/// sees it); a longer row (a prompt) goes with the rows of its own length.
+/// sees it); a longer row (a prompt), or one with no room for the padding, goes with the
+/// rows of its own length.
 pub fn feed_rows(
     model: &Gpt2,
     cache: &mut KvCache,
@@ -350,12 +338,10 @@ pub fn feed_rows(
     pad_to: usize,
 ) -> Result<Vec<Tensor>> {
     let mut groups: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (i, (_, tokens)) in rows.iter().enumerate() {
-        let key = if tokens.len() <= pad_to {
-            0
-        } else {
-            tokens.len()
-        };
+    for (i, (slot, tokens)) in rows.iter().enumerate() {
+        let room = cache.capacity() - cache.row_len(*slot);
+        let padded = tokens.len() <= pad_to && pad_to as i64 <= room;
+        let key = if padded { 0 } else { tokens.len() };
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, group)) => group.push(i),
             None => groups.push((key, vec![i])),
