@@ -1,7 +1,8 @@
 //! Speculative decoding: greedy output equals the target alone token for token (draft
 //! models of varying agreement, prompt lookup, several K, EOS, processors that depend on
 //! the history), and sampled output follows the target's distribution (a chi-square
-//! test on the first two tokens over many seeded runs).
+//! test on the first two tokens over many seeded runs); prompts speculating together
+//! give what each gives alone, and a rolled-back cache row decodes as if never fed.
 mod common;
 
 use common::*;

@@ -153,6 +153,11 @@ impl<'a> Engine<'a> {
         let Some(mut spec) = self.spec.take() else {
             return Ok(());
         };
+        // libtorch keeps to one thread while the kernels' pool runs the passes (as in a
+        // plain step); a round feeds up to k + 1 tokens per row.
+        let tokens = self.live.len() * (spec.k + 1);
+        let on_kernels = self.models.models[0].prefills_on_kernels(tokens);
+        self.threads.one(on_kernels);
         // The generators leave their units while the drafter draws through them.
         let mut rngs: Vec<Option<SeqRng>> = self.live.iter_mut().map(|u| u.rng.take()).collect();
         let out = self.round(&mut spec, &mut rngs, stop, on_token);
@@ -196,46 +201,18 @@ impl<'a> Engine<'a> {
         let lock = &self.rng_lock;
         let mut pick = |s: &Tensor, rows: &[usize]| pick_rows(s, rows, rngs, lock, sampling);
         let props = spec.drafter.propose(&asks, &mut pick)?;
-        // Verify: each row's unfed tail and its drafts, every row in one pass.
-        let cache = &mut self.caches[0];
-        let fed: Vec<(usize, Vec<i64>)> = asks
-            .iter()
-            .zip(&props)
-            .map(|(a, p)| {
-                let have = cache.row_len(a.slot) as usize;
-                (a.slot, [&a.tokens[have..], &p.tokens].concat())
-            })
-            .collect();
-        let hidden = feed_rows(self.models.models[0], cache, &fed, spec.k + 1)?;
-        let last: Vec<Tensor> = hidden
-            .iter()
-            .zip(&props)
-            .map(|(h, p)| {
-                let n = p.tokens.len() as i64 + 1;
-                h.narrow(0, h.size()[0] - n, n)
-            })
-            .collect();
-        let logits = self.models.scores(&[Tensor::cat(&last, 0)]); // (N, V)
-                                                                   // Row i of a sequence predicts the token after its tokens and drafts[..i].
-        let hist: Vec<(Vec<i64>, usize, usize)> = asks
-            .iter()
-            .zip(&props)
-            .flat_map(|(a, p)| {
-                (0..=p.tokens.len())
-                    .map(|i| ([a.tokens, &p.tokens[..i]].concat(), a.prompt_len, a.limit))
-            })
-            .collect();
-        let rows: Vec<Row> = hist
-            .iter()
-            .map(|(tokens, prompt_len, limit)| Row {
-                tokens,
-                prompt_len: *prompt_len,
-                limit: *limit,
-            })
-            .collect();
-        let scores = process(&cfg.processing, &logits, &rows, &cfg.eos_token_ids);
+        let model = self.models.models[0];
+        let scores = verify(
+            model,
+            self.models,
+            &mut self.caches[0],
+            cfg,
+            &asks,
+            &props,
+            spec.k,
+        )?;
         let logp = scores.log_softmax(-1, Kind::Float);
-        drop((rows, asks));
+        drop(asks);
         let timed_out = self.timed_out();
         let mut feeds = Vec::with_capacity(self.live.len());
         let mut offset = 0;
@@ -290,6 +267,55 @@ impl<'a> Engine<'a> {
         }
         Ok(feeds)
     }
+}
+
+/// The target's processed scores for every proposal, (N, V) with N = Σ (drafts + 1): each
+/// row's unfed tail and its drafts fed in one pass (padded to `k + 1` tokens), row i of a
+/// sequence predicting the token after its tokens and `drafts[..i]`.
+fn verify(
+    model: &Gpt2,
+    models: &Ensemble,
+    cache: &mut KvCache,
+    cfg: &GenerationConfig,
+    asks: &[Ask],
+    props: &[Proposal],
+    k: usize,
+) -> Result<Tensor> {
+    let fed: Vec<(usize, Vec<i64>)> = asks
+        .iter()
+        .zip(props)
+        .map(|(a, p)| {
+            let have = cache.row_len(a.slot) as usize;
+            (a.slot, [&a.tokens[have..], &p.tokens].concat())
+        })
+        .collect();
+    let hidden = feed_rows(model, cache, &fed, k + 1)?;
+    let last: Vec<Tensor> = hidden
+        .iter()
+        .zip(props)
+        .map(|(h, p)| {
+            let n = p.tokens.len() as i64 + 1;
+            h.narrow(0, h.size()[0] - n, n)
+        })
+        .collect();
+    let logits = models.scores(&[Tensor::cat(&last, 0)]); // (N, V)
+    let hist: Vec<(Vec<i64>, usize, usize)> = asks
+        .iter()
+        .zip(props)
+        .flat_map(|(a, p)| {
+            (0..=p.tokens.len())
+                .map(|i| ([a.tokens, &p.tokens[..i]].concat(), a.prompt_len, a.limit))
+        })
+        .collect();
+    let rows: Vec<Row> = hist
+        .iter()
+        .map(|(tokens, prompt_len, limit)| Row {
+            tokens,
+            prompt_len: *prompt_len,
+            limit: *limit,
+        })
+        .collect();
+    Ok(process(&cfg.processing, &logits, &rows, &cfg.eos_token_ids))
 }
 
 /// One token per row of processed `scores` (R, V), row i for sequence `rows[i]`; a
