@@ -161,6 +161,13 @@ impl KvCache {
         self.own_free_slots();
     }
 
+    /// Forgets `row`'s slots from `len` on, the other rows untouched (a speculative
+    /// row rolls back its rejected drafts this way).
+    pub fn truncate_row(&mut self, row: usize, len: i64) {
+        self.lens[row] = self.lens[row].min(len.max(0));
+        self.own_free_slots();
+    }
+
     /// Empties `row` (its sequence left); the other rows are untouched.
     pub fn free_row(&mut self, row: usize) {
         self.lens[row] = 0;

@@ -3,28 +3,30 @@
 //! target scores all of them in one forward pass, and the longest acceptable prefix is
 //! kept plus one token from the target. Drafts come from a small draft model or, with
 //! prompt lookup, from the sequence itself (the tokens that followed the first earlier
-//! occurrence of its final n-gram).
+//! occurrence of its final n-gram). This file holds the drafters and the accept rule;
+//! the rounds (feed, verify, roll back, finish) are the engine's step in its speculative
+//! mode (`generate::engine::speculate`), so several prompts speculate together, each in
+//! its own cache row.
 //!
 //! Greedy: a draft token is kept while it equals the target's argmax, so the output is
 //! exactly the target's greedy output. Sampling: a draft token x drawn from q is kept
 //! with probability min(1, p(x)/q(x)); at the first rejection the token is drawn from
 //! normalise(max(0, p - q)); if all K are kept one more is drawn from p. Every token is
 //! then distributed as the target's processed distribution p. Prompt-lookup drafts are
-//! deterministic (q is a point mass), which the same rule covers.
-//!
-//! Both KV caches hold every token of the sequence but the last; after a verification
-//! they are truncated back to the accepted length, and the next round feeds whatever a
-//! cache lacks. One prompt at a time, one sequence, no beams.
+//! deterministic (q is a point mass), which the same rule covers. With a seed, prompt k
+//! draws from its own generator seeded `seed + k`, as the engine's sampled sequences do.
 use std::time::Instant;
 
 use tch::{Device, Kind, Tensor};
 
 use crate::cache::KvCache;
 use crate::decode::bad_rows;
+use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
+pub use crate::generate::SpecStats;
 use crate::generate::{
-    choose, finish_reason, pick_failed, unpickable, validate, FinishReason, Generated,
-    GenerationConfig, Output, Sampling, StopCheck,
+    choose, feed_rows, pick_failed, unpickable, validate, Ask, Engine, GenerationConfig, NoPick,
+    Output, Pick, Proposal, Request, Sampling, Schedule, Speculator, StopCheck,
 };
 use crate::model::Gpt2;
 use crate::processors::{process, Row};
@@ -34,32 +36,6 @@ pub enum Drafter<'a> {
     Model(&'a Gpt2),
     /// Longest n-gram to look up (it tries n, n-1, ..., 1).
     PromptLookup(usize),
-}
-
-#[derive(Debug, Default, Clone, Copy)]
-pub struct SpecStats {
-    /// Target verification passes (forward passes of the target, the prompt's included).
-    pub steps: usize,
-    pub proposed: usize,
-    pub accepted: usize,
-}
-
-impl SpecStats {
-    pub fn acceptance_rate(&self) -> f64 {
-        if self.proposed == 0 {
-            0.0
-        } else {
-            self.accepted as f64 / self.proposed as f64
-        }
-    }
-    /// Tokens kept per verification pass, the target's own token included.
-    pub fn tokens_per_step(&self, generated: usize) -> f64 {
-        if self.steps == 0 {
-            0.0
-        } else {
-            generated as f64 / self.steps as f64
-        }
-    }
 }
 
 /// One step of the speculative sampling rule for a draft token `x` drawn from `q`:
@@ -99,7 +75,8 @@ fn check(cfg: &GenerationConfig, k: usize) -> Result<()> {
     Ok(())
 }
 
-/// Generates each prompt with `target`, drafting `k` tokens per step.
+/// Generates each prompt with `target`, drafting `k` tokens per step; the prompts
+/// decode together, each in its own cache row.
 pub fn generate_speculative(
     target: &Gpt2,
     drafter: &Drafter,
@@ -120,33 +97,35 @@ pub fn generate_speculative(
             )));
         }
     }
-    let _seeded = crate::generate::seed_rng(cfg.seed);
+    let requests = prompts
+        .iter()
+        .map(|p| Request {
+            prompt: p.clone(),
+            max_new_tokens: cfg.limit(p.len()),
+        })
+        .collect();
+    let models = Ensemble::single(target);
     let started = Instant::now();
-    let mut stats = SpecStats::default();
-    let mut sequences = Vec::with_capacity(prompts.len());
+    let make = |slots: usize, capacity: usize| -> Box<dyn Speculator + '_> {
+        match drafter {
+            Drafter::Model(d) => Box::new(DraftModel {
+                model: d,
+                cache: d.new_cache(slots as i64, capacity as i64),
+                cfg,
+            }),
+            Drafter::PromptLookup(n) => Box::new(Lookup(*n)),
+        }
+    };
+    let mut engine = Engine::speculative(&models, cfg, requests, Schedule::default(), k, make)?;
     let mut prefill = None;
-    for (row, prompt) in prompts.iter().enumerate() {
-        let deadline = cfg.max_time.map(|t| started + t);
-        let g = one_prompt(
-            target,
-            drafter,
-            prompt,
-            &format!("prompt {row}"),
-            cfg,
-            k,
-            stop,
-            deadline,
-            &mut stats,
-            &mut |t| on_token(row, t),
-            &mut || {
-                prefill.get_or_insert_with(|| started.elapsed());
-            },
-        )?;
-        sequences.push(vec![g]);
+    while !engine.is_idle() {
+        engine.step(stop, &mut on_token)?;
+        prefill.get_or_insert_with(|| started.elapsed());
     }
     let prefill = prefill.unwrap_or_default();
+    let stats = engine.spec_stats();
     let out = Output {
-        sequences,
+        sequences: engine.finish(),
         prefill,
         decode: started.elapsed().saturating_sub(prefill),
         steps: stats.steps,
@@ -154,152 +133,122 @@ pub fn generate_speculative(
     Ok((out, stats))
 }
 
-/// Feeds the tokens of `seq` followed by `extra` that `cache` does not hold yet,
-/// returning logits for every fed position: (n, V) float.
-fn feed(model: &Gpt2, cache: &mut KvCache, seq: &[i64], extra: &[i64]) -> Tensor {
-    let start = cache.len() as usize;
-    let ids: Vec<i64> = seq.iter().chain(extra).skip(start).copied().collect();
-    let n = ids.len() as i64;
-    let t = Tensor::from_slice(&ids)
-        .view([1, n])
-        .to_device(model.device());
-    model.forward(&t, cache).squeeze_dim(0).to_kind(Kind::Float)
-}
+/// Prompt lookup: up to `want` tokens copied from the sequence itself (`lookup`), with
+/// the longest n-gram to match.
+struct Lookup(usize);
 
-#[allow(clippy::too_many_arguments)]
-fn one_prompt(
-    target: &Gpt2,
-    drafter: &Drafter,
-    prompt: &[i64],
-    who: &str,
-    cfg: &GenerationConfig,
-    k: usize,
-    stop: StopCheck,
-    deadline: Option<Instant>,
-    stats: &mut SpecStats,
-    on_token: &mut dyn FnMut(i64),
-    first_token: &mut dyn FnMut(),
-) -> Result<Generated> {
-    let sampling = Sampling::of(cfg.processing.do_sample);
-    let limit = cfg.limit(prompt.len());
-    let capacity = (prompt.len() + limit + k + 1) as i64;
-    let mut t_cache = target.new_cache(1, capacity);
-    let mut d_cache = match drafter {
-        Drafter::Model(d) => Some(d.new_cache(1, capacity)),
-        Drafter::PromptLookup(_) => None,
-    };
-    let mut seq = prompt.to_vec();
-    let mut out = Generated::empty(FinishReason::Length);
-    let scores_for = |logits: &Tensor, seq: &[i64], drafts: &[i64], n: usize| -> Tensor {
-        // Row i predicts the token after seq + drafts[..i]; process each with its history.
-        let hist: Vec<Vec<i64>> = (0..n).map(|i| [seq, &drafts[..i]].concat()).collect();
-        let rows: Vec<Row> = hist
+impl Speculator for Lookup {
+    fn propose(&mut self, asks: &[Ask], _pick: &mut Pick) -> Result<Vec<Proposal>> {
+        Ok(asks
             .iter()
-            .map(|h| Row {
-                tokens: h,
-                prompt_len: prompt.len(),
-                limit: cfg.limit(prompt.len()),
+            .map(|a| Proposal {
+                tokens: lookup(a.tokens, self.0, a.want),
+                q: Vec::new(),
             })
-            .collect();
-        process(&cfg.processing, logits, &rows, &cfg.eos_token_ids)
-    };
-    loop {
-        let room = limit - out.tokens.len();
-        let kk = k.min(room.saturating_sub(1));
-        // Draft phase: up to kk proposals and, for a draft model, their distributions.
-        let (drafts, q_rows) = match (drafter, &mut d_cache) {
-            (Drafter::Model(d), Some(cache)) => {
-                let done = out.tokens.len();
-                draft(d, cache, &seq, kk, cfg, prompt.len(), sampling, done, who)?
-            }
-            (Drafter::PromptLookup(n), _) => (lookup(&seq, *n, kk), Vec::new()),
-            _ => unreachable!("a draft model always has a cache"),
-        };
-        // Verify: the target scores seq's unfed tail and every draft in one pass.
-        let base = t_cache.len() as usize;
-        let logits = feed(target, &mut t_cache, &seq, &drafts); // (fed, V)
-        let fed = logits.size()[0] as usize;
-        let nd = drafts.len();
-        let logits = logits.narrow(0, (fed - nd - 1) as i64, nd as i64 + 1); // (nd + 1, V)
-        let scores = scores_for(&logits, &seq, &drafts, nd + 1);
-        let logp = scores.log_softmax(-1, Kind::Float);
-        stats.steps += 1;
-        stats.proposed += nd;
-        let kept = accept(&scores, &drafts, &q_rows, sampling, out.tokens.len(), who)?;
-        stats.accepted += kept.len() - 1;
-        // Emit in order, stopping at EOS, a stop string or the length limit.
-        let mut finished = false;
-        for (j, &tok) in kept.iter().enumerate() {
-            if out.tokens.is_empty() {
-                first_token();
-            }
-            let lp = logp.double_value(&[j as i64, tok]);
-            out.tokens.push(tok);
-            out.logprobs.push(lp);
-            out.score += lp;
-            seq.push(tok);
-            on_token(tok);
-            if let Some(r) = finish_reason(cfg, &out.tokens, limit, stop, false) {
-                out.finish_reason = r;
-                finished = true;
-                break;
-            }
-        }
-        if finished {
-            return Ok(out);
-        }
-        // Roll back: both caches keep only tokens of `seq` except its last.
-        t_cache.truncate((seq.len() - 1) as i64);
-        debug_assert!(t_cache.len() as usize >= base);
-        if let Some(cache) = &mut d_cache {
-            cache.truncate((seq.len() - 1) as i64);
-        }
-        if deadline.is_some_and(|d| Instant::now() >= d) {
-            out.finish_reason = FinishReason::Time;
-            return Ok(out);
-        }
+            .collect())
+    }
+
+    fn roll_back(&mut self, _slot: usize, _len: usize) {}
+
+    fn accept(
+        &self,
+        scores: &Tensor,
+        p: &Proposal,
+        sampling: Sampling,
+        done: usize,
+        who: &str,
+    ) -> Result<Vec<i64>> {
+        accept(scores, &p.tokens, &p.q, sampling, done, who)
     }
 }
 
-/// Up to `kk` tokens drafted by the draft model `d` after `seq` (stopping at EOS) and,
-/// when sampling, the distribution each was drawn from. `done`: tokens generated so far.
-#[allow(clippy::too_many_arguments)]
-fn draft(
-    d: &Gpt2,
-    cache: &mut KvCache,
-    seq: &[i64],
-    kk: usize,
-    cfg: &GenerationConfig,
-    prompt_len: usize,
-    sampling: Sampling,
-    done: usize,
-    who: &str,
-) -> Result<(Vec<i64>, Vec<Vec<f64>>)> {
-    let mut drafts: Vec<i64> = Vec::with_capacity(kk);
-    let mut q_rows: Vec<Vec<f64>> = Vec::new();
-    for _ in 0..kk {
-        let logits = feed(d, cache, seq, &drafts);
-        let last = logits.get(-1).unsqueeze(0);
-        let hist: Vec<i64> = [seq, &drafts].concat();
-        let row = Row {
-            tokens: &hist,
-            prompt_len,
-            limit: cfg.limit(prompt_len),
-        };
-        let s = process(&cfg.processing, &last, &[row], &cfg.eos_token_ids);
-        let step = done + drafts.len() + 1;
-        let x = choose(&s, sampling, &|_| true)
-            .map_err(|e| e.at(step, |_| format!("{who} (the draft model's draft)")))?
-            .ids[0];
-        if sampling == Sampling::Multinomial {
-            q_rows.push(to_vec(&s.softmax(-1, Kind::Float).squeeze_dim(0)));
+/// A draft model, with a cache row of its own for every engine slot (holding, like the
+/// target's, every token of the sequence but the last between rounds).
+struct DraftModel<'a> {
+    model: &'a Gpt2,
+    cache: KvCache,
+    cfg: &'a GenerationConfig,
+}
+
+impl Speculator for DraftModel<'_> {
+    /// Every asking sequence drafts one token per pass, together, until it has its
+    /// `want` or drafts EOS; each pass first feeds what the row lacks of the sequence.
+    fn propose(&mut self, asks: &[Ask], pick: &mut Pick) -> Result<Vec<Proposal>> {
+        let cfg = self.cfg;
+        let sampling = Sampling::of(cfg.processing.do_sample);
+        let mut props: Vec<Proposal> = asks.iter().map(|_| Proposal::default()).collect();
+        let mut active: Vec<usize> = (0..asks.len()).filter(|&i| asks[i].want > 0).collect();
+        while !active.is_empty() {
+            let hist: Vec<Vec<i64>> = active
+                .iter()
+                .map(|&i| [asks[i].tokens, &props[i].tokens].concat())
+                .collect();
+            let fed: Vec<(usize, Vec<i64>)> = active
+                .iter()
+                .zip(&hist)
+                .map(|(&i, h)| {
+                    let slot = asks[i].slot;
+                    (slot, h[self.cache.row_len(slot) as usize..].to_vec())
+                })
+                .collect();
+            // After a round that kept every draft a row lacks two tokens: pad to two.
+            let hidden = feed_rows(self.model, &mut self.cache, &fed, 2)?;
+            let last: Vec<Tensor> = hidden
+                .iter()
+                .map(|h| h.narrow(0, h.size()[0] - 1, 1))
+                .collect();
+            let logits = self
+                .model
+                .logits(&Tensor::cat(&last, 0))
+                .to_kind(Kind::Float); // (A, V)
+            let rows: Vec<Row> = active
+                .iter()
+                .zip(&hist)
+                .map(|(&i, h)| Row {
+                    tokens: h,
+                    prompt_len: asks[i].prompt_len,
+                    limit: asks[i].limit,
+                })
+                .collect();
+            let s = process(&cfg.processing, &logits, &rows, &cfg.eos_token_ids);
+            let ids = pick(&s, &active).map_err(|e| {
+                let r = match &e {
+                    NoPick::Row(r, _) => *r,
+                    NoPick::Torch(_) => 0,
+                };
+                let a = &asks[active[r]];
+                let step = a.done() + props[active[r]].tokens.len() + 1;
+                e.at(step, |_| format!("{} (the draft model's draft)", a.who))
+            })?;
+            let q = (sampling == Sampling::Multinomial).then(|| s.softmax(-1, Kind::Float));
+            for (j, &i) in active.iter().enumerate() {
+                props[i].tokens.push(ids[j]);
+                if let Some(q) = &q {
+                    props[i].q.push(to_vec(&q.get(j as i64)));
+                }
+            }
+            active.retain(|&i| {
+                let p = &props[i].tokens;
+                p.len() < asks[i].want && !cfg.eos_token_ids.contains(&p[p.len() - 1])
+            });
         }
-        drafts.push(x);
-        if cfg.eos_token_ids.contains(&x) {
-            break;
-        }
+        Ok(props)
     }
-    Ok((drafts, q_rows))
+
+    fn roll_back(&mut self, slot: usize, len: usize) {
+        self.cache.truncate_row(slot, len as i64);
+    }
+
+    fn accept(
+        &self,
+        scores: &Tensor,
+        p: &Proposal,
+        sampling: Sampling,
+        done: usize,
+        who: &str,
+    ) -> Result<Vec<i64>> {
+        accept(scores, &p.tokens, &p.q, sampling, done, who)
+    }
 }
 
 /// The accept rule over the target's processed `scores` (nd + 1, V) for the `drafts`

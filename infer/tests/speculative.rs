@@ -1,7 +1,8 @@
 //! Speculative decoding: greedy output equals the target alone token for token (draft
 //! models of varying agreement, prompt lookup, several K, EOS, processors that depend on
 //! the history), and sampled output follows the target's distribution (a chi-square
-//! test on the first two tokens over many seeded runs).
+//! test on the first two tokens over many seeded runs); prompts speculating together
+//! give what each gives alone, and a rolled-back cache row decodes as if never fed.
 mod common;
 
 use common::*;
@@ -163,6 +164,100 @@ fn sampled_tokens_follow_the_target_distribution() {
                 .enumerate()
                 .filter(|(_, &c)| c > 0)
                 .collect::<Vec<_>>()
+        );
+    })
+}
+
+/// Prompts speculating together (each in its own cache row, rows padded to one length
+/// and rolled back) give each prompt what it gives alone: greedy and seeded sampling
+/// (prompt k draws from seed + k, so alone it runs with seed + k), draft model and
+/// prompt lookup. Scores may differ by float rounding between a batched pass and a
+/// single-row one; 1e-3 over ~20 summed f32 log-probabilities is far above that and far
+/// below any wrong token's effect.
+#[test]
+fn prompts_speculate_together_as_alone() {
+    tch::no_grad(|| {
+        let target = load("sharded-f16");
+        let draft = load("bf16-quickgelu");
+        // Lengths 12, 40, 5 and 28, twice: rows join with prompts of different lengths.
+        let mut prompts = expected("sharded-f16").ids;
+        prompts.extend(prompts.clone());
+        let greedy = GenerationConfig {
+            max_new_tokens: 20,
+            ..GenerationConfig::default()
+        };
+        let mut sampled = greedy.clone();
+        sampled.processing.do_sample = true;
+        sampled.processing.top_k = 20;
+        sampled.seed = Some(5);
+        for cfg in [&greedy, &sampled] {
+            for drafter in [Drafter::Model(&draft), Drafter::PromptLookup(2)] {
+                let run = |prompts: &[Vec<i64>], cfg: &GenerationConfig| {
+                    generate_speculative(&target, &drafter, prompts, cfg, 4, &|_| false, |_, _| {})
+                        .unwrap()
+                        .0
+                        .sequences
+                };
+                let together = run(&prompts, cfg);
+                for (k, prompt) in prompts.iter().enumerate() {
+                    let mut own = cfg.clone();
+                    own.seed = cfg.seed.map(|s| s + k as u64);
+                    let alone = run(std::slice::from_ref(prompt), &own);
+                    let (a, b) = (&alone[0][0], &together[k][0]);
+                    assert_eq!(
+                        a.tokens, b.tokens,
+                        "prompt {k}, sampled {}",
+                        cfg.processing.do_sample
+                    );
+                    assert_eq!(a.finish_reason, b.finish_reason);
+                    assert!(
+                        (a.score - b.score).abs() < 1e-3,
+                        "{} vs {}",
+                        a.score,
+                        b.score
+                    );
+                }
+            }
+        }
+    })
+}
+
+/// A row rolled back (`truncate_row`) and fed again computes what a row that never held
+/// the dropped tokens computes, beside a row padded in the same pass. Tolerance: 1e-4 on
+/// hidden states of order 1 (f32 rounding of passes over different shapes).
+#[test]
+fn a_rolled_back_row_decodes_as_if_never_fed() {
+    tch::no_grad(|| {
+        let model = load("sharded-f16");
+        let prompt = expected("sharded-f16").ids[0].clone();
+        let mut cache = model.new_cache(2, 64);
+        // Row 0: the prompt and 4 drafts, rolled back to the prompt; row 1: the prompt.
+        let drafted = [&prompt[..], &[11, 12, 13, 14]].concat();
+        infer::generate::feed_rows(&model, &mut cache, &[(0, drafted), (1, prompt.clone())], 0)
+            .unwrap();
+        cache.truncate_row(0, prompt.len() as i64);
+        assert_eq!(cache.row_len(0), prompt.len() as i64);
+        // One pass: row 0 feeds 3 tokens, row 1 one (padded to 3, then rolled back).
+        let h =
+            infer::generate::feed_rows(&model, &mut cache, &[(0, vec![7, 8, 9]), (1, vec![7])], 3)
+                .unwrap();
+        assert_eq!(cache.row_len(1), prompt.len() as i64 + 1);
+        let fresh = |tokens: &[i64]| {
+            let mut c = model.new_cache(1, 64);
+            let ids = Tensor::from_slice(tokens).view([1, -1]);
+            model.forward_hidden(&ids, &mut c).get(0)
+        };
+        let want = fresh(&[&prompt[..], &[7, 8, 9]].concat()).narrow(0, prompt.len() as i64, 3);
+        assert!(
+            max_abs_diff(&h[0], &want) < 1e-4,
+            "{}",
+            max_abs_diff(&h[0], &want)
+        );
+        let want = fresh(&[&prompt[..], &[7]].concat()).narrow(0, prompt.len() as i64, 1);
+        assert!(
+            max_abs_diff(&h[1], &want) < 1e-4,
+            "{}",
+            max_abs_diff(&h[1], &want)
         );
     })
 }

@@ -20,7 +20,9 @@ mod engine;
 mod settings;
 pub use crate::sequence::{FinishReason, Generated, Logprobs};
 pub use choose::{choose, choose_k, Choice, NoPick, Sampling};
-pub use engine::{Engine, Request, Schedule};
+pub use engine::{
+    feed_rows, Ask, Engine, Pick, Proposal, Request, Schedule, SpecStats, Speculator,
+};
 pub use settings::{
     check_request_at, check_settings, validate, validate_requests, EarlyStopping, GenerationConfig,
 };
@@ -189,13 +191,4 @@ pub fn generate_requests(
         decode: started.elapsed().saturating_sub(prefill),
         steps,
     })
-}
-
-/// Seeds libtorch's global generator and holds the lock that keeps other seeded runs
-/// from drawing from it until the guard drops; `None` (unseeded) takes no lock.
-pub(crate) fn seed_rng(seed: Option<u64>) -> Option<crate::rng::RngLock> {
-    let seed = seed?;
-    let guard = crate::rng::lock();
-    tch::manual_seed(seed as i64);
-    Some(guard)
 }

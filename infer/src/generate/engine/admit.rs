@@ -39,7 +39,10 @@ impl Engine<'_> {
             let slots: Vec<usize> = (0..self.beams).filter_map(|_| self.free.pop()).collect();
             joined.push(self.unit(u, slots)?);
         }
-        self.prefill(&mut joined)?;
+        if self.spec.is_none() {
+            // A speculating sequence's first round feeds its prompt (`speculate`).
+            self.prefill(&mut joined)?;
+        }
         self.live.extend(joined);
         Ok(())
     }

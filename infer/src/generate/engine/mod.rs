@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 mod admit;
 mod pick;
+mod speculate;
 use std::time::Instant;
 
 use tch::{Device, Tensor};
@@ -29,6 +30,7 @@ use crate::rng::SeqRng;
 use crate::sequence::FinishReason;
 
 use super::{Generated, GenerationConfig, StepContext, StopCheck, Strategy};
+pub use speculate::{feed_rows, Ask, Pick, Proposal, SpecStats, Speculator};
 
 /// How the engine admits sequences.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -115,6 +117,8 @@ pub struct Engine<'a> {
     pub steps: usize,
     device: Device,
     threads: Threads,
+    /// Speculative decoding's drafter and counts (`speculate`), when it runs that way.
+    spec: Option<speculate::Speculation<'a>>,
 }
 
 impl<'a> Engine<'a> {
@@ -179,6 +183,7 @@ impl<'a> Engine<'a> {
             started: Instant::now(),
             steps: 0,
             threads: Threads(None),
+            spec: None,
         }
     }
 
@@ -280,6 +285,9 @@ impl<'a> Engine<'a> {
         self.admit()?;
         if self.live.is_empty() {
             return Ok(());
+        }
+        if self.spec.is_some() {
+            return self.speculate(stop, on_token);
         }
         let rows = self.live.iter().map(Unit::rows).sum();
         let models = &self.models.models;
