@@ -16,6 +16,7 @@ pub mod generate;
 pub mod kernels;
 pub mod linear;
 mod load;
+pub mod manifest;
 pub mod model;
 pub mod options;
 pub mod parallel;
