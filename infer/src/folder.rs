@@ -246,6 +246,7 @@ impl View for &RawTensor {
 /// transformers' `save_pretrained` does (transformers checks it when loading), and
 /// syncs it.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    crate::faults::point();
     let raw: Vec<(String, RawTensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), RawTensor::from_tensor(n, t)?)))
@@ -261,8 +262,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 
 /// Writes and syncs one file.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::faults::point();
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes)
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    f.write_all(head).map_err(|e| Error::io(path, e))?;
+    crate::faults::point();
+    f.write_all(tail)
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(path, e))
 }
@@ -330,8 +335,10 @@ impl TempFolder {
     pub fn commit(mut self, target: &Path) -> Result<()> {
         crate::manifest::write(&self.path)?;
         sync_dir(&self.path)?;
+        crate::faults::point();
         fs::rename(&self.path, target).map_err(|e| Error::io(target, e))?;
         self.placed = true;
+        crate::faults::point();
         sync_dir(&self.parent)
     }
 
@@ -349,9 +356,12 @@ impl TempFolder {
             self.name,
             std::process::id()
         ));
+        crate::faults::point();
         fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+        crate::faults::point();
         fs::rename(&self.path, target).map_err(|e| Error::io(target, e))?;
         self.placed = true;
+        crate::faults::point();
         let _ = fs::remove_dir_all(&old);
         sync_dir(&self.parent)
     }

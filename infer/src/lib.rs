@@ -9,6 +9,7 @@ pub mod decode;
 pub mod device;
 pub mod ensemble;
 pub mod error;
+pub mod faults;
 mod files;
 pub mod folder;
 pub mod genconfig;

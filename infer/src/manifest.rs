@@ -98,6 +98,7 @@ fn rel_name(rel: &Path) -> String {
 
 /// Writes (and syncs) the manifest of `dir`'s files into it.
 pub fn write(dir: &Path) -> Result<()> {
+    crate::faults::point();
     let m = build(dir)?;
     let text = serde_json::to_string_pretty(&m)
         .map_err(|e| Error::Input(format!("{MANIFEST_FILE}: {e}")))?;

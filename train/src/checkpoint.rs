@@ -120,6 +120,7 @@ pub fn rotate(output: &Path, keep: usize, best: Option<&Path>) -> Result<Vec<Pat
             ));
             std::fs::rename(&dir, &aside)
                 .with_context(|| format!("moving {} aside", dir.display()))?;
+            infer::faults::point();
             std::fs::remove_dir_all(&aside)
                 .with_context(|| format!("removing {}", aside.display()))?;
             removed.push(dir);
