@@ -13,7 +13,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup build test demo reference bench bench-kernels fmt
+.PHONY: setup build test demo reference bench bench-kernels fmt fuzz fuzz-build
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -77,3 +77,30 @@ fmt:
 data: data/train.jsonl
 data/train.jsonl: data/make_data.py
 	$(PYTHON) data/make_data.py --out data
+
+# Fuzzing the loaders (fuzz/README.md): libFuzzer binaries built with coverage
+# instrumentation (stable rustc, no sanitizer), each run FUZZ_SECONDS from the seeds
+# fuzz/entry writes plus the corpus grown so far. Crash inputs land in fuzz/artifacts/.
+FUZZ_TARGETS := config generation_config model_folder shard_index tokenizer_json vocab_merges jsonl manifest
+FUZZ_SECONDS ?= 60
+FUZZ_HOST := $(shell rustc -vV | sed -n 's/^host: //p')
+FUZZ_BIN := target/fuzz/$(FUZZ_HOST)/release
+FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
+	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
+	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
+
+fuzz-build: setup
+	@lib=$$(sed -n 's/^LIBTORCH = "\(.*\)"/\1/p' .cargo/config.toml)/lib && \
+	cd fuzz/run && RUSTFLAGS="$(FUZZ_RUSTFLAGS) -Clink-arg=-Wl,-rpath,$$lib" \
+	CARGO_TARGET_DIR=$(CURDIR)/target/fuzz $(CARGO) build --release --target $(FUZZ_HOST)
+
+fuzz: fuzz-build $(REF_READY)
+	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) $(CARGO) run --release -q -p fuzz-entry --bin write_seeds -- fuzz/corpus
+	@for t in $(FUZZ_TARGETS); do \
+	  mkdir -p fuzz/artifacts/$$t; \
+	  echo ">> $$t ($(FUZZ_SECONDS) s)"; \
+	  GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) $(FUZZ_BIN)/$$t fuzz/corpus/$$t \
+	    -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=4096 \
+	    -artifact_prefix=fuzz/artifacts/$$t/ 2>&1 | grep -E '^#[0-9]+.*DONE|^Done|ERROR|SUMMARY|^==' ; \
+	  echo "   corpus: $$(ls fuzz/corpus/$$t | wc -l) inputs"; \
+	done

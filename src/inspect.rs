@@ -1,4 +1,5 @@
-//! `gpt2kit inspect`: what a model folder holds, checked by loading it.
+//! `gpt2kit inspect`: what a model folder holds, checked by loading it; or, with
+//! `--verify`, whether a folder gpt2kit wrote still matches its manifest.
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
@@ -13,15 +14,25 @@ use crate::Out;
 #[derive(clap::Args)]
 pub struct Args {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
-    #[arg(long)]
-    model: PathBuf,
+    #[arg(long, required_unless_present = "verify", conflicts_with = "verify")]
+    model: Option<PathBuf>,
+    /// Check a folder gpt2kit wrote (a model, artifact, tokenizer, checkpoint, or a
+    /// training output folder: each checkpoint and final/) against its manifest.
+    #[arg(long, value_name = "DIR")]
+    verify: Option<PathBuf>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     json: bool,
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let model = Inspected::load(&args.model)?;
+    if let Some(dir) = &args.verify {
+        return verify(dir, args.json, out);
+    }
+    let Some(dir) = &args.model else {
+        anyhow::bail!("--model or --verify is required");
+    };
+    let model = Inspected::load(dir)?;
     if args.json {
         return crate::write_json(out, &model.json());
     }
@@ -29,6 +40,76 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         writeln!(out, "{k:<11}{v}")?;
     }
     Ok(())
+}
+
+/// `--verify DIR`: the folder against its manifest, or, for a folder without one (a
+/// training output folder), each subfolder that has one. Every folder is reported; the
+/// first failure is the error (exit 1), naming the file.
+fn verify(dir: &Path, json: bool, out: &mut Out) -> anyhow::Result<()> {
+    use infer::manifest::{self, Verified, MANIFEST_FILE};
+    let mut folders = vec![dir.to_path_buf()];
+    if !dir.join(MANIFEST_FILE).exists() && dir.is_dir() {
+        let mut subs: Vec<PathBuf> = std::fs::read_dir(dir)
+            .with_context(|| format!("reading {}", dir.display()))?
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .map(|e| e.path())
+            .filter(|p| p.join(MANIFEST_FILE).exists())
+            .collect();
+        subs.sort();
+        if !subs.is_empty() {
+            folders = subs;
+        }
+    }
+    let mut rows = Vec::new();
+    let mut first_err = None;
+    for f in &folders {
+        let row = match manifest::verify(f) {
+            Ok(Verified::Complete { files, bytes }) => {
+                json!({"folder": f.to_string_lossy(), "ok": true, "files": files, "bytes": bytes})
+            }
+            Ok(Verified::NoManifest) => {
+                let e = infer::Error::Integrity {
+                    path: f.clone(),
+                    reason: format!(
+                        "no {MANIFEST_FILE} (written before manifests existed, or not by                          gpt2kit): nothing to verify"
+                    ),
+                };
+                let row =
+                    json!({"folder": f.to_string_lossy(), "ok": false, "error": e.to_string()});
+                first_err.get_or_insert(e);
+                row
+            }
+            Err(e) => {
+                let row =
+                    json!({"folder": f.to_string_lossy(), "ok": false, "error": e.to_string()});
+                first_err.get_or_insert(e);
+                row
+            }
+        };
+        rows.push(row);
+    }
+    if json {
+        crate::write_json(out, &json!({ "verified": rows }))?;
+    } else {
+        for r in &rows {
+            if r["ok"] == true {
+                writeln!(
+                    out,
+                    "ok    {}: {} files, {} bytes match {MANIFEST_FILE}",
+                    r["folder"].as_str().unwrap_or_default(),
+                    r["files"],
+                    r["bytes"]
+                )?;
+            } else {
+                writeln!(out, "FAIL  {}", r["error"].as_str().unwrap_or_default())?;
+            }
+        }
+    }
+    match first_err {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 /// A model folder loaded and checked: its weight files, the model, its tokenizer if any.

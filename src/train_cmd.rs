@@ -111,6 +111,10 @@ pub struct Args {
     /// Testing hook: fail as a crash would after N micro-batches of this run.
     #[arg(long, hide = true)]
     stop_after_micro_batches: Option<u64>,
+    /// Testing hook: die by SIGKILL at the Nth step of writing a checkpoint or final/
+    /// (`infer::faults`).
+    #[arg(long, hide = true)]
+    crash_at_write: Option<u64>,
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
@@ -120,6 +124,9 @@ pub struct Args {
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    if let Some(n) = args.crash_at_write {
+        infer::faults::crash_at(n);
+    }
     let device = infer::device::parse_device(&args.device)?;
     let block_size = match args.block_size {
         Some(b) => b,

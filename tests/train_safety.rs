@@ -505,7 +505,9 @@ fn resuming_behind_later_checkpoints_is_refused() {
 }
 
 /// A hand-edited trainer_state.json cannot point the run outside its folder or back
-/// in time.
+/// in time. The checkpoint's manifest is removed first, as a checkpoint written before
+/// manifests existed has none: with it, the edit is caught before the state is read
+/// (tests/faults.rs).
 #[test]
 fn a_checkpoints_state_is_checked_before_it_is_trusted() {
     let t = TempDir::new("state");
@@ -515,6 +517,7 @@ fn a_checkpoints_state_is_checked_before_it_is_trusted() {
     assert_ok(&run(&base(&model, &data, &out, "2"), &[]));
     let path = t.path("out/checkpoint-2/trainer_state.json");
     let good = std::fs::read_to_string(&path).unwrap();
+    std::fs::remove_file(t.path("out/checkpoint-2/gpt2kit-manifest.json")).unwrap();
     for (key, value, needle) in [
         (
             "best_model_checkpoint",

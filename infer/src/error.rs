@@ -46,6 +46,9 @@ pub enum Error {
     /// Tensors of the weight files that no part of the model reads.
     #[error("{}: {reason}", path.display())]
     UnusedTensors { path: PathBuf, reason: String },
+    /// A file of a folder this tool wrote no longer matches the folder's manifest.
+    #[error("{}: {reason}", path.display())]
+    Integrity { path: PathBuf, reason: String },
     #[error("{0}")]
     Input(String),
     /// libtorch's message, first line only: the C++ backtrace after it is not for users

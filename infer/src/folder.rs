@@ -4,8 +4,8 @@
 //! `save_pretrained` writes it for GPT2LMHeadModel, the one safetensors writer, and
 //! atomic writing: every file goes into a temporary folder beside the target, is
 //! synced, and the folder is renamed into place, so a process killed at any instant
-//! leaves either the old state or the complete new one. Tensors are read by
-//! `checkpoint::WeightFiles`.
+//! leaves either the old state or the complete new one; the folder's manifest
+//! (`manifest`) is its last file. Tensors are read by `checkpoint::WeightFiles`.
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::{self, File};
@@ -34,8 +34,9 @@ pub const TOKENIZER_FILES: &[&str] = &[
     "added_tokens.json",
 ];
 
-/// Prefix of the temporary folders; leftovers of a killed process are removed on the
-/// next start (`remove_leftovers`).
+/// Prefix of the temporary folders, `.tmp-NAME-PID`: leftovers of a killed process are
+/// removed on the next start (`remove_leftovers`, `TempFolder::beside`), those of a
+/// process still running never.
 pub const TMP_PREFIX: &str = ".tmp-";
 
 /// transformers' `GPT2Config.initializer_range` default.
@@ -245,6 +246,7 @@ impl View for &RawTensor {
 /// transformers' `save_pretrained` does (transformers checks it when loading), and
 /// syncs it.
 pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()> {
+    crate::faults::point();
     let raw: Vec<(String, RawTensor)> = tensors
         .iter()
         .map(|(n, t)| Ok((n.clone(), RawTensor::from_tensor(n, t)?)))
@@ -260,8 +262,12 @@ pub fn write_safetensors(path: &Path, tensors: &[(String, Tensor)]) -> Result<()
 
 /// Writes and syncs one file.
 pub fn write_file(path: &Path, bytes: &[u8]) -> Result<()> {
+    crate::faults::point();
     let mut f = File::create(path).map_err(|e| Error::io(path, e))?;
-    f.write_all(bytes)
+    let (head, tail) = bytes.split_at(bytes.len() / 2);
+    f.write_all(head).map_err(|e| Error::io(path, e))?;
+    crate::faults::point();
+    f.write_all(tail)
         .and_then(|()| f.sync_all())
         .map_err(|e| Error::io(path, e))
 }
@@ -289,7 +295,7 @@ pub struct TempFolder {
 
 impl TempFolder {
     /// Creates the target's parent if needed, and the temporary folder in it (a stale one
-    /// of this process id is removed first).
+    /// of this process id, or of a process no longer running, is removed first).
     pub fn beside(target: &Path) -> Result<Self> {
         let parent = match target.parent() {
             Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
@@ -300,6 +306,7 @@ impl TempFolder {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| "model".into());
+        remove_dead_temps(&parent, &format!("{TMP_PREFIX}{name}-"))?;
         let path = parent.join(format!("{TMP_PREFIX}{name}-{}", std::process::id()));
         if path.exists() {
             fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
@@ -326,9 +333,12 @@ impl TempFolder {
     /// an empty folder). Synced before and after the rename, so that after a crash
     /// `target` is either absent or complete.
     pub fn commit(mut self, target: &Path) -> Result<()> {
+        crate::manifest::write(&self.path)?;
         sync_dir(&self.path)?;
+        crate::faults::point();
         fs::rename(&self.path, target).map_err(|e| Error::io(target, e))?;
         self.placed = true;
+        crate::faults::point();
         sync_dir(&self.parent)
     }
 
@@ -339,15 +349,19 @@ impl TempFolder {
         if !target.exists() {
             return self.commit(target);
         }
+        crate::manifest::write(&self.path)?;
         sync_dir(&self.path)?;
         let old = self.parent.join(format!(
             "{TMP_PREFIX}old-{}-{}",
             self.name,
             std::process::id()
         ));
+        crate::faults::point();
         fs::rename(target, &old).map_err(|e| Error::io(target, e))?;
+        crate::faults::point();
         fs::rename(&self.path, target).map_err(|e| Error::io(target, e))?;
         self.placed = true;
+        crate::faults::point();
         let _ = fs::remove_dir_all(&old);
         sync_dir(&self.parent)
     }
@@ -361,18 +375,52 @@ impl Drop for TempFolder {
     }
 }
 
-/// Removes temporary folders a killed process left in `dir`. A process killed between
+/// The process id a temporary folder's name ends with (`.tmp-NAME-PID`).
+fn owner_pid(file_name: &str) -> Option<i32> {
+    file_name.rsplit_once('-')?.1.parse().ok()
+}
+
+/// Whether a process other than this one with id `pid` is running (or may be: a
+/// process of another user answers EPERM).
+fn running_elsewhere(pid: i32) -> bool {
+    if pid <= 0 || pid as u32 == std::process::id() {
+        return false;
+    }
+    // SAFETY: kill with signal 0 sends nothing; it only checks that `pid` exists.
+    let r = unsafe { libc::kill(pid, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() == Some(libc::EPERM)
+}
+
+/// Temporary folders in `dir` whose name starts with `prefix` and whose owner is no
+/// longer running (or is this process).
+fn dead_temps(dir: &Path, prefix: &str) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with(prefix) && owner_pid(&name).is_none_or(|p| !running_elsewhere(p))
+        })
+        .map(|e| e.path())
+        .collect()
+}
+
+fn remove_dead_temps(dir: &Path, prefix: &str) -> Result<()> {
+    for path in dead_temps(dir, prefix) {
+        fs::remove_dir_all(&path).map_err(|e| Error::io(&path, e))?;
+    }
+    Ok(())
+}
+
+/// Removes temporary folders a killed process left in `dir` (never those of a process
+/// still running). A process killed between
 /// the two renames of a swap (`TempFolder::replace`) left the earlier folder aside as
 /// `.tmp-old-NAME-PID` and no `NAME`: that folder is complete, so it is moved back first.
 pub fn remove_leftovers(dir: &Path) -> Result<usize> {
-    let Ok(entries) = fs::read_dir(dir) else {
-        return Ok(0);
-    };
-    let leftovers: Vec<PathBuf> = entries
-        .flatten()
-        .filter(|e| e.file_name().to_string_lossy().starts_with(TMP_PREFIX) && e.path().is_dir())
-        .map(|e| e.path())
-        .collect();
+    let leftovers = dead_temps(dir, TMP_PREFIX);
     let old_prefix = format!("{TMP_PREFIX}old-");
     for path in &leftovers {
         let file = path.file_name().unwrap_or_default().to_string_lossy();
@@ -411,22 +459,39 @@ mod tests {
     fn a_swap_killed_between_its_renames_gets_the_earlier_folder_back() {
         let dir = scratch("swap-killed");
         // The state after `rename(target, old)` and before `rename(tmp, target)`.
-        fs::create_dir(dir.join(".tmp-old-final-77")).unwrap();
-        fs::write(dir.join(".tmp-old-final-77/config.json"), "old").unwrap();
-        fs::create_dir(dir.join(".tmp-final-77")).unwrap();
+        fs::create_dir(dir.join(".tmp-old-final-2000000077")).unwrap();
+        fs::write(dir.join(".tmp-old-final-2000000077/config.json"), "old").unwrap();
+        fs::create_dir(dir.join(".tmp-final-2000000077")).unwrap();
         assert_eq!(remove_leftovers(&dir).unwrap(), 1);
         assert_eq!(
             fs::read_to_string(dir.join("final/config.json")).unwrap(),
             "old"
         );
-        assert!(!dir.join(".tmp-final-77").exists());
+        assert!(!dir.join(".tmp-final-2000000077").exists());
         // After the second rename the new folder is in place: the old copy just goes.
-        fs::create_dir(dir.join(".tmp-old-final-78")).unwrap();
+        fs::create_dir(dir.join(".tmp-old-final-2000000078")).unwrap();
         assert_eq!(remove_leftovers(&dir).unwrap(), 1);
         assert_eq!(
             fs::read_to_string(dir.join("final/config.json")).unwrap(),
             "old"
         );
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn a_running_processs_temporary_folder_is_never_removed() {
+        let dir = scratch("live-temp");
+        let live = format!(".tmp-out-{}", std::os::unix::process::parent_id());
+        fs::create_dir(dir.join(&live)).unwrap();
+        fs::create_dir(dir.join(".tmp-out-2000000001")).unwrap();
+        fs::create_dir(dir.join(".tmp-other-2000000002")).unwrap();
+        // The next writer of `out` removes the dead writer's folder of that name only.
+        let tmp = TempFolder::beside(&dir.join("out")).unwrap();
+        assert!(dir.join(&live).exists() && dir.join(".tmp-other-2000000002").exists());
+        assert!(!dir.join(".tmp-out-2000000001").exists());
+        drop(tmp);
+        assert_eq!(remove_leftovers(&dir).unwrap(), 1);
+        assert!(dir.join(&live).exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 

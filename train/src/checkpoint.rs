@@ -69,7 +69,14 @@ pub fn checkpoint_dir(output: &Path, step: i64) -> PathBuf {
     output.join(format!("{PREFIX}{step}"))
 }
 
-/// Complete checkpoints in `output` (those with a trainer state), by step.
+/// Whether `dir` is a checkpoint folder (it holds a trainer state or a manifest; a
+/// folder with a manifest and no trainer state is a damaged checkpoint).
+pub fn is_checkpoint(dir: &Path) -> bool {
+    dir.join(TRAINER_STATE).is_file() || dir.join(infer::manifest::MANIFEST_FILE).is_file()
+}
+
+/// Checkpoint folders in `output`, by step (`is_checkpoint`; whether their files are
+/// sound is `resume::verify`'s to say).
 pub fn list_checkpoints(output: &Path) -> Vec<(i64, PathBuf)> {
     let mut out: Vec<(i64, PathBuf)> = std::fs::read_dir(output)
         .into_iter()
@@ -81,7 +88,7 @@ pub fn list_checkpoints(output: &Path) -> Vec<(i64, PathBuf)> {
             // Real folders only: a link named like a checkpoint is not this run's.
             let p = e.path();
             let dir = e.file_type().is_ok_and(|t| t.is_dir());
-            (dir && p.join(TRAINER_STATE).is_file()).then_some((step, p))
+            (dir && is_checkpoint(&p)).then_some((step, p))
         })
         .collect();
     out.sort();
@@ -113,6 +120,7 @@ pub fn rotate(output: &Path, keep: usize, best: Option<&Path>) -> Result<Vec<Pat
             ));
             std::fs::rename(&dir, &aside)
                 .with_context(|| format!("moving {} aside", dir.display()))?;
+            infer::faults::point();
             std::fs::remove_dir_all(&aside)
                 .with_context(|| format!("removing {}", aside.display()))?;
             removed.push(dir);

@@ -3,7 +3,7 @@
 //! model.
 use std::path::Path;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use infer::folder::{TempFolder, CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_FILE};
 use infer::Gpt2Config;
 use tch::Tensor;
@@ -31,6 +31,10 @@ pub struct FolderContents<'a> {
 /// Writes `contents` to `target` atomically. `target` must not exist unless `replace`,
 /// in which case the old folder is swapped out only after the new one is complete.
 pub fn write_model_folder(target: &Path, contents: &FolderContents, replace: bool) -> Result<()> {
+    write_folder(target, contents, replace).with_context(|| format!("saving {}", target.display()))
+}
+
+fn write_folder(target: &Path, contents: &FolderContents, replace: bool) -> Result<()> {
     if target.exists() && !replace {
         bail!(infer::Error::Input(format!(
             "{} already exists; choose a new folder",

@@ -4,7 +4,10 @@
 //! transformers' Trainer `resume_from_checkpoint` expects.
 use std::path::{Path, PathBuf};
 
-use anyhow::Result;
+use std::io::Write;
+
+use anyhow::{Context, Result};
+use infer::manifest::{self, Verified};
 use infer::{Gpt2Config, Tokenizer};
 
 use crate::checkpoint::{self as ckpt, RngState, SchedulerState, TrainerState};
@@ -12,26 +15,92 @@ use crate::options::{input, Resume, TrainOptions};
 use crate::schedule::Schedule;
 
 /// The checkpoint to resume from: the latest of --output, a checkpoint folder, or the
-/// latest checkpoint of another output folder.
+/// latest checkpoint of another output folder. A checkpoint must match its manifest
+/// (`infer::manifest`): one named by --resume that does not is an error naming the
+/// file; when the latest does not, a warning names the file and the one before it is
+/// taken (those of --output are first renamed `checkpoint-STEP.corrupt`, kept for a
+/// look but out of the run's way). A checkpoint with no manifest (written before
+/// manifests existed) loads as it always did.
 pub fn resolve(o: &TrainOptions) -> Result<Option<PathBuf>> {
-    let latest_of = |dir: &Path| ckpt::list_checkpoints(dir).pop().map(|(_, p)| p);
+    let latest_of = |dir: &Path| {
+        let own = same_folder(dir, &o.output);
+        latest_sound(dir, own, &mut std::io::stderr())
+    };
     Ok(match &o.resume {
         None => None,
-        Some(Resume::Path(p)) if p.join(ckpt::TRAINER_STATE).is_file() => Some(p.clone()),
-        Some(Resume::Path(p)) => Some(latest_of(p).ok_or_else(|| {
+        Some(Resume::Path(p)) if ckpt::is_checkpoint(p) => {
+            verify(p).map_err(|e| input(format!("--resume {}: {e}", p.display())))?;
+            Some(p.clone())
+        }
+        Some(Resume::Path(p)) => Some(latest_of(p)?.ok_or_else(|| {
             input(format!(
-                "--resume {}: neither a checkpoint folder (no {}) nor a folder holding one",
+                "--resume {}: neither a checkpoint folder (no {}) nor a folder holding a                  sound one",
                 p.display(),
                 ckpt::TRAINER_STATE
             ))
         })?),
-        Some(Resume::Latest) => Some(latest_of(&o.output).ok_or_else(|| {
+        Some(Resume::Latest) => Some(latest_of(&o.output)?.ok_or_else(|| {
             input(format!(
-                "--resume: {} holds no checkpoint to resume from",
+                "--resume: {} holds no sound checkpoint to resume from",
                 o.output.display()
             ))
         })?),
     })
+}
+
+/// A checkpoint's files against its manifest; without one, its trainer state must
+/// at least be there.
+pub fn verify(dir: &Path) -> Result<Verified> {
+    let v = manifest::verify(dir)?;
+    let state = dir.join(ckpt::TRAINER_STATE);
+    if !state.is_file() {
+        return Err(infer::Error::Integrity {
+            path: state,
+            reason: "missing".into(),
+        }
+        .into());
+    }
+    Ok(v)
+}
+
+/// The newest checkpoint of `dir` that verifies, warning (to `warn`) about each newer
+/// one that does not; with `own`, those are renamed aside.
+pub fn latest_sound(dir: &Path, own: bool, warn: &mut dyn Write) -> Result<Option<PathBuf>> {
+    for (_, path) in ckpt::list_checkpoints(dir).into_iter().rev() {
+        let e = match verify(&path) {
+            Ok(_) => return Ok(Some(path)),
+            Err(e) => e,
+        };
+        let aside = if own { Some(move_aside(&path)?) } else { None };
+        let _ = writeln!(
+            warn,
+            "warning: checkpoint {} is not sound ({e:#}){}; trying the one before it",
+            path.display(),
+            aside.map_or(String::new(), |a| format!("; moved to {}", a.display()))
+        );
+    }
+    Ok(None)
+}
+
+/// Renames a checkpoint that failed its check to `checkpoint-STEP.corrupt` (`.corrupt-N`
+/// if taken): its bytes are kept, and it no longer counts as a checkpoint.
+fn move_aside(path: &Path) -> Result<PathBuf> {
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let mut aside = path.with_file_name(format!("{name}.corrupt"));
+    let mut n = 1;
+    while aside.symlink_metadata().is_ok() {
+        n += 1;
+        aside = path.with_file_name(format!("{name}.corrupt-{n}"));
+    }
+    std::fs::rename(path, &aside).with_context(|| format!("moving {} aside", path.display()))?;
+    Ok(aside)
+}
+
+fn same_folder(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(a), Ok(b)) => a == b,
+        _ => a == b,
+    }
 }
 
 /// The checkpoint's trainer state, checked where a hand-edited or foreign file could

@@ -502,6 +502,8 @@ fn write_final(
     let best = match (&state.best_model_checkpoint, o.load_best_model_at_end) {
         (Some(name), true) => {
             let dir = o.output.join(name);
+            resume::verify(&dir)
+                .with_context(|| format!("the best checkpoint {}", dir.display()))?;
             let files = WeightFiles::open_dir(&dir)
                 .with_context(|| format!("the best checkpoint {}", dir.display()))?;
             let model = Gpt2::from_weights(tr.config.clone(), &files, Kind::Float, &[Device::Cpu])

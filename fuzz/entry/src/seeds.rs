@@ -1,0 +1,103 @@
+//! Seed inputs for every target, made from the reference models (`make reference`,
+//! `GPT2KIT_REFERENCE_DIR`) and small files written here: what `make fuzz` starts each
+//! fuzzer from, and what the replay test runs first.
+use std::path::PathBuf;
+
+use infer::Gpt2Config;
+
+use crate::{weights_bytes, SEP, TINY_CONFIG};
+
+/// The reference models' folder: `GPT2KIT_REFERENCE_DIR`, else target/reference.
+pub fn reference_dir() -> PathBuf {
+    std::env::var_os("GPT2KIT_REFERENCE_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../target/reference"
+            ))
+        })
+}
+
+/// The tokenizer the JSONL target encodes with, if the reference models are there.
+pub fn tokenizer_dir() -> Option<PathBuf> {
+    let d = reference_dir().join("hub-tied");
+    d.join("tokenizer.json").is_file().then_some(d)
+}
+
+/// The tiny config's weights, GPT-2's initialisation, as safetensors bytes.
+pub fn tiny_weights() -> Vec<u8> {
+    let config: Gpt2Config = serde_json::from_str(TINY_CONFIG).expect("the tiny config parses");
+    weights_bytes(&train::init::init_tensors(&config, 0.02, 1))
+}
+
+fn cat(parts: &[&[u8]]) -> Vec<u8> {
+    parts.concat()
+}
+
+/// (target, seed) pairs; reference files that are missing are left out.
+pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let r = reference_dir();
+    let read = |p: &str| std::fs::read(r.join(p)).ok();
+    let mut out: Vec<(&'static str, Vec<u8>)> = Vec::new();
+    let tiny = tiny_weights();
+    for m in [
+        "hub-tied",
+        "prefixed-untied",
+        "sharded-f16",
+        "bf16-quickgelu",
+    ] {
+        out.extend(read(&format!("{m}/config.json")).map(|b| ("config", b)));
+        out.extend(read(&format!("{m}/generation_config.json")).map(|b| ("generation_config", b)));
+        out.extend(read(&format!("{m}/tokenizer.json")).map(|b| ("tokenizer_json", b)));
+    }
+    out.push(("config", TINY_CONFIG.as_bytes().to_vec()));
+    let gen = br#"{"do_sample": true, "top_k": 5, "top_p": 0.9, "temperature": 0.7,
+        "repetition_penalty": 1.2, "num_beams": 2, "eos_token_id": [0, 1],
+        "max_new_tokens": 4, "bad_words_ids": [[3, 4]], "early_stopping": "never"}"#;
+    out.push(("generation_config", gen.to_vec()));
+    out.push(("model_folder", tiny.clone()));
+    out.push(("model_folder", cat(&[TINY_CONFIG.as_bytes(), SEP, &tiny])));
+    let int8 = br#"{"model_type": "gpt2", "vocab_size": 16, "n_positions": 8, "n_embd": 8,
+ "n_layer": 1, "n_head": 2, "quantization_config": {"quant_method": "gpt2kit",
+ "method": "int8-weight", "bits": 8, "granularity": "per-output-channel",
+ "quantize_embeddings": true, "kept_layers": [0]}}"#;
+    out.push(("model_folder", cat(&[int8, SEP, &tiny])));
+    out.extend(read("sharded-f16/model.safetensors.index.json").map(|b| ("shard_index", b)));
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&tiny)
+        .map(|st| st.names().into_iter().map(String::from).collect())
+        .unwrap_or_default();
+    let map: serde_json::Map<String, serde_json::Value> = names
+        .into_iter()
+        .map(|n| (n, "model-00001-of-00001.safetensors".into()))
+        .collect();
+    let index = serde_json::json!({"metadata": {"total_size": tiny.len()}, "weight_map": map});
+    out.push(("shard_index", index.to_string().into_bytes()));
+    if let (Some(v), Some(m)) = (
+        read("prefixed-untied/vocab.json"),
+        read("prefixed-untied/merges.txt"),
+    ) {
+        out.push(("vocab_merges", cat(&[&v, SEP, &m])));
+    }
+    let small_vocab = br#"{"a": 0, "b": 1, "ab": 2, "<|endoftext|>": 3}"#;
+    out.push((
+        "vocab_merges",
+        cat(&[small_vocab, SEP, b"#version: 0.2\na b\n"]),
+    ));
+    let rows = concat!(
+        "{\"text\": \"the model reads every weight once\"}\n",
+        "\n",
+        "{\"prompt\": \"2 + 2 =\", \"completion\": \" 4\"}\n",
+        "{\"text\": \"caf\\u00e9 \\ud83d\\ude00 tabs\\tand\\nnewlines\"}\n",
+    );
+    out.push(("jsonl", rows.as_bytes().to_vec()));
+    out.push((
+        "jsonl",
+        b"{\"text\": 5}\nnot json\n[1]\n{\"prompt\": \"x\"}\n".to_vec(),
+    ));
+    let sha_of_braces = "44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a";
+    let manifest = serde_json::json!({"format": infer::manifest::FORMAT,
+        "files": {"config.json": {"bytes": 2, "sha256": sha_of_braces}}});
+    out.push(("manifest", manifest.to_string().into_bytes()));
+    out
+}
