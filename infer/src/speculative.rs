@@ -72,6 +72,11 @@ fn check(cfg: &GenerationConfig, k: usize) -> Result<()> {
                 .into(),
         ));
     }
+    if cfg.logprobs.is_some() {
+        return Err(Error::Input(
+            "speculative decoding gives no raw log-probabilities (`logprobs`)".into(),
+        ));
+    }
     Ok(())
 }
 
@@ -102,6 +107,7 @@ pub fn generate_speculative(
         .map(|p| Request {
             prompt: p.clone(),
             max_new_tokens: cfg.limit(p.len()),
+            settings: None,
         })
         .collect();
     let models = Ensemble::single(target);
@@ -213,7 +219,7 @@ impl Speculator for DraftModel<'_> {
             let s = process(&cfg.processing, &logits, &rows, &cfg.eos_token_ids);
             let ids = pick(&s, &active).map_err(|e| {
                 let r = match &e {
-                    NoPick::Row(r, _) => *r,
+                    NoPick::Row(r, _) | NoPick::TooFew { row: r, .. } => *r,
                     NoPick::Torch(_) => 0,
                 };
                 let a = &asks[active[r]];

@@ -202,10 +202,10 @@ impl<'a> Engine<'a> {
             )));
         }
         if let Some(s) = &request.settings {
-            if self.beams > 1 || self.per_request > 1 {
+            if self.beams > 1 || self.per_request > 1 || self.spec.is_some() {
                 return Err(crate::Error::Input(
                     "a request's own settings need an engine of one sequence a request (no \
-                     beams, one return sequence)"
+                     beams, one return sequence, no speculative decoding)"
                         .into(),
                 ));
             }

@@ -20,7 +20,7 @@ use crate::error::{Error, Result};
 use crate::generate::{choose, finish_reason, GenerationConfig, NoPick, Sampling, StopCheck};
 use crate::model::Gpt2;
 use crate::processors::{process, Row};
-use crate::rng::{RngLock, SeqRng};
+use crate::rng::{self, RngLock, SeqRng};
 
 /// One sequence's turn to draft.
 pub struct Ask<'t> {
@@ -198,7 +198,9 @@ impl<'a> Engine<'a> {
                 }
             })
             .collect();
-        let lock = &self.rng_lock;
+        // Held while sequences draw from their own generators (libtorch's are global).
+        let held = rngs.iter().any(Option::is_some).then(rng::lock);
+        let lock = &held;
         let mut pick = |s: &Tensor, rows: &[usize]| pick_rows(s, rows, rngs, lock, sampling);
         let props = spec.drafter.propose(&asks, &mut pick)?;
         let model = self.models.models[0];
@@ -225,7 +227,7 @@ impl<'a> Engine<'a> {
             let who = format!("prompt {}", u.request);
             let done = out.tokens.len();
             let judge = || spec.drafter.accept(&s, p, sampling, done, &who);
-            let kept = match (rng, &self.rng_lock) {
+            let kept = match (rng, lock) {
                 (Some(rng), Some(lock)) => rng.with(lock, judge)??,
                 _ => judge()?,
             };
