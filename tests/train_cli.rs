@@ -237,8 +237,10 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
     let o = run(&crashed, &["--stop-after-micro-batches", "17"], &[]);
     assert_clean_failure(&o, 1, "stopped after 17 micro-batches");
     assert!(t.path("crashed/checkpoint-4").is_dir() && !t.path("crashed/checkpoint-8").exists());
-    // A save cut short leaves a temporary folder: the next start removes it.
-    std::fs::create_dir_all(t.path("crashed/.tmp-checkpoint-8-1")).unwrap();
+    // A save cut short leaves a temporary folder: the next start removes it. Its owner's
+    // process id is past any pid_max, so no running process owns it (one that does is
+    // never touched).
+    std::fs::create_dir_all(t.path("crashed/.tmp-checkpoint-8-2000000001")).unwrap();
     // The earlier checkpoint is a loadable model.
     assert_ok(&gpt2kit(&[
         "eval",
@@ -250,7 +252,7 @@ fn resume_after_a_crash_mid_epoch_and_mid_accumulation_is_bit_exact() {
     let o = run(&crashed, &["--resume"], &[]);
     assert_ok(&o);
     assert!(stdout(&o).contains("resuming from"), "{}", stdout(&o));
-    assert!(!t.path("crashed/.tmp-checkpoint-8-1").exists());
+    assert!(!t.path("crashed/.tmp-checkpoint-8-2000000001").exists());
     let (a, b) = (
         log_history(&t.path("full/final")),
         log_history(&t.path("crashed/final")),

@@ -46,23 +46,27 @@ pub enum Verified {
 
 /// Size and lower-case hex SHA-256 of a file, read in 1 MiB pieces.
 pub fn sha256_file(path: &Path) -> Result<(u64, String)> {
-    let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+    sha256_files(&[path])
+}
+
+/// Total size and lower-case hex SHA-256 of the bytes of `paths`, in order.
+pub fn sha256_files<P: AsRef<Path>>(paths: &[P]) -> Result<(u64, String)> {
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     let mut n = 0u64;
-    loop {
-        let got = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
-        if got == 0 {
-            break;
+    for path in paths {
+        let path = path.as_ref();
+        let mut f = File::open(path).map_err(|e| Error::io(path, e))?;
+        loop {
+            let got = f.read(&mut buf).map_err(|e| Error::io(path, e))?;
+            if got == 0 {
+                break;
+            }
+            h.update(&buf[..got]);
+            n += got as u64;
         }
-        h.update(&buf[..got]);
-        n += got as u64;
     }
-    Ok((n, hex(&h.finalize())))
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    Ok((n, format!("{:x}", h.finalize())))
 }
 
 /// The manifest of every regular file under `dir` (the manifest itself aside).

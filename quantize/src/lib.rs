@@ -309,22 +309,5 @@ fn encode(
 
 /// SHA-256 (hex) over the bytes of `paths`, in order.
 pub fn sha256_files(paths: &[std::path::PathBuf]) -> Result<String> {
-    use sha2::Digest;
-    use std::io::Read;
-    let mut h = sha2::Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    for p in paths {
-        let mut f =
-            std::fs::File::open(p).map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
-        loop {
-            let n = f
-                .read(&mut buf)
-                .map_err(|e| Error::Input(format!("{}: {e}", p.display())))?;
-            if n == 0 {
-                break;
-            }
-            h.update(&buf[..n]);
-        }
-    }
-    Ok(format!("{:x}", h.finalize()))
+    infer::manifest::sha256_files(paths).map(|(_, hex)| hex)
 }
