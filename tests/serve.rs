@@ -310,6 +310,135 @@ fn stop_strings_end_the_text_before_them() {
     assert_eq!(text, want);
 }
 
+/// A choice's logprobs checked for shape and internal consistency: one entry per token,
+/// each value ≤ 0, the chosen token's value among its top ones; returns
+/// (tokens, token_logprobs, top_logprobs sorted most likely first).
+fn check_logprobs(choice: &Value, top: usize) -> (Vec<String>, Vec<f64>, Vec<Vec<(String, f64)>>) {
+    let lp = &choice["logprobs"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    let tokens = strings(&lp["tokens"]);
+    let values: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let tops: Vec<Vec<(String, f64)>> = lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let mut v: Vec<(String, f64)> = m
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, x)| (k.clone(), x.as_f64().unwrap()))
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v
+        })
+        .collect();
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert!(!tokens.is_empty());
+    assert_eq!(values.len(), tokens.len());
+    assert_eq!(tops.len(), tokens.len());
+    assert_eq!(offsets.len(), tokens.len());
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+    for ((t, &v), top_i) in tokens.iter().zip(&values).zip(&tops) {
+        assert!(v <= 0.0, "{v}");
+        // The top n (distinct texts may be fewer) plus the chosen token when outside them.
+        assert!(top_i.len() <= top + 1 && !top_i.is_empty(), "{top_i:?}");
+        assert!(
+            top_i.iter().any(|(k, x)| k == t && *x == v),
+            "{t:?} {v} {top_i:?}"
+        );
+    }
+    (tokens, values, tops)
+}
+
+#[test]
+fn logprobs_are_the_models_own_plain_and_streamed() {
+    let model = reference("hub-tied");
+    let server = Server::start(&model, &[], &[]);
+    let mut body = greedy(json!("Hello"), 10);
+    body["logprobs"] = json!(3);
+    let r = server.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let plain_text = infer_text(&model, "Hello", 10);
+    assert_eq!(v["choices"][0]["text"], plain_text.as_str());
+    let (tokens, values, tops) = check_logprobs(&v["choices"][0], 3);
+    // Greedy: each chosen token is the most likely one.
+    for (i, top) in tops.iter().enumerate() {
+        assert_eq!(top[0].1, values[i], "token {i}: {top:?}");
+        assert_eq!(top.len(), 3, "{top:?}");
+    }
+    // The same request again: the same values.
+    let again = server.post("/v1/completions", &body).json();
+    assert_eq!(again["choices"][0]["logprobs"], v["choices"][0]["logprobs"]);
+    // Raw log-probabilities: a sampled request with temperature and top_k sees the same
+    // values for the tokens both chose (its first token's distribution is the same).
+    let mut sampled = body.clone();
+    sampled["temperature"] = json!(0.5);
+    sampled["top_k"] = json!(2);
+    sampled["seed"] = json!(1);
+    let s = server.post("/v1/completions", &sampled).json();
+    let (s_tokens, s_values, s_tops) = check_logprobs(&s["choices"][0], 3);
+    assert_eq!(s_tops[0], tops[0]);
+    let common = tokens
+        .iter()
+        .zip(&s_tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert_eq!(s_values[..common], values[..common]);
+    // logprobs 0: each token's own value only.
+    body["logprobs"] = json!(0);
+    let zero = server.post("/v1/completions", &body).json();
+    let (_, zero_values, zero_tops) = check_logprobs(&zero["choices"][0], 0);
+    assert_eq!(zero_values, values);
+    assert!(zero_tops.iter().all(|t| t.len() == 1));
+    // Streamed: the pieces' tokens and values add up to the plain answer's.
+    body["logprobs"] = json!(3);
+    body["stream"] = json!(true);
+    let r = server.post("/v1/completions", &body);
+    let (mut text, mut s_tokens, mut s_values) = (String::new(), Vec::new(), Vec::new());
+    for e in r.events().iter().filter(|e| *e != "[DONE]") {
+        let c = &serde_json::from_str::<Value>(e).unwrap()["choices"][0];
+        text.push_str(c["text"].as_str().unwrap());
+        if !c["logprobs"].is_null() {
+            let (t, v, _) = check_logprobs(c, 3);
+            s_tokens.extend(t);
+            s_values.extend(v);
+        }
+    }
+    assert_eq!(text, plain_text);
+    assert_eq!((s_tokens, s_values), (tokens.clone(), values.clone()));
+    // With a stop string the tokens run up to the one that completes it.
+    let chars: Vec<char> = plain_text.chars().collect();
+    assert!(
+        chars.len() >= 8,
+        "greedy text too short to cut: {plain_text:?}"
+    );
+    let stop: String = chars[4..6].iter().collect();
+    let mut body = greedy(json!("Hello"), 10);
+    body["logprobs"] = json!(1);
+    body["stop"] = json!(stop);
+    let v = server.post("/v1/completions", &body).json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["text"], &plain_text[..plain_text.find(&stop).unwrap()]);
+    let (_, cut, _) = check_logprobs(c, 1);
+    assert!(cut.len() < values.len(), "{}", c["logprobs"]);
+    assert_eq!(cut, values[..cut.len()]);
+}
+
 #[test]
 fn api_key_guards_every_endpoint_but_health() {
     let model = reference("hub-tied");
@@ -465,11 +594,19 @@ fn bad_inputs_get_4xx_naming_the_field_and_the_server_goes_on() {
             json!("prompt"),
         ),
         (
-            json!({"prompt": "a", "logprobs": 2})
+            json!({"prompt": "a", "logprobs": 21})
                 .to_string()
                 .into_bytes(),
             400,
-            "not supported yet",
+            "between 0 and 20",
+            json!("logprobs"),
+        ),
+        (
+            json!({"prompt": "a", "logprobs": 2, "echo": true})
+                .to_string()
+                .into_bytes(),
+            400,
+            "`echo` with `logprobs`",
             json!("logprobs"),
         ),
         (

@@ -17,6 +17,7 @@ use infer::{EngineOptions, Gpt2, Gpt2Config, Tokenizer};
 
 mod completions;
 mod error;
+mod logprobs;
 mod metrics;
 mod params;
 mod routes;
