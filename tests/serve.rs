@@ -439,6 +439,139 @@ fn logprobs_are_the_models_own_plain_and_streamed() {
     assert_eq!(cut, values[..cut.len()]);
 }
 
+/// A copy of the reference model whose tokenizer_config.json has a chat template.
+fn chat_model(tmp: &common::TempDir) -> std::path::PathBuf {
+    let from = reference("hub-tied");
+    let out = tmp.path("chat");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let cfg = out.join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["chat_template"] = json!(
+        "{% for message in messages %}\n\
+         {% if message['role'] not in ['system', 'user', 'assistant'] %}\
+         {{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}\n\
+         {{ bos_token + message['role'] + ': ' + message['content'].strip() + '\n' }}\
+         {% endfor %}\n\
+         {% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    );
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn chat_completions_render_the_template() {
+    let tmp = common::TempDir::new("serve-chat");
+    let model = chat_model(&tmp);
+    let server = Server::start(&model, &[], &[]);
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": " Hello "}]},
+    ]);
+    // The prompt Hugging Face renders: trim_blocks drops the newline after each tag.
+    let prompt = "<|endoftext|>system: Be brief.\n<|endoftext|>user: Hello\nassistant:";
+    let body = json!({"messages": messages, "max_tokens": 8, "temperature": 0});
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let want = server
+        .post("/v1/completions", &greedy(json!(prompt), 8))
+        .json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], want["choices"][0]["text"]);
+    assert_eq!(choice["finish_reason"], want["choices"][0]["finish_reason"]);
+    assert_eq!(v["usage"], want["usage"]);
+
+    // Streamed: the role first, then the content's pieces, the finish reason, usage.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = server.post("/v1/chat/completions", &sbody);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let (last, pieces) = chunks.split_last().unwrap();
+    assert_eq!(last["usage"], v["usage"]);
+    let content: String = pieces
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, choice["message"]["content"].as_str().unwrap());
+    let finish = &pieces.last().unwrap()["choices"][0]["finish_reason"];
+    assert_eq!(finish, &choice["finish_reason"]);
+
+    // Log-probabilities in Chat's shape: one entry per token, `top_logprobs` of each.
+    let mut lbody = body.clone();
+    lbody["logprobs"] = json!(true);
+    lbody["top_logprobs"] = json!(2);
+    let l = server.post("/v1/chat/completions", &lbody).json();
+    let content = l["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        Some(content.len() as u64),
+        v["usage"]["completion_tokens"].as_u64()
+    );
+    for t in content {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{t}");
+        // Greedy: the chosen token is the most likely.
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // The template's raise_exception, and other bad bodies: 400 naming the field.
+    let cases = [
+        (
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            "Unknown role: tool",
+            "messages",
+        ),
+        (json!({"messages": []}), "empty", "messages"),
+        (json!({"messages": [{"content": "x"}]}), "role", "messages"),
+        (json!({"max_tokens": 3}), "required", "messages"),
+        (
+            json!({"messages": messages, "top_logprobs": 2}),
+            "logprobs",
+            "top_logprobs",
+        ),
+        (json!({"messages": messages, "echo": true}), "echo", "echo"),
+        (
+            json!({"messages": messages, "max_completion_tokens": 0}),
+            "between",
+            "max_completion_tokens",
+        ),
+    ];
+    for (body, needle, param) in cases {
+        let r = server.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = &r.json()["error"];
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{body}: {e}"
+        );
+        assert_eq!(e["param"], param, "{body}");
+    }
+
+    // A model folder without a template: 400 that says so.
+    let plain = Server::start(&reference("hub-tied"), &[], &[]);
+    let r = plain.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("no chat template"), "{msg}");
+}
+
 #[test]
 fn api_key_guards_every_endpoint_but_health() {
     let model = reference("hub-tied");

@@ -195,7 +195,13 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
     let prompts = prompt_ids(&app.tokenizer, &c.prompts)?;
     let limits = prompts
         .iter()
-        .map(|p| token_limit(c.max_tokens, p.len(), app.max_model_len))
+        .map(|p| {
+            let room = app.max_model_len.saturating_sub(p.len());
+            let max = c
+                .max_tokens
+                .or((c.fill_context && room > 0).then_some(room));
+            token_limit(max, p.len(), app.max_model_len)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let configs = (0..c.n)
         .map(|j| choice_config(&app.defaults, &c, &app.tokenizer, &app.config, j).map(Arc::new))

@@ -40,8 +40,11 @@ pub struct Sampling {
 pub struct Completion {
     pub model: Option<String>,
     pub prompts: Vec<Prompt>,
-    /// `None`: up to 16 tokens, fewer where the context ends sooner.
+    /// `None`: up to 16 tokens (with `fill_context`, what the context leaves), fewer
+    /// where the context ends sooner.
     pub max_tokens: Option<usize>,
+    /// Without `max_tokens`, generate until the context ends (Chat's default).
+    pub fill_context: bool,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
@@ -423,6 +426,7 @@ pub fn common(obj: &Map<String, Value>, max_tokens: &str) -> Result<Completion, 
         model: string(obj, "model")?,
         prompts: Vec::new(),
         max_tokens: integer_in(obj, max_tokens, 1, 1 << 20)?.map(|v| v as usize),
+        fill_context: false,
         n: integer_in(obj, "n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize,
         stream,
         include_usage: include_usage(obj, stream)?,

@@ -24,6 +24,7 @@ const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 pub fn router(app: Arc<App>) -> Router {
     let api = Router::new()
         .route("/v1/completions", post(crate::completions::handle))
+        .route("/v1/chat/completions", post(crate::chat::handle))
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/tokenize", post(tokenize))
