@@ -742,6 +742,24 @@ fn bad_inputs_get_4xx_naming_the_field_and_the_server_goes_on() {
             "`echo` with `logprobs`",
             json!("logprobs"),
         ),
+        // Found by a fuzz pass: settings that leave the scores non-finite are the
+        // request's fault (400), not the server's.
+        (
+            json!({"prompt": "0", "repetition_penalty": 5e-324})
+                .to_string()
+                .into_bytes(),
+            400,
+            "settings left no token to pick",
+            Value::Null,
+        ),
+        (
+            json!({"prompt": "Hello", "temperature": 1e-300})
+                .to_string()
+                .into_bytes(),
+            400,
+            "settings left no token to pick",
+            Value::Null,
+        ),
         (
             json!({"prompt": "a", "logit_bias": {"9999": 1}})
                 .to_string()
@@ -798,6 +816,23 @@ fn bad_inputs_get_4xx_naming_the_field_and_the_server_goes_on() {
         (r.status, r.json()["error"]["param"].clone()),
         (400, json!("text"))
     );
+    // Every endpoint the OpenAPI description lists is served (an empty object as the
+    // body of a POST: 400, never 404, 405 or 5xx).
+    let doc = server.get("/openapi.json").json();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/v1/chat/completions"), "{doc}");
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let body: &[u8] = if method == "post" { b"{}" } else { b"" };
+            let r = server.call(&method.to_uppercase(), path, &[], body);
+            assert!(
+                r.status < 500 && r.status != 404 && r.status != 405,
+                "{method} {path}: {} {}",
+                r.status,
+                r.body
+            );
+        }
+    }
     // Still answering.
     let r = server.post("/v1/completions", &greedy(json!("Hello"), 4));
     assert_eq!(r.status, 200, "{}", r.body);

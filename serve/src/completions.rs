@@ -107,7 +107,7 @@ struct Choices {
 /// What an event turned into.
 enum Piece {
     Text(usize, String, Option<&'static str>),
-    Failed(String),
+    Failed(ApiError),
     Nothing,
 }
 
@@ -301,12 +301,7 @@ async fn collect(
         };
         match choices.on(i, event) {
             Piece::Text(i, piece, _) => texts[i].push_str(&piece),
-            Piece::Failed(msg) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("generation failed: {msg}"),
-                ))
-            }
+            Piece::Failed(e) => return Err(e),
             Piece::Nothing => {}
         }
     }
@@ -355,10 +350,7 @@ impl Streaming {
         match event {
             Some((i, event)) => match self.choices.on(i, event) {
                 Piece::Text(i, text, finish) => self.piece(i, text, finish),
-                Piece::Failed(msg) => {
-                    let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg);
-                    self.data(&e.body());
-                }
+                Piece::Failed(e) => self.data(&e.body()),
                 Piece::Nothing => {}
             },
             None if self.choices.open > 0 => {

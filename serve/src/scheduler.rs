@@ -16,7 +16,9 @@ use infer::generate::{
 use infer::Gpt2;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
+use axum::http::StatusCode;
 
 /// What a job's request hears about it: (choice index, event).
 #[derive(Debug)]
@@ -24,7 +26,17 @@ pub enum Event {
     Token(i64),
     /// The sequence ended; with its raw log-probabilities where its settings asked.
     Done(FinishReason, Vec<Logprobs>),
-    Failed(String),
+    /// The sequence failed: a 400 where its own settings left it no token to pick (all
+    /// banned, scores not finite), else a 500.
+    Failed(ApiError),
+}
+
+/// A failure that is not the request's fault.
+fn internal(why: String) -> Event {
+    Event::Failed(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("generation failed: {why}"),
+    ))
 }
 
 pub type Events = UnboundedSender<(usize, Event)>;
@@ -197,7 +209,7 @@ impl Scheduler<'_> {
                 }
                 Err(e) => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
-                    job.send(Event::Failed(e.to_string()));
+                    job.send(internal(e.to_string()));
                 }
             }
         }
@@ -242,10 +254,14 @@ impl Scheduler<'_> {
             match why {
                 FinishReason::Error => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
-                    let msg = self.engine.take_error(id);
-                    job.send(Event::Failed(
-                        msg.unwrap_or_else(|| "generation failed".into()),
-                    ));
+                    let event = match self.engine.take_error(id) {
+                        Some(msg) => Event::Failed(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("this request's settings left no token to pick: {msg}"),
+                        )),
+                        None => internal("the engine gave no reason".into()),
+                    };
+                    job.send(event);
                     continue;
                 }
                 FinishReason::Cancelled => m.cancelled.fetch_add(1, Ordering::Relaxed),
@@ -262,7 +278,7 @@ impl Scheduler<'_> {
         for (_, job) in self.live.drain() {
             m.running.fetch_sub(1, Ordering::Relaxed);
             m.failed.fetch_add(1, Ordering::Relaxed);
-            job.send(Event::Failed(why.to_string()));
+            job.send(internal(why.to_string()));
         }
     }
 }
