@@ -13,7 +13,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup build test demo reference bench bench-kernels fmt fuzz fuzz-build
+.PHONY: setup build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -65,6 +65,14 @@ bench: build $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.
+# `gpt2kit serve` under 1, 4, 16 and 64 concurrent streams, fp32 and int8-dynamic, against
+# the same model served one request at a time; the table lands in target/bench/serve.md.
+$(BENCH_DIR)/gpt2-int8-dynamic/config.json: $(BENCH_DIR)/gpt2-random/.ready | build
+	$(BIN) quantize --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/gpt2-int8-dynamic --method int8-dynamic --decode-tokens 0
+
+bench-serve: build $(BENCH_DIR)/gpt2-random/.ready $(BENCH_DIR)/gpt2-int8-dynamic/config.json
+	$(PYTHON) bench/serve_bench.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --int8 $(BENCH_DIR)/gpt2-int8-dynamic --out $(BENCH_DIR)/serve.md
+
 bench-kernels: setup
 	$(CARGO) run --release -p infer --example kernel_bench
 

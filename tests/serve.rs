@@ -310,6 +310,268 @@ fn stop_strings_end_the_text_before_them() {
     assert_eq!(text, want);
 }
 
+/// A choice's logprobs checked for shape and internal consistency: one entry per token,
+/// each value ≤ 0, the chosen token's value among its top ones; returns
+/// (tokens, token_logprobs, top_logprobs sorted most likely first).
+fn check_logprobs(choice: &Value, top: usize) -> (Vec<String>, Vec<f64>, Vec<Vec<(String, f64)>>) {
+    let lp = &choice["logprobs"];
+    let strings = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap_or_else(|| panic!("not a list: {v}"))
+            .iter()
+            .map(|x| x.as_str().unwrap().to_string())
+            .collect()
+    };
+    let tokens = strings(&lp["tokens"]);
+    let values: Vec<f64> = lp["token_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    let tops: Vec<Vec<(String, f64)>> = lp["top_logprobs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| {
+            let mut v: Vec<(String, f64)> = m
+                .as_object()
+                .unwrap()
+                .iter()
+                .map(|(k, x)| (k.clone(), x.as_f64().unwrap()))
+                .collect();
+            v.sort_by(|a, b| b.1.total_cmp(&a.1));
+            v
+        })
+        .collect();
+    let offsets = lp["text_offset"].as_array().unwrap();
+    assert!(!tokens.is_empty());
+    assert_eq!(values.len(), tokens.len());
+    assert_eq!(tops.len(), tokens.len());
+    assert_eq!(offsets.len(), tokens.len());
+    assert_eq!(offsets[0], 0);
+    assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+    for ((t, &v), top_i) in tokens.iter().zip(&values).zip(&tops) {
+        assert!(v <= 0.0, "{v}");
+        // The top n (distinct texts may be fewer) plus the chosen token when outside them.
+        assert!(top_i.len() <= top + 1 && !top_i.is_empty(), "{top_i:?}");
+        assert!(
+            top_i.iter().any(|(k, x)| k == t && *x == v),
+            "{t:?} {v} {top_i:?}"
+        );
+    }
+    (tokens, values, tops)
+}
+
+#[test]
+fn logprobs_are_the_models_own_plain_and_streamed() {
+    let model = reference("hub-tied");
+    let server = Server::start(&model, &[], &[]);
+    let mut body = greedy(json!("Hello"), 10);
+    body["logprobs"] = json!(3);
+    let r = server.post("/v1/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let plain_text = infer_text(&model, "Hello", 10);
+    assert_eq!(v["choices"][0]["text"], plain_text.as_str());
+    let (tokens, values, tops) = check_logprobs(&v["choices"][0], 3);
+    // Greedy: each chosen token is the most likely one.
+    for (i, top) in tops.iter().enumerate() {
+        assert_eq!(top[0].1, values[i], "token {i}: {top:?}");
+        assert_eq!(top.len(), 3, "{top:?}");
+    }
+    // The same request again: the same values.
+    let again = server.post("/v1/completions", &body).json();
+    assert_eq!(again["choices"][0]["logprobs"], v["choices"][0]["logprobs"]);
+    // Raw log-probabilities: a sampled request with temperature and top_k sees the same
+    // values for the tokens both chose (its first token's distribution is the same).
+    let mut sampled = body.clone();
+    sampled["temperature"] = json!(0.5);
+    sampled["top_k"] = json!(2);
+    sampled["seed"] = json!(1);
+    let s = server.post("/v1/completions", &sampled).json();
+    let (s_tokens, s_values, s_tops) = check_logprobs(&s["choices"][0], 3);
+    assert_eq!(s_tops[0], tops[0]);
+    let common = tokens
+        .iter()
+        .zip(&s_tokens)
+        .take_while(|(a, b)| a == b)
+        .count();
+    assert_eq!(s_values[..common], values[..common]);
+    // logprobs 0: each token's own value only.
+    body["logprobs"] = json!(0);
+    let zero = server.post("/v1/completions", &body).json();
+    let (_, zero_values, zero_tops) = check_logprobs(&zero["choices"][0], 0);
+    assert_eq!(zero_values, values);
+    assert!(zero_tops.iter().all(|t| t.len() == 1));
+    // Streamed: the pieces' tokens and values add up to the plain answer's.
+    body["logprobs"] = json!(3);
+    body["stream"] = json!(true);
+    let r = server.post("/v1/completions", &body);
+    let (mut text, mut s_tokens, mut s_values) = (String::new(), Vec::new(), Vec::new());
+    for e in r.events().iter().filter(|e| *e != "[DONE]") {
+        let c = &serde_json::from_str::<Value>(e).unwrap()["choices"][0];
+        text.push_str(c["text"].as_str().unwrap());
+        if !c["logprobs"].is_null() {
+            let (t, v, _) = check_logprobs(c, 3);
+            s_tokens.extend(t);
+            s_values.extend(v);
+        }
+    }
+    assert_eq!(text, plain_text);
+    assert_eq!((s_tokens, s_values), (tokens.clone(), values.clone()));
+    // With a stop string the tokens run up to the one that completes it.
+    let chars: Vec<char> = plain_text.chars().collect();
+    assert!(
+        chars.len() >= 8,
+        "greedy text too short to cut: {plain_text:?}"
+    );
+    let stop: String = chars[4..6].iter().collect();
+    let mut body = greedy(json!("Hello"), 10);
+    body["logprobs"] = json!(1);
+    body["stop"] = json!(stop);
+    let v = server.post("/v1/completions", &body).json();
+    let c = &v["choices"][0];
+    assert_eq!(c["finish_reason"], "stop");
+    assert_eq!(c["text"], &plain_text[..plain_text.find(&stop).unwrap()]);
+    let (_, cut, _) = check_logprobs(c, 1);
+    assert!(cut.len() < values.len(), "{}", c["logprobs"]);
+    assert_eq!(cut, values[..cut.len()]);
+}
+
+/// A copy of the reference model whose tokenizer_config.json has a chat template.
+fn chat_model(tmp: &common::TempDir) -> std::path::PathBuf {
+    let from = reference("hub-tied");
+    let out = tmp.path("chat");
+    std::fs::create_dir_all(&out).unwrap();
+    for e in std::fs::read_dir(&from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), out.join(e.file_name())).unwrap();
+    }
+    let cfg = out.join("tokenizer_config.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&cfg).unwrap()).unwrap();
+    v["chat_template"] = json!(
+        "{% for message in messages %}\n\
+         {% if message['role'] not in ['system', 'user', 'assistant'] %}\
+         {{ raise_exception('Unknown role: ' + message['role']) }}{% endif %}\n\
+         {{ bos_token + message['role'] + ': ' + message['content'].strip() + '\n' }}\
+         {% endfor %}\n\
+         {% if add_generation_prompt %}{{ 'assistant:' }}{% endif %}"
+    );
+    std::fs::write(&cfg, v.to_string()).unwrap();
+    out
+}
+
+#[test]
+fn chat_completions_render_the_template() {
+    let tmp = common::TempDir::new("serve-chat");
+    let model = chat_model(&tmp);
+    let server = Server::start(&model, &[], &[]);
+    let messages = json!([
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": [{"type": "text", "text": " Hello "}]},
+    ]);
+    // The prompt Hugging Face renders: trim_blocks drops the newline after each tag.
+    let prompt = "<|endoftext|>system: Be brief.\n<|endoftext|>user: Hello\nassistant:";
+    let body = json!({"messages": messages, "max_tokens": 8, "temperature": 0});
+    let r = server.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let v = r.json();
+    let want = server
+        .post("/v1/completions", &greedy(json!(prompt), 8))
+        .json();
+    assert_eq!(v["object"], "chat.completion");
+    assert!(v["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    let choice = &v["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    assert_eq!(choice["message"]["content"], want["choices"][0]["text"]);
+    assert_eq!(choice["finish_reason"], want["choices"][0]["finish_reason"]);
+    assert_eq!(v["usage"], want["usage"]);
+
+    // Streamed: the role first, then the content's pieces, the finish reason, usage.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = server.post("/v1/chat/completions", &sbody);
+    let events = r.events();
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str(e).unwrap())
+        .collect();
+    assert!(chunks
+        .iter()
+        .all(|c| c["object"] == "chat.completion.chunk"));
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let (last, pieces) = chunks.split_last().unwrap();
+    assert_eq!(last["usage"], v["usage"]);
+    let content: String = pieces
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .collect();
+    assert_eq!(content, choice["message"]["content"].as_str().unwrap());
+    let finish = &pieces.last().unwrap()["choices"][0]["finish_reason"];
+    assert_eq!(finish, &choice["finish_reason"]);
+
+    // Log-probabilities in Chat's shape: one entry per token, `top_logprobs` of each.
+    let mut lbody = body.clone();
+    lbody["logprobs"] = json!(true);
+    lbody["top_logprobs"] = json!(2);
+    let l = server.post("/v1/chat/completions", &lbody).json();
+    let content = l["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        Some(content.len() as u64),
+        v["usage"]["completion_tokens"].as_u64()
+    );
+    for t in content {
+        let top = t["top_logprobs"].as_array().unwrap();
+        assert_eq!(top.len(), 2, "{t}");
+        // Greedy: the chosen token is the most likely.
+        assert_eq!(top[0]["token"], t["token"], "{t}");
+        assert!(t["logprob"].as_f64().unwrap() <= 0.0);
+    }
+
+    // The template's raise_exception, and other bad bodies: 400 naming the field.
+    let cases = [
+        (
+            json!({"messages": [{"role": "tool", "content": "x"}]}),
+            "Unknown role: tool",
+            "messages",
+        ),
+        (json!({"messages": []}), "empty", "messages"),
+        (json!({"messages": [{"content": "x"}]}), "role", "messages"),
+        (json!({"max_tokens": 3}), "required", "messages"),
+        (
+            json!({"messages": messages, "top_logprobs": 2}),
+            "logprobs",
+            "top_logprobs",
+        ),
+        (json!({"messages": messages, "echo": true}), "echo", "echo"),
+        (
+            json!({"messages": messages, "max_completion_tokens": 0}),
+            "between",
+            "max_completion_tokens",
+        ),
+    ];
+    for (body, needle, param) in cases {
+        let r = server.post("/v1/chat/completions", &body);
+        assert_eq!(r.status, 400, "{body}: {}", r.body);
+        let e = &r.json()["error"];
+        assert!(
+            e["message"].as_str().unwrap().contains(needle),
+            "{body}: {e}"
+        );
+        assert_eq!(e["param"], param, "{body}");
+    }
+
+    // A model folder without a template: 400 that says so.
+    let plain = Server::start(&reference("hub-tied"), &[], &[]);
+    let r = plain.post("/v1/chat/completions", &body);
+    assert_eq!(r.status, 400, "{}", r.body);
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("no chat template"), "{msg}");
+}
+
 #[test]
 fn api_key_guards_every_endpoint_but_health() {
     let model = reference("hub-tied");
@@ -465,12 +727,38 @@ fn bad_inputs_get_4xx_naming_the_field_and_the_server_goes_on() {
             json!("prompt"),
         ),
         (
-            json!({"prompt": "a", "logprobs": 2})
+            json!({"prompt": "a", "logprobs": 21})
                 .to_string()
                 .into_bytes(),
             400,
-            "not supported yet",
+            "between 0 and 20",
             json!("logprobs"),
+        ),
+        (
+            json!({"prompt": "a", "logprobs": 2, "echo": true})
+                .to_string()
+                .into_bytes(),
+            400,
+            "`echo` with `logprobs`",
+            json!("logprobs"),
+        ),
+        // Found by a fuzz pass: settings that leave the scores non-finite are the
+        // request's fault (400), not the server's.
+        (
+            json!({"prompt": "0", "repetition_penalty": 5e-324})
+                .to_string()
+                .into_bytes(),
+            400,
+            "settings left no token to pick",
+            Value::Null,
+        ),
+        (
+            json!({"prompt": "Hello", "temperature": 1e-300})
+                .to_string()
+                .into_bytes(),
+            400,
+            "settings left no token to pick",
+            Value::Null,
         ),
         (
             json!({"prompt": "a", "logit_bias": {"9999": 1}})
@@ -528,6 +816,23 @@ fn bad_inputs_get_4xx_naming_the_field_and_the_server_goes_on() {
         (r.status, r.json()["error"]["param"].clone()),
         (400, json!("text"))
     );
+    // Every endpoint the OpenAPI description lists is served (an empty object as the
+    // body of a POST: 400, never 404, 405 or 5xx).
+    let doc = server.get("/openapi.json").json();
+    let paths = doc["paths"].as_object().unwrap();
+    assert!(paths.contains_key("/v1/chat/completions"), "{doc}");
+    for (path, ops) in paths {
+        for method in ops.as_object().unwrap().keys() {
+            let body: &[u8] = if method == "post" { b"{}" } else { b"" };
+            let r = server.call(&method.to_uppercase(), path, &[], body);
+            assert!(
+                r.status < 500 && r.status != 404 && r.status != 405,
+                "{method} {path}: {} {}",
+                r.status,
+                r.body
+            );
+        }
+    }
     // Still answering.
     let r = server.post("/v1/completions", &greedy(json!("Hello"), 4));
     assert_eq!(r.status, 200, "{}", r.body);

@@ -111,6 +111,14 @@ impl Tokenizer {
         self.inner.token_to_id(token).map(i64::from)
     }
 
+    /// The bytes token `id` stands for (GPT-2's byte-level alphabet undone; a special
+    /// token's own text); `None` outside the vocabulary.
+    pub fn token_bytes(&self, id: i64) -> Option<Vec<u8>> {
+        let token = self.inner.id_to_token(u32::try_from(id).ok()?)?;
+        let bytes: Option<Vec<u8>> = token.chars().map(byte_of_char).collect();
+        Some(bytes.unwrap_or_else(|| token.into_bytes()))
+    }
+
     /// Token ids of `text`, with no special tokens added (GPT-2 adds none).
     pub fn encode(&self, text: &str) -> Result<Vec<i64>> {
         let enc = self
@@ -178,4 +186,19 @@ fn check_precompiled(v: &serde_json::Value) -> std::result::Result<(), String> {
         serde_json::Value::Array(items) => items.iter().try_for_each(check_precompiled),
         _ => Ok(()),
     }
+}
+
+/// The byte GPT-2's byte-level alphabet (`bytes_to_unicode`) writes as `c`: printable
+/// Latin-1 bytes as themselves, the others as U+0100 onwards in byte order.
+fn byte_of_char(c: char) -> Option<u8> {
+    let printable = |b: u32| matches!(b, 0x21..=0x7e | 0xa1..=0xac | 0xae..=0xff);
+    let c = c as u32;
+    if printable(c) {
+        return u8::try_from(c).ok();
+    }
+    let n = c.checked_sub(256)?;
+    (0u32..256)
+        .filter(|&b| !printable(b))
+        .nth(n as usize)
+        .and_then(|b| u8::try_from(b).ok())
 }

@@ -12,7 +12,7 @@ use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
-use infer::generate::FinishReason;
+use infer::generate::{FinishReason, Logprobs};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
@@ -24,10 +24,23 @@ use crate::text::ChoiceText;
 use crate::App;
 
 pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
-    match start(&app, req).await {
+    let answer = async {
+        let body = crate::routes::read_body(req).await?;
+        let c = params::completion(&body)?;
+        start(&app, c, Shape::Text).await
+    };
+    match answer.await {
         Ok(r) => r,
         Err(e) => e.into_response(),
     }
+}
+
+/// Which API answers: Completions (`text`) or Chat (`message`, `delta`), with the number
+/// of top log-probabilities Chat shows.
+#[derive(Clone, Copy, PartialEq)]
+pub enum Shape {
+    Text,
+    Chat { top: usize },
 }
 
 /// What a response says of itself in every chunk.
@@ -35,16 +48,39 @@ struct Head {
     id: String,
     created: u64,
     model: String,
+    shape: Shape,
+    stream: bool,
 }
 
 impl Head {
     fn chunk(&self, choices: Value, usage: Option<Value>) -> Value {
+        let object = match (self.shape, self.stream) {
+            (Shape::Text, _) => "text_completion",
+            (Shape::Chat { .. }, false) => "chat.completion",
+            (Shape::Chat { .. }, true) => "chat.completion.chunk",
+        };
         let mut v = json!({
-            "id": self.id, "object": "text_completion", "created": self.created,
+            "id": self.id, "object": object, "created": self.created,
             "model": self.model, "choices": choices,
         });
         if let Some(u) = usage {
             v["usage"] = u;
+        }
+        v
+    }
+
+    /// One choice (or, streamed, a piece of one) in the API's shape.
+    fn choice(&self, i: usize, text: String, logprobs: Value, finish: Option<&str>) -> Value {
+        let mut v = json!({"index": i, "logprobs": logprobs, "finish_reason": finish});
+        match (self.shape, self.stream) {
+            (Shape::Text, _) => v["text"] = text.into(),
+            (Shape::Chat { .. }, false) => {
+                v["message"] = json!({"role": "assistant", "content": text});
+            }
+            (Shape::Chat { .. }, true) if text.is_empty() && finish.is_some() => {
+                v["delta"] = json!({});
+            }
+            (Shape::Chat { .. }, true) => v["delta"] = json!({"content": text}),
         }
         v
     }
@@ -56,6 +92,13 @@ struct Choices {
     /// Per choice: set to tell the scheduler it is over (stop string found).
     stopped: Vec<Arc<AtomicBool>>,
     finish: Vec<Option<&'static str>>,
+    /// Per choice: whether its last event (`Done`, `Failed`) came.
+    closed: Vec<bool>,
+    /// Per choice: its raw log-probabilities (with `logprobs`, once it is over).
+    raw: Vec<Vec<Logprobs>>,
+    /// Whether log-probabilities were asked for: then a choice's text goes out with them
+    /// once it is over (the engine hands them over at the end).
+    logprobs: bool,
     open: usize,
     prompt_tokens: usize,
     app: Arc<App>,
@@ -64,45 +107,75 @@ struct Choices {
 /// What an event turned into.
 enum Piece {
     Text(usize, String, Option<&'static str>),
-    Failed(String),
+    Failed(ApiError),
     Nothing,
+}
+
+fn finish_reason(why: FinishReason) -> &'static str {
+    match why {
+        FinishReason::Eos | FinishReason::Stop => "stop",
+        FinishReason::Length | FinishReason::Time | FinishReason::Cancelled => "length",
+        FinishReason::Error => "error",
+    }
 }
 
 impl Choices {
     fn on(&mut self, i: usize, event: Event) -> Piece {
-        if self.finish[i].is_some() {
+        if self.closed[i] {
             return Piece::Nothing;
         }
         let tok = &self.app.tokenizer;
         let text = &mut self.texts[i];
-        let (piece, end) = match event {
+        match event {
             Event::Token(t) => {
+                if self.finish[i].is_some() {
+                    return Piece::Nothing;
+                }
                 let piece = text.push(tok, t);
-                (piece, text.stopped.then_some("stop"))
+                let end = text.stopped.then_some("stop");
+                if end.is_some() {
+                    self.stopped[i].store(true, Ordering::Relaxed);
+                    self.finish[i] = end;
+                }
+                if self.logprobs || (piece.is_empty() && end.is_none()) {
+                    Piece::Nothing
+                } else {
+                    Piece::Text(i, piece, end)
+                }
             }
-            Event::Done(why) => {
-                let end = match why {
-                    FinishReason::Eos | FinishReason::Stop => "stop",
-                    FinishReason::Length | FinishReason::Time | FinishReason::Cancelled => "length",
-                    FinishReason::Error => "error",
-                };
-                (text.finish(), Some(end))
+            Event::Done(why, raw) => {
+                self.closed[i] = true;
+                self.open -= 1;
+                self.raw[i] = raw;
+                let stopped = self.finish[i].is_some();
+                let end = *self.finish[i].get_or_insert(finish_reason(why));
+                let rest = text.finish();
+                if self.logprobs {
+                    Piece::Text(i, text.text().to_string(), Some(end))
+                } else if stopped {
+                    Piece::Nothing
+                } else {
+                    Piece::Text(i, rest, Some(end))
+                }
             }
             Event::Failed(msg) => {
+                self.closed[i] = true;
                 self.finish[i] = Some("error");
                 self.open -= 1;
-                return Piece::Failed(msg);
+                Piece::Failed(msg)
             }
-        };
-        if end.is_some() {
-            self.stopped[i].store(true, Ordering::Relaxed);
-            self.finish[i] = end;
-            self.open -= 1;
         }
-        if piece.is_empty() && end.is_none() {
-            Piece::Nothing
-        } else {
-            Piece::Text(i, piece, end)
+    }
+
+    /// Choice `i`'s `logprobs` (null when not asked for).
+    fn logprobs_of(&self, i: usize, shape: Shape) -> Value {
+        if !self.logprobs {
+            return Value::Null;
+        }
+        let (t, raw, tok) = (&self.texts[i], &self.raw[i], &self.app.tokenizer);
+        match shape {
+            Shape::Text => crate::logprobs::completion(tok, &t.all, raw, &t.enders),
+            Shape::Chat { top } => crate::logprobs::chat(tok, &t.all, raw, top),
         }
     }
 
@@ -117,14 +190,18 @@ impl Choices {
 }
 
 /// Checks the request, queues its jobs and answers.
-async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
-    let body = crate::routes::read_body(req).await?;
-    let c = params::completion(&body)?;
+pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Response, ApiError> {
     app.check_model(c.model.as_deref())?;
     let prompts = prompt_ids(&app.tokenizer, &c.prompts)?;
     let limits = prompts
         .iter()
-        .map(|p| token_limit(c.max_tokens, p.len(), app.max_model_len))
+        .map(|p| {
+            let room = app.max_model_len.saturating_sub(p.len());
+            let max = c
+                .max_tokens
+                .or((c.fill_context && room > 0).then_some(room));
+            token_limit(max, p.len(), app.max_model_len)
+        })
         .collect::<Result<Vec<_>, _>>()?;
     let configs = (0..c.n)
         .map(|j| choice_config(&app.defaults, &c, &app.tokenizer, &app.config, j).map(Arc::new))
@@ -137,6 +214,9 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
         texts: Vec::new(),
         stopped: Vec::new(),
         finish: Vec::new(),
+        closed: Vec::new(),
+        raw: Vec::new(),
+        logprobs: c.logprobs.is_some(),
         open: 0,
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
         app: app.clone(),
@@ -151,6 +231,8 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
             ));
             choices.stopped.push(stopped.clone());
             choices.finish.push(None);
+            choices.closed.push(false);
+            choices.raw.push(Vec::new());
             choices.open += 1;
             jobs.push(Job {
                 prompt: prompt.clone(),
@@ -166,10 +248,16 @@ async fn start(app: &Arc<App>, req: Request) -> Result<Response, ApiError> {
     }
     drop(tx);
     app.submit(jobs)?;
+    let prefix = match shape {
+        Shape::Text => "cmpl",
+        Shape::Chat { .. } => "chatcmpl",
+    };
     let head = Head {
-        id: format!("cmpl-{:x}{number:06x}", app.started),
+        id: format!("{prefix}-{:x}{number:06x}", app.started),
         created: crate::unix_time(),
         model: app.name.clone(),
+        shape,
+        stream: c.stream,
     };
     let echoes = echoes(app, &c, &prompts);
     if c.stream {
@@ -213,12 +301,7 @@ async fn collect(
         };
         match choices.on(i, event) {
             Piece::Text(i, piece, _) => texts[i].push_str(&piece),
-            Piece::Failed(msg) => {
-                return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("generation failed: {msg}"),
-                ))
-            }
+            Piece::Failed(e) => return Err(e),
             Piece::Nothing => {}
         }
     }
@@ -226,7 +309,8 @@ async fn collect(
         .into_iter()
         .enumerate()
         .map(|(i, text)| {
-            json!({"index": i, "text": text, "logprobs": null, "finish_reason": choices.finish[i]})
+            let logprobs = choices.logprobs_of(i, head.shape);
+            head.choice(i, text, logprobs, choices.finish[i])
         })
         .collect();
     let body = head.chunk(Value::Array(list), Some(choices.usage()));
@@ -250,7 +334,11 @@ impl Streaming {
     }
 
     fn piece(&mut self, i: usize, text: String, finish: Option<&str>) {
-        let choice = json!([{"index": i, "text": text, "logprobs": null, "finish_reason": finish}]);
+        let logprobs = match finish {
+            Some(_) => self.choices.logprobs_of(i, self.head.shape),
+            None => Value::Null,
+        };
+        let choice = json!([self.head.choice(i, text, logprobs, finish)]);
         let usage = self.include_usage.then_some(Value::Null);
         let chunk = self.head.chunk(choice, usage);
         self.data(&chunk);
@@ -262,10 +350,7 @@ impl Streaming {
         match event {
             Some((i, event)) => match self.choices.on(i, event) {
                 Piece::Text(i, text, finish) => self.piece(i, text, finish),
-                Piece::Failed(msg) => {
-                    let e = ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, msg);
-                    self.data(&e.body());
-                }
+                Piece::Failed(e) => self.data(&e.body()),
                 Piece::Nothing => {}
             },
             None if self.choices.open > 0 => {
@@ -301,6 +386,17 @@ fn stream(
         queue: VecDeque::new(),
         done: false,
     };
+    if s.head.shape != Shape::Text {
+        // Chat's first chunk of each choice names the speaker.
+        for i in 0..s.choices.texts.len() {
+            let mut choice = s.head.choice(i, String::new(), Value::Null, None);
+            choice["delta"] = json!({"role": "assistant", "content": ""});
+            let chunk = s
+                .head
+                .chunk(json!([choice]), s.include_usage.then_some(Value::Null));
+            s.data(&chunk);
+        }
+    }
     for (i, text) in echoes.into_iter().enumerate() {
         s.piece(i, text, None);
     }

@@ -15,8 +15,10 @@ use axum::http::StatusCode;
 use infer::generate::GenerationConfig;
 use infer::{EngineOptions, Gpt2, Gpt2Config, Tokenizer};
 
+mod chat;
 mod completions;
 mod error;
+mod logprobs;
 mod metrics;
 mod params;
 mod routes;
@@ -52,6 +54,7 @@ pub struct Options {
 pub(crate) struct App {
     tokenizer: Tokenizer,
     config: Gpt2Config,
+    chat: chat::Template,
     defaults: GenerationConfig,
     name: String,
     max_model_len: usize,
@@ -167,6 +170,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let app = Arc::new(App {
         tokenizer,
         config,
+        chat: chat::Template::load(dir),
         defaults,
         name,
         max_model_len,

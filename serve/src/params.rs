@@ -40,14 +40,19 @@ pub struct Sampling {
 pub struct Completion {
     pub model: Option<String>,
     pub prompts: Vec<Prompt>,
-    /// `None`: up to 16 tokens, fewer where the context ends sooner.
+    /// `None`: up to 16 tokens (with `fill_context`, what the context leaves), fewer
+    /// where the context ends sooner.
     pub max_tokens: Option<usize>,
+    /// Without `max_tokens`, generate until the context ends (Chat's default).
+    pub fill_context: bool,
     pub n: usize,
     pub stream: bool,
     pub include_usage: bool,
     pub echo: bool,
     pub stop: Option<Vec<String>>,
     pub seed: Option<u64>,
+    /// Raw log-probabilities of each token and the `n` most likely tokens'.
+    pub logprobs: Option<usize>,
     pub sampling: Sampling,
 }
 
@@ -311,9 +316,6 @@ fn unsupported(obj: &Map<String, Value>) -> Result<(), ApiError> {
             format!("`{key}` is not supported yet ({what})"),
         ))
     };
-    if field(obj, "logprobs").is_some_and(|v| v != &Value::Bool(false) && v != &Value::from(0)) {
-        return later("logprobs", "omit it or send null");
-    }
     if field(obj, "suffix").is_some_and(|v| v != &Value::from("")) {
         return later("suffix", "omit it or send null");
     }
@@ -385,25 +387,59 @@ fn include_usage(obj: &Map<String, Value>, stream: bool) -> Result<bool, ApiErro
     }
 }
 
+/// Completions' `logprobs`: how many most likely tokens to show beside each token's own
+/// (0 to `MAX_LOGPROBS`); `false` or null: none.
+fn logprobs(obj: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
+    if field(obj, "logprobs") == Some(&Value::Bool(false)) {
+        return Ok(None);
+    }
+    Ok(integer_in(obj, "logprobs", 0, crate::logprobs::MAX_LOGPROBS)?.map(|v| v as usize))
+}
+
 /// Reads a completions body.
 pub fn completion(body: &[u8]) -> Result<Completion, ApiError> {
     let obj = object(body)?;
     only_known(&obj, KNOWN)?;
     unsupported(&obj)?;
-    string(&obj, "user")?;
-    let stream = boolean(&obj, "stream")?;
     let c = Completion {
-        model: string(&obj, "model")?,
         prompts: prompts(&obj)?,
-        max_tokens: integer_in(&obj, "max_tokens", 1, 1 << 20)?.map(|v| v as usize),
-        n: integer_in(&obj, "n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize,
-        stream,
-        include_usage: include_usage(&obj, stream)?,
         echo: boolean(&obj, "echo")?,
-        stop: stop(&obj)?,
-        seed: integer_in(&obj, "seed", 0, i64::MAX)?.map(|v| v as u64),
-        sampling: sampling(&obj)?,
+        logprobs: logprobs(&obj)?,
+        ..common(&obj, "max_tokens")?
     };
+    if c.echo && c.logprobs.is_some() {
+        return Err(ApiError::invalid(
+            "logprobs",
+            "`echo` with `logprobs` is not supported: it needs the prompt's log-probabilities, \
+             which this server does not compute; drop one of `echo` and `logprobs`",
+        ));
+    }
+    checked(c)
+}
+
+/// The fields Completions and Chat share (`max_tokens`: the key of the token limit);
+/// no prompt, echo or log-probabilities yet.
+pub fn common(obj: &Map<String, Value>, max_tokens: &str) -> Result<Completion, ApiError> {
+    string(obj, "user")?;
+    let stream = boolean(obj, "stream")?;
+    Ok(Completion {
+        model: string(obj, "model")?,
+        prompts: Vec::new(),
+        max_tokens: integer_in(obj, max_tokens, 1, 1 << 20)?.map(|v| v as usize),
+        fill_context: false,
+        n: integer_in(obj, "n", 1, MAX_CHOICES as i64)?.unwrap_or(1) as usize,
+        stream,
+        include_usage: include_usage(obj, stream)?,
+        echo: false,
+        stop: stop(obj)?,
+        seed: integer_in(obj, "seed", 0, i64::MAX)?.map(|v| v as u64),
+        logprobs: None,
+        sampling: sampling(obj)?,
+    })
+}
+
+/// Checks what a whole request asks for.
+pub fn checked(c: Completion) -> Result<Completion, ApiError> {
     if c.prompts.len() * c.n > MAX_CHOICES {
         return Err(ApiError::invalid(
             "n",

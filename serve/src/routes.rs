@@ -8,7 +8,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
+use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde_json::{json, Value};
 
@@ -21,19 +21,52 @@ pub const BODY_LIMIT: usize = 4 << 20;
 /// How long a client may take to send its body (408 beyond).
 const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The OpenAPI description of every endpoint (kept with the table below: a unit test
+/// checks they list the same ones).
+pub const OPENAPI: &str = include_str!("../openapi.json");
+
+/// Every endpoint served: (method, path). `/health` alone needs no API key.
+pub const ENDPOINTS: &[(&str, &str)] = &[
+    ("GET", "/health"),
+    ("GET", "/openapi.json"),
+    ("GET", "/v1/models"),
+    ("GET", "/metrics"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/tokenize"),
+    ("POST", "/detokenize"),
+];
+
+/// An endpoint's handler.
+fn handler(method: &str, path: &str) -> Option<MethodRouter<Arc<App>>> {
+    Some(match (method, path) {
+        ("GET", "/health") => get(health),
+        ("GET", "/openapi.json") => get(openapi),
+        ("GET", "/v1/models") => get(models),
+        ("GET", "/metrics") => get(metrics),
+        ("POST", "/v1/completions") => post(crate::completions::handle),
+        ("POST", "/v1/chat/completions") => post(crate::chat::handle),
+        ("POST", "/tokenize") => post(tokenize),
+        ("POST", "/detokenize") => post(detokenize),
+        _ => return None,
+    })
+}
+
 pub fn router(app: Arc<App>) -> Router {
-    let api = Router::new()
-        .route("/v1/completions", post(crate::completions::handle))
-        .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
-        .route("/tokenize", post(tokenize))
-        .route("/detokenize", post(detokenize))
-        .route_layer(middleware::from_fn_with_state(app.clone(), auth));
-    Router::new()
-        .route("/health", get(health))
-        .merge(api)
-        .fallback(not_found)
-        .with_state(app)
+    let mut open = Router::new();
+    let mut api = Router::new();
+    for &(method, path) in ENDPOINTS {
+        let Some(h) = handler(method, path) else {
+            continue;
+        };
+        if path == "/health" {
+            open = open.route(path, h);
+        } else {
+            api = api.route(path, h);
+        }
+    }
+    let api = api.route_layer(middleware::from_fn_with_state(app.clone(), auth));
+    open.merge(api).fallback(not_found).with_state(app)
 }
 
 /// Equal byte strings, compared in time that depends on their lengths only.
@@ -101,6 +134,10 @@ async fn not_found(req: Request) -> ApiError {
         StatusCode::NOT_FOUND,
         format!("no endpoint {} {}", req.method(), req.uri().path()),
     )
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
 async fn health() -> impl IntoResponse {
@@ -171,7 +208,33 @@ async fn detokenize(State(app): State<Arc<App>>, req: Request) -> Result<Respons
 
 #[cfg(test)]
 mod tests {
-    use super::same;
+    use super::{handler, same, ENDPOINTS, OPENAPI};
+
+    #[test]
+    fn every_endpoint_is_described_and_served() {
+        let doc: serde_json::Value = serde_json::from_str(OPENAPI).unwrap();
+        let mut described: Vec<(String, String)> = doc["paths"]
+            .as_object()
+            .unwrap()
+            .iter()
+            .flat_map(|(path, ops)| {
+                ops.as_object()
+                    .unwrap()
+                    .keys()
+                    .map(move |m| (m.to_uppercase(), path.clone()))
+            })
+            .collect();
+        let mut served: Vec<(String, String)> = ENDPOINTS
+            .iter()
+            .map(|&(m, p)| (m.to_string(), p.to_string()))
+            .collect();
+        described.sort();
+        served.sort();
+        assert_eq!(described, served);
+        for &(m, p) in ENDPOINTS {
+            assert!(handler(m, p).is_some(), "{m} {p} has no handler");
+        }
+    }
 
     #[test]
     fn key_comparison() {

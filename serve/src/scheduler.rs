@@ -10,18 +10,33 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use infer::ensemble::Ensemble;
-use infer::generate::{Engine, FinishReason, GenerationConfig, Request, Schedule};
+use infer::generate::{
+    Engine, FinishReason, Generated, GenerationConfig, Logprobs, Request, Schedule,
+};
 use infer::Gpt2;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::error::ApiError;
 use crate::metrics::Metrics;
+use axum::http::StatusCode;
 
 /// What a job's request hears about it: (choice index, event).
 #[derive(Debug)]
 pub enum Event {
     Token(i64),
-    Done(FinishReason),
-    Failed(String),
+    /// The sequence ended; with its raw log-probabilities where its settings asked.
+    Done(FinishReason, Vec<Logprobs>),
+    /// The sequence failed: a 400 where its own settings left it no token to pick (all
+    /// banned, scores not finite), else a 500.
+    Failed(ApiError),
+}
+
+/// A failure that is not the request's fault.
+fn internal(why: String) -> Event {
+    Event::Failed(ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        format!("generation failed: {why}"),
+    ))
 }
 
 pub type Events = UnboundedSender<(usize, Event)>;
@@ -42,6 +57,11 @@ pub struct Job {
 }
 
 impl Job {
+    /// Nobody listens any more (the client is gone).
+    fn deaf(&self) -> bool {
+        self.events.is_closed()
+    }
+
     /// Nobody wants its tokens any more.
     fn gone(&self) -> bool {
         self.events.is_closed() || self.stopped.load(Ordering::Relaxed)
@@ -155,10 +175,15 @@ impl Scheduler<'_> {
             .collect();
         for id in gone {
             self.engine.cancel(id);
-            self.live.remove(&id);
-            m.running.fetch_sub(1, Ordering::Relaxed);
-            m.cancelled.fetch_add(1, Ordering::Relaxed);
+            // A job still listened to (a stop string ended it) hears how it ended, with
+            // its log-probabilities, from `retire`.
+            if self.live.get(&id).is_some_and(Job::deaf) {
+                self.live.remove(&id);
+                m.running.fetch_sub(1, Ordering::Relaxed);
+                m.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
         }
+        self.retire();
     }
 
     /// Queued jobs, in order, while slots are free.
@@ -184,7 +209,7 @@ impl Scheduler<'_> {
                 }
                 Err(e) => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
-                    job.send(Event::Failed(e.to_string()));
+                    job.send(internal(e.to_string()));
                 }
             }
         }
@@ -206,27 +231,45 @@ impl Scheduler<'_> {
             }
         })?;
         m.steps.fetch_add(1, Ordering::Relaxed);
+        self.retire();
+        Ok(())
+    }
+
+    /// The engine's finished requests leave; their jobs hear how they ended.
+    fn retire(&mut self) {
+        let m = self.metrics;
         for (id, seqs) in self.engine.take_finished() {
             let Some(job) = self.live.remove(&id) else {
                 continue;
             };
             m.running.fetch_sub(1, Ordering::Relaxed);
-            let why = seqs
-                .first()
-                .map_or(FinishReason::Error, |g| g.finish_reason);
-            if why == FinishReason::Error {
-                m.failed.fetch_add(1, Ordering::Relaxed);
-                let msg = self.engine.take_error(id);
-                job.send(Event::Failed(
-                    msg.unwrap_or_else(|| "generation failed".into()),
-                ));
-            } else {
-                m.finished.fetch_add(1, Ordering::Relaxed);
-                m.end_to_end(job.arrived.elapsed().as_secs_f64());
-                job.send(Event::Done(why));
-            }
+            let Generated {
+                finish_reason: why,
+                raw_logprobs,
+                ..
+            } = seqs
+                .into_iter()
+                .next()
+                .unwrap_or_else(|| Generated::empty(FinishReason::Error));
+            match why {
+                FinishReason::Error => {
+                    m.failed.fetch_add(1, Ordering::Relaxed);
+                    let event = match self.engine.take_error(id) {
+                        Some(msg) => Event::Failed(ApiError::new(
+                            StatusCode::BAD_REQUEST,
+                            format!("this request's settings left no token to pick: {msg}"),
+                        )),
+                        None => internal("the engine gave no reason".into()),
+                    };
+                    job.send(event);
+                    continue;
+                }
+                FinishReason::Cancelled => m.cancelled.fetch_add(1, Ordering::Relaxed),
+                _ => m.finished.fetch_add(1, Ordering::Relaxed),
+            };
+            m.end_to_end(job.arrived.elapsed().as_secs_f64());
+            job.send(Event::Done(why, raw_logprobs));
         }
-        Ok(())
     }
 
     /// A step failed: every running job hears why.
@@ -235,7 +278,7 @@ impl Scheduler<'_> {
         for (_, job) in self.live.drain() {
             m.running.fetch_sub(1, Ordering::Relaxed);
             m.failed.fetch_add(1, Ordering::Relaxed);
-            job.send(Event::Failed(why.to_string()));
+            job.send(internal(why.to_string()));
         }
     }
 }

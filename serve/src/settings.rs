@@ -163,6 +163,7 @@ pub fn choice_config(
     in_vocab("stop_token_ids", &s.stop_token_ids, vocab)?;
     cfg.eos_token_ids.extend(&s.stop_token_ids);
     cfg.seed = c.seed.map(|seed| seed.wrapping_add(j as u64));
+    cfg.logprobs = c.logprobs;
     if let Some(stop) = &c.stop {
         cfg.stop_strings = stop.clone();
     }

@@ -10,11 +10,13 @@ pub struct ChoiceText {
     tokens: Vec<i64>,
     /// Every generated token, for `usage`.
     pub generated: usize,
+    /// Every generated token up to the end (a stop string's included), EOS included.
+    pub all: Vec<i64>,
     /// Bytes of the text already handed out.
     sent: usize,
     stops: Vec<String>,
     /// Token ids that end the sequence without being text.
-    enders: Vec<i64>,
+    pub enders: Vec<i64>,
     /// Set once a stop string was found.
     pub stopped: bool,
     text: String,
@@ -25,6 +27,7 @@ impl ChoiceText {
         Self {
             tokens: Vec::new(),
             generated: 0,
+            all: Vec::new(),
             sent: 0,
             stops,
             enders,
@@ -35,8 +38,12 @@ impl ChoiceText {
 
     /// Takes a token; returns the text that may be sent now (possibly empty).
     pub fn push(&mut self, tok: &Tokenizer, token: i64) -> String {
+        if self.stopped {
+            return String::new();
+        }
         self.generated += 1;
-        if self.stopped || self.enders.contains(&token) {
+        self.all.push(token);
+        if self.enders.contains(&token) {
             return String::new();
         }
         self.tokens.push(token);
@@ -75,6 +82,11 @@ impl ChoiceText {
         let piece = self.text[self.sent..upto].to_string();
         self.sent = upto;
         piece
+    }
+
+    /// The text so far (all of it once the sequence ended).
+    pub fn text(&self) -> &str {
+        &self.text
     }
 
     /// The sequence ended: the rest of the text.

@@ -1,0 +1,184 @@
+#!/usr/bin/env python3
+"""`make bench-serve`: `gpt2kit serve` under load.
+
+Starts the server on a free loopback port and sends streamed completions (a prompt of
+`--prompt-tokens` token ids, `--new-tokens` generated, `ignore_eos` so that every request
+makes exactly that many) from 1, 4, 16 and 64 client threads at once, each on its own
+connection (http.client, standard library only). Per level: aggregate generated tokens/s
+(all completion tokens over the wall time from the first send to the last answer) and
+time to first token (request sent → first `data:` chunk) p50 and p99. The same model
+served one request at a time (`--max-num-seqs 1`) is the baseline. The load generator
+shares the machine's cores with the server: its CPU time over the wall time is reported.
+
+usage: serve_bench.py --binary target/release/gpt2kit --model target/bench/gpt2-random \
+           [--int8 DIR] [--out target/bench/serve.md]
+"""
+import argparse
+import http.client
+import json
+import os
+import random
+import subprocess
+import sys
+import threading
+import time
+
+
+def start(binary, model, max_num_seqs):
+    p = subprocess.Popen(
+        [binary, "serve", "--model", model, "--port", "0", "--max-num-seqs", str(max_num_seqs),
+         "--max-queue", "4096"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    line = p.stdout.readline()
+    if "http://" not in line:
+        p.kill()
+        sys.exit(f"the server did not start: {line!r}")
+    host, port = line.split("http://")[1].split()[0].rsplit(":", 1)
+    return p, host, int(port)
+
+
+def cpu_seconds(pid):
+    """User + system CPU seconds of a process (Linux /proc)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def one(host, port, prompt, new_tokens):
+    """One streamed request: (seconds to the first chunk, completion tokens)."""
+    body = json.dumps({
+        "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "ignore_eos": True,
+        "stream": True, "stream_options": {"include_usage": True},
+    })
+    conn = http.client.HTTPConnection(host, port, timeout=3600)
+    sent = time.perf_counter()
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}: {r.read()[:300]!r}")
+    first, tokens = None, 0
+    while True:
+        line = r.readline()
+        if not line:
+            break
+        if not line.startswith(b"data: "):
+            continue
+        if first is None:
+            first = time.perf_counter() - sent
+        data = line[6:].strip()
+        if data == b"[DONE]":
+            break
+        usage = json.loads(data).get("usage")
+        if usage:
+            tokens = usage["completion_tokens"]
+    conn.close()
+    return first, tokens
+
+
+def level(host, port, streams, requests, prompt_tokens, new_tokens, vocab, seed):
+    """`requests` requests from `streams` threads; the level's numbers."""
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(vocab) for _ in range(prompt_tokens)] for _ in range(requests)]
+    todo = list(range(requests))
+    lock = threading.Lock()
+    ttft, total, errors = [], [0], []
+
+    def worker():
+        while True:
+            with lock:
+                if not todo:
+                    return
+                i = todo.pop()
+            try:
+                first, n = one(host, port, prompts[i], new_tokens)
+            except Exception as e:  # reported, not fatal: the level shows how many failed
+                with lock:
+                    errors.append(str(e))
+                continue
+            with lock:
+                ttft.append(first)
+                total[0] += n
+
+    threads = [threading.Thread(target=worker) for _ in range(streams)]
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    client_cpu = time.process_time() - cpu0
+    ttft.sort()
+    pick = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
+    return {
+        "streams": streams, "requests": requests, "tokens": total[0], "wall": wall,
+        "tok_s": total[0] / wall, "ttft_p50": pick(0.5), "ttft_p99": pick(0.99),
+        "client_cpu": client_cpu / wall, "errors": len(errors),
+    }
+
+
+def run(binary, model, label, max_num_seqs, levels, args):
+    p, host, port = start(binary, model, max_num_seqs)
+    try:
+        one(host, port, list(range(args.prompt_tokens)), 4)  # warm-up
+        rows = []
+        for streams in levels:
+            requests = max(streams, args.min_requests)
+            c0 = cpu_seconds(p.pid)
+            r = level(host, port, streams, requests, args.prompt_tokens, args.new_tokens,
+                      args.vocab, seed=streams)
+            r["server_cpu"] = (cpu_seconds(p.pid) - c0) / r["wall"]
+            r["label"], r["max_num_seqs"] = label, max_num_seqs
+            print(json.dumps(r), flush=True)
+            rows.append(r)
+        return rows
+    finally:
+        p.terminate()
+        p.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--binary", default="target/release/gpt2kit")
+    ap.add_argument("--model", required=True, help="the float bench model")
+    ap.add_argument("--int8", help="an int8 artifact of it (int8-dynamic), benched too")
+    ap.add_argument("--streams", default="1,4,16,64")
+    ap.add_argument("--baseline-streams", default="1,4,16",
+                    help="levels for the one-request-at-a-time server (its rate does not "
+                         "change with streams; only the waiting grows)")
+    ap.add_argument("--prompt-tokens", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--min-requests", type=int, default=4,
+                    help="requests per level at least (a level sends max(streams, this))")
+    ap.add_argument("--vocab", type=int, default=50000, help="prompt token ids below this")
+    ap.add_argument("--out", help="markdown table written here too")
+    args = ap.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+    base_streams = [int(s) for s in args.baseline_streams.split(",")]
+    models = [("fp32", args.model)] + ([("int8-dynamic", args.int8)] if args.int8 else [])
+    rows = []
+    for label, model in models:
+        rows += run(args.binary, model, label, max(streams), streams, args)
+        rows += run(args.binary, model, label, 1, base_streams, args)
+    lines = [
+        f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), "
+        f"greedy, streamed; {os.cpu_count()} CPUs",
+        "",
+        "| model | server | streams | requests | generated tok/s | TTFT p50 s | TTFT p99 s "
+        "| client CPU | server CPU | errors |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        server = "one at a time" if r["max_num_seqs"] == 1 else f"--max-num-seqs {r['max_num_seqs']}"
+        lines.append(
+            f"| {r['label']} | {server} | {r['streams']} | {r['requests']} | {r['tok_s']:.1f} "
+            f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {100 * r['client_cpu']:.0f}% "
+            f"| {100 * r['server_cpu']:.0f}% | {r['errors']} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table)
+
+
+if __name__ == "__main__":
+    main()
