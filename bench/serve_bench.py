@@ -164,14 +164,14 @@ def main():
         f"greedy, streamed; {os.cpu_count()} CPUs",
         "",
         "| model | server | streams | requests | generated tok/s | TTFT p50 s | TTFT p99 s "
-        "| client CPU | server CPU | errors |",
+        "| client CPU (of one core) | server CPU (of one core) | errors |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         server = "one at a time" if r["max_num_seqs"] == 1 else f"--max-num-seqs {r['max_num_seqs']}"
         lines.append(
             f"| {r['label']} | {server} | {r['streams']} | {r['requests']} | {r['tok_s']:.1f} "
-            f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {100 * r['client_cpu']:.0f}% "
+            f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {100 * r['client_cpu']:.1f}% "
             f"| {100 * r['server_cpu']:.0f}% | {r['errors']} |")
     table = "\n".join(lines) + "\n"
     print(table)

@@ -202,3 +202,22 @@ fn byte_of_char(c: char) -> Option<u8> {
         .nth(n as usize)
         .and_then(|b| u8::try_from(b).ok())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::byte_of_char;
+
+    #[test]
+    fn byte_level_alphabet_undone() {
+        // Printable bytes stand for themselves; the 68 others are U+0100 onwards.
+        assert_eq!(byte_of_char('A'), Some(b'A'));
+        assert_eq!(byte_of_char('ÿ'), Some(0xff));
+        assert_eq!(byte_of_char('\u{100}'), Some(0));
+        assert_eq!(byte_of_char('Ġ'), Some(b' '));
+        assert_eq!(byte_of_char('Ċ'), Some(b'\n'));
+        assert_eq!(byte_of_char('\u{121}'), Some(0x7f));
+        assert_eq!(byte_of_char('\u{143}'), Some(0xad));
+        assert_eq!(byte_of_char('\u{144}'), None);
+        assert_eq!(byte_of_char('€'), None);
+    }
+}
