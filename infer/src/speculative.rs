@@ -102,14 +102,7 @@ pub fn generate_speculative(
             )));
         }
     }
-    let requests = prompts
-        .iter()
-        .map(|p| Request {
-            prompt: p.clone(),
-            max_new_tokens: cfg.limit(p.len()),
-            settings: None,
-        })
-        .collect();
+    let requests = Request::each(prompts, cfg);
     let models = Ensemble::single(target);
     let started = Instant::now();
     let make = |slots: usize, capacity: usize| -> Box<dyn Speculator + '_> {

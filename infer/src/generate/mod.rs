@@ -154,14 +154,7 @@ pub fn generate_ensemble(
     stop: StopCheck,
     on_token: impl FnMut(usize, i64),
 ) -> Result<Output> {
-    let requests = prompts
-        .iter()
-        .map(|p| Request {
-            prompt: p.clone(),
-            max_new_tokens: cfg.limit(p.len()),
-            settings: None,
-        })
-        .collect::<Vec<_>>();
+    let requests = Request::each(prompts, cfg);
     generate_requests(models, requests, cfg, Schedule::default(), stop, on_token)
 }
 

@@ -59,6 +59,20 @@ pub struct Request {
     pub settings: Option<Arc<GenerationConfig>>,
 }
 
+impl Request {
+    /// One request per prompt, each with the settings' token limit for its length.
+    pub fn each(prompts: &[Vec<i64>], cfg: &GenerationConfig) -> Vec<Request> {
+        prompts
+            .iter()
+            .map(|p| Request {
+                prompt: p.clone(),
+                max_new_tokens: cfg.limit(p.len()),
+                settings: None,
+            })
+            .collect()
+    }
+}
+
 /// What a unit decodes with.
 enum Kind {
     /// One sequence: prompt then generated tokens, and its output so far.
