@@ -33,6 +33,14 @@ pub enum Linear {
         bias: Option<Tensor>,
         packed: Option<PackedLinear>,
     },
+    /// Weights stored one row per output (out, in), as `nn.Linear` stores them: the LM
+    /// head, `lm_head.weight` or, when tied, `wte` itself (the same tensor, so training's
+    /// gradients reach it; a transposed view made before `requires_grad` was set would
+    /// not carry them). y = x·Wᵀ; `packed` is the transposed copy for the decode kernels.
+    Rows {
+        weight: Tensor,
+        packed: Option<PackedLinear>,
+    },
     /// Any layer, recording the per-channel max |x| of its inputs (calibration).
     Observed {
         inner: Box<Linear>,
@@ -49,6 +57,9 @@ impl Linear {
             Linear::Packed { packed, .. } => rows <= kernel_max_rows(packed),
             Linear::Int8Weight { packed, .. } => packed.is_some() && rows <= INT8_KERNEL_MAX_ROWS,
             Linear::Int8(q) => q.decodes_on_pool(rows as usize),
+            Linear::Rows { packed, .. } => {
+                packed.as_ref().is_some_and(|p| rows <= kernel_max_rows(p))
+            }
             Linear::Float { .. } | Linear::Observed { .. } => false,
         }
     }
@@ -57,7 +68,11 @@ impl Linear {
     /// kernel serves this layer, or when every path computes the same values).
     pub(crate) fn kernel_rows(&self) -> usize {
         match self {
-            Linear::Packed { packed, .. } => kernel_max_rows(packed) as usize,
+            Linear::Packed { packed, .. }
+            | Linear::Rows {
+                packed: Some(packed),
+                ..
+            } => kernel_max_rows(packed) as usize,
             Linear::Int8Weight {
                 packed: Some(_), ..
             } => INT8_KERNEL_MAX_ROWS as usize,
@@ -80,6 +95,15 @@ impl Linear {
                 (weight, bias)
             }
             Linear::Int8(q) => return q.forward(x),
+            Linear::Rows { weight, packed } => {
+                if let Some(y) = packed
+                    .as_ref()
+                    .and_then(|p| packed_forward(p, x, kernel_max_rows(p)))
+                {
+                    return y;
+                }
+                return x.matmul(&weight.tr());
+            }
             Linear::Int8Weight { w, bias, packed } => {
                 if let Some(y) = packed
                     .as_ref()
@@ -145,6 +169,16 @@ impl Linear {
                     packed: Some(packed),
                 }
             }
+            Linear::Rows {
+                weight,
+                packed: None,
+            } => {
+                let packed = PackedLinear::from_tensor(&weight.tr(), None)?; // (in, out)
+                Linear::Rows {
+                    weight,
+                    packed: Some(packed),
+                }
+            }
             Linear::Int8(mut q) => {
                 q.pack()?;
                 Linear::Int8(q)
@@ -184,7 +218,7 @@ impl Linear {
                 Some((weight, bias))
             }
             Linear::Observed { inner, .. } => inner.float_parts(),
-            Linear::Int8(_) | Linear::Int8Weight { .. } => None,
+            Linear::Int8(_) | Linear::Int8Weight { .. } | Linear::Rows { .. } => None,
         }
     }
 }

@@ -196,7 +196,26 @@ fn both_key_namings_and_legacy_buffers_load() {
     // hub-tied: unprefixed keys plus attn.bias / attn.masked_bias buffers;
     // prefixed-untied: `transformer.` keys and its own lm_head.
     let hub = load(&model_dir("hub-tied")).unwrap();
-    assert!(hub.lm_head.is_none());
+    assert!(hub.lm_head().is_none());
     let pre = load(&model_dir("prefixed-untied")).unwrap();
-    assert!(pre.lm_head.is_some());
+    assert!(pre.lm_head().is_some());
+}
+
+/// A tied head is `wte` itself: gradients of the training forward reach `wte` through the
+/// head even for tokens that never appear in the input (whose embedding rows get none),
+/// however late `requires_grad` is set.
+#[test]
+fn a_tied_head_trains_wte() {
+    let model = load(&model_dir("hub-tied")).unwrap();
+    assert!(model.lm_head().is_none(), "hub-tied is tied");
+    let mut wte = model.wte.shallow_clone();
+    let _ = wte.set_requires_grad(true);
+    let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
+    let logits = model.forward_train(&ids); // (1, 3, V)
+    logits.sum(Kind::Float).backward();
+    let grad = model.wte.grad();
+    assert!(grad.defined(), "wte has a gradient");
+    // Row 0 is not an input token: only the head can have put a gradient there.
+    let row = grad.get(0).abs().sum(Kind::Float).double_value(&[]);
+    assert!(row > 0.0, "the head's gradient reaches wte (row 0: {row})");
 }

@@ -93,7 +93,7 @@ impl Gpt2 {
             .map(|l| reader.block(l))
             .collect::<Result<Vec<_>>>()?;
         let int8_embeddings = quantization.as_ref().is_some_and(|q| q.quantize_embeddings);
-        let (wte, wte_q, lm_head, head_q) = reader.embeddings_and_head(int8_embeddings, method)?;
+        let (wte, wte_q, head) = reader.embeddings_and_head(int8_embeddings, method)?;
         let (p, e) = (config.n_positions, config.n_embd);
         let wpe = reader.get("wpe.weight", &[p, e])?.to_device(devices[0]);
         let ln_f = reader.ln("ln_f")?;
@@ -103,22 +103,20 @@ impl Gpt2 {
             wpe,
             ln_f,
             h,
-            lm_head,
+            head,
             wte_q,
-            head_q,
             quantization,
             config,
             kind,
             devices: devices.to_vec(),
-            head_packed: None,
             comm: Box::new(CopyCommunicator),
             fused: None,
         })
     }
 }
 
-/// `wte`, its int8 rows, `lm_head` and the int8 head, as `Gpt2` holds them.
-type EmbeddingsAndHead = (Tensor, Option<QuantRows>, Option<Tensor>, Option<Linear>);
+/// `wte`, its int8 rows, and the head, as `Gpt2` holds them.
+type EmbeddingsAndHead = (Tensor, Option<QuantRows>, Linear);
 
 /// Reads one model's tensors from a source, split over its devices.
 struct Reader<'a> {
@@ -260,14 +258,18 @@ impl Reader<'_> {
         let wte_name = format!("{}wte.weight", self.prefix);
         if !int8 {
             let wte = self.files.tensor(&wte_name, &[v, e], self.kind, main)?; // (V, E)
-            let lm_head = match tied {
-                true => None,
-                false => Some(
-                    self.files
-                        .tensor("lm_head.weight", &[v, e], self.kind, main)?,
-                ),
+                                                                               // Tied: `wte` itself (one tensor, one gradient), not a view of it.
+            let weight = match tied {
+                true => wte.shallow_clone(),
+                false => self
+                    .files
+                    .tensor("lm_head.weight", &[v, e], self.kind, main)?,
             };
-            return Ok((wte, None, lm_head, None));
+            let head = Linear::Rows {
+                weight,
+                packed: None,
+            };
+            return Ok((wte, None, head));
         }
         // The head over int8 rows (out = V, in = E), as the method runs its linears.
         let int8_head = |w: QuantRows| match method {
@@ -293,7 +295,7 @@ impl Reader<'_> {
                 main,
             )?)
         };
-        Ok((Tensor::new(), Some(w), None, Some(head_q)))
+        Ok((Tensor::new(), Some(w), head_q))
     }
 }
 
@@ -315,7 +317,7 @@ impl Gpt2 {
                 "named_tensors needs an unsharded model (--tp 1)".into(),
             ));
         }
-        if self.wte_q.is_some() || self.head_q.is_some() {
+        if self.wte_q.is_some() || !matches!(self.head, Linear::Rows { .. }) {
             return Err(Error::Input(
                 "named_tensors needs float weights; this model runs int8 tensors".into(),
             ));
@@ -346,7 +348,7 @@ impl Gpt2 {
             }
         }
         ln(&mut out, "ln_f".into(), &self.ln_f);
-        if let Some(head) = &self.lm_head {
+        if let Some(head) = self.lm_head() {
             out.push(("lm_head.weight".into(), head.shallow_clone()));
         }
         Ok(out)

@@ -15,9 +15,7 @@ use crate::config::{Activation, Gpt2Config};
 use crate::decode::Norm;
 
 pub use crate::check::{check_model_dir, check_sizes, stored_kind};
-use crate::kernels::PackedLinear;
 pub use crate::linear::Linear;
-use crate::linear::{kernel_max_rows, packed_forward};
 
 mod backend;
 mod fused;
@@ -86,19 +84,16 @@ pub struct Gpt2 {
     pub wpe: Tensor, // (P, E)
     pub h: Vec<Block>,
     pub ln_f: LayerNorm,
-    /// `None` when tied to `wte`.
-    pub lm_head: Option<Tensor>, // (V, E)
-    /// int8-dynamic artifacts with int8 embeddings: `wte` as int8 rows (then `wte` is
-    /// empty) and the head on the int8 GEMM (`lm_head` is then `None`).
+    /// The LM head (V, E) as a linear: `lm_head.weight`, or `wte` itself when tied
+    /// (`Linear::Rows`); an int8 artifact's head on its int8 kernels.
+    pub head: Linear,
+    /// int8 artifacts with int8 embeddings: `wte` as int8 rows (then `wte` is empty).
     pub(crate) wte_q: Option<QuantRows>,
-    pub(crate) head_q: Option<Linear>,
     /// The artifact's `quantization_config`, if any.
     pub(crate) quantization: Option<QuantizationConfig>,
     pub(crate) kind: Kind,
     /// One per tensor-parallel shard; the first holds everything that is not sharded.
     pub(crate) devices: Vec<Device>,
-    /// The head (`lm_head`, or `wte`ᵀ when tied) packed for the CPU decode kernels.
-    pub(crate) head_packed: Option<PackedLinear>,
     pub(crate) comm: Box<dyn Communicator>,
     /// Fused CPU decode steps (`fused`), made with the packed copies.
     pub(crate) fused: Option<Plan>,
@@ -318,17 +313,16 @@ impl Gpt2 {
 
     /// Logits of hidden states (…, E) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        if let Some(head) = &self.head_q {
-            return head.forward(hidden);
+        self.head.forward(hidden)
+    }
+
+    /// `lm_head.weight` (V, E) when the model has its own head (not tied to `wte`, not
+    /// int8).
+    pub fn lm_head(&self) -> Option<&Tensor> {
+        match &self.head {
+            Linear::Rows { weight, .. } if !self.config.tie_word_embeddings => Some(weight),
+            _ => None,
         }
-        if let Some(y) = self
-            .head_packed
-            .as_ref()
-            .and_then(|p| packed_forward(p, hidden, kernel_max_rows(p)))
-        {
-            return y;
-        }
-        hidden.matmul(&self.lm_head.as_ref().unwrap_or(&self.wte).tr())
     }
 
     /// Logits for every position of `ids` (B, T): (B, T, V).

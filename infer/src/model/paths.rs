@@ -7,8 +7,8 @@ use super::{Gpt2, LayerNorm, Part, Plan};
 use crate::cache::{KvCache, Span};
 use crate::decode::Norm;
 use crate::error::{Error, Result};
-use crate::kernels::{self, PackedLinear};
-use crate::linear::{kernel_max_rows, Linear};
+use crate::kernels;
+use crate::linear::Linear;
 use crate::quant::QuantizationConfig;
 
 impl Gpt2 {
@@ -17,7 +17,14 @@ impl Gpt2 {
     /// double the weights' memory.
     pub fn pack_for_cpu_decode(&mut self) -> Result<()> {
         let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
-        if self.devices != [Device::Cpu] || !packable || self.head_packed.is_some() {
+        let packed = matches!(
+            self.head,
+            Linear::Rows {
+                packed: Some(_),
+                ..
+            }
+        );
+        if self.devices != [Device::Cpu] || !packable || packed {
             return Ok(());
         }
         let take = |l: &mut Linear| {
@@ -32,13 +39,7 @@ impl Gpt2 {
         for (_, _, l) in self.linears_mut() {
             *l = take(l).pack()?;
         }
-        match self.head_q.take() {
-            Some(h) => self.head_q = Some(h.pack()?),
-            None => {
-                let head = self.lm_head.as_ref().unwrap_or(&self.wte).tr(); // (E, V)
-                self.head_packed = Some(PackedLinear::from_tensor(&head, None)?);
-            }
-        }
+        self.head = take(&mut self.head).pack()?;
         self.set_fused_decode(true);
         Ok(())
     }
@@ -112,9 +113,7 @@ impl Gpt2 {
     /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
     /// kernels (their own thread pool) rather than libtorch.
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        let head = self.head_packed.is_some()
-            || self.head_q.as_ref().is_some_and(|h| h.runs_on_pool(rows));
-        head && rows <= kernels::MAX_ROWS && self.blocks_on_kernels(rows)
+        self.head.runs_on_pool(rows) && rows <= kernels::MAX_ROWS && self.blocks_on_kernels(rows)
     }
 
     /// Whether a pass over `rows` prompt tokens (all rows of a batch together) runs the
@@ -131,11 +130,7 @@ impl Gpt2 {
     /// decode kernel takes whole, so that a row's logits do not depend on how many rows
     /// are scored beside it (past the kernel's rows libtorch would round differently).
     pub(crate) fn decode_logits(&self, hidden: &Tensor) -> Tensor {
-        let chunk = match (&self.head_packed, &self.head_q) {
-            (Some(p), _) => kernel_max_rows(p) as usize,
-            (None, Some(q)) => q.kernel_rows(),
-            (None, None) => usize::MAX,
-        };
+        let chunk = self.head.kernel_rows();
         let rows = hidden.size()[0] as usize;
         if rows <= chunk {
             return self.logits(hidden);
