@@ -228,7 +228,7 @@ fn request(app: &App, body: &[u8]) -> Result<(params::Completion, Shape), ApiErr
 
 pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let answer = async {
-        let body = crate::routes::read_body(req).await?;
+        let body = crate::body::read_body(req).await?;
         let (c, shape) = request(&app, &body)?;
         start(&app, c, shape).await
     };

@@ -25,7 +25,7 @@ use crate::App;
 
 pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let answer = async {
-        let body = crate::routes::read_body(req).await?;
+        let body = crate::body::read_body(req).await?;
         let c = params::completion(&body)?;
         start(&app, c, Shape::Text).await
     };

@@ -15,6 +15,7 @@ use axum::http::StatusCode;
 use infer::generate::GenerationConfig;
 use infer::{EngineOptions, Gpt2, Gpt2Config, Tokenizer};
 
+mod body;
 mod chat;
 mod completions;
 mod error;

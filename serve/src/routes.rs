@@ -1,9 +1,7 @@
 //! The router: the endpoints, the API key check, the request body's limits, and the
 //! small endpoints (`/health`, `/v1/models`, `/metrics`, `/tokenize`, `/detokenize`).
 use std::sync::Arc;
-use std::time::Duration;
 
-use axum::body::Bytes;
 use axum::extract::{Request, State};
 use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
@@ -12,14 +10,10 @@ use axum::routing::{get, post, MethodRouter};
 use axum::Router;
 use serde_json::{json, Value};
 
+use crate::body::read_body;
 use crate::error::ApiError;
 use crate::params;
 use crate::App;
-
-/// The largest request body read (413 beyond).
-pub const BODY_LIMIT: usize = 4 << 20;
-/// How long a client may take to send its body (408 beyond).
-const BODY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The OpenAPI description of every endpoint (kept with the table below: a unit test
 /// checks they list the same ones).
@@ -96,37 +90,6 @@ async fn auth(State(app): State<Arc<App>>, req: Request, next: Next) -> Response
         }
     }
     next.run(req).await
-}
-
-/// The body, at most `BODY_LIMIT` bytes (413) read within `BODY_TIMEOUT` (408).
-pub async fn read_body(req: Request) -> Result<Bytes, ApiError> {
-    let too_large = || {
-        ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!("the request body is larger than the limit of {BODY_LIMIT} bytes"),
-        )
-    };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > BODY_LIMIT as u64) {
-        return Err(too_large());
-    }
-    let read = axum::body::to_bytes(req.into_body(), BODY_LIMIT);
-    match tokio::time::timeout(BODY_TIMEOUT, read).await {
-        Err(_) => Err(ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            format!("the request body took longer than {BODY_TIMEOUT:?} to arrive"),
-        )),
-        Ok(Err(e)) if format!("{e:?}").contains("LengthLimit") => Err(too_large()),
-        Ok(Err(e)) => Err(ApiError::new(
-            StatusCode::BAD_REQUEST,
-            format!("could not read the request body: {e}"),
-        )),
-        Ok(Ok(b)) => Ok(b),
-    }
 }
 
 async fn not_found(req: Request) -> ApiError {
