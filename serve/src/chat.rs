@@ -112,34 +112,12 @@ fn compile(source: String) -> Result<Environment<'static>, minijinja::Error> {
     Ok(env)
 }
 
+/// The Chat API's own fields (besides `params::SHARED`).
 const KNOWN: &[&str] = &[
-    "model",
     "messages",
-    "max_tokens",
     "max_completion_tokens",
-    "temperature",
-    "top_p",
-    "n",
-    "stream",
-    "stream_options",
-    "stop",
-    "seed",
-    "presence_penalty",
-    "frequency_penalty",
-    "logit_bias",
-    "user",
-    "logprobs",
     "top_logprobs",
     "add_generation_prompt",
-    "top_k",
-    "min_p",
-    "typical_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-    "min_tokens",
-    "stop_token_ids",
-    "ignore_eos",
-    "bad_words",
 ];
 
 /// One message: `role` a string, `content` a string, a list of text parts (joined), or
@@ -179,7 +157,7 @@ fn message(i: usize, v: &Value) -> Result<Value, ApiError> {
 /// Reads a chat body: the completion it asks for and its Chat log-probability count.
 fn request(app: &App, body: &[u8]) -> Result<(params::Completion, Shape), ApiError> {
     let obj = params::object(body)?;
-    params::only_known(&obj, KNOWN)?;
+    params::only_known(&obj, &[params::SHARED, KNOWN])?;
     let messages = match obj.get("messages") {
         Some(Value::Array(list)) if !list.is_empty() => list
             .iter()

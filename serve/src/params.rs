@@ -59,9 +59,9 @@ pub struct Completion {
 /// The most choices one request may ask for (`n` × prompts).
 pub const MAX_CHOICES: usize = 128;
 
-const KNOWN: &[&str] = &[
+/// Fields both endpoints take: the sampling settings and vLLM's extra processors.
+pub const SHARED: &[&str] = &[
     "model",
-    "prompt",
     "max_tokens",
     "temperature",
     "top_p",
@@ -74,10 +74,7 @@ const KNOWN: &[&str] = &[
     "frequency_penalty",
     "logit_bias",
     "user",
-    "echo",
     "logprobs",
-    "best_of",
-    "suffix",
     "top_k",
     "min_p",
     "typical_p",
@@ -88,6 +85,9 @@ const KNOWN: &[&str] = &[
     "ignore_eos",
     "bad_words",
 ];
+
+/// The Completions API's own fields.
+const KNOWN: &[&str] = &["prompt", "echo", "best_of", "suffix"];
 
 /// The body's JSON object (malformed JSON, invalid UTF-8 or another JSON type: 400).
 pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
@@ -109,9 +109,12 @@ pub fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     }
 }
 
-/// Refuses any field not in `known`, naming it.
-pub fn only_known(obj: &Map<String, Value>, known: &[&str]) -> Result<(), ApiError> {
-    match obj.keys().find(|k| !known.contains(&k.as_str())) {
+/// An error naming the first field of `obj` in none of the `known` lists.
+pub fn only_known(obj: &Map<String, Value>, known: &[&[&str]]) -> Result<(), ApiError> {
+    match obj
+        .keys()
+        .find(|k| !known.iter().any(|list| list.contains(&k.as_str())))
+    {
         Some(k) => Err(ApiError::invalid(k, format!("unknown field `{k}`"))),
         None => Ok(()),
     }
@@ -374,7 +377,7 @@ fn include_usage(obj: &Map<String, Value>, stream: bool) -> Result<bool, ApiErro
             "`stream_options` needs `stream: true`",
         )),
         Some(Value::Object(o)) => {
-            only_known(o, &["include_usage", "continuous_usage_stats"])?;
+            only_known(o, &[&["include_usage", "continuous_usage_stats"]])?;
             if boolean(o, "continuous_usage_stats")? {
                 return Err(ApiError::invalid(
                     "continuous_usage_stats",
@@ -399,7 +402,7 @@ fn logprobs(obj: &Map<String, Value>) -> Result<Option<usize>, ApiError> {
 /// Reads a completions body.
 pub fn completion(body: &[u8]) -> Result<Completion, ApiError> {
     let obj = object(body)?;
-    only_known(&obj, KNOWN)?;
+    only_known(&obj, &[SHARED, KNOWN])?;
     unsupported(&obj)?;
     let c = Completion {
         prompts: prompts(&obj)?,

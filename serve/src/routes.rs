@@ -130,7 +130,7 @@ async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {
 /// vLLM's `/tokenize`: `{"prompt": text}` → its token ids.
 async fn tokenize(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let obj = params::object(&read_body(req).await?)?;
-    params::only_known(&obj, &["model", "prompt", "add_special_tokens"])?;
+    params::only_known(&obj, &[&["model", "prompt", "add_special_tokens"]])?;
     app.check_model(params::string(&obj, "model")?.as_deref())?;
     params::boolean(&obj, "add_special_tokens")?;
     let Some(text) = params::string(&obj, "prompt")? else {
@@ -147,7 +147,7 @@ async fn tokenize(State(app): State<Arc<App>>, req: Request) -> Result<Response,
 /// vLLM's `/detokenize`: `{"tokens": ids}` → their text.
 async fn detokenize(State(app): State<Arc<App>>, req: Request) -> Result<Response, ApiError> {
     let obj = params::object(&read_body(req).await?)?;
-    params::only_known(&obj, &["model", "tokens"])?;
+    params::only_known(&obj, &[&["model", "tokens"]])?;
     app.check_model(params::string(&obj, "model")?.as_deref())?;
     let ids = match obj.get("tokens") {
         Some(v @ Value::Array(_)) => params::ids(v, "tokens")?,
