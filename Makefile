@@ -8,12 +8,15 @@ REQS := tests/reference/requirements.txt
 VENV_ID := $(shell sha256sum $(REQS) | cut -c1-12)
 VENV ?= $(HOME)/.cache/gpt2kit/venv-$(VENV_ID)
 VENV_READY := $(VENV)/.gpt2kit-ready
+# Peers run beside gpt2kit (gguf-py, llama.cpp, peft, openai), installed into the same venv.
+PEERS := tests/reference/peers.txt
+PEERS_READY := $(VENV)/.gpt2kit-peers-$(shell sha256sum $(PEERS) | cut -c1-12)
 REF_DIR := target/reference
 REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
+.PHONY: setup peers build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -21,6 +24,14 @@ $(VENV_READY): $(REQS)
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(REQS)
 	touch $@
+
+# llama-cpp-python builds llama.cpp from source for this machine's CPU (several minutes, once).
+$(PEERS_READY): $(VENV_READY) $(PEERS)
+	@echo ">> installing $(PEERS) into $(VENV)"
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PEERS)
+	touch $@
+
+peers: $(PEERS_READY)
 
 # Points cargo (tch's build script) at the venv's libtorch and sets an rpath, so the
 # binaries and test executables run with no environment variables.
@@ -49,7 +60,7 @@ $(REF_READY): $(VENV_READY) tests/reference/make_reference.py tests/reference/ma
 
 reference: $(REF_READY)
 
-test: setup $(REF_READY)
+test: setup $(REF_READY) $(PEERS_READY)
 	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) GPT2KIT_PYTHON=$(VENV)/bin/python $(CARGO) test --release --workspace
 
 demo: build data
@@ -61,7 +72,7 @@ $(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
 	touch $@
 
 # gpt2kit against transformers, same run, same machine; the table lands in target/bench/.
-bench: build $(BENCH_DIR)/gpt2-random/.ready
+bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.

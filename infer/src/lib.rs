@@ -14,6 +14,7 @@ mod files;
 pub mod folder;
 pub mod genconfig;
 pub mod generate;
+pub mod gguf;
 pub mod kernels;
 pub mod linear;
 mod load;
