@@ -24,10 +24,10 @@ import threading
 import time
 
 
-def start(binary, model, max_num_seqs):
+def start(binary, model, max_num_seqs, extra=()):
     p = subprocess.Popen(
         [binary, "serve", "--model", model, "--port", "0", "--max-num-seqs", str(max_num_seqs),
-         "--max-queue", "4096"],
+         "--max-queue", "4096", *extra],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     line = p.stdout.readline()
     if "http://" not in line:
@@ -136,6 +136,28 @@ def run(binary, model, label, max_num_seqs, levels, args):
         p.wait()
 
 
+def prefix_rows(binary, model, args):
+    """One stream; prompts of a shared `--prefix-tokens` preamble and 16 tokens of their
+    own, each generating 8: time to first token with `--prefix-cache-mb` against without.
+    The first request (which fills the cache) is a warm-up in both."""
+    rng = random.Random(11)
+    preamble = [rng.randrange(args.vocab) for _ in range(args.prefix_tokens)]
+    prompts = [preamble + [rng.randrange(args.vocab) for _ in range(16)] for _ in range(6)]
+    rows = []
+    for label, extra in [("off", []), ("on", ["--prefix-cache-mb", "256"])]:
+        p, host, port = start(binary, model, 1, extra)
+        try:
+            one(host, port, prompts[0], 8)
+            ttft = sorted(one(host, port, q, 8)[0] for q in prompts[1:])
+        finally:
+            p.terminate()
+            p.wait()
+        rows.append({"cache": label, "ttft_p50": ttft[len(ttft) // 2], "ttft_min": ttft[0],
+                     "requests": len(ttft)})
+        print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--binary", default="target/release/gpt2kit")
@@ -150,15 +172,19 @@ def main():
     ap.add_argument("--min-requests", type=int, default=4,
                     help="requests per level at least (a level sends max(streams, this))")
     ap.add_argument("--vocab", type=int, default=50000, help="prompt token ids below this")
+    ap.add_argument("--prefix-tokens", type=int, default=512,
+                    help="the shared preamble of the prefix-cache rows")
+    ap.add_argument("--only-prefix", action="store_true", help="just the prefix-cache rows")
     ap.add_argument("--out", help="markdown table written here too")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     base_streams = [int(s) for s in args.baseline_streams.split(",")]
     models = [("fp32", args.model)] + ([("int8-dynamic", args.int8)] if args.int8 else [])
     rows = []
-    for label, model in models:
+    for label, model in ([] if args.only_prefix else models):
         rows += run(args.binary, model, label, max(streams), streams, args)
         rows += run(args.binary, model, label, 1, base_streams, args)
+    prefix = prefix_rows(args.binary, args.model, args)
     lines = [
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), "
         f"greedy, streamed; {os.cpu_count()} CPUs",
@@ -173,6 +199,20 @@ def main():
             f"| {r['label']} | {server} | {r['streams']} | {r['requests']} | {r['tok_s']:.1f} "
             f"| {r['ttft_p50']:.3f} | {r['ttft_p99']:.3f} | {100 * r['client_cpu']:.1f}% "
             f"| {100 * r['server_cpu']:.0f}% | {r['errors']} |")
+    if not rows:
+        lines = []
+    off, on = prefix
+    lines += [
+        "",
+        f"shared {args.prefix_tokens}-token preamble + 16 own tokens, 8 new, one stream, fp32 "
+        f"({on['requests']} requests after one that fills the cache)",
+        "",
+        "| prefix cache | TTFT p50 s | TTFT min s |",
+        "|---|---|---|",
+        f"| off | {off['ttft_p50']:.3f} | {off['ttft_min']:.3f} |",
+        f"| on (`--prefix-cache-mb 256`) | {on['ttft_p50']:.3f} | {on['ttft_min']:.3f} |",
+        f"| ratio (off / on) | {off['ttft_p50'] / on['ttft_p50']:.1f}× | |",
+    ]
     table = "\n".join(lines) + "\n"
     print(table)
     if args.out:

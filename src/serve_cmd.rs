@@ -39,6 +39,10 @@ pub struct Args {
     /// Every endpoint but /health needs `Authorization: Bearer KEY` [env: GPT2KIT_API_KEY].
     #[arg(long)]
     api_key: Option<String>,
+    /// MiB of recent prompts' keys and values kept, so that a prompt sharing a prefix with
+    /// one of them prefills only the rest (0: off; least recently used evicted first).
+    #[arg(long, default_value_t = 0)]
+    prefix_cache_mb: usize,
     /// Seconds to let running requests finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -72,6 +76,7 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
         max_model_len: args.max_model_len,
         api_key,
         shutdown_timeout: Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
+        prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         engine: args.engine.options(),
     };
     serve::run(opts)?;

@@ -319,3 +319,43 @@ fn sixty_four_requests_from_sixteen_connections_answer_as_alone() {
     assert_eq!(server.metric("num_requests_running"), 0.0);
     assert_eq!(server.metric("num_requests_waiting"), 0.0);
 }
+
+/// With `--prefix-cache-mb`, a prompt sharing a prefix with an earlier one prefills only
+/// the rest: /metrics counts the reused tokens, and the answers are those of a server
+/// without the cache (greedy and seeded; each prompt's rest is prefilled on its own, and
+/// this model's choices are not near-ties, so rounding differences do not show).
+#[test]
+fn prefix_cache_reuses_a_shared_prefix_and_answers_the_same() {
+    let model = reference("hub-tied");
+    let cached = Server::start(&model, &["--prefix-cache-mb", "16"], &[]);
+    let plain = Server::start(&model, &[], &[]);
+    let preamble: Vec<i64> = (0..40).map(|i| (i * 37 + 11) % 250 + 3).collect();
+    let with = |tail: &[i64]| {
+        let mut p = preamble.clone();
+        p.extend_from_slice(tail);
+        json!(p)
+    };
+    let bodies = [
+        greedy(with(&[7, 8, 9]), 6),
+        greedy(with(&[60, 61]), 6),
+        json!({"prompt": with(&[5]), "max_tokens": 6, "seed": 3, "top_k": 10}),
+        greedy(with(&[7, 8, 9]), 6),
+    ];
+    for (i, b) in bodies.iter().enumerate() {
+        let want = plain.post("/v1/completions", b).json()["choices"].clone();
+        let got = cached.post("/v1/completions", b).json()["choices"].clone();
+        assert_eq!(got, want, "request {i}");
+    }
+    // Request 1 and 2 reuse the 40-token preamble; request 3 all but the last token of
+    // request 0's 43 (the last is fed to get the first new token's logits).
+    assert_eq!(
+        cached.metric("prefix_cache_hits_total"),
+        (40 + 40 + 42) as f64
+    );
+    assert_eq!(
+        cached.metric("prefix_cache_queries_total"),
+        (43 + 42 + 41 + 43) as f64
+    );
+    assert!(cached.metric("prefix_cache_bytes") > 0.0);
+    assert_eq!(plain.metric("prefix_cache_hits_total"), 0.0);
+}

@@ -38,6 +38,26 @@ pub struct KvCache {
     capacity: i64,
 }
 
+/// One row's keys and values over its first `len` slots, detached from any cache.
+pub struct KvRows {
+    /// Per layer, per tensor-parallel shard: (nh / shards, len, hs).
+    pub k: Vec<Vec<Tensor>>,
+    pub v: Vec<Vec<Tensor>>,
+    pub len: i64,
+}
+
+impl KvRows {
+    /// Bytes held.
+    pub fn bytes(&self) -> usize {
+        self.k
+            .iter()
+            .chain(&self.v)
+            .flatten()
+            .map(|t| t.numel() * t.kind().elt_size_in_bytes())
+            .sum()
+    }
+}
+
 /// The rows one forward pass feeds, in the order of its input rows, and where each
 /// row's new tokens go: `t` tokens at slots `[starts[i], starts[i] + t)` of row `rows[i]`.
 #[derive(Debug, Clone)]
@@ -191,6 +211,50 @@ impl KvCache {
         }
         self.lens[to] = n;
         self.own_free_slots();
+    }
+
+    /// A copy of `row`'s keys and values at slots `[0, len)`: per layer, per shard,
+    /// (nh / shards, len, hs) each (a prompt's prefix, kept by the prefix cache).
+    pub fn read_prefix(&mut self, row: usize, len: i64) -> KvRows {
+        self.materialize();
+        let take = |t: &Tensor| t.get(row as i64).narrow(1, 0, len).copy();
+        let layers =
+            |ts: &Vec<Vec<Tensor>>| ts.iter().map(|l| l.iter().map(take).collect()).collect();
+        KvRows {
+            k: layers(&self.k),
+            v: layers(&self.v),
+            len,
+        }
+    }
+
+    /// Makes `row` hold the first `n` slots of `prefix` and nothing after (a sequence
+    /// joining with a cached prefix prefills only the rest). Errors when the prefix does
+    /// not fit this cache's layout.
+    pub fn write_prefix(&mut self, row: usize, prefix: &KvRows, n: i64) -> Result<(), String> {
+        self.materialize();
+        let fits = n <= prefix.len
+            && n <= self.capacity
+            && prefix.k.len() == self.k.len()
+            && prefix
+                .k
+                .iter()
+                .zip(&self.k)
+                .all(|(p, c)| p.len() == c.len());
+        if !fits || row >= self.lens.len() {
+            return Err(format!(
+                "a cached prefix of {n} tokens does not fit row {row}"
+            ));
+        }
+        for (ours, theirs) in [(&self.k, &prefix.k), (&self.v, &prefix.v)] {
+            for (layer, from) in ours.iter().zip(theirs) {
+                for (t, f) in layer.iter().zip(from) {
+                    t.get(row as i64).narrow(1, 0, n).copy_(&f.narrow(1, 0, n));
+                }
+            }
+        }
+        self.lens[row] = n;
+        self.own_free_slots();
+        Ok(())
     }
 
     /// The span of `t` new tokens for each of `rows` (all rows when `None`), each at

@@ -22,6 +22,7 @@ pub mod manifest;
 pub mod model;
 pub mod options;
 pub mod parallel;
+pub mod prefix;
 pub mod processors;
 pub mod quant;
 pub mod rng;

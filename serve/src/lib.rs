@@ -48,6 +48,8 @@ pub struct Options {
     pub max_model_len: Option<usize>,
     pub api_key: Option<String>,
     pub shutdown_timeout: Duration,
+    /// Bytes of prompts' keys and values kept for reuse (0: no prefix cache).
+    pub prefix_cache_bytes: usize,
     pub engine: EngineOptions,
 }
 
@@ -156,6 +158,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let pool = Pool {
         slots: opts.max_num_seqs,
         capacity: max_model_len,
+        prefix_cache_bytes: opts.prefix_cache_bytes,
     };
     let m = metrics.clone();
     let base = defaults.clone();

@@ -58,6 +58,10 @@ pub struct Metrics {
     /// Requests refused with 503 (queue full).
     pub rejected: AtomicU64,
     pub steps: AtomicU64,
+    /// The prefix cache's prompt tokens looked up and found, and its bytes held.
+    prefix_queries: AtomicU64,
+    prefix_hits: AtomicU64,
+    prefix_bytes: AtomicUsize,
     ttft: Mutex<Histogram>,
     e2e: Mutex<Histogram>,
 }
@@ -75,6 +79,14 @@ impl Metrics {
         }
     }
 
+    /// Takes the prefix cache's counts.
+    pub fn prefix_cache(&self, c: &infer::prefix::PrefixCache) {
+        self.prefix_queries
+            .store(c.queried_tokens, Ordering::Relaxed);
+        self.prefix_hits.store(c.hit_tokens, Ordering::Relaxed);
+        self.prefix_bytes.store(c.used(), Ordering::Relaxed);
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = String::new();
@@ -89,6 +101,11 @@ impl Metrics {
                 "num_requests_waiting",
                 "Sequences queued for a slot.",
                 self.waiting.load(Ordering::Relaxed),
+            ),
+            (
+                "prefix_cache_bytes",
+                "Bytes of keys and values the prefix cache holds.",
+                self.prefix_bytes.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in gauges {
@@ -129,6 +146,16 @@ impl Metrics {
                 load(&self.rejected),
             ),
             ("engine_steps_total", "Engine steps run.", load(&self.steps)),
+            (
+                "prefix_cache_queries_total",
+                "Prompt tokens looked up in the prefix cache.",
+                load(&self.prefix_queries),
+            ),
+            (
+                "prefix_cache_hits_total",
+                "Prompt tokens found in the prefix cache (not prefilled again).",
+                load(&self.prefix_hits),
+            ),
         ];
         for (name, help, v) in counters {
             let _ = writeln!(

@@ -6,13 +6,14 @@
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::Receiver;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use infer::ensemble::Ensemble;
 use infer::generate::{
     Engine, FinishReason, Generated, GenerationConfig, Logprobs, Request, Schedule,
 };
+use infer::prefix::PrefixCache;
 use infer::Gpt2;
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -82,6 +83,8 @@ pub struct Pool {
     pub slots: usize,
     /// Positions per sequence (`--max-model-len`).
     pub capacity: usize,
+    /// The prefix cache's budget (`--prefix-cache-mb`); 0: none.
+    pub prefix_cache_bytes: usize,
 }
 
 /// Requests an engine takes before it is replaced by a fresh one once idle (it keeps a
@@ -107,7 +110,16 @@ pub fn run(
         max_num_seqs: Some(pool.slots),
         static_batches: false,
     };
-    let new_engine = || Engine::with_pool(&ensemble, &base, schedule, pool.slots, pool.capacity);
+    // The prefix cache outlives the engines: a fresh engine keeps the prompts seen.
+    let prefix = (pool.prefix_cache_bytes > 0)
+        .then(|| Arc::new(Mutex::new(PrefixCache::new(pool.prefix_cache_bytes))));
+    let new_engine = || {
+        let e = Engine::with_pool(&ensemble, &base, schedule, pool.slots, pool.capacity);
+        match &prefix {
+            Some(p) => e.with_prefix_cache(p.clone()),
+            None => e,
+        }
+    };
     let mut s = Scheduler {
         engine: new_engine(),
         added: 0,
@@ -141,6 +153,9 @@ pub fn run(
             s.fail(&e.to_string());
             s.engine = new_engine();
             s.added = 0;
+        }
+        if let Some(p) = &prefix {
+            metrics.prefix_cache(&p.lock().unwrap_or_else(|e| e.into_inner()));
         }
     }
 }

@@ -110,33 +110,42 @@ impl Engine<'_> {
         // row differently than alone, so each goes on its own.
         let models = &self.models.models;
         let on_kernels = |tokens: usize| models.iter().all(|m| m.prefills_on_kernels(tokens));
-        let mut by_len: Vec<(usize, Vec<usize>)> = Vec::new();
-        for &f in &firsts {
-            let n = joined[f].prompt_len;
-            let t = n.min(PREFILL_CHUNK);
+        // Where a first prompt's prefix is cached, its slot starts with it.
+        let starts: Vec<usize> = firsts
+            .iter()
+            .map(|&f| self.reuse_prefix(&joined[f]))
+            .collect();
+        let mut by_len: Vec<((usize, usize), Vec<usize>)> = Vec::new();
+        for (&f, &from) in firsts.iter().zip(&starts) {
+            let key = (from, joined[f].prompt_len);
+            let t = (key.1 - from).min(PREFILL_CHUNK);
             let open = by_len
                 .iter_mut()
-                .find(|(len, group)| *len == n && on_kernels((group.len() + 1) * t));
+                .find(|(k, group)| *k == key && on_kernels((group.len() + 1) * t));
             match open {
                 Some((_, group)) => group.push(f),
-                None => by_len.push((n, vec![f])),
+                None => by_len.push((key, vec![f])),
             }
         }
-        for (len, group) in by_len {
+        for ((from, len), group) in by_len {
             let rows: Vec<usize> = group.iter().map(|&f| joined[f].slots[0]).collect();
             let ids: Vec<i64> = group
                 .iter()
-                .flat_map(|&f| self.requests[joined[f].request].prompt.iter().copied())
+                .flat_map(|&f| {
+                    self.requests[joined[f].request].prompt[from..]
+                        .iter()
+                        .copied()
+                })
                 .collect();
             let ids = Tensor::from_slice(&ids)
-                .view([group.len() as i64, len as i64])
+                .view([group.len() as i64, (len - from) as i64])
                 .to_device(self.device);
-            let tokens = group.len() * len.min(PREFILL_CHUNK);
+            let tokens = group.len() * (len - from).min(PREFILL_CHUNK);
             self.threads.one(on_kernels(tokens));
             for (m, (model, cache)) in self.models.models.iter().zip(&mut self.caches).enumerate() {
                 let mut h = None;
-                for start in (0..len).step_by(PREFILL_CHUNK) {
-                    let t = PREFILL_CHUNK.min(len - start) as i64;
+                for start in (0..len - from).step_by(PREFILL_CHUNK) {
+                    let t = PREFILL_CHUNK.min(len - from - start) as i64;
                     let span = cache.span(Some(&rows), t).map_err(crate::Error::Input)?;
                     let piece = ids.narrow(1, start as i64, t);
                     h = Some(model.forward_span(&piece, cache, &span));
@@ -148,6 +157,9 @@ impl Engine<'_> {
                     hidden[m] = h.narrow(0, i as i64, 1);
                 }
             }
+        }
+        for &f in &firsts {
+            self.keep_prefix(&joined[f]);
         }
         // The other units of a request, and every beam, copy the first's slot.
         for i in 0..joined.len() {
@@ -173,5 +185,58 @@ impl Engine<'_> {
                 .collect();
         }
         Ok(())
+    }
+
+    /// With a prefix cache, writes the longest cached prefix of `u`'s prompt into its slot
+    /// (in every model's cache); how many prompt tokens that leaves unfed. Beams and
+    /// speculative decoding always prefill the whole prompt.
+    fn reuse_prefix(&mut self, u: &Unit) -> usize {
+        let Some(cache) = &self.prefix else {
+            return 0;
+        };
+        if !matches!(u.kind, Kind::One { .. }) {
+            return 0;
+        }
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        let prompt = &self.requests[u.request].prompt;
+        let Some((n, kv)) = cache.lookup(prompt) else {
+            return 0;
+        };
+        let written = self
+            .caches
+            .iter_mut()
+            .zip(kv)
+            .all(|(c, kv)| c.write_prefix(u.slots[0], kv, n as i64).is_ok());
+        if written {
+            n
+        } else {
+            // A layout that does not fit (not expected: one engine, one model set) is a
+            // miss; the slot is emptied and the whole prompt prefilled.
+            for c in &mut self.caches {
+                c.free_row(u.slots[0]);
+            }
+            0
+        }
+    }
+
+    /// With a prefix cache, keeps `u`'s prompt's keys and values (just prefilled).
+    fn keep_prefix(&mut self, u: &Unit) {
+        let Some(cache) = &self.prefix else {
+            return;
+        };
+        if !matches!(u.kind, Kind::One { .. }) {
+            return;
+        }
+        let prompt = &self.requests[u.request].prompt;
+        let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
+        if cache.wants(prompt) {
+            let n = prompt.len() as i64;
+            let kv = self
+                .caches
+                .iter_mut()
+                .map(|c| c.read_prefix(u.slots[0], n))
+                .collect();
+            cache.insert(prompt.clone(), kv);
+        }
     }
 }

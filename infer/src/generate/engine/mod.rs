@@ -13,7 +13,7 @@
 //! own generator (`SeqRng`), seeded `seed + k` for output row k, so that a sequence
 //! gives the same tokens whatever else is decoded beside it.
 use std::collections::{HashMap, VecDeque};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 mod admit;
 mod pick;
@@ -26,6 +26,7 @@ use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::Result;
 use crate::generate::beam::Beam;
+use crate::prefix::PrefixCache;
 use crate::rng::SeqRng;
 use crate::sequence::FinishReason;
 
@@ -133,6 +134,8 @@ pub struct Engine<'a> {
     threads: Threads,
     /// Speculative decoding's drafter and counts (`speculate`), when it runs that way.
     spec: Option<speculate::Speculation<'a>>,
+    /// Recent prompts' keys and values, shared with the engines that follow this one.
+    prefix: Option<Arc<Mutex<PrefixCache>>>,
 }
 
 impl<'a> Engine<'a> {
@@ -198,7 +201,17 @@ impl<'a> Engine<'a> {
             steps: 0,
             threads: Threads(None),
             spec: None,
+            prefix: None,
         }
+    }
+
+    /// Reuses and keeps prompts' keys and values in `cache` (see `crate::prefix`), which
+    /// outlives this engine. Speculative engines do not use it.
+    pub fn with_prefix_cache(mut self, cache: Arc<Mutex<PrefixCache>>) -> Self {
+        if self.spec.is_none() {
+            self.prefix = Some(cache);
+        }
+        self
     }
 
     /// Queues a request (checked by the caller against the settings, e.g. with
