@@ -105,35 +105,6 @@ fn usage(msg: String) -> anyhow::Error {
     Error::Input(msg).into()
 }
 
-/// One device per tensor-parallel shard: --devices, else the first --tp CUDA devices,
-/// else --device alone.
-fn shard_devices(args: &Args, device: tch::Device) -> anyhow::Result<Vec<tch::Device>> {
-    let listed = args
-        .devices
-        .iter()
-        .map(|d| infer::device::parse_device(d.trim()))
-        .collect::<Result<Vec<_>, _>>()?;
-    match (args.tp, listed.is_empty()) {
-        (Some(0), _) => Err(usage("--tp must be at least 1".into())),
-        (Some(n), false) if n != listed.len() => Err(usage(format!(
-            "--tp {n} needs {n} --devices, got {}",
-            listed.len()
-        ))),
-        (_, false) => Ok(listed),
-        (Some(n), true) if n > 1 => {
-            let have = tch::Cuda::device_count() as usize;
-            if have < n {
-                return Err(usage(format!(
-                    "--tp {n} without --devices needs {n} CUDA devices, this machine has {have} \
-                     (--devices cpu,cpu runs the split on the CPU)"
-                )));
-            }
-            Ok((0..n).map(tch::Device::Cuda).collect())
-        }
-        _ => Ok(vec![device]),
-    }
-}
-
 /// The strategy flags against each other and the other models (tokenizers, contexts),
 /// before any model is loaded. Returns the ensemble mode.
 fn check_strategy(
@@ -375,7 +346,7 @@ fn warm_up(
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
-    let devices = shard_devices(args, device)?;
+    let devices = crate::shard_devices(args.tp, &args.devices, device)?;
     let device = devices[0];
     let from = prompt_texts(args)?;
     let texts = &from.texts;

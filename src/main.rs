@@ -122,6 +122,39 @@ pub(crate) fn device_and_dtype(
     Ok((infer::device::parse_device(device)?, dtype.kind()))
 }
 
+/// One device per tensor-parallel shard: --devices, else the first --tp CUDA devices,
+/// else --device alone.
+pub(crate) fn shard_devices(
+    tp: Option<usize>,
+    devices: &[String],
+    device: tch::Device,
+) -> anyhow::Result<Vec<tch::Device>> {
+    let usage = |msg: String| -> anyhow::Error { infer::Error::Input(msg).into() };
+    let listed = devices
+        .iter()
+        .map(|d| infer::device::parse_device(d.trim()))
+        .collect::<Result<Vec<_>, _>>()?;
+    match (tp, listed.is_empty()) {
+        (Some(0), _) => Err(usage("--tp must be at least 1".into())),
+        (Some(n), false) if n != listed.len() => Err(usage(format!(
+            "--tp {n} needs {n} --devices, got {}",
+            listed.len()
+        ))),
+        (_, false) => Ok(listed),
+        (Some(n), true) if n > 1 => {
+            let have = tch::Cuda::device_count() as usize;
+            if have < n {
+                return Err(usage(format!(
+                    "--tp {n} without --devices needs {n} CUDA devices, this machine has {have} \
+                     (--devices cpu,cpu runs the split on the CPU)"
+                )));
+            }
+            Ok((0..n).map(tch::Device::Cuda).collect())
+        }
+        _ => Ok(vec![device]),
+    }
+}
+
 /// The engine's switches (`infer::EngineOptions`), for commands that load a model to run
 /// it. Hidden flags, for comparisons and benchmarks; each falls back to the environment
 /// variable the README documents, read here and nowhere in the crates.

@@ -24,6 +24,13 @@ pub struct Args {
     /// cpu, cuda, cuda:N or mps.
     #[arg(long, default_value = "cpu")]
     device: String,
+    /// Tensor parallelism: split the model over N shards (Megatron-style), one per device
+    /// of --devices, or the first N CUDA devices.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Comma-separated devices, one per shard (e.g. cuda:0,cuda:1 or cpu,cpu); replaces --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
     /// The model name clients send and see [default: the folder's name].
     #[arg(long)]
     served_model_name: Option<String>,
@@ -52,6 +59,7 @@ pub struct Args {
 
 pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
     let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
+    let devices = crate::shard_devices(args.tp, &args.devices, device)?;
     let t = args.shutdown_timeout;
     if !(t.is_finite() && t >= 0.0) {
         return Err(infer::Error::Input(format!(
@@ -69,7 +77,7 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
         host: args.host.clone(),
         port: args.port,
         kind,
-        device,
+        devices,
         served_model_name: args.served_model_name.clone(),
         max_num_seqs: args.max_num_seqs as usize,
         max_queue: args.max_queue,

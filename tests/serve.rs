@@ -359,3 +359,39 @@ fn prefix_cache_reuses_a_shared_prefix_and_answers_the_same() {
     assert!(cached.metric("prefix_cache_bytes") > 0.0);
     assert_eq!(plain.metric("prefix_cache_hits_total"), 0.0);
 }
+
+/// `--tp 2 --devices cpu,cpu` serves the model split in two (exact on the CPU, as `infer
+/// --tp` is): the greedy answers are `infer`'s; a `--tp` that disagrees with `--devices`
+/// is refused before anything listens.
+#[test]
+fn tensor_parallel_serving_answers_as_infer() {
+    let model = reference("hub-tied");
+    let server = Server::start(&model, &["--tp", "2", "--devices", "cpu,cpu"], &[]);
+    for prompt in ["Hello", "The quick brown"] {
+        let r = server
+            .post("/v1/completions", &greedy(json!(prompt), 8))
+            .json();
+        assert_eq!(
+            r["choices"][0]["text"].as_str().unwrap(),
+            infer_text(&model, prompt, 8),
+            "{prompt:?}"
+        );
+    }
+    let o = common::gpt2kit(&[
+        "serve",
+        "--model",
+        model.to_str().unwrap(),
+        "--port",
+        "0",
+        "--tp",
+        "3",
+        "--devices",
+        "cpu,cpu",
+    ]);
+    assert_eq!(o.status.code(), Some(2), "{}", common::stderr(&o));
+    assert!(
+        common::stderr(&o).contains("--tp 3 needs 3 --devices"),
+        "{}",
+        common::stderr(&o)
+    );
+}

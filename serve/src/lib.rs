@@ -39,7 +39,8 @@ pub struct Options {
     /// 0: any free port (the one taken is printed).
     pub port: u16,
     pub kind: Option<tch::Kind>,
-    pub device: tch::Device,
+    /// One device per tensor-parallel shard (one device: no split).
+    pub devices: Vec<tch::Device>,
     /// The name clients send as `model` [default: the folder's name].
     pub served_model_name: Option<String>,
     pub max_num_seqs: usize,
@@ -197,7 +198,7 @@ fn load(opts: &Options) -> Result<Gpt2, Error> {
     Ok(Gpt2::load_with(
         &opts.model,
         opts.kind,
-        &[opts.device],
+        &opts.devices,
         &opts.engine,
     )?)
 }
