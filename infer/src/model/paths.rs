@@ -147,6 +147,26 @@ impl Gpt2 {
     /// run fused (then nothing was written).
     pub(super) fn fused_step(&self, x: &Tensor, cache: &KvCache, span: &Span) -> Option<Tensor> {
         let plan = self.fused.as_ref()?;
+        let tokens = span.rows.len() * span.t as usize;
+        if span.t > 1 && tokens <= kernels::MAX_ROWS {
+            // A short prompt piece: each token a row of its own, at its own slot of its
+            // sequence's cache row. The step writes every row's key and value before any
+            // row attends, so token j sees tokens ..= j of its sequence: the piece
+            // computes what feeding its tokens one a step computes, bit for bit (the
+            // engine feeds a short prompt beside running sequences that way).
+            let (r, t, e) = x.size3().ok()?;
+            let flat = Span {
+                rows: span
+                    .rows
+                    .iter()
+                    .flat_map(|&row| std::iter::repeat_n(row, t as usize))
+                    .collect(),
+                starts: span.starts.iter().flat_map(|&s| s..s + t).collect(),
+                t: 1,
+            };
+            let h = plan.step(self, &x.reshape([r * t, 1, e]), cache, &flat)?;
+            return Some(h.view([r, t, e]));
+        }
         if span.rows.len() <= kernels::MAX_ROWS {
             return plan.step(self, x, cache, span);
         }

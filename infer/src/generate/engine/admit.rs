@@ -1,7 +1,7 @@
 //! Admission: waiting requests become units in free slots, their prompts prefilled.
 use tch::Tensor;
 
-use super::{Engine, Generated, Kind, Unit, PREFILL_CHUNK};
+use super::{Engine, Generated, Kind, Unit, PREFILL_CHUNK, RIDE_ALONG_MAX};
 use crate::error::Result;
 use crate::generate::beam::Beam;
 use crate::generate::FinishReason;
@@ -37,7 +37,12 @@ impl Engine<'_> {
             }
             self.waiting.pop_front();
             let slots: Vec<usize> = (0..self.beams).filter_map(|_| self.free.pop()).collect();
-            joined.push(self.unit(u, slots)?);
+            let unit = self.unit(u, slots)?;
+            if self.rides_along(&unit, joined.len()) {
+                self.feeding.push((unit, 0));
+            } else {
+                joined.push(unit);
+            }
         }
         if self.spec.is_none() {
             // A speculating sequence's first round feeds its prompt (`speculate`).
@@ -45,6 +50,25 @@ impl Engine<'_> {
         }
         self.live.extend(joined);
         Ok(())
+    }
+
+    /// Whether `u`'s prompt rides along the decode steps (`RIDE_ALONG_MAX`) instead of a
+    /// pass of its own: a short prompt of one sequence, while others decode and the step
+    /// stays on the CPU kernels (which compute each row the same in any batch, so the
+    /// sequence gets exactly the tokens of its prompt prefilled alone).
+    fn rides_along(&self, u: &Unit, also_joining: usize) -> bool {
+        let rows =
+            self.live.iter().map(Unit::rows).sum::<usize>() + self.feeding.len() + also_joining + 1;
+        !self.live.is_empty()
+            && self.spec.is_none()
+            && self.per_request == 1
+            && matches!(u.kind, Kind::One { .. })
+            && u.prompt_len <= RIDE_ALONG_MAX
+            && self
+                .models
+                .models
+                .iter()
+                .all(|m| m.decodes_on_kernels(rows))
     }
 
     /// Unit `u` (request `u / per_request`) in `slots`, not yet prefilled.
@@ -107,9 +131,22 @@ impl Engine<'_> {
         }
         // Prompts of one length share a pass while it stays on the decode kernels (which
         // compute each row the same beside any others); past that libtorch would round a
-        // row differently than alone, so each goes on its own.
+        // row differently than alone, so each goes on its own. A piece of at most
+        // `MAX_ROWS` tokens runs as a fused step (each token a row), which rounds
+        // differently from a longer pass: a group keeps every piece on the path its
+        // prompt's pieces take alone.
         let models = &self.models.models;
         let on_kernels = |tokens: usize| models.iter().all(|m| m.prefills_on_kernels(tokens));
+        let fused = |tokens: usize| tokens <= crate::kernels::MAX_ROWS;
+        let shares = |prompts: usize, n: usize| {
+            let last = match n % PREFILL_CHUNK {
+                0 => PREFILL_CHUNK.min(n),
+                r => r,
+            };
+            [n.min(PREFILL_CHUNK), last]
+                .iter()
+                .all(|&t| on_kernels(prompts * t) && fused(prompts * t) == fused(t))
+        };
         // Where a first prompt's prefix is cached, its slot starts with it.
         let starts: Vec<usize> = firsts
             .iter()
@@ -118,10 +155,9 @@ impl Engine<'_> {
         let mut by_len: Vec<((usize, usize), Vec<usize>)> = Vec::new();
         for (&f, &from) in firsts.iter().zip(&starts) {
             let key = (from, joined[f].prompt_len);
-            let t = (key.1 - from).min(PREFILL_CHUNK);
             let open = by_len
                 .iter_mut()
-                .find(|(k, group)| *k == key && on_kernels((group.len() + 1) * t));
+                .find(|(k, group)| *k == key && shares(group.len() + 1, key.1 - from));
             match open {
                 Some((_, group)) => group.push(f),
                 None => by_len.push((key, vec![f])),
