@@ -169,7 +169,7 @@ fn cases() -> Vec<Case> {
             });
         };
     for ty in TYPES {
-        add("gpt2", ty, 768, weights(6, 768, 1), None);
+        add("gpt2", ty, 768, weights(32, 768, 1), None);
         add("special", ty, 512, special(2), None);
         if ty.block_size() == 32 || ty.block_size() == 1 {
             // rows whose length is no multiple of 256: the K-quants' fallback types
@@ -180,7 +180,7 @@ fn cases() -> Vec<Case> {
                 "gpt2-imatrix",
                 ty,
                 768,
-                weights(6, 768, 4),
+                weights(32, 768, 4),
                 Some(importance(768, 5)),
             );
             add(
