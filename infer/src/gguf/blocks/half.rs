@@ -53,12 +53,12 @@ pub fn bf16_to_f32(h: u16) -> f32 {
 }
 
 /// Reads the little-endian u16 at `at`.
-pub(super) fn le16(bytes: &[u8], at: usize) -> u16 {
+pub(crate) fn le16(bytes: &[u8], at: usize) -> u16 {
     u16::from_le_bytes([bytes[at], bytes[at + 1]])
 }
 
 /// The fp16 at `at`, widened.
-pub(super) fn f16_at(bytes: &[u8], at: usize) -> f32 {
+pub(crate) fn f16_at(bytes: &[u8], at: usize) -> f32 {
     f16_to_f32(le16(bytes, at))
 }
 

@@ -21,7 +21,7 @@ pub fn quantize_row(ty: GgmlType, row: &[f32], importance: Option<&[f32]>, out: 
 }
 
 /// `get_scale_min_k4`: the 6-bit scale and min of sub-block `j` from the 12 packed bytes.
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
+pub(crate) fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     if j < 4 {
         (q[j] & 63, q[j + 4] & 63)
     } else {
@@ -212,54 +212,57 @@ fn q6_k(x: &[f32], qw: Option<&[f32]>, out: &mut Vec<u8>) {
     out.extend(d16.to_le_bytes());
 }
 
+/// The 256 levels of a Q4_K (`five` false) or Q5_K super-block, 0..15 or 0..31, in weight
+/// order, as `dequantize_row_q4_K/q5_K` and the `vec_dot_*` kernels read them.
+pub(crate) fn q45k_levels(b: &[u8], five: bool) -> [u8; QK_K] {
+    let (qh, qs) = if five {
+        (&b[16..48], &b[48..176])
+    } else {
+        (&b[..0], &b[16..144])
+    };
+    std::array::from_fn(|i| {
+        // sub-block j = i / 32 holds the low (j even) or high nibbles of 32 bytes, and
+        // bit j of each qh byte
+        let (j, l) = (i / 32, i % 32);
+        let q = qs[32 * (j / 2) + l];
+        let nibble = if j % 2 == 0 { q & 0xF } else { q >> 4 };
+        nibble + if five { ((qh[l] >> j) & 1) << 4 } else { 0 }
+    })
+}
+
+/// The 256 levels of a Q6_K super-block, -32..31, in weight order.
+pub(crate) fn q6k_levels(b: &[u8]) -> [i8; QK_K] {
+    let (ql, qh) = (&b[..128], &b[128..192]);
+    std::array::from_fn(|i| {
+        // half h of 128 weights; within it, quarter k of 32 weights at offset l
+        let (h, k, l) = (i / 128, (i % 128) / 32, i % 32);
+        let low = ql[64 * h + l + 32 * (k % 2)] >> (4 * (k / 2));
+        let high = (qh[32 * h + l] >> (2 * k)) & 3;
+        ((low & 0xF) | (high << 4)) as i8 - 32
+    })
+}
+
 /// `dequantize_row_q4_K/q5_K/q6_K` of one super-block.
 pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
-    match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K => {
-            let (d, min) = (f16_at(b, 0), f16_at(b, 2));
-            let scales = &b[4..16];
-            let five = ty == GgmlType::Q5_K;
-            let (qh, qs) = if five {
-                (&b[16..48], &b[48..])
-            } else {
-                (&b[..0], &b[16..])
-            };
-            for (n, yn) in y.chunks_exact_mut(64).enumerate() {
-                let (sc1, m1) = scale_min_k4(2 * n, scales);
-                let (sc2, m2) = scale_min_k4(2 * n + 1, scales);
-                let (d1, m1) = (d * f32::from(sc1), min * f32::from(m1));
-                let (d2, m2) = (d * f32::from(sc2), min * f32::from(m2));
-                for l in 0..32 {
-                    let q = qs[32 * n + l];
-                    let (h1, h2) = match five {
-                        true => ((qh[l] >> (2 * n)) & 1, (qh[l] >> (2 * n + 1)) & 1),
-                        false => (0, 0),
-                    };
-                    yn[l] = d1 * f32::from((q & 0xF) + 16 * h1) - m1;
-                    yn[l + 32] = d2 * f32::from((q >> 4) + 16 * h2) - m2;
-                }
-            }
+    if ty == GgmlType::Q6_K {
+        let d = f16_at(b, 208);
+        let sc = &b[192..208];
+        for (i, (yi, &q)) in y.iter_mut().zip(&q6k_levels(b)).enumerate() {
+            *yi = d * f32::from(sc[i / 16] as i8) * f32::from(q);
         }
-        GgmlType::Q6_K => {
-            let (ql, qh, sc) = (&b[..128], &b[128..192], &b[192..208]);
-            let d = f16_at(b, 208);
-            for (h, yh) in y.chunks_exact_mut(128).enumerate() {
-                let (ql, qh, sc) = (&ql[64 * h..], &qh[32 * h..], &sc[8 * h..]);
-                for l in 0..32 {
-                    let is = l / 16;
-                    let q = [
-                        (ql[l] & 0xF) | ((qh[l] & 3) << 4),
-                        (ql[l + 32] & 0xF) | (((qh[l] >> 2) & 3) << 4),
-                        (ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4),
-                        (ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4),
-                    ];
-                    for (k, &qk) in q.iter().enumerate() {
-                        let s = f32::from(sc[is + 2 * k] as i8);
-                        yh[l + 32 * k] = d * s * f32::from(qk as i8 - 32);
-                    }
-                }
-            }
+        return;
+    }
+    let (d, min) = (f16_at(b, 0), f16_at(b, 2));
+    let levels = q45k_levels(b, ty == GgmlType::Q5_K);
+    for (j, (yj, lj)) in y
+        .chunks_exact_mut(32)
+        .zip(levels.chunks_exact(32))
+        .enumerate()
+    {
+        let (sc, m) = scale_min_k4(j, &b[4..16]);
+        let (dj, mj) = (d * f32::from(sc), min * f32::from(m));
+        for (yi, &q) in yj.iter_mut().zip(lj) {
+            *yi = dj * f32::from(q) - mj;
         }
-        _ => unreachable!("{} is not a K-quant handled here", ty.name()),
     }
 }

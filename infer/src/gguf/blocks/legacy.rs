@@ -189,25 +189,34 @@ pub fn q8_block(xb: &[f32], with_sum: bool, out: &mut Vec<u8>) {
     out.extend(qs.map(|q| q as u8));
 }
 
+/// The 32 levels of a 4/5-bit block: `q - 8`/`q - 16` for the symmetric types, `q` (0..31)
+/// for the ones with a min, as `dequantize_row_*` and the `vec_dot_*` kernels read them.
+pub(crate) fn levels(kind: Legacy, b: &[u8]) -> [i8; QK] {
+    let (qh, qs, offset) = match kind {
+        Legacy::Q4_0 => (0, &b[2..], 8),
+        Legacy::Q5_0 => (qh_at(b, 2), &b[6..], 16),
+        Legacy::Q4_1 => (0, &b[4..], 0),
+        Legacy::Q5_1 => (qh_at(b, 4), &b[8..], 0),
+    };
+    std::array::from_fn(|i| {
+        let nibble = match i < QK / 2 {
+            true => qs[i] & 0x0F,
+            false => qs[i - QK / 2] >> 4,
+        };
+        (nibble | (((qh >> i) & 1) << 4) as u8) as i8 - offset
+    })
+}
+
 /// `dequantize_row_q4_0/q4_1/q5_0/q5_1` of one block.
 pub fn dequantize_block(kind: Legacy, b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
-    let (m, qh, qs, offset) = match kind {
-        Legacy::Q4_0 => (None, 0, &b[2..], 8),
-        Legacy::Q5_0 => (None, qh_at(b, 2), &b[6..], 16),
-        Legacy::Q4_1 => (Some(f16_at(b, 2)), 0, &b[4..], 0),
-        Legacy::Q5_1 => (Some(f16_at(b, 2)), qh_at(b, 4), &b[8..], 0),
+    let m = match kind {
+        Legacy::Q4_1 | Legacy::Q5_1 => Some(f16_at(b, 2)),
+        Legacy::Q4_0 | Legacy::Q5_0 => None,
     };
-    for j in 0..QK / 2 {
-        let xh0 = (((qh >> j) << 4) & 0x10) as i32;
-        let xh1 = ((qh >> (j + 12)) & 0x10) as i32;
-        let x0 = (i32::from(qs[j] & 0x0F) | xh0) - offset;
-        let x1 = (i32::from(qs[j] >> 4) | xh1) - offset;
-        let (y0, y1) = (x0 as f32 * d, x1 as f32 * d);
-        (y[j], y[j + QK / 2]) = match m {
-            Some(m) => (y0 + m, y1 + m),
-            None => (y0, y1),
-        };
+    for (yj, &l) in y.iter_mut().zip(&levels(kind, b)) {
+        let v = f32::from(l) * d;
+        *yj = m.map_or(v, |m| v + m);
     }
 }
 

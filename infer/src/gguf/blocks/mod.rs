@@ -4,8 +4,8 @@ use super::types::GgmlType;
 use crate::error::{Error, Result};
 
 pub mod half;
-mod kquants;
-mod legacy;
+pub(crate) mod kquants;
+pub(crate) mod legacy;
 pub mod search;
 
 use legacy::Legacy;
