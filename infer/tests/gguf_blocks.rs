@@ -244,12 +244,35 @@ fn python() -> PathBuf {
         .expect("set GPT2KIT_PYTHON to the reference venv's python (with gguf and llama-cpp-python; `make test` does)")
 }
 
-#[test]
-fn codecs_match_ggml_and_gguf_py_bit_for_bit() {
-    // kept when a comparison fails, to look at; removed when all pass
-    let dir = std::env::temp_dir().join(format!("gpt2kit-gguf-blocks-{}", std::process::id()));
+/// An empty folder for one test's files: kept when a comparison fails, to look at; each test
+/// removes it when all pass.
+fn fresh_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("gpt2kit-gguf-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Runs tests/reference/gguf_blocks.py on `dir`; its results.json.
+fn run_reference(dir: &Path) -> Value {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/gguf_blocks.py");
+    let out = Command::new(python())
+        .arg(&script)
+        .arg(dir)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap()
+}
+
+#[test]
+fn codecs_match_ggml_and_gguf_py_bit_for_bit() {
+    let dir = fresh_dir("blocks");
     let cases = cases();
     let mut manifest = Vec::new();
     let mut ours = Vec::new();
@@ -272,20 +295,7 @@ fn codecs_match_ggml_and_gguf_py_bit_for_bit() {
         serde_json::to_vec(&manifest).unwrap(),
     )
     .unwrap();
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/reference/gguf_blocks.py");
-    let out = Command::new(python())
-        .arg(&script)
-        .arg(&dir)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}: {}",
-        script.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let results: Value =
-        serde_json::from_slice(&std::fs::read(dir.join("results.json")).unwrap()).unwrap();
+    let results = run_reference(&dir);
 
     let mut ggufpy_quantizes = Vec::new();
     for (c, bytes) in cases.iter().zip(&ours) {
@@ -352,4 +362,174 @@ fn bad_input_is_an_error_naming_it() {
     assert!(derr(dequantize(GgmlType::Q4_K, &bytes, 500)).contains("whole number"));
     assert!(derr(dequantize(GgmlType::Q4_K, &bytes[..200], 512)).contains("288 bytes, got 200"));
     assert!(derr(dequantize(GgmlType::Q8_K, &bytes, 256)).contains("not supported"));
+}
+
+// ---- dot products (infer::gguf::dot) ----
+//
+// What is compared, for each quantized type and row:
+// - our activation bytes == ggml-cpu's `quantize_row_q8_0/q8_1/q8_K` bytes, exactly (the
+//   same deterministic f32 steps);
+// - the AVX2 path == the portable path, bit for bit (both compute exact integer block sums
+//   and share one f32 step);
+// - the portable result against Σ ŵ·â in f64 over our dequantized weights and the decoded
+//   activations, and against ggml-cpu's own `ggml_vec_dot_*`, within `dot_tolerance`.
+
+/// The quantized types, which have dot products: Q8_0 to Q6_K.
+const DOT_TYPES: &[GgmlType] = TYPES.split_at(3).1;
+
+/// Activations like GPT-2's hidden states: N(0, 1) with every 191st channel 20× larger;
+/// row kind 1 starts with 256 zeros; row kind 3 is a grid of k + ½ under a block maximum of
+/// 127, so that scaling by 127/127 lands on rounding ties (ggml's x86 Q8_0/Q8_1 round them
+/// to even, Q8_K's nearest_int too).
+fn activations(n: usize, seed: u64, kind: usize) -> Vec<f32> {
+    let mut g = Normal(seed);
+    (0..n)
+        .map(|i| match kind {
+            1 if i < 256 => 0.0,
+            3 if i % 32 == 0 => 127.0,
+            3 => (i % 64) as f32 - 32.5,
+            _ if i % 191 == 7 => 20.0 * g.next(),
+            _ => g.next(),
+        })
+        .collect()
+}
+
+/// The activations' values: d·q per block of ggml's Q8_0 (34 bytes), Q8_1 (36) or Q8_K (292,
+/// f32 d) layout.
+fn decode_acts(act: GgmlType, bytes: &[u8]) -> Vec<f64> {
+    use infer::gguf::blocks::half::f16_to_f32;
+    let (offset, block) = match act {
+        GgmlType::Q8_0 => (2, 32),
+        GgmlType::Q8_1 => (4, 32),
+        _ => (4, 256),
+    };
+    let mut out = Vec::new();
+    for b in bytes.chunks_exact(act.type_size()) {
+        let d = match act {
+            GgmlType::Q8_K => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            _ => f16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+        };
+        out.extend(
+            b[offset..offset + block]
+                .iter()
+                .map(|&q| f64::from(d) * f64::from(q as i8)),
+        );
+    }
+    out
+}
+
+/// Σ ŵ·â in f64, and the tolerance a kernel must meet that sums the same exact integer block
+/// sums in f32: the standard bound for summing nb terms in f32, (nb + 4)·2⁻²⁴ (nb additions
+/// and at most four roundings within a term: the integer's conversion, two scale products,
+/// the min term), times the terms' magnitudes before the scale and min parts cancel,
+/// Σ (|ŵ| + 2·max|ŵ| of its 32-block)·|â|; plus, for Q4_1/Q5_1, the fp16 rounding of Q8_1's
+/// s = d·Σq (2⁻¹¹ of |m·d·Σq| per block), which the kernels use in place of the exact sum.
+fn dot_reference(ty: GgmlType, n: usize, w: &[u8], acts: &[u8]) -> (f64, f64) {
+    let act = infer::gguf::dot::vec_dot_type(ty).unwrap();
+    let wd = dequantize(ty, w, n).unwrap();
+    let ad = decode_acts(act, acts);
+    let mut value = 0f64;
+    let mut mass = 0f64;
+    for (wb, ab) in wd.chunks_exact(32).zip(ad.chunks_exact(32)) {
+        let max = wb.iter().fold(0f64, |m, &v| m.max(f64::from(v).abs()));
+        for (&w, &a) in wb.iter().zip(ab) {
+            value += f64::from(w) * a;
+            mass += (f64::from(w).abs() + 2.0 * max) * a.abs();
+        }
+    }
+    let mut s_term = 0f64;
+    if act == GgmlType::Q8_1 {
+        use infer::gguf::blocks::half::f16_to_f32;
+        for (wb, a) in w.chunks_exact(ty.type_size()).zip(ad.chunks_exact(32)) {
+            let m = f16_to_f32(u16::from_le_bytes([wb[2], wb[3]]));
+            s_term += f64::from(m).abs() * a.iter().sum::<f64>().abs() * 2f64.powi(-11);
+        }
+    }
+    let nb = (n / ty.block_size()) as f64;
+    (value, (nb + 4.0) * 2f64.powi(-24) * mass + s_term)
+}
+
+struct DotCase {
+    name: String,
+    ty: GgmlType,
+    n: usize,
+    w: Vec<u8>,
+    x: Vec<f32>,
+}
+
+fn dot_cases() -> Vec<DotCase> {
+    let mut cases = Vec::new();
+    for &ty in DOT_TYPES {
+        for (r, n) in [768, 3072, 768, 512].into_iter().enumerate() {
+            let wx = if n == 512 {
+                // the stress blocks, less those whose fp16 scale or min overflows to inf
+                let tame = |v: f32| if v.abs() > 1e4 { v * 1e-3 } else { v };
+                special(8)[..512].iter().map(|&v| tame(v)).collect()
+            } else {
+                weights(1, n, 10 + r as u64)
+            };
+            let imp = (r == 2).then(|| importance(n, 11));
+            let w = quantize(ty, &wx, n, imp.as_deref()).unwrap();
+            let x = activations(n, 20 + r as u64, r);
+            let name = format!("dot-{}-{r}", ty.name());
+            cases.push(DotCase { name, ty, n, w, x });
+        }
+    }
+    cases
+}
+
+#[test]
+fn dot_products_match_ggml_and_the_f64_dot() {
+    use infer::gguf::dot::{quantize_activations, vec_dot_on, DotPath};
+    let dir = fresh_dir("dot");
+    let cases = dot_cases();
+    let mut manifest = Vec::new();
+    for c in &cases {
+        std::fs::write(dir.join(format!("{}.w.bin", c.name)), &c.w).unwrap();
+        write_f32s(&dir.join(format!("{}.a.f32", c.name)), &c.x);
+        manifest.push(json!({"name": c.name, "type": c.ty as u32, "n": c.n}));
+    }
+    std::fs::write(
+        dir.join("dots.json"),
+        serde_json::to_vec(&manifest).unwrap(),
+    )
+    .unwrap();
+    run_reference(&dir);
+    assert!(
+        DotPath::Avx2.is_supported() || !cfg!(target_arch = "x86_64"),
+        "this x86_64 CPU lacks AVX2: the AVX2 path goes untested"
+    );
+    for c in &cases {
+        let file = |suffix: &str| dir.join(format!("{}.{suffix}", c.name));
+        let acts = quantize_activations(c.ty, &c.x).unwrap();
+        let act_ty = infer::gguf::dot::vec_dot_type(c.ty).unwrap();
+        let theirs = std::fs::read(file("acts_ggml.bin")).unwrap();
+        assert_same_bytes(
+            &acts,
+            &theirs,
+            act_ty,
+            &format!("{}: activations vs ggml", c.name),
+        );
+        let ours = vec_dot_on(DotPath::Scalar, c.ty, c.n, &c.w, &acts).unwrap();
+        if DotPath::Avx2.is_supported() {
+            let avx2 = vec_dot_on(DotPath::Avx2, c.ty, c.n, &c.w, &acts).unwrap();
+            assert_eq!(
+                ours.to_bits(),
+                avx2.to_bits(),
+                "{}: scalar {ours} vs AVX2 {avx2}",
+                c.name
+            );
+        }
+        let (reference, tol) = dot_reference(c.ty, c.n, &c.w, &acts);
+        let ggml = f64::from(f32s(&file("dot_ggml.f32"))[0]);
+        for (whose, theirs) in [("the f64 dot", reference), ("ggml_vec_dot", ggml)] {
+            let err = (f64::from(ours) - theirs).abs();
+            assert!(
+                err <= tol,
+                "{}: ours {ours} vs {whose} {theirs}: |Δ| {err:e} > {tol:e}",
+                c.name
+            );
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -15,6 +15,12 @@ case this writes:
   NAME.deq_ggml.f32  ggml's dequantize_row_* (or fp16/bf16 to_float) of gpt2kit's bytes
 
 and DIR/results.json: per case, which of the files exist, and the library versions.
+
+DIR/dots.json, when present, lists dot-product cases {name, type, n}: NAME.w.bin (one row of
+n weights of the type) and NAME.a.f32 (n activations). For each this writes
+NAME.acts_ggml.bin, ggml-cpu's quantize_row_q8_0/q8_1/q8_K of the activations (the weight
+type's vec_dot_type, as ggml's matrix multiply quantizes them), and NAME.dot_ggml.f32,
+ggml-cpu's ggml_vec_dot_<type>_<vec_dot_type> of the weights with those activations.
 """
 
 import ctypes
@@ -41,6 +47,21 @@ ggml.ggml_quantize_chunk.argtypes = [
 ]
 ggml.ggml_row_size.restype = ctypes.c_size_t
 ggml.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+
+cpu = ctypes.CDLL(os.path.join(os.path.dirname(LIB), "libggml-cpu.so"))
+cpu.ggml_cpu_init()
+
+VEC_DOT_TYPE = {
+    GGMLQuantizationType.Q4_0: "q8_0",
+    GGMLQuantizationType.Q5_0: "q8_0",
+    GGMLQuantizationType.Q8_0: "q8_0",
+    GGMLQuantizationType.Q4_1: "q8_1",
+    GGMLQuantizationType.Q5_1: "q8_1",
+    GGMLQuantizationType.Q4_K: "q8_K",
+    GGMLQuantizationType.Q5_K: "q8_K",
+    GGMLQuantizationType.Q6_K: "q8_K",
+}
+ACT_TYPE = {"q8_0": GGMLQuantizationType.Q8_0, "q8_1": GGMLQuantizationType.Q8_1, "q8_K": GGMLQuantizationType.Q8_K}
 
 TO_FLOAT = {
     GGMLQuantizationType.F16: "ggml_fp16_to_fp32_row",
@@ -83,14 +104,39 @@ def ggufpy_dequantize(qtype, data, nrows, n_per_row):
     return gguf.quants.dequantize(raw, qtype).astype(np.float32).reshape(-1)
 
 
+def dot_case(folder, case):
+    name, qtype, n = case["name"], GGMLQuantizationType(case["type"]), case["n"]
+    path = lambda suffix: os.path.join(folder, f"{name}.{suffix}")
+    w = np.frombuffer(open(path("w.bin"), "rb").read(), dtype=np.uint8).copy()
+    a = np.fromfile(path("a.f32"), dtype="<f4")
+    vdt = VEC_DOT_TYPE[qtype]
+    acts = np.zeros(ggml.ggml_row_size(int(ACT_TYPE[vdt]), n), dtype=np.uint8)
+    quantize_row = getattr(cpu, "quantize_row_" + vdt)
+    quantize_row(ctypes.c_void_p(a.ctypes.data), ctypes.c_void_p(acts.ctypes.data), ctypes.c_int64(n))
+    acts.tofile(path("acts_ggml.bin"))
+    s = np.zeros(1, dtype=np.float32)
+    kernel = "ggml_vec_dot_" + qtype.name.lower().replace("_k", "_K") + "_" + vdt
+    getattr(cpu, kernel)(
+        ctypes.c_int(n), ctypes.c_void_p(s.ctypes.data), ctypes.c_size_t(0),
+        ctypes.c_void_p(w.ctypes.data), ctypes.c_size_t(0),
+        ctypes.c_void_p(acts.ctypes.data), ctypes.c_size_t(0), ctypes.c_int(1),
+    )
+    s.astype("<f4").tofile(path("dot_ggml.f32"))
+
+
 def main(folder):
-    with open(os.path.join(folder, "cases.json")) as f:
-        cases = json.load(f)
     results = {
         "gguf": getattr(gguf, "__version__", "unknown"),
         "llama_cpp": llama_cpp.__version__,
         "cases": {},
     }
+    dots = os.path.join(folder, "dots.json")
+    if os.path.exists(dots):
+        with open(dots) as f:
+            for case in json.load(f):
+                dot_case(folder, case)
+    cases_file = os.path.join(folder, "cases.json")
+    cases = json.load(open(cases_file)) if os.path.exists(cases_file) else []
     for case in cases:
         name, qtype = case["name"], GGMLQuantizationType(case["type"])
         nrows, n_per_row = case["nrows"], case["n_per_row"]
