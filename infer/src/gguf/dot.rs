@@ -36,6 +36,7 @@ impl DotPath {
         }
     }
 
+    /// Whether this CPU can run the path.
     pub fn is_supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]

@@ -168,11 +168,11 @@ fn q6_k(x: &[f32], qw: Option<&[f32]>, out: &mut Vec<u8>) {
     let mut scales = [0f32; 16];
     let mut max_scale = 0f32;
     let mut max_abs_scale = 0f32;
-    for ib in 0..16 {
+    for (ib, slot) in scales.iter_mut().enumerate() {
         let sub = 16 * ib..16 * ib + 16;
         let w = qw.map(|q| &q[sub.clone()]);
         let scale = make_qx_quants(32, &x[sub.clone()], &mut l[sub], w);
-        scales[ib] = scale;
+        *slot = scale;
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = scale;

@@ -109,13 +109,13 @@ fn check_quantize(
         return Err(unsupported(ty, "quantizing to"));
     }
     let name = ty.name();
-    if n_per_row == 0 || n_per_row % ty.block_size() != 0 {
+    if n_per_row == 0 || !n_per_row.is_multiple_of(ty.block_size()) {
         return Err(Error::Input(format!(
             "rows of {n_per_row} weights are not a whole number of {name} blocks of {}",
             ty.block_size()
         )));
     }
-    if src.len() % n_per_row != 0 {
+    if !src.len().is_multiple_of(n_per_row) {
         return Err(Error::Input(format!(
             "{} weights are not a whole number of rows of {n_per_row}",
             src.len()
