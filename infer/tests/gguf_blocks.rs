@@ -362,6 +362,16 @@ fn bad_input_is_an_error_naming_it() {
     assert!(derr(dequantize(GgmlType::Q4_K, &bytes, 500)).contains("whole number"));
     assert!(derr(dequantize(GgmlType::Q4_K, &bytes[..200], 512)).contains("288 bytes, got 200"));
     assert!(derr(dequantize(GgmlType::Q8_K, &bytes, 256)).contains("not supported"));
+
+    use infer::gguf::dot::{quantize_activations, vec_dot};
+    let acts = quantize_activations(GgmlType::Q4_K, &x).unwrap();
+    assert!(err(quantize_activations(GgmlType::Q4_K, &x[..100])).contains("blocks of 256"));
+    assert!(err(quantize_activations(GgmlType::F16, &x)).contains("no quantized dot"));
+    assert!(err(quantize_activations(GgmlType::Q8_0, &nan)).contains("NaN"));
+    let dot_err = |r: infer::Result<f32>| r.unwrap_err().to_string();
+    assert!(dot_err(vec_dot(GgmlType::Q4_K, 512, &bytes[..144], &acts)).contains("144 bytes"));
+    assert!(dot_err(vec_dot(GgmlType::Q4_K, 512, &bytes, &acts[..10])).contains("activations"));
+    assert!(vec_dot(GgmlType::Q4_K, 512, &bytes, &acts).is_ok());
 }
 
 // ---- dot products (infer::gguf::dot) ----
