@@ -1,0 +1,188 @@
+//! The AVX2 integer sums of the dot kernels: the same per-block integers as the portable
+//! path, from `vpmaddubsw` (u8·i8 pairs to i16; the sign of a signed operand moved onto the
+//! other, as ggml's `mul_sum_i8_pairs` does) and `vpmaddwd`. No i16 pair saturates: levels
+//! are at most 63 in magnitude against activations of at most 127 (ggml's quantizers never
+//! write -128), except Q8_0 weights, whose |level| ≤ 128 still keeps a pair under 2¹⁵.
+#[cfg(target_arch = "x86_64")]
+use std::arch::x86_64::*;
+
+use crate::gguf::types::{GgmlType, QK_K};
+
+/// Each block's integer sum (see `scalar_ints`).
+///
+/// # Safety
+/// The CPU must support AVX2.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+pub unsafe fn ints(ty: GgmlType, w: &[u8], a: &[u8], ints: &mut [i32]) {
+    let act = super::vec_dot_type(ty).expect("a quantized type");
+    let blocks = w
+        .chunks_exact(ty.type_size())
+        .zip(a.chunks_exact(act.type_size()));
+    for ((wb, ab), out) in blocks.zip(ints.iter_mut()) {
+        *out = match ty {
+            GgmlType::Q4_K | GgmlType::Q5_K => q45_k(wb, ab, ty == GgmlType::Q5_K),
+            GgmlType::Q6_K => q6_k(wb, ab),
+            _ => legacy(ty, wb, &ab[ab.len() - 32..]),
+        };
+    }
+}
+
+#[cfg(not(target_arch = "x86_64"))]
+pub unsafe fn ints(_: GgmlType, _: &[u8], _: &[u8], _: &mut [i32]) {
+    unreachable!("the AVX2 path is never supported off x86_64")
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn load(bytes: &[u8]) -> __m256i {
+    assert!(bytes.len() >= 32);
+    // SAFETY: 32 readable bytes, checked above; loadu has no alignment requirement.
+    unsafe { _mm256_loadu_si256(bytes.as_ptr().cast()) }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn hsum(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b10_11_00_01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// Σ x·y over pairs of i16 lanes of `u8·i8` products, as eight i32 sums.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn madd_us(x: __m256i, y: __m256i, scales: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), scales)
+}
+
+/// As `madd_us` for signed `x`: |x| times y with x's sign.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn madd_ss(x: __m256i, y: __m256i, scales: __m256i) -> __m256i {
+    madd_us(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x), scales)
+}
+
+/// 32 bytes, byte i = 0xFF where bit i of the little-endian u32 at `qh` is set
+/// (`bytes_from_bits_32`).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn bits_32(qh: &[u8]) -> __m256i {
+    let x32 = i32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
+    let spread = _mm256_set_epi64x(
+        0x0303_0303_0303_0303,
+        0x0202_0202_0202_0202,
+        0x0101_0101_0101_0101,
+        0,
+    );
+    let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x32), spread);
+    let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7FBF_DFEF_F7FB_FDFE));
+    _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+}
+
+/// One 32-weight block: its levels as bytes, then Σ level·q8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn legacy(ty: GgmlType, wb: &[u8], q8: &[u8]) -> i32 {
+    let ones = _mm256_set1_epi16(1);
+    let y = load(q8);
+    if ty == GgmlType::Q8_0 {
+        return hsum(madd_ss(load(&wb[2..]), y, ones));
+    }
+    let qs = &wb[wb.len() - 16..];
+    // SAFETY: 16 readable bytes (the block's nibbles).
+    let tmp = unsafe { _mm_loadu_si128(qs.as_ptr().cast()) };
+    let nibbles = _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp);
+    let x = _mm256_and_si256(nibbles, _mm256_set1_epi8(0x0F));
+    let x = match ty {
+        GgmlType::Q4_0 => _mm256_sub_epi8(x, _mm256_set1_epi8(8)),
+        // a clear fifth bit makes the level q - 16: q | 0xF0 as a signed byte
+        GgmlType::Q5_0 => _mm256_or_si256(
+            x,
+            _mm256_andnot_si256(bits_32(&wb[2..6]), _mm256_set1_epi8(-16)),
+        ),
+        GgmlType::Q5_1 => _mm256_or_si256(
+            x,
+            _mm256_and_si256(bits_32(&wb[4..8]), _mm256_set1_epi8(0x10)),
+        ),
+        _ => x,
+    };
+    match ty {
+        GgmlType::Q4_1 | GgmlType::Q5_1 => hsum(madd_us(x, y, ones)),
+        _ => hsum(madd_ss(x, y, ones)),
+    }
+}
+
+/// One Q4_K/Q5_K super-block: Σ over the eight sub-blocks of scale·Σ level·q8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q45_k(wb: &[u8], ab: &[u8], five: bool) -> i32 {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let qs = &wb[if five { 48 } else { 16 }..];
+    let q8 = &ab[4..4 + QK_K];
+    let high = if five {
+        load(&wb[16..48])
+    } else {
+        _mm256_setzero_si256()
+    };
+    let mut acc = _mm256_setzero_si256();
+    for n in 0..4 {
+        let q = load(&qs[32 * n..]);
+        let halves = [
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+        ];
+        for (h, mut x) in halves.into_iter().enumerate() {
+            let j = 2 * n + h;
+            if five {
+                // bit j of each qh byte, moved to 16
+                let shift = _mm_cvtsi32_si128(j as i32);
+                let bit = _mm256_and_si256(_mm256_srl_epi16(high, shift), _mm256_set1_epi8(1));
+                x = _mm256_or_si256(x, _mm256_slli_epi16::<4>(bit));
+            }
+            let scale = _mm256_set1_epi16(i16::from(super::scale_min_k4(j, &wb[4..16]).0));
+            acc = _mm256_add_epi32(acc, madd_us(x, load(&q8[32 * j..]), scale));
+        }
+    }
+    hsum(acc)
+}
+
+/// One Q6_K super-block: Σ over the sixteen groups of 16 of scale·Σ level·q8.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn q6_k(wb: &[u8], ab: &[u8]) -> i32 {
+    let (ql, qh, sc) = (&wb[..128], &wb[128..192], &wb[192..208]);
+    let q8 = &ab[4..4 + QK_K];
+    let (low4, two_bits, m32) = (
+        _mm256_set1_epi8(0x0F),
+        _mm256_set1_epi8(3),
+        _mm256_set1_epi8(32),
+    );
+    let mut acc = _mm256_setzero_si256();
+    for h in 0..2 {
+        let l0 = load(&ql[64 * h..]);
+        let l1 = load(&ql[64 * h + 32..]);
+        let hb = load(&qh[32 * h..]);
+        let lows = [
+            _mm256_and_si256(l0, low4),
+            _mm256_and_si256(l1, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l0), low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), low4),
+        ];
+        for (k, low) in lows.into_iter().enumerate() {
+            let shift = _mm_cvtsi32_si128(2 * k as i32);
+            let high = _mm256_and_si256(_mm256_srl_epi16(hb, shift), two_bits);
+            let q = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
+            let x = _mm256_sub_epi8(q, m32);
+            let g = 8 * h + 2 * k;
+            let scales = _mm256_set_m128i(
+                _mm_set1_epi16(i16::from(sc[g + 1] as i8)),
+                _mm_set1_epi16(i16::from(sc[g] as i8)),
+            );
+            let y = load(&q8[128 * h + 32 * k..]);
+            acc = _mm256_add_epi32(acc, madd_ss(x, y, scales));
+        }
+    }
+    hsum(acc)
+}
