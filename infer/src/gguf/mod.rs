@@ -1,5 +1,10 @@
-//! llama.cpp's GGUF format: the ggml tensor types and their block codecs (`types`, `blocks`).
+//! llama.cpp's GGUF format: the ggml tensor types and their block codecs (`types`, `blocks`),
+//! the container (`file`, `meta`), and a GPT-2 read from one (`load`).
 pub mod blocks;
+pub mod file;
+pub mod meta;
 pub mod types;
 
+pub use file::{GgufFile, Header, TensorData, TensorInfo};
+pub use meta::Value;
 pub use types::GgmlType;
