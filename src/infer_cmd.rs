@@ -174,7 +174,7 @@ fn check_strategy(
                 dir.display()
             )));
         }
-        let c = Gpt2Config::from_file(&other.join("config.json"))?;
+        let c = Gpt2Config::of_model(other)?;
         validate_requests(&c, requests, cfg)
             .with_context(|| format!("--ensemble {}", other.display()))?;
     }
@@ -382,7 +382,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let config = Gpt2Config::of_model(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let cfg = generation_config(&args.generation, dir, &config, &tokenizer)?;
     let prompts = texts

@@ -24,60 +24,60 @@ use crate::Out;
 pub struct Args {
     /// Float model folder to quantize (Hugging Face layout).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Artifact folder to write; must not exist.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// int8-weight (int8 weights, float activations), int8-dynamic (int8 weights and
     /// activations) or none (float weights: pruning / layer dropping only).
     #[arg(long, value_enum)]
-    method: QuantMethod,
+    pub(crate) method: QuantMethod,
     /// Keep wte (and the tied head) in float.
     #[arg(long)]
-    keep_embeddings_float: bool,
+    pub(crate) keep_embeddings_float: bool,
     /// Fraction of each linear weight to zero by magnitude, in [0, 1).
     #[arg(long, allow_negative_numbers = true)]
-    prune_sparsity: Option<f64>,
+    pub(crate) prune_sparsity: Option<f64>,
     /// layer (a threshold per tensor) or global (one over all linear weights).
     #[arg(long, value_enum, default_value_t = PruneScope::Layer)]
-    prune_scope: PruneScope,
+    pub(crate) prune_scope: PruneScope,
     /// unstructured, or 2:4 (2 of every 4 consecutive input rows per output column).
     #[arg(long, value_enum, default_value_t = PrunePattern::Unstructured)]
-    prune_pattern: PrunePattern,
+    pub(crate) prune_pattern: PrunePattern,
     /// Layers to remove, e.g. 3,7.
     #[arg(long, value_delimiter = ',')]
-    drop_layers: Vec<i64>,
+    pub(crate) drop_layers: Vec<i64>,
     /// Layers to keep (the others are removed), e.g. 0,1,2,5.
     #[arg(long, value_delimiter = ',')]
-    keep_layers: Vec<i64>,
+    pub(crate) keep_layers: Vec<i64>,
     /// JSONL sample for activation statistics (SmoothQuant, outlier columns).
     #[arg(long)]
-    calibration: Option<PathBuf>,
+    pub(crate) calibration: Option<PathBuf>,
     /// Blocks of the calibration file to run (each up to --block-size tokens).
     #[arg(long, default_value_t = 64)]
-    calibration_samples: usize,
+    pub(crate) calibration_samples: usize,
     /// SmoothQuant migration strength in [0, 1] (int8-dynamic; needs --calibration).
     #[arg(long, allow_negative_numbers = true)]
-    smooth_alpha: Option<f64>,
+    pub(crate) smooth_alpha: Option<f64>,
     /// Input channels whose calibration max |x| exceeds this stay float (int8-dynamic).
     #[arg(long, allow_negative_numbers = true)]
-    outlier_threshold: Option<f64>,
+    pub(crate) outlier_threshold: Option<f64>,
     /// JSONL file for perplexity before and after.
     #[arg(long)]
-    eval: Option<PathBuf>,
+    pub(crate) eval: Option<PathBuf>,
     /// The JSON field holding a text row's text in --eval and --calibration files (as
     /// train's --text-field).
     #[arg(long, default_value = "text")]
-    text_field: String,
+    pub(crate) text_field: String,
     /// Tokens per block for --eval and --calibration (default: n_positions, at most 256).
     #[arg(long)]
-    block_size: Option<i64>,
+    pub(crate) block_size: Option<i64>,
     /// Greedy tokens timed for decode speed before and after (0 skips it).
     #[arg(long, default_value_t = 32)]
-    decode_tokens: usize,
+    pub(crate) decode_tokens: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
     engine: crate::EngineArgs,
 }
@@ -86,18 +86,18 @@ pub struct Args {
 pub struct DequantizeArgs {
     /// gpt2kit int8 artifact folder.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Float model folder to write; must not exist.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
-fn usage(msg: String) -> anyhow::Error {
+pub(crate) fn usage(msg: String) -> anyhow::Error {
     infer::Error::Input(msg).into()
 }
 
 /// Refuses an existing output path before any work.
-fn check_out(out: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_out(out: &Path) -> anyhow::Result<()> {
     if out.exists() {
         return Err(usage(format!(
             "--out {}: already exists; choose a new folder",
@@ -107,7 +107,7 @@ fn check_out(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bytes_of(paths: &[PathBuf]) -> u64 {
+pub(crate) fn bytes_of(paths: &[PathBuf]) -> u64 {
     paths
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -138,7 +138,7 @@ fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
     ))
 }
 
-fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path)
         .map_err(|_| usage(format!("{flag} {}: no such file", path.display())))?;
     if !meta.is_file() {
@@ -216,14 +216,14 @@ fn decode_speed(model: &Gpt2, tokenizer: &Tokenizer, n: usize) -> anyhow::Result
     Ok(Some(steps as f64 / out.decode.as_secs_f64().max(1e-9)))
 }
 
-struct Measured {
-    ppl: Option<f64>,
-    tok_s: Option<f64>,
+pub(crate) struct Measured {
+    pub(crate) ppl: Option<f64>,
+    pub(crate) tok_s: Option<f64>,
 }
 
 /// Perplexity and decode speed of the model in `dir`; `what` names it in errors (the
 /// artifact is measured in a temporary folder that is gone when the error is read).
-fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
+pub(crate) fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
     let model = Gpt2::load_with(
         dir,
         Some(Kind::Float),
@@ -323,10 +323,27 @@ fn check_flags(args: &Args) -> anyhow::Result<(Method, Option<Prune>)> {
     Ok((method, prune))
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (method, prune) = check_flags(args)?;
+/// The float model a quantize run starts from, every check done.
+pub(crate) struct Source {
+    pub(crate) config: Gpt2Config,
+    pub(crate) block: i64,
+    pub(crate) kept: Vec<i64>,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) paths: Vec<PathBuf>,
+    pub(crate) model: Gpt2,
+}
+
+/// Reads and checks `--model` (config, sizes, layers to keep, tokenizer) and loads it.
+pub(crate) fn load_source(args: &Args) -> anyhow::Result<Source> {
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
+    if !dir.is_dir() {
+        return Err(usage(format!(
+            "--model {}: quantize reads a Hugging Face model folder (`gpt2kit dequantize` \
+             turns a .gguf file into one)",
+            dir.display()
+        )));
+    }
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if let Some(msg) = already_quantized(&config, dir) {
         return Err(usage(msg));
@@ -348,10 +365,33 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let paths = folder::weight_paths(dir)?;
-    let source_sha256 = quantize::sha256_files(&paths)?;
-    let mut model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
+    let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
         .with_context(|| format!("loading model {}", dir.display()))?;
-    drop(files);
+    Ok(Source {
+        config,
+        block,
+        kept,
+        tokenizer,
+        paths,
+        model,
+    })
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    if args.method.gguf().is_some() || infer::gguf::load::is_gguf(&args.out) {
+        return crate::quantize_gguf::run(args, out);
+    }
+    let (method, prune) = check_flags(args)?;
+    let dir = &args.model;
+    let Source {
+        config,
+        block,
+        kept,
+        tokenizer,
+        paths,
+        mut model,
+    } = load_source(args)?;
+    let source_sha256 = quantize::sha256_files(&paths)?;
     let calibration = match &args.calibration {
         Some(path) => Some(calibrate(
             &mut model,
@@ -481,6 +521,9 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     check_out(&args.out)?;
+    if infer::gguf::load::is_gguf(dir) {
+        return crate::quantize_gguf::dequantize(args, out);
+    }
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if !config.extra.contains_key(infer::quant::CONFIG_KEY) {
         return Err(usage(format!(

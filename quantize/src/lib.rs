@@ -11,6 +11,7 @@ use infer::quant::{self, Method, QuantizationConfig};
 use infer::{Error, Gpt2Config, Result};
 use tch::{Kind, Tensor};
 
+pub mod gguf;
 pub mod int8;
 pub mod prune;
 

@@ -2,8 +2,11 @@
 //! the container (`file`, `meta`), and a GPT-2 read from one (`load`).
 pub mod blocks;
 pub mod file;
+pub mod gpt2;
+pub mod load;
 pub mod meta;
 pub mod types;
+pub mod vocab;
 
 pub use file::{GgufFile, Header, TensorData, TensorInfo};
 pub use meta::Value;
