@@ -54,13 +54,24 @@ fn check_flags(args: &Args) -> anyhow::Result<(gg::Method, Option<quantize::Prun
     Ok((method, prune))
 }
 
-/// The id of `tokenizer_config.json`'s `unk_token`, as gguf-py's `SpecialVocab` reads it.
-fn unknown_id(dir: &Path, tokenizer: &Tokenizer) -> Option<i64> {
-    let text = std::fs::read_to_string(dir.join("tokenizer_config.json")).ok()?;
-    let json: serde_json::Value = serde_json::from_str(&text).ok()?;
+/// The special ids as gguf-py's `SpecialVocab` reads them: bos/eos from the config,
+/// `unk_token` and `add_bos_token` / `add_eos_token` from `tokenizer_config.json`.
+fn special_ids(dir: &Path, config: &infer::Gpt2Config, tokenizer: &Tokenizer) -> SpecialIds {
+    let json: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or_default();
     let unk = &json["unk_token"];
-    let unk = unk.as_str().or_else(|| unk["content"].as_str())?;
-    tokenizer.token_to_id(unk)
+    SpecialIds {
+        bos: config.bos_ids().first().copied(),
+        eos: config.eos_ids().first().copied(),
+        unk: unk
+            .as_str()
+            .or_else(|| unk["content"].as_str())
+            .and_then(|u| tokenizer.token_to_id(u)),
+        add_bos: json["add_bos_token"].as_bool(),
+        add_eos: json["add_eos_token"].as_bool(),
+    }
 }
 
 pub(crate) fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
@@ -81,11 +92,7 @@ pub(crate) fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let mut config = artifact.config;
     config.extra.remove(infer::quant::CONFIG_KEY);
     let tensors: BTreeMap<_, _> = artifact.tensors.into_iter().collect();
-    let ids = SpecialIds {
-        bos: config.bos_ids().first().copied(),
-        eos: config.eos_ids().first().copied(),
-        unk: unknown_id(dir, &src.tokenizer),
-    };
+    let ids = special_ids(dir, &config, &src.tokenizer);
     let model_name = dir
         .canonicalize()
         .ok()

@@ -23,6 +23,9 @@ pub struct SpecialIds {
     pub bos: Option<i64>,
     pub eos: Option<i64>,
     pub unk: Option<i64>,
+    /// `tokenizer_config.json`'s `add_bos_token` / `add_eos_token`, when it has them.
+    pub add_bos: Option<bool>,
+    pub add_eos: Option<bool>,
 }
 
 fn strings(items: Vec<String>) -> Value {
@@ -102,8 +105,14 @@ pub fn tokenizer_keys(
             out.push((format!("tokenizer.ggml.{key}"), id(v)));
         }
     }
-    out.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
-    out.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    for (key, v) in [
+        ("add_bos_token", ids.add_bos),
+        ("add_eos_token", ids.add_eos),
+    ] {
+        if let Some(v) = v {
+            out.push((format!("tokenizer.ggml.{key}"), Value::Bool(v)));
+        }
+    }
     Ok(out)
 }
 
