@@ -84,7 +84,7 @@ pub struct Args {
 
 #[derive(ClapArgs)]
 pub struct DequantizeArgs {
-    /// gpt2kit int8 artifact folder.
+    /// gpt2kit int8 artifact folder, or a .gguf file.
     #[arg(long)]
     pub(crate) model: PathBuf,
     /// Float model folder to write; must not exist.
