@@ -244,6 +244,33 @@ pub(crate) fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow
     Ok(Measured { ppl, tok_s })
 }
 
+/// The report's measures: bytes, perplexity and decode speed of `--model` (its weight
+/// `paths`) and of what was written (`written`: the model path and its weight files).
+pub(crate) fn report(
+    args: &Args,
+    paths: &[PathBuf],
+    written: (&Path, &[PathBuf]),
+    block: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = &args.model;
+    let before = measure(dir, &format!("model {}", dir.display()), args, block)?;
+    let after = measure(written.0, "the quantized model", args, block)?;
+    let (bytes_before, bytes_after) = (bytes_of(paths), bytes_of(written.1));
+    Ok(json!({
+        "model": dir.to_string_lossy(),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
+        "perplexity_before": before.ppl,
+        "perplexity_after": after.ppl,
+        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
+        "block_size": block,
+        "decode_tokens_per_s_before": before.tok_s,
+        "decode_tokens_per_s_after": after.tok_s,
+        "decode_tokens": args.decode_tokens,
+    }))
+}
+
 /// Writes config (with transformers' GPT2LMHeadModel fields) and weights into `tmp`,
 /// with the tokenizer files and generation config of the `source` folder.
 fn write_folder(
@@ -418,29 +445,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let tmp = TempFolder::beside(&args.out)?;
     write_folder(&tmp, &artifact.config, &artifact.tensors, dir)?;
     // Measured on the folder as written, before it is renamed into place.
-    let source = format!("model {}", dir.display());
-    let before = measure(dir, &source, args, block)?;
-    let after = measure(tmp.path(), "the quantized artifact", args, block)?;
-    let bytes_before = bytes_of(&paths);
-    let bytes_after = bytes_of(&folder::weight_paths(tmp.path())?);
+    let weights = folder::weight_paths(tmp.path())?;
+    let mut report = report(args, &paths, (tmp.path(), &weights), block)?;
     let qc =
         QuantizationConfig::from_config(&artifact.config, &tmp.path().join(folder::CONFIG_FILE))?;
-    let report = json!({
-        "model": dir.to_string_lossy(),
-        "method": method.name(),
-        "quantization_config": qc,
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
-        "perplexity_before": before.ppl,
-        "perplexity_after": after.ppl,
-        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
-        "block_size": block,
-        "decode_tokens_per_s_before": before.tok_s,
-        "decode_tokens_per_s_after": after.tok_s,
-        "decode_tokens": args.decode_tokens,
-        "tensors": artifact.stats,
-    });
+    report["method"] = json!(method.name());
+    report["quantization_config"] = json!(qc);
+    report["tensors"] = json!(artifact.stats);
     tmp.write(
         "quantize_report.json",
         serde_json::to_string_pretty(&report)?.as_bytes(),

@@ -14,9 +14,7 @@ use quantize::Options;
 use serde_json::json;
 
 use crate::choices::name;
-use crate::quantize_cmd::{
-    bytes_of, check_file, check_out, load_source, measure, usage, Args, DequantizeArgs,
-};
+use crate::quantize_cmd::{check_file, check_out, load_source, usage, Args, DequantizeArgs};
 use crate::Out;
 
 /// The GGUF method, every flag checked before any work.
@@ -141,32 +139,12 @@ fn report(
     method: String,
     stored: &[Stored],
 ) -> anyhow::Result<serde_json::Value> {
-    let before = measure(
-        &args.model,
-        &format!("model {}", args.model.display()),
-        args,
-        block,
-    )?;
-    let after = measure(&args.out, "the written GGUF file", args, block)?;
-    let bytes_before = bytes_of(paths);
-    let bytes_after = bytes_of(&[args.out.clone()]);
-    Ok(json!({
-        "model": args.model.to_string_lossy(),
-        "out": args.out.to_string_lossy(),
-        "method": method,
-        "format": "gguf",
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
-        "perplexity_before": before.ppl,
-        "perplexity_after": after.ppl,
-        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
-        "block_size": block,
-        "decode_tokens_per_s_before": before.tok_s,
-        "decode_tokens_per_s_after": after.tok_s,
-        "decode_tokens": args.decode_tokens,
-        "tensors": stored,
-    }))
+    let mut r = crate::quantize_cmd::report(args, paths, (&args.out, &[args.out.clone()]), block)?;
+    r["out"] = json!(args.out.to_string_lossy());
+    r["method"] = json!(method);
+    r["format"] = json!("gguf");
+    r["tensors"] = json!(stored);
+    Ok(r)
 }
 
 fn print_table(
