@@ -50,7 +50,8 @@ pub struct Args {
     /// Layers to keep (the others are removed), e.g. 0,1,2,5.
     #[arg(long, value_delimiter = ',')]
     pub(crate) keep_layers: Vec<i64>,
-    /// JSONL sample for activation statistics (SmoothQuant, outlier columns).
+    /// JSONL sample for activation statistics (SmoothQuant, outlier columns; for a
+    /// .gguf --out, llama.cpp's importance matrix).
     #[arg(long)]
     pub(crate) calibration: Option<PathBuf>,
     /// Blocks of the calibration file to run (each up to --block-size tokens).
@@ -155,17 +156,16 @@ pub(crate) fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the calibration sample through the float model, recording every linear
-/// layer's per-input-channel max |x|.
-fn calibrate(
-    model: &mut Gpt2,
+/// The first `samples` token blocks (each up to `block` tokens) of a calibration file.
+pub(crate) fn calibration_blocks(
+    config: &Gpt2Config,
     tokenizer: &Tokenizer,
     path: &Path,
     block: i64,
     samples: usize,
     text_field: &str,
-) -> anyhow::Result<Calibration> {
-    let eos = train::data::eos_id(&model.config, tokenizer)?;
+) -> anyhow::Result<Vec<Vec<i64>>> {
+    let eos = train::data::eos_id(config, tokenizer)?;
     let mut opts = train::data::DataOptions::new(block);
     opts.truncation = true;
     opts.text_field = text_field.to_string();
@@ -177,12 +177,30 @@ fn calibrate(
             path.display()
         )));
     }
+    Ok(rows
+        .into_iter()
+        .take(samples.max(1))
+        .map(|s| s.ids)
+        .collect())
+}
+
+/// Runs the calibration sample through the float model, recording every linear
+/// layer's per-input-channel max |x|.
+fn calibrate(
+    model: &mut Gpt2,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    block: i64,
+    samples: usize,
+    text_field: &str,
+) -> anyhow::Result<Calibration> {
+    let rows = calibration_blocks(&model.config, tokenizer, path, block, samples, text_field)?;
     model.observe_linear_inputs()?;
     let _g = tch::no_grad_guard();
-    for s in rows.iter().take(samples.max(1)) {
+    for ids in &rows {
         // The embedding lookup does not check its ids: refuse them here.
-        model.config.check_ids(&s.ids)?;
-        let ids = Tensor::from_slice(&s.ids).unsqueeze(0);
+        model.config.check_ids(ids)?;
+        let ids = Tensor::from_slice(ids).unsqueeze(0);
         let _ = model.forward_train(&ids);
     }
     Ok(model.observed_input_max().into_iter().collect())

@@ -36,7 +36,6 @@ fn check_flags(args: &Args) -> anyhow::Result<(gg::Method, Option<quantize::Prun
         (args.smooth_alpha.is_some(), "--smooth-alpha (SmoothQuant)"),
         (args.outlier_threshold.is_some(), "--outlier-threshold"),
         (args.keep_embeddings_float, "--keep-embeddings-float"),
-        (args.calibration.is_some(), "--calibration"),
     ];
     if let Some((_, flag)) = refused.iter().find(|(on, _)| *on) {
         return Err(usage(format!(
@@ -47,6 +46,12 @@ fn check_flags(args: &Args) -> anyhow::Result<(gg::Method, Option<quantize::Prun
     let prune = quantize::Prune::new(args.prune_sparsity, &scope, &pattern)?;
     if let Some(e) = &args.eval {
         check_file("--eval", e)?;
+    }
+    if let Some(c) = &args.calibration {
+        check_file("--calibration", c)?;
+    }
+    if args.calibration_samples == 0 {
+        return Err(usage("--calibration-samples must be at least 1".into()));
     }
     check_out(&args.out)?;
     Ok((method, prune))
@@ -91,6 +96,21 @@ pub(crate) fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     config.extra.remove(infer::quant::CONFIG_KEY);
     let tensors: BTreeMap<_, _> = artifact.tensors.into_iter().collect();
     let ids = special_ids(dir, &config, &src.tokenizer);
+    // llama.cpp's importance matrix over the calibration text, on the tensors as written.
+    let importance = match &args.calibration {
+        Some(path) => {
+            let blocks = crate::quantize_cmd::calibration_blocks(
+                &config,
+                &src.tokenizer,
+                path,
+                src.block,
+                args.calibration_samples,
+                &args.text_field,
+            )?;
+            quantize::imatrix::importance(&config, &tensors, &blocks)?
+        }
+        None => BTreeMap::new(),
+    };
     let model_name = dir
         .canonicalize()
         .ok()
@@ -103,7 +123,7 @@ pub(crate) fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         &src.tokenizer,
         &ids,
         &model_name,
-        &BTreeMap::new(),
+        &importance,
     )?;
     drop(tensors);
     let stored: Vec<Stored> = data

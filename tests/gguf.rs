@@ -62,8 +62,9 @@ fn eval(file: &str, data: &str) -> f64 {
     v["perplexity"].as_f64().unwrap()
 }
 
-/// Every method on one model, then the whole check script over the files.
-fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str) -> Value {
+/// Every method on one model (and, with `calibration`, q4_0 and q4_k_m with an importance
+/// matrix), then the whole check script over the files.
+fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str, calibration: bool) -> Value {
     let mut files = serde_json::Map::new();
     let mut deq = serde_json::Map::new();
     for m in METHODS {
@@ -86,6 +87,31 @@ fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str) -> Value {
         deq.insert(m.into(), json!(d));
     }
     let f = |m: &str| files[m].as_str().unwrap().to_string();
+    let mut imatrix = serde_json::Map::new();
+    let mut calibrated = serde_json::Map::new();
+    for m in ["q4_0", "q4_k_m"].iter().filter(|_| calibration) {
+        let out = tmp.s(&format!("{tag}-{m}-imatrix.gguf"));
+        let o = gpt2kit(&[
+            "quantize",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            &out,
+            "--method",
+            m,
+            "--calibration",
+            data,
+            "--block-size",
+            "32",
+            "--calibration-samples",
+            "64",
+            "--decode-tokens",
+            "0",
+        ]);
+        assert_ok(&o);
+        calibrated.insert(m.to_string(), json!(eval(&out, data)));
+        imatrix.insert(m.to_string(), json!(out));
+    }
     let spec = json!({
         "model": model,
         "files": files,
@@ -94,11 +120,16 @@ fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str) -> Value {
         "perplexity": {"q4_0": eval(&f("q4_0"), data), "q4_k_m": eval(&f("q4_k_m"), data)},
         "data": data,
         "block": 32,
+        "imatrix": (!imatrix.is_empty()).then(|| json!({
+            "files": imatrix, "data": data, "block": 32, "samples": 64})),
     });
     let spec_path = tmp.path(&format!("{tag}-spec.json"));
     std::fs::write(&spec_path, spec.to_string()).unwrap();
     let out = run_python(&["check", "--spec", spec_path.to_str().unwrap()]);
     eprintln!("{tag}: {out}");
+    // Perplexity with and without the importance matrix, for the record (not asserted:
+    // on a random model the calibration text is not what the weights were fitted to).
+    eprintln!("{tag}: perplexity with --calibration {calibrated:?}");
     serde_json::from_str(out.trim()).unwrap()
 }
 
@@ -121,11 +152,13 @@ fn llama_cpp_reads_and_runs_every_method() {
         "--tokenizer-from",
         hub.to_str().unwrap(),
     ]);
-    let r = check_model(&k256, &tmp, "k256", &data);
+    let r = check_model(&k256, &tmp, "k256", &data, true);
     assert!(r["types"]["q4_k_m"]["Q6_K"].as_u64().unwrap() > 0, "{r}");
-    // n_embd 64: every K-quant row falls back (Q4_K → Q5_0, Q6_K → Q8_0).
-    let r = check_model(&hub, &tmp, "hub", &data);
-    assert!(r["types"]["q4_k_m"].get("Q4_K").is_none(), "{r}");
+    assert_eq!(r["imatrix"]["q4_k_m"]["tensors"], 33, "{r}");
+    // n_embd 64: rows of 64 fall back (Q4_K → Q5_0, Q6_K → Q8_0); ffn_down's rows of 256
+    // do not.
+    let r = check_model(&hub, &tmp, "hub", &data, false);
+    assert!(r["types"]["q4_k_m"]["Q5_0"].as_u64().unwrap() > 0, "{r}");
 }
 
 /// A valid file's bytes, with `edit` applied, written as `name`.

@@ -84,9 +84,19 @@ fn fallback(ty: GgmlType, ne0: u64) -> GgmlType {
     }
 }
 
+/// How a model's tensors are quantized: its layers, a tied head, an importance matrix.
+#[derive(Clone, Copy)]
+pub struct Mix {
+    pub n_layer: u64,
+    /// No `output` tensor: `token_embd` is the head.
+    pub tied: bool,
+    pub has_imatrix: bool,
+}
+
 /// The type a GGUF tensor is stored in: the converter's choice for the float methods,
-/// then `llama_tensor_get_type` for the quantized ones. `tied`: no `output` tensor.
-pub fn tensor_type(method: Method, name: &str, dims: &[u64], n_layer: u64, tied: bool) -> GgmlType {
+/// then `llama_tensor_get_type` for the quantized ones.
+pub fn tensor_type(method: Method, name: &str, dims: &[u64], mix: Mix) -> GgmlType {
+    let (n_layer, tied) = (mix.n_layer, mix.tied);
     let keep_f32 = dims.len() < 2
         || name.ends_with("_norm.weight")
         || name == "position_embd.weight"
@@ -115,6 +125,13 @@ pub fn tensor_type(method: Method, name: &str, dims: &[u64], n_layer: u64, tied:
         && use_more_bits(layer, n_layer)
     {
         GgmlType::Q6_K
+    } else if method == Method::Q4_0
+        && mix.has_imatrix
+        && name.ends_with("ffn_down.weight")
+        && layer < n_layer / 8
+    {
+        // llama.cpp guards the first ffn_down layers of an imatrix q4_0 with Q4_1.
+        GgmlType::Q4_1
     } else {
         default
     };
@@ -161,7 +178,12 @@ pub fn encode(
             )));
         }
         let values = Vec::<f32>::try_from(t.reshape([-1]))?;
-        let ty = tensor_type(method, &g, &dims, config.n_layer as u64, tied);
+        let mix = Mix {
+            n_layer: config.n_layer as u64,
+            tied,
+            has_imatrix: !importance.is_empty(),
+        };
+        let ty = tensor_type(method, &g, &dims, mix);
         let imp = importance.get(&g).map(Vec::as_slice);
         let bytes = blocks::quantize(ty, &values, dims[0] as usize, imp)
             .map_err(|e| Error::Input(format!("tensor `{g}`: {e}")))?;
@@ -220,7 +242,12 @@ mod tests {
         // n/8 = 1: layer 0, layers from 7·12/8 = 10, and every third from layer 1 + 2.
         let more: Vec<u64> = (0..12).filter(|&i| use_more_bits(i, 12)).collect();
         assert_eq!(more, [0, 3, 6, 9, 10, 11]);
-        let t = |m, n: &str, d: &[u64]| tensor_type(m, n, d, 12, true);
+        let mix = Mix {
+            n_layer: 12,
+            tied: true,
+            has_imatrix: false,
+        };
+        let t = |m, n: &str, d: &[u64]| tensor_type(m, n, d, mix);
         assert_eq!(
             t(Method::Q4KM, "blk.3.attn_qkv.weight", &[768, 2304]),
             GgmlType::Q6_K

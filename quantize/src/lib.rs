@@ -12,6 +12,7 @@ use infer::{Error, Gpt2Config, Result};
 use tch::{Kind, Tensor};
 
 pub mod gguf;
+pub mod imatrix;
 pub mod int8;
 pub mod prune;
 

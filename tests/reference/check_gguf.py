@@ -17,6 +17,8 @@ eval perplexity. Checks:
     `llama_model_quantize` writes from our f32 file;
   * every file: gguf-py's dequantized tensors equal gpt2kit's loader bit for bit (the
     loader's tensors are what `gpt2kit dequantize` wrote);
+  * `--calibration` files: the types llama-quantize picks given the same importance
+    matrix (recomputed here with transformers), and its bytes in nearly every block;
   * llama.cpp (llama-cpp-python) loads the f32 and q8_0 files and its greedy tokens equal
     gpt2kit's; it loads q4_0 and q4_k_m and its perplexity on the data matches gpt2kit's
     within 0.5%: llama.cpp quantizes the activations to 8 bits (Q8_0/Q8_K) in its
@@ -177,12 +179,23 @@ def check_float_file(reader, hf, method, label):
             fail(f"{label}: {t.name} bytes differ from gguf-py's quantize")
 
 
-def llama_quantize(src, dst, method):
+def llama_quantize(src, dst, method, imatrix=None):
     import llama_cpp
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.nthread = 2
     params.ftype = FTYPES[method]
+    if imatrix:
+        entries = (llama_cpp.llama_model_imatrix_data * (len(imatrix) + 1))()
+        keep = []
+        for i, (name, values) in enumerate(sorted(imatrix.items())):
+            arr = np.ascontiguousarray(values, dtype=np.float32)
+            keep.append((name.encode(), arr))
+            entries[i].name = keep[-1][0]
+            entries[i].data = arr.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+            entries[i].size = arr.size
+        entries[len(imatrix)].name = None
+        params.imatrix = entries
     rc = llama_cpp.llama_model_quantize(src.encode(), dst.encode(), ctypes.byref(params))
     if rc != 0:
         fail(f"llama_model_quantize({src}, {method}) failed: {rc}")
@@ -235,6 +248,74 @@ def check_dequantized(reader, deq_dir, label):
             d = d.T
         if ours[key].shape != d.shape or ours[key].tobytes() != np.ascontiguousarray(d).tobytes():
             fail(f"{label}: {t.name} dequantized by gguf-py differs from gpt2kit's loader")
+
+
+def imatrix_of(folder, blocks):
+    """llama.cpp's imatrix (mean x² per input column of every matrix product) over
+    `blocks`, observed with forward hooks on transformers' GPT-2."""
+    import torch
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(folder, dtype=torch.float32).eval()
+    sums = {}
+
+    def hook(name):
+        def f(_mod, inp):
+            x = inp[0].detach().reshape(-1, inp[0].shape[-1]).float()
+            s, n = sums.get(name, (0, 0))
+            sums[name] = (s + (x * x).sum(0), n + x.shape[0])
+        return f
+
+    names = {"attn.c_attn": "attn_qkv", "attn.c_proj": "attn_output", "mlp.c_fc": "ffn_up",
+             "mlp.c_proj": "ffn_down"}
+    for i, block in enumerate(model.transformer.h):
+        for path, g in names.items():
+            mod = block.get_submodule(path)
+            mod.register_forward_pre_hook(hook(f"blk.{i}.{g}.weight"))
+    model.lm_head.register_forward_pre_hook(hook("token_embd.weight"))
+    with torch.no_grad():
+        for b in blocks:
+            model(torch.tensor([b]))
+    return {k: (s / n).numpy() for k, (s, n) in sums.items()}
+
+
+# Our importance matrix comes from gpt2kit's forward, the reference one from transformers'
+# (forward hooks): they agree to float rounding, not bit for bit, and a block whose
+# candidate scales tie within that rounding may pick either (about 1% of blocks seen).
+# Without an imatrix nearly every block differs, so these bounds show it is used.
+IMATRIX_SAME_MIN = 0.95
+NO_IMATRIX_SAME_MAX = 0.5
+
+
+def check_imatrix_file(reader, f32_path, method, matrix, label):
+    """Types as llama-quantize with an imatrix picks them; blocks equal to its bytes."""
+    import gguf
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with_im, without = os.path.join(tmp, "im.gguf"), os.path.join(tmp, "plain.gguf")
+        llama_quantize(f32_path, with_im, method, matrix)
+        llama_quantize(f32_path, without, method)
+        ref = {t.name: t for t in gguf.GGUFReader(with_im).tensors}
+        plain = {t.name: t for t in gguf.GGUFReader(without).tensors}
+        for t in reader.tensors:
+            r = ref[t.name]
+            if t.tensor_type != r.tensor_type or list(t.shape) != list(r.shape):
+                fail(f"{label}: {t.name} is {t.tensor_type.name}, llama-quantize with the "
+                     f"imatrix writes {r.tensor_type.name}")
+            if t.name not in matrix:
+                continue
+            size = gguf.GGML_QUANT_SIZES[t.tensor_type][1]
+            blocks = lambda x: np.frombuffer(bytes(x.data.tobytes()), np.uint8).reshape(-1, size)
+            same = float((blocks(t) == blocks(r)).all(1).mean())
+            p = plain[t.name]
+            # Without the imatrix q4_0 keeps Q4_0 where it would pick Q4_1: nothing equal.
+            same_plain = float((blocks(t) == blocks(p)).all(1).mean()) if p.tensor_type == t.tensor_type else 0.0
+            if same < IMATRIX_SAME_MIN or same_plain > NO_IMATRIX_SAME_MAX:
+                fail(f"{label}: {t.name}: {same:.1%} of blocks equal llama-quantize's with the "
+                     f"imatrix, {same_plain:.1%} without it")
+            out[t.name] = round(same, 4)
+    return {"tensors": len(out), "min_equal_blocks": min(out.values())}
 
 
 def llama(path, n_ctx):
@@ -317,6 +398,19 @@ def check(spec_path):
             results["perplexity"][method] = {"llama.cpp": theirs, "gpt2kit": ours, "relative": rel}
             if rel > PPL_TOLERANCE:
                 fail(f"{method}: llama.cpp perplexity {theirs:.4f} vs gpt2kit {ours:.4f} ({rel:.2%})")
+    if spec.get("imatrix"):
+        im = spec["imatrix"]
+        eos = tok.convert_tokens_to_ids("<|endoftext|>")
+        stream = []
+        for line in open(im["data"]):
+            stream += tok.encode(json.loads(line)["text"]) + [eos]
+        blocks = [stream[s:s + im["block"]] for s in range(0, len(stream), im["block"])]
+        blocks = [b for b in blocks if len(b) >= 2][: im["samples"]]
+        matrix = imatrix_of(folder, blocks)
+        results["imatrix"] = {}
+        for method, path in im["files"].items():
+            results["imatrix"][method] = check_imatrix_file(
+                gguf.GGUFReader(path), spec["files"]["f32"], method, matrix, os.path.basename(path))
     print(json.dumps(results))
 
 
