@@ -62,6 +62,17 @@ fn eval(file: &str, data: &str) -> f64 {
     v["perplexity"].as_f64().unwrap()
 }
 
+/// `gpt2kit quantize` to a GGUF file, no decode timing.
+fn quantize(model: &Path, out: &str, method: &str, extra: &[&str]) {
+    let model = model.to_str().unwrap();
+    let mut args = vec![
+        "quantize", "--model", model, "--out", out, "--method", method,
+    ];
+    args.extend(["--decode-tokens", "0"]);
+    args.extend(extra);
+    assert_ok(&gpt2kit(&args));
+}
+
 /// Every method on one model (and, with `calibration`, q4_0 and q4_k_m with an importance
 /// matrix), then the whole check script over the files.
 fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str, calibration: bool) -> Value {
@@ -69,18 +80,7 @@ fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str, calibration: 
     let mut deq = serde_json::Map::new();
     for m in METHODS {
         let out = tmp.s(&format!("{tag}-{m}.gguf"));
-        let o = gpt2kit(&[
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
-            &out,
-            "--method",
-            m,
-            "--decode-tokens",
-            "0",
-        ]);
-        assert_ok(&o);
+        quantize(model, &out, m, &[]);
         let d = tmp.s(&format!("{tag}-{m}.deq"));
         assert_ok(&gpt2kit(&["dequantize", "--model", &out, "--out", &d]));
         files.insert(m.into(), json!(out));
@@ -91,24 +91,13 @@ fn check_model(model: &Path, tmp: &TempDir, tag: &str, data: &str, calibration: 
     let mut calibrated = serde_json::Map::new();
     for m in ["q4_0", "q4_k_m"].iter().filter(|_| calibration) {
         let out = tmp.s(&format!("{tag}-{m}-imatrix.gguf"));
-        let o = gpt2kit(&[
-            "quantize",
-            "--model",
-            model.to_str().unwrap(),
-            "--out",
+        let samples = ["--block-size", "32", "--calibration-samples", "64"];
+        quantize(
+            model,
             &out,
-            "--method",
             m,
-            "--calibration",
-            data,
-            "--block-size",
-            "32",
-            "--calibration-samples",
-            "64",
-            "--decode-tokens",
-            "0",
-        ]);
-        assert_ok(&o);
+            &[&["--calibration", data][..], &samples].concat(),
+        );
         calibrated.insert(m.to_string(), json!(eval(&out, data)));
         imatrix.insert(m.to_string(), json!(out));
     }
