@@ -254,6 +254,19 @@ fn quantize_refuses_what_gguf_cannot_hold_and_writes_nothing() {
         assert_clean_failure(&gpt2kit(&args), 2, needle);
         assert!(!Path::new(&out).exists());
     }
+    // llama.cpp's gpt2 graph has no exact-erf GELU nor inverse-layer attention scaling.
+    let odd = reference("prefixed-untied");
+    let o = gpt2kit(&[
+        "quantize",
+        "--model",
+        odd.to_str().unwrap(),
+        "--out",
+        &out,
+        "--method",
+        "f32",
+    ]);
+    assert_clean_failure(&o, 2, "activation_function is \"gelu\"");
+    assert!(!Path::new(&out).exists());
     let folder = tmp.s("folder");
     let o = gpt2kit(&[
         "quantize", "--model", hub, "--out", &folder, "--method", "q4_0",

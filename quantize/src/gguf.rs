@@ -159,6 +159,7 @@ pub fn encode(
     name: &str,
     importance: &BTreeMap<String, Vec<f32>>,
 ) -> Result<(Vec<(String, Value)>, Vec<TensorData>)> {
+    check_runs_in_llama_cpp(config)?;
     let tied = config.tie_word_embeddings;
     let mut out = Vec::new();
     for (g, want) in gpt2::expected_tensors(config) {
@@ -209,6 +210,24 @@ pub fn encode(
     meta.push(("general.quantization_version".into(), Value::U32(2)));
     meta.extend(vocab::tokenizer_keys(tokenizer, config.vocab_size, ids)?);
     Ok((meta, out))
+}
+
+/// llama.cpp's `gpt2` graph is GPT-2's own: tanh GELU, attention scaled by 1/√hs only.
+/// A config it would run differently is refused, naming the key.
+fn check_runs_in_llama_cpp(c: &Gpt2Config) -> Result<()> {
+    let why = if c.activation() != infer::config::Activation::GeluTanh {
+        format!("activation_function is {:?}", c.activation_function)
+    } else if c.scale_attn_by_inverse_layer_idx {
+        "scale_attn_by_inverse_layer_idx is true".into()
+    } else if !c.scale_attn_weights {
+        "scale_attn_weights is false".into()
+    } else {
+        return Ok(());
+    };
+    Err(Error::Input(format!(
+        "config.json: {why}; llama.cpp's gpt2 architecture runs GELU (tanh) with attention \
+         scaled by 1/sqrt(head_dim) only, so the GGUF file would not compute this model"
+    )))
 }
 
 /// gguf-py's `model_weight_count_rounded_notation` (`130K`, `124M`, `1.5B`).
