@@ -147,16 +147,43 @@ pub(crate) enum QuantMethod {
     Int8Dynamic,
     #[value(name = "none")]
     None,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_k_m")]
+    Q4KM,
+    #[value(name = "f16")]
+    F16,
+    #[value(name = "bf16")]
+    Bf16,
+    #[value(name = "f32")]
+    F32,
 }
 
 impl QuantMethod {
+    /// The artifact method (`none` for the GGUF methods, which write no artifact folder).
     pub(crate) fn method(self) -> infer::quant::Method {
         use infer::quant::Method;
         match self {
             Self::Int8Weight => Method::Int8Weight,
             Self::Int8Dynamic => Method::Int8Dynamic,
-            Self::None => Method::None,
+            _ => Method::None,
         }
+    }
+
+    /// The GGUF method, for the methods that write a `.gguf` file.
+    pub(crate) fn gguf(self) -> Option<quantize::gguf::Method> {
+        use quantize::gguf::Method;
+        Some(match self {
+            Self::Q8_0 => Method::Q8_0,
+            Self::Q4_0 => Method::Q4_0,
+            Self::Q4KM => Method::Q4KM,
+            Self::F16 => Method::F16,
+            Self::Bf16 => Method::Bf16,
+            Self::F32 => Method::F32,
+            _ => return None,
+        })
     }
 }
 
@@ -233,8 +260,16 @@ mod tests {
 
     #[test]
     fn methods_and_presets_are_the_crates_own() {
-        assert_eq!(names::<QuantMethod>(), infer::quant::Method::NAMES);
-        for m in QuantMethod::value_variants() {
+        let artifact: Vec<String> = QuantMethod::value_variants()
+            .iter()
+            .filter(|m| m.gguf().is_none())
+            .map(name)
+            .collect();
+        assert_eq!(artifact, infer::quant::Method::NAMES);
+        for m in QuantMethod::value_variants()
+            .iter()
+            .filter(|m| m.gguf().is_none())
+        {
             assert_eq!(infer::quant::Method::from_name(&name(m)), Some(m.method()));
         }
         assert_eq!(names::<Preset>(), train::init::PRESET_NAMES);

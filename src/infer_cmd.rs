@@ -145,7 +145,7 @@ fn check_strategy(
                 dir.display()
             )));
         }
-        let c = Gpt2Config::from_file(&other.join("config.json"))?;
+        let c = Gpt2Config::of_model(other)?;
         validate_requests(&c, requests, cfg)
             .with_context(|| format!("--ensemble {}", other.display()))?;
     }
@@ -353,7 +353,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let config = Gpt2Config::of_model(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let cfg = generation_config(&args.generation, dir, &config, &tokenizer)?;
     let prompts = texts

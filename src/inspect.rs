@@ -115,7 +115,9 @@ fn verify(dir: &Path, json: bool, out: &mut Out) -> anyhow::Result<()> {
 /// A model folder loaded and checked: its weight files, the model, its tokenizer if any.
 struct Inspected<'a> {
     dir: &'a Path,
-    files: WeightFiles,
+    /// Stored dtypes (ggml types for a GGUF file) with their element counts.
+    stored: Vec<(String, i64)>,
+    file_bytes: u64,
     model: Gpt2,
     tokenizer: Option<Tokenizer>,
 }
@@ -126,6 +128,9 @@ impl<'a> Inspected<'a> {
     /// is an error.
     fn load(dir: &'a Path) -> anyhow::Result<Self> {
         infer::model::check_model_dir(dir)?;
+        if infer::gguf::load::is_gguf(dir) {
+            return Self::load_gguf(dir);
+        }
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         let files = WeightFiles::open_dir(dir)?;
         // Every float tensor is scanned for NaN and ±inf first, so that all of them are named.
@@ -156,23 +161,46 @@ impl<'a> Inspected<'a> {
         };
         Ok(Self {
             dir,
-            files,
+            stored: files.dtype_summary(),
+            file_bytes: files.file_bytes(),
             model,
             tokenizer,
         })
     }
 
+    /// A GGUF file: every tensor dequantized and checked, the model built in f32.
+    fn load_gguf(path: &'a Path) -> anyhow::Result<Self> {
+        let file = infer::gguf::GgufFile::open(path)?;
+        let mut by: std::collections::BTreeMap<String, i64> = Default::default();
+        for t in &file.header.tensors {
+            *by.entry(t.ty.name().to_string()).or_default() += t.numel() as i64;
+        }
+        let (config, tensors) = infer::gguf::load::read(path)?;
+        let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
+        let model = Gpt2::from_weights(config, &map, tch::Kind::Float, &[tch::Device::Cpu])
+            .with_context(|| format!("loading model {}", path.display()))?;
+        let tokenizer = Tokenizer::from_dir(path)?;
+        infer::check_vocab(&model.config, &tokenizer, path)?;
+        Ok(Self {
+            dir: path,
+            stored: by.into_iter().collect(),
+            file_bytes: file.file_bytes(),
+            model,
+            tokenizer: Some(tokenizer),
+        })
+    }
+
     /// The `--json` object.
     fn json(&self) -> serde_json::Value {
-        let (dir, files, model) = (self.dir, &self.files, &self.model);
+        let (dir, model) = (self.dir, &self.model);
         let c = &model.config;
         json!({
             "model": dir.to_string_lossy(),
             "config": c,
             "parameters": c.num_parameters(),
             "dtype": dtype_name(model.kind()),
-            "stored_dtypes": files.dtype_summary().into_iter().collect::<std::collections::BTreeMap<_, _>>(),
-            "file_bytes": files.file_bytes(),
+            "stored_dtypes": self.stored.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
+            "file_bytes": self.file_bytes,
             "tokenizer_vocab_size": self.tokenizer.as_ref().map(Tokenizer::vocab_size),
             "quantization": model.quantization().map(|q| json!({
                 "method": q.method.name(),
@@ -188,12 +216,12 @@ impl<'a> Inspected<'a> {
 
     /// The table's rows: (label, value).
     fn table(&self) -> [(&'static str, String); 9] {
-        let (dir, files, model) = (self.dir, &self.files, &self.model);
+        let (dir, model) = (self.dir, &self.model);
         let c = &model.config;
         let params = c.num_parameters();
-        let bytes = files.file_bytes();
-        let stored: Vec<String> = files
-            .dtype_summary()
+        let bytes = self.file_bytes;
+        let stored: Vec<String> = self
+            .stored
             .iter()
             .map(|(d, n)| format!("{d} {}", group(*n)))
             .collect();

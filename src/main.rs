@@ -13,6 +13,7 @@ mod infer_settings;
 mod init_cmd;
 mod inspect;
 mod quantize_cmd;
+mod quantize_gguf;
 mod serve_cmd;
 mod tokenizer_cmd;
 mod train_cmd;

@@ -24,80 +24,81 @@ use crate::Out;
 pub struct Args {
     /// Float model folder to quantize (Hugging Face layout).
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Artifact folder to write; must not exist.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// int8-weight (int8 weights, float activations), int8-dynamic (int8 weights and
     /// activations) or none (float weights: pruning / layer dropping only).
     #[arg(long, value_enum)]
-    method: QuantMethod,
+    pub(crate) method: QuantMethod,
     /// Keep wte (and the tied head) in float.
     #[arg(long)]
-    keep_embeddings_float: bool,
+    pub(crate) keep_embeddings_float: bool,
     /// Fraction of each linear weight to zero by magnitude, in [0, 1).
     #[arg(long, allow_negative_numbers = true)]
-    prune_sparsity: Option<f64>,
+    pub(crate) prune_sparsity: Option<f64>,
     /// layer (a threshold per tensor) or global (one over all linear weights).
     #[arg(long, value_enum, default_value_t = PruneScope::Layer)]
-    prune_scope: PruneScope,
+    pub(crate) prune_scope: PruneScope,
     /// unstructured, or 2:4 (2 of every 4 consecutive input rows per output column).
     #[arg(long, value_enum, default_value_t = PrunePattern::Unstructured)]
-    prune_pattern: PrunePattern,
+    pub(crate) prune_pattern: PrunePattern,
     /// Layers to remove, e.g. 3,7.
     #[arg(long, value_delimiter = ',')]
-    drop_layers: Vec<i64>,
+    pub(crate) drop_layers: Vec<i64>,
     /// Layers to keep (the others are removed), e.g. 0,1,2,5.
     #[arg(long, value_delimiter = ',')]
-    keep_layers: Vec<i64>,
-    /// JSONL sample for activation statistics (SmoothQuant, outlier columns).
+    pub(crate) keep_layers: Vec<i64>,
+    /// JSONL sample for activation statistics (SmoothQuant, outlier columns; for a
+    /// .gguf --out, llama.cpp's importance matrix).
     #[arg(long)]
-    calibration: Option<PathBuf>,
+    pub(crate) calibration: Option<PathBuf>,
     /// Blocks of the calibration file to run (each up to --block-size tokens).
     #[arg(long, default_value_t = 64)]
-    calibration_samples: usize,
+    pub(crate) calibration_samples: usize,
     /// SmoothQuant migration strength in [0, 1] (int8-dynamic; needs --calibration).
     #[arg(long, allow_negative_numbers = true)]
-    smooth_alpha: Option<f64>,
+    pub(crate) smooth_alpha: Option<f64>,
     /// Input channels whose calibration max |x| exceeds this stay float (int8-dynamic).
     #[arg(long, allow_negative_numbers = true)]
-    outlier_threshold: Option<f64>,
+    pub(crate) outlier_threshold: Option<f64>,
     /// JSONL file for perplexity before and after.
     #[arg(long)]
-    eval: Option<PathBuf>,
+    pub(crate) eval: Option<PathBuf>,
     /// The JSON field holding a text row's text in --eval and --calibration files (as
     /// train's --text-field).
     #[arg(long, default_value = "text")]
-    text_field: String,
+    pub(crate) text_field: String,
     /// Tokens per block for --eval and --calibration (default: n_positions, at most 256).
     #[arg(long)]
-    block_size: Option<i64>,
+    pub(crate) block_size: Option<i64>,
     /// Greedy tokens timed for decode speed before and after (0 skips it).
     #[arg(long, default_value_t = 32)]
-    decode_tokens: usize,
+    pub(crate) decode_tokens: usize,
     /// Print the report as one JSON object.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
     #[command(flatten)]
     engine: crate::EngineArgs,
 }
 
 #[derive(ClapArgs)]
 pub struct DequantizeArgs {
-    /// gpt2kit int8 artifact folder.
+    /// gpt2kit int8 artifact folder, or a .gguf file.
     #[arg(long)]
-    model: PathBuf,
+    pub(crate) model: PathBuf,
     /// Float model folder to write; must not exist.
     #[arg(long)]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
 }
 
-fn usage(msg: String) -> anyhow::Error {
+pub(crate) fn usage(msg: String) -> anyhow::Error {
     infer::Error::Input(msg).into()
 }
 
 /// Refuses an existing output path before any work.
-fn check_out(out: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_out(out: &Path) -> anyhow::Result<()> {
     if out.exists() {
         return Err(usage(format!(
             "--out {}: already exists; choose a new folder",
@@ -107,7 +108,7 @@ fn check_out(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn bytes_of(paths: &[PathBuf]) -> u64 {
+pub(crate) fn bytes_of(paths: &[PathBuf]) -> u64 {
     paths
         .iter()
         .filter_map(|p| std::fs::metadata(p).ok())
@@ -138,7 +139,7 @@ fn already_quantized(config: &Gpt2Config, dir: &Path) -> Option<String> {
     ))
 }
 
-fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
+pub(crate) fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
     let meta = std::fs::metadata(path)
         .map_err(|_| usage(format!("{flag} {}: no such file", path.display())))?;
     if !meta.is_file() {
@@ -155,17 +156,16 @@ fn check_file(flag: &str, path: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the calibration sample through the float model, recording every linear
-/// layer's per-input-channel max |x|.
-fn calibrate(
-    model: &mut Gpt2,
+/// The first `samples` token blocks (each up to `block` tokens) of a calibration file.
+pub(crate) fn calibration_blocks(
+    config: &Gpt2Config,
     tokenizer: &Tokenizer,
     path: &Path,
     block: i64,
     samples: usize,
     text_field: &str,
-) -> anyhow::Result<Calibration> {
-    let eos = train::data::eos_id(&model.config, tokenizer)?;
+) -> anyhow::Result<Vec<Vec<i64>>> {
+    let eos = train::data::eos_id(config, tokenizer)?;
     let mut opts = train::data::DataOptions::new(block);
     opts.truncation = true;
     opts.text_field = text_field.to_string();
@@ -177,12 +177,30 @@ fn calibrate(
             path.display()
         )));
     }
+    Ok(rows
+        .into_iter()
+        .take(samples.max(1))
+        .map(|s| s.ids)
+        .collect())
+}
+
+/// Runs the calibration sample through the float model, recording every linear
+/// layer's per-input-channel max |x|.
+fn calibrate(
+    model: &mut Gpt2,
+    tokenizer: &Tokenizer,
+    path: &Path,
+    block: i64,
+    samples: usize,
+    text_field: &str,
+) -> anyhow::Result<Calibration> {
+    let rows = calibration_blocks(&model.config, tokenizer, path, block, samples, text_field)?;
     model.observe_linear_inputs()?;
     let _g = tch::no_grad_guard();
-    for s in rows.iter().take(samples.max(1)) {
+    for ids in &rows {
         // The embedding lookup does not check its ids: refuse them here.
-        model.config.check_ids(&s.ids)?;
-        let ids = Tensor::from_slice(&s.ids).unsqueeze(0);
+        model.config.check_ids(ids)?;
+        let ids = Tensor::from_slice(ids).unsqueeze(0);
         let _ = model.forward_train(&ids);
     }
     Ok(model.observed_input_max().into_iter().collect())
@@ -216,14 +234,14 @@ fn decode_speed(model: &Gpt2, tokenizer: &Tokenizer, n: usize) -> anyhow::Result
     Ok(Some(steps as f64 / out.decode.as_secs_f64().max(1e-9)))
 }
 
-struct Measured {
-    ppl: Option<f64>,
-    tok_s: Option<f64>,
+pub(crate) struct Measured {
+    pub(crate) ppl: Option<f64>,
+    pub(crate) tok_s: Option<f64>,
 }
 
 /// Perplexity and decode speed of the model in `dir`; `what` names it in errors (the
 /// artifact is measured in a temporary folder that is gone when the error is read).
-fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
+pub(crate) fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
     let model = Gpt2::load_with(
         dir,
         Some(Kind::Float),
@@ -242,6 +260,33 @@ fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Me
     };
     let tok_s = decode_speed(&model, &tokenizer, args.decode_tokens)?;
     Ok(Measured { ppl, tok_s })
+}
+
+/// The report's measures: bytes, perplexity and decode speed of `--model` (its weight
+/// `paths`) and of what was written (`written`: the model path and its weight files).
+pub(crate) fn report(
+    args: &Args,
+    paths: &[PathBuf],
+    written: (&Path, &[PathBuf]),
+    block: i64,
+) -> anyhow::Result<serde_json::Value> {
+    let dir = &args.model;
+    let before = measure(dir, &format!("model {}", dir.display()), args, block)?;
+    let after = measure(written.0, "the quantized model", args, block)?;
+    let (bytes_before, bytes_after) = (bytes_of(paths), bytes_of(written.1));
+    Ok(json!({
+        "model": dir.to_string_lossy(),
+        "bytes_before": bytes_before,
+        "bytes_after": bytes_after,
+        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
+        "perplexity_before": before.ppl,
+        "perplexity_after": after.ppl,
+        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
+        "block_size": block,
+        "decode_tokens_per_s_before": before.tok_s,
+        "decode_tokens_per_s_after": after.tok_s,
+        "decode_tokens": args.decode_tokens,
+    }))
 }
 
 /// Writes config (with transformers' GPT2LMHeadModel fields) and weights into `tmp`,
@@ -323,10 +368,27 @@ fn check_flags(args: &Args) -> anyhow::Result<(Method, Option<Prune>)> {
     Ok((method, prune))
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (method, prune) = check_flags(args)?;
+/// The float model a quantize run starts from, every check done.
+pub(crate) struct Source {
+    pub(crate) config: Gpt2Config,
+    pub(crate) block: i64,
+    pub(crate) kept: Vec<i64>,
+    pub(crate) tokenizer: Tokenizer,
+    pub(crate) paths: Vec<PathBuf>,
+    pub(crate) model: Gpt2,
+}
+
+/// Reads and checks `--model` (config, sizes, layers to keep, tokenizer) and loads it.
+pub(crate) fn load_source(args: &Args) -> anyhow::Result<Source> {
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
+    if !dir.is_dir() {
+        return Err(usage(format!(
+            "--model {}: quantize reads a Hugging Face model folder (`gpt2kit dequantize` \
+             turns a .gguf file into one)",
+            dir.display()
+        )));
+    }
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if let Some(msg) = already_quantized(&config, dir) {
         return Err(usage(msg));
@@ -348,10 +410,33 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let tokenizer = Tokenizer::from_dir(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let paths = folder::weight_paths(dir)?;
-    let source_sha256 = quantize::sha256_files(&paths)?;
-    let mut model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
+    let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[Device::Cpu])
         .with_context(|| format!("loading model {}", dir.display()))?;
-    drop(files);
+    Ok(Source {
+        config,
+        block,
+        kept,
+        tokenizer,
+        paths,
+        model,
+    })
+}
+
+pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+    if args.method.gguf().is_some() || infer::gguf::load::is_gguf(&args.out) {
+        return crate::quantize_gguf::run(args, out);
+    }
+    let (method, prune) = check_flags(args)?;
+    let dir = &args.model;
+    let Source {
+        config,
+        block,
+        kept,
+        tokenizer,
+        paths,
+        mut model,
+    } = load_source(args)?;
+    let source_sha256 = quantize::sha256_files(&paths)?;
     let calibration = match &args.calibration {
         Some(path) => Some(calibrate(
             &mut model,
@@ -378,29 +463,13 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let tmp = TempFolder::beside(&args.out)?;
     write_folder(&tmp, &artifact.config, &artifact.tensors, dir)?;
     // Measured on the folder as written, before it is renamed into place.
-    let source = format!("model {}", dir.display());
-    let before = measure(dir, &source, args, block)?;
-    let after = measure(tmp.path(), "the quantized artifact", args, block)?;
-    let bytes_before = bytes_of(&paths);
-    let bytes_after = bytes_of(&folder::weight_paths(tmp.path())?);
+    let weights = folder::weight_paths(tmp.path())?;
+    let mut report = report(args, &paths, (tmp.path(), &weights), block)?;
     let qc =
         QuantizationConfig::from_config(&artifact.config, &tmp.path().join(folder::CONFIG_FILE))?;
-    let report = json!({
-        "model": dir.to_string_lossy(),
-        "method": method.name(),
-        "quantization_config": qc,
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
-        "perplexity_before": before.ppl,
-        "perplexity_after": after.ppl,
-        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
-        "block_size": block,
-        "decode_tokens_per_s_before": before.tok_s,
-        "decode_tokens_per_s_after": after.tok_s,
-        "decode_tokens": args.decode_tokens,
-        "tensors": artifact.stats,
-    });
+    report["method"] = json!(method.name());
+    report["quantization_config"] = json!(qc);
+    report["tensors"] = json!(artifact.stats);
     tmp.write(
         "quantize_report.json",
         serde_json::to_string_pretty(&report)?.as_bytes(),
@@ -481,6 +550,9 @@ pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()
     let dir = &args.model;
     infer::model::check_model_dir(dir)?;
     check_out(&args.out)?;
+    if infer::gguf::load::is_gguf(dir) {
+        return crate::quantize_gguf::dequantize(args, out);
+    }
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if !config.extra.contains_key(infer::quant::CONFIG_KEY) {
         return Err(usage(format!(

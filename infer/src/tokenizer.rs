@@ -26,6 +26,10 @@ impl Tokenizer {
     /// Loads the tokenizer of a model folder: `tokenizer.json` if present, else
     /// `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
+        if crate::gguf::load::is_gguf(dir) {
+            let file = crate::gguf::GgufFile::open(dir)?;
+            return crate::gguf::vocab::tokenizer(&file.header, dir);
+        }
         let json = dir.join(TOKENIZER_JSON);
         let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));
         if exists(&json) {
@@ -42,18 +46,27 @@ impl Tokenizer {
 
     pub fn from_json(path: &Path) -> Result<Self> {
         check_regular_file(path)?;
+        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
+        Self::from_json_bytes(&bytes, path)
+    }
+
+    /// A tokenizer from `tokenizer.json` content; `path` names it in errors.
+    pub fn from_json_value(json: &serde_json::Value, path: &Path) -> Result<Self> {
+        Self::from_json_bytes(json.to_string().as_bytes(), path)
+    }
+
+    fn from_json_bytes(bytes: &[u8], path: &Path) -> Result<Self> {
         let bad = |reason: String| Error::Tokenizer {
             path: path.into(),
             reason,
         };
-        let bytes = std::fs::read(path).map_err(|e| Error::io(path, e))?;
         // tokenizers 0.22 panics instead of failing on some malformed files (found by
         // fuzzing, fuzz/regressions/tokenizer_json): a syntax error inside `decoder`, a
         // `Precompiled` normalizer its own type does not accept. Both are refused here.
         let json: serde_json::Value =
-            serde_json::from_slice(&bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         check_precompiled(&json).map_err(bad)?;
-        let inner = tokenizers::Tokenizer::from_bytes(&bytes).map_err(|e| bad(e.to_string()))?;
+        let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
         Ok(Self {
             inner,
             path: path.into(),
@@ -105,6 +118,12 @@ impl Tokenizer {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// The tokenizer as `tokenizer.json` content.
+    pub fn to_json(&self) -> Result<serde_json::Value> {
+        let text = self.inner.to_string(false).map_err(|e| self.error(e))?;
+        serde_json::from_str(&text).map_err(|e| self.error(e))
     }
 
     pub fn token_to_id(&self, token: &str) -> Option<i64> {

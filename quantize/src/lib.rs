@@ -11,6 +11,8 @@ use infer::quant::{self, Method, QuantizationConfig};
 use infer::{Error, Gpt2Config, Result};
 use tch::{Kind, Tensor};
 
+pub mod gguf;
+pub mod imatrix;
 pub mod int8;
 pub mod prune;
 

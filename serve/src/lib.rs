@@ -138,7 +138,7 @@ pub fn run(opts: Options) -> Result<(), Error> {
     let dir = &opts.model;
     infer::model::check_model_dir(dir)?;
     let tokenizer = Tokenizer::from_dir(dir)?;
-    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let config = Gpt2Config::of_model(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let positions = config.n_positions as usize;
     let max_model_len = opts.max_model_len.unwrap_or(positions);

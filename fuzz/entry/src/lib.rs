@@ -23,6 +23,7 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("vocab_merges", vocab_merges),
     ("jsonl", jsonl),
     ("manifest", manifest),
+    ("gguf", gguf),
 ];
 
 /// Where a fuzz input's file goes apart from the next: `a SEP b` is two files.
@@ -189,4 +190,23 @@ pub fn weights_bytes(tensors: &[(String, Tensor)]) -> Vec<u8> {
     let p = dir.join("w.safetensors");
     infer::folder::write_safetensors(&p, tensors).expect("writing tiny weights");
     std::fs::read(p).expect("reading tiny weights")
+}
+
+/// A `.gguf` file: the container parsed, then (for a small GPT-2) loaded as `infer` loads
+/// it: config from the metadata, tensors checked and dequantized, the tokenizer built.
+pub fn gguf(data: &[u8]) {
+    let _ = infer::gguf::file::parse(data);
+    let dir = scratch();
+    let path = put(&dir, "model.gguf", data);
+    let Ok(config) = Gpt2Config::of_model(&path) else {
+        return;
+    };
+    // Dequantizing allocates the config's shapes: bounded as `load_model` bounds them.
+    if config.num_parameters() > 1 << 16 || config.n_positions > 64 {
+        return;
+    }
+    let _ = infer::gguf::load::read(&path);
+    if let Ok(t) = Tokenizer::from_dir(&path) {
+        exercise(&t);
+    }
 }

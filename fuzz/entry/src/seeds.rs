@@ -57,6 +57,7 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         "max_new_tokens": 4, "bad_words_ids": [[3, 4]], "early_stopping": "never"}"#;
     out.push(("generation_config", gen.to_vec()));
     out.push(("model_folder", tiny.clone()));
+    out.push(("gguf", tiny_gguf()));
     out.push(("model_folder", cat(&[TINY_CONFIG.as_bytes(), SEP, &tiny])));
     let int8 = br#"{"model_type": "gpt2", "vocab_size": 16, "n_positions": 8, "n_embd": 8,
  "n_layer": 1, "n_head": 2, "quantization_config": {"quant_method": "gpt2kit",
@@ -100,4 +101,76 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
         "files": {"config.json": {"bytes": 2, "sha256": sha_of_braces}}});
     out.push(("manifest", manifest.to_string().into_bytes()));
     out
+}
+
+/// The tiny model as a GGUF file (f32, a 16-token vocabulary, one merge).
+pub fn tiny_gguf() -> Vec<u8> {
+    use infer::gguf::{blocks, file, gpt2, meta::ty, GgmlType, TensorData, Value};
+    let config: Gpt2Config = serde_json::from_str(TINY_CONFIG).expect("the tiny config parses");
+    let tensors: std::collections::HashMap<String, tch::Tensor> =
+        train::init::init_tensors(&config, 0.02, 1)
+            .into_iter()
+            .collect();
+    let data: Vec<TensorData> = gpt2::expected_tensors(&config)
+        .into_iter()
+        .map(|(name, dims)| {
+            let hf = gpt2::hf_name(&name).expect("a GPT-2 tensor name");
+            let mut t = tensors[&hf].to_kind(tch::Kind::Float);
+            if gpt2::is_conv1d_weight(&hf) {
+                t = t.transpose(0, 1);
+            }
+            let v = Vec::<f32>::try_from(t.contiguous().reshape([-1])).expect("f32 values");
+            let bytes =
+                blocks::quantize(GgmlType::F32, &v, dims[0] as usize, None).expect("f32 encodes");
+            TensorData {
+                name,
+                dims,
+                ty: GgmlType::F32,
+                bytes,
+            }
+        })
+        .collect();
+    // `<|endoftext|>`, a..n, and "ab" (the one merge's result).
+    let mut tokens: Vec<Value> = (b'a'..=b'n')
+        .map(|c| Value::String((c as char).into()))
+        .collect();
+    tokens.insert(0, Value::String("<|endoftext|>".into()));
+    tokens.push(Value::String("ab".into()));
+    let mut types = vec![Value::I32(1); 16];
+    types[0] = Value::I32(3);
+    let mut meta = vec![(
+        "general.architecture".to_string(),
+        Value::String("gpt2".into()),
+    )];
+    meta.extend(gpt2::config_keys(&config));
+    meta.extend([
+        (
+            "tokenizer.ggml.model".to_string(),
+            Value::String("gpt2".into()),
+        ),
+        (
+            "tokenizer.ggml.tokens".to_string(),
+            Value::Array(ty::STRING, tokens),
+        ),
+        (
+            "tokenizer.ggml.token_type".to_string(),
+            Value::Array(ty::I32, types),
+        ),
+        (
+            "tokenizer.ggml.merges".to_string(),
+            Value::Array(ty::STRING, vec![Value::String("a b".into())]),
+        ),
+        ("tokenizer.ggml.eos_token_id".to_string(), Value::U32(0)),
+    ]);
+    // One folder per call: tests build the seed from several threads at once.
+    static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = CALLS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let dir = std::env::temp_dir().join(format!("gpt2kit-gguf-seed-{}-{n}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("a seed folder");
+    let path = dir.join("tiny.gguf");
+    file::write(&path, &meta, &data).expect("the tiny GGUF writes");
+    let bytes = std::fs::read(&path).expect("the tiny GGUF reads");
+    let _ = std::fs::remove_dir_all(&dir);
+    bytes
 }

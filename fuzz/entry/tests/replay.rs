@@ -55,3 +55,18 @@ fn the_model_seed_loads() {
     assert!(model.is_ok(), "{:?}", model.err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_gguf_seed_loads() {
+    // As for the model seed: the GGUF seed reaches the end of the loader.
+    let dir = std::env::temp_dir().join(format!("gpt2kit-fuzz-gguf-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("tiny.gguf");
+    std::fs::write(&path, fuzz_entry::seeds::tiny_gguf()).unwrap();
+    let (config, tensors) = infer::gguf::load::read(&path).unwrap();
+    assert_eq!((config.n_layer, tensors.len()), (1, 16));
+    let t = infer::Tokenizer::from_dir(&path).unwrap();
+    assert_eq!(t.encode("ab").unwrap(), [15]);
+    assert_eq!(t.encode("ba").unwrap(), [2, 1]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,6 +1,15 @@
-//! llama.cpp's GGUF format: the ggml tensor types and their block codecs (`types`, `blocks`).
+//! llama.cpp's GGUF format: the ggml tensor types and their block codecs (`types`, `blocks`),
+//! row dot products over the blocks (`dot`),
+//! the container (`file`, `meta`), and a GPT-2 read from one (`load`).
 pub mod blocks;
 pub mod dot;
+pub mod file;
+pub mod gpt2;
+pub mod load;
+pub mod meta;
 pub mod types;
+pub mod vocab;
 
+pub use file::{GgufFile, Header, TensorData, TensorInfo};
+pub use meta::Value;
 pub use types::GgmlType;

@@ -43,6 +43,9 @@ impl Gpt2 {
         devices: &[Device],
         options: &EngineOptions,
     ) -> Result<Self> {
+        if crate::gguf::load::is_gguf(dir) {
+            return crate::gguf::load::load(dir, kind, devices, options);
+        }
         check_model_dir(dir)?;
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         check_layout(config.n_head, config.inner_dim(), devices)?;
