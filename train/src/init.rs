@@ -159,6 +159,7 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
             tokenizer_files: &tokenizer_files,
             extra_files: vec![],
             extra_tensors: vec![],
+            adapter: None,
         },
         true,
     )?;
