@@ -11,8 +11,10 @@
 //! leaving the gradient of its input for the block before. The embeddings take the
 //! last one. Every op runs as in the plain pass on the same inputs, so the loss and
 //! the gradients equal the plain pass's bit for bit on the CPU (tests/lora.rs checks).
-//! Parameters used twice (the tied `wte`: embedding and head) receive their two
-//! gradients in two backward calls; a + b is the same sum in either order.
+//! The tied `wte` (embedding and head) is the one parameter two segments share: its two
+//! gradients are summed in one final backward, so that they are added together to what
+//! earlier micro-batches left, as in the plain pass (for that, the head's graph is kept
+//! until then: the logits' memory is not saved when the embeddings are trained).
 //!
 //! The adapter's dropout draws from libtorch's generator, seeded before each block from
 //! the run's seed, the step, the micro-batch and the block: the recompute draws the
@@ -70,10 +72,17 @@ pub fn forward_backward(tr: &Trainable, model: &Gpt2, p: &Pass) -> Result<f64> {
 
 /// The loss of `logits`, divided by the step's targets and backpropagated; the sum.
 fn backward_loss(logits: &Tensor, p: &Pass) -> Result<f64> {
+    let (loss, sum) = scaled_loss(logits, p);
+    backward(&loss)?;
+    Ok(sum)
+}
+
+/// The loss of `logits` divided by the step's targets (what is backpropagated), and the
+/// summed loss.
+fn scaled_loss(logits: &Tensor, p: &Pass) -> (Tensor, f64) {
     let loss = data::lm_loss_sum(logits, p.labels);
     let sum = loss.double_value(&[]);
-    backward(&(loss / p.targets.max(1) as f64))?;
-    Ok(sum)
+    (loss / p.targets.max(1) as f64, sum)
 }
 
 fn backward(t: &Tensor) -> Result<()> {
@@ -119,9 +128,23 @@ fn checkpointed(
         x
     };
     let start = leaf(&last);
-    let sum = backward_loss(&model.train_head(&start), p)?;
-    let mut g = grad_of(&start, "the last block's output")?;
-    drop(start);
+    let (loss, sum) = scaled_loss(&model.train_head(&start), p);
+    // Full fine-tuning: the tied `wte` is used by the head and the embeddings. Its two
+    // gradients must reach it in one backward call, summed before they are added to
+    // the gradient earlier micro-batches left (as the plain pass adds them): so the
+    // head's backward here gives `start` its gradient only, and keeps its graph for one
+    // backward with the embeddings' at the end.
+    let shared = model.wte.requires_grad() || model.wpe.requires_grad();
+    let mut g = if shared {
+        let g = Tensor::f_run_backward(&[&loss], &[&start], true, false)
+            .map_err(|e| anyhow!("the backward pass failed: {}", first_line(&e)))?;
+        g.into_iter()
+            .next()
+            .ok_or_else(|| anyhow!("no gradient reached the head's input"))?
+    } else {
+        backward(&loss)?;
+        grad_of(&start, "the last block's output")?
+    };
     for layer in (0..n).rev() {
         let x = leaf(&inputs[layer]);
         inputs.truncate(layer);
@@ -130,9 +153,9 @@ fn checkpointed(
         backward(&(y * &g).sum(None::<tch::Kind>))?;
         g = grad_of(&x, &format!("block {layer}'s input"))?;
     }
-    if model.wte.requires_grad() || model.wpe.requires_grad() {
+    if shared {
         let x = model.train_embed(p.ids);
-        backward(&(x * &g).sum(None::<tch::Kind>))?;
+        backward(&(loss + (x * &g).sum(None::<tch::Kind>)))?;
     }
     Ok(sum)
 }
