@@ -220,12 +220,16 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let s = train(&options, out)?;
     writeln!(
         out,
-        "trained {} steps · final loss {} · {} non-finite steps skipped · {} invalid lines skipped{}",
+        "trained {} steps · final loss {} · {} non-finite steps skipped · {} invalid lines skipped{}{}",
         s.global_step,
         s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
         s.nan_steps_skipped,
         s.skipped_lines,
-        if s.early_stopped { " · stopped early" } else { "" }
+        if s.early_stopped { " · stopped early" } else { "" },
+        s.peak_rss.map_or(String::new(), |b| format!(
+            " · peak RSS {}",
+            train::memory::format_bytes(b)
+        ))
     )?;
     if let Some(b) = &s.best_model_checkpoint {
         writeln!(out, "best checkpoint: {}", args.output.join(b).display())?;

@@ -9,6 +9,7 @@ pub mod events;
 pub mod folder;
 pub mod init;
 pub mod lora;
+pub mod memory;
 pub mod merge;
 pub mod metrics;
 pub mod optim;

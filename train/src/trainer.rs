@@ -48,6 +48,8 @@ pub struct TrainSummary {
     /// None for the last step's.
     pub final_from: Option<String>,
     pub best_model_checkpoint: Option<String>,
+    /// The process's peak resident memory in bytes, where the system reports it.
+    pub peak_rss: Option<u64>,
 }
 
 /// The micro-batches of the next step: up to --gradient-accumulation-steps of them, not
@@ -248,6 +250,7 @@ fn train_owned(
         final_dir,
         final_from,
         best_model_checkpoint: state.best_model_checkpoint.clone(),
+        peak_rss: crate::memory::peak_rss_bytes(),
     })
 }
 
