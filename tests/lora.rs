@@ -72,6 +72,26 @@ fn peft_logits(t: &TempDir, base: &Path, adapter: &Path) -> Vec<(String, Tensor)
     named(&out)
 }
 
+/// An adapter made by peft (r 4) in `out`: B drawn non-zero (see lora_reference.py).
+fn peft_make(base: &Path, out: &Path, alpha: &str, targets: &str, seed: &str) {
+    let (base, out) = (base.to_str().unwrap(), out.to_str().unwrap());
+    peft(&[
+        "make",
+        "--base",
+        base,
+        "--out",
+        out,
+        "--r",
+        "4",
+        "--alpha",
+        alpha,
+        "--targets",
+        targets,
+        "--seed",
+        seed,
+    ]);
+}
+
 fn first_row() -> Tensor {
     rows(IDS).narrow(0, 0, 1)
 }
@@ -107,40 +127,33 @@ fn merge(t: &TempDir, base: &Path, adapter: &Path, out: &str) -> std::process::O
     ])
 }
 
-fn train_lora(t: &TempDir, out: &str, extra: &[&str]) -> std::process::Output {
+/// `gpt2kit train` on the hub-tied reference model and a fixed corpus, with `extra`.
+fn run_train(t: &TempDir, out: &str, extra: &[&str]) -> std::process::Output {
     let model = reference("hub-tied");
     if !t.path("train.jsonl").exists() {
         std::fs::write(t.path("train.jsonl"), corpus(40, 7)).unwrap();
     }
-    let mut args = vec![
-        "train",
-        "--model",
-        model.to_str().unwrap(),
-        "--output",
-        out,
+    let (model, data) = (model.to_str().unwrap(), t.s("train.jsonl"));
+    let mut args = vec!["train", "--model", model, "--data", &data, "--output", out];
+    args.extend([
         "--block-size",
         "32",
         "--batch-size",
         "4",
-        "--max-steps",
-        "6",
-        "--lr",
-        "1e-2",
         "--logging-steps",
         "1",
-        "--save-steps",
-        "3",
-        "--lora-r",
-        "4",
-        "--lora-alpha",
-        "16",
-        "--lora-target-modules",
-        "c_attn,c_proj,c_fc",
-    ];
-    let data = t.s("train.jsonl");
-    args.extend(["--data", data.as_str()]);
+    ]);
     args.extend(extra);
     gpt2kit(&args)
+}
+
+/// A LoRA run of six steps saving every three, with `extra`.
+fn train_lora(t: &TempDir, out: &str, extra: &[&str]) -> std::process::Output {
+    let mut args = vec!["--max-steps", "6", "--lr", "1e-2", "--save-steps", "3"];
+    args.extend(["--lora-r", "4", "--lora-alpha", "16"]);
+    args.extend(["--lora-target-modules", "c_attn,c_proj,c_fc"]);
+    args.extend(extra);
+    run_train(t, out, &args)
 }
 
 #[test]
@@ -155,19 +168,7 @@ fn our_adapter_loads_in_peft_with_our_logits_and_merges() {
     assert_ok(&o);
     let adapter = t.path("out/final");
     // peft's own folder for the same shape: the same tensor names and config fields.
-    peft(&[
-        "make",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        &t.s("peft"),
-        "--r",
-        "4",
-        "--alpha",
-        "16",
-        "--targets",
-        "c_attn,c_proj,c_fc",
-    ]);
+    peft_make(&base, &t.path("peft"), "16", "c_attn,c_proj,c_fc", "0");
     let ours = named(&adapter.join("adapter_model.safetensors"));
     let theirs = named(&t.path("peft/adapter_model.safetensors"));
     let names = |v: &[(String, Tensor)]| {
@@ -225,21 +226,13 @@ fn our_adapter_loads_in_peft_with_our_logits_and_merges() {
 fn peft_adapter_merges_in_gpt2kit_with_peft_logits() {
     let t = TempDir::new("lora-peft");
     let base = reference("hub-tied");
-    peft(&[
-        "make",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        &t.s("peft"),
-        "--r",
-        "4",
-        "--alpha",
+    peft_make(
+        &base,
+        &t.path("peft"),
         "8",
-        "--targets",
         "c_attn,attn.c_proj,mlp.c_fc",
-        "--seed",
         "3",
-    ]);
+    );
     let adapter = t.path("peft");
     let p = peft_logits(&t, &base, &adapter);
     let effect = max_diff(&get(&p, "logits"), &get(&p, "base"));
@@ -306,21 +299,7 @@ fn one_lora_step_matches_peft_and_torch_adamw() {
     let t = TempDir::new("lora-step");
     let base = reference("hub-tied");
     let (lr, wd) = (1e-3, 0.1);
-    peft(&[
-        "make",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        &t.s("peft"),
-        "--r",
-        "4",
-        "--alpha",
-        "8",
-        "--targets",
-        "c_attn,c_proj,c_fc",
-        "--seed",
-        "5",
-    ]);
+    peft_make(&base, &t.path("peft"), "8", "c_attn,c_proj,c_fc", "5");
     let out = t.path("step.safetensors");
     peft(&[
         "step",
@@ -430,52 +409,24 @@ fn lora_resume_and_gradient_checkpointing_equal_a_plain_run_bit_for_bit() {
 #[test]
 fn full_fine_tuning_with_gradient_checkpointing_equals_without() {
     let t = TempDir::new("gc-full");
-    let model = reference("hub-tied");
-    std::fs::write(t.path("train.jsonl"), corpus(24, 9)).unwrap();
     let run = |out: &str, extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "--model",
-            model.to_str().unwrap(),
-            "--output",
-            out,
-            "--block-size",
-            "32",
-            "--batch-size",
-            "4",
-            "--max-steps",
-            "3",
-            "--lr",
-            "1e-3",
-            "--gradient-accumulation-steps",
-            "2",
-        ];
-        let data = t.s("train.jsonl");
-        args.extend(["--data", data.as_str()]);
+        let mut args = vec!["--max-steps", "3", "--lr", "1e-3"];
+        args.extend(["--gradient-accumulation-steps", "2"]);
         args.extend(extra);
-        assert_ok(&gpt2kit(&args));
-        std::fs::read(Path::new(out).join("final/model.safetensors")).unwrap()
+        assert_ok(&run_train(&t, &t.s(out), &args));
+        std::fs::read(t.path(out).join("final/model.safetensors")).unwrap()
     };
-    // f32 on the CPU: the same ops on the same inputs in both, so bit for bit (the tied
-    // wte's two gradients are summed in the other order, which is exact for two terms).
-    assert!(run(&t.s("plain"), &[]) == run(&t.s("gc"), &["--gradient-checkpointing"]));
+    // f32 on the CPU: the same ops on the same inputs in both, so bit for bit (with
+    // gradient accumulation: the tied wte's two gradients are summed before they join
+    // the earlier micro-batch's, as in the plain pass).
+    assert!(run("plain", &[]) == run("gc", &["--gradient-checkpointing"]));
 }
 
 #[test]
 fn bad_adapters_are_refused_naming_the_tensor_or_key() {
     let t = TempDir::new("lora-bad");
     let base = reference("hub-tied");
-    peft(&[
-        "make",
-        "--base",
-        base.to_str().unwrap(),
-        "--out",
-        &t.s("good"),
-        "--r",
-        "4",
-        "--targets",
-        "c_attn,c_proj",
-    ]);
+    peft_make(&base, &t.path("good"), "8", "c_attn,c_proj", "0");
     let copy = |name: &str| {
         let d = t.path(name);
         std::fs::create_dir_all(&d).unwrap();

@@ -34,6 +34,26 @@ pub struct FolderContents<'a> {
     pub adapter: Option<(&'a LoraOptions, String)>,
 }
 
+/// A plain model folder (config, weights and tokenizer files, nothing else): see
+/// `write_model_folder`.
+pub fn write_plain_model(
+    target: &Path,
+    config: &Gpt2Config,
+    tensors: &[(String, Tensor)],
+    tokenizer_files: &[(String, Vec<u8>)],
+    replace: bool,
+) -> Result<()> {
+    let contents = FolderContents {
+        config,
+        tensors,
+        tokenizer_files,
+        extra_files: vec![],
+        extra_tensors: vec![],
+        adapter: None,
+    };
+    write_model_folder(target, &contents, replace)
+}
+
 /// Writes `contents` to `target` atomically. `target` must not exist unless `replace`,
 /// in which case the old folder is swapped out only after the new one is complete.
 pub fn write_model_folder(target: &Path, contents: &FolderContents, replace: bool) -> Result<()> {

@@ -8,7 +8,7 @@ use infer::checkpoint::WeightFiles;
 use infer::{Gpt2, Gpt2Config};
 use tch::{Device, Kind};
 
-use crate::folder::{self, FolderContents};
+use crate::folder;
 use crate::lora::Lora;
 
 /// What a merge did: the layers merged and the adapter's options.
@@ -44,18 +44,7 @@ pub fn merge_lora(base: &Path, adapter: &Path, out: &Path) -> Result<Merged> {
         }
     }
     let tokenizer_files = folder::read_tokenizer_files(base)?;
-    folder::write_model_folder(
-        out,
-        &FolderContents {
-            config: &config,
-            tensors: &tensors,
-            tokenizer_files: &tokenizer_files,
-            extra_files: vec![],
-            extra_tensors: vec![],
-            adapter: None,
-        },
-        false,
-    )?;
+    folder::write_plain_model(out, &config, &tensors, &tokenizer_files, false)?;
     Ok(Merged {
         layers: lora.layers.len(),
         r: lora.options.r,

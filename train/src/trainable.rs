@@ -29,28 +29,40 @@ pub struct Trainable {
 
 impl Trainable {
     pub fn load(dir: &Path, device: Device, bf16: bool) -> Result<Self> {
-        infer::model::check_model_dir(dir)?;
-        let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        let files = WeightFiles::open_dir(dir)?;
-        let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
-            .with_context(|| format!("loading {}", dir.display()))?;
-        let mut params = model.named_tensors()?;
-        for (_, p) in &mut params {
-            let _ = p.requires_grad_(true);
-        }
+        let (config, model, params) = open(dir, device)?;
         let map = params
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
             .collect();
-        Ok(Self {
+        Ok(Self::assemble(
+            (config, model),
+            params,
+            map,
+            (bf16, device),
+            None,
+        ))
+    }
+
+    /// The trainable over `params` (made leaves that require grad here).
+    fn assemble(
+        (config, model): (Gpt2Config, Gpt2),
+        mut params: Vec<(String, Tensor)>,
+        map: HashMap<String, Tensor>,
+        (bf16, device): (bool, Device),
+        lora: Option<Lora>,
+    ) -> Self {
+        for (_, p) in &mut params {
+            let _ = p.requires_grad_(true);
+        }
+        Self {
             config,
             params,
             map,
             model,
             bf16,
             device,
-            lora: None,
-        })
+            lora,
+        }
     }
 
     /// A LoRA run: the frozen base model of `base`, and the adapter of `adapter` (a
@@ -64,12 +76,8 @@ impl Trainable {
         device: Device,
         bf16: bool,
     ) -> Result<Self> {
-        infer::model::check_model_dir(base)?;
-        let config = Gpt2Config::from_file(&base.join("config.json"))?;
-        let files = WeightFiles::open_dir(base)?;
-        let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
-            .with_context(|| format!("loading {}", base.display()))?;
-        let map = model.named_tensors()?.into_iter().collect();
+        let (config, model, tensors) = open(base, device)?;
+        let map = tensors.into_iter().collect();
         let mut lora = match adapter {
             Some(dir) => {
                 let saved = Lora::read(dir, &config, device)?;
@@ -93,19 +101,14 @@ impl Trainable {
             }
             None => Lora::init(options, &config, seed, device)?,
         };
-        let mut params = std::mem::take(&mut lora.tensors);
-        for (_, p) in &mut params {
-            let _ = p.requires_grad_(true);
-        }
-        Ok(Self {
-            config,
+        let params = std::mem::take(&mut lora.tensors);
+        Ok(Self::assemble(
+            (config, model),
             params,
             map,
-            model,
-            bf16,
-            device,
-            lora: Some(lora),
-        })
+            (bf16, device),
+            Some(lora),
+        ))
     }
 
     /// Replaces the leaves by fresh ones over the same storage, so the next backward
@@ -169,6 +172,17 @@ impl Trainable {
             .iter()
             .all(|(_, p)| p.isfinite().all().int64_value(&[]) == 1)
     }
+}
+
+/// The f32 model of the folder `dir`, with its config and its tensors by name.
+fn open(dir: &Path, device: Device) -> Result<(Gpt2Config, Gpt2, Vec<(String, Tensor)>)> {
+    infer::model::check_model_dir(dir)?;
+    let config = Gpt2Config::from_file(&dir.join("config.json"))?;
+    let files = WeightFiles::open_dir(dir)?;
+    let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
+        .with_context(|| format!("loading {}", dir.display()))?;
+    let tensors = model.named_tensors()?;
+    Ok((config, model, tensors))
 }
 
 /// The adapters of `layers` tied to `model`'s layers.
