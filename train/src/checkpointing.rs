@@ -11,10 +11,10 @@
 //! leaving the gradient of its input for the block before. The embeddings take the
 //! last one. Every op runs as in the plain pass on the same inputs, so the loss and
 //! the gradients equal the plain pass's bit for bit on the CPU (tests/lora.rs checks).
-//! The tied `wte` (embedding and head) is the one parameter two segments share: its two
-//! gradients are summed in one final backward, so that they are added together to what
-//! earlier micro-batches left, as in the plain pass (for that, the head's graph is kept
-//! until then: the logits' memory is not saved when the embeddings are trained).
+//! The tied `wte` (embedding and head) is the one parameter two segments share: the
+//! head's and the embeddings' gradients are computed without accumulating
+//! (`autograd::grad`), summed, and added to what earlier micro-batches left in one
+//! step, as the plain pass adds them.
 //!
 //! The adapter's dropout draws from libtorch's generator, seeded before each block from
 //! the run's seed, the step, the micro-batch and the block: the recompute draws the
@@ -90,6 +90,22 @@ fn backward(t: &Tensor) -> Result<()> {
         .map_err(|e| anyhow!("the backward pass failed: {}", first_line(&e)))
 }
 
+/// The gradients of `of` with respect to `wanted`, not accumulated into them.
+fn grads_of(of: &Tensor, wanted: &[&Tensor]) -> Result<Vec<Tensor>> {
+    Tensor::f_run_backward(&[of], wanted, false, false)
+        .map_err(|e| anyhow!("the backward pass failed: {}", first_line(&e)))
+}
+
+/// Those of `params` that are trained (require grad).
+fn trained<'a>(params: &[&'a Tensor]) -> Vec<&'a Tensor> {
+    params.iter().copied().filter(|p| p.requires_grad()).collect()
+}
+
+/// The head's weight: `lm_head.weight`, or `wte` when tied.
+fn head_weight(model: &Gpt2) -> &Tensor {
+    model.lm_head().unwrap_or(&model.wte)
+}
+
 /// A leaf over `x`'s values that requires grad: where a recomputed segment starts.
 fn leaf(x: &Tensor) -> Tensor {
     let mut l = x.detach();
@@ -129,22 +145,16 @@ fn checkpointed(
     };
     let start = leaf(&last);
     let (loss, sum) = scaled_loss(&model.train_head(&start), p);
-    // Full fine-tuning: the tied `wte` is used by the head and the embeddings. Its two
-    // gradients must reach it in one backward call, summed before they are added to
-    // the gradient earlier micro-batches left (as the plain pass adds them): so the
-    // head's backward here gives `start` its gradient only, and keeps its graph for one
-    // backward with the embeddings' at the end.
-    let shared = model.wte.requires_grad() || model.wpe.requires_grad();
-    let mut g = if shared {
-        let g = Tensor::f_run_backward(&[&loss], &[&start], true, false)
-            .map_err(|e| anyhow!("the backward pass failed: {}", first_line(&e)))?;
-        g.into_iter()
-            .next()
-            .ok_or_else(|| anyhow!("no gradient reached the head's input"))?
-    } else {
-        backward(&loss)?;
-        grad_of(&start, "the last block's output")?
-    };
+    // The head's backward gives `start` its gradient and the head's parameters theirs,
+    // held (not accumulated) so that the tied `wte` receives its two gradients (head and
+    // embeddings) summed, as the plain pass adds them to what earlier micro-batches left.
+    let head = trained(&[&model.ln_f.weight, &model.ln_f.bias, head_weight(model)]);
+    let mut wanted = vec![&start];
+    wanted.extend(head.iter().copied());
+    let mut grads = grads_of(&loss, &wanted)?.into_iter();
+    let mut g = grads.next().ok_or_else(|| anyhow!("no gradient reached the head"))?;
+    drop(start);
+    let mut held: Vec<(&Tensor, Tensor)> = head.into_iter().zip(grads).collect();
     for layer in (0..n).rev() {
         let x = leaf(&inputs[layer]);
         inputs.truncate(layer);
@@ -153,9 +163,25 @@ fn checkpointed(
         backward(&(y * &g).sum(None::<tch::Kind>))?;
         g = grad_of(&x, &format!("block {layer}'s input"))?;
     }
-    if shared {
+    let embeddings = trained(&[&model.wte, &model.wpe]);
+    if !embeddings.is_empty() {
         let x = model.train_embed(p.ids);
-        backward(&(loss + (x * &g).sum(None::<tch::Kind>)))?;
+        let grads = grads_of(&(x * &g).sum(None::<tch::Kind>), &embeddings)?;
+        for (param, grad) in embeddings.into_iter().zip(grads) {
+            match held.iter_mut().find(|(q, _)| q.data_ptr() == param.data_ptr()) {
+                Some((_, sum)) => *sum = &*sum + grad,
+                None => held.push((param, grad)),
+            }
+        }
+    }
+    // Each held gradient joins its parameter's in one backward: the gradient of
+    // sum(p · g) with respect to p is g exactly.
+    let total = held
+        .iter()
+        .map(|(p, g)| (*p * g).sum(None::<tch::Kind>))
+        .reduce(|a, b| a + b);
+    if let Some(total) = total {
+        backward(&total)?;
     }
     Ok(sum)
 }
