@@ -25,9 +25,9 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     writeln!(
         out,
         "merged {} LoRA layers (r {}, scaling {}) into {} ({} layers): {}",
-        m.layers,
-        m.r,
-        m.scaling,
+        m.lora.layers.len(),
+        m.lora.options.r,
+        m.lora.options.scaling(),
         args.model.display(),
         m.config.n_layer,
         args.out.display()

@@ -220,6 +220,20 @@ fn our_adapter_loads_in_peft_with_our_logits_and_merges() {
     let d = max_diff(&ours_merged, &ours_unmerged);
     // Merged against unmerged: x·(W + ΔW) against x·W + x·ΔW, reassociated sums only.
     assert!(d < 1e-5, "merged against unmerged: max |Δlogits| {d}");
+    // `infer --adapter` decodes as the merged folder does, and unlike the base.
+    let infer = |model: &Path, adapter: Option<&Path>| {
+        let mut args = vec!["infer", "--model", model.to_str().unwrap()];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", a.to_str().unwrap()]);
+        }
+        args.extend(["--prompt", "the model reads", "--max-new-tokens", "12"]);
+        let o = gpt2kit(&args);
+        assert_ok(&o);
+        o.stdout
+    };
+    let with_adapter = infer(&base, Some(&adapter));
+    assert_eq!(with_adapter, infer(&t.path("merged"), None));
+    assert_ne!(with_adapter, infer(&base, None));
 }
 
 #[test]

@@ -98,7 +98,11 @@ fn grads_of(of: &Tensor, wanted: &[&Tensor]) -> Result<Vec<Tensor>> {
 
 /// Those of `params` that are trained (require grad).
 fn trained<'a>(params: &[&'a Tensor]) -> Vec<&'a Tensor> {
-    params.iter().copied().filter(|p| p.requires_grad()).collect()
+    params
+        .iter()
+        .copied()
+        .filter(|p| p.requires_grad())
+        .collect()
 }
 
 /// The head's weight: `lm_head.weight`, or `wte` when tied.
@@ -152,7 +156,9 @@ fn checkpointed(
     let mut wanted = vec![&start];
     wanted.extend(head.iter().copied());
     let mut grads = grads_of(&loss, &wanted)?.into_iter();
-    let mut g = grads.next().ok_or_else(|| anyhow!("no gradient reached the head"))?;
+    let mut g = grads
+        .next()
+        .ok_or_else(|| anyhow!("no gradient reached the head"))?;
     drop(start);
     let mut held: Vec<(&Tensor, Tensor)> = head.into_iter().zip(grads).collect();
     for layer in (0..n).rev() {
@@ -168,7 +174,10 @@ fn checkpointed(
         let x = model.train_embed(p.ids);
         let grads = grads_of(&(x * &g).sum(None::<tch::Kind>), &embeddings)?;
         for (param, grad) in embeddings.into_iter().zip(grads) {
-            match held.iter_mut().find(|(q, _)| q.data_ptr() == param.data_ptr()) {
+            match held
+                .iter_mut()
+                .find(|(q, _)| q.data_ptr() == param.data_ptr())
+            {
                 Some((_, sum)) => *sum = &*sum + grad,
                 None => held.push((param, grad)),
             }
