@@ -134,6 +134,9 @@ pub struct Args {
     /// Layers to adapt, comma-separated peft names: c_attn, c_proj (attn and mlp), c_fc, attn.c_proj, ... (default c_attn).
     #[arg(long, requires = "lora_r", value_delimiter = ',')]
     lora_target_modules: Vec<String>,
+    /// LoRA: hold the frozen base in f32 or bf16 (then the forward runs in bf16; the adapter and AdamW stay f32).
+    #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
+    base_dtype: TrainDtype,
     /// Recompute each block's activations in the backward pass: less memory, one more forward.
     #[arg(long)]
     gradient_checkpointing: bool,
@@ -216,6 +219,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         stop_after_micro_batches: args.stop_after_micro_batches,
         lora: lora_options(args),
         gradient_checkpointing: args.gradient_checkpointing,
+        base_bf16: args.base_dtype == TrainDtype::Bf16,
     };
     let s = train(&options, out)?;
     writeln!(

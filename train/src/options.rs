@@ -58,6 +58,8 @@ pub struct TrainOptions {
     pub keep_freed_memory: bool,
     /// LoRA fine-tuning (the base frozen, only the adapter trained): its options.
     pub lora: Option<LoraOptions>,
+    /// LoRA runs: the frozen base held in bf16 (the forward in bf16).
+    pub base_bf16: bool,
     /// Recompute each block's activations in the backward pass (`checkpointing`).
     pub gradient_checkpointing: bool,
     /// Testing hook: fail as a crash would after this many micro-batches of this run.
@@ -166,6 +168,12 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
         )));
     }
     check_best_model_options(o)?;
+    if o.base_bf16 && o.lora.is_none() {
+        return Err(input(
+            "--base-dtype bf16 needs --lora-r (a frozen base); full fine-tuning has --dtype bf16"
+                .into(),
+        ));
+    }
     if let Some(l) = &o.lora {
         l.check("--lora-r/--lora-alpha/--lora-dropout/--lora-target-modules")?;
         l.layers(config.n_layer)

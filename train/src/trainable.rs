@@ -29,7 +29,7 @@ pub struct Trainable {
 
 impl Trainable {
     pub fn load(dir: &Path, device: Device, bf16: bool) -> Result<Self> {
-        let (config, model, params) = open(dir, device)?;
+        let (config, model, params) = open(dir, device, Kind::Float)?;
         let map = params
             .iter()
             .map(|(n, t)| (n.clone(), t.shallow_clone()))
@@ -65,18 +65,21 @@ impl Trainable {
         }
     }
 
-    /// A LoRA run: the frozen base model of `base`, and the adapter of `adapter` (a
-    /// checkpoint resumed from, whose adapter_config.json must agree with `options`) or
-    /// a fresh one drawn with `seed`.
+    /// A LoRA run: the frozen base model of `base`, held in `base_kind` (f32 or bf16:
+    /// then the whole forward runs in bf16, the adapter cast to it), and the adapter of
+    /// `adapter` (a checkpoint resumed from, whose adapter_config.json must agree with
+    /// `options`) or a fresh one drawn with `seed`.
     pub fn load_lora(
         base: &Path,
         adapter: Option<&Path>,
         options: &LoraOptions,
         seed: u64,
         device: Device,
-        bf16: bool,
+        (bf16, base_kind): (bool, Kind),
     ) -> Result<Self> {
-        let (config, model, tensors) = open(base, device)?;
+        let (config, model, tensors) = open(base, device, base_kind)?;
+        // A bf16 base is its own bf16 compute model: no cast per micro-batch.
+        let bf16 = bf16 && base_kind == Kind::Float;
         let map = tensors.into_iter().collect();
         let mut lora = match adapter {
             Some(dir) => {
@@ -174,12 +177,16 @@ impl Trainable {
     }
 }
 
-/// The f32 model of the folder `dir`, with its config and its tensors by name.
-fn open(dir: &Path, device: Device) -> Result<(Gpt2Config, Gpt2, Vec<(String, Tensor)>)> {
+/// The model of the folder `dir` in `kind`, with its config and its tensors by name.
+fn open(
+    dir: &Path,
+    device: Device,
+    kind: Kind,
+) -> Result<(Gpt2Config, Gpt2, Vec<(String, Tensor)>)> {
     infer::model::check_model_dir(dir)?;
     let config = Gpt2Config::from_file(&dir.join("config.json"))?;
     let files = WeightFiles::open_dir(dir)?;
-    let model = Gpt2::from_weights(config.clone(), &files, Kind::Float, &[device])
+    let model = Gpt2::from_weights(config.clone(), &files, kind, &[device])
         .with_context(|| format!("loading {}", dir.display()))?;
     let tensors = model.named_tensors()?;
     Ok((config, model, tensors))

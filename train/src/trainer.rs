@@ -114,7 +114,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     // it or anything is allocated.
     infer::model::check_sizes(&base_config, &WeightFiles::open_dir(&o.model)?)?;
     check_options(o, &base_config)?;
-    if o.bf16 {
+    if o.bf16 || o.base_bf16 {
         check_bf16(o.device)?;
     }
     let created = output::CreatedDirs::create(&o.output)?;
@@ -353,7 +353,21 @@ fn restore(
         check_same_kind(o, dir)?;
     }
     let tr = match &o.lora {
-        Some(l) => Trainable::load_lora(&o.model, resume_dir, l, o.seed, o.device, o.bf16)?,
+        Some(l) => {
+            let base_kind = if o.base_bf16 {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            };
+            Trainable::load_lora(
+                &o.model,
+                resume_dir,
+                l,
+                o.seed,
+                o.device,
+                (o.bf16, base_kind),
+            )?
+        }
         None => Trainable::load(resume_dir.unwrap_or(&o.model), o.device, o.bf16)?,
     };
     let mut adam = AdamW::new(&tr.params, o.adam);
