@@ -533,7 +533,12 @@ fn a_bf16_base_trains_an_adapter_close_to_the_f32_base() {
     let eval_loss = |out: &str, extra: &[&str]| -> f64 {
         let mut args = vec!["--eval-split", "0.2", "--eval-steps", "6"];
         args.extend(extra);
-        let o = train_lora(&t, &t.s(out), &args);
+        let o = if extra.contains(&"--lr") {
+            args.extend(["--max-steps", "6", "--lora-r", "4"]);
+            run_train(&t, &t.s(out), &args)
+        } else {
+            train_lora(&t, &t.s(out), &args)
+        };
         assert_ok(&o);
         let text = String::from_utf8_lossy(&o.stdout).into_owned();
         let line = text
