@@ -425,8 +425,8 @@ fn lora_resume_and_gradient_checkpointing_equal_a_plain_run_bit_for_bit() {
     let opt = named(&t.path("plain/checkpoint-6/optimizer.safetensors"));
     let adapter = named(&t.path("plain/checkpoint-6/adapter_model.safetensors"));
     assert_eq!(opt.len(), 2 * adapter.len() + 1);
-    for (n, _) in &adapter {
-        get(&opt, &format!("exp_avg.{n}"));
+    for (n, a) in &adapter {
+        assert_eq!(get(&opt, &format!("exp_avg.{n}")).size(), a.size(), "{n}");
     }
     // Dropout is on: a run without it trains another adapter.
     assert_ok(&train_lora(&t, &t.s("nodrop"), &[]));
