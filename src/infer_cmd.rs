@@ -25,6 +25,9 @@ pub struct Args {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
+    /// A LoRA adapter folder (peft's format) for --model, merged into its weights at load.
+    #[arg(long)]
+    adapter: Option<PathBuf>,
     /// Prompt text; repeat the flag for several prompts (decoded together).
     #[arg(long, required_unless_present = "prompts")]
     prompt: Vec<String>,
@@ -367,8 +370,11 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     check_requests(&config, &requests, &cfg, &from.origins)?;
     let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
     let engine = args.engine.options();
-    let model = Gpt2::load_with(dir, kind, &devices, &engine)
-        .with_context(|| format!("loading model {}", dir.display()))?;
+    let model = match &args.adapter {
+        Some(a) => train::merge::load_merged(dir, a, kind, &devices, &engine)?,
+        None => Gpt2::load_with(dir, kind, &devices, &engine)
+            .with_context(|| format!("loading model {}", dir.display()))?,
+    };
     let others = load_models(&args.ensemble, kind, device, &engine)?;
     let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
     let ensemble = Ensemble::new(

@@ -12,6 +12,7 @@ mod infer_io;
 mod infer_settings;
 mod init_cmd;
 mod inspect;
+mod merge_lora_cmd;
 mod quantize_cmd;
 mod quantize_gguf;
 mod serve_cmd;
@@ -50,6 +51,8 @@ enum Command {
     Quantize(quantize_cmd::Args),
     /// Write an int8 artifact back as a plain float model folder.
     Dequantize(quantize_cmd::DequantizeArgs),
+    /// Merge a LoRA adapter (peft's format) into its base model: a plain model folder.
+    MergeLora(merge_lora_cmd::Args),
     /// Generate text from prompts.
     Infer(infer_cmd::Args),
     /// An OpenAI-compatible HTTP server (completions, streaming) over continuous batching.
@@ -75,6 +78,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval_cmd::run(&args, &mut out),
         Command::Quantize(args) => quantize_cmd::run(&args, &mut out),
         Command::Dequantize(args) => quantize_cmd::run_dequantize(&args, &mut out),
+        Command::MergeLora(args) => merge_lora_cmd::run(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
         Command::Serve(args) => serve_cmd::run(&args, &mut out),
     };

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use clap::Args as ClapArgs;
 use train::data::DataOptions;
+use train::lora::{LoraOptions, DEFAULT_ALPHA, DEFAULT_TARGETS};
 use train::optim::AdamWConfig;
 use train::trainer::{train, Resume, TrainOptions};
 
@@ -121,6 +122,40 @@ pub struct Args {
     /// bf16: bf16 compute with f32 master weights, where the device supports it.
     #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
     dtype: TrainDtype,
+    /// LoRA rank: train a LoRA adapter (peft's format) on the frozen model instead of every weight.
+    #[arg(long)]
+    lora_r: Option<i64>,
+    /// LoRA alpha: the adapter's output is scaled by alpha / r (default 8, peft's).
+    #[arg(long, requires = "lora_r")]
+    lora_alpha: Option<f64>,
+    /// Dropout probability on the adapter's input (default 0).
+    #[arg(long, requires = "lora_r")]
+    lora_dropout: Option<f64>,
+    /// Layers to adapt, comma-separated peft names: c_attn, c_proj (attn and mlp), c_fc, attn.c_proj, ... (default c_attn).
+    #[arg(long, requires = "lora_r", value_delimiter = ',')]
+    lora_target_modules: Vec<String>,
+    /// LoRA: hold the frozen base in f32 or bf16 (then the forward runs in bf16; the adapter and AdamW stay f32).
+    #[arg(long, value_enum, default_value_t = TrainDtype::F32)]
+    base_dtype: TrainDtype,
+    /// Recompute each block's activations in the backward pass: less memory, one more forward.
+    #[arg(long)]
+    gradient_checkpointing: bool,
+}
+
+/// The LoRA options of the flags (peft's defaults where a flag is not given).
+fn lora_options(args: &Args) -> Option<LoraOptions> {
+    let r = args.lora_r?;
+    let targets = if args.lora_target_modules.is_empty() {
+        DEFAULT_TARGETS.iter().map(|t| t.to_string()).collect()
+    } else {
+        args.lora_target_modules.clone()
+    };
+    Some(LoraOptions {
+        r,
+        alpha: args.lora_alpha.unwrap_or(DEFAULT_ALPHA),
+        dropout: args.lora_dropout.unwrap_or(0.0),
+        target_modules: targets,
+    })
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
@@ -182,16 +217,23 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         profile: std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some(),
         keep_freed_memory: std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none(),
         stop_after_micro_batches: args.stop_after_micro_batches,
+        lora: lora_options(args),
+        gradient_checkpointing: args.gradient_checkpointing,
+        base_bf16: args.base_dtype == TrainDtype::Bf16,
     };
     let s = train(&options, out)?;
     writeln!(
         out,
-        "trained {} steps · final loss {} · {} non-finite steps skipped · {} invalid lines skipped{}",
+        "trained {} steps · final loss {} · {} non-finite steps skipped · {} invalid lines skipped{}{}",
         s.global_step,
         s.final_loss.map_or("-".into(), |l| format!("{l:.4}")),
         s.nan_steps_skipped,
         s.skipped_lines,
-        if s.early_stopped { " · stopped early" } else { "" }
+        if s.early_stopped { " · stopped early" } else { "" },
+        s.peak_rss.map_or(String::new(), |b| format!(
+            " · peak RSS {}",
+            train::memory::format_bytes(b)
+        ))
     )?;
     if let Some(b) = &s.best_model_checkpoint {
         writeln!(out, "best checkpoint: {}", args.output.join(b).display())?;

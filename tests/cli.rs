@@ -532,6 +532,7 @@ fn readme_documents_every_flag_and_no_other() {
         "eval",
         "quantize",
         "dequantize",
+        "merge-lora",
         "infer",
         "serve",
     ] {

@@ -30,7 +30,7 @@ impl Default for EngineOptions {
 impl EngineOptions {
     /// Sizes the kernels' pool as asked, before any layer is packed. An error if the pool
     /// already runs with another number of threads.
-    pub(crate) fn apply_threads(&self) -> Result<()> {
+    pub fn apply_threads(&self) -> Result<()> {
         let Some(asked) = self.kernel_threads else {
             return Ok(());
         };

@@ -181,6 +181,7 @@ pub fn save(
                 (RNG_STATE.into(), serde_json::to_vec_pretty(&rng)?),
             ],
             extra_tensors: vec![(OPTIMIZER.into(), adam.state_tensors())],
+            adapter: tr.adapter_folder(&o.model),
         },
         // A folder of this step from an earlier run (resumed from an older checkpoint)
         // is swapped out only once the new one is complete.

@@ -25,6 +25,19 @@ pub struct EvalResult {
 
 /// Mean loss of `model` over `samples`, `batch_size` examples at a time.
 pub fn evaluate(model: &Gpt2, samples: &[Sample], batch_size: i64, pad: i64) -> Result<EvalResult> {
+    evaluate_with(model.device(), samples, batch_size, pad, &|ids| {
+        Ok(model.forward_train(ids))
+    })
+}
+
+/// `evaluate` with the logits of `logits`, run on inputs placed on `device`.
+pub fn evaluate_with(
+    device: tch::Device,
+    samples: &[Sample],
+    batch_size: i64,
+    pad: i64,
+    logits: &dyn Fn(&tch::Tensor) -> Result<tch::Tensor>,
+) -> Result<EvalResult> {
     if batch_size < 1 {
         return Err(
             infer::Error::Input(format!("batch size must be positive, got {batch_size}")).into(),
@@ -35,8 +48,8 @@ pub fn evaluate(model: &Gpt2, samples: &[Sample], batch_size: i64, pad: i64) -> 
     let mut tokens = 0i64;
     for chunk in samples.chunks(batch_size as usize) {
         let refs: Vec<&Sample> = chunk.iter().collect();
-        let (ids, labels) = data::collate(&refs, pad, model.device());
-        let logits = model.forward_train(&ids);
+        let (ids, labels) = data::collate(&refs, pad, device);
+        let logits = logits(&ids)?;
         sum += data::lm_loss_sum(&logits, &labels).double_value(&[]);
         tokens += chunk.iter().map(Sample::target_tokens).sum::<i64>();
     }
@@ -104,7 +117,10 @@ pub(crate) fn run_eval(
 ) -> Result<EvalResult> {
     let _g = tch::no_grad_guard();
     let bf16 = tr.compute_model()?;
-    evaluate(bf16.as_ref().unwrap_or(&tr.model), set, batch_size, eos)
+    let model = bf16.as_ref().unwrap_or(&tr.model);
+    evaluate_with(model.device(), set, batch_size, eos, &|ids| {
+        tr.logits(model, ids, false)
+    })
 }
 
 /// Records the eval of a step and prints it; true when early stopping's patience ran

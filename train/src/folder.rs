@@ -8,6 +8,8 @@ use infer::folder::{TempFolder, CONFIG_FILE, GENERATION_CONFIG_FILE, SINGLE_FILE
 use infer::Gpt2Config;
 use tch::Tensor;
 
+use crate::lora::{LoraOptions, ADAPTER_CONFIG, ADAPTER_WEIGHTS};
+
 pub use infer::folder::{
     config_json, generation_config_json, hf_names, read_safetensors, read_tokenizer_files,
     remove_leftovers, sync_dir, sync_file, write_file, write_safetensors, TMP_PREFIX,
@@ -26,6 +28,30 @@ pub struct FolderContents<'a> {
     pub extra_files: Vec<(String, Vec<u8>)>,
     /// Further safetensors files: (name, tensors).
     pub extra_tensors: Vec<(String, Vec<(String, Tensor)>)>,
+    /// A LoRA adapter folder instead (peft's `save_pretrained`): `tensors` are the
+    /// adapter's, written to adapter_model.safetensors as named, with
+    /// adapter_config.json naming the base model; no config.json or model weights.
+    pub adapter: Option<(&'a LoraOptions, String)>,
+}
+
+/// A plain model folder (config, weights and tokenizer files, nothing else): see
+/// `write_model_folder`.
+pub fn write_plain_model(
+    target: &Path,
+    config: &Gpt2Config,
+    tensors: &[(String, Tensor)],
+    tokenizer_files: &[(String, Vec<u8>)],
+    replace: bool,
+) -> Result<()> {
+    let contents = FolderContents {
+        config,
+        tensors,
+        tokenizer_files,
+        extra_files: vec![],
+        extra_tensors: vec![],
+        adapter: None,
+    };
+    write_model_folder(target, &contents, replace)
 }
 
 /// Writes `contents` to `target` atomically. `target` must not exist unless `replace`,
@@ -45,13 +71,22 @@ fn write_folder(target: &Path, contents: &FolderContents, replace: bool) -> Resu
     if contents.tokenizer_files.is_empty() {
         bail!("no tokenizer files to write");
     }
-    tmp.write(CONFIG_FILE, config_json(contents.config)?.as_bytes())?;
-    tmp.write(
-        GENERATION_CONFIG_FILE,
-        generation_config_json(contents.config)?.as_bytes(),
-    )?;
-    let st = tmp.path().join(SINGLE_FILE);
-    write_safetensors(&st, &hf_names(contents.tensors))?;
+    match &contents.adapter {
+        Some((options, base)) => {
+            let json = serde_json::to_vec_pretty(&options.config_json(base))?;
+            tmp.write(ADAPTER_CONFIG, &json)?;
+            write_safetensors(&tmp.path().join(ADAPTER_WEIGHTS), contents.tensors)?;
+        }
+        None => {
+            tmp.write(CONFIG_FILE, config_json(contents.config)?.as_bytes())?;
+            tmp.write(
+                GENERATION_CONFIG_FILE,
+                generation_config_json(contents.config)?.as_bytes(),
+            )?;
+            let st = tmp.path().join(SINGLE_FILE);
+            write_safetensors(&st, &hf_names(contents.tensors))?;
+        }
+    }
     for (file, tensors) in &contents.extra_tensors {
         write_safetensors(&tmp.path().join(file), tensors)?;
     }

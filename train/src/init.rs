@@ -9,7 +9,7 @@ use infer::config::TokenIds;
 use infer::{Gpt2Config, Tokenizer};
 use tch::{Device, Kind, Tensor};
 
-use crate::folder::{write_model_folder, FolderContents};
+use crate::folder::write_plain_model;
 
 pub use infer::folder::INITIALIZER_RANGE;
 
@@ -151,17 +151,7 @@ pub fn init_model(opts: &InitOptions) -> Result<Gpt2Config> {
     }
     let tensors = init_tensors(&config, INITIALIZER_RANGE, opts.seed);
     let tokenizer_files = crate::folder::read_tokenizer_files(opts.tokenizer_dir)?;
-    write_model_folder(
-        opts.out,
-        &FolderContents {
-            config: &config,
-            tensors: &tensors,
-            tokenizer_files: &tokenizer_files,
-            extra_files: vec![],
-            extra_tensors: vec![],
-        },
-        true,
-    )?;
+    write_plain_model(opts.out, &config, &tensors, &tokenizer_files, true)?;
     Ok(config)
 }
 

@@ -2,11 +2,15 @@
 //! the LR schedule, crash-safe checkpoints and exact resume, eval and TensorBoard logs;
 //! GPT-2's random initialisation and byte-level BPE tokenizer training.
 pub mod checkpoint;
+pub mod checkpointing;
 pub mod data;
 pub mod eval;
 pub mod events;
 pub mod folder;
 pub mod init;
+pub mod lora;
+pub mod memory;
+pub mod merge;
 pub mod metrics;
 pub mod optim;
 pub mod options;

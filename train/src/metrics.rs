@@ -1,6 +1,6 @@
 //! What a person sees of training: TensorBoard scalars (event files under `OUTPUT/runs/`,
 //! see `events`), an indicatif progress bar on a terminal's stderr (step, loss, lr,
-//! tokens/s, ETA), and plain log lines on stderr when it is not a terminal.
+//! tokens/s, peak RSS, ETA), and plain log lines on stderr when it is not a terminal.
 //!
 //! A closed or full stderr loses these messages and nothing else: `eprintln!` would
 //! panic there (Rust ignores SIGPIPE, so a closed pipe is an EPIPE write error), which
@@ -12,6 +12,7 @@ use anyhow::{Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::events::EventFile;
+use crate::memory::peak_suffix;
 use crate::util::stderr_line;
 
 pub struct Metrics {
@@ -45,7 +46,8 @@ impl Metrics {
     pub fn step(&mut self, step: i64, loss: f64, lr: f64, tokens_per_s: f64) {
         self.bar.set_position(step as u64);
         self.bar.set_message(format!(
-            "loss {loss:.4} · lr {lr:.3e} · {tokens_per_s:.0} tok/s"
+            "loss {loss:.4} · lr {lr:.3e} · {tokens_per_s:.0} tok/s{}",
+            peak_suffix()
         ));
     }
 
@@ -63,8 +65,9 @@ impl Metrics {
         );
         if self.bar.is_hidden() {
             stderr_line(&format!(
-                "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s",
-                self.bar.length().unwrap_or(0)
+                "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s{}",
+                self.bar.length().unwrap_or(0),
+                peak_suffix()
             ));
         }
     }

@@ -7,6 +7,7 @@ use infer::Gpt2Config;
 use tch::Device;
 
 use crate::data::DataOptions;
+use crate::lora::LoraOptions;
 use crate::optim::AdamWConfig;
 use crate::schedule::SchedulerKind;
 
@@ -55,6 +56,12 @@ pub struct TrainOptions {
     pub profile: bool,
     /// Keep freed memory in the process (glibc's allocator; see `trainer`).
     pub keep_freed_memory: bool,
+    /// LoRA fine-tuning (the base frozen, only the adapter trained): its options.
+    pub lora: Option<LoraOptions>,
+    /// LoRA runs: the frozen base held in bf16 (the forward in bf16).
+    pub base_bf16: bool,
+    /// Recompute each block's activations in the backward pass (`checkpointing`).
+    pub gradient_checkpointing: bool,
     /// Testing hook: fail as a crash would after this many micro-batches of this run.
     pub stop_after_micro_batches: Option<u64>,
 }
@@ -161,6 +168,17 @@ pub(crate) fn check_options(o: &TrainOptions, config: &Gpt2Config) -> Result<()>
         )));
     }
     check_best_model_options(o)?;
+    if o.base_bf16 && o.lora.is_none() {
+        return Err(input(
+            "--base-dtype bf16 needs --lora-r (a frozen base); full fine-tuning has --dtype bf16"
+                .into(),
+        ));
+    }
+    if let Some(l) = &o.lora {
+        l.check("--lora-r/--lora-alpha/--lora-dropout/--lora-target-modules")?;
+        l.layers(config.n_layer)
+            .map_err(|e| input(format!("--lora-target-modules: {e}")))?;
+    }
     if let Some(0) = o.save_total_limit {
         return Err(input("--save-total-limit must be positive".into()));
     }

@@ -169,7 +169,15 @@ pub fn check_no_later_checkpoints(output: &Path, from: &Path, step: i64) -> Resu
 /// --model of another shape or vocabulary (whose tokenizer would encode the data) is
 /// refused rather than ignored.
 pub fn check_same_model(model: &Path, config: &Gpt2Config, checkpoint: &Path) -> Result<()> {
-    let saved = Gpt2Config::from_file(&checkpoint.join("config.json"))?;
+    // A LoRA checkpoint holds no config.json: its adapter's shapes are checked against
+    // the base when it is read.
+    let lora = !checkpoint.join("config.json").exists()
+        && checkpoint.join(crate::lora::ADAPTER_CONFIG).is_file();
+    let saved = if lora {
+        config.clone()
+    } else {
+        Gpt2Config::from_file(&checkpoint.join("config.json"))?
+    };
     let mut diffs = Vec::new();
     for (key, a, b) in [
         ("vocab_size", config.vocab_size, saved.vocab_size),

@@ -17,9 +17,11 @@ use serde_json::json;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, TrainerState};
+use crate::checkpointing::{forward_backward, pass_seed, Pass};
 use crate::data::{self, Sample};
 use crate::eval::{record_eval, record_step_eval, run_eval, saved_eval, EvalResult};
 use crate::folder::{self, FolderContents};
+use crate::lora::{Lora, ADAPTER_CONFIG};
 use crate::metrics::Metrics;
 use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
@@ -28,7 +30,7 @@ pub use crate::output::FINAL_DIR;
 use crate::output::{self, OutputLock};
 use crate::resume;
 use crate::schedule::Schedule;
-use crate::trainable::{check_bf16, first_line, Trainable};
+use crate::trainable::{check_bf16, Trainable};
 
 /// Non-finite steps in a row that abort training.
 pub const MAX_CONSECUTIVE_NAN_STEPS: i64 = 5;
@@ -46,6 +48,8 @@ pub struct TrainSummary {
     /// None for the last step's.
     pub final_from: Option<String>,
     pub best_model_checkpoint: Option<String>,
+    /// The process's peak resident memory in bytes, where the system reports it.
+    pub peak_rss: Option<u64>,
 }
 
 /// The micro-batches of the next step: up to --gradient-accumulation-steps of them, not
@@ -110,7 +114,7 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     // it or anything is allocated.
     infer::model::check_sizes(&base_config, &WeightFiles::open_dir(&o.model)?)?;
     check_options(o, &base_config)?;
-    if o.bf16 {
+    if o.bf16 || o.base_bf16 {
         check_bf16(o.device)?;
     }
     let created = output::CreatedDirs::create(&o.output)?;
@@ -177,8 +181,14 @@ fn train_owned(
             .flatten()
             .map(|&i| data.train[i].ids.len())
             .sum();
-        let loss = accumulate(o, &tr, &data, &batches, &mut micro_batches_run)
-            .inspect_err(|_| metrics.finish())?;
+        let loss = accumulate(
+            o,
+            &tr,
+            &data,
+            (state.global_step, &batches),
+            &mut micro_batches_run,
+        )
+        .inspect_err(|_| metrics.finish())?;
         let lr = schedule.lr(state.global_step);
         let grad_norm = update(o, &mut tr, &mut adam, &mut state, &mut metrics, loss, lr)?;
         state.global_step += 1;
@@ -240,6 +250,7 @@ fn train_owned(
         final_dir,
         final_from,
         best_model_checkpoint: state.best_model_checkpoint.clone(),
+        peak_rss: crate::memory::peak_rss_bytes(),
     })
 }
 
@@ -338,7 +349,27 @@ fn restore(
     batches_per_epoch: i64,
     out: &mut dyn Write,
 ) -> Result<(Trainable, AdamW, TrainerState)> {
-    let tr = Trainable::load(resume_dir.unwrap_or(&o.model), o.device, o.bf16)?;
+    if let Some(dir) = resume_dir {
+        check_same_kind(o, dir)?;
+    }
+    let tr = match &o.lora {
+        Some(l) => {
+            let base_kind = if o.base_bf16 {
+                Kind::BFloat16
+            } else {
+                Kind::Float
+            };
+            Trainable::load_lora(
+                &o.model,
+                resume_dir,
+                l,
+                o.seed,
+                o.device,
+                (o.bf16, base_kind),
+            )?
+        }
+        None => Trainable::load(resume_dir.unwrap_or(&o.model), o.device, o.bf16)?,
+    };
     let mut adam = AdamW::new(&tr.params, o.adam);
     let Some(dir) = resume_dir else {
         let state = TrainerState {
@@ -392,7 +423,7 @@ fn accumulate(
     o: &TrainOptions,
     tr: &Trainable,
     data: &Dataset,
-    batches: &[Vec<usize>],
+    (step, batches): (i64, &[Vec<usize>]),
     micro_batches_run: &mut u64,
 ) -> Result<f64> {
     let targets: i64 = batches
@@ -401,25 +432,25 @@ fn accumulate(
         .map(|&i| data.train[i].target_tokens())
         .sum();
     let mut loss_sum = 0f64;
-    for batch in batches {
+    for (micro, batch) in batches.iter().enumerate() {
         let refs: Vec<&Sample> = batch.iter().map(|&i| &data.train[i]).collect();
         let (ids, labels) = data::collate(&refs, data.eos, o.device);
         let bf16_model = tr.compute_model()?;
         let model = bf16_model.as_ref().unwrap_or(&tr.model);
         let t0 = Instant::now();
-        let logits = model.forward_train(&ids);
-        let loss = data::lm_loss_sum(&logits, &labels);
-        loss_sum += loss.double_value(&[]);
-        let t1 = Instant::now();
-        (loss / targets.max(1) as f64)
-            .f_backward()
-            .map_err(|e| anyhow::anyhow!("the backward pass failed: {}", first_line(&e)))?;
+        let pass = Pass {
+            ids: &ids,
+            labels: &labels,
+            targets,
+            checkpointing: o.gradient_checkpointing,
+            dropout_seed: pass_seed(o.seed, step, micro),
+        };
+        loss_sum += forward_backward(tr, model, &pass)?;
         if o.profile {
             let _ = writeln!(
                 std::io::stderr(),
-                "profile: forward {:.3}s backward {:.3}s",
-                (t1 - t0).as_secs_f64(),
-                t1.elapsed().as_secs_f64()
+                "profile: forward and backward {:.3}s",
+                t0.elapsed().as_secs_f64()
             );
         }
         *micro_batches_run += 1;
@@ -504,11 +535,11 @@ fn write_final(
             let dir = o.output.join(name);
             resume::verify(&dir)
                 .with_context(|| format!("the best checkpoint {}", dir.display()))?;
-            let files = WeightFiles::open_dir(&dir)
-                .with_context(|| format!("the best checkpoint {}", dir.display()))?;
-            let model = Gpt2::from_weights(tr.config.clone(), &files, Kind::Float, &[Device::Cpu])
-                .with_context(|| format!("loading the best checkpoint {}", dir.display()))?;
-            Some((name.clone(), model.named_tensors()?))
+            Some((
+                name.clone(),
+                read_weights(tr, &dir)
+                    .with_context(|| format!("loading the best checkpoint {}", dir.display()))?,
+            ))
         }
         _ => None,
     };
@@ -523,10 +554,39 @@ fn write_final(
                 serde_json::to_vec_pretty(state)?,
             )],
             extra_tensors: vec![],
+            adapter: tr.adapter_folder(&o.model),
         },
         true,
     )?;
     Ok((final_dir, best.map(|(name, _)| name)))
+}
+
+/// The trained tensors a checkpoint holds: the model's, or a LoRA run's adapter.
+fn read_weights(tr: &Trainable, dir: &Path) -> Result<Vec<(String, tch::Tensor)>> {
+    if tr.lora.is_some() {
+        return Ok(Lora::read(dir, &tr.config, Device::Cpu)?.tensors);
+    }
+    let files = WeightFiles::open_dir(dir)?;
+    let model = Gpt2::from_weights(tr.config.clone(), &files, Kind::Float, &[Device::Cpu])?;
+    Ok(model.named_tensors()?)
+}
+
+/// A LoRA run resumes from a LoRA checkpoint, a full fine-tuning run from a model's.
+fn check_same_kind(o: &TrainOptions, dir: &Path) -> Result<()> {
+    let adapter = dir.join(ADAPTER_CONFIG).is_file();
+    match (o.lora.is_some(), adapter) {
+        (true, false) => Err(input(format!(
+            "--resume {}: a full fine-tuning checkpoint (no {ADAPTER_CONFIG}); --lora-r \
+             resumes LoRA checkpoints only",
+            dir.display()
+        ))),
+        (false, true) => Err(input(format!(
+            "--resume {}: a LoRA checkpoint ({ADAPTER_CONFIG}); resume it with the run's \
+             --lora-r and LoRA flags",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
 }
 
 fn same_folder(a: Option<&Path>, b: &Path) -> bool {

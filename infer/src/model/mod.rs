@@ -16,7 +16,9 @@ use crate::decode::Norm;
 
 pub use crate::check::{check_model_dir, check_sizes, stored_kind};
 pub use crate::linear::Linear;
+pub use adapted::{Adapters, LoraLayer};
 
+mod adapted;
 mod backend;
 mod fused;
 mod paths;
