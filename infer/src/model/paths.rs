@@ -13,8 +13,9 @@ use crate::quant::QuantizationConfig;
 
 impl Gpt2 {
     /// Repacks every linear layer and the head for the CPU decode kernels: a one-device
-    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch). The packed copies
-    /// double the weights' memory.
+    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch). Weights viewed in a
+    /// mapped file give their pages back as they are packed, so the packed layout is the
+    /// one copy in memory.
     pub fn pack_for_cpu_decode(&mut self) -> Result<()> {
         let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
         let packed = matches!(
@@ -36,10 +37,12 @@ impl Gpt2 {
                 },
             )
         };
+        let (kind, files) = (self.kind, std::mem::take(&mut self.files));
         for (_, _, l) in self.linears_mut() {
-            *l = take(l).pack()?;
+            *l = take(l).pack(kind, &files)?;
         }
-        self.head = take(&mut self.head).pack()?;
+        self.head = take(&mut self.head).pack(kind, &files)?;
+        self.files = files;
         self.set_fused_decode(true);
         Ok(())
     }
