@@ -189,31 +189,46 @@ impl PackedLinear {
         Ok(me)
     }
 
-    /// Fills every panel of an F32 or Bf16 layout from `w`, on the pool.
+    /// Fills every panel of an F32 or Bf16 layout from `w`, on the pool. A line of F32
+    /// holds one input row's 16 columns; a line of Bf16 two rows', row 2l in the low half
+    /// of each u32 and 2l + 1 in the high half (a shift and a mask then widen both).
     fn fill_float<T: Elem>(&mut self, w: Strided<T>) {
-        let (k, n, format) = (self.in_features, self.out_features, self.format);
+        let (k, n, bf16) = (
+            self.in_features,
+            self.out_features,
+            self.format == WeightFormat::Bf16,
+        );
         self.fill(&|p, lines: &mut [Line]| {
             let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
-            match format {
-                WeightFormat::F32 => {
-                    for (i, line) in lines.iter_mut().enumerate() {
-                        for c in 0..cols {
-                            line.0[c] = w.at(i, c0 + c).f32_bits();
+            if w.sc != 1 {
+                // Columns stored contiguously (the head, read from wte's rows): each
+                // column's k values are read in order, written one lane per line.
+                for c in 0..cols {
+                    for i in 0..k {
+                        let v = w.at(i, c0 + c);
+                        match bf16 {
+                            false => lines[i].0[c] = v.f32_bits(),
+                            true => lines[i / 2].0[c] |= (v.bf16_bits() as u32) << (16 * (i % 2)),
                         }
                     }
                 }
-                _ => {
-                    // Input row 2l in the low half of each u32, 2l + 1 in the high half:
-                    // a shift and a mask then turn one line into both rows as f32.
-                    for (l, line) in lines.iter_mut().enumerate() {
-                        for c in 0..cols {
-                            let lo = w.at(2 * l, c0 + c).bf16_bits() as u32;
-                            let hi = match 2 * l + 1 < k {
-                                true => w.at(2 * l + 1, c0 + c).bf16_bits() as u32,
-                                false => 0,
-                            };
-                            line.0[c] = lo | (hi << 16);
-                        }
+                return;
+            }
+            // Rows stored contiguously (Conv1D's (in, out)): a line reads 16 consecutive
+            // values of one row (two rows in bf16), which vectorises.
+            let row = |i: usize| &w.data[i * w.si + c0..i * w.si + c0 + cols];
+            for (l, line) in lines.iter_mut().enumerate() {
+                if !bf16 {
+                    for (d, v) in line.0.iter_mut().zip(row(l)) {
+                        *d = v.f32_bits();
+                    }
+                } else if 2 * l + 1 < k {
+                    for ((d, a), b) in line.0.iter_mut().zip(row(2 * l)).zip(row(2 * l + 1)) {
+                        *d = a.bf16_bits() as u32 | (b.bf16_bits() as u32) << 16;
+                    }
+                } else {
+                    for (d, a) in line.0.iter_mut().zip(row(2 * l)) {
+                        *d = a.bf16_bits() as u32;
                     }
                 }
             }
