@@ -65,6 +65,25 @@ fn has_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
     }
 }
 
+/// `has_non_finite` over a large tensor split across the cores (scoped threads: a
+/// gpt2-xl scan reads 6 GB, and the kernels' pool may not be sized yet).
+fn has_non_finite_parallel(dtype: Dtype, bytes: &[u8]) -> bool {
+    const MIN_SPLIT: usize = 16 << 20;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if bytes.len() < MIN_SPLIT || threads < 2 {
+        return has_non_finite(dtype, bytes);
+    }
+    // Chunks of whole 4096-byte blocks, so no value straddles two chunks.
+    let chunk = bytes.len().div_ceil(threads).next_multiple_of(4096);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = bytes
+            .chunks(chunk)
+            .map(|c| s.spawn(move || has_non_finite(dtype, c)))
+            .collect();
+        parts.into_iter().any(|h| h.join().unwrap_or(true))
+    })
+}
+
 impl WeightFiles {
     /// Opens the weights of a model folder (single file or shards).
     pub fn open_dir(dir: &Path) -> Result<Self> {
@@ -151,7 +170,10 @@ impl WeightFiles {
     }
 
     /// `entry`'s bytes as a tensor of `kind` (its stored one): a view of the mapping when
-    /// in place and aligned, else a copy. The pages are given back either way.
+    /// in place and aligned, else a copy. The pages are given back either way: the NaN
+    /// scan touched them all, and a model's views are read again only when used (packing
+    /// reads each once more, then gives it back), so a whole file is never resident at
+    /// once for a model that keeps less than it (bf16 packed from fp32, int8).
     fn read(&self, entry: &Entry, kind: Kind) -> Result<Tensor> {
         let map = &self.files[entry.file];
         let view = match self.in_place {
@@ -221,7 +243,7 @@ impl WeightFiles {
 
     /// Refuses a float tensor holding NaN or ±inf.
     fn check_finite(&self, name: &str, entry: &Entry) -> Result<()> {
-        if has_non_finite(entry.dtype, self.bytes(entry)) {
+        if has_non_finite_parallel(entry.dtype, self.bytes(entry)) {
             return Err(Error::NonFinite {
                 path: self.files[entry.file].path().into(),
                 name: name.into(),
