@@ -84,9 +84,14 @@ fn zeroed_lines(n: usize) -> Result<Vec<Line>> {
         handle_alloc_error(layout);
     }
     #[cfg(target_os = "linux")]
-    // SAFETY: [ptr, ptr + size) is this allocation; the advice changes no contents.
-    unsafe {
-        libc::madvise(ptr.cast(), layout.size(), libc::MADV_HUGEPAGE);
+    {
+        // madvise takes page-aligned ranges: the whole pages inside the allocation.
+        let (start, end) = (ptr as usize, ptr as usize + layout.size());
+        let (a, b) = (start.next_multiple_of(4096), end / 4096 * 4096);
+        if b > a {
+            // SAFETY: [a, b) lies inside this allocation; the advice changes no contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
     }
     // SAFETY: allocated by the global allocator with `Layout::array::<Line>(n)`, all zero
     // bytes, which is a valid `Line`; length and capacity `n`.
