@@ -72,8 +72,12 @@ $(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
 	touch $@
 
 # gpt2kit against transformers, same run, same machine; the table lands in target/bench/.
+# Then peak RSS and start-to-first-token of gpt2 and a gpt2-xl-shaped model (written once
+# into target/bench: ~6.2 GB fp32, its int8 artifact and a GGUF f32 for llama.cpp, ~14 GB
+# in all) against llama.cpp: target/bench/memory.md.
 bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
+	$(VENV)/bin/python bench/memory_bench.py --binary $(BIN) --python $(VENV)/bin/python --dir $(BENCH_DIR) --out $(BENCH_DIR)/memory.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.
 # `gpt2kit serve` under 1, 4, 16 and 64 concurrent streams, fp32 and int8-dynamic, against

@@ -176,6 +176,10 @@ pub(crate) struct EngineArgs {
     /// available core].
     #[arg(long, hide = true)]
     kernel_threads: Option<std::num::NonZeroUsize>,
+    /// Copy the weights out of the model files instead of using them in place from a
+    /// memory map [env: GPT2KIT_MMAP=0].
+    #[arg(long, hide = true)]
+    no_mmap: bool,
 }
 
 impl EngineArgs {
@@ -193,6 +197,7 @@ impl EngineArgs {
             kernels: !self.no_kernels && !off("GPT2KIT_KERNELS"),
             fused_decode: !self.no_fused_decode && !off("GPT2KIT_FUSED_DECODE"),
             kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
+            map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
         }
     }
 }

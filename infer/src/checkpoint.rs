@@ -4,17 +4,21 @@
 //! every error names the file and the tensor. Only regular files are opened (a FIFO
 //! would block the reader), and float tensors are checked for NaN and ±inf as they are
 //! read, on the mapped bytes.
+//!
+//! Files are mapped (`mapped`), never read whole. In place (`in_place`), a tensor whose
+//! stored dtype is the one asked for, on the CPU, is a view of the mapping (no copy); else
+//! it is copied out of the mapping, or converted from it, one tensor at a time. Either way
+//! the tensor's pages of the mapping are given back after it is read (`release`), so what
+//! stays resident is what the model holds and what it touches later.
 use std::collections::{HashMap, HashSet};
-use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
-use memmap2::Mmap;
 use safetensors::{Dtype, SafeTensors};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::files::check_regular_file;
+use crate::mapped::MappedFile;
 
 pub use crate::folder::{SHARD_INDEX, SINGLE_FILE};
 
@@ -28,9 +32,11 @@ struct Entry {
     end: usize,
 }
 
-/// The tensors of a checkpoint, memory-mapped; reads copy out one tensor at a time.
+/// The tensors of a checkpoint, memory-mapped; reads copy out one tensor at a time, or
+/// (`in_place`) view it in the mapping.
 pub struct WeightFiles {
-    files: Vec<(PathBuf, Mmap)>,
+    files: Vec<Arc<MappedFile>>,
+    in_place: bool,
     entries: HashMap<String, Entry>,
     /// Names read so far (`tensor`, `tensor_as_stored`): what a model left unused.
     used: Mutex<HashSet<String>>,
@@ -59,6 +65,25 @@ fn has_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
     }
 }
 
+/// `has_non_finite` over a large tensor split across the cores (scoped threads: a
+/// gpt2-xl scan reads 6 GB, and the kernels' pool may not be sized yet).
+fn has_non_finite_parallel(dtype: Dtype, bytes: &[u8]) -> bool {
+    const MIN_SPLIT: usize = 16 << 20;
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if bytes.len() < MIN_SPLIT || threads < 2 {
+        return has_non_finite(dtype, bytes);
+    }
+    // Chunks of whole 4096-byte blocks, so no value straddles two chunks.
+    let chunk = bytes.len().div_ceil(threads).next_multiple_of(4096);
+    std::thread::scope(|s| {
+        let parts: Vec<_> = bytes
+            .chunks(chunk)
+            .map(|c| s.spawn(move || has_non_finite(dtype, c)))
+            .collect();
+        parts.into_iter().any(|h| h.join().unwrap_or(true))
+    })
+}
+
 impl WeightFiles {
     /// Opens the weights of a model folder (single file or shards).
     pub fn open_dir(dir: &Path) -> Result<Self> {
@@ -70,17 +95,13 @@ impl WeightFiles {
         let mut files = Vec::with_capacity(paths.len());
         let mut entries = HashMap::new();
         for (i, path) in paths.iter().enumerate() {
-            check_regular_file(path)?;
-            let file = File::open(path).map_err(|e| Error::io(path, e))?;
-            // SAFETY: the mapping is read-only and private to this struct; tensors are
-            // copied out of it before use. A file truncated by another process while
-            // mapped is outside what any reader of mapped files can defend against.
-            let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-            let st = SafeTensors::deserialize(&map).map_err(|source| Error::Safetensors {
-                path: path.clone(),
-                source,
-            })?;
-            let base = map.as_ptr() as usize;
+            let map = MappedFile::open(path)?;
+            let st =
+                SafeTensors::deserialize(map.bytes()).map_err(|source| Error::Safetensors {
+                    path: path.clone(),
+                    source,
+                })?;
+            let base = map.bytes().as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
                 let entry = Entry {
@@ -97,13 +118,74 @@ impl WeightFiles {
                     });
                 }
             }
-            files.push((path.clone(), map));
+            drop(st);
+            files.push(Arc::new(map));
         }
         Ok(Self {
             files,
+            in_place: false,
             entries,
             used: Mutex::new(HashSet::new()),
         })
+    }
+
+    /// Whether tensors read in their stored dtype on the CPU are views of the mapping
+    /// (default: copies, which a trainer may update in place without touching the map).
+    pub fn in_place(mut self, on: bool) -> Self {
+        self.in_place = on;
+        self
+    }
+
+    /// The mapped files, for a model to hold (their SIGBUS slots and `check`).
+    pub fn maps(&self) -> Vec<Arc<MappedFile>> {
+        self.files.clone()
+    }
+
+    /// An error when a file changed on disk since it was mapped (`MappedFile::check`).
+    pub fn check(&self) -> Result<()> {
+        self.files.iter().try_for_each(|f| f.check())
+    }
+
+    /// The stored bytes, dtype and shape of `name`, checked finite, marked used (packing
+    /// reads them straight from the mapping; `release` gives the pages back after).
+    pub fn raw(&self, name: &str) -> Result<(&[u8], Dtype, &[i64])> {
+        let entry = self.entry(name)?;
+        self.check_finite(name, entry)?;
+        self.mark_used(name);
+        Ok((self.bytes(entry), entry.dtype, &entry.shape))
+    }
+
+    /// Gives back the process's pages of `name`'s bytes (see `MappedFile::release`).
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.entries.get(name) {
+            self.files[e.file].release(e.start, e.end);
+        }
+    }
+
+    fn entry(&self, name: &str) -> Result<&Entry> {
+        self.entries.get(name).ok_or_else(|| Error::MissingTensor {
+            path: self.path_of(name).into(),
+            name: name.into(),
+        })
+    }
+
+    /// `entry`'s bytes as a tensor of `kind` (its stored one): a view of the mapping when
+    /// in place and aligned, else a copy. The pages are given back either way: the NaN
+    /// scan touched them all, and a model's views are read again only when used (packing
+    /// reads each once more, then gives it back), so a whole file is never resident at
+    /// once for a model that keeps less than it (bf16 packed from fp32, int8).
+    fn read(&self, entry: &Entry, kind: Kind) -> Result<Tensor> {
+        let map = &self.files[entry.file];
+        let view = match self.in_place {
+            true => map.view(entry.start, entry.end, kind, &entry.shape),
+            false => None,
+        };
+        let t = match view {
+            Some(v) => v,
+            None => Tensor::f_from_data_size(self.bytes(entry), &entry.shape, kind)?,
+        };
+        map.release(entry.start, entry.end);
+        Ok(t)
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
@@ -144,7 +226,11 @@ impl WeightFiles {
         let mut v: Vec<String> = self
             .entries
             .iter()
-            .filter(|(_, e)| has_non_finite(e.dtype, self.bytes(e)))
+            .filter(|(_, e)| {
+                let bad = has_non_finite(e.dtype, self.bytes(e));
+                self.files[e.file].release(e.start, e.end);
+                bad
+            })
             .map(|(n, _)| n.clone())
             .collect();
         v.sort();
@@ -152,14 +238,14 @@ impl WeightFiles {
     }
 
     fn bytes(&self, e: &Entry) -> &[u8] {
-        &self.files[e.file].1[e.start..e.end]
+        &self.files[e.file].bytes()[e.start..e.end]
     }
 
     /// Refuses a float tensor holding NaN or ±inf.
     fn check_finite(&self, name: &str, entry: &Entry) -> Result<()> {
-        if has_non_finite(entry.dtype, self.bytes(entry)) {
+        if has_non_finite_parallel(entry.dtype, self.bytes(entry)) {
             return Err(Error::NonFinite {
-                path: self.files[entry.file].0.clone(),
+                path: self.files[entry.file].path().into(),
                 name: name.into(),
             });
         }
@@ -169,7 +255,7 @@ impl WeightFiles {
     /// The file a tensor lives in, or the first file when it is absent (for messages).
     pub fn path_of(&self, name: &str) -> &Path {
         let i = self.entries.get(name).map_or(0, |e| e.file);
-        &self.files[i].0
+        self.files[i].path()
     }
 
     /// Dtype names and element counts of every tensor, for `inspect`.
@@ -184,7 +270,7 @@ impl WeightFiles {
     }
 
     pub fn file_bytes(&self) -> u64 {
-        self.files.iter().map(|(_, m)| m.len() as u64).sum()
+        self.files.iter().map(|m| m.len() as u64).sum()
     }
 
     /// The float kind a tensor is stored in, if it is present and float.
@@ -194,14 +280,11 @@ impl WeightFiles {
 
     /// Reads a float tensor, checks its shape, and converts it to `kind` on `device`.
     pub fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path_of(name).into(),
-            name: name.into(),
-        })?;
-        let path = &self.files[entry.file].0;
+        let entry = self.entry(name)?;
+        let path = self.files[entry.file].path();
         if entry.shape != shape {
             return Err(Error::Shape {
-                path: path.clone(),
+                path: path.into(),
                 name: name.into(),
                 expected: shape.to_vec(),
                 got: entry.shape.clone(),
@@ -209,7 +292,7 @@ impl WeightFiles {
         }
         if entry.dtype == Dtype::I8 {
             return Err(Error::ModelFolder {
-                path: path.clone(),
+                path: path.into(),
                 reason: format!(
                     "tensor `{name}` is int8, but config.json has no gpt2kit \
                      quantization_config saying how to read it"
@@ -217,33 +300,26 @@ impl WeightFiles {
             });
         }
         let file_kind = float_kind(entry.dtype).ok_or_else(|| Error::Dtype {
-            path: path.clone(),
+            path: path.into(),
             name: name.into(),
             dtype: format!("{:?}", entry.dtype),
         })?;
         self.check_finite(name, entry)?;
         self.mark_used(name);
-        let bytes = self.bytes(entry);
-        let t = Tensor::f_from_data_size(bytes, shape, file_kind)?;
+        let t = self.read(entry, file_kind)?;
         Ok(t.f_to_kind(kind)?.f_to_device(device)?)
     }
 
     /// Reads a tensor in the dtype it is stored in (floats, I8, I32, I64), any shape.
     pub fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
-        let entry = self.entries.get(name).ok_or_else(|| Error::MissingTensor {
-            path: self.path_of(name).into(),
-            name: name.into(),
-        })?;
-        let path = &self.files[entry.file].0;
+        let entry = self.entry(name)?;
         let kind = stored_kind(entry.dtype).ok_or_else(|| Error::ModelFolder {
-            path: path.clone(),
+            path: self.files[entry.file].path().into(),
             reason: format!("tensor `{name}` has unsupported dtype {:?}", entry.dtype),
         })?;
         self.check_finite(name, entry)?;
         self.mark_used(name);
-        let bytes = self.bytes(entry);
-        let t = Tensor::f_from_data_size(bytes, &entry.shape, kind)?;
-        Ok(t.f_to_device(device)?)
+        Ok(self.read(entry, kind)?.f_to_device(device)?)
     }
 }
 
@@ -277,6 +353,10 @@ pub trait TensorSource {
     fn unused(&self) -> Vec<String> {
         Vec::new()
     }
+    /// The float kind `name` is stored in, when known without reading it.
+    fn stored_float_kind(&self, _name: &str) -> Option<Kind> {
+        None
+    }
 }
 
 impl TensorSource for WeightFiles {
@@ -300,6 +380,9 @@ impl TensorSource for WeightFiles {
     }
     fn unused(&self) -> Vec<String> {
         WeightFiles::unused(self)
+    }
+    fn stored_float_kind(&self, name: &str) -> Option<Kind> {
+        self.stored_kind(name)
     }
 }
 

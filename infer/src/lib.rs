@@ -19,6 +19,7 @@ pub mod kernels;
 pub mod linear;
 mod load;
 pub mod manifest;
+pub mod mapped;
 pub mod model;
 pub mod options;
 pub mod parallel;

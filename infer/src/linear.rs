@@ -1,10 +1,13 @@
 //! The linear layer: GPT-2's `Conv1D` projections in every weight format the engine
 //! runs (float, float repacked for the CPU decode kernels, int8 per-channel weights,
 //! W8A8), behind one `forward`. Tensor-parallel shards are `Linear`s too.
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
 use crate::kernels::{PackedLinear, WeightFormat};
+use crate::mapped::{release_tensor, MappedFile};
 use crate::quant::{InputObserver, Int8Linear, QuantRows};
 
 /// A linear layer. GPT-2 stores its projections as `Conv1D`: weight (in, out), y = x·W + b.
@@ -16,8 +19,11 @@ pub enum Linear {
         weight: Tensor,
         bias: Option<Tensor>,
     },
-    /// Float weights plus a copy repacked for the CPU decode kernels (`kernels`), which
-    /// serve inputs of up to `kernel_max_rows` rows; libtorch serves the rest.
+    /// Float weights packed for the CPU decode kernels (`kernels`), which serve inputs of
+    /// up to `kernel_max_rows` rows; libtorch serves the rest from `weight`. When loaded
+    /// from a file, `weight` is the file's tensor in place (a view of its mapping, given
+    /// back after packing: no memory until a long prompt reads it), possibly in the
+    /// file's dtype (fp32 on disk, bf16 run: converted per call off the kernels).
     Packed {
         weight: Tensor,
         bias: Option<Tensor>,
@@ -102,7 +108,7 @@ impl Linear {
                 {
                     return y;
                 }
-                return x.matmul(&weight.tr());
+                return x.matmul(&in_kind(weight, x).tr());
             }
             Linear::Int8Weight { w, bias, packed } => {
                 if let Some(y) = packed
@@ -131,19 +137,26 @@ impl Linear {
         let n_in = *shape.last().expect("input has a feature dimension");
         *shape.last_mut().unwrap() = weight.size()[1];
         let x2 = x.reshape([-1, n_in]);
+        let weight = in_kind(weight, x);
         // Conv1D's own op: addmm over the flattened rows.
         let y = match bias {
-            Some(b) => b.addmm(&x2, weight),
-            None => x2.mm(weight),
+            Some(b) => b.addmm(&x2, &weight),
+            None => x2.mm(&weight),
         };
         y.reshape(shape)
     }
 
-    /// Adds the packed copy for the CPU decode kernels (no-op if already packed).
-    pub(crate) fn pack(self) -> Result<Linear> {
+    /// Packs the layer for the CPU decode kernels in the model's `kind` (no-op if already
+    /// packed), then gives back the source's pages when it is a view of one of `maps`.
+    pub(crate) fn pack(self, kind: Kind, maps: &[Arc<MappedFile>]) -> Result<Linear> {
+        let format = match kind {
+            Kind::BFloat16 => WeightFormat::Bf16,
+            _ => WeightFormat::F32,
+        };
         Ok(match self {
             Linear::Float { weight, bias } => {
-                let packed = PackedLinear::from_tensor(&weight, bias.as_ref())?;
+                let packed = PackedLinear::from_tensor_as(&weight, bias.as_ref(), format)?;
+                release_tensor(maps, &weight);
                 Linear::Packed {
                     weight,
                     bias,
@@ -156,13 +169,20 @@ impl Linear {
                 packed: None,
             } => {
                 let (n_out, n_in) = (w.q.size()[0] as usize, w.q.size()[1] as usize);
-                let q = Vec::<i8>::try_from(w.q.reshape([-1]))?;
+                let q = w.q.contiguous();
                 let scale = Vec::<f32>::try_from(w.scale.to_kind(Kind::Float))?;
                 let b = match &bias {
                     Some(b) => Some(Vec::<f32>::try_from(b.to_kind(Kind::Float))?),
                     None => None,
                 };
-                let packed = PackedLinear::from_int8_rows(&q, &scale, n_in, n_out, b.as_deref())?;
+                let packed = PackedLinear::from_int8_rows(
+                    int8_slice(&q),
+                    &scale,
+                    n_in,
+                    n_out,
+                    b.as_deref(),
+                )?;
+                release_tensor(maps, &w.q);
                 Linear::Int8Weight {
                     w,
                     bias,
@@ -173,7 +193,9 @@ impl Linear {
                 weight,
                 packed: None,
             } => {
-                let packed = PackedLinear::from_tensor(&weight.tr(), None)?; // (in, out)
+                // (in, out), read in place from the (out, in) rows.
+                let packed = PackedLinear::from_tensor_as(&weight.tr(), None, format)?;
+                release_tensor(maps, &weight);
                 Linear::Rows {
                     weight,
                     packed: Some(packed),
@@ -181,6 +203,7 @@ impl Linear {
             }
             Linear::Int8(mut q) => {
                 q.pack()?;
+                release_tensor(maps, &q.w.q);
                 Linear::Int8(q)
             }
             other => other,
@@ -221,6 +244,27 @@ impl Linear {
             Linear::Int8(_) | Linear::Int8Weight { .. } | Linear::Rows { .. } => None,
         }
     }
+}
+
+/// `weight` in `x`'s kind: itself, or converted for this call (a weight kept in the
+/// file's dtype, on a path off the kernels).
+fn in_kind(weight: &Tensor, x: &Tensor) -> Tensor {
+    match weight.kind() == x.kind() {
+        true => weight.shallow_clone(),
+        false => weight.to_kind(x.kind()),
+    }
+}
+
+/// The values of a contiguous CPU int8 tensor, borrowed (a view of a mapped file is
+/// packed straight from the mapping).
+pub(crate) fn int8_slice(q: &Tensor) -> &[i8] {
+    assert!(q.kind() == Kind::Int8 && q.is_contiguous() && q.device() == Device::Cpu);
+    if q.numel() == 0 {
+        return &[];
+    }
+    // SAFETY: a contiguous CPU int8 tensor holds numel() bytes from its data pointer,
+    // alive as long as the borrowed tensor and not written while packing reads them.
+    unsafe { std::slice::from_raw_parts(q.data_ptr() as *const i8, q.numel()) }
 }
 
 /// The kernels' result for up to `max_rows` rows of float activations without autograd

@@ -15,6 +15,9 @@ pub struct EngineOptions {
     /// Threads of the kernels' pool (`None`: one per available core). The pool is the
     /// process's: the first model loaded sizes it.
     pub kernel_threads: Option<usize>,
+    /// Weights whose stored dtype is the run's are used in place from a private memory
+    /// map of the file (`mapped`), not copied. Off: every tensor is copied out.
+    pub map_weights: bool,
 }
 
 impl Default for EngineOptions {
@@ -23,6 +26,7 @@ impl Default for EngineOptions {
             kernels: true,
             fused_decode: true,
             kernel_threads: None,
+            map_weights: true,
         }
     }
 }

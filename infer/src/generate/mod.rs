@@ -178,6 +178,8 @@ pub fn generate_requests(
     }
     let prefill = prefill.unwrap_or_default();
     let steps = engine.steps;
+    // A weight file changed under a mapped model: its tokens are not the model's.
+    models.models.iter().try_for_each(|m| m.check_files())?;
     Ok(Output {
         sequences: engine.finish(),
         prefill,

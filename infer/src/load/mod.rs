@@ -50,14 +50,28 @@ impl Gpt2 {
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
         check_layout(config.n_head, config.inner_dim(), devices)?;
         options.apply_threads()?;
-        let files = WeightFiles::open_dir(dir)?;
+        let files = WeightFiles::open_dir(dir)?.in_place(options.map_weights);
         let kind = kind.unwrap_or_else(|| stored_kind(&files));
-        let mut model = Self::from_weights(config, &files, kind, devices)?;
+        // Packed for the bf16 kernels, fp32 weights convert as they are packed (no bf16
+        // copy of them is ever made: the kernels serve every row count in bf16).
+        let packs = options.kernels && devices == [Device::Cpu];
+        let convert_late = packs && kind == Kind::BFloat16;
+        let mut model = Self::from_source(config, &files, kind, devices, convert_late)?;
+        model.files = files.maps();
         if options.kernels {
-            model.pack_for_cpu_decode()?;
+            model.pack_loaded()?;
             model.set_fused_decode(options.fused_decode);
         }
+        // A file truncated or rewritten while it was read is an error here, not a model.
+        files.check()?;
         Ok(model)
+    }
+
+    /// An error when a weight file the model is mapped from changed on disk since it was
+    /// loaded (truncated, resized or rewritten in place): its results are then not the
+    /// model's. Generation calls it when it finishes.
+    pub fn check_files(&self) -> Result<()> {
+        self.files.iter().try_for_each(|f| f.check())
     }
 
     /// Builds the model from checkpoint tensors, named with or without `transformer.`,
@@ -68,6 +82,19 @@ impl Gpt2 {
         files: &dyn TensorSource,
         kind: Kind,
         devices: &[Device],
+    ) -> Result<Self> {
+        Self::from_source(config, files, kind, devices, false)
+    }
+
+    /// As `from_weights`; `convert_late`: linear weights stored in fp32 or bf16 are read
+    /// in their stored dtype (in place when the source maps them), for packing to
+    /// convert them (`Linear::pack`).
+    fn from_source(
+        config: Gpt2Config,
+        files: &dyn TensorSource,
+        kind: Kind,
+        devices: &[Device],
+        convert_late: bool,
     ) -> Result<Self> {
         check_layout(config.n_head, config.inner_dim(), devices)?;
         let prefix = if files.contains("transformer.wte.weight") {
@@ -89,6 +116,7 @@ impl Gpt2 {
             prefix,
             kind,
             devices,
+            convert_late,
             // An int8 artifact's linear layers come from `quant`, split the same way.
             int8: Int8Layers::new(files, prefix, method, kind, devices)?,
         };
@@ -114,6 +142,7 @@ impl Gpt2 {
             devices: devices.to_vec(),
             comm: Box::new(CopyCommunicator),
             fused: None,
+            files: Vec::new(),
         })
     }
 }
@@ -129,6 +158,8 @@ struct Reader<'a> {
     prefix: &'a str,
     kind: Kind,
     devices: &'a [Device],
+    /// Linear weights in their stored float dtype (see `Gpt2::from_source`).
+    convert_late: bool,
     int8: Option<Int8Layers<'a>>,
 }
 
@@ -147,6 +178,21 @@ impl Reader<'_> {
         };
         let name = format!("{}{name}", self.prefix);
         self.files.tensor(&name, shape, self.kind, staging)
+    }
+
+    /// A linear weight: as `get`, or in its stored float dtype (`convert_late`).
+    fn weight(&self, name: &str, shape: &[i64]) -> Result<Tensor> {
+        let full = format!("{}{name}", self.prefix);
+        match self.late_kind(&full) {
+            Some(k) => self.files.tensor(&full, shape, k, self.devices[0]),
+            None => self.get(name, shape),
+        }
+    }
+
+    /// The stored fp32 or bf16 dtype of `full` when it converts late (`convert_late`).
+    fn late_kind(&self, full: &str) -> Option<Kind> {
+        let stored = self.files.stored_float_kind(full);
+        stored.filter(|k| self.convert_late && matches!(k, Kind::Float | Kind::BFloat16))
     }
 
     fn ln(&self, name: &str) -> Result<LayerNorm> {
@@ -172,7 +218,7 @@ impl Reader<'_> {
             return int8.layer(name, [n_in, n_out], split);
         }
         let (w, b) = (
-            self.get(&format!("{name}.weight"), &[n_in, n_out])?,
+            self.weight(&format!("{name}.weight"), &[n_in, n_out])?,
             self.get(&format!("{name}.bias"), &[n_out])?,
         );
         let n = self.shards();
@@ -260,13 +306,17 @@ impl Reader<'_> {
         let tied = self.config.tie_word_embeddings;
         let wte_name = format!("{}wte.weight", self.prefix);
         if !int8 {
-            let wte = self.files.tensor(&wte_name, &[v, e], self.kind, main)?; // (V, E)
-                                                                               // Tied: `wte` itself (one tensor, one gradient), not a view of it.
+            // (V, E); kept in the file's dtype when the packed head converts it, and then
+            // only the rows looked up are read (and converted).
+            let wte_kind = self.late_kind(&wte_name).unwrap_or(self.kind);
+            let wte = self.files.tensor(&wte_name, &[v, e], wte_kind, main)?;
+            // Tied: `wte` itself (one tensor, one gradient), not a view of it.
             let weight = match tied {
                 true => wte.shallow_clone(),
-                false => self
-                    .files
-                    .tensor("lm_head.weight", &[v, e], self.kind, main)?,
+                false => {
+                    let kind = self.late_kind("lm_head.weight").unwrap_or(self.kind);
+                    self.files.tensor("lm_head.weight", &[v, e], kind, main)?
+                }
             };
             let head = Linear::Rows {
                 weight,

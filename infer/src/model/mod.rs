@@ -99,6 +99,9 @@ pub struct Gpt2 {
     pub(crate) comm: Box<dyn Communicator>,
     /// Fused CPU decode steps (`fused`), made with the packed copies.
     pub(crate) fused: Option<Plan>,
+    /// The weight files the model's tensors may be views of (`mapped`): their SIGBUS
+    /// guards live as long as the model, and `check_files` asks them what changed.
+    pub(crate) files: Vec<std::sync::Arc<crate::mapped::MappedFile>>,
 }
 
 /// One of a block's layers, as `parts!` hands them out (shared or mutable).
@@ -238,7 +241,8 @@ impl Gpt2 {
                 shape.push(w.q.size()[1]);
                 rows.to_kind(self.kind).reshape(shape)
             }
-            None => Tensor::embedding(&self.wte, ids, -1, false, false),
+            // `wte` may be kept in the file's dtype (`load`): rows convert as looked up.
+            None => Tensor::embedding(&self.wte, ids, -1, false, false).to_kind(self.kind),
         }
     }
 

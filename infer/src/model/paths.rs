@@ -1,6 +1,8 @@
 //! Which paths a loaded model runs: its linears repacked for the CPU decode kernels,
 //! fused decode steps over them (`fused::Plan`), and calibration observers on every
 //! linear's inputs. The forward itself is in `model`.
+use std::sync::Arc;
+
 use tch::{Device, Kind, Tensor};
 
 use super::{Gpt2, LayerNorm, Part, Plan};
@@ -9,13 +11,27 @@ use crate::decode::Norm;
 use crate::error::{Error, Result};
 use crate::kernels;
 use crate::linear::Linear;
+use crate::mapped::MappedFile;
 use crate::quant::QuantizationConfig;
 
 impl Gpt2 {
     /// Repacks every linear layer and the head for the CPU decode kernels: a one-device
-    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch). The packed copies
-    /// double the weights' memory.
+    /// CPU model in f32 or bf16 (f16 and GPUs stay on libtorch).
     pub fn pack_for_cpu_decode(&mut self) -> Result<()> {
+        self.pack_with(&[])
+    }
+
+    /// `pack_for_cpu_decode` at load: weights viewed in the model's mapped files give their
+    /// pages back as they are packed, so the packed layout is the one copy in memory (only
+    /// here: a weight written in place since, a merged adapter, would revert to the file).
+    pub(crate) fn pack_loaded(&mut self) -> Result<()> {
+        let files = std::mem::take(&mut self.files);
+        let packed = self.pack_with(&files);
+        self.files = files;
+        packed
+    }
+
+    fn pack_with(&mut self, files: &[Arc<MappedFile>]) -> Result<()> {
         let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
         let packed = matches!(
             self.head,
@@ -36,10 +52,11 @@ impl Gpt2 {
                 },
             )
         };
+        let kind = self.kind;
         for (_, _, l) in self.linears_mut() {
-            *l = take(l).pack()?;
+            *l = take(l).pack(kind, files)?;
         }
-        self.head = take(&mut self.head).pack()?;
+        self.head = take(&mut self.head).pack(kind, files)?;
         self.set_fused_decode(true);
         Ok(())
     }

@@ -135,7 +135,9 @@ pub fn read_int8(
             reason: format!("int8 tensor `{name}` holds -128 (symmetric range is ±127)"),
         });
     }
-    let q = if rows_are_out { q } else { q.tr().contiguous() };
+    // Conv1D's (in, out) seen as rows (out, in): a view, not a copy (in place over a
+    // mapped file, packing reads it once; libtorch's int8 GEMM takes its transpose as is).
+    let q = if rows_are_out { q } else { q.tr() };
     Ok(QuantRows { q, scale })
 }
 

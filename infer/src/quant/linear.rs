@@ -116,9 +116,14 @@ impl Int8Linear {
             return Ok(());
         }
         let (n_out, n_in) = (self.w.q.size()[0] as usize, self.w.q.size()[1] as usize);
-        let q = Vec::<i8>::try_from(self.w.q.contiguous().reshape([-1]))?;
-        let packed =
-            PackedLinear::from_int8_rows_dynamic(&q, &host.scale, n_in, n_out, Some(&host.bias))?;
+        let q = self.w.q.contiguous();
+        let packed = PackedLinear::from_int8_rows_dynamic(
+            crate::linear::int8_slice(&q),
+            &host.scale,
+            n_in,
+            n_out,
+            Some(&host.bias),
+        )?;
         self.packed = Some(packed.with_pool(host.pool.clone()));
         Ok(())
     }

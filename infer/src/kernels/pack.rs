@@ -1,0 +1,406 @@
+//! Packing weights into the kernels' panels (`PackedLinear`), once per tensor at load.
+//!
+//! The packers read the weight where it lies (a tensor over the checkpoint's memory map,
+//! any strides: `wte.tr()` for the tied head is read in place, not copied first) and write
+//! the panels on the kernels' pool, a few panels per task, into a buffer allocated zeroed
+//! (fresh pages, faulted in by the thread that fills them, in huge pages where the kernel
+//! allows). A float weight in one dtype can be packed in the other (fp32 on disk, bf16
+//! run): each value is rounded as libtorch's `to(bfloat16)` rounds (to nearest even), so
+//! the panels are those of the converted tensor without the converted tensor ever existing.
+use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+
+use tch::{Device, Kind, Tensor};
+
+use super::{check_len, vnni, Isa, Line, PackedLinear, ThreadPool, WeightFormat, PANEL};
+use crate::error::{Error, Result};
+
+/// bfloat16 bits of `v`, rounded to nearest even as c10's `round_to_nearest_even`
+/// (NaN to the canonical quiet NaN).
+pub fn round_bf16(v: f32) -> u16 {
+    if v.is_nan() {
+        return 0x7fc0;
+    }
+    let u = v.to_bits();
+    (u.wrapping_add(((u >> 16) & 1) + 0x7fff) >> 16) as u16
+}
+
+/// A stored float: fp32, or bf16 as its bits.
+trait Elem: Copy + Sync {
+    fn f32_bits(self) -> u32;
+    fn bf16_bits(self) -> u16;
+}
+
+impl Elem for f32 {
+    fn f32_bits(self) -> u32 {
+        self.to_bits()
+    }
+    fn bf16_bits(self) -> u16 {
+        round_bf16(self)
+    }
+}
+
+impl Elem for u16 {
+    fn f32_bits(self) -> u32 {
+        (self as u32) << 16
+    }
+    fn bf16_bits(self) -> u16 {
+        self
+    }
+}
+
+/// W (in, out) as the packer reads it: element (i, c) at `data[i * si + c * sc]`.
+#[derive(Clone, Copy)]
+struct Strided<'a, T> {
+    data: &'a [T],
+    si: usize,
+    sc: usize,
+}
+
+impl<T: Elem> Strided<'_, T> {
+    #[inline]
+    fn at(&self, i: usize, c: usize) -> T {
+        self.data[i * self.si + c * self.sc]
+    }
+}
+
+/// The lines buffer, shared by the tasks of one packing call.
+#[derive(Clone, Copy)]
+struct LinesPtr(*mut Line);
+// SAFETY: each task writes the lines of its own panels only (`fill`), and `ThreadPool::run`
+// returns after every task, while the buffer is still borrowed mutably by `fill`.
+unsafe impl Send for LinesPtr {}
+unsafe impl Sync for LinesPtr {}
+
+/// `n` zeroed lines, in pages that nothing has touched yet (and huge ones where allowed).
+fn zeroed_lines(n: usize) -> Result<Vec<Line>> {
+    if n == 0 {
+        return Ok(Vec::new());
+    }
+    let layout = Layout::array::<Line>(n)
+        .map_err(|_| Error::Input(format!("PackedLinear of {n} lines is too large")))?;
+    // SAFETY: the layout is non-zero in size; a null result is handled.
+    let ptr = unsafe { alloc_zeroed(layout) } as *mut Line;
+    if ptr.is_null() {
+        handle_alloc_error(layout);
+    }
+    #[cfg(target_os = "linux")]
+    {
+        // madvise takes page-aligned ranges: the whole pages inside the allocation.
+        let (start, end) = (ptr as usize, ptr as usize + layout.size());
+        let (a, b) = (start.next_multiple_of(4096), end / 4096 * 4096);
+        if b > a {
+            // SAFETY: [a, b) lies inside this allocation; the advice changes no contents.
+            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
+        }
+    }
+    // SAFETY: allocated by the global allocator with `Layout::array::<Line>(n)`, all zero
+    // bytes, which is a valid `Line`; length and capacity `n`.
+    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+}
+
+impl PackedLinear {
+    /// Packs an fp32 weight, row-major (in, out), as `Conv1D` stores it.
+    pub fn from_f32(w: &[f32], k: usize, n: usize, bias: Option<&[f32]>) -> Result<Self> {
+        Self::from_row_major(w, k, n, bias, WeightFormat::F32)
+    }
+
+    /// Packs a bf16 weight given as its raw bits, row-major (in, out).
+    pub fn from_bf16_bits(w: &[u16], k: usize, n: usize, bias: Option<&[f32]>) -> Result<Self> {
+        Self::from_row_major(w, k, n, bias, WeightFormat::Bf16)
+    }
+
+    fn from_row_major<T: Elem>(
+        w: &[T],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        format: WeightFormat,
+    ) -> Result<Self> {
+        check_len("weight", w.len(), k * n)?;
+        let mut me = Self::empty(format, k, n, bias)?;
+        me.fill_float(Strided {
+            data: w,
+            si: n,
+            sc: 1,
+        });
+        Ok(me)
+    }
+
+    /// Packs a CPU tensor of shape (in, out), Float or BFloat16 (which sets the format),
+    /// plus an optional bias (out) of any float kind. Any strides (`wte.tr()` for the
+    /// tied head is read in place).
+    pub fn from_tensor(w: &Tensor, bias: Option<&Tensor>) -> Result<Self> {
+        let format = match w.kind() {
+            Kind::BFloat16 => WeightFormat::Bf16,
+            _ => WeightFormat::F32,
+        };
+        Self::from_tensor_as(w, bias, format)
+    }
+
+    /// As `from_tensor`, packed in `format` (F32 or Bf16) whichever float kind `w` is:
+    /// fp32 values are rounded to bf16 as libtorch's conversion rounds them.
+    pub fn from_tensor_as(w: &Tensor, bias: Option<&Tensor>, format: WeightFormat) -> Result<Self> {
+        let size = w.size();
+        if size.len() != 2 || w.device() != Device::Cpu {
+            return Err(Error::Input(format!(
+                "PackedLinear needs a 2-D CPU weight (in, out), got {size:?} on {:?}",
+                w.device()
+            )));
+        }
+        if !matches!(format, WeightFormat::F32 | WeightFormat::Bf16) {
+            return Err(Error::Input(format!(
+                "a float weight packs as F32 or Bf16, not {format:?}"
+            )));
+        }
+        let (k, n) = (size[0] as usize, size[1] as usize);
+        let bias = match bias {
+            Some(b) => {
+                if b.size() != [n as i64] || b.device() != Device::Cpu {
+                    return Err(Error::Input(format!(
+                        "PackedLinear bias must be a CPU tensor of shape [{n}], got {:?}",
+                        b.size()
+                    )));
+                }
+                Some(Vec::<f32>::try_from(b.to_kind(Kind::Float).contiguous())?)
+            }
+            None => None,
+        };
+        let mut me = Self::empty(format, k, n, bias.as_deref())?;
+        if k == 0 || n == 0 {
+            return Ok(me);
+        }
+        let (si, sc) = (w.stride()[0] as usize, w.stride()[1] as usize);
+        let len = (k - 1) * si + (n - 1) * sc + 1;
+        let ptr = w.data_ptr();
+        match w.kind() {
+            Kind::Float => {
+                // SAFETY: a CPU Float tensor of these sizes and (non-negative) strides
+                // reaches `len` elements from its data pointer, aligned for f32, alive
+                // (borrowed) for this call and not written during it.
+                let data = unsafe { std::slice::from_raw_parts(ptr as *const f32, len) };
+                me.fill_float(Strided { data, si, sc });
+            }
+            Kind::BFloat16 => {
+                // SAFETY: as above, for 2-byte bf16 values read as their bits.
+                let data = unsafe { std::slice::from_raw_parts(ptr as *const u16, len) };
+                me.fill_float(Strided { data, si, sc });
+            }
+            other => {
+                return Err(Error::Input(format!(
+                    "PackedLinear packs Float or BFloat16 weights, got {other:?}"
+                )))
+            }
+        }
+        Ok(me)
+    }
+
+    /// Fills every panel of an F32 or Bf16 layout from `w`, on the pool. A line of F32
+    /// holds one input row's 16 columns; a line of Bf16 two rows', row 2l in the low half
+    /// of each u32 and 2l + 1 in the high half (a shift and a mask then widen both).
+    fn fill_float<T: Elem>(&mut self, w: Strided<T>) {
+        let (k, n, bf16) = (
+            self.in_features,
+            self.out_features,
+            self.format == WeightFormat::Bf16,
+        );
+        self.fill(&|p, lines: &mut [Line]| {
+            let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
+            if w.sc != 1 {
+                // Columns stored contiguously (the head, read from wte's rows): each
+                // column's k values are read in order, written one lane per line.
+                for c in 0..cols {
+                    for i in 0..k {
+                        let v = w.at(i, c0 + c);
+                        match bf16 {
+                            false => lines[i].0[c] = v.f32_bits(),
+                            true => lines[i / 2].0[c] |= (v.bf16_bits() as u32) << (16 * (i % 2)),
+                        }
+                    }
+                }
+                return;
+            }
+            // Rows stored contiguously (Conv1D's (in, out)): a line reads 16 consecutive
+            // values of one row (two rows in bf16), which vectorises.
+            let row = |i: usize| &w.data[i * w.si + c0..i * w.si + c0 + cols];
+            for (l, line) in lines.iter_mut().enumerate() {
+                if !bf16 {
+                    for (d, v) in line.0.iter_mut().zip(row(l)) {
+                        *d = v.f32_bits();
+                    }
+                } else if 2 * l + 1 < k {
+                    for ((d, a), b) in line.0.iter_mut().zip(row(2 * l)).zip(row(2 * l + 1)) {
+                        *d = a.bf16_bits() as u32 | (b.bf16_bits() as u32) << 16;
+                    }
+                } else {
+                    for (d, a) in line.0.iter_mut().zip(row(2 * l)) {
+                        *d = a.bf16_bits() as u32;
+                    }
+                }
+            }
+        });
+    }
+
+    /// Runs `panel(p, lines of panel p)` for every panel, a few panels per task.
+    fn fill(&mut self, panel: &(dyn Fn(usize, &mut [Line]) + Sync)) {
+        let (n_panels, lpp) = (self.n_panels, self.lines_per_panel);
+        if n_panels == 0 || lpp == 0 {
+            return;
+        }
+        let per_task = n_panels.div_ceil(4 * self.pool.threads()).max(1);
+        let lines = LinesPtr(self.lines.as_mut_ptr());
+        let task = |t: usize| {
+            let lines = &lines;
+            for p in t * per_task..((t + 1) * per_task).min(n_panels) {
+                // SAFETY: panel p's lines [p * lpp, (p + 1) * lpp) lie in the buffer
+                // (n_panels * lpp lines) and belong to this task alone.
+                let mine = unsafe { std::slice::from_raw_parts_mut(lines.0.add(p * lpp), lpp) };
+                panel(p, mine);
+            }
+        };
+        self.pool.run(n_panels.div_ceil(per_task), &task);
+    }
+
+    /// Packs an int8 weight given as rows per output column, (out, in) row-major, with
+    /// one scale per output column: y = (x·qᵀ)·scale + bias.
+    pub fn from_int8_rows(
+        q: &[i8],
+        scale: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        for (what, len, want) in [("weight", q.len(), k * n), ("scale", scale.len(), n)] {
+            check_len(what, len, want)?;
+        }
+        if let Some(b) = bias {
+            check_len("bias", b.len(), n)?;
+        }
+        let mut me = Self::empty(WeightFormat::Int8, k, n, None)?;
+        me.fill(&|p, panel: &mut [Line]| {
+            let c0 = p * PANEL;
+            let cols = (n - c0).min(PANEL);
+            for (l, line) in panel.iter_mut().enumerate() {
+                let mut bytes = [0u8; 64];
+                for i in 0..4 {
+                    let row = 4 * l + i;
+                    if row >= k {
+                        break;
+                    }
+                    for c in 0..cols {
+                        bytes[16 * i + c] = q[(c0 + c) * k + row] as u8;
+                    }
+                }
+                for (j, v) in line.0.iter_mut().enumerate() {
+                    let b = &bytes[4 * j..4 * j + 4];
+                    *v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                }
+            }
+        });
+        me.has_bias = bias.is_some();
+        me.int8_post = Some((
+            scale.to_vec(),
+            bias.map_or_else(|| vec![0.0; n], <[f32]>::to_vec),
+        ));
+        Ok(me)
+    }
+
+    /// Packs an int8 weight, (out, in) row-major (gpt2kit's artifacts hold [-127, 127];
+    /// any i8 is exact), and one scale per output column, for W8A8: each call quantizes
+    /// x per row and computes y = (xq·qᵀ)·s_x·scale + bias exactly as
+    /// `quant::Int8Linear` does (see `WeightFormat::Int8Dynamic`).
+    pub fn from_int8_rows_dynamic(
+        q: &[i8],
+        scale: &[f32],
+        in_features: usize,
+        out_features: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("weight", q.len(), in_features * out_features)?;
+        check_len("scale", scale.len(), out_features)?;
+        let mut me = Self::empty(WeightFormat::Int8Dynamic, in_features, out_features, bias)?;
+        let corr = vnni::pack(q, in_features, out_features, &mut me.lines);
+        let mut padded = vec![0.0f32; me.n_panels * PANEL];
+        padded[..out_features].copy_from_slice(scale);
+        me.dynamic = Some((corr, padded));
+        Ok(me)
+    }
+
+    pub(super) fn empty(
+        format: WeightFormat,
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let n_panels = n.div_ceil(PANEL);
+        let lines_per_panel = match format {
+            WeightFormat::F32 => k,
+            WeightFormat::Bf16 => k.div_ceil(2),
+            WeightFormat::Int8 | WeightFormat::Int8Dynamic => k.div_ceil(4),
+        };
+        let mut padded = vec![0.0f32; n_panels * PANEL];
+        if let Some(b) = bias {
+            check_len("bias", b.len(), n)?;
+            padded[..n].copy_from_slice(b);
+        }
+        Ok(PackedLinear {
+            in_features: k,
+            out_features: n,
+            format,
+            n_panels,
+            lines_per_panel,
+            lines: zeroed_lines(n_panels * lines_per_panel)?,
+            bias: padded,
+            has_bias: bias.is_some(),
+            int8_post: None,
+            dynamic: None,
+            isa: Isa::detect(),
+            pool: ThreadPool::global(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_is_libtorchs() {
+        // Ties to even both ways, carries into the exponent, the largest finite values,
+        // infinities, subnormals and zeros, against libtorch's own conversion.
+        let mut v: Vec<f32> = [
+            0x3f80_8000u32,
+            0x3f81_8000,
+            0x3f80_7fff,
+            0x3f80_8001,
+            0x7f7f_ffff,
+            0xff7f_ffff,
+            0x7f80_0000,
+            0xff80_0000,
+            0x0000_0001,
+            0x8000_8000,
+            0x0001_8000,
+            0x0000_0000,
+            0x8000_0000,
+            0x3fff_ffff,
+        ]
+        .iter()
+        .map(|&b| f32::from_bits(b))
+        .collect();
+        let mut x = 0x1234_5678u32;
+        for _ in 0..10_000 {
+            x ^= x << 13;
+            x ^= x >> 17;
+            x ^= x << 5;
+            if !f32::from_bits(x).is_nan() {
+                v.push(f32::from_bits(x));
+            }
+        }
+        let want = Tensor::from_slice(&v)
+            .to_kind(Kind::BFloat16)
+            .view_dtype(Kind::Int16);
+        let want = Vec::<i16>::try_from(want).unwrap();
+        for (x, w) in v.iter().zip(want) {
+            assert_eq!(round_bf16(*x), w as u16, "{x:e} ({:#x})", x.to_bits());
+        }
+    }
+}
