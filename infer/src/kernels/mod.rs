@@ -41,6 +41,11 @@ pub use pool::ThreadPool;
 pub const PANEL: usize = 16;
 /// Rows of x one pass over W serves; more rows are processed in chunks of this many.
 pub const MAX_ROWS: usize = 8;
+/// Rows a fused decode step serves at once. Each task of a kernel call runs its panels
+/// for every chunk of `MAX_ROWS` rows in turn, so past the first chunk its slice of W
+/// (under a megabyte on the 124M shape) is read from cache, not memory: a step of 64 rows
+/// reads the weights from memory once, where steps of 8 rows each would read them 8 times.
+pub const STEP_MAX_ROWS: usize = 64;
 /// Tasks per thread: more than one, so that a thread that the OS (or another build on
 /// the machine) delays leaves its share to the others instead of stalling the call.
 const TASKS_PER_THREAD: usize = 4;

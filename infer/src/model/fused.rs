@@ -4,7 +4,7 @@
 //! described in `decode`.
 //!
 //! Used for decode steps (one new token per row, each row at its own slot of its own
-//! cache row; up to `kernels::MAX_ROWS` rows a call, larger steps in chunks) of a
+//! cache row; up to `kernels::STEP_MAX_ROWS` rows a call, larger steps in chunks) of a
 //! one-device CPU model whose every linear runs on a decode kernel; anything else (and
 //! `EngineOptions::fused_decode` off) takes the libtorch path.
 use std::cell::RefCell;
@@ -83,7 +83,7 @@ impl Plan {
     ) -> Option<Tensor> {
         let (b, t, e) = x.size3().ok()?;
         let (rows, e) = (b as usize, e as usize);
-        if t != 1 || rows > kernels::MAX_ROWS || rows == 0 || x.requires_grad() {
+        if t != 1 || rows > kernels::STEP_MAX_ROWS || rows == 0 || x.requires_grad() {
             return None;
         }
         if span.t != 1 || span.rows.len() != rows || !runnable(model) {

@@ -130,7 +130,9 @@ impl Gpt2 {
     /// Whether a decode step of `rows` rows runs its matrix products on the CPU decode
     /// kernels (their own thread pool) rather than libtorch.
     pub fn decodes_on_kernels(&self, rows: usize) -> bool {
-        self.head.runs_on_pool(rows) && rows <= kernels::MAX_ROWS && self.blocks_on_kernels(rows)
+        self.head.runs_on_pool(rows)
+            && rows <= kernels::STEP_MAX_ROWS
+            && self.blocks_on_kernels(rows)
     }
 
     /// Whether a pass over `rows` prompt tokens (all rows of a batch together) runs the
@@ -159,7 +161,7 @@ impl Gpt2 {
         Tensor::cat(&parts, 0)
     }
 
-    /// A decode step on the fused plan, in chunks of at most `kernels::MAX_ROWS` rows (the
+    /// A decode step on the fused plan, in chunks of at most `kernels::STEP_MAX_ROWS` rows (the
     /// kernels read the weights once per chunk in any case), or `None` when it cannot
     /// run fused (then nothing was written).
     pub(super) fn fused_step(&self, x: &Tensor, cache: &KvCache, span: &Span) -> Option<Tensor> {
@@ -184,12 +186,12 @@ impl Gpt2 {
             let h = plan.step(self, &x.reshape([r * t, 1, e]), cache, &flat)?;
             return Some(h.view([r, t, e]));
         }
-        if span.rows.len() <= kernels::MAX_ROWS {
+        if span.rows.len() <= kernels::STEP_MAX_ROWS {
             return plan.step(self, x, cache, span);
         }
         let mut out = Vec::new();
-        for (i, rows) in span.rows.chunks(kernels::MAX_ROWS).enumerate() {
-            let at = i * kernels::MAX_ROWS;
+        for (i, rows) in span.rows.chunks(kernels::STEP_MAX_ROWS).enumerate() {
+            let at = i * kernels::STEP_MAX_ROWS;
             let part = Span {
                 rows: rows.to_vec(),
                 starts: span.starts[at..at + rows.len()].to_vec(),
