@@ -113,6 +113,21 @@ impl Reply {
         serde_json::from_str(&self.body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", self.body))
     }
 
+    /// The JSON chunks of an event stream, which must end with `data: [DONE]`.
+    pub fn chunks(&self) -> Vec<Value> {
+        let events = self.events();
+        assert_eq!(
+            events.last().map(String::as_str),
+            Some("[DONE]"),
+            "{}",
+            self.body
+        );
+        events[..events.len() - 1]
+            .iter()
+            .map(|e| serde_json::from_str(e).unwrap())
+            .collect()
+    }
+
     /// The `data:` payloads of an event stream.
     pub fn events(&self) -> Vec<String> {
         self.body
