@@ -76,8 +76,17 @@ fn main() -> ExitCode {
         Command::Tokenizer(command) => tokenizer_cmd::run(&command, &mut out),
         Command::Train(args) => train_cmd::run(&args, &mut out),
         Command::Eval(args) => eval_cmd::run(&args, &mut out),
+        Command::Quantize(args) if quantize_cmd::writes_gguf(&args) => {
+            quantize_gguf::run(&args, &mut out)
+        }
         Command::Quantize(args) => quantize_cmd::run(&args, &mut out),
-        Command::Dequantize(args) => quantize_cmd::run_dequantize(&args, &mut out),
+        Command::Dequantize(args) => quantize_cmd::check_dequantize(&args).and_then(|()| {
+            if infer::gguf::is_gguf(&args.model) {
+                quantize_gguf::dequantize(&args, &mut out)
+            } else {
+                quantize_cmd::run_dequantize(&args, &mut out)
+            }
+        }),
         Command::MergeLora(args) => merge_lora_cmd::run(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
         Command::Serve(args) => serve_cmd::run(&args, &mut out),
