@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU check of a built gpt2kit on a CUDA machine: CUDA linked, cpu vs cuda tokens on the
+# GPU check of a built gpt2kit on a CUDA machine: CUDA loaded, cpu vs cuda tokens on the
 # reference models (fp32, bf16, tensor parallel over two shards of one GPU, beams), and
 # decode tokens/s of a gpt2-124M-shaped random model, TP=1 vs TP=2, fp32 and bf16.
 # Then an int8-weight artifact on CUDA (TP=1 vs TP=2), the fused CPU decode step against
@@ -13,8 +13,11 @@ mkdir -p "$OUT"
 lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$lib
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-echo "== linked CUDA libraries"
-ldd "$BIN" | grep -E "torch_cuda|cudart|not found" || echo "NO libtorch_cuda linked"
+echo "== CUDA libraries (gpt2kit loads libtorch_cuda.so when a CUDA device is asked for)"
+ldd "$BIN" | grep -E "not found" || echo "every linked library found"
+ls "$lib/libtorch_cuda.so" || echo "NO libtorch_cuda.so beside libtorch_cpu.so"
+"$BIN" infer --model "$REF/hub-tied" --prompt "x" --max-new-tokens 1 --device cuda >/dev/null \
+  && echo "CUDA loaded and ran" || echo "CUDA FAILED TO LOAD OR RUN"
 
 same() { # name, file a, file b: do two --json outputs hold the same token ids?
   python3 - "$@" <<'PY'

@@ -184,7 +184,7 @@ fn shard_devices(
         ))),
         (_, false) => Ok(listed),
         (Some(n), true) if n > 1 => {
-            let have = tch::Cuda::device_count() as usize;
+            let have = infer::device::cuda_device_count().unwrap_or(0);
             if have < n {
                 return Err(usage(format!(
                     "--tp {n} without --devices needs {n} CUDA devices, this machine has {have} \

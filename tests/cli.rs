@@ -150,6 +150,23 @@ fn bad_input_gives_clear_errors_and_exit_codes() {
 }
 
 #[test]
+fn cuda_is_loaded_only_when_asked_for_and_then_registers_its_backend() {
+    // The binary does not link libtorch_cuda.so; `--device cuda` loads it. Where the
+    // libtorch has it and the machine has no NVIDIA driver, the error must be the CUDA
+    // backend's own ("Found no NVIDIA driver"): had loading not registered the backend,
+    // libtorch would say it cannot run the op on the 'CUDA' backend instead.
+    let lib = std::path::Path::new(env!("LIBTORCH")).join("lib/libtorch_cuda.so");
+    if !lib.exists() || std::path::Path::new("/dev/nvidiactl").exists() {
+        eprintln!("skipped: no libtorch_cuda.so, or an NVIDIA driver is present");
+        return;
+    }
+    let model = reference("hub-tied");
+    let m = model.to_str().unwrap();
+    let o = gpt2kit(&["infer", "--model", m, "--prompt", "x", "--device", "cuda"]);
+    assert_clean_failure(&o, 2, "Found no NVIDIA driver");
+}
+
+#[test]
 fn sampling_and_beam_values_are_refused_with_the_flag_name() {
     let model = reference("hub-tied");
     let m = model.to_str().unwrap();
