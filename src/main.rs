@@ -180,6 +180,11 @@ pub(crate) struct EngineArgs {
     /// memory map [env: GPT2KIT_MMAP=0].
     #[arg(long, hide = true)]
     no_mmap: bool,
+    /// Where the decode kernels' packed weights are kept between runs: `auto` (beside
+    /// the model when its folder is writable, else in $XDG_CACHE_HOME/gpt2kit/packed),
+    /// `off` (pack at every start), or a folder.
+    #[arg(long, value_name = "auto|off|DIR", default_value = "auto")]
+    packed_cache: String,
 }
 
 impl EngineArgs {
@@ -198,8 +203,23 @@ impl EngineArgs {
             fused_decode: !self.no_fused_decode && !off("GPT2KIT_FUSED_DECODE"),
             kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
             map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
+            packed_cache: match self.packed_cache.as_str() {
+                "off" => infer::PackedCache::Off,
+                "auto" | "" => infer::PackedCache::Auto {
+                    fallback: user_cache_dir().map(|d| d.join("gpt2kit").join("packed")),
+                },
+                dir => infer::PackedCache::Dir(dir.into()),
+            },
         }
     }
+}
+
+/// The user's cache folder: $XDG_CACHE_HOME, else ~/.cache.
+fn user_cache_dir() -> Option<std::path::PathBuf> {
+    let set = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty());
+    set("XDG_CACHE_HOME")
+        .map(Into::into)
+        .or_else(|| set("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
 }
 
 /// Standard output, whose write errors say so: a full stdout after a command wrote its

@@ -22,6 +22,7 @@ mod adapted;
 mod backend;
 mod fused;
 mod paths;
+mod stored;
 use crate::parallel::Communicator;
 use crate::quant::{QuantRows, QuantizationConfig};
 use backend::{Backend, Tensors};
