@@ -182,9 +182,9 @@ pub(crate) struct EngineArgs {
     no_mmap: bool,
     /// Where the decode kernels' packed weights are kept between runs: `auto` (beside
     /// the model when its folder is writable, else in $XDG_CACHE_HOME/gpt2kit/packed),
-    /// `off` (pack at every start), or a folder.
-    #[arg(long, value_name = "auto|off|DIR", default_value = "auto")]
-    packed_cache: String,
+    /// `off` (pack at every start), or a folder [env: GPT2KIT_PACKED_CACHE; default: auto].
+    #[arg(long, value_name = "auto|off|DIR")]
+    packed_cache: Option<std::path::PathBuf>,
 }
 
 impl EngineArgs {
@@ -203,14 +203,20 @@ impl EngineArgs {
             fused_decode: !self.no_fused_decode && !off("GPT2KIT_FUSED_DECODE"),
             kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
             map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
-            packed_cache: match self.packed_cache.as_str() {
-                "off" => infer::PackedCache::Off,
-                "auto" | "" => infer::PackedCache::Auto {
-                    fallback: user_cache_dir().map(|d| d.join("gpt2kit").join("packed")),
-                },
-                dir => infer::PackedCache::Dir(dir.into()),
-            },
+            packed_cache: packed_cache(self.packed_cache.clone()),
         }
+    }
+}
+
+/// `--packed-cache`, else GPT2KIT_PACKED_CACHE, else `auto`.
+fn packed_cache(flag: Option<std::path::PathBuf>) -> infer::PackedCache {
+    let value = flag.or_else(|| std::env::var_os("GPT2KIT_PACKED_CACHE").map(Into::into));
+    match value.as_ref().and_then(|v| v.to_str()) {
+        Some("off") => infer::PackedCache::Off,
+        None | Some("auto" | "") => infer::PackedCache::Auto {
+            fallback: user_cache_dir().map(|d| d.join("gpt2kit").join("packed")),
+        },
+        Some(_) => infer::PackedCache::Dir(value.unwrap_or_default()),
     }
 }
 

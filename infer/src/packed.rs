@@ -168,7 +168,10 @@ impl Store {
             return Err("holds another panel layout or format".into());
         }
         if header.key != self.key {
-            return Err("was packed from other weights (the model changed since)".into());
+            return Err(
+                "does not match the weights (changed, replaced or copied since it was packed)"
+                    .into(),
+            );
         }
         if header.len != bytes.len() {
             return Err(format!(
