@@ -185,6 +185,10 @@ pub(crate) struct EngineArgs {
     /// `off` (pack at every start), or a folder [env: GPT2KIT_PACKED_CACHE; default: auto].
     #[arg(long, value_name = "auto|off|DIR")]
     packed_cache: Option<std::path::PathBuf>,
+    /// `infer`: write a missing packed file during load instead of in a detached process
+    /// after the run (what that process runs).
+    #[arg(long, hide = true)]
+    packed_cache_now: bool,
 }
 
 impl EngineArgs {
@@ -204,7 +208,57 @@ impl EngineArgs {
             kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
             map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
             packed_cache: packed_cache(self.packed_cache.clone()),
+            packed_write_later: false,
         }
+    }
+}
+
+impl EngineArgs {
+    /// `options` for `infer`: a missing packed file is left to `build_packed_later`.
+    pub(crate) fn infer_options(&self) -> infer::EngineOptions {
+        infer::EngineOptions {
+            packed_write_later: !self.packed_cache_now,
+            ..self.options()
+        }
+    }
+
+    /// Writes the packed file `model` (loaded from `dir` in `dtype`) went without, in a
+    /// detached process at the lowest priority, as `git gc --auto` does: writing gpt2-xl's
+    /// 6.2 GB durably takes ~25 s on a 250 MB/s disk, which the run does not wait for.
+    /// That process loads the model and writes the file during its load, then runs one
+    /// token; a failure costs only the file.
+    pub(crate) fn build_packed_later(
+        &self,
+        model: &infer::Gpt2,
+        dir: &std::path::Path,
+        dtype: &str,
+    ) {
+        use std::os::unix::process::CommandExt;
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        if !model.packed_file_wanted() {
+            return;
+        }
+        let mut c = std::process::Command::new(exe);
+        c.args(["infer", "--packed-cache-now", "--dtype", dtype, "--model"])
+            .arg(dir)
+            .args(["--prompt", "a", "--max-new-tokens", "1"]);
+        if let Some(p) = &self.packed_cache {
+            c.arg("--packed-cache").arg(p);
+        }
+        c.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0);
+        // SAFETY: between fork and exec the child only calls nice(2), a system call.
+        unsafe {
+            c.pre_exec(|| {
+                libc::nice(19);
+                Ok(())
+            })
+        };
+        let _ = c.spawn();
     }
 }
 

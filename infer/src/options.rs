@@ -22,6 +22,10 @@ pub struct EngineOptions {
     /// Where the kernels' packed layout is kept between runs (`packed`): off in the
     /// library, `Auto` from the CLI.
     pub packed_cache: PackedCache,
+    /// A missing packed file is not written at load (the model is packed in memory as
+    /// usual); `Gpt2::packed_file_wanted` then says so, for the caller to build it later
+    /// (the CLI's `infer` does, in a detached process). Off: written at load.
+    pub packed_write_later: bool,
 }
 
 impl Default for EngineOptions {
@@ -32,6 +36,7 @@ impl Default for EngineOptions {
             kernel_threads: None,
             map_weights: true,
             packed_cache: PackedCache::Off,
+            packed_write_later: false,
         }
     }
 }

@@ -25,7 +25,6 @@
 //! (header checksum), of another version or layout, or keyed to other weights is noted
 //! on stderr in one line and rebuilt.
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -189,6 +188,24 @@ impl Store {
             return Err("holds other layers than this model's".into());
         }
         Ok((Arc::new(map), header.layers))
+    }
+
+    /// Whether another running process is writing this file now (its temporary file).
+    pub(crate) fn being_written(&self) -> bool {
+        self.paths.iter().any(|path| {
+            let (Some(folder), Some(name)) = (path.parent(), path.file_name()) else {
+                return false;
+            };
+            let prefix = format!("{}.tmp.", name.to_string_lossy());
+            let Ok(entries) = fs::read_dir(folder) else {
+                return false;
+            };
+            entries.flatten().any(|e| {
+                let n = e.file_name().to_string_lossy().into_owned();
+                n.strip_prefix(&prefix)
+                    .is_some_and(|pid| Path::new("/proc").join(pid).exists())
+            })
+        })
     }
 
     /// Writes `layers` (name, packed) to the first path, replacing what was there; when
@@ -365,9 +382,7 @@ fn fill(
     for (layer, (_, p)) in header.layers.iter().zip(layers) {
         out.write_all_at(p.panel_bytes(), layer.at as u64)?;
     }
-    out.set_len(header.len as u64)?;
-    let mut o = out;
-    o.flush()
+    out.set_len(header.len as u64)
 }
 
 /// Removes temporary files of `file_name` left by writers that are gone (killed while

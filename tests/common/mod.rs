@@ -158,3 +158,18 @@ pub fn copy_files(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Logits of a 3-token prompt, then of 3 decode steps (the prefill and decode paths), as
+/// f32.
+pub fn prompt_and_step_logits(model: &infer::Gpt2) -> tch::Tensor {
+    use tch::{Kind, Tensor};
+    tch::no_grad(|| {
+        let mut cache = model.new_cache(1, 8);
+        let prompt = Tensor::from_slice(&[5i64, 17, 99]).view([1, 3]);
+        let mut out = vec![model.forward(&prompt, &mut cache)];
+        for t in [3i64, 250, 42] {
+            out.push(model.forward(&Tensor::from_slice(&[t]).view([1, 1]), &mut cache));
+        }
+        Tensor::cat(&out, 1).to_kind(Kind::Float)
+    })
+}

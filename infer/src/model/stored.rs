@@ -1,7 +1,7 @@
 //! A loaded model's linears packed once and kept (`crate::packed`): at load, the packed
 //! file of its folder and run format is mapped and its panels used in place; without one
 //! (or with a stale one), the layers are packed as usual and the file written for the
-//! next run.
+//! next run (at load, or later by the caller: `EngineOptions::packed_write_later`).
 use std::path::Path;
 use std::sync::Arc;
 
@@ -12,7 +12,8 @@ use crate::error::Result;
 use crate::kernels::{PackedLinear, WeightFormat};
 use crate::linear::Linear;
 use crate::mapped::MappedFile;
-use crate::packed::{Layer, PackedCache, Store};
+use crate::options::EngineOptions;
+use crate::packed::{Layer, Store};
 
 /// The name the head has in a packed file.
 const HEAD: &str = "lm_head";
@@ -20,10 +21,10 @@ const HEAD: &str = "lm_head";
 impl Gpt2 {
     /// `pack_for_cpu_decode` at load (see `pack_with`), from the packed file kept for
     /// `dir` when `cache` allows one: mapped when valid, else written after packing.
-    pub(crate) fn pack_loaded(&mut self, dir: &Path, cache: &PackedCache) -> Result<()> {
+    pub(crate) fn pack_loaded(&mut self, dir: &Path, options: &EngineOptions) -> Result<()> {
         let files = std::mem::take(&mut self.files);
         let store = match self.packed_format() {
-            Some(format) => Store::new(dir, format, cache, &files)?,
+            Some(format) => Store::new(dir, format, &options.packed_cache, &files)?,
             None => None,
         };
         let want = self.packed_shapes();
@@ -37,10 +38,19 @@ impl Gpt2 {
         let packed = self.pack_with(&files);
         self.files = files;
         packed?;
-        if let Some(store) = store {
-            store.save(&self.packed_layers());
+        match store {
+            Some(s) if options.packed_write_later => self.packed_wanted = !s.being_written(),
+            Some(s) => s.save(&self.packed_layers()),
+            None => {}
         }
         Ok(())
+    }
+
+    /// Whether this model was loaded without the packed file that its options asked for,
+    /// and left it unwritten (`EngineOptions::packed_write_later`), nor is another
+    /// process writing it now.
+    pub fn packed_file_wanted(&self) -> bool {
+        self.packed_wanted
     }
 
     /// The kernels' format when every linear is float and unpacked on one CPU device in
