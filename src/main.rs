@@ -214,7 +214,8 @@ impl EngineArgs {
 }
 
 impl EngineArgs {
-    /// `options` for `infer`: a missing packed file is left to `build_packed_later`.
+    /// `options` for `infer` (a missing packed file is left to `build_packed_later`) and
+    /// `quantize` (which leaves it unwritten).
     pub(crate) fn infer_options(&self) -> infer::EngineOptions {
         infer::EngineOptions {
             packed_write_later: !self.packed_cache_now,
