@@ -357,7 +357,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let requests = requests(args, &prompts, &from, &cfg, pooled || speculative)?;
     check_requests(&config, &requests, &cfg, &from.origins)?;
     let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
-    let engine = args.engine.options();
+    let engine = args.engine.infer_options();
     let model = match &args.adapter {
         Some(a) => train::merge::load_merged(dir, a, kind, &devices, &engine)?,
         None => Gpt2::load_with(dir, kind, &devices, &engine)
@@ -451,5 +451,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     if args.stats {
         print_stats(&prompts, &output, spec_stats);
     }
+    args.engine
+        .build_packed_later(&model, dir, &name(&args.dtype));
     Ok(())
 }

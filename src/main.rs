@@ -217,6 +217,15 @@ pub(crate) struct EngineArgs {
     /// memory map [env: GPT2KIT_MMAP=0].
     #[arg(long, hide = true)]
     no_mmap: bool,
+    /// Where the decode kernels' packed weights are kept between runs: `auto` (beside
+    /// the model when its folder is writable, else in $XDG_CACHE_HOME/gpt2kit/packed),
+    /// `off` (pack at every start), or a folder [env: GPT2KIT_PACKED_CACHE; default: auto].
+    #[arg(long, value_name = "auto|off|DIR")]
+    packed_cache: Option<std::path::PathBuf>,
+    /// `infer`: write a missing packed file during load instead of in a detached process
+    /// after the run (what that process runs).
+    #[arg(long, hide = true)]
+    packed_cache_now: bool,
 }
 
 impl EngineArgs {
@@ -235,8 +244,80 @@ impl EngineArgs {
             fused_decode: !self.no_fused_decode && !off("GPT2KIT_FUSED_DECODE"),
             kernel_threads: self.kernel_threads.map(|n| n.get()).or_else(env_threads),
             map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
+            packed_cache: packed_cache(self.packed_cache.clone()),
+            packed_write_later: false,
         }
     }
+}
+
+impl EngineArgs {
+    /// `options` for `infer` (a missing packed file is left to `build_packed_later`) and
+    /// `quantize` (which leaves it unwritten).
+    pub(crate) fn infer_options(&self) -> infer::EngineOptions {
+        infer::EngineOptions {
+            packed_write_later: !self.packed_cache_now,
+            ..self.options()
+        }
+    }
+
+    /// Writes the packed file `model` (loaded from `dir` in `dtype`) went without, in a
+    /// detached process at the lowest priority, as `git gc --auto` does: writing gpt2-xl's
+    /// 6.2 GB durably takes ~25 s on a 250 MB/s disk, which the run does not wait for.
+    /// That process loads the model and writes the file during its load, then runs one
+    /// token; a failure costs only the file.
+    pub(crate) fn build_packed_later(
+        &self,
+        model: &infer::Gpt2,
+        dir: &std::path::Path,
+        dtype: &str,
+    ) {
+        use std::os::unix::process::CommandExt;
+        let Ok(exe) = std::env::current_exe() else {
+            return;
+        };
+        if !model.packed_file_wanted() {
+            return;
+        }
+        let mut c = std::process::Command::new(exe);
+        c.args(["infer", "--packed-cache-now", "--dtype", dtype, "--model"])
+            .arg(dir)
+            .args(["--prompt", "a", "--max-new-tokens", "1"]);
+        if let Some(p) = &self.packed_cache {
+            c.arg("--packed-cache").arg(p);
+        }
+        c.stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .process_group(0);
+        // SAFETY: between fork and exec the child only calls nice(2), a system call.
+        unsafe {
+            c.pre_exec(|| {
+                libc::nice(19);
+                Ok(())
+            })
+        };
+        let _ = c.spawn();
+    }
+}
+
+/// `--packed-cache`, else GPT2KIT_PACKED_CACHE, else `auto`.
+fn packed_cache(flag: Option<std::path::PathBuf>) -> infer::PackedCache {
+    let value = flag.or_else(|| std::env::var_os("GPT2KIT_PACKED_CACHE").map(Into::into));
+    match value.as_ref().and_then(|v| v.to_str()) {
+        Some("off") => infer::PackedCache::Off,
+        None | Some("auto" | "") => infer::PackedCache::Auto {
+            fallback: user_cache_dir().map(|d| d.join("gpt2kit").join("packed")),
+        },
+        Some(_) => infer::PackedCache::Dir(value.unwrap_or_default()),
+    }
+}
+
+/// The user's cache folder: $XDG_CACHE_HOME, else ~/.cache.
+fn user_cache_dir() -> Option<std::path::PathBuf> {
+    let set = |v: &str| std::env::var_os(v).filter(|s| !s.is_empty());
+    set("XDG_CACHE_HOME")
+        .map(Into::into)
+        .or_else(|| set("HOME").map(|h| std::path::PathBuf::from(h).join(".cache")))
 }
 
 /// Standard output, whose write errors say so: a full stdout after a command wrote its

@@ -246,7 +246,9 @@ pub(crate) fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow
         dir,
         Some(Kind::Float),
         &[Device::Cpu],
-        &args.engine.options(),
+        // A packed file is used when present, never written (a measured artifact is in a
+        // temporary folder; the source is not run here again).
+        &args.engine.infer_options(),
     )
     .with_context(|| format!("loading {what}"))?;
     let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading {what}"))?;

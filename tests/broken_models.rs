@@ -21,6 +21,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// the test fails, so that a loader blocked on a FIFO cannot block CI.
 fn run(args: &[&str]) -> Output {
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

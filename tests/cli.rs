@@ -635,6 +635,7 @@ fn every_readme_usage_command_parses() {
     for words in commands {
         seen.insert(words[0].clone());
         let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .env("GPT2KIT_PACKED_CACHE", "off")
             .args(&words)
             .arg("--parse-only")
             .output()
@@ -682,6 +683,7 @@ fn parse_only_still_refuses_bad_flags() {
         &["--parse-only", "tokenizer", "train", "--out", "t"],
     ] {
         let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .env("GPT2KIT_PACKED_CACHE", "off")
             .args(args)
             .output()
             .unwrap();
@@ -689,6 +691,7 @@ fn parse_only_still_refuses_bad_flags() {
     }
     // And that it runs nothing: no model folder is read.
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args([
             "infer",
             "--model",
@@ -803,6 +806,7 @@ fn choice_flags_take_every_spelling_and_list_their_values() {
 fn closed_stdout_is_not_an_error() {
     let model = reference("hub-tied");
     let mut child = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args([
             "infer",
             "--model",

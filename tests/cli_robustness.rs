@@ -171,6 +171,7 @@ fn tiny_run(t: &TempDir) -> [String; 2] {
 
 fn train_command(t: &TempDir, model: &str, data: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+    c.env("GPT2KIT_PACKED_CACHE", "off");
     c.args([
         "train",
         "--model",
@@ -253,6 +254,7 @@ fn an_error_with_a_full_stderr_keeps_its_exit_status() {
         .open("/dev/full")
         .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args([
             "init",
             "--preset",
@@ -289,6 +291,7 @@ fn infer_stats_to_a_full_stderr_keeps_the_output() {
         .open("/dev/full")
         .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args(args)
         .arg("--stats")
         .stderr(Stdio::from(full))

@@ -67,6 +67,7 @@ fn train_args(model: &Path, data: &Path, out: &Path) -> Vec<String> {
 
 fn spawn(args: &[String]) -> std::process::Child {
     Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

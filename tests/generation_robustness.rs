@@ -541,6 +541,7 @@ fn stats_on_an_unwritable_stderr_do_not_crash() {
         .open("/dev/full")
         .unwrap();
     let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args([
             "infer",
             "--model",

@@ -225,6 +225,7 @@ fn a_prompts_file_may_start_with_a_byte_order_mark() {
 fn a_full_stdout_is_named_as_such() {
     let t = TempDir::new("hostile-fullout");
     let o = std::process::Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args([
             "quantize",
             "--model",

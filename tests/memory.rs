@@ -35,15 +35,7 @@ fn load(dir: &Path, kind: Option<Kind>, opts: &EngineOptions) -> Gpt2 {
 
 /// Logits of a 3-token prompt, then of 3 decode steps: the prefill and decode paths.
 fn logits(model: &Gpt2) -> Tensor {
-    tch::no_grad(|| {
-        let mut cache = model.new_cache(1, 8);
-        let prompt = Tensor::from_slice(&[5i64, 17, 99]).view([1, 3]);
-        let mut out = vec![model.forward(&prompt, &mut cache)];
-        for t in [3i64, 250, 42] {
-            out.push(model.forward(&Tensor::from_slice(&[t]).view([1, 1]), &mut cache));
-        }
-        Tensor::cat(&out, 1).to_kind(Kind::Float)
-    })
+    prompt_and_step_logits(model)
 }
 
 fn assert_same_bits(a: &Tensor, b: &Tensor, what: &str) {

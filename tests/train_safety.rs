@@ -250,6 +250,7 @@ fn one_run_at_a_time_owns_an_output_folder_and_a_dead_runs_lock_is_taken_over() 
     let (data, out) = (t.s("train.jsonl"), t.s("out"));
     let long = base(&model, &data, &out, "100000");
     let mut first = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .args(&long)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

@@ -87,6 +87,11 @@ impl MappedFile {
         self.len
     }
 
+    /// The open file that is mapped (its metadata, reads beside the map).
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
     pub fn is_empty(&self) -> bool {
         self.len == 0
     }

@@ -2,9 +2,10 @@
 //! and environment, and passes to model loading. The library reads no environment.
 use crate::error::{Error, Result};
 use crate::kernels::ThreadPool;
+use crate::packed::PackedCache;
 
 /// The engine's switches. The default runs everything the machine allows.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineOptions {
     /// CPU models in f32, bf16 or int8 get the decode kernels (weights repacked at load).
     /// Off: libtorch everywhere, for comparison.
@@ -18,6 +19,13 @@ pub struct EngineOptions {
     /// Weights whose stored dtype is the run's are used in place from a private memory
     /// map of the file (`mapped`), not copied. Off: every tensor is copied out.
     pub map_weights: bool,
+    /// Where the kernels' packed layout is kept between runs (`packed`): off in the
+    /// library, `Auto` from the CLI.
+    pub packed_cache: PackedCache,
+    /// A missing packed file is not written at load (the model is packed in memory as
+    /// usual); `Gpt2::packed_file_wanted` then says so, for the caller to build it later
+    /// (the CLI's `infer` does, in a detached process). Off: written at load.
+    pub packed_write_later: bool,
 }
 
 impl Default for EngineOptions {
@@ -27,6 +35,8 @@ impl Default for EngineOptions {
             fused_decode: true,
             kernel_threads: None,
             map_weights: true,
+            packed_cache: PackedCache::Off,
+            packed_write_later: false,
         }
     }
 }

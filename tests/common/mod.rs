@@ -30,6 +30,8 @@ pub fn gpt2kit(args: &[&str]) -> Output {
 pub fn gpt2kit_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
     c.args(args);
+    // No packed files beside the shared reference models (tests of them set it).
+    c.env("GPT2KIT_PACKED_CACHE", "off");
     for (k, v) in env {
         c.env(k, v);
     }
@@ -139,6 +141,7 @@ pub fn corpus(rows: usize, seed: u64) -> String {
 pub fn gpt2kit_os(args: &[&std::ffi::OsStr]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
         .args(args)
+        .env("GPT2KIT_PACKED_CACHE", "off")
         .output()
         .unwrap()
 }
@@ -148,8 +151,25 @@ pub fn copy_files(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for e in std::fs::read_dir(from).unwrap() {
         let p = e.unwrap().path();
-        if p.is_file() {
+        // A packed file belongs to its folder's weights (a copy would be rebuilt).
+        let packed = p.extension().is_some_and(|e| e == "gpt2kit");
+        if p.is_file() && !packed {
             std::fs::copy(&p, to.join(p.file_name().unwrap())).unwrap();
         }
     }
+}
+
+/// Logits of a 3-token prompt, then of 3 decode steps (the prefill and decode paths), as
+/// f32.
+pub fn prompt_and_step_logits(model: &infer::Gpt2) -> tch::Tensor {
+    use tch::{Kind, Tensor};
+    tch::no_grad(|| {
+        let mut cache = model.new_cache(1, 8);
+        let prompt = Tensor::from_slice(&[5i64, 17, 99]).view([1, 3]);
+        let mut out = vec![model.forward(&prompt, &mut cache)];
+        for t in [3i64, 250, 42] {
+            out.push(model.forward(&Tensor::from_slice(&[t]).view([1, 1]), &mut cache));
+        }
+        Tensor::cat(&out, 1).to_kind(Kind::Float)
+    })
 }

@@ -23,6 +23,7 @@ impl Server {
         c.args(["serve", "--model", model.to_str().unwrap(), "--port", "0"])
             .args(args)
             .env_remove("GPT2KIT_API_KEY")
+            .env("GPT2KIT_PACKED_CACHE", "off")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
         for (k, v) in env {

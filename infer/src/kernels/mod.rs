@@ -21,6 +21,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
+use crate::mapped::MappedFile;
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
@@ -31,11 +32,13 @@ mod pack;
 mod pool;
 mod qtile;
 mod scalar;
+mod stored;
 mod vnni;
 
 use isa::has_vnni;
 pub use isa::Isa;
 pub use pool::ThreadPool;
+pub use stored::{panel_len, ALIGN, LAYOUT};
 
 /// Output columns per panel: one AVX-512 register of f32, one 64-byte cache line.
 pub const PANEL: usize = 16;
@@ -116,6 +119,44 @@ struct OutPtr(*mut f32);
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
 
+/// The panels' storage: packed at load into memory of its own, or used in place from a
+/// packed file's memory map (`stored`), which the map's reference keeps alive.
+enum Lines {
+    Owned(Vec<Line>),
+    Mapped {
+        ptr: *const Line,
+        len: usize,
+        _map: Arc<MappedFile>,
+    },
+}
+
+// SAFETY: `Mapped` points into a read-only use of a private mapping that `_map` keeps
+// alive; nothing writes through it, so sharing and sending it is as safe as a `&[Line]`.
+unsafe impl Send for Lines {}
+unsafe impl Sync for Lines {}
+
+impl std::ops::Deref for Lines {
+    type Target = [Line];
+    fn deref(&self) -> &[Line] {
+        match self {
+            Lines::Owned(v) => v,
+            // SAFETY: `stored::mapped_lines` checked that [ptr, ptr + len) lies in the
+            // mapping, 64-byte aligned; the mapping lives as long as `_map`.
+            Lines::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
+        }
+    }
+}
+
+impl Lines {
+    /// The lines being packed: only packing writes them, into memory of their own.
+    fn owned_mut(&mut self) -> &mut [Line] {
+        match self {
+            Lines::Owned(v) => v,
+            Lines::Mapped { .. } => unreachable!("mapped panels are never packed into"),
+        }
+    }
+}
+
 /// A linear layer's weight (and bias) repacked for the decode kernels.
 pub struct PackedLinear {
     in_features: usize,
@@ -123,7 +164,8 @@ pub struct PackedLinear {
     format: WeightFormat,
     n_panels: usize,
     lines_per_panel: usize,
-    lines: Vec<Line>,
+    /// `n_panels * lines_per_panel` lines: packed here, or mapped from a packed file.
+    lines: Lines,
     /// `n_panels * PANEL`, zero-padded; all zero without a bias (and for Int8, whose
     /// bias is added after the scale).
     bias: Vec<f32>,

@@ -11,7 +11,7 @@ use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{check_len, vnni, Isa, Line, PackedLinear, ThreadPool, WeightFormat, PANEL};
+use super::{check_len, vnni, Isa, Line, Lines, PackedLinear, ThreadPool, WeightFormat, PANEL};
 use crate::error::{Error, Result};
 
 /// bfloat16 bits of `v`, rounded to nearest even as c10's `round_to_nearest_even`
@@ -247,7 +247,7 @@ impl PackedLinear {
             return;
         }
         let per_task = n_panels.div_ceil(4 * self.pool.threads()).max(1);
-        let lines = LinesPtr(self.lines.as_mut_ptr());
+        let lines = LinesPtr(self.lines.owned_mut().as_mut_ptr());
         let task = |t: usize| {
             let lines = &lines;
             for p in t * per_task..((t + 1) * per_task).min(n_panels) {
@@ -318,7 +318,7 @@ impl PackedLinear {
         check_len("weight", q.len(), in_features * out_features)?;
         check_len("scale", scale.len(), out_features)?;
         let mut me = Self::empty(WeightFormat::Int8Dynamic, in_features, out_features, bias)?;
-        let corr = vnni::pack(q, in_features, out_features, &mut me.lines);
+        let corr = vnni::pack(q, in_features, out_features, me.lines.owned_mut());
         let mut padded = vec![0.0f32; me.n_panels * PANEL];
         padded[..out_features].copy_from_slice(scale);
         me.dynamic = Some((corr, padded));
@@ -330,6 +330,19 @@ impl PackedLinear {
         k: usize,
         n: usize,
         bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        Self::with_lines(format, k, n, bias, |len| {
+            Ok(Lines::Owned(zeroed_lines(len)?))
+        })
+    }
+
+    /// A layer of this shape whose panels are `lines(n_panels * lines_per_panel)`.
+    pub(super) fn with_lines(
+        format: WeightFormat,
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+        lines: impl FnOnce(usize) -> Result<Lines>,
     ) -> Result<Self> {
         let n_panels = n.div_ceil(PANEL);
         let lines_per_panel = match format {
@@ -348,7 +361,7 @@ impl PackedLinear {
             format,
             n_panels,
             lines_per_panel,
-            lines: zeroed_lines(n_panels * lines_per_panel)?,
+            lines: lines(n_panels * lines_per_panel)?,
             bias: padded,
             has_bias: bias.is_some(),
             int8_post: None,

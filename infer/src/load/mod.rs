@@ -70,7 +70,7 @@ impl Gpt2 {
         let mut model = Self::from_source(config, &files, kind, devices, convert_late)?;
         model.files = files.maps();
         if options.kernels {
-            model.pack_loaded()?;
+            model.pack_loaded(dir, options)?;
             model.set_fused_decode(options.fused_decode);
         }
         // A file truncated or rewritten while it was read is an error here, not a model.
@@ -154,6 +154,7 @@ impl Gpt2 {
             comm: Box::new(CopyCommunicator),
             fused: None,
             files: Vec::new(),
+            packed_wanted: false,
         })
     }
 }

@@ -22,6 +22,7 @@ mod adapted;
 mod backend;
 mod fused;
 mod paths;
+mod stored;
 use crate::parallel::Communicator;
 use crate::quant::{QuantRows, QuantizationConfig};
 use backend::{Backend, Tensors};
@@ -102,6 +103,8 @@ pub struct Gpt2 {
     /// The weight files the model's tensors may be views of (`mapped`): their SIGBUS
     /// guards live as long as the model, and `check_files` asks them what changed.
     pub(crate) files: Vec<std::sync::Arc<crate::mapped::MappedFile>>,
+    /// A packed file was wanted and left unwritten (`EngineOptions::packed_write_later`).
+    pub(crate) packed_wanted: bool,
 }
 
 /// One of a block's layers, as `parts!` hands them out (shared or mutable).

@@ -21,17 +21,10 @@ impl Gpt2 {
         self.pack_with(&[])
     }
 
-    /// `pack_for_cpu_decode` at load: weights viewed in the model's mapped files give their
-    /// pages back as they are packed, so the packed layout is the one copy in memory (only
-    /// here: a weight written in place since, a merged adapter, would revert to the file).
-    pub(crate) fn pack_loaded(&mut self) -> Result<()> {
-        let files = std::mem::take(&mut self.files);
-        let packed = self.pack_with(&files);
-        self.files = files;
-        packed
-    }
-
-    fn pack_with(&mut self, files: &[Arc<MappedFile>]) -> Result<()> {
+    /// Packs at load: weights viewed in the model's mapped files give their pages back as
+    /// they are packed, so the packed layout is the one copy in memory (only at load: a
+    /// weight written in place since, a merged adapter, would revert to the file).
+    pub(super) fn pack_with(&mut self, files: &[Arc<MappedFile>]) -> Result<()> {
         let packable = matches!(self.kind, Kind::Float | Kind::BFloat16);
         let packed = matches!(
             self.head,
