@@ -452,6 +452,6 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         print_stats(&prompts, &output, spec_stats);
     }
     args.engine
-        .build_packed_later(&model, dir, &name(&args.dtype));
+        .build_packed_later(&model, dir, &name(&args.placement.dtype));
     Ok(())
 }
