@@ -213,6 +213,7 @@ impl Scheduler<'_> {
                 prompt: job.prompt.clone(),
                 max_new_tokens: job.max_new_tokens,
                 settings: Some(job.settings.clone()),
+                adapter: None,
             };
             self.added += 1;
             match self.engine.add(request) {

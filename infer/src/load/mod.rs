@@ -143,6 +143,8 @@ impl Gpt2 {
             comm: Box::new(CopyCommunicator),
             fused: None,
             files: Vec::new(),
+            adapters: Vec::new(),
+            default_adapter: None,
         })
     }
 }
