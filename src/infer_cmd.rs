@@ -13,7 +13,7 @@ use infer::generate::{
 use infer::speculative::{generate_speculative, Drafter};
 use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
 
-use crate::choices::{name, Dtype, EnsembleMode};
+use crate::choices::{name, EnsembleMode};
 use crate::infer_io::{print_sequences, print_stats, read_prompts, Streamer};
 use crate::infer_settings::{generation_config, GenerationArgs};
 use crate::Out;
@@ -68,19 +68,8 @@ pub struct Args {
     /// Longest n-gram --prompt-lookup matches.
     #[arg(long, default_value_t = 2)]
     max_matching_ngram_size: usize,
-    /// Weights and compute dtype; auto: the checkpoint's own.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
-    /// cpu, cuda, cuda:N or mps.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Tensor parallelism: split the model over N shards (Megatron-style), one per device
-    /// of --devices, or the first N CUDA devices.
-    #[arg(long)]
-    tp: Option<usize>,
-    /// Comma-separated devices, one per shard (e.g. cuda:0,cuda:1 or cpu,cpu); replaces --device.
-    #[arg(long, value_delimiter = ',')]
-    devices: Vec<String>,
+    #[command(flatten)]
+    placement: crate::Placement,
     /// Print text as it is generated (one prompt, one sequence, no beams).
     #[arg(long)]
     stream: bool,
@@ -351,8 +340,7 @@ fn warm_up(
 }
 
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
-    let devices = crate::shard_devices(args.tp, &args.devices, device)?;
+    let (devices, kind) = args.placement.resolve()?;
     let device = devices[0];
     let from = prompt_texts(args)?;
     let texts = &from.texts;

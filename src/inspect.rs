@@ -128,7 +128,7 @@ impl<'a> Inspected<'a> {
     /// is an error.
     fn load(dir: &'a Path) -> anyhow::Result<Self> {
         infer::model::check_model_dir(dir)?;
-        if infer::gguf::load::is_gguf(dir) {
+        if infer::gguf::is_gguf(dir) {
             return Self::load_gguf(dir);
         }
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;

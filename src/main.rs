@@ -76,8 +76,17 @@ fn main() -> ExitCode {
         Command::Tokenizer(command) => tokenizer_cmd::run(&command, &mut out),
         Command::Train(args) => train_cmd::run(&args, &mut out),
         Command::Eval(args) => eval_cmd::run(&args, &mut out),
+        Command::Quantize(args) if quantize_cmd::writes_gguf(&args) => {
+            quantize_gguf::run(&args, &mut out)
+        }
         Command::Quantize(args) => quantize_cmd::run(&args, &mut out),
-        Command::Dequantize(args) => quantize_cmd::run_dequantize(&args, &mut out),
+        Command::Dequantize(args) => quantize_cmd::check_dequantize(&args).and_then(|()| {
+            if infer::gguf::is_gguf(&args.model) {
+                quantize_gguf::dequantize(&args, &mut out)
+            } else {
+                quantize_cmd::run_dequantize(&args, &mut out)
+            }
+        }),
         Command::MergeLora(args) => merge_lora_cmd::run(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
         Command::Serve(args) => serve_cmd::run(&args, &mut out),
@@ -127,9 +136,37 @@ pub(crate) fn device_and_dtype(
     Ok((infer::device::parse_device(device)?, dtype.kind()))
 }
 
+/// Where a model runs and in what: `infer`'s and `serve`'s --dtype, --device, --tp and
+/// --devices.
+#[derive(clap::Args)]
+pub(crate) struct Placement {
+    /// Weights and compute dtype; auto: the checkpoint's own.
+    #[arg(long, value_enum, default_value_t = choices::Dtype::F32)]
+    dtype: choices::Dtype,
+    /// cpu, cuda, cuda:N or mps.
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Tensor parallelism: split the model over N shards (Megatron-style), one per device
+    /// of --devices, or the first N CUDA devices.
+    #[arg(long)]
+    tp: Option<usize>,
+    /// Comma-separated devices, one per shard (e.g. cuda:0,cuda:1 or cpu,cpu); replaces --device.
+    #[arg(long, value_delimiter = ',')]
+    devices: Vec<String>,
+}
+
+impl Placement {
+    /// One device per tensor-parallel shard (the first also for anything unsplit), and
+    /// the dtype the engine takes.
+    pub(crate) fn resolve(&self) -> anyhow::Result<(Vec<tch::Device>, Option<tch::Kind>)> {
+        let (device, kind) = device_and_dtype(&self.device, self.dtype)?;
+        Ok((shard_devices(self.tp, &self.devices, device)?, kind))
+    }
+}
+
 /// One device per tensor-parallel shard: --devices, else the first --tp CUDA devices,
 /// else --device alone.
-pub(crate) fn shard_devices(
+fn shard_devices(
     tp: Option<usize>,
     devices: &[String],
     device: tch::Device,

@@ -422,10 +422,20 @@ pub(crate) fn load_source(args: &Args) -> anyhow::Result<Source> {
     })
 }
 
+/// Whether `quantize` writes a GGUF file (a GGUF method, or an `--out` ending in
+/// `.gguf`): `quantize_gguf::run`, not `run`.
+pub fn writes_gguf(args: &Args) -> bool {
+    args.method.gguf().is_some() || infer::gguf::is_gguf(&args.out)
+}
+
+/// Checks dequantize's `--model` and `--out`; a GGUF `--model` goes on to
+/// `quantize_gguf::dequantize`, a folder to `run_dequantize`.
+pub fn check_dequantize(args: &DequantizeArgs) -> anyhow::Result<()> {
+    infer::model::check_model_dir(&args.model)?;
+    check_out(&args.out)
+}
+
 pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    if args.method.gguf().is_some() || infer::gguf::load::is_gguf(&args.out) {
-        return crate::quantize_gguf::run(args, out);
-    }
     let (method, prune) = check_flags(args)?;
     let dir = &args.model;
     let Source {
@@ -548,11 +558,6 @@ fn print_table(
 
 pub fn run_dequantize(args: &DequantizeArgs, out: &mut Out) -> anyhow::Result<()> {
     let dir = &args.model;
-    infer::model::check_model_dir(dir)?;
-    check_out(&args.out)?;
-    if infer::gguf::load::is_gguf(dir) {
-        return crate::quantize_gguf::dequantize(args, out);
-    }
     let config = Gpt2Config::from_file(&dir.join(folder::CONFIG_FILE))?;
     if !config.extra.contains_key(infer::quant::CONFIG_KEY) {
         return Err(usage(format!(

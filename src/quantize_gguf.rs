@@ -26,7 +26,7 @@ fn check_flags(args: &Args) -> anyhow::Result<(gg::Method, Option<quantize::Prun
             name(&args.method)
         ))
     })?;
-    if !infer::gguf::load::is_gguf(&args.out) {
+    if !infer::gguf::is_gguf(&args.out) {
         return Err(usage(format!(
             "--method {}: writes a GGUF file; give --out a name ending in .gguf",
             name(&args.method)

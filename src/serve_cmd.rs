@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::choices::Dtype;
 use crate::Out;
 
 #[derive(clap::Args)]
@@ -18,19 +17,8 @@ pub struct Args {
     /// Port to listen on; 0 takes a free one (printed on start).
     #[arg(long, default_value_t = 8000)]
     port: u16,
-    /// Weights and compute dtype; auto: the checkpoint's own.
-    #[arg(long, value_enum, default_value_t = Dtype::F32)]
-    dtype: Dtype,
-    /// cpu, cuda, cuda:N or mps.
-    #[arg(long, default_value = "cpu")]
-    device: String,
-    /// Tensor parallelism: split the model over N shards (Megatron-style), one per device
-    /// of --devices, or the first N CUDA devices.
-    #[arg(long)]
-    tp: Option<usize>,
-    /// Comma-separated devices, one per shard (e.g. cuda:0,cuda:1 or cpu,cpu); replaces --device.
-    #[arg(long, value_delimiter = ',')]
-    devices: Vec<String>,
+    #[command(flatten)]
+    placement: crate::Placement,
     /// The model name clients send and see [default: the folder's name].
     #[arg(long)]
     served_model_name: Option<String>,
@@ -74,8 +62,7 @@ fn adapter_arg(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
-    let (device, kind) = crate::device_and_dtype(&args.device, args.dtype)?;
-    let devices = crate::shard_devices(args.tp, &args.devices, device)?;
+    let (devices, kind) = args.placement.resolve()?;
     let t = args.shutdown_timeout;
     if !(t.is_finite() && t >= 0.0) {
         return Err(infer::Error::Input(format!(

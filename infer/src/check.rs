@@ -19,7 +19,7 @@ pub fn stored_kind(files: &WeightFiles) -> Kind {
 
 /// Refuses a path that is not a folder before anything is read from it.
 pub fn check_model_dir(dir: &Path) -> Result<()> {
-    if dir.is_dir() || (crate::gguf::load::is_gguf(dir) && dir.is_file()) {
+    if dir.is_dir() || (crate::gguf::is_gguf(dir) && dir.is_file()) {
         return Ok(());
     }
     let what = if dir.exists() {

@@ -176,16 +176,8 @@ impl Gpt2Config {
         Some(config)
     }
 
-    /// The config of a model: a folder's `config.json`, or a `.gguf` file's metadata
-    /// (its tensors checked against it).
-    pub fn of_model(path: &Path) -> Result<Self> {
-        if crate::gguf::load::is_gguf(path) {
-            return crate::gguf::load::config(path);
-        }
-        Self::from_file(&path.join("config.json"))
-    }
-
-    /// Reads and validates `config.json`; errors name the file.
+    /// Reads and validates `config.json`; errors name the file. (`of_model`, which
+    /// also reads a `.gguf` file's config, is with the loaders in `load`.)
     pub fn from_file(path: &Path) -> Result<Self> {
         crate::files::check_regular_file(path)?;
         let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;

@@ -26,9 +26,10 @@ impl Tokenizer {
     /// Loads the tokenizer of a model folder: `tokenizer.json` if present, else
     /// `vocab.json` + `merges.txt`.
     pub fn from_dir(dir: &Path) -> Result<Self> {
-        if crate::gguf::load::is_gguf(dir) {
+        if crate::gguf::is_gguf(dir) {
             let file = crate::gguf::GgufFile::open(dir)?;
-            return crate::gguf::vocab::tokenizer(&file.header, dir);
+            let json = crate::gguf::vocab::tokenizer_json(&file.header, dir)?;
+            return Self::from_json_value(&json, dir);
         }
         let json = dir.join(TOKENIZER_JSON);
         let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));

@@ -208,7 +208,13 @@ pub fn encode(
     meta.extend(gpt2::config_keys(config));
     meta.push(("general.file_type".into(), Value::U32(method.file_type())));
     meta.push(("general.quantization_version".into(), Value::U32(2)));
-    meta.extend(vocab::tokenizer_keys(tokenizer, config.vocab_size, ids)?);
+    let json = tokenizer.to_json()?;
+    meta.extend(vocab::tokenizer_keys(
+        &json,
+        tokenizer.path(),
+        config.vocab_size,
+        ids,
+    )?);
     Ok((meta, out))
 }
 

@@ -15,14 +15,6 @@ use crate::error::{Error, Result};
 use crate::model::Gpt2;
 use crate::options::EngineOptions;
 
-/// Whether `path` names a GGUF file (a file whose name ends in `.gguf`), not a folder.
-pub fn is_gguf(path: &Path) -> bool {
-    !path.is_dir()
-        && path
-            .extension()
-            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
-}
-
 /// The config a GGUF file describes, its tensors checked against it.
 pub fn config(path: &Path) -> Result<Gpt2Config> {
     let file = GgufFile::open(path)?;

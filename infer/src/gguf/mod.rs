@@ -13,3 +13,11 @@ pub mod vocab;
 pub use file::{GgufFile, Header, TensorData, TensorInfo};
 pub use meta::Value;
 pub use types::GgmlType;
+
+/// Whether `path` names a GGUF file (a file whose name ends in `.gguf`), not a folder.
+pub fn is_gguf(path: &std::path::Path) -> bool {
+    !path.is_dir()
+        && path
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"))
+}

@@ -10,7 +10,6 @@ use serde_json::{json, Map, Value as Json};
 use super::file::Header;
 use super::meta::{ty, Value};
 use crate::error::{Error, Result};
-use crate::tokenizer::Tokenizer;
 
 /// gguf-py's `TokenType`.
 pub const NORMAL: i32 = 1;
@@ -32,18 +31,19 @@ fn strings(items: Vec<String>) -> Value {
     Value::Array(ty::STRING, items.into_iter().map(Value::String).collect())
 }
 
-/// The `tokenizer.ggml.*` keys of `tok`, with `vocab_size` tokens (ids the tokenizer
-/// lacks become `[PADn]`, unused, as the converter pads them).
+/// The `tokenizer.ggml.*` keys of a tokenizer (`j`: its `tokenizer.json` value, read
+/// from `path`), with `vocab_size` tokens (ids the tokenizer lacks become `[PADn]`,
+/// unused, as the converter pads them).
 pub fn tokenizer_keys(
-    tok: &Tokenizer,
+    j: &Json,
+    path: &Path,
     vocab_size: i64,
     ids: &SpecialIds,
 ) -> Result<Vec<(String, Value)>> {
     let bad = |reason: &str| Error::Tokenizer {
-        path: tok.path().into(),
+        path: path.into(),
         reason: reason.into(),
     };
-    let j = tok.to_json()?;
     let model = &j["model"];
     if model["type"] != "BPE" {
         return Err(bad("GGUF export needs GPT-2's byte-level BPE tokenizer"));
@@ -201,10 +201,4 @@ pub fn tokenizer_json(h: &Header, path: &Path) -> Result<Json> {
             "continuing_subword_prefix": "", "end_of_word_suffix": "", "fuse_unk": false,
             "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges},
     }))
-}
-
-/// The tokenizer a GGUF file holds.
-pub fn tokenizer(h: &Header, path: &Path) -> Result<Tokenizer> {
-    let json = tokenizer_json(h, path)?;
-    Tokenizer::from_json_value(&json, path)
 }

@@ -20,6 +20,17 @@ use crate::quant::{self, Int8Linear, Method, QuantRows, QuantizationConfig};
 mod int8;
 use int8::Int8Layers;
 
+impl Gpt2Config {
+    /// The config of a model: a folder's `config.json`, or a `.gguf` file's metadata
+    /// (its tensors checked against it).
+    pub fn of_model(path: &Path) -> Result<Self> {
+        if crate::gguf::is_gguf(path) {
+            return crate::gguf::load::config(path);
+        }
+        Self::from_file(&path.join("config.json"))
+    }
+}
+
 impl Gpt2 {
     /// Loads a Hugging Face model folder's `config.json` and weights, converted to
     /// `kind` (`None`: the dtype the checkpoint stores `wte` in), with the default
@@ -43,7 +54,7 @@ impl Gpt2 {
         devices: &[Device],
         options: &EngineOptions,
     ) -> Result<Self> {
-        if crate::gguf::load::is_gguf(dir) {
+        if crate::gguf::is_gguf(dir) {
             return crate::gguf::load::load(dir, kind, devices, options);
         }
         check_model_dir(dir)?;
