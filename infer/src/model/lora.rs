@@ -16,10 +16,11 @@ use super::{Gpt2, Site};
 use crate::adapter::{Lora, MODULES};
 use crate::error::{Error, Result};
 
-/// One targeted layer's adapter: A (r, in) and B (out, r) as f32 rows, row-major.
+/// One targeted layer's adapter: A (r, in) and Bᵀ (r, out) as f32 rows, row-major (B
+/// transposed so that adding its term runs along the output, in SIMD lanes).
 struct Pair {
     a: Vec<f32>,
-    b: Vec<f32>,
+    bt: Vec<f32>,
     n_in: usize,
     n_out: usize,
 }
@@ -27,7 +28,6 @@ struct Pair {
 /// One adapter held beside the base: its scaling and, per linear (`Site::index`), its
 /// pair or `None` where it does not target the layer.
 pub(crate) struct Served {
-    r: usize,
     scaling: f32,
     sites: Vec<Option<Pair>>,
 }
@@ -40,27 +40,19 @@ impl Served {
 
 impl Site {
     /// Adds row `x` (in)'s adapter term to `out` (out): u = x·Aᵀ·s (r values), then
-    /// out += B·u. `None` adapter or an untargeted layer: nothing.
+    /// out += Σ_j u_j · Bᵀ_j. An untargeted layer: nothing. A fixed order of sums for
+    /// every row, whatever runs beside it.
     #[inline]
     pub(crate) fn add_row(self, adapter: &Served, x: &[f32], out: &mut [f32]) {
         let Some(p) = adapter.pair(self) else {
             return;
         };
-        let r = adapter.r;
-        let mut u = [0f32; 64];
-        let mut big = Vec::new();
-        let u: &mut [f32] = if r <= 64 {
-            &mut u[..r]
-        } else {
-            big.resize(r, 0.0);
-            &mut big
-        };
-        for (j, a) in p.a.chunks_exact(p.n_in).enumerate() {
-            let dot: f32 = a.iter().zip(x).map(|(a, x)| a * x).sum();
-            u[j] = dot * adapter.scaling;
-        }
-        for (o, b) in out[..p.n_out].iter_mut().zip(p.b.chunks_exact(r)) {
-            *o += b.iter().zip(&*u).map(|(b, u)| b * u).sum::<f32>();
+        let out = &mut out[..p.n_out];
+        for (a, bt) in p.a.chunks_exact(p.n_in).zip(p.bt.chunks_exact(p.n_out)) {
+            let u = dot(a, x) * adapter.scaling;
+            for (o, b) in out.iter_mut().zip(bt) {
+                *o += u * b;
+            }
         }
     }
 
@@ -108,6 +100,27 @@ impl Site {
     }
 }
 
+/// Σ a_i·x_i over 16 lanes (each summing every 16th product in order), then the lanes
+/// in order: a fixed order that the compiler keeps in SIMD registers.
+#[inline]
+fn dot(a: &[f32], x: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (a16, x16) = (a.chunks_exact(L), x.chunks_exact(L));
+    let tail: f32 = a16
+        .remainder()
+        .iter()
+        .zip(x16.remainder())
+        .map(|(a, x)| a * x)
+        .sum();
+    for (a, x) in a16.zip(x16) {
+        for i in 0..L {
+            acc[i] += a[i] * x[i];
+        }
+    }
+    acc.iter().sum::<f32>() + tail
+}
+
 impl Gpt2 {
     /// Holds `lora` beside the base weights (which stay as they are), for the rows that
     /// name it; returns its index (`KvCache::set_adapter`). An unsharded model only.
@@ -129,13 +142,12 @@ impl Gpt2 {
             let site = Site { layer, module };
             sites[site.index()] = Some(Pair {
                 a: host(&ab[0].1)?,
-                b: host(&ab[1].1)?,
+                bt: host(&ab[1].1.tr())?,
                 n_in,
                 n_out,
             });
         }
         self.adapters.push(Served {
-            r: lora.options.r as usize,
             scaling: lora.options.scaling() as f32,
             sites,
         });
