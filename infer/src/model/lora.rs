@@ -41,8 +41,9 @@ impl Served {
 impl Site {
     /// Adds row `x` (in)'s adapter term to `out` (out): u = x·Aᵀ·s (r values), then
     /// out += Σ_j u_j · Bᵀ_j. An untargeted layer: nothing. A fixed order of sums for
-    /// every row, whatever runs beside it.
-    #[inline]
+    /// every row, whatever runs beside it, and the same values on every ISA (inlined into
+    /// the fused step's AVX-512 and AVX2 entry points: lanes, not FMAs).
+    #[inline(always)]
     pub(crate) fn add_row(self, adapter: &Served, x: &[f32], out: &mut [f32]) {
         let Some(p) = adapter.pair(self) else {
             return;
@@ -102,7 +103,7 @@ impl Site {
 
 /// Σ a_i·x_i over 16 lanes (each summing every 16th product in order), then the lanes
 /// in order: a fixed order that the compiler keeps in SIMD registers.
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], x: &[f32]) -> f32 {
     const L: usize = 16;
     let mut acc = [0f32; L];
