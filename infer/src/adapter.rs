@@ -12,7 +12,6 @@ use serde_json::{json, Value};
 use tch::{Device, Kind, Tensor};
 
 use crate::error::{Error, Result};
-use crate::model::LoraLayer;
 use crate::Gpt2Config;
 
 pub const ADAPTER_CONFIG: &str = "adapter_config.json";
@@ -278,24 +277,6 @@ impl Lora {
             layers,
             tensors,
         })
-    }
-
-    /// The adapter of each adapted layer over `tensors` (this adapter's, or the trained
-    /// leaves in the same order): (block, module, layer).
-    pub fn lora_layers(&self, tensors: &[(String, Tensor)]) -> Vec<(usize, String, LoraLayer)> {
-        self.layers
-            .iter()
-            .zip(tensors.chunks(2))
-            .map(|(&(l, m), ab)| {
-                let layer = LoraLayer {
-                    a: ab[0].1.shallow_clone(),
-                    b: ab[1].1.shallow_clone(),
-                    scaling: self.options.scaling(),
-                    dropout: self.options.dropout,
-                };
-                (l, m.to_string(), layer)
-            })
-            .collect()
     }
 
     /// Merges the adapter into the model's tensors (named as `Gpt2::named_tensors`
