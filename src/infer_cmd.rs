@@ -25,7 +25,8 @@ pub struct Args {
     /// Hugging Face model folder (config.json, model.safetensors, tokenizer.json).
     #[arg(long)]
     model: PathBuf,
-    /// A LoRA adapter folder (peft's format) for --model, merged into its weights at load.
+    /// A LoRA adapter folder (peft's format) for --model, run beside its weights
+    /// (unmerged).
     #[arg(long)]
     adapter: Option<PathBuf>,
     /// Prompt text; repeat the flag for several prompts (decoded together).
@@ -257,6 +258,7 @@ fn requests(
             prompt: p.clone(),
             max_new_tokens: l.unwrap_or_else(|| cfg.limit(p.len())),
             settings: None,
+            adapter: None,
         })
         .collect();
     Ok(requests)
@@ -324,6 +326,7 @@ fn warm_up(
             prompt: r.prompt.clone(),
             max_new_tokens: r.max_new_tokens.min(4),
             settings: None,
+            adapter: None,
         })
         .collect();
     let single = Ensemble::single(model);
@@ -358,11 +361,14 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     check_requests(&config, &requests, &cfg, &from.origins)?;
     let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
     let engine = args.engine.infer_options();
-    let model = match &args.adapter {
-        Some(a) => train::merge::load_merged(dir, a, kind, &devices, &engine)?,
-        None => Gpt2::load_with(dir, kind, &devices, &engine)
-            .with_context(|| format!("loading model {}", dir.display()))?,
-    };
+    let mut model = Gpt2::load_with(dir, kind, &devices, &engine)
+        .with_context(|| format!("loading model {}", dir.display()))?;
+    if let Some(a) = &args.adapter {
+        let lora = infer::adapter::Lora::read(a, &config, tch::Device::Cpu)
+            .with_context(|| format!("the adapter {} on {}", a.display(), dir.display()))?;
+        let k = model.add_adapter(&lora).context("--adapter")?;
+        model.set_default_adapter(Some(k))?;
+    }
     let others = load_models(&args.ensemble, kind, device, &engine)?;
     let weights = (!args.ensemble_weights.is_empty()).then(|| args.ensemble_weights.clone());
     let ensemble = Ensemble::new(

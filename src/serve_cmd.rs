@@ -41,8 +41,24 @@ pub struct Args {
     /// Seconds to let running requests finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
+    /// A LoRA adapter (peft's folder) held beside --model, run unmerged for requests
+    /// whose `model` is NAME; repeatable (vLLM's --lora-modules).
+    #[arg(long, value_name = "NAME=DIR", value_parser = adapter_arg)]
+    adapter: Vec<(String, PathBuf)>,
     #[command(flatten)]
     engine: crate::EngineArgs,
+}
+
+/// `NAME=DIR`, both non-empty.
+fn adapter_arg(s: &str) -> Result<(String, PathBuf), String> {
+    match s.split_once('=') {
+        Some((name, dir)) if !name.is_empty() && !dir.is_empty() => {
+            Ok((name.to_string(), PathBuf::from(dir)))
+        }
+        _ => Err(format!(
+            "expected NAME=DIR (an adapter's name and folder), got `{s}`"
+        )),
+    }
 }
 
 pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
@@ -73,6 +89,7 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
         shutdown_timeout: Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         engine: args.engine.options(),
+        adapters: args.adapter.clone(),
     };
     serve::run(opts)?;
     Ok(())

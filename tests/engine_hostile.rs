@@ -403,6 +403,7 @@ fn more_than_128_live_rows_score_as_alone() {
                 .collect(),
             max_new_tokens: 2,
             settings: None,
+            adapter: None,
         })
         .collect();
     let cfg = GenerationConfig {

@@ -36,6 +36,11 @@ pub struct KvCache {
     /// Per row: how many slots are filled.
     lens: Vec<i64>,
     capacity: i64,
+    /// Per row: the LoRA adapter its keys and values were computed with, and so the
+    /// adapter its next tokens run with (an index into the model's, `model::lora`);
+    /// `None`: the base. A freed row goes back to `adapter_default`.
+    adapters: Vec<Option<usize>>,
+    adapter_default: Option<usize>,
 }
 
 /// One row's keys and values over its first `len` slots, detached from any cache.
@@ -126,7 +131,25 @@ impl KvCache {
             slot_rows: None,
             lens: vec![0; batch.max(0) as usize],
             capacity,
+            adapters: vec![None; batch.max(0) as usize],
+            adapter_default: None,
         }
+    }
+
+    /// Every row, and every row freed from now on, runs with `adapter`.
+    pub(crate) fn set_adapter_default(&mut self, adapter: Option<usize>) {
+        self.adapter_default = adapter;
+        self.adapters.fill(adapter);
+    }
+
+    /// Row `row`'s next tokens run with `adapter` (set before its first token).
+    pub fn set_adapter(&mut self, row: usize, adapter: Option<usize>) {
+        self.adapters[row] = adapter;
+    }
+
+    /// The adapter row `row` runs with.
+    pub fn adapter(&self, row: usize) -> Option<usize> {
+        self.adapters.get(row).copied().flatten()
     }
 
     /// Marks the first `mask.size()[1]` slots with a (B, T) 0/1 attention mask (0 =
@@ -191,6 +214,7 @@ impl KvCache {
     /// Empties `row` (its sequence left); the other rows are untouched.
     pub fn free_row(&mut self, row: usize) {
         self.lens[row] = 0;
+        self.adapters[row] = self.adapter_default;
         let cap = self.capacity as usize;
         if let Some(map) = &mut self.slot_rows {
             map[row * cap..(row + 1) * cap].fill(row as u32);
@@ -210,6 +234,7 @@ impl KvCache {
             }
         }
         self.lens[to] = n;
+        self.adapters[to] = self.adapters[from];
         self.own_free_slots();
     }
 
@@ -315,6 +340,7 @@ impl KvCache {
                     }
                     self.slot_rows = Some(map);
                     self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
+                    self.adapters = idx.iter().map(|&i| self.adapters[i as usize]).collect();
                     self.own_free_slots();
                     self.valid = self.valid.index_select(0, &index);
                     self.positions = self.positions.index_select(0, &index);
@@ -328,6 +354,7 @@ impl KvCache {
         }
         let idx = Vec::<i64>::try_from(&index.to_device(Device::Cpu)).unwrap_or_default();
         self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
+        self.adapters = idx.iter().map(|&i| self.adapters[i as usize]).collect();
         self.valid = self.valid.index_select(0, &index);
         self.positions = self.positions.index_select(0, &index);
     }

@@ -1,5 +1,6 @@
 //! gpt2kit's engine: GPT-2 on Hugging Face checkpoints, the tokenizer, the KV cache and
 //! the decoding loop. Knows nothing of training or of how an artifact was made.
+pub mod adapter;
 mod attention;
 pub mod cache;
 mod check;

@@ -1,6 +1,8 @@
 //! The prefix cache: keys and values of recent prompts, kept so that a prompt sharing a
 //! prefix with one of them (a few-shot preamble, a system prompt) prefills only the rest.
-//! Bounded by bytes, least recently used evicted first.
+//! Bounded by bytes, least recently used evicted first. Entries are keyed by the LoRA
+//! adapter the prompt ran with too (`model::lora`): the same tokens under another
+//! adapter (or the base) have other keys and values, and never match.
 //!
 //! Exactness: a reused prefix holds the keys and values computed when its first prompt
 //! was prefilled. A prompt that reuses it gets the tokens of that prompt prefilled in two
@@ -11,6 +13,7 @@ use crate::cache::KvRows;
 
 /// One cached prompt: its tokens and, per model of the ensemble, its keys and values.
 struct Entry {
+    adapter: Option<usize>,
     tokens: Vec<i64>,
     kv: Vec<KvRows>,
     bytes: usize,
@@ -52,14 +55,15 @@ impl PrefixCache {
 
     /// The longest cached prefix of `prompt` that leaves at least its last token to
     /// prefill (whose hidden state the first new token needs): its length and keys and
-    /// values, per model. `None` below `MIN_PREFIX` tokens.
-    pub fn lookup(&mut self, prompt: &[i64]) -> Option<(usize, &[KvRows])> {
+    /// values, per model. `None` below `MIN_PREFIX` tokens. Only entries of `adapter`.
+    pub fn lookup(&mut self, adapter: Option<usize>, prompt: &[i64]) -> Option<(usize, &[KvRows])> {
         self.queried_tokens += prompt.len() as u64;
         let limit = prompt.len().saturating_sub(1);
         let (best, n) = self
             .entries
             .iter()
             .enumerate()
+            .filter(|(_, e)| e.adapter == adapter)
             .map(|(i, e)| (i, common_prefix(&e.tokens, prompt).min(limit)))
             .max_by_key(|&(i, n)| (n, std::cmp::Reverse(i)))?;
         if n < MIN_PREFIX {
@@ -72,23 +76,27 @@ impl PrefixCache {
         Some((n, &e.kv))
     }
 
-    /// Whether `prompt` is worth keeping: long enough, and not already held whole.
-    pub fn wants(&self, prompt: &[i64]) -> bool {
+    /// Whether `prompt` under `adapter` is worth keeping: long enough, and not already
+    /// held whole.
+    pub fn wants(&self, adapter: Option<usize>, prompt: &[i64]) -> bool {
         self.budget > 0
             && prompt.len() >= MIN_PREFIX
-            && !self.entries.iter().any(|e| e.tokens.starts_with(prompt))
+            && !self
+                .entries
+                .iter()
+                .any(|e| e.adapter == adapter && e.tokens.starts_with(prompt))
     }
 
-    /// Keeps `tokens`' keys and values (per model), evicting the least recently used
-    /// entries to make room, and any entry that is a prefix of `tokens` (this one holds
-    /// it). Nothing is kept when it alone is over the budget.
-    pub fn insert(&mut self, tokens: Vec<i64>, kv: Vec<KvRows>) {
+    /// Keeps `tokens`' keys and values (per model) under `adapter`, evicting the least
+    /// recently used entries to make room, and any entry of `adapter` that is a prefix of
+    /// `tokens` (this one holds it). Nothing is kept when it alone is over the budget.
+    pub fn insert(&mut self, adapter: Option<usize>, tokens: Vec<i64>, kv: Vec<KvRows>) {
         let bytes: usize = kv.iter().map(KvRows::bytes).sum();
         if bytes > self.budget {
             return;
         }
         self.entries.retain(|e| {
-            let covered = tokens.starts_with(&e.tokens);
+            let covered = e.adapter == adapter && tokens.starts_with(&e.tokens);
             if covered {
                 self.used -= e.bytes;
             }
@@ -104,6 +112,7 @@ impl PrefixCache {
         self.clock += 1;
         self.used += bytes;
         self.entries.push(Entry {
+            adapter,
             tokens,
             kv,
             bytes,
@@ -142,27 +151,27 @@ mod tests {
         let a: Vec<i64> = (0..40).collect();
         let mut b: Vec<i64> = (0..30).collect();
         b.extend(100..130);
-        c.insert(a.clone(), rows(40));
-        c.insert(b.clone(), rows(60));
+        c.insert(None, a.clone(), rows(40));
+        c.insert(None, b.clone(), rows(60));
         assert_eq!(c.used(), 100 * bytes_per_token);
         // Shares 35 tokens with a, 30 with b; the whole of a but its last token.
         let mut p: Vec<i64> = (0..35).collect();
         p.push(7);
-        assert_eq!(c.lookup(&p).map(|(n, _)| n), Some(35));
+        assert_eq!(c.lookup(None, &p).map(|(n, _)| n), Some(35));
         assert_eq!(
-            c.lookup(&a).map(|(n, _)| n),
+            c.lookup(None, &a).map(|(n, _)| n),
             Some(39),
             "the last token is left to prefill"
         );
         assert_eq!(
-            c.lookup(&(0..10).collect::<Vec<_>>()).map(|(n, _)| n),
+            c.lookup(None, &(0..10).collect::<Vec<_>>()).map(|(n, _)| n),
             None,
             "under MIN_PREFIX"
         );
         // b is now the least recently used: a new 30-token entry evicts it, not a.
-        c.insert((500..530).collect(), rows(30));
+        c.insert(None, (500..530).collect(), rows(30));
         assert_eq!(
-            c.lookup(&b).map(|(n, _)| n),
+            c.lookup(None, &b).map(|(n, _)| n),
             Some(30),
             "b's first 30 are a's"
         );
@@ -170,10 +179,19 @@ mod tests {
         // A longer prompt replaces the entry it extends.
         let mut a2 = a.clone();
         a2.extend(200..210);
-        c.insert(a2.clone(), rows(50));
+        c.insert(None, a2.clone(), rows(50));
         assert_eq!(c.used(), 80 * bytes_per_token);
-        assert!(!c.wants(&a), "held whole by a2");
+        assert!(!c.wants(None, &a), "held whole by a2");
+        assert!(c.wants(Some(0), &a), "not under another adapter");
         assert_eq!(c.queried_tokens, (36 + 40 + 10 + 60) as u64);
         assert_eq!(c.hit_tokens, (35 + 39 + 30) as u64);
+        assert_eq!(
+            c.lookup(Some(0), &a2).map(|(n, _)| n),
+            None,
+            "the same tokens under an adapter have other keys and values"
+        );
+        c.insert(Some(0), a2.clone(), rows(50));
+        assert_eq!(c.lookup(Some(0), &a2).map(|(n, _)| n), Some(49));
+        assert_eq!(c.lookup(None, &a2).map(|(n, _)| n), Some(49));
     }
 }

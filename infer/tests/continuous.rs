@@ -64,6 +64,7 @@ fn requests(name: &str) -> Vec<Request> {
             prompt,
             max_new_tokens: [3, 11, 6, 14, 2, 9, 5][i % 7],
             settings: None,
+            adapter: None,
         })
         .collect()
 }
@@ -253,6 +254,7 @@ fn requests_added_while_running_decode_as_alone() {
             prompt: vec![1; capacity],
             max_new_tokens: 1,
             settings: None,
+            adapter: None,
         };
         assert!(
             engine.add(too_long).is_err(),

@@ -110,6 +110,7 @@ fn same_length_prompts_prefilled_together_as_alone() {
             prompt: prompt(8, 1000 + i, v),
             max_new_tokens: 4,
             settings: None,
+            adapter: None,
         })
         .collect();
     let cfg = greedy(&model);
@@ -129,6 +130,7 @@ fn many_requests_any_schedule_as_alone() {
             prompt: prompt(1 + (i as usize * 7) % 50, i, v),
             max_new_tokens: 1 + (i as usize * 5) % 13,
             settings: None,
+            adapter: None,
         })
         .collect();
     let mut cfg = greedy(&model);
@@ -166,6 +168,7 @@ fn one_slot_steps_count_every_token() {
             prompt: prompt(3 + i as usize, i, v),
             max_new_tokens: 2 + i as usize,
             settings: None,
+            adapter: None,
         })
         .collect();
     let mut cfg = greedy(&model);
@@ -198,6 +201,7 @@ fn zero_or_too_small_max_num_seqs_still_decodes() {
             prompt: prompt(4, i, v),
             max_new_tokens: 5,
             settings: None,
+            adapter: None,
         })
         .collect();
     let cfg = greedy(&model);
@@ -257,6 +261,7 @@ fn degenerate_requests_are_refused_by_name() {
         prompt: prompt(3, 1, v),
         max_new_tokens: 2,
         settings: None,
+        adapter: None,
     };
 
     let msg = input_error(try_run(&model, vec![], &cfg, s));
@@ -266,6 +271,7 @@ fn degenerate_requests_are_refused_by_name() {
         prompt: vec![],
         max_new_tokens: 2,
         settings: None,
+        adapter: None,
     };
     let msg = input_error(try_run(&model, vec![ok.clone(), empty], &cfg, s));
     assert!(msg.contains("prompt 1") && msg.contains("empty"), "{msg}");
@@ -275,6 +281,7 @@ fn degenerate_requests_are_refused_by_name() {
             prompt: vec![5, bad],
             max_new_tokens: 2,
             settings: None,
+            adapter: None,
         };
         let r = try_run(&model, vec![ok.clone(), oov], &cfg, s);
         assert!(r.is_err(), "token {bad} accepted");
@@ -291,6 +298,7 @@ fn degenerate_requests_are_refused_by_name() {
             prompt: prompt(3, 2, v),
             max_new_tokens: limit,
             settings: None,
+            adapter: None,
         };
         let msg = input_error(try_run(&model, vec![ok.clone(), r], &cfg, s));
         assert!(
@@ -317,6 +325,7 @@ fn request_limit_replaces_the_settings_limit() {
         prompt: prompt(n - 3, 7, v),
         max_new_tokens: 3,
         settings: None,
+        adapter: None,
     };
     let out = try_run(&model, vec![long], &cfg, Schedule::default());
     assert!(out.is_ok(), "{}", out.unwrap_err());
@@ -329,6 +338,7 @@ fn request_limit_replaces_the_settings_limit() {
         prompt: prompt(12, 8, v),
         max_new_tokens: 3,
         settings: None,
+        adapter: None,
     };
     let out = try_run(&model, vec![req], &cfg, Schedule::default());
     assert!(out.is_ok(), "{}", out.unwrap_err());
@@ -346,6 +356,7 @@ fn max_time_does_not_start_queued_requests() {
             prompt: prompt(4, i, v),
             max_new_tokens: 10,
             settings: None,
+            adapter: None,
         })
         .collect();
     let cfg = GenerationConfig {
@@ -383,6 +394,7 @@ fn max_time_reports_every_queued_request() {
             prompt: prompt(4, i, v),
             max_new_tokens: 10,
             settings: None,
+            adapter: None,
         })
         .collect();
     let cfg = GenerationConfig {
@@ -421,6 +433,7 @@ fn beam_sampling_group_seeded_from_its_first_row() {
             prompt: prompt(5, 50 + i, v),
             max_new_tokens: 6,
             settings: None,
+            adapter: None,
         })
         .collect();
     let mut cfg = GenerationConfig {
@@ -453,6 +466,7 @@ fn seeded_samples_through_one_slot_as_alone() {
             prompt: prompt(2 + 3 * i as usize, 70 + i, v),
             max_new_tokens: 3 + i as usize,
             settings: None,
+            adapter: None,
         })
         .collect();
     let mut cfg = GenerationConfig {

@@ -126,6 +126,7 @@ fn each_request_keeps_its_own_settings_and_seed() {
             prompt: p.clone(),
             max_new_tokens: 4 + 3 * (i % 4),
             settings: Some(c.clone()),
+            adapter: None,
         })
         .collect();
     let got = serve(&model, requests.clone(), 3);
@@ -158,6 +159,7 @@ fn a_seeded_request_does_not_depend_on_its_neighbours() {
                 prompt: prompts[i].clone(),
                 max_new_tokens: 8,
                 settings: Some(cfg.clone()),
+                adapter: None,
             })
             .collect()
     };
@@ -185,6 +187,7 @@ fn cancelled_requests_free_their_slots() {
         prompt: prompts[i].clone(),
         max_new_tokens: n,
         settings: None,
+        adapter: None,
     };
     let alone = |i: usize, n: usize| {
         let mut cfg = cfg.clone();
@@ -247,6 +250,7 @@ fn own_settings_are_checked_on_add() {
             prompt: prompt.clone(),
             max_new_tokens: 3,
             settings: Some(Arc::new(c)),
+            adapter: None,
         }
     };
     let base = GenerationConfig::default();
@@ -297,18 +301,21 @@ fn a_request_with_no_token_to_pick_fails_alone() {
             prompt: prompts[0].clone(),
             max_new_tokens: 6,
             settings: None,
+            adapter: None,
         });
         let bad = engine
             .add(Request {
                 prompt: prompts[1].clone(),
                 max_new_tokens: 6,
                 settings: Some(Arc::new(banned)),
+                adapter: None,
             })
             .unwrap();
         let ok_b = engine.add(Request {
             prompt: prompts[2].clone(),
             max_new_tokens: 6,
             settings: Some(Arc::new(base.clone())),
+            adapter: None,
         });
         while !engine.is_idle() {
             engine.step(&|_| false, &mut |_, _| {}).unwrap();

@@ -191,7 +191,7 @@ impl Choices {
 
 /// Checks the request, queues its jobs and answers.
 pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Response, ApiError> {
-    app.check_model(c.model.as_deref())?;
+    let adapter = app.check_model(c.model.as_deref())?;
     let prompts = prompt_ids(&app.tokenizer, &c.prompts)?;
     let limits = prompts
         .iter()
@@ -238,6 +238,7 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
                 prompt: prompt.clone(),
                 max_new_tokens: limit,
                 settings: cfg.clone(),
+                adapter,
                 index,
                 events: tx.clone(),
                 stopped,
@@ -255,7 +256,7 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
     let head = Head {
         id: format!("{prefix}-{:x}{number:06x}", app.started),
         created: crate::unix_time(),
-        model: app.name.clone(),
+        model: app.model_name(adapter),
         shape,
         stream: c.stream,
     };

@@ -52,6 +52,9 @@ pub struct Options {
     /// Bytes of prompts' keys and values kept for reuse (0: no prefix cache).
     pub prefix_cache_bytes: usize,
     pub engine: EngineOptions,
+    /// LoRA adapters (peft's folders) held beside the model, by the name a request's
+    /// `model` field chooses them with.
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 /// What the handlers share.
@@ -61,6 +64,8 @@ pub(crate) struct App {
     chat: chat::Template,
     defaults: GenerationConfig,
     name: String,
+    /// The adapters' names and folders, by index (`Gpt2::add_adapter`).
+    adapters: Vec<(String, PathBuf)>,
     max_model_len: usize,
     api_key: Option<String>,
     jobs: Mutex<Sender<Msg>>,
@@ -71,21 +76,31 @@ pub(crate) struct App {
 }
 
 impl App {
-    /// A request's `model`, if given, must be the served one (404 otherwise, as OpenAI).
-    fn check_model(&self, model: Option<&str>) -> Result<(), ApiError> {
-        match model {
-            Some(m) if m != self.name => Err(ApiError {
-                param: Some("model".into()),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    format!(
-                        "the model `{m}` does not exist; this server serves `{}`",
-                        self.name
-                    ),
-                )
-            }),
-            _ => Ok(()),
+    /// A request's `model`, if given, must be the served one or one of its adapters
+    /// (404 otherwise, as OpenAI): the adapter it names, if any.
+    fn check_model(&self, model: Option<&str>) -> Result<Option<usize>, ApiError> {
+        let Some(m) = model.filter(|m| *m != self.name) else {
+            return Ok(None);
+        };
+        if let Some(i) = self.adapters.iter().position(|(n, _)| n == m) {
+            return Ok(Some(i));
         }
+        let mut names = format!("`{}`", self.name);
+        for (n, _) in &self.adapters {
+            names.push_str(&format!(", `{n}`"));
+        }
+        Err(ApiError {
+            param: Some("model".into()),
+            ..ApiError::new(
+                StatusCode::NOT_FOUND,
+                format!("the model `{m}` does not exist; this server serves {names}"),
+            )
+        })
+    }
+
+    /// The name a response carries for `adapter`: the adapter's or the model's.
+    fn model_name(&self, adapter: Option<usize>) -> String {
+        adapter.map_or_else(|| self.name.clone(), |a| self.adapters[a].0.clone())
     }
 
     fn next_request(&self) -> u64 {
@@ -153,7 +168,13 @@ pub fn run(opts: Options) -> Result<(), Error> {
         return Err(infer::Error::Input("--max-num-seqs must be at least 1".into()).into());
     }
     let defaults = settings::defaults(dir, &config)?;
-    let model = load(&opts)?;
+    let name = opts.served_model_name.clone().unwrap_or_else(|| {
+        dir.canonicalize()
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+            .unwrap_or_else(|| dir.display().to_string())
+    });
+    let model = load(&opts, &config, &name)?;
     let metrics = Arc::new(Metrics::default());
     let (tx, rx) = std::sync::mpsc::channel();
     let pool = Pool {
@@ -166,18 +187,13 @@ pub fn run(opts: Options) -> Result<(), Error> {
     std::thread::Builder::new()
         .name("scheduler".into())
         .spawn(move || scheduler::run(model, rx, m, pool, base))?;
-    let name = opts.served_model_name.clone().unwrap_or_else(|| {
-        dir.canonicalize()
-            .ok()
-            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
-            .unwrap_or_else(|| dir.display().to_string())
-    });
     let app = Arc::new(App {
         tokenizer,
         config,
         chat: chat::Template::load(dir),
         defaults,
         name,
+        adapters: opts.adapters.clone(),
         max_model_len,
         api_key: opts.api_key.clone(),
         jobs: Mutex::new(tx),
@@ -193,14 +209,26 @@ pub fn run(opts: Options) -> Result<(), Error> {
     runtime.block_on(listen(&opts, app))
 }
 
-/// The model, loaded on the calling thread (the scheduler takes it over).
-fn load(opts: &Options) -> Result<Gpt2, Error> {
-    Ok(Gpt2::load_with(
-        &opts.model,
-        opts.kind,
-        &opts.devices,
-        &opts.engine,
-    )?)
+/// The model with its adapters, loaded on the calling thread (the scheduler takes it
+/// over). Adapter names must be distinct and not the model's own (`name`).
+fn load(opts: &Options, config: &Gpt2Config, name: &str) -> Result<Gpt2, Error> {
+    for (i, (a, dir)) in opts.adapters.iter().enumerate() {
+        let flag = format!("--adapter {a}={}", dir.display());
+        if a == name || opts.adapters[..i].iter().any(|(b, _)| a == b) {
+            return Err(infer::Error::Input(format!(
+                "{flag}: the name `{a}` is already taken (by the model or another adapter)"
+            ))
+            .into());
+        }
+    }
+    let mut model = Gpt2::load_with(&opts.model, opts.kind, &opts.devices, &opts.engine)?;
+    for (a, dir) in &opts.adapters {
+        let flag = format!("--adapter {a}={}", dir.display());
+        let at = |e: infer::Error| infer::Error::Input(format!("{flag}: {e}"));
+        let lora = infer::adapter::Lora::read(dir, config, tch::Device::Cpu).map_err(at)?;
+        model.add_adapter(&lora).map_err(at)?;
+    }
+    Ok(model)
 }
 
 async fn listen(opts: &Options, app: Arc<App>) -> Result<(), Error> {

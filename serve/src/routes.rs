@@ -107,17 +107,28 @@ async fn health() -> impl IntoResponse {
     axum::Json(json!({"status": "ok"}))
 }
 
+/// The model, then its adapters as vLLM lists them (`root` the folder, `parent` the
+/// model).
 async fn models(State(app): State<Arc<App>>) -> impl IntoResponse {
-    axum::Json(json!({
-        "object": "list",
-        "data": [{
-            "id": app.name,
+    let mut data = vec![json!({
+        "id": app.name,
+        "object": "model",
+        "created": app.started,
+        "owned_by": "gpt2kit",
+        "max_model_len": app.max_model_len,
+    })];
+    for (name, dir) in &app.adapters {
+        data.push(json!({
+            "id": name,
             "object": "model",
             "created": app.started,
             "owned_by": "gpt2kit",
+            "root": dir.display().to_string(),
+            "parent": app.name,
             "max_model_len": app.max_model_len,
-        }],
-    }))
+        }));
+    }
+    axum::Json(json!({"object": "list", "data": data}))
 }
 
 async fn metrics(State(app): State<Arc<App>>) -> impl IntoResponse {

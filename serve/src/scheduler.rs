@@ -47,6 +47,8 @@ pub struct Job {
     pub prompt: Vec<i64>,
     pub max_new_tokens: usize,
     pub settings: Arc<GenerationConfig>,
+    /// The LoRA adapter it runs with (`None`: the base).
+    pub adapter: Option<usize>,
     /// The choice's index in its response.
     pub index: usize,
     pub events: Events,
@@ -213,6 +215,7 @@ impl Scheduler<'_> {
                 prompt: job.prompt.clone(),
                 max_new_tokens: job.max_new_tokens,
                 settings: Some(job.settings.clone()),
+                adapter: job.adapter,
             };
             self.added += 1;
             match self.engine.add(request) {

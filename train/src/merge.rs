@@ -1,13 +1,12 @@
 //! `merge-lora`: a base model and a `peft` LoRA adapter made into one plain Hugging Face
 //! folder, the weights merged as peft's `merge_and_unload` merges them
-//! (`lora::Lora::merge_into`), written atomically (`folder::write_plain_model`); and the
-//! same merge in memory for `infer --adapter`.
-use std::collections::HashMap;
+//! (`lora::Lora::merge_into`), written atomically (`folder::write_plain_model`).
+//! (`infer --adapter` runs an adapter unmerged: `infer::model::lora`.)
 use std::path::Path;
 
 use anyhow::{Context, Result};
 use infer::checkpoint::WeightFiles;
-use infer::{EngineOptions, Gpt2, Gpt2Config};
+use infer::{Gpt2, Gpt2Config};
 use tch::{Device, Kind, Tensor};
 
 use crate::folder;
@@ -59,26 +58,4 @@ pub fn merge_lora(base: &Path, adapter: &Path, out: &Path) -> Result<Merged> {
     let tokenizer_files = folder::read_tokenizer_files(base)?;
     folder::write_plain_model(out, &m.config, &m.tensors, &tokenizer_files, false)?;
     Ok(m)
-}
-
-/// The model of `base` with the adapter merged in, loaded as `Gpt2::load_with` loads a
-/// folder (in `kind`, default the base's stored dtype, on `devices`, packed for the
-/// decode kernels as `options` say).
-pub fn load_merged(
-    base: &Path,
-    adapter: &Path,
-    kind: Option<Kind>,
-    devices: &[Device],
-    options: &EngineOptions,
-) -> Result<Gpt2> {
-    options.apply_threads()?;
-    let m = merged(base, adapter)?;
-    let map: HashMap<String, Tensor> = m.tensors.into_iter().collect();
-    let kind = kind.unwrap_or(m.stored);
-    let mut model = Gpt2::from_weights(m.config, &map, kind, devices)?;
-    if options.kernels {
-        model.pack_for_cpu_decode()?;
-        model.set_fused_decode(options.fused_decode);
-    }
-    Ok(model)
 }

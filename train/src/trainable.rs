@@ -149,7 +149,7 @@ impl Trainable {
 
     /// The adapter's layers over the current leaves (None for full fine-tuning).
     pub fn lora_layers(&self) -> Option<Vec<(usize, String, LoraLayer)>> {
-        Some(self.lora.as_ref()?.lora_layers(&self.params))
+        Some(crate::lora::lora_layers(self.lora.as_ref()?, &self.params))
     }
 
     /// Logits (B, T, V) of `model` (the shared one or the bf16 copy) with the adapter

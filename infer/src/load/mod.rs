@@ -155,6 +155,8 @@ impl Gpt2 {
             fused: None,
             files: Vec::new(),
             packed_wanted: false,
+            adapters: Vec::new(),
+            default_adapter: None,
         })
     }
 }

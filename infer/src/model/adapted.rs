@@ -8,7 +8,8 @@
 use tch::{Kind, Tensor};
 
 use super::backend::{Backend, Tensors};
-use super::{Attention, Gpt2, LayerNorm, Linear};
+use super::{Attention, Gpt2, LayerNorm, Linear, Site};
+use crate::adapter::MODULES;
 use crate::config::Activation;
 
 /// One layer's adapter: A (r, in), B (out, r), the scaling alpha/r and the dropout
@@ -37,7 +38,7 @@ impl LoraLayer {
 /// Adapters by the model's layer they belong to: (block, name under the block as
 /// `Gpt2::linears` names them, e.g. `attn.c_attn`, adapter).
 pub struct Adapters<'a> {
-    by_layer: Vec<(*const Linear, &'a LoraLayer)>,
+    by_layer: Vec<(Site, &'a LoraLayer)>,
     train: bool,
 }
 
@@ -51,19 +52,24 @@ impl<'a> Adapters<'a> {
     ) -> Result<Self, String> {
         let mut by_layer = Vec::with_capacity(layers.len());
         for (block, name, lora) in layers {
-            let linear = model
-                .linears()
-                .find(|(l, n, _)| l == block && n == name)
-                .filter(|_| model.devices.len() == 1)
+            let module = MODULES.iter().position(|m| m == name);
+            let site = module
+                .map(|module| Site {
+                    layer: *block,
+                    module,
+                })
+                .filter(|_| *block < model.h.len() && model.devices.len() == 1)
                 .ok_or_else(|| format!("h.{block}.{name}"))?;
-            by_layer.push((linear.2 as *const Linear, *lora));
+            by_layer.push((site, *lora));
         }
         Ok(Self { by_layer, train })
     }
 
-    fn of(&self, w: &Linear) -> Option<&LoraLayer> {
-        let p = w as *const Linear;
-        self.by_layer.iter().find(|(q, _)| *q == p).map(|(_, l)| *l)
+    fn of(&self, site: Site) -> Option<&LoraLayer> {
+        self.by_layer
+            .iter()
+            .find(|(s, _)| *s == site)
+            .map(|(_, l)| *l)
     }
 }
 
@@ -80,9 +86,9 @@ impl Backend for Adapted<'_> {
         self.inner.layer_norm(ln, x)
     }
 
-    fn linear(&self, w: &Linear, x: &Tensor) -> Tensor {
-        let y = self.inner.linear(w, x);
-        match self.adapters.and_then(|a| Some((a.of(w)?, a.train))) {
+    fn linear(&self, site: Site, w: &Linear, x: &Tensor) -> Tensor {
+        let y = self.inner.linear(site, w, x);
+        match self.adapters.and_then(|a| Some((a.of(site)?, a.train))) {
             Some((lora, train)) => y + lora.delta(x, train),
             None => y,
         }

@@ -4,7 +4,8 @@
 //! training's autograd) and `fused::Slices` (f32 slices on the CPU decode kernels).
 use tch::{Device, Kind, Tensor};
 
-use super::{Attention, Gpt2, LayerNorm, Linear};
+use super::lora::Served;
+use super::{Attention, Gpt2, LayerNorm, Linear, Site};
 use crate::attention::{sdpa, Pass};
 use crate::config::Activation;
 use crate::parallel::{per_shard, Communicator};
@@ -16,8 +17,9 @@ pub(crate) trait Backend {
 
     fn layer_norm(&self, ln: &LayerNorm, x: &Self::X) -> Self::X;
 
-    /// One shard's linear layer, with its bias when it holds one.
-    fn linear(&self, w: &Linear, x: &Self::X) -> Self::X;
+    /// One shard's linear layer at `site`, with its bias when it holds one (and the
+    /// adapter terms of rows that run one, `lora`).
+    fn linear(&self, site: Site, w: &Linear, x: &Self::X) -> Self::X;
 
     /// Attention of tensor-parallel shard `shard`'s heads in block `layer`: `qkv` is its
     /// `c_attn` output (R, T, 3·nh·hs); the new keys and values go into the cache, and the
@@ -43,14 +45,25 @@ pub(crate) struct Tensors<'a> {
     devices: &'a [Device],
     comm: &'a dyn Communicator,
     pass: Option<&'a Pass<'a>>,
+    adapters: &'a [Served],
+    /// Per input row, the adapter it runs with (empty when none does).
+    rows: Vec<Option<usize>>,
 }
 
 impl<'a> Tensors<'a> {
     pub(crate) fn new(model: &'a Gpt2, pass: Option<&'a Pass<'a>>) -> Self {
+        let rows = match pass {
+            Some(p) if !model.adapters.is_empty() => {
+                p.span.rows.iter().map(|&r| p.cache.adapter(r)).collect()
+            }
+            _ => Vec::new(),
+        };
         Self {
             devices: &model.devices,
             comm: model.comm.as_ref(),
             pass,
+            adapters: &model.adapters,
+            rows,
         }
     }
 }
@@ -62,8 +75,12 @@ impl Backend for Tensors<'_> {
         ln.forward(x)
     }
 
-    fn linear(&self, w: &Linear, x: &Tensor) -> Tensor {
-        w.forward(x)
+    fn linear(&self, site: Site, w: &Linear, x: &Tensor) -> Tensor {
+        let y = w.forward(x);
+        match self.rows.is_empty() {
+            true => y,
+            false => site.add_tensor(self.adapters, &self.rows, x, y),
+        }
     }
 
     fn attend(&self, attn: &Attention, layer: usize, shard: usize, qkv: Tensor) -> Tensor {

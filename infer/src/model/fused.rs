@@ -14,7 +14,8 @@ use std::sync::Arc;
 use tch::{Kind, Tensor};
 
 use super::backend::Backend;
-use super::{Attention, Gpt2, LayerNorm, Linear, Named, Part};
+use super::lora::Served;
+use super::{Attention, Gpt2, LayerNorm, Linear, Named, Part, Site};
 use crate::cache::{KvCache, Span};
 use crate::config::Activation;
 use crate::decode::{activate, add_residual, kernel, Simd, StepCache};
@@ -96,11 +97,17 @@ impl Plan {
         // The most live at once: the hidden rows, a norm's output, q|k|v and attention's.
         let widest = rows * (3 * e).max(model.config.inner_dim() as usize);
         let spare = RefCell::new((0..4).map(|_| vec![0f32; widest]).collect());
+        let adapters = match model.adapters.is_empty() {
+            true => Vec::new(),
+            false => span.rows.iter().map(|&r| cache.adapter(r)).collect(),
+        };
         let slices = Slices {
             rows,
             bf16,
             attention,
             spare: &spare,
+            served: &model.adapters,
+            adapters,
         };
         let h = Buf {
             len: h.len(),
@@ -154,6 +161,9 @@ struct Slices<'a> {
     bf16: bool,
     attention: StepCache<'a>,
     spare: &'a RefCell<Vec<Vec<f32>>>,
+    /// The model's adapters, and per row the one it runs with (empty when none does).
+    served: &'a [Served],
+    adapters: Vec<Option<usize>>,
 }
 
 impl<'a> Slices<'a> {
@@ -216,10 +226,18 @@ impl<'a> Backend for Slices<'a> {
     /// Unrounded: `attend` rounds q, k and v, `residual` a projection, and `c_fc`'s
     /// output goes into the activation as it is.
     #[inline(always)]
-    fn linear(&self, w: &Linear, x: &Buf<'a>) -> Buf<'a> {
+    fn linear(&self, site: Site, w: &Linear, x: &Buf<'a>) -> Buf<'a> {
         let k = kernel(w).expect("a decode kernel checked by the step");
-        let mut out = self.take(self.rows * k.out_features());
+        let n_out = k.out_features();
+        let mut out = self.take(self.rows * n_out);
         k.forward(x, self.rows, &mut out);
+        let n_in = x.len() / self.rows;
+        for (i, a) in self.adapters.iter().enumerate() {
+            if let Some(a) = a {
+                let x = &x[i * n_in..(i + 1) * n_in];
+                site.add_row(&self.served[*a], x, &mut out[i * n_out..(i + 1) * n_out]);
+            }
+        }
         out
     }
 

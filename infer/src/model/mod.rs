@@ -21,6 +21,7 @@ pub use adapted::{Adapters, LoraLayer};
 mod adapted;
 mod backend;
 mod fused;
+mod lora;
 mod paths;
 mod stored;
 use crate::parallel::Communicator;
@@ -105,6 +106,24 @@ pub struct Gpt2 {
     pub(crate) files: Vec<std::sync::Arc<crate::mapped::MappedFile>>,
     /// A packed file was wanted and left unwritten (`EngineOptions::packed_write_later`).
     pub(crate) packed_wanted: bool,
+    /// LoRA adapters held beside the base weights (`lora`), and the one a new cache's
+    /// rows run with.
+    pub(crate) adapters: Vec<lora::Served>,
+    pub(crate) default_adapter: Option<usize>,
+}
+
+/// A block's linear layer by place: block `layer`, and which of its four
+/// (`adapter::MODULES`: `attn.c_attn`, `attn.c_proj`, `mlp.c_fc`, `mlp.c_proj`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Site {
+    pub(crate) layer: usize,
+    pub(crate) module: usize,
+}
+
+impl Site {
+    pub(crate) fn index(self) -> usize {
+        self.layer * crate::adapter::MODULES.len() + self.module
+    }
 }
 
 /// One of a block's layers, as `parts!` hands them out (shared or mutable).
@@ -186,7 +205,7 @@ impl Block {
     fn forward<B: Backend>(&self, b: &B, layer: usize, x: B::X) -> B::X {
         let a = self.attn.forward(b, layer, &b.layer_norm(&self.ln_1, &x));
         let x = b.residual(x, a);
-        let m = self.mlp.forward(b, &b.layer_norm(&self.ln_2, &x));
+        let m = self.mlp.forward(b, layer, &b.layer_norm(&self.ln_2, &x));
         b.residual(x, m)
     }
 }
@@ -205,9 +224,10 @@ impl Attention {
             #[inline(always)]
             |r, x| {
                 let shard = &self.shards[r];
-                let qkv = b.linear(&shard.c_attn, x); // (R, T, 3·nh·hs)
+                let site = |module| Site { layer, module };
+                let qkv = b.linear(site(0), &shard.c_attn, x); // (R, T, 3·nh·hs)
                 let y = b.attend(self, layer, r, qkv); // (R, T, nh·hs)
-                b.linear(&shard.c_proj, &y) // (R, T, E), partial when sharded
+                b.linear(site(1), &shard.c_proj, &y) // (R, T, E), partial when sharded
             },
         )
     }
@@ -216,7 +236,7 @@ impl Attention {
 impl Mlp {
     /// x (R, T, E) → (R, T, E); each shard's slice of the inner dimension, summed.
     #[inline(always)]
-    fn forward<B: Backend>(&self, b: &B, x: &B::X) -> B::X {
+    fn forward<B: Backend>(&self, b: &B, layer: usize, x: &B::X) -> B::X {
         let bias = self.c_proj_bias.as_ref();
         b.shard_sum(
             self.shards.len(),
@@ -225,8 +245,9 @@ impl Mlp {
             #[inline(always)]
             |r, x| {
                 let shard = &self.shards[r];
-                let h = b.linear(&shard.c_fc, x); // (R, T, inner/N)
-                b.linear(&shard.c_proj, &b.activate(self.act, h)) // (R, T, E)
+                let site = |module| Site { layer, module };
+                let h = b.linear(site(2), &shard.c_fc, x); // (R, T, inner/N)
+                b.linear(site(3), &shard.c_proj, &b.activate(self.act, h)) // (R, T, E)
             },
         )
     }
@@ -261,7 +282,9 @@ impl Gpt2 {
 
     /// An empty KV cache for this model (sharded by heads with the attention).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        KvCache::new(&self.config, batch, capacity, self.kind, &self.devices)
+        let mut cache = KvCache::new(&self.config, batch, capacity, self.kind, &self.devices);
+        cache.set_adapter_default(self.default_adapter);
+        cache
     }
 
     /// Hidden states after `ln_f` for `ids` (B, T), appended to every row of `cache`:

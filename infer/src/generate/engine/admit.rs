@@ -38,6 +38,12 @@ impl Engine<'_> {
             self.waiting.pop_front();
             let slots: Vec<usize> = (0..self.beams).filter_map(|_| self.free.pop()).collect();
             let unit = self.unit(u, slots)?;
+            // The first model runs the request's adapter, if it names one.
+            if let Some(a) = self.requests[unit.request].adapter {
+                for &s in &unit.slots {
+                    self.caches[0].set_adapter(s, Some(a));
+                }
+            }
             if self.rides_along(&unit, joined.len()) {
                 self.feeding.push((unit, 0));
             } else {
@@ -235,7 +241,8 @@ impl Engine<'_> {
         }
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
         let prompt = &self.requests[u.request].prompt;
-        let Some((n, kv)) = cache.lookup(prompt) else {
+        let adapter = self.caches[0].adapter(u.slots[0]);
+        let Some((n, kv)) = cache.lookup(adapter, prompt) else {
             return 0;
         };
         let written = self
@@ -265,14 +272,15 @@ impl Engine<'_> {
         }
         let prompt = &self.requests[u.request].prompt;
         let mut cache = cache.lock().unwrap_or_else(|e| e.into_inner());
-        if cache.wants(prompt) {
+        let adapter = self.caches[0].adapter(u.slots[0]);
+        if cache.wants(adapter, prompt) {
             let n = prompt.len() as i64;
             let kv = self
                 .caches
                 .iter_mut()
                 .map(|c| c.read_prefix(u.slots[0], n))
                 .collect();
-            cache.insert(prompt.clone(), kv);
+            cache.insert(adapter, prompt.clone(), kv);
         }
     }
 }

@@ -65,6 +65,9 @@ pub struct Request {
     /// sequence draws from a generator seeded with its own `seed` (not `seed + k`), so it
     /// gives the same tokens whenever it runs and whatever runs beside it.
     pub settings: Option<Arc<GenerationConfig>>,
+    /// The LoRA adapter (`Gpt2::add_adapter`'s index, on the first model) this request
+    /// runs with; `None`: the model's default (`Gpt2::set_default_adapter`).
+    pub adapter: Option<usize>,
 }
 
 impl Request {
@@ -76,6 +79,7 @@ impl Request {
                 prompt: p.clone(),
                 max_new_tokens: cfg.limit(p.len()),
                 settings: None,
+                adapter: None,
             })
             .collect()
     }
@@ -238,6 +242,12 @@ impl<'a> Engine<'a> {
                  the engine's rows hold {capacity} (and both must be at least 1)",
                 request.prompt.len(),
                 request.max_new_tokens
+            )));
+        }
+        let held = self.models.models[0].adapter_count();
+        if let Some(a) = request.adapter.filter(|&a| a >= held) {
+            return Err(crate::Error::Input(format!(
+                "a request names adapter {a}; the model holds {held}"
             )));
         }
         if let Some(s) = &request.settings {
