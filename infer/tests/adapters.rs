@@ -81,10 +81,10 @@ fn rows_with_different_adapters_decode_together_as_each_alone() {
     let fused = EngineOptions::default();
     let libtorch = EngineOptions {
         kernels: false,
-        ..fused
+        ..fused.clone()
     };
     let cases = [
-        ("f32 fused", Kind::Float, fused, true),
+        ("f32 fused", Kind::Float, fused.clone(), true),
         ("bf16 fused", Kind::BFloat16, fused, true),
         ("f32 libtorch", Kind::Float, libtorch, false),
     ];

@@ -208,7 +208,7 @@ fn both_key_namings_and_legacy_buffers_load() {
 fn a_tied_head_trains_wte() {
     let model = load(&model_dir("hub-tied")).unwrap();
     assert!(model.lm_head().is_none(), "hub-tied is tied");
-    let mut wte = model.wte.shallow_clone();
+    let wte = model.wte.shallow_clone();
     let _ = wte.set_requires_grad(true);
     let ids = Tensor::from_slice(&[1i64, 2, 3]).view([1, 3]);
     let logits = model.forward_train(&ids); // (1, 3, V)
