@@ -25,6 +25,7 @@ pub mod options;
 pub mod parallel;
 pub mod prefix;
 pub mod processors;
+pub mod prompts;
 pub mod quant;
 pub mod rng;
 pub mod sequence;
