@@ -29,7 +29,11 @@ fn every_target_survives_its_seeds_corpus_and_regression_inputs() {
         let mut kept = 0;
         for sub in ["corpus", "regressions"] {
             for f in files(&root.join(sub).join(name)) {
-                target(&std::fs::read(&f).unwrap());
+                // A fuzzer running meanwhile replaces corpus inputs by smaller ones.
+                let Ok(bytes) = std::fs::read(&f) else {
+                    continue;
+                };
+                target(&bytes);
                 kept += 1;
             }
         }
