@@ -104,7 +104,8 @@ data/train.jsonl: data/make_data.py
 # Fuzzing the loaders (fuzz/README.md): libFuzzer binaries built with coverage
 # instrumentation (stable rustc, no sanitizer), each run FUZZ_SECONDS from the seeds
 # fuzz/entry writes plus the corpus grown so far. Crash inputs land in fuzz/artifacts/.
-FUZZ_TARGETS := config generation_config model_folder shard_index tokenizer_json vocab_merges jsonl manifest
+FUZZ_TARGETS := config generation_config model_folder shard_index tokenizer_json vocab_merges \
+	jsonl manifest gguf prompts completions chat_completions
 FUZZ_SECONDS ?= 60
 FUZZ_HOST := $(shell rustc -vV | sed -n 's/^host: //p')
 FUZZ_BIN := target/fuzz/$(FUZZ_HOST)/release

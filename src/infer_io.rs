@@ -7,69 +7,24 @@ use std::path::Path;
 use anyhow::Context;
 use infer::generate::Output;
 use infer::speculative::SpecStats;
-use infer::{Error, Tokenizer};
+use infer::Tokenizer;
 use serde_json::json;
 
 use crate::Out;
 
-fn usage(msg: String) -> anyhow::Error {
-    Error::Input(msg).into()
-}
-
-/// The prompts of a JSONL file, one object per line: its `field` string, or with no
-/// `field` given its `prompt` string, else its `text` (train's data files), and the
-/// line's own `max_new_tokens` if it has one, and the line number. Errors name the file
-/// and line.
+/// The prompts of the JSONL file at `path` (see `infer::prompts::parse_prompts`): each
+/// one's text, its line's own `max_new_tokens` if any, and its line number. Errors name
+/// the file and line.
 pub fn read_prompts(
     path: &Path,
     field: Option<&str>,
 ) -> anyhow::Result<Vec<(String, Option<usize>, usize)>> {
-    let wanted = match field {
-        Some(f) => format!("a {f:?} string"),
-        None => "a \"prompt\" or \"text\" string".into(),
-    };
-    let text = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    // A UTF-8 byte order mark starts the file only (as for train's data).
-    let text = text.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(&text);
-    let mut out = Vec::new();
-    for (i, line) in text.split(|&b| b == b'\n').enumerate() {
-        let at = |why: &str| usage(format!("{}:{}: {why}", path.display(), i + 1));
-        let line = std::str::from_utf8(line).map_err(|_| at("not valid UTF-8"))?;
-        let line = line.trim_end_matches('\r');
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value =
-            serde_json::from_str(line).map_err(|e| at(&format!("invalid JSON: {e}")))?;
-        if !v.is_object() {
-            return Err(at(&format!("expected an object with {wanted}")));
-        }
-        let key = match field {
-            Some(f) => f,
-            None if v.get("prompt").is_some() => "prompt",
-            None => "text",
-        };
-        let limit = match v.get("max_new_tokens") {
-            None | Some(serde_json::Value::Null) => None,
-            Some(n) => match n.as_u64() {
-                Some(n) if n >= 1 => Some(usize::try_from(n).unwrap_or(usize::MAX)),
-                _ => {
-                    return Err(at(&format!(
-                        "\"max_new_tokens\" must be an integer ≥ 1, got {n}"
-                    )))
-                }
-            },
-        };
-        match v.get(key) {
-            Some(serde_json::Value::String(s)) => out.push((s.clone(), limit, i + 1)),
-            Some(_) => return Err(at(&format!("{key:?} is not a string"))),
-            None => return Err(at(&format!("expected an object with {wanted}"))),
-        }
-    }
-    if out.is_empty() {
-        return Err(usage(format!("{}: no prompts in the file", path.display())));
-    }
-    Ok(out)
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let prompts = infer::prompts::parse_prompts(&bytes, path, field)?;
+    Ok(prompts
+        .into_iter()
+        .map(|p| (p.text, p.max_new_tokens, p.line))
+        .collect())
 }
 
 /// Prints a token stream as text without splitting a UTF-8 character: the text of all

@@ -23,6 +23,9 @@ use crate::mapped::MappedFile;
 pub use crate::folder::{SHARD_INDEX, SINGLE_FILE};
 
 /// Where one tensor's bytes live.
+/// `file` indexes `WeightFiles::files` and `start..end` lies inside that file's mapping
+/// (safetensors checked every tensor's offsets against the file's length when it was
+/// opened, and entries are never made otherwise): indexing by an entry cannot panic.
 struct Entry {
     file: usize,
     dtype: Dtype,
@@ -48,6 +51,7 @@ fn has_non_finite(dtype: Dtype, bytes: &[u8]) -> bool {
     fn scan<const N: usize>(bytes: &[u8], mask: u32) -> bool {
         let word = |c: &[u8]| -> u32 {
             let mut b = [0u8; 4];
+            // `c` is one of `chunks_exact(N)`, N ≤ 4.
             b[..N].copy_from_slice(c);
             u32::from_le_bytes(b)
         };
@@ -158,6 +162,7 @@ impl WeightFiles {
     /// Gives back the process's pages of `name`'s bytes (see `MappedFile::release`).
     pub fn release(&self, name: &str) {
         if let Some(e) = self.entries.get(name) {
+            // In range: see `Entry`.
             self.files[e.file].release(e.start, e.end);
         }
     }
@@ -228,6 +233,7 @@ impl WeightFiles {
             .iter()
             .filter(|(_, e)| {
                 let bad = has_non_finite(e.dtype, self.bytes(e));
+                // In range: see `Entry`.
                 self.files[e.file].release(e.start, e.end);
                 bad
             })
@@ -238,6 +244,7 @@ impl WeightFiles {
     }
 
     fn bytes(&self, e: &Entry) -> &[u8] {
+        // In range: see `Entry`.
         &self.files[e.file].bytes()[e.start..e.end]
     }
 
@@ -245,6 +252,7 @@ impl WeightFiles {
     fn check_finite(&self, name: &str, entry: &Entry) -> Result<()> {
         if has_non_finite_parallel(entry.dtype, self.bytes(entry)) {
             return Err(Error::NonFinite {
+                // In range: see `Entry`.
                 path: self.files[entry.file].path().into(),
                 name: name.into(),
             });
@@ -255,7 +263,7 @@ impl WeightFiles {
     /// The file a tensor lives in, or the first file when it is absent (for messages).
     pub fn path_of(&self, name: &str) -> &Path {
         let i = self.entries.get(name).map_or(0, |e| e.file);
-        self.files[i].path()
+        self.files.get(i).map_or(Path::new(""), |f| f.path())
     }
 
     /// Dtype names and element counts of every tensor, for `inspect`.
@@ -281,7 +289,7 @@ impl WeightFiles {
     /// Reads a float tensor, checks its shape, and converts it to `kind` on `device`.
     pub fn tensor(&self, name: &str, shape: &[i64], kind: Kind, device: Device) -> Result<Tensor> {
         let entry = self.entry(name)?;
-        let path = self.files[entry.file].path();
+        let path = self.files[entry.file].path(); // in range: see `Entry`
         if entry.shape != shape {
             return Err(Error::Shape {
                 path: path.into(),
@@ -314,7 +322,7 @@ impl WeightFiles {
     pub fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
         let entry = self.entry(name)?;
         let kind = stored_kind(entry.dtype).ok_or_else(|| Error::ModelFolder {
-            path: self.files[entry.file].path().into(),
+            path: self.files[entry.file].path().into(), // in range: see `Entry`
             reason: format!("tensor `{name}` has unsupported dtype {:?}", entry.dtype),
         })?;
         self.check_finite(name, entry)?;

@@ -169,6 +169,7 @@ impl Gpt2Config {
     pub fn preset(name: &str) -> Option<Self> {
         let &(_, n_layer, n_head, n_embd) = PRESETS.iter().find(|p| p.0 == name)?;
         let mut config: Gpt2Config =
+            // A constant, not a file: every field has a default.
             serde_json::from_str("{}").expect("the empty config takes every default");
         config.n_layer = n_layer;
         config.n_head = n_head;

@@ -164,6 +164,7 @@ fn to_json(what: &str, v: impl serde::Serialize) -> Result<serde_json::Value> {
 /// `config.json` as transformers writes it for GPT2LMHeadModel.
 pub fn config_json(config: &Gpt2Config) -> Result<String> {
     let mut value = to_json(CONFIG_FILE, config)?;
+    // A struct serializes as an object: written, not read from a file.
     let obj = value.as_object_mut().expect("a config is an object");
     obj.insert(
         "architectures".into(),
@@ -181,6 +182,7 @@ pub fn config_json(config: &Gpt2Config) -> Result<String> {
         obj.entry(drop).or_insert(serde_json::json!(0.1));
     }
     obj.entry("use_cache").or_insert(serde_json::json!(true));
+    // A `Value` (string keys only) always prints.
     Ok(serde_json::to_string_pretty(&value).expect("a JSON value prints"))
 }
 
@@ -193,6 +195,7 @@ pub fn generation_config_json(config: &Gpt2Config) -> Result<String> {
     if let Some(e) = &config.eos_token_id {
         obj.insert("eos_token_id".into(), to_json("eos_token_id", e)?);
     }
+    // A `Value` map (string keys only) always prints.
     Ok(serde_json::to_string_pretty(&obj).expect("a JSON value prints"))
 }
 

@@ -27,6 +27,7 @@ pub mod packed;
 pub mod parallel;
 pub mod prefix;
 pub mod processors;
+pub mod prompts;
 pub mod quant;
 pub mod rng;
 pub mod sequence;

@@ -62,7 +62,7 @@ pub fn sha256_files<P: AsRef<Path>>(paths: &[P]) -> Result<(u64, String)> {
             if got == 0 {
                 break;
             }
-            h.update(&buf[..got]);
+            h.update(&buf[..got]); // `read` returns at most `buf.len()`
             n += got as u64;
         }
     }

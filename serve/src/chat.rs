@@ -155,7 +155,7 @@ fn message(i: usize, v: &Value) -> Result<Value, ApiError> {
 }
 
 /// Reads a chat body: the completion it asks for and its Chat log-probability count.
-fn request(app: &App, body: &[u8]) -> Result<(params::Completion, Shape), ApiError> {
+pub fn request(chat: &Template, body: &[u8]) -> Result<(params::Completion, Shape), ApiError> {
     let obj = params::object(body)?;
     params::only_known(&obj, &[params::SHARED, KNOWN])?;
     let messages = match obj.get("messages") {
@@ -193,7 +193,7 @@ fn request(app: &App, body: &[u8]) -> Result<(params::Completion, Shape), ApiErr
         Some(v) if !v.is_null() => params::boolean(&obj, "add_generation_prompt")?,
         _ => true,
     };
-    let prompt = app.chat.render(&messages, add)?;
+    let prompt = chat.render(&messages, add)?;
     if prompt.is_empty() {
         return Err(ApiError::invalid(
             "messages",
@@ -207,7 +207,7 @@ fn request(app: &App, body: &[u8]) -> Result<(params::Completion, Shape), ApiErr
 pub async fn handle(State(app): State<Arc<App>>, req: Request) -> Response {
     let answer = async {
         let body = crate::body::read_body(req).await?;
-        let (c, shape) = request(&app, &body)?;
+        let (c, shape) = request(&app.chat, &body)?;
         start(&app, c, shape).await
     };
     match answer.await {

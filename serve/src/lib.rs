@@ -31,6 +31,15 @@ pub use error::{ApiError, Error};
 use metrics::Metrics;
 use scheduler::{Job, Msg, Pool};
 
+/// Request bodies read and checked as the handlers check them, without a model or a
+/// server: what the fuzz targets run.
+pub mod request {
+    pub use crate::chat::{request as chat, Template};
+    pub use crate::completions::Shape;
+    pub use crate::params::{completion, Completion, Prompt, MAX_CHOICES};
+    pub use crate::settings::{choice_config, defaults, prompt_ids, token_limit};
+}
+
 /// Everything `gpt2kit serve` is told.
 #[derive(Debug, Clone)]
 pub struct Options {

@@ -369,6 +369,7 @@ pub fn collate(samples: &[&Sample], pad: i64, device: Device) -> (Tensor, Tensor
 /// there, the labels are shifted (padded with `IGNORE`), not the logits, so the large
 /// logits tensor is never copied.
 pub fn lm_loss_sum(logits: &Tensor, labels: &Tensor) -> Tensor {
+    // Shapes of the model's own outputs and of batches this module built, not of file data.
     let v = *logits.size().last().expect("logits are (B, T, V)");
     let (b, t) = labels.size2().expect("labels are (B, T)");
     let pad = Tensor::full([b, 1], IGNORE, (Kind::Int64, labels.device()));
@@ -415,6 +416,7 @@ pub fn split(samples: Vec<Sample>, fraction: f64, seed: u64) -> Result<(Vec<Samp
     }
     let mut order: Vec<usize> = (0..n).collect();
     order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(seed));
+    // In range: `n_eval < n` above.
     let eval_idx: std::collections::HashSet<usize> = order[..n_eval].iter().copied().collect();
     let (mut train, mut eval) = (Vec::new(), Vec::new());
     for (i, s) in samples.into_iter().enumerate() {

@@ -24,6 +24,7 @@ pub(crate) fn gpt2_pieces(text: &str, piece: usize) -> impl Iterator<Item = &str
             return None;
         }
         let mut end = start.saturating_add(piece).min(bytes.len());
+        // In range: `end < len` and `end > start ≥ 0` (piece ≥ 1).
         while end < bytes.len()
             && !(bytes[end].is_ascii_whitespace() && bytes[end - 1].is_ascii_graphic())
         {
@@ -75,6 +76,7 @@ pub(crate) fn splits_like_gpt2(tokenizer: &Tokenizer) -> bool {
     else {
         return false;
     };
+    // `Value` indexing never panics (a missing key reads as null).
     let pre = &json["pre_tokenizer"];
     let flag = |v: &serde_json::Value, name: &str, default: bool| {
         v.get(name)

@@ -11,7 +11,10 @@ use infer::generate::GenerationConfig;
 use infer::{Gpt2, Gpt2Config, Tokenizer};
 use tch::{Device, Tensor};
 
+pub mod http;
 pub mod seeds;
+
+pub use http::{chat_completions, completions, prompts};
 
 /// The targets by name: what `make fuzz` runs and the corpus folders are named.
 pub const TARGETS: &[(&str, fn(&[u8]))] = &[
@@ -24,6 +27,9 @@ pub const TARGETS: &[(&str, fn(&[u8]))] = &[
     ("jsonl", jsonl),
     ("manifest", manifest),
     ("gguf", gguf),
+    ("prompts", prompts),
+    ("completions", completions),
+    ("chat_completions", chat_completions),
 ];
 
 /// Where a fuzz input's file goes apart from the next: `a SEP b` is two files.

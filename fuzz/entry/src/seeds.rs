@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 
 use infer::Gpt2Config;
+use serde_json::json;
 
 use crate::{weights_bytes, SEP, TINY_CONFIG};
 
@@ -100,6 +101,53 @@ pub fn seeds() -> Vec<(&'static str, Vec<u8>)> {
     let manifest = serde_json::json!({"format": infer::manifest::FORMAT,
         "files": {"config.json": {"bytes": 2, "sha256": sha_of_braces}}});
     out.push(("manifest", manifest.to_string().into_bytes()));
+    out.extend(request_seeds());
+    out
+}
+
+/// `infer --prompts` files and `serve` request bodies: every accepted shape.
+fn request_seeds() -> Vec<(&'static str, Vec<u8>)> {
+    let prompts: [&[u8]; 4] = [
+        b"{\"prompt\": \"Once upon a time\"}\n{\"text\": \"The model\", \"max_new_tokens\": 3}\n",
+        b"\xEF\xBB\xBF{\"prompt\": \"caf\\u00e9\", \"max_new_tokens\": null}\r\n\r\n{\"prompt\": \"x\"}\r\n",
+        b"{\"body\": \"a field named by --text-field\", \"prompt\": 1}\n",
+        b"{\"prompt\": \"\\ud83d\\ude00 tabs\\tand\\nnewlines\", \"max_new_tokens\": 18446744073709551615}\n",
+    ];
+    let completions = [
+        json!({"prompt": "Hello", "max_tokens": 4}),
+        json!({"model": "hub-tied", "prompt": ["a", "b c"], "n": 2, "temperature": 0.7,
+            "top_p": 0.9, "stop": ["\n", "."], "seed": 7, "stream": true,
+            "stream_options": {"include_usage": true}, "user": "u"}),
+        json!({"prompt": [1, 2, 3], "logprobs": 2, "logit_bias": {"5": -100, "6": 2.5},
+            "presence_penalty": 0.5, "frequency_penalty": -0.5, "best_of": 1}),
+        json!({"prompt": [[1, 2], [3]], "top_k": 5, "min_p": 0.1, "typical_p": 0.9,
+            "repetition_penalty": 1.2, "no_repeat_ngram_size": 2, "min_tokens": 1,
+            "max_tokens": 8, "stop_token_ids": [0], "ignore_eos": true,
+            "bad_words": ["bad"], "echo": true, "suffix": null}),
+        json!({"prompt": "x", "stop": "y", "top_k": -1, "logprobs": false, "temperature": 0}),
+    ];
+    let chats = [
+        json!({"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4}),
+        json!({"messages": [{"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": " Hello "}]},
+            {"role": "assistant", "content": "Hi.", "name": "a"}],
+            "max_completion_tokens": 3, "logprobs": true, "top_logprobs": 2, "n": 2,
+            "add_generation_prompt": false, "stream": true, "stop": ["\n"]}),
+        json!({"messages": [{"role": "user", "content": "x"}], "temperature": 0.5,
+            "top_k": 3, "min_p": 0.05, "logit_bias": {"1": 1}, "seed": 1, "ignore_eos": true}),
+    ];
+    let mut out: Vec<(&'static str, Vec<u8>)> =
+        prompts.iter().map(|p| ("prompts", p.to_vec())).collect();
+    out.extend(
+        completions
+            .iter()
+            .map(|b| ("completions", b.to_string().into_bytes())),
+    );
+    out.extend(
+        chats
+            .iter()
+            .map(|b| ("chat_completions", b.to_string().into_bytes())),
+    );
     out
 }
 

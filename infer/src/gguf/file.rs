@@ -267,6 +267,7 @@ impl GgufFile {
     /// The stored bytes of a tensor (checked to lie inside the file by `parse`).
     pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
         let start = (self.header.data_start + t.offset) as usize;
+        // In range for the header's tensors: `parse` refused any outside the file.
         &self.map[start..start + t.size as usize]
     }
 

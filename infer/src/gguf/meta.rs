@@ -163,6 +163,7 @@ impl<'a> Cursor<'a> {
                 self.left()
             ));
         }
+        // In range: `n ≤ left()` above.
         let s = &self.bytes[self.pos..self.pos + n as usize];
         self.pos += n as usize;
         Ok(s)

@@ -44,6 +44,7 @@ pub fn tokenizer_keys(
         path: path.into(),
         reason: reason.into(),
     };
+    // `Value` indexing never panics (a missing key or index reads as null).
     let model = &j["model"];
     if model["type"] != "BPE" {
         return Err(bad("GGUF export needs GPT-2's byte-level BPE tokenizer"));
@@ -53,6 +54,7 @@ pub fn tokenizer_keys(
     for (t, id) in model["vocab"].as_object().into_iter().flatten() {
         if let Some(slot) = id.as_u64().and_then(|i| tokens.get_mut(i as usize)) {
             *slot = Some(t.clone());
+            // In range: `tokens` and `types` have the same length.
             types[id.as_u64().unwrap_or(0) as usize] = NORMAL;
         }
     }
@@ -64,6 +66,7 @@ pub fn tokenizer_keys(
             *slot = Some(content.to_string());
             let special = a["special"].as_bool().unwrap_or(false)
                 || (content.starts_with("<|") && content.ends_with("|>"));
+            // In range: `tokens` and `types` have the same length.
             types[id as usize] = if special { CONTROL } else { USER_DEFINED };
         }
     }
@@ -78,6 +81,7 @@ pub fn tokenizer_keys(
         .flatten()
         .map(|m| match m {
             Json::String(s) => s.clone(),
+            // A pair `[a, b]`; indexing a `Value` reads null where there is nothing.
             _ => format!(
                 "{} {}",
                 m[0].as_str().unwrap_or_default(),
@@ -182,6 +186,7 @@ pub fn tokenizer_json(h: &Header, path: &Path) -> Result<Json> {
                 "key `tokenizer.ggml.merges`: {m:?} is not two tokens"
             )));
         };
+        // `cut` is a space's char boundary (one byte): both slices are on boundaries.
         merges.push(json!([&m[..cut], &m[cut + 1..]]));
     }
     let byte_level = |prefix: bool, trim: bool| {

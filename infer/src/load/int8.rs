@@ -27,6 +27,8 @@ pub(crate) struct Int8Layers<'a> {
     method: Method,
     /// Of the biases (float in every artifact).
     kind: Kind,
+    /// Never empty (`check_layout` refuses no device); shard `r` of `0..devices.len()`
+    /// is on `devices[r]`.
     devices: &'a [Device],
 }
 

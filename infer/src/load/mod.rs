@@ -137,6 +137,7 @@ impl Gpt2 {
         let int8_embeddings = quantization.as_ref().is_some_and(|q| q.quantize_embeddings);
         let (wte, wte_q, head) = reader.embeddings_and_head(int8_embeddings, method)?;
         let (p, e) = (config.n_positions, config.n_embd);
+        // Not empty: `check_layout` above.
         let wpe = reader.get("wpe.weight", &[p, e])?.to_device(devices[0]);
         let ln_f = reader.ln("ln_f")?;
         check_all_used(&config, files)?;
@@ -171,6 +172,8 @@ struct Reader<'a> {
     /// `transformer.` or empty.
     prefix: &'a str,
     kind: Kind,
+    /// Never empty (`check_layout` refuses no device): `devices[0]` is the main one, and
+    /// shard `r` of `0..devices.len()` is on `devices[r]`.
     devices: &'a [Device],
     /// Linear weights in their stored float dtype (see `Gpt2::from_source`).
     convert_late: bool,

@@ -97,7 +97,7 @@ pub fn read_int8(
             got: q.size(),
         });
     }
-    let out = if rows_are_out { shape[0] } else { shape[1] };
+    let out = if rows_are_out { shape[0] } else { shape[1] }; // `shape` is `[i64; 2]`
     let scale_name = scale_name(name);
     let spath = files.path_of(&scale_name);
     if !files.contains(&scale_name) {

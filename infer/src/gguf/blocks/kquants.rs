@@ -242,7 +242,8 @@ pub(crate) fn q6k_levels(b: &[u8]) -> [i8; QK_K] {
     })
 }
 
-/// `dequantize_row_q4_K/q5_K/q6_K` of one super-block.
+/// `dequantize_row_q4_K/q5_K/q6_K` of one super-block. `b` is one whole block of `ty`'s
+/// `type_size` bytes (`blocks::dequantize` cuts them): the fixed offsets are in range.
 pub fn dequantize_block(ty: GgmlType, b: &[u8], y: &mut [f32]) {
     if ty == GgmlType::Q6_K {
         let d = f16_at(b, 208);

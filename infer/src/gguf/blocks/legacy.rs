@@ -207,7 +207,8 @@ pub(crate) fn levels(kind: Legacy, b: &[u8]) -> [i8; QK] {
     })
 }
 
-/// `dequantize_row_q4_0/q4_1/q5_0/q5_1` of one block.
+/// `dequantize_row_q4_0/q4_1/q5_0/q5_1` of one block. `b` is one whole block of the
+/// type's `type_size` bytes (`blocks::dequantize` cuts them): the fixed offsets are in range.
 pub fn dequantize_block(kind: Legacy, b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     let m = match kind {
@@ -224,7 +225,8 @@ fn qh_at(b: &[u8], at: usize) -> u32 {
     u32::from(le16(b, at)) | (u32::from(le16(b, at + 2)) << 16)
 }
 
-/// `dequantize_row_q8_0` of one block.
+/// `dequantize_row_q8_0` of one block (one whole block, cut by `blocks::dequantize`: the
+/// fixed offsets are in range).
 pub fn dequantize_q8_0(b: &[u8], y: &mut [f32]) {
     let d = f16_at(b, 0);
     for (yj, &q) in y.iter_mut().zip(&b[2..2 + QK]) {

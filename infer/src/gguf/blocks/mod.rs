@@ -70,6 +70,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     }
     let mut y = vec![0f32; n];
     let (bs, ts) = (ty.block_size(), ty.type_size());
+    // Whole blocks only (`bytes.len()` checked above): each `b` is one block of the type's
+    // `type_size` bytes and `yb` its `block_size` weights, so the block decoders' fixed
+    // offsets are in range.
     for (b, yb) in bytes.chunks_exact(ts).zip(y.chunks_exact_mut(bs)) {
         match ty {
             GgmlType::F32 => yb[0] = f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
