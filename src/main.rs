@@ -15,6 +15,7 @@ mod inspect;
 mod merge_lora_cmd;
 mod quantize_cmd;
 mod quantize_gguf;
+mod quantize_report;
 mod serve_cmd;
 mod tokenizer_cmd;
 mod train_cmd;

@@ -2,13 +2,11 @@
 //! report of what they cost (bytes, perplexity, decode speed, sparsity per tensor).
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use anyhow::Context;
 use clap::Args as ClapArgs;
 use infer::checkpoint::WeightFiles;
 use infer::folder::{self, TempFolder};
-use infer::generate::{generate, GenerationConfig};
 use infer::quant::{Method, QuantizationConfig};
 use infer::{Gpt2, Gpt2Config, Tokenizer};
 use quantize::{Calibration, Options, Prune};
@@ -108,12 +106,19 @@ pub(crate) fn check_out(out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub(crate) fn bytes_of(paths: &[PathBuf]) -> u64 {
-    paths
-        .iter()
-        .filter_map(|p| std::fs::metadata(p).ok())
-        .map(|m| m.len())
-        .sum()
+impl Args {
+    /// What `quantize_report` measures the source and the result with.
+    pub(crate) fn report_settings(&self) -> crate::quantize_report::Settings<'_> {
+        crate::quantize_report::Settings {
+            model: &self.model,
+            eval: self.eval.as_deref(),
+            text_field: &self.text_field,
+            decode_tokens: self.decode_tokens,
+            // A packed file is used when present, never written (a measured artifact is
+            // in a temporary folder; the source is not run here again).
+            engine: self.engine.infer_options(),
+        }
+    }
 }
 
 /// A config.json naming the quantization it carries, if any, as an error message.
@@ -204,91 +209,6 @@ fn calibrate(
         let _ = model.forward_train(&ids);
     }
     Ok(model.observed_input_max().into_iter().collect())
-}
-
-/// Greedy batch-1 decode speed: tokens per second over `n` new tokens (EOS ignored).
-fn decode_speed(model: &Gpt2, tokenizer: &Tokenizer, n: usize) -> anyhow::Result<Option<f64>> {
-    if n == 0 {
-        return Ok(None);
-    }
-    let prompt = tokenizer.encode("The quick brown fox")?;
-    let n = n.min((model.config.n_positions as usize).saturating_sub(prompt.len() + 1));
-    if n < 2 {
-        return Ok(None);
-    }
-    let cfg = GenerationConfig {
-        max_new_tokens: n,
-        eos_token_ids: vec![],
-        ..GenerationConfig::default()
-    };
-    let warm = GenerationConfig {
-        max_new_tokens: 2,
-        ..cfg.clone()
-    };
-    let p = vec![prompt];
-    tch::no_grad(|| generate(model, &p, &warm, &|_| false, |_, _| {}))?;
-    let t = Instant::now();
-    let out = tch::no_grad(|| generate(model, &p, &cfg, &|_| false, |_, _| {}))?;
-    let _ = t;
-    let steps = out.sequences[0][0].tokens.len().saturating_sub(1).max(1);
-    Ok(Some(steps as f64 / out.decode.as_secs_f64().max(1e-9)))
-}
-
-pub(crate) struct Measured {
-    pub(crate) ppl: Option<f64>,
-    pub(crate) tok_s: Option<f64>,
-}
-
-/// Perplexity and decode speed of the model in `dir`; `what` names it in errors (the
-/// artifact is measured in a temporary folder that is gone when the error is read).
-pub(crate) fn measure(dir: &Path, what: &str, args: &Args, block: i64) -> anyhow::Result<Measured> {
-    let model = Gpt2::load_with(
-        dir,
-        Some(Kind::Float),
-        &[Device::Cpu],
-        // A packed file is used when present, never written (a measured artifact is in a
-        // temporary folder; the source is not run here again).
-        &args.engine.infer_options(),
-    )
-    .with_context(|| format!("loading {what}"))?;
-    let tokenizer = Tokenizer::from_dir(dir).with_context(|| format!("loading {what}"))?;
-    let ppl = match &args.eval {
-        Some(path) => Some(
-            crate::eval_cmd::perplexity(&model, &tokenizer, path, block, 4, &args.text_field)
-                .with_context(|| format!("--eval {} on {what}", path.display()))?
-                .perplexity,
-        ),
-        None => None,
-    };
-    let tok_s = decode_speed(&model, &tokenizer, args.decode_tokens)?;
-    Ok(Measured { ppl, tok_s })
-}
-
-/// The report's measures: bytes, perplexity and decode speed of `--model` (its weight
-/// `paths`) and of what was written (`written`: the model path and its weight files).
-pub(crate) fn report(
-    args: &Args,
-    paths: &[PathBuf],
-    written: (&Path, &[PathBuf]),
-    block: i64,
-) -> anyhow::Result<serde_json::Value> {
-    let dir = &args.model;
-    let before = measure(dir, &format!("model {}", dir.display()), args, block)?;
-    let after = measure(written.0, "the quantized model", args, block)?;
-    let (bytes_before, bytes_after) = (bytes_of(paths), bytes_of(written.1));
-    Ok(json!({
-        "model": dir.to_string_lossy(),
-        "bytes_before": bytes_before,
-        "bytes_after": bytes_after,
-        "size_ratio": bytes_after as f64 / bytes_before.max(1) as f64,
-        "perplexity_before": before.ppl,
-        "perplexity_after": after.ppl,
-        "eval_file": args.eval.as_ref().map(|p| p.to_string_lossy()),
-        "block_size": block,
-        "decode_tokens_per_s_before": before.tok_s,
-        "decode_tokens_per_s_after": after.tok_s,
-        "decode_tokens": args.decode_tokens,
-    }))
 }
 
 /// Writes config (with transformers' GPT2LMHeadModel fields) and weights into `tmp`,
@@ -476,7 +396,12 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     write_folder(&tmp, &artifact.config, &artifact.tensors, dir)?;
     // Measured on the folder as written, before it is renamed into place.
     let weights = folder::weight_paths(tmp.path())?;
-    let mut report = report(args, &paths, (tmp.path(), &weights), block)?;
+    let mut report = crate::quantize_report::report(
+        &args.report_settings(),
+        &paths,
+        (tmp.path(), &weights),
+        block,
+    )?;
     let qc =
         QuantizationConfig::from_config(&artifact.config, &tmp.path().join(folder::CONFIG_FILE))?;
     report["method"] = json!(method.name());

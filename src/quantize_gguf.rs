@@ -159,7 +159,12 @@ fn report(
     method: String,
     stored: &[Stored],
 ) -> anyhow::Result<serde_json::Value> {
-    let mut r = crate::quantize_cmd::report(args, paths, (&args.out, &[args.out.clone()]), block)?;
+    let mut r = crate::quantize_report::report(
+        &args.report_settings(),
+        paths,
+        (&args.out, &[args.out.clone()]),
+        block,
+    )?;
     r["out"] = json!(args.out.to_string_lossy());
     r["method"] = json!(method);
     r["format"] = json!("gguf");
