@@ -79,13 +79,17 @@ fn align(n: u64, a: u64) -> u64 {
 /// Bytes of a tensor of `dims` and type `ty`, or why it has none.
 pub fn tensor_size(ty: GgmlType, dims: &[u64]) -> std::result::Result<u64, String> {
     let row = dims.first().copied().unwrap_or(1);
-    let row_bytes = ty.row_bytes(row as usize).ok_or_else(|| {
-        format!(
+    if row % ty.block_size() as u64 != 0 {
+        return Err(format!(
             "its row of {row} weights is not a whole number of {} blocks ({} weights each)",
             ty.name(),
             ty.block_size()
-        )
-    })? as u64;
+        ));
+    }
+    let row_bytes = usize::try_from(row)
+        .ok()
+        .and_then(|n| ty.row_bytes(n))
+        .ok_or_else(|| format!("dims {dims:?} overflow"))? as u64;
     dims.iter()
         .skip(1)
         .try_fold(row_bytes, |acc, &d| acc.checked_mul(d))

@@ -110,15 +110,28 @@ impl GgmlType {
         }
     }
 
-    /// Bytes of a row of `n` weights, or `None` when `n` is not a whole number of blocks.
+    /// Bytes of a row of `n` weights, or `None` when `n` is not a whole number of blocks
+    /// (or the bytes overflow, for a row length read from a hostile file).
     pub fn row_bytes(self, n: usize) -> Option<usize> {
-        (n % self.block_size() == 0).then(|| n / self.block_size() * self.type_size())
+        if n % self.block_size() != 0 {
+            return None;
+        }
+        (n / self.block_size()).checked_mul(self.type_size())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_row_whose_bytes_overflow_has_no_size() {
+        // Found by the gguf fuzz target: a row length read from a file, times the block
+        // bytes, overflowed (wrapped to a small size in release builds).
+        let n = usize::MAX / 32 * 32;
+        assert_eq!(GgmlType::Q8_0.row_bytes(n), None);
+        assert_eq!(GgmlType::Q8_0.row_bytes(64), Some(68));
+    }
 
     #[test]
     fn block_layouts_are_ggmls() {
