@@ -193,6 +193,15 @@ pub fn check_tensors(h: &Header, c: &Gpt2Config, path: &Path) -> Result<()> {
         path: path.into(),
         reason,
     };
+    // Each block has tensors of its own: a block count past the file's tensor count is
+    // wrong, and is refused before a name is made for each of its blocks.
+    if c.n_layer < 0 || c.n_layer as u64 > h.tensors.len() as u64 {
+        return Err(bad(format!(
+            "gpt2.block_count is {}, but the file holds {} tensors",
+            c.n_layer,
+            h.tensors.len()
+        )));
+    }
     let expected = expected_tensors(c);
     for (name, dims) in &expected {
         let t = h.tensor(name).ok_or_else(|| {
