@@ -33,14 +33,29 @@ $(PEERS_READY): $(VENV_READY) $(PEERS)
 
 peers: $(PEERS_READY)
 
+# c10d's Gloo headers, which the torch wheel does not ship (dist/ compiles against them;
+# gloo itself is inside libtorch_cpu.so): Debian's libgloo-dev, unpacked, not installed.
+GLOO_DEB := libgloo-dev=0.0~git20220518.5b14351-3
+GLOO_DIR := $(HOME)/.cache/gpt2kit/gloo-git20220518.5b14351-3
+GLOO_READY := $(GLOO_DIR)/.ready
+$(GLOO_READY):
+	@echo ">> unpacking $(GLOO_DEB)'s headers into $(GLOO_DIR)"
+	rm -rf $(GLOO_DIR) && mkdir -p $(GLOO_DIR)/deb
+	cd $(GLOO_DIR)/deb && { apt-get download -qq '$(GLOO_DEB)' || \
+	  { apt-get update -qq && apt-get download -qq '$(GLOO_DEB)'; }; }
+	dpkg-deb -x $(GLOO_DIR)/deb/*.deb $(GLOO_DIR)
+	test -f $(GLOO_DIR)/usr/include/gloo/context.h
+	touch $@
+
 # Points cargo (tch's build script) at the venv's libtorch and sets an rpath, so the
 # binaries and test executables run with no environment variables.
-.cargo/config.toml: $(VENV_READY) Makefile
+.cargo/config.toml: $(VENV_READY) $(GLOO_READY) Makefile
 	@mkdir -p .cargo
 	@lib=$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))') && \
 	{ echo '# written by `make setup`; not tracked'; \
 	  echo '[env]'; \
 	  echo "LIBTORCH = \"$$lib\""; \
+	  echo "GLOO_INCLUDE = \"$(GLOO_DIR)/usr/include\""; \
 	  echo '[build]'; \
 	  echo "rustflags = [\"-C\", \"link-arg=-Wl,-rpath,$$lib/lib\"]"; } > $@
 	@echo ">> wrote $@ (LIBTORCH in $(VENV))"
