@@ -12,6 +12,7 @@ mod infer_io;
 mod infer_settings;
 mod init_cmd;
 mod inspect;
+mod launch_cmd;
 mod merge_lora_cmd;
 mod quantize_cmd;
 mod quantize_gguf;
@@ -58,6 +59,9 @@ enum Command {
     Infer(infer_cmd::Args),
     /// An OpenAI-compatible HTTP server (completions, streaming) over continuous batching.
     Serve(serve_cmd::Args),
+    /// Start N local ranks of a command with torchrun's environment (RANK, WORLD_SIZE,
+    /// ...); one failing stops them all.
+    Launch(launch_cmd::Args),
 }
 
 fn main() -> ExitCode {
@@ -91,6 +95,7 @@ fn main() -> ExitCode {
         Command::MergeLora(args) => merge_lora_cmd::run(&args, &mut out),
         Command::Infer(args) => infer_cmd::run(&args, &mut out),
         Command::Serve(args) => serve_cmd::run(&args, &mut out),
+        Command::Launch(args) => launch_cmd::run(&args, &mut out),
     };
     let result = result.and_then(|()| out.flush().map_err(Into::into));
     match result {

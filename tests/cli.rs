@@ -552,6 +552,7 @@ fn readme_documents_every_flag_and_no_other() {
         "merge-lora",
         "infer",
         "serve",
+        "launch",
     ] {
         // The section of this subcommand: from its heading to the next heading.
         let head = format!("### `gpt2kit {sub}");
