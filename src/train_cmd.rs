@@ -1,6 +1,7 @@
 //! `gpt2kit train`: fine-tune GPT-2 on JSONL data.
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use clap::Args as ClapArgs;
 use train::data::DataOptions;
@@ -9,7 +10,6 @@ use train::optim::AdamWConfig;
 use train::trainer::{train, Resume, TrainOptions};
 
 use crate::choices::{LrScheduler, TrainDtype};
-use crate::Out;
 
 #[derive(ClapArgs)]
 /// Negative numbers are values, not flags (`--seed -1` is refused by its type).
@@ -140,6 +140,47 @@ pub struct Args {
     /// Recompute each block's activations in the backward pass: less memory, one more forward.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// Data-parallel runs (under `gpt2kit launch` or torchrun): c10d's backend, gloo or nccl (default: nccl on CUDA, gloo on the CPU).
+    #[arg(long, visible_alias = "dist-backend", value_enum)]
+    ddp_backend: Option<DdpBackend>,
+    /// Data-parallel runs: seconds joining the job or a collective waits for the other ranks before the run stops with an error.
+    #[arg(long, visible_alias = "dist-timeout", default_value_t = 1800.0)]
+    ddp_timeout: f64,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum DdpBackend {
+    Gloo,
+    Nccl,
+}
+
+/// The device and process group of a run: a launched job (torchrun's variables set)
+/// joins its group, a CUDA run on the device of its LOCAL_RANK.
+fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group>>)> {
+    let device = infer::device::parse_device(&args.device)?;
+    let bad = |m: String| anyhow::Error::from(infer::Error::Input(m));
+    if !(args.ddp_timeout.is_finite() && args.ddp_timeout > 0.0) {
+        return Err(bad(format!(
+            "--ddp-timeout {}: give a positive number of seconds",
+            args.ddp_timeout
+        )));
+    }
+    let Some(launch) = dist::Launch::from_env().map_err(|e| bad(e.to_string()))? else {
+        return Ok((device, None));
+    };
+    let device = match (args.device.as_str(), device) {
+        ("cuda", tch::Device::Cuda(_)) => tch::Device::Cuda(launch.local_rank),
+        (_, d) => d,
+    };
+    let backend = match args.ddp_backend {
+        Some(DdpBackend::Gloo) => dist::Backend::Gloo,
+        Some(DdpBackend::Nccl) => dist::Backend::Nccl,
+        None if device.is_cuda() => dist::Backend::Nccl,
+        None => dist::Backend::Gloo,
+    };
+    let timeout = std::time::Duration::from_secs_f64(args.ddp_timeout);
+    let group = dist::Group::join(&launch, backend, timeout)?;
+    Ok((device, Some(Arc::new(group))))
 }
 
 /// The LoRA options of the flags (peft's defaults where a flag is not given).
@@ -158,11 +199,17 @@ fn lora_options(args: &Args) -> Option<LoraOptions> {
     })
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
+pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     if let Some(n) = args.crash_at_write {
         infer::faults::crash_at(n);
     }
-    let device = infer::device::parse_device(&args.device)?;
+    let (device, group) = placement(args)?;
+    // Only rank 0 of a data-parallel run reports; the others' results are its own.
+    let mut quiet = std::io::sink();
+    let out: &mut dyn Write = match group.as_ref().is_some_and(|g| g.rank() != 0) {
+        true => &mut quiet,
+        false => out,
+    };
     let block_size = match args.block_size {
         Some(b) => b,
         None => {
@@ -217,6 +264,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         profile: std::env::var_os("GPT2KIT_TRAIN_PROFILE").is_some(),
         keep_freed_memory: std::env::var_os("GPT2KIT_TRAIN_MALLOC_DEFAULT").is_none(),
         stop_after_micro_batches: args.stop_after_micro_batches,
+        group,
         lora: lora_options(args),
         gradient_checkpointing: args.gradient_checkpointing,
         base_bf16: args.base_dtype == TrainDtype::Bf16,

@@ -128,9 +128,10 @@ pub struct Group {
     world_size: usize,
 }
 
-// SAFETY: the group is used from one thread at a time (`&mut`-free but not `Sync`);
-// moving it between threads is what c10d's own Python bindings do.
+// SAFETY: c10d's process groups are thread-safe (each collective is queued to the
+// group's worker threads in the order it was issued); Python shares them across threads.
 unsafe impl Send for Group {}
+unsafe impl Sync for Group {}
 
 impl std::fmt::Debug for Group {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -289,6 +290,20 @@ impl Group {
         // SAFETY: a live group.
         let status = unsafe { ffi::gk_barrier(self.raw.as_ptr(), &mut err) };
         self.check(status, err, "barrier")
+    }
+
+    /// `root`'s bytes on every rank (`bytes` is read on `root` only).
+    pub fn broadcast_bytes(&self, bytes: &[u8], root: usize) -> Result<Vec<u8>> {
+        let mut len = Tensor::from_slice(&[bytes.len() as i64]);
+        self.broadcast(&mut len, root)?;
+        let n = len.int64_value(&[0]);
+        let mut data = if self.rank == root {
+            Tensor::from_slice(bytes)
+        } else {
+            Tensor::zeros([n], (Kind::Uint8, Device::Cpu))
+        };
+        self.broadcast(&mut data, root)?;
+        Ok(Vec::<u8>::try_from(&data)?)
     }
 
     /// Sums numbers over every rank (in f64).

@@ -92,6 +92,9 @@ fn rank_collectives() {
     let mut xs = [rank, 1.5];
     g.sum_f64(&mut xs).unwrap();
     assert_eq!(xs, [ranks_sum, 1.5 * world]);
+    let text = format!("from rank {}", g.rank());
+    let got = g.broadcast_bytes(text.as_bytes(), 1).unwrap();
+    assert_eq!(got, b"from rank 1");
     g.barrier().unwrap();
     println!("rank {} done", g.rank());
 }

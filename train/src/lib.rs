@@ -4,6 +4,7 @@
 pub mod checkpoint;
 pub mod checkpointing;
 pub mod data;
+mod distributed;
 pub mod eval;
 pub mod events;
 pub mod folder;
@@ -14,6 +15,7 @@ pub mod merge;
 pub mod metrics;
 pub mod optim;
 pub mod options;
+mod order;
 pub mod output;
 pub mod pieces;
 pub mod resume;

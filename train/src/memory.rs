@@ -42,3 +42,22 @@ mod tests {
         assert_eq!(format_bytes(456 << 20), "456 MiB");
     }
 }
+
+/// Keeps freed memory in the process (glibc): a training step allocates and frees the
+/// same large activation and gradient buffers every time, and glibc's default serves
+/// them with fresh `mmap`s whose pages fault in again on every step.
+pub(crate) fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        extern "C" {
+            fn mallopt(param: i32, value: i32) -> i32;
+        }
+        const M_TRIM_THRESHOLD: i32 = -1;
+        const M_MMAP_MAX: i32 = -4;
+        // SAFETY: mallopt only changes glibc's allocation policy for later calls.
+        unsafe {
+            mallopt(M_MMAP_MAX, 0);
+            mallopt(M_TRIM_THRESHOLD, i32::MAX);
+        }
+    }
+}

@@ -19,6 +19,8 @@ pub struct Metrics {
     /// None once a write failed: TensorBoard logs are lost then, not the run.
     tb: Option<EventFile>,
     bar: ProgressBar,
+    /// A data-parallel rank other than 0: nothing is shown or written.
+    quiet: bool,
 }
 
 impl Metrics {
@@ -39,7 +41,20 @@ impl Metrics {
             .expect("a valid template"),
         );
         bar.set_position(done.max(0) as u64);
-        Ok(Self { tb: Some(tb), bar })
+        Ok(Self {
+            tb: Some(tb),
+            bar,
+            quiet: false,
+        })
+    }
+
+    /// Metrics that show and write nothing (the ranks of a data-parallel run but 0).
+    pub fn quiet() -> Self {
+        Self {
+            tb: None,
+            bar: ProgressBar::hidden(),
+            quiet: true,
+        }
     }
 
     /// Called after every step: the bar's position and message.
@@ -63,7 +78,7 @@ impl Metrics {
             ],
             false,
         );
-        if self.bar.is_hidden() {
+        if self.bar.is_hidden() && !self.quiet {
             stderr_line(&format!(
                 "step {step}/{}: loss {loss:.4} · lr {lr:.3e} · grad_norm {grad_norm:.3} · {tokens_per_s:.0} tok/s{}",
                 self.bar.length().unwrap_or(0),
@@ -100,6 +115,9 @@ impl Metrics {
 
     /// A message that does not tear the bar.
     pub fn line(&self, text: &str) {
+        if self.quiet {
+            return;
+        }
         if self.bar.is_hidden() {
             stderr_line(text);
         } else {

@@ -62,6 +62,8 @@ pub struct TrainOptions {
     pub base_bf16: bool,
     /// Recompute each block's activations in the backward pass (`checkpointing`).
     pub gradient_checkpointing: bool,
+    /// Data-parallel training: the process group of a launched job (`distributed`).
+    pub group: Option<std::sync::Arc<dist::Group>>,
     /// Testing hook: fail as a crash would after this many micro-batches of this run.
     pub stop_after_micro_batches: Option<u64>,
 }

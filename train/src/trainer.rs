@@ -11,21 +11,22 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use infer::checkpoint::WeightFiles;
 use infer::{Gpt2, Gpt2Config, Tokenizer};
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::json;
 use tch::{Device, Kind};
 
 use crate::checkpoint::{self as ckpt, TrainerState};
 use crate::checkpointing::{forward_backward, pass_seed, Pass};
 use crate::data::{self, Sample};
+use crate::distributed as ddp;
 use crate::eval::{record_eval, record_step_eval, run_eval, saved_eval, EvalResult};
 use crate::folder::{self, FolderContents};
 use crate::lora::{Lora, ADAPTER_CONFIG};
+use crate::memory::keep_freed_memory;
 use crate::metrics::Metrics;
 use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
 pub use crate::options::{Resume, TrainOptions};
+use crate::order::{epoch_order, next_batches};
 pub use crate::output::FINAL_DIR;
 use crate::output::{self, OutputLock};
 use crate::resume;
@@ -52,58 +53,6 @@ pub struct TrainSummary {
     pub peak_rss: Option<u64>,
 }
 
-/// The micro-batches of the next step: up to --gradient-accumulation-steps of them, not
-/// crossing the epoch's end (the next epoch's order is drawn there).
-fn next_batches(
-    o: &TrainOptions,
-    state: &mut TrainerState,
-    order: &mut Vec<usize>,
-    batches_per_epoch: i64,
-) -> Vec<Vec<usize>> {
-    let n = order.len();
-    let bs = o.batch_size as usize;
-    let mut batches = Vec::new();
-    while (batches.len() as i64) < o.gradient_accumulation_steps {
-        let b = state.data_batch as usize;
-        batches.push(order[b * bs..((b + 1) * bs).min(n)].to_vec());
-        state.data_batch += 1;
-        if state.data_batch >= batches_per_epoch {
-            state.data_epoch += 1;
-            state.data_batch = 0;
-            *order = epoch_order(n, o.seed, state.data_epoch);
-            break;
-        }
-    }
-    batches
-}
-
-/// Micro-batches per epoch and the order of examples in `epoch`.
-fn epoch_order(n: usize, seed: u64, epoch: i64) -> Vec<usize> {
-    let mut order: Vec<usize> = (0..n).collect();
-    let mix = seed ^ (epoch as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    order.shuffle(&mut rand::rngs::StdRng::seed_from_u64(mix));
-    order
-}
-
-/// Keeps freed memory in the process (glibc): a training step allocates and frees the
-/// same large activation and gradient buffers every time, and glibc's default serves
-/// them with fresh `mmap`s whose pages fault in again on every step.
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        extern "C" {
-            fn mallopt(param: i32, value: i32) -> i32;
-        }
-        const M_TRIM_THRESHOLD: i32 = -1;
-        const M_MMAP_MAX: i32 = -4;
-        // SAFETY: mallopt only changes glibc's allocation policy for later calls.
-        unsafe {
-            mallopt(M_MMAP_MAX, 0);
-            mallopt(M_TRIM_THRESHOLD, i32::MAX);
-        }
-    }
-}
-
 pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     if o.keep_freed_memory {
         keep_freed_memory();
@@ -116,6 +65,10 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     check_options(o, &base_config)?;
     if o.bf16 || o.base_bf16 {
         check_bf16(o.device)?;
+    }
+    let o = &ddp::global_batches(o);
+    if !ddp::writes(o) {
+        return train_owned(o, &base_config, &mut std::io::sink(), &mut false);
     }
     let created = output::CreatedDirs::create(&o.output)?;
     let mut started = false;
@@ -141,7 +94,10 @@ fn train_owned(
     out: &mut dyn Write,
     started: &mut bool,
 ) -> Result<TrainSummary> {
-    let resume_dir = output::claim(o, out)?;
+    let resume_dir = match ddp::writes(o) {
+        true => output::claim(o, out)?,
+        false => None,
+    };
     let data = load_data(o, base_config, resume_dir.as_deref(), out)?;
     let (schedule, batches_per_epoch) = plan(o, data.train.len())?;
     let (mut tr, mut adam, mut state) = restore(
@@ -152,13 +108,17 @@ fn train_owned(
         batches_per_epoch,
         out,
     )?;
+    ddp::start_from_rank0(o, &mut tr, &mut adam, &mut state)?;
     let total_steps = schedule.total_steps;
-    let mut metrics = Metrics::new(
-        &o.output.join("runs"),
-        o.progress,
-        total_steps,
-        state.global_step,
-    )?;
+    let mut metrics = match ddp::writes(o) {
+        true => Metrics::new(
+            &o.output.join("runs"),
+            o.progress,
+            total_steps,
+            state.global_step,
+        )?,
+        false => Metrics::quiet(),
+    };
     let n = data.train.len();
     let mut order = epoch_order(n, o.seed, state.data_epoch);
     let mut micro_batches_run: u64 = 0;
@@ -205,12 +165,12 @@ fn train_owned(
             metrics.log(step, loss, lr, grad_norm, tokens_per_s);
         }
         if o.eval_steps.is_some_and(|e| step % e == 0) && !data.eval.is_empty() {
-            let r = run_eval(&tr, &data.eval, o.eval_batch_size, data.eos)?;
+            let r = eval(o, &tr, &data)?;
             early_stopped = record_step_eval(o, &mut state, &mut metrics, &r, out);
             last_eval = Some(r);
         }
-        if o.save_steps.is_some_and(|s| step % s == 0) || (early_stopped && o.save_steps.is_some())
-        {
+        let due = o.save_steps.is_some_and(|s| step % s == 0) || early_stopped;
+        if ddp::writes(o) && due && o.save_steps.is_some() {
             ckpt::save(o, &tr, &adam, &schedule, &mut state, &data.tokenizer_files)?;
             last_saved = Some(step);
         }
@@ -221,16 +181,19 @@ fn train_owned(
     metrics.finish_bar();
 
     if !data.eval.is_empty() && state.last_eval_step != Some(state.global_step) {
-        let r = run_eval(&tr, &data.eval, o.eval_batch_size, data.eos)?;
+        let r = eval(o, &tr, &data)?;
         let step = state.global_step;
         record_eval(&mut state, &mut metrics, step, &r);
         last_eval = Some(r);
     }
-    if o.save_steps.is_some() && last_saved != Some(state.global_step) {
+    if ddp::writes(o) && o.save_steps.is_some() && last_saved != Some(state.global_step) {
         ckpt::save(o, &tr, &adam, &schedule, &mut state, &data.tokenizer_files)?;
     }
     let last_eval = last_eval.or_else(|| saved_eval(&state));
-    let (final_dir, final_from) = write_final(o, &tr, &state, &data.tokenizer_files)?;
+    let (final_dir, final_from) = match ddp::writes(o) {
+        true => write_final(o, &tr, &state, &data.tokenizer_files)?,
+        false => (o.output.join(FINAL_DIR), None),
+    };
     metrics.finish();
     let final_eval = match (&final_from, state.best_metric) {
         (Some(_), Some(loss)) => last_eval.as_ref().map(|e| EvalResult {
@@ -385,7 +348,7 @@ fn restore(
     if state.train_examples != n as i64 || state.batches_per_epoch != batches_per_epoch {
         return Err(input(format!(
             "--resume {}: the checkpoint was trained on {} examples in {} batches per \
-             epoch; this run has {} and {} (different data or --batch-size)",
+             epoch; this run has {} and {} (different data, --batch-size or processes)",
             dir.display(),
             state.train_examples,
             state.batches_per_epoch,
@@ -433,6 +396,10 @@ fn accumulate(
         .sum();
     let mut loss_sum = 0f64;
     for (micro, batch) in batches.iter().enumerate() {
+        let batch = ddp::my_part(o, batch);
+        if batch.is_empty() {
+            continue;
+        }
         let refs: Vec<&Sample> = batch.iter().map(|&i| &data.train[i]).collect();
         let (ids, labels) = data::collate(&refs, data.eos, o.device);
         let bf16_model = tr.compute_model()?;
@@ -443,7 +410,7 @@ fn accumulate(
             labels: &labels,
             targets,
             checkpointing: o.gradient_checkpointing,
-            dropout_seed: pass_seed(o.seed, step, micro),
+            dropout_seed: pass_seed(o.seed, step, ddp::micro_id(o, micro)),
         };
         loss_sum += forward_backward(tr, model, &pass)?;
         if o.profile {
@@ -458,7 +425,15 @@ fn accumulate(
             bail!("stopped after {micro_batches_run} micro-batches (--stop-after-micro-batches)");
         }
     }
+    ddp::reduce_step(o, tr, &mut loss_sum)?;
     Ok(loss_sum / targets.max(1) as f64)
+}
+
+/// The eval loss of the current weights, shared among the ranks of a data-parallel run.
+fn eval(o: &TrainOptions, tr: &Trainable, data: &Dataset) -> Result<EvalResult> {
+    ddp::eval(o, &data.eval, |set| {
+        run_eval(tr, set, o.eval_batch_size, data.eos)
+    })
 }
 
 /// Clipping and the AdamW update, or a skipped step when the loss or the gradient is
