@@ -254,7 +254,7 @@ impl Group {
              error says why",
             self.rank,
             self.world_size,
-            take_error(err)
+            take_error(err).trim_end_matches(['.', '!', ' '])
         )
     }
 

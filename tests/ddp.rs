@@ -1,0 +1,300 @@
+//! Data-parallel training under `gpt2kit launch`, over c10d's Gloo on loopback: 2 and 3
+//! processes train like one process with the same global batch (losses, eval losses and
+//! final weights), a killed or stopped rank ends the job with a clear error instead of a
+//! hang, and a job killed inside a save resumes to the uninterrupted job's losses.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{assert_clean_failure, assert_ok, corpus, gpt2kit, reference, stderr, TempDir};
+use tch::Tensor;
+
+/// A 2-layer model with dropout off: dropout masks are drawn per rank, so with it on a
+/// data-parallel step differs from one process's (it does in PyTorch's DDP too).
+fn tiny_model(t: &TempDir) -> PathBuf {
+    let dir = t.path("model");
+    let tok = reference("hub-tied");
+    assert_ok(&gpt2kit(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "64",
+        "--n-positions",
+        "32",
+        "--seed",
+        "3",
+    ]));
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for k in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
+        c[k] = 0.0.into();
+    }
+    std::fs::write(&path, c.to_string()).unwrap();
+    // 37 rows: 30 train and 7 eval examples, so global batches of 4·2 and 3·3 leave a
+    // short last batch in each epoch (and ranks with nothing to do in it).
+    std::fs::write(t.path("data.jsonl"), corpus(37, 11)).unwrap();
+    dir
+}
+
+fn train_args(t: &TempDir, out: &str, batch: usize, extra: &[&str]) -> Vec<String> {
+    let steps = match extra.contains(&"--ddp-timeout") || extra.contains(&"--forever") {
+        true => "100000",
+        false => "6",
+    };
+    let extra: Vec<&&str> = extra.iter().filter(|&&e| e != "--forever").collect();
+    let mut a: Vec<String> = [
+        "train",
+        "--model",
+        &t.s("model"),
+        "--data",
+        &t.s("data.jsonl"),
+        "--output",
+        &t.s(out),
+        "--block-size",
+        "32",
+        "--batch-size",
+        &batch.to_string(),
+        "--max-steps",
+        steps,
+        "--lr",
+        "3e-3",
+        "--eval-split",
+        "0.2",
+        "--eval-steps",
+        "3",
+        "--save-steps",
+        "2",
+        "--logging-steps",
+        "1",
+        "--seed",
+        "5",
+    ]
+    .map(String::from)
+    .to_vec();
+    a.extend(extra.iter().map(|s| s.to_string()));
+    a
+}
+
+fn free_port() -> String {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port().to_string()
+}
+
+fn launch_cmd(n: usize, args: &[String]) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+    c.args([
+        "launch",
+        "--nproc-per-node",
+        &n.to_string(),
+        "--master-port",
+    ])
+    .arg(free_port())
+    .arg("--")
+    .args(args)
+    .env("GPT2KIT_PACKED_CACHE", "off")
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped());
+    c
+}
+
+fn launch(n: usize, args: &[String]) -> Output {
+    launch_cmd(n, args).output().unwrap()
+}
+
+/// The run's step losses and eval losses, from final/trainer_state.json.
+fn history(out: &Path) -> (Vec<f64>, Vec<f64>) {
+    let text = std::fs::read_to_string(out.join("final/trainer_state.json")).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let get = |key: &str| -> Vec<f64> {
+        v["log_history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter_map(|e| e.get(key).and_then(|x| x.as_f64()))
+            .collect()
+    };
+    (get("loss"), get("eval_loss"))
+}
+
+fn weights(out: &Path) -> Vec<(String, Tensor)> {
+    let mut w = Tensor::read_safetensors(out.join("final/model.safetensors")).unwrap();
+    w.sort_by(|a, b| a.0.cmp(&b.0));
+    w
+}
+
+fn assert_close(what: &str, a: &[f64], b: &[f64], rel: f64) {
+    assert_eq!(a.len(), b.len(), "{what}: {a:?} vs {b:?}");
+    for (x, y) in a.iter().zip(b) {
+        assert!((x - y).abs() <= rel * x.abs(), "{what}: {a:?} vs {b:?}");
+    }
+}
+
+#[test]
+fn two_and_three_ranks_train_like_one_process_with_the_global_batch() {
+    let t = TempDir::new("ddp-equal");
+    tiny_model(&t);
+    // (ranks, per-rank batch, gradient accumulation): global micro-batches of 8 and 9.
+    for (ranks, batch, accum) in [(2, 4, "1"), (3, 3, "2")] {
+        let extra = ["--gradient-accumulation-steps", accum];
+        let one = format!("one-{ranks}");
+        assert_ok(&gpt2kit(
+            &train_args(&t, &one, ranks * batch, &extra)
+                .iter()
+                .map(String::as_str)
+                .collect::<Vec<_>>(),
+        ));
+        let many = format!("many-{ranks}");
+        let o = launch(ranks, &train_args(&t, &many, batch, &extra));
+        assert_ok(&o);
+        // Only rank 0 reports (one summary) and writes.
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert_eq!(out.matches("final model:").count(), 1, "{out}");
+        let (a, b) = (history(&t.path(&one)), history(&t.path(&many)));
+        assert_eq!(a.0.len(), 6);
+        // The same sums in another order (each rank's partial gradient, then the ranks'
+        // sum): fp32 rounding, measured at ~1e-7 relative on these losses; 1e-5 leaves
+        // room and still catches a wrong batch, scale or missing rank (>1e-2).
+        assert_close("losses", &a.0, &b.0, 1e-5);
+        assert_close("eval losses", &a.1, &b.1, 1e-5);
+        for ((n1, w1), (n2, w2)) in weights(&t.path(&one)).iter().zip(&weights(&t.path(&many))) {
+            assert_eq!(n1, n2);
+            let d = (w1 - w2).abs().max().double_value(&[]);
+            // Six AdamW steps at lr 3e-3 move a weight by up to ~1.8e-2; AdamW divides
+            // by sqrt(v), so gradient rounding reaches the weights at lr scale: measured
+            // 3-4e-6 here, and 5e-5 (0.3% of the move) still fails a wrong gradient.
+            assert!(d < 5e-5, "{n1}: max |Δ| {d}");
+        }
+        // The same job started twice is the same, bit for bit.
+        if ranks == 2 {
+            let again = launch(ranks, &train_args(&t, "again", batch, &extra));
+            assert_ok(&again);
+            assert_eq!(history(&t.path(&many)), history(&t.path("again")));
+        }
+    }
+}
+
+/// The pid of the launcher's child with RANK=`rank`, once it has started.
+fn rank_pid(launcher: &Child, rank: usize) -> i32 {
+    let want = format!("RANK={rank}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        let children =
+            std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", launcher.id()))
+                .unwrap_or_default();
+        for pid in children.split_whitespace() {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).unwrap_or_default();
+            if env.split(|&b| b == 0).any(|v| v == want.as_bytes()) {
+                return pid.parse().unwrap();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    panic!("no rank {rank} appeared");
+}
+
+/// Waits for `child`, killing it and failing after `limit` (a hang check).
+fn wait_bounded(mut child: Child, limit: Duration) -> Output {
+    let start = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if start.elapsed() > limit {
+            let _ = child.kill();
+            panic!("the job still ran after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    child.wait_with_output().unwrap()
+}
+
+#[test]
+fn a_killed_rank_ends_the_job_naming_it() {
+    let t = TempDir::new("ddp-killed");
+    tiny_model(&t);
+    let args = train_args(&t, "out", 2, &["--forever"]);
+    let launcher = launch_cmd(2, &args).spawn().unwrap();
+    let pid = rank_pid(&launcher, 1);
+    // Let it get into training, then kill rank 1 as the kernel's OOM killer would.
+    std::thread::sleep(Duration::from_millis(1500));
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let o = wait_bounded(launcher, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("rank 1") && err.contains("signal 9"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_stopped_rank_ends_the_job_at_the_timeout() {
+    let t = TempDir::new("ddp-stopped");
+    tiny_model(&t);
+    let args = train_args(&t, "out", 2, &["--ddp-timeout", "3"]);
+    let launcher = launch_cmd(2, &args).spawn().unwrap();
+    let pid = rank_pid(&launcher, 1);
+    std::thread::sleep(Duration::from_millis(1500));
+    // A rank that hangs (SIGSTOP) rather than dies: rank 0's next collective waits the
+    // --ddp-timeout, then fails, and the launcher stops rank 1 (SIGKILL after the grace).
+    unsafe { libc::kill(pid, libc::SIGSTOP) };
+    let o = wait_bounded(launcher, Duration::from_secs(60));
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("rank 0 of 2"), "{err}");
+    assert!(err.contains("rank 0 (local rank 0"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn a_job_killed_inside_a_save_resumes_to_the_uninterrupted_losses() {
+    let t = TempDir::new("ddp-resume");
+    tiny_model(&t);
+    let whole = launch(2, &train_args(&t, "whole", 3, &[]));
+    assert_ok(&whole);
+    // Rank 0 dies by SIGKILL inside its second save (step 4); the launcher ends the job.
+    let crashed = launch(2, &train_args(&t, "out", 3, &["--crash-at-write", "25"]));
+    assert_eq!(crashed.status.code(), Some(1), "{}", stderr(&crashed));
+    assert!(stderr(&crashed).contains("rank 0"), "{}", stderr(&crashed));
+    assert!(!t.path("out/final").exists());
+    assert!(t.path("out/checkpoint-2").is_dir() && !t.path("out/checkpoint-4").exists());
+    let resumed = launch(2, &train_args(&t, "out", 3, &["--resume", "latest"]));
+    assert_ok(&resumed);
+    assert!(
+        String::from_utf8_lossy(&resumed.stdout).contains("resuming from"),
+        "{}",
+        String::from_utf8_lossy(&resumed.stdout)
+    );
+    // Every rank starts from rank 0's checkpoint: the losses are the uninterrupted
+    // job's bit for bit.
+    assert_eq!(history(&t.path("whole")), history(&t.path("out")));
+    let (w1, w2) = (weights(&t.path("whole")), weights(&t.path("out")));
+    for ((n, a), (_, b)) in w1.iter().zip(&w2) {
+        assert!(a.equal(b), "{n} differs");
+    }
+}
+
+#[test]
+fn bad_launch_variables_and_timeouts_are_named() {
+    let t = TempDir::new("ddp-bad");
+    tiny_model(&t);
+    let args = train_args(&t, "out", 2, &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    for (env, needle) in [
+        (&[("WORLD_SIZE", "2"), ("RANK", "2")][..], "RANK=2"),
+        (&[("WORLD_SIZE", "x"), ("RANK", "0")][..], "WORLD_SIZE"),
+        (&[("WORLD_SIZE", "2")][..], "RANK"),
+    ] {
+        let o = common::gpt2kit_env(&args, env);
+        assert_clean_failure(&o, 2, needle);
+    }
+    let mut bad = args.clone();
+    bad.extend(["--ddp-timeout", "0"]);
+    assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
+    assert!(!t.path("out").exists());
+}
