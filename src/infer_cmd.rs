@@ -16,7 +16,6 @@ use infer::{Error, Gpt2, Gpt2Config, Tokenizer};
 use crate::choices::{name, EnsembleMode};
 use crate::infer_io::{print_sequences, print_stats, read_prompts, Streamer};
 use crate::infer_settings::{generation_config, GenerationArgs};
-use crate::Out;
 
 #[derive(clap::Args)]
 /// Negative numbers are values, not flags (`--seed -1` is refused by its type).
@@ -339,8 +338,28 @@ fn warm_up(
     Ok(())
 }
 
-pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
-    let (devices, kind) = args.placement.resolve()?;
+/// The first flag given that tensor parallelism across processes does not run.
+fn unsplit_only(args: &Args) -> Option<&'static str> {
+    [
+        (args.adapter.is_some(), "--adapter"),
+        (!args.ensemble.is_empty(), "--ensemble"),
+        (args.draft_model.is_some(), "--draft-model"),
+        (args.prompt_lookup.is_some(), "--prompt-lookup"),
+    ]
+    .into_iter()
+    .find_map(|(given, flag)| given.then_some(flag))
+}
+
+pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
+    let launched = crate::tp_launch::join(&args.placement, unsplit_only(args))?;
+    let (devices, kind) = match &launched {
+        Some(l) => (vec![l.device], l.kind),
+        None => args.placement.resolve()?,
+    };
+    // A launched job prints from rank 0 only.
+    let prints = launched.as_ref().is_none_or(|l| l.prints());
+    let mut quiet = std::io::sink();
+    let out: &mut dyn Write = if prints { out } else { &mut quiet };
     let device = devices[0];
     let from = prompt_texts(args)?;
     let texts = &from.texts;
@@ -350,6 +369,14 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     let config = Gpt2Config::of_model(dir)?;
     infer::check_vocab(&config, &tokenizer, dir)?;
     let cfg = generation_config(&args.generation, dir, &config, &tokenizer)?;
+    if launched.is_some() && cfg.max_time.is_some() {
+        // Each rank's clock would end generation at its own step.
+        return Err(usage(
+            "--max-time (or generation_config.json's max_time) is not run tensor-parallel \
+             across processes"
+                .into(),
+        ));
+    }
     let prompts = texts
         .iter()
         .map(|p| tokenizer.encode(p))
@@ -361,8 +388,11 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
     check_requests(&config, &requests, &cfg, &from.origins)?;
     let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
     let engine = args.engine.infer_options();
-    let mut model = Gpt2::load_with(dir, kind, &devices, &engine)
-        .with_context(|| format!("loading model {}", dir.display()))?;
+    let mut model = match &launched {
+        Some(l) => Gpt2::load_split(dir, kind, l.device, &engine, &l.split),
+        None => Gpt2::load_with(dir, kind, &devices, &engine),
+    }
+    .with_context(|| format!("loading model {}", dir.display()))?;
     if let Some(a) = &args.adapter {
         let lora = infer::adapter::Lora::read(a, &config, tch::Device::Cpu)
             .with_context(|| format!("the adapter {} on {}", a.display(), dir.display()))?;
@@ -454,7 +484,7 @@ pub fn run(args: &Args, out: &mut Out) -> anyhow::Result<()> {
         streamer.finish(&tokenizer, out)?;
     }
     print_sequences(args.json, args.stream, &texts, &output, &tokenizer, out)?;
-    if args.stats {
+    if args.stats && prints {
         print_stats(&prompts, &output, spec_stats);
     }
     args.engine

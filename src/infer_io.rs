@@ -10,7 +10,6 @@ use infer::speculative::SpecStats;
 use infer::Tokenizer;
 use serde_json::json;
 
-use crate::Out;
 
 /// The prompts of the JSONL file at `path` (see `infer::prompts::parse_prompts`): each
 /// one's text, its line's own `max_new_tokens` if any, and its line number. Errors name
@@ -37,7 +36,7 @@ pub struct Streamer {
 }
 
 impl Streamer {
-    pub fn push(&mut self, tok: i64, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
+    pub fn push(&mut self, tok: i64, tokenizer: &Tokenizer, out: &mut dyn Write) -> anyhow::Result<()> {
         self.tokens.push(tok);
         let text = tokenizer.decode(&self.tokens)?;
         let ready = text.trim_end_matches('\u{FFFD}');
@@ -50,7 +49,7 @@ impl Streamer {
     }
 
     /// Prints whatever is left (an incomplete character at the very end included).
-    pub fn finish(&mut self, tokenizer: &Tokenizer, out: &mut Out) -> anyhow::Result<()> {
+    pub fn finish(&mut self, tokenizer: &Tokenizer, out: &mut dyn Write) -> anyhow::Result<()> {
         let text = tokenizer.decode(&self.tokens)?;
         if text.len() > self.printed && text.is_char_boundary(self.printed) {
             write!(out, "{}", &text[self.printed..])?;
@@ -76,7 +75,7 @@ pub fn print_sequences(
     texts: &[String],
     output: &Output,
     tokenizer: &Tokenizer,
-    out: &mut Out,
+    out: &mut dyn Write,
 ) -> anyhow::Result<()> {
     let several = output.sequences.iter().map(Vec::len).sum::<usize>() > 1;
     for (i, (prompt, seqs)) in texts.iter().zip(&output.sequences).enumerate() {

@@ -19,6 +19,7 @@ mod quantize_gguf;
 mod quantize_report;
 mod serve_cmd;
 mod tokenizer_cmd;
+mod tp_launch;
 mod train_cmd;
 
 #[derive(Parser)]
@@ -344,7 +345,7 @@ fn on_stdout(e: io::Error) -> io::Error {
     io::Error::new(e.kind(), format!("writing to stdout: {e}"))
 }
 
-pub(crate) fn write_json(out: &mut Out, value: &serde_json::Value) -> anyhow::Result<()> {
+pub(crate) fn write_json(out: &mut dyn Write, value: &serde_json::Value) -> anyhow::Result<()> {
     writeln!(out, "{value}")?;
     Ok(())
 }

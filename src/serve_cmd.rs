@@ -62,6 +62,14 @@ fn adapter_arg(s: &str) -> Result<(String, PathBuf), String> {
 }
 
 pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
+    if std::env::var_os("WORLD_SIZE").is_some() {
+        return Err(infer::Error::Input(
+            "serve does not run under a launch (WORLD_SIZE is set): its --tp splits the model \
+             over the devices of one process"
+                .into(),
+        )
+        .into());
+    }
     let (devices, kind) = args.placement.resolve()?;
     let t = args.shutdown_timeout;
     if !(t.is_finite() && t >= 0.0) {

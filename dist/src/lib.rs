@@ -10,6 +10,8 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use tch::{Device, Kind, Tensor};
 
+pub mod tp;
+
 mod ffi {
     use super::*;
     extern "C" {

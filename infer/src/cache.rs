@@ -105,12 +105,20 @@ impl KvCache {
         kind: Kind,
         devices: &[Device],
     ) -> Self {
-        let shape = [
-            batch,
-            config.n_head / devices.len() as i64,
-            capacity,
-            config.head_dim(),
-        ];
+        let heads = config.n_head / devices.len() as i64;
+        Self::with_heads(config, heads, batch, capacity, kind, devices)
+    }
+
+    /// As `new`, with `heads` attention heads per shard.
+    pub fn with_heads(
+        config: &Gpt2Config,
+        heads: i64,
+        batch: i64,
+        capacity: i64,
+        kind: Kind,
+        devices: &[Device],
+    ) -> Self {
+        let shape = [batch, heads, capacity, config.head_dim()];
         let layer = || {
             devices
                 .iter()

@@ -22,6 +22,47 @@ use crate::kernels::ThreadPool;
 /// Sums the shards' partial outputs onto one device.
 pub trait Communicator: Send + Sync {
     fn all_reduce(&self, partials: Vec<Tensor>, to: Device) -> Tensor;
+
+    /// The logits every process decides on. One process: its own. A model split across
+    /// processes (`ProcessSplit`): rank 0's, so that every rank takes the same decoding
+    /// decisions even where its own rounding of the unsplit parts would differ.
+    fn agree(&self, logits: Tensor) -> Tensor {
+        logits
+    }
+}
+
+/// A model split across processes (tensor parallelism over a process group): this
+/// process holds shard `rank` of `world`, on its one device, and `comm` sums the
+/// shards' partial outputs over the processes. Every process runs the same calls in the
+/// same order (each collective is matched by the others').
+#[derive(Clone)]
+pub struct ProcessSplit {
+    pub rank: usize,
+    pub world: usize,
+    pub comm: Arc<dyn Communicator>,
+}
+
+/// The shards a process builds: `local` (global shard index, device) of `n` in all.
+pub(crate) struct Shards {
+    pub(crate) n: i64,
+    pub(crate) local: Vec<(i64, Device)>,
+}
+
+impl Shards {
+    /// Every shard here, shard r on `devices[r]`; or, split across processes, only this
+    /// process's shard, on its one device.
+    pub(crate) fn of(devices: &[Device], split: Option<&ProcessSplit>) -> Self {
+        match split {
+            Some(s) => Shards {
+                n: s.world as i64,
+                local: vec![(s.rank as i64, devices[0])],
+            },
+            None => Shards {
+                n: devices.len() as i64,
+                local: devices.iter().enumerate().map(|(r, &d)| (r as i64, d)).collect(),
+            },
+        }
+    }
 }
 
 /// Copies every partial to the target device and adds them in rank order (so the
@@ -92,7 +133,12 @@ fn shard_pool(n: usize) -> Arc<ThreadPool> {
 
 /// Checks a tensor-parallel layout before any weight is read.
 pub fn check_layout(n_head: i64, n_inner: i64, devices: &[Device]) -> Result<()> {
-    let n = devices.len() as i64;
+    check_split(n_head, n_inner, devices.len())
+}
+
+/// As `check_layout`, for `n` shards.
+pub fn check_split(n_head: i64, n_inner: i64, n: usize) -> Result<()> {
+    let n = n as i64;
     if n == 0 {
         return Err(Error::Input("--tp must be at least 1".into()));
     }

@@ -5,7 +5,7 @@ use tch::{Device, Kind, Tensor};
 use crate::checkpoint::TensorSource;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
-use crate::parallel::{local_indices, slice, Split};
+use crate::parallel::{local_indices, slice, Shards, Split};
 use crate::quant::{outlier_name, read_int8, read_outliers, Int8Linear, Method, QuantRows};
 
 /// An int8 artifact's linear layers, read as tensor-parallel shards split as the float
@@ -27,9 +27,10 @@ pub(crate) struct Int8Layers<'a> {
     method: Method,
     /// Of the biases (float in every artifact).
     kind: Kind,
-    /// Never empty (`check_layout` refuses no device); shard `r` of `0..devices.len()`
-    /// is on `devices[r]`.
+    /// Never empty (`check_layout` refuses no device); `devices[0]` is the main one.
     devices: &'a [Device],
+    /// The shards built here (`Shards`).
+    shards: &'a Shards,
 }
 
 impl<'a> Int8Layers<'a> {
@@ -41,7 +42,7 @@ impl<'a> Int8Layers<'a> {
         prefix: &'a str,
         method: Method,
         kind: Kind,
-        devices: &'a [Device],
+        (devices, shards): (&'a [Device], &'a Shards),
     ) -> Result<Option<Self>> {
         if !method.is_int8() {
             return Ok(None);
@@ -60,6 +61,7 @@ impl<'a> Int8Layers<'a> {
             method,
             kind,
             devices,
+            shards,
         }))
     }
 
@@ -72,7 +74,7 @@ impl<'a> Int8Layers<'a> {
         split: Split,
     ) -> Result<(Vec<Linear>, Option<Tensor>)> {
         let full = format!("{}{name}", self.prefix);
-        let n = self.devices.len() as i64;
+        let n = self.shards.n;
         let main = self.devices[0];
         // Split layers are read whole on the CPU, sliced, then moved.
         let staging = if n > 1 { Device::Cpu } else { main };
@@ -99,8 +101,11 @@ impl<'a> Int8Layers<'a> {
         if n == 1 {
             return Ok((vec![self.linear(rows, Some(bias), outliers)], None));
         }
-        let parts = (0..n)
-            .map(|r| {
+        let parts = self
+            .shards
+            .local
+            .iter()
+            .map(|&(r, d)| {
                 let (w, b, idx) = match &split {
                     Split::Columns(part) => (
                         QuantRows {
@@ -119,7 +124,6 @@ impl<'a> Int8Layers<'a> {
                         outliers.as_ref().map(|i| local_indices(i, n_in, r, n)),
                     ),
                 };
-                let d = self.devices[r as usize];
                 let w = QuantRows {
                     q: w.q.to_device(d),
                     scale: w.scale.to_device(d),

@@ -14,7 +14,10 @@ use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::model::{Attention, AttentionShard, Block, Gpt2, LayerNorm, Mlp, MlpShard, Part};
 use crate::options::EngineOptions;
-use crate::parallel::{check_layout, qkv_columns, slice, CopyCommunicator, Split};
+use crate::parallel::{
+    check_layout, check_split, qkv_columns, slice, Communicator, CopyCommunicator, ProcessSplit,
+    Shards, Split,
+};
 use crate::quant::{self, Int8Linear, Method, QuantRows, QuantizationConfig};
 
 mod int8;
@@ -54,12 +57,52 @@ impl Gpt2 {
         devices: &[Device],
         options: &EngineOptions,
     ) -> Result<Self> {
+        Self::load_inner(dir, kind, devices, options, None)
+    }
+
+    /// Loads this process's shard of a model split across the processes of `split`
+    /// (`ProcessSplit`): only its part of each block is read and kept, on `device`; the
+    /// embeddings, layer norms and head are whole on every process. libtorch runs it
+    /// (no decode kernels, which do not split across processes).
+    pub fn load_split(
+        dir: &Path,
+        kind: Option<Kind>,
+        device: Device,
+        options: &EngineOptions,
+        split: &ProcessSplit,
+    ) -> Result<Self> {
+        if crate::gguf::is_gguf(dir) {
+            return Err(Error::Input(format!(
+                "{}: GGUF files are not split across processes; use a model folder",
+                dir.display()
+            )));
+        }
+        // Weights copied out, not mapped: each tensor is read, this shard's part kept,
+        // the rest dropped, so a rank holds its shard (a map would keep every page it
+        // touched resident).
+        let options = EngineOptions {
+            kernels: false,
+            fused_decode: false,
+            map_weights: false,
+            ..options.clone()
+        };
+        Self::load_inner(dir, kind, &[device], &options, Some(split))
+    }
+
+    fn load_inner(
+        dir: &Path,
+        kind: Option<Kind>,
+        devices: &[Device],
+        options: &EngineOptions,
+        split: Option<&ProcessSplit>,
+    ) -> Result<Self> {
         if crate::gguf::is_gguf(dir) {
             return crate::gguf::load::load(dir, kind, devices, options);
         }
         check_model_dir(dir)?;
         let config = Gpt2Config::from_file(&dir.join("config.json"))?;
-        check_layout(config.n_head, config.inner_dim(), devices)?;
+        let shards = split.map_or(devices.len(), |s| s.world);
+        check_split(config.n_head, config.inner_dim(), shards)?;
         options.apply_threads()?;
         let files = WeightFiles::open_dir(dir)?.in_place(options.map_weights);
         let kind = kind.unwrap_or_else(|| stored_kind(&files));
@@ -67,7 +110,7 @@ impl Gpt2 {
         // copy of them is ever made: the kernels serve every row count in bf16).
         let packs = options.kernels && devices == [Device::Cpu];
         let convert_late = packs && kind == Kind::BFloat16;
-        let mut model = Self::from_source(config, &files, kind, devices, convert_late)?;
+        let mut model = Self::from_source(config, &files, kind, devices, (convert_late, split))?;
         model.files = files.maps();
         if options.kernels {
             model.pack_loaded(dir, options)?;
@@ -94,20 +137,22 @@ impl Gpt2 {
         kind: Kind,
         devices: &[Device],
     ) -> Result<Self> {
-        Self::from_source(config, files, kind, devices, false)
+        Self::from_source(config, files, kind, devices, (false, None))
     }
 
     /// As `from_weights`; `convert_late`: linear weights stored in fp32 or bf16 are read
     /// in their stored dtype (in place when the source maps them), for packing to
-    /// convert them (`Linear::pack`).
+    /// convert them (`Linear::pack`); `split`: only this process's shard is built.
     fn from_source(
         config: Gpt2Config,
         files: &dyn TensorSource,
         kind: Kind,
         devices: &[Device],
-        convert_late: bool,
+        (convert_late, split): (bool, Option<&ProcessSplit>),
     ) -> Result<Self> {
         check_layout(config.n_head, config.inner_dim(), devices)?;
+        let shards = Shards::of(devices, split);
+        check_split(config.n_head, config.inner_dim(), shards.n as usize)?;
         let prefix = if files.contains("transformer.wte.weight") {
             "transformer."
         } else {
@@ -127,9 +172,10 @@ impl Gpt2 {
             prefix,
             kind,
             devices,
+            shards: &shards,
             convert_late,
             // An int8 artifact's linear layers come from `quant`, split the same way.
-            int8: Int8Layers::new(files, prefix, method, kind, devices)?,
+            int8: Int8Layers::new(files, prefix, method, kind, (devices, &shards))?,
         };
         let h = (0..config.n_layer)
             .map(|l| reader.block(l))
@@ -152,7 +198,10 @@ impl Gpt2 {
             config,
             kind,
             devices: devices.to_vec(),
-            comm: Box::new(CopyCommunicator),
+            comm: split.map_or_else(
+                || std::sync::Arc::new(CopyCommunicator) as std::sync::Arc<dyn Communicator>,
+                |s| s.comm.clone(),
+            ),
             fused: None,
             files: Vec::new(),
             packed_wanted: false,
@@ -175,6 +224,8 @@ struct Reader<'a> {
     /// Never empty (`check_layout` refuses no device): `devices[0]` is the main one, and
     /// shard `r` of `0..devices.len()` is on `devices[r]`.
     devices: &'a [Device],
+    /// The shards this process builds, and how many there are in all.
+    shards: &'a Shards,
     /// Linear weights in their stored float dtype (see `Gpt2::from_source`).
     convert_late: bool,
     int8: Option<Int8Layers<'a>>,
@@ -182,7 +233,7 @@ struct Reader<'a> {
 
 impl Reader<'_> {
     fn shards(&self) -> i64 {
-        self.devices.len() as i64
+        self.shards.n
     }
 
     /// Tensor `name` (no prefix) of `shape`, on the device it is split from: the CPU when
@@ -246,18 +297,18 @@ impl Reader<'_> {
             };
             return Ok((vec![one], None));
         }
-        let on = |t: Tensor, r: i64| t.to_device(self.devices[r as usize]);
+        let local = self.shards.local.iter();
         Ok(match split {
             Split::Columns(part) => {
-                let parts = (0..n).map(|r| Linear::Float {
-                    weight: on(part(&w, 1, r), r),
-                    bias: Some(on(part(&b, 0, r), r)),
+                let parts = local.map(|&(r, d)| Linear::Float {
+                    weight: part(&w, 1, r).to_device(d),
+                    bias: Some(part(&b, 0, r).to_device(d)),
                 });
                 (parts.collect(), None)
             }
             Split::Rows => {
-                let parts = (0..n).map(|r| Linear::Float {
-                    weight: on(slice(&w, 0, r, n), r),
+                let parts = local.map(|&(r, d)| Linear::Float {
+                    weight: slice(&w, 0, r, n).to_device(d),
                     bias: None,
                 });
                 (parts.collect(), Some(b.to_device(self.devices[0])))

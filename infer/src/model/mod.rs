@@ -98,7 +98,7 @@ pub struct Gpt2 {
     pub(crate) kind: Kind,
     /// One per tensor-parallel shard; the first holds everything that is not sharded.
     pub(crate) devices: Vec<Device>,
-    pub(crate) comm: Box<dyn Communicator>,
+    pub(crate) comm: std::sync::Arc<dyn Communicator>,
     /// Fused CPU decode steps (`fused`), made with the packed copies.
     pub(crate) fused: Option<Plan>,
     /// The weight files the model's tensors may be views of (`mapped`): their SIGBUS
@@ -282,7 +282,11 @@ impl Gpt2 {
 
     /// An empty KV cache for this model (sharded by heads with the attention).
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
-        let mut cache = KvCache::new(&self.config, batch, capacity, self.kind, &self.devices);
+        // Heads per shard from the blocks: a model split across processes holds fewer
+        // heads than config.n_head / its devices.
+        let heads = self.h.first().map_or(self.config.n_head, |b| b.attn.shards[0].n_head);
+        let mut cache =
+            KvCache::with_heads(&self.config, heads, batch, capacity, self.kind, &self.devices);
         cache.set_adapter_default(self.default_adapter);
         cache
     }
@@ -345,7 +349,7 @@ impl Gpt2 {
 
     /// Logits of hidden states (…, E) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
-        self.head.forward(hidden)
+        self.comm.agree(self.head.forward(hidden))
     }
 
     /// `lm_head.weight` (V, E) when the model has its own head (not tied to `wte`, not

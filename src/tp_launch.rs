@@ -1,0 +1,85 @@
+//! `infer --tp N` under `gpt2kit launch` (or torchrun): tensor parallelism across the
+//! job's processes. Each rank joins the c10d Gloo group, loads only its shard of every
+//! block (`Gpt2::load_split`), and runs the same generation as the others, every
+//! sublayer's sum an all-reduce; every rank decides on rank 0's logits (and the same seed, from the same flags), and
+//! only rank 0 prints.
+use std::sync::Arc;
+use std::time::Duration;
+
+use infer::parallel::ProcessSplit;
+use infer::Error;
+use tch::{Device, Kind};
+
+use crate::Placement;
+
+/// This process's part of a launched tensor-parallel job.
+pub(crate) struct Launched {
+    pub(crate) group: Arc<dist::Group>,
+    pub(crate) split: ProcessSplit,
+    pub(crate) device: Device,
+    pub(crate) kind: Option<Kind>,
+}
+
+impl Launched {
+    /// True on the rank that prints (rank 0).
+    pub(crate) fn prints(&self) -> bool {
+        self.group.rank() == 0
+    }
+}
+
+fn usage(msg: String) -> anyhow::Error {
+    Error::Input(msg).into()
+}
+
+/// The job this process is a rank of, joined, when torchrun's variables are set; None
+/// for a plain run. `unsupported` names a flag given that a split run does not take.
+pub(crate) fn join(
+    placement: &Placement,
+    unsupported: Option<&str>,
+) -> anyhow::Result<Option<Launched>> {
+    let Some(launch) = dist::Launch::from_env().map_err(|e| usage(e.to_string()))? else {
+        return Ok(None);
+    };
+    let world = launch.world_size;
+    match placement.tp {
+        Some(n) if n == world => {}
+        Some(n) => {
+            return Err(usage(format!(
+                "--tp {n} under a launch of {world} processes: give --tp {world} (one shard \
+                 per process)"
+            )))
+        }
+        None => {
+            return Err(usage(format!(
+                "a launched infer runs tensor-parallel across its {world} processes: give \
+                 --tp {world}"
+            )))
+        }
+    }
+    if !placement.devices.is_empty() {
+        return Err(usage(
+            "--devices: a launched infer runs one shard per process, on --device (cuda: the \
+             device of LOCAL_RANK)"
+                .into(),
+        ));
+    }
+    if let Some(flag) = unsupported {
+        return Err(usage(format!(
+            "{flag} is not run tensor-parallel across processes"
+        )));
+    }
+    let (device, kind) = crate::device_and_dtype(&placement.device, placement.dtype)?;
+    let device = match (placement.device.as_str(), device) {
+        ("cuda", Device::Cuda(_)) => Device::Cuda(launch.local_rank),
+        (_, d) => d,
+    };
+    let timeout = Duration::from_secs(1800);
+    let group = Arc::new(dist::Group::join(&launch, dist::Backend::Gloo, timeout)?);
+    let split = dist::tp::GlooCommunicator::split(group.clone());
+    Ok(Some(Launched {
+        group,
+        split,
+        device,
+        kind,
+    }))
+}
