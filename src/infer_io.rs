@@ -10,7 +10,6 @@ use infer::speculative::SpecStats;
 use infer::Tokenizer;
 use serde_json::json;
 
-
 /// The prompts of the JSONL file at `path` (see `infer::prompts::parse_prompts`): each
 /// one's text, its line's own `max_new_tokens` if any, and its line number. Errors name
 /// the file and line.
@@ -36,7 +35,12 @@ pub struct Streamer {
 }
 
 impl Streamer {
-    pub fn push(&mut self, tok: i64, tokenizer: &Tokenizer, out: &mut dyn Write) -> anyhow::Result<()> {
+    pub fn push(
+        &mut self,
+        tok: i64,
+        tokenizer: &Tokenizer,
+        out: &mut dyn Write,
+    ) -> anyhow::Result<()> {
         self.tokens.push(tok);
         let text = tokenizer.decode(&self.tokens)?;
         let ready = text.trim_end_matches('\u{FFFD}');

@@ -5,7 +5,6 @@
 mod common;
 
 use common::{corpus, reference, TempDir};
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -18,16 +17,6 @@ const NODE_DEADLINE: Duration = Duration::from_secs(120);
 /// sums (and loss means) taken in another order; measured ~1e-7 relative (worst 1.5e-7
 /// over 6 steps and 2 evals), so 1e-5 leaves two orders of magnitude.
 const LOSS_REL_TOL: f64 = 1e-5;
-/// Final weights after 6 AdamW steps at lr 3e-3. AdamW's update m/(sqrt(v)+eps) is scale
-/// free: an entry whose gradient is near the fp32 rounding of its summands (a near
-/// cancellation) can step differently by up to ~lr, so the largest |diff| is an outlier
-/// statistic. Measured over 13 corpora (one process vs 2 ranks): the 99.99th percentile
-/// 1.5e-6..3.2e-6, the max 2.4e-6..5.0e-5 (this test's corpus: 1.9e-5), with 0..2 of the
-/// 127744 entries above 1e-5. So: at most 0.01% of the entries above WEIGHT_BULK_TOL, and
-/// none above WEIGHT_MAX_TOL (5x the worst measured, still a twelfth of one lr step).
-const WEIGHT_BULK_TOL: f64 = 1e-5;
-const WEIGHT_BULK_FRACTION: f64 = 1e-4;
-const WEIGHT_MAX_TOL: f64 = 2.5e-4;
 
 fn ip(args: &[&str]) -> Result<(), String> {
     match Command::new("ip").args(args).stdin(Stdio::null()).output() {
@@ -158,13 +147,6 @@ fn losses(out: &Path) -> (Vec<(u64, f64)>, Vec<(u64, f64)>) {
         }
     }
     (train, eval)
-}
-
-fn weights(path: &Path) -> BTreeMap<String, tch::Tensor> {
-    tch::Tensor::read_safetensors(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .into_iter()
-        .collect()
 }
 
 fn assert_close(what: &str, one: &[(u64, f64)], two: &[(u64, f64)]) -> f64 {
@@ -339,40 +321,15 @@ fn two_nodes_over_veth_match_one_process() {
     let worst_train = assert_close("loss", &train_one, &train_two);
     let worst_eval = assert_close("eval_loss", &eval_one, &eval_two);
 
-    let (w_one, w_two) = (
-        weights(&one.join("final/model.safetensors")),
-        weights(&outa.join("final/model.safetensors")),
-    );
-    assert_eq!(
-        w_one.keys().collect::<Vec<_>>(),
-        w_two.keys().collect::<Vec<_>>(),
-        "tensor names differ"
-    );
-    let (mut worst_weight, mut above, mut total) = (0f64, 0i64, 0i64);
-    for (name, a) in &w_one {
-        let b = &w_two[name];
-        assert_eq!(a.size(), b.size(), "{name}: shapes differ");
-        let diff = (a - b).abs();
-        let max = diff.max().double_value(&[]);
-        assert!(
-            max < WEIGHT_MAX_TOL,
-            "{name}: max |one process - two nodes| = {max:e} (tolerance {WEIGHT_MAX_TOL:e})"
-        );
-        worst_weight = worst_weight.max(max);
-        above += diff
-            .gt(WEIGHT_BULK_TOL)
-            .sum(tch::Kind::Int64)
-            .int64_value(&[]);
-        total += diff.numel() as i64;
-    }
-    assert!(
-        above as f64 <= WEIGHT_BULK_FRACTION * total as f64,
-        "{above} of {total} weights differ by more than {WEIGHT_BULK_TOL:e}"
+    // The weights' tolerance and why: `common::assert_data_parallel_weights`.
+    let (worst_weight, above) = common::assert_data_parallel_weights(
+        &one.join("final/model.safetensors"),
+        &outa.join("final/model.safetensors"),
     );
     eprintln!(
         "two nodes over veth ({addr_a} <-> {addr_b}) vs one process: loss rel {worst_train:e}, \
          eval_loss rel {worst_eval:e}, weights max |diff| {worst_weight:e}, \
-         {above} of {total} above {WEIGHT_BULK_TOL:e}; {:.1}s",
+         {above} above 1e-5; {:.1}s",
         started.elapsed().as_secs_f64()
     );
 }

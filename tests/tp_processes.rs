@@ -36,14 +36,19 @@ fn outputs(model: &Gpt2, ids: &[Vec<i64>]) -> (Tensor, Vec<Vec<i64>>) {
     let (mut flat, mut mask) = (Vec::new(), Vec::new());
     for row in ids {
         flat.extend(std::iter::repeat_n(0, t - row.len()).chain(row.iter().copied()));
-        mask.extend(std::iter::repeat_n(0i64, t - row.len()).chain(std::iter::repeat_n(1, row.len())));
+        mask.extend(
+            std::iter::repeat_n(0i64, t - row.len()).chain(std::iter::repeat_n(1, row.len())),
+        );
     }
     let (b, t) = (ids.len() as i64, t as i64);
     let mut cache = model.new_cache(b, t + 1);
     let mask = Tensor::from_slice(&mask).view([b, t]);
     cache.set_attention_mask(&mask);
     let full = model.forward(&Tensor::from_slice(&flat).view([b, t]), &mut cache);
-    let next = model.forward(&Tensor::ones([b, 1], (Kind::Int64, Device::Cpu)), &mut cache);
+    let next = model.forward(
+        &Tensor::ones([b, 1], (Kind::Int64, Device::Cpu)),
+        &mut cache,
+    );
     let keep = Tensor::cat(&[mask, Tensor::ones([b, 1], (Kind::Int64, Device::Cpu))], 1);
     let logits = Tensor::cat(&[full, next], 1).masked_fill(&keep.eq(0).unsqueeze(-1), 0.0);
     let mut tokens = Vec::new();
@@ -76,12 +81,22 @@ fn rank_runs_its_shard() {
     let group = dist::Group::join(&launch, dist::Backend::Gloo, Duration::from_secs(60)).unwrap();
     let split = dist::tp::GlooCommunicator::split(Arc::new(group));
     let opts = EngineOptions::default();
-    let model =
-        Gpt2::load_split(&reference(&name), Some(Kind::Float), Device::Cpu, &opts, &split).unwrap();
+    let model = Gpt2::load_split(
+        &reference(&name),
+        Some(Kind::Float),
+        Device::Cpu,
+        &opts,
+        &split,
+    )
+    .unwrap();
     let (logits, tokens) = tch::no_grad(|| outputs(&model, &prompts(&name)));
     if launch.rank == 0 {
         Tensor::write_safetensors(&[("logits", logits)], format!("{out}.safetensors")).unwrap();
-        std::fs::write(format!("{out}.json"), serde_json::to_string(&tokens).unwrap()).unwrap();
+        std::fs::write(
+            format!("{out}.json"),
+            serde_json::to_string(&tokens).unwrap(),
+        )
+        .unwrap();
     }
 }
 
@@ -149,7 +164,14 @@ fn launch(n: usize, args: &[&str]) -> std::process::Output {
         .port()
         .to_string();
     let n = n.to_string();
-    let mut all = vec!["launch", "--nproc-per-node", &n, "--master-port", &port, "--"];
+    let mut all = vec![
+        "launch",
+        "--nproc-per-node",
+        &n,
+        "--master-port",
+        &port,
+        "--",
+    ];
     all.extend(args);
     gpt2kit(&all)
 }
@@ -159,8 +181,16 @@ fn launched_infer_prints_the_unsplit_tokens_once() {
     let model = reference("hub-tied");
     let m = model.to_str().unwrap();
     let args = [
-        "infer", "--model", m, "--prompt", "Hello world", "--prompt", "the cat", "--max-new-tokens",
-        "12", "--json",
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "Hello world",
+        "--prompt",
+        "the cat",
+        "--max-new-tokens",
+        "12",
+        "--json",
     ];
     let plain = gpt2kit(&args);
     assert_ok(&plain);
@@ -193,12 +223,23 @@ fn what_does_not_split_across_processes_is_refused() {
     let t = TempDir::new("tp-refused");
     let model = reference("hub-tied");
     let m = model.to_str().unwrap();
-    let base = ["infer", "--model", m, "--prompt", "Hi", "--max-new-tokens", "2"];
+    let base = [
+        "infer",
+        "--model",
+        m,
+        "--prompt",
+        "Hi",
+        "--max-new-tokens",
+        "2",
+    ];
     for (extra, needle) in [
         (&["--tp", "3"][..], "--tp 3 under a launch of 2 processes"),
         (&[][..], "give --tp 2"),
         (&["--tp", "2", "--ensemble", m][..], "--ensemble"),
-        (&["--tp", "2", "--prompt-lookup", "3"][..], "--prompt-lookup"),
+        (
+            &["--tp", "2", "--prompt-lookup", "3"][..],
+            "--prompt-lookup",
+        ),
         (&["--tp", "2", "--max-time", "5"][..], "--max-time"),
         (&["--tp", "2", "--devices", "cpu,cpu"][..], "--devices"),
     ] {

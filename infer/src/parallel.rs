@@ -59,7 +59,11 @@ impl Shards {
             },
             None => Shards {
                 n: devices.len() as i64,
-                local: devices.iter().enumerate().map(|(r, &d)| (r as i64, d)).collect(),
+                local: devices
+                    .iter()
+                    .enumerate()
+                    .map(|(r, &d)| (r as i64, d))
+                    .collect(),
             },
         }
     }

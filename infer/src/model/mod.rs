@@ -284,9 +284,18 @@ impl Gpt2 {
     pub fn new_cache(&self, batch: i64, capacity: i64) -> KvCache {
         // Heads per shard from the blocks: a model split across processes holds fewer
         // heads than config.n_head / its devices.
-        let heads = self.h.first().map_or(self.config.n_head, |b| b.attn.shards[0].n_head);
-        let mut cache =
-            KvCache::with_heads(&self.config, heads, batch, capacity, self.kind, &self.devices);
+        let heads = self
+            .h
+            .first()
+            .map_or(self.config.n_head, |b| b.attn.shards[0].n_head);
+        let mut cache = KvCache::with_heads(
+            &self.config,
+            heads,
+            batch,
+            capacity,
+            self.kind,
+            &self.devices,
+        );
         cache.set_adapter_default(self.default_adapter);
         cache
     }
