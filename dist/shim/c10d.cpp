@@ -104,6 +104,19 @@ int gk_broadcast(void* group, at::Tensor* tensor, int root, char** err) {
   });
 }
 
+// Every rank's `input` (same shape on every rank), stacked in rank order into `output`
+// (world, ...input's shape).
+int gk_all_gather(void* group, at::Tensor* input, at::Tensor* output, char** err) {
+  return guarded(err, [&] {
+    auto* g = static_cast<Group*>(group);
+    std::vector<at::Tensor> in{*input};
+    std::vector<at::Tensor> parts;
+    for (int64_t r = 0; r < output->size(0); ++r) parts.push_back(output->select(0, r));
+    std::vector<std::vector<at::Tensor>> out{parts};
+    wait(g, g->pg->allgather(out, in, c10d::AllgatherOptions()));
+  });
+}
+
 int gk_barrier(void* group, char** err) {
   return guarded(err, [&] {
     auto* g = static_cast<Group*>(group);

@@ -40,6 +40,12 @@ mod ffi {
             err: *mut *mut c_char,
         ) -> i32;
         pub fn gk_barrier(group: *mut c_void, err: *mut *mut c_char) -> i32;
+        pub fn gk_all_gather(
+            group: *mut c_void,
+            input: *mut c_void,
+            output: *mut c_void,
+            err: *mut *mut c_char,
+        ) -> i32;
     }
 }
 
@@ -285,6 +291,28 @@ impl Group {
             )
         };
         self.check(status, err, "broadcast")
+    }
+
+    /// Every rank's `input` (the same shape on every rank), in rank order: a new
+    /// tensor of shape (world, ...input's shape).
+    pub fn all_gather(&self, input: &Tensor) -> Result<Tensor> {
+        let mut input = input.contiguous();
+        check_tensor(&input)?;
+        let mut shape = vec![self.world_size as i64];
+        shape.extend(input.size());
+        let mut output = Tensor::empty(&shape, (input.kind(), Device::Cpu));
+        let mut err = std::ptr::null_mut();
+        // SAFETY: live tensors; the shim holds its own references during the call.
+        let status = unsafe {
+            ffi::gk_all_gather(
+                self.raw.as_ptr(),
+                input.as_mut_ptr().cast(),
+                output.as_mut_ptr().cast(),
+                &mut err,
+            )
+        };
+        self.check(status, err, "all-gather")?;
+        Ok(output)
     }
 
     pub fn barrier(&self) -> Result<()> {

@@ -87,6 +87,18 @@ impl Linear {
         }
     }
 
+    /// Output channels `start..start + len` of a float row-major layer (the head), or
+    /// None for any other kind of layer.
+    pub(crate) fn rows_part(&self, x: &Tensor, start: i64, len: i64) -> Option<Tensor> {
+        match self {
+            Linear::Rows {
+                weight,
+                packed: None,
+            } => Some(x.matmul(&in_kind(&weight.narrow(0, start, len), x).tr())),
+            _ => None,
+        }
+    }
+
     pub fn forward(&self, x: &Tensor) -> Tensor {
         let (weight, bias) = match self {
             Linear::Float { weight, bias } => (weight, bias),

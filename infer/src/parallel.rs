@@ -29,6 +29,18 @@ pub trait Communicator: Send + Sync {
     fn agree(&self, logits: Tensor) -> Tensor {
         logits
     }
+
+    /// Split across processes: (this rank, ranks). The head then runs vocab-parallel:
+    /// each rank computes its slice of the vocabulary's logits, and `all_gather` gives
+    /// every rank the same whole logits.
+    fn vocab_shard(&self) -> Option<(usize, usize)> {
+        None
+    }
+
+    /// Every rank's `t` (the same shape on each), stacked in rank order: (ranks, ...).
+    fn all_gather(&self, t: Tensor) -> Tensor {
+        t.unsqueeze(0)
+    }
 }
 
 /// A model split across processes (tensor parallelism over a process group): this

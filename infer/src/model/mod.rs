@@ -358,7 +358,29 @@ impl Gpt2 {
 
     /// Logits of hidden states (…, E) → (…, V).
     pub fn logits(&self, hidden: &Tensor) -> Tensor {
+        if let Some(l) = self.vocab_parallel_logits(hidden) {
+            return l;
+        }
         self.comm.agree(self.head.forward(hidden))
+    }
+
+    /// A model split across processes with a float head: each rank computes its slice
+    /// of the vocabulary (the last one padded to the others' length), and the gathered
+    /// slices are the whole logits, the same on every rank.
+    fn vocab_parallel_logits(&self, hidden: &Tensor) -> Option<Tensor> {
+        let (rank, world) = self.comm.vocab_shard()?;
+        let v = self.config.vocab_size;
+        let part = (v + world as i64 - 1) / world as i64;
+        let start = (rank as i64 * part).min(v);
+        let len = part.min(v - start);
+        let mine = self.head.rows_part(hidden, start, len)?;
+        let mine = match len < part {
+            true => mine.constant_pad_nd([0, part - len]),
+            false => mine,
+        };
+        let slices = self.comm.all_gather(mine); // (world, ..., part)
+        let parts: Vec<Tensor> = (0..world as i64).map(|r| slices.get(r)).collect();
+        Some(Tensor::cat(&parts, -1).narrow(-1, 0, v))
     }
 
     /// `lm_head.weight` (V, E) when the model has its own head (not tied to `wte`, not
