@@ -194,10 +194,12 @@ pub(crate) fn qkv_columns(t: &Tensor, dim: i64, rank: i64, n: i64) -> Tensor {
     Tensor::cat(&pieces, dim).contiguous()
 }
 
-/// Rank r's slice of `t` along `dim`, of size `size / n`.
+/// Rank r's slice of `t` along `dim`, of size `size / n`: a tensor of its own (a
+/// contiguous view would keep the whole tensor's storage alive, which in a process that
+/// holds one shard is the memory the split was to save).
 pub(crate) fn slice(t: &Tensor, dim: i64, rank: i64, n: i64) -> Tensor {
     let part = t.size()[dim as usize] / n;
-    t.narrow(dim, rank * part, part).contiguous()
+    t.narrow(dim, rank * part, part).copy()
 }
 
 /// Rank r's share of the input-channel indices `idx` (k,) of a row-split layer with
