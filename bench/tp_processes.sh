@@ -9,14 +9,15 @@
 #     c10d's Gloo all-reduce over loopback, rank 0's logits broadcast every step.
 # decode tok/s is `--stats`' decode_tokens_per_s, the median of RUNS runs; peak RSS is the
 # largest process's (GNU time's %M: the launcher's figure is its largest rank's).
-# Usage: bench/tp_processes.sh [BIN] [BENCH_DIR]; environment: NEW (64), RUNS (3).
+# Usage: bench/tp_processes.sh [BIN] [BENCH_DIR]; environment: NEW (64), RUNS (3), MODEL
+# (another model folder, e.g. one `gpt2kit init --preset gpt2-medium` made).
 # The table is printed and written to BENCH_DIR/tp_processes.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BIN=${1:-target/release/gpt2kit}
 BENCH_DIR=${2:-target/bench}
 NEW=${NEW:-64} RUNS=${RUNS:-3}
-MODEL=$BENCH_DIR/gpt2-random
+MODEL=${MODEL:-$BENCH_DIR/gpt2-random}
 export GPT2KIT_PACKED_CACHE=off
 [ -x "$BIN" ] || { echo "$BIN missing: run make build" >&2; exit 1; }
 [ -f "$MODEL/config.json" ] || { echo "$MODEL missing: run make bench once" >&2; exit 1; }
@@ -39,7 +40,7 @@ row() {
 
 PORT=$((29500 + RANDOM % 1000))
 {
-  echo "Greedy decode, 124M shape (random weights), 1 prompt, $NEW new tokens, median of $RUNS;"
+  echo "Greedy decode of $MODEL, 1 prompt, $NEW new tokens, median of $RUNS;"
   echo "$(lscpu | awk -F: '/Model name/ {gsub(/^ +/, "", $2); print $2}'), $(nproc) cores."
   echo
   echo "| run | decode tok/s | peak RSS (MiB, largest process) |"
