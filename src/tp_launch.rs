@@ -75,6 +75,7 @@ pub(crate) fn join(
     };
     let timeout = Duration::from_secs(1800);
     let group = Arc::new(dist::Group::join(&launch, dist::Backend::Gloo, timeout)?);
+    dist::keep_until_exit(&group);
     let split = dist::tp::GlooCommunicator::split(group.clone());
     Ok(Some(Launched {
         group,

@@ -179,8 +179,9 @@ fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group
         None => dist::Backend::Gloo,
     };
     let timeout = std::time::Duration::from_secs_f64(args.ddp_timeout);
-    let group = dist::Group::join(&launch, backend, timeout)?;
-    Ok((device, Some(Arc::new(group))))
+    let group = Arc::new(dist::Group::join(&launch, backend, timeout)?);
+    dist::keep_until_exit(&group);
+    Ok((device, Some(group)))
 }
 
 /// The LoRA options of the flags (peft's defaults where a flag is not given).

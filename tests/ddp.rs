@@ -294,3 +294,27 @@ fn bad_launch_variables_and_timeouts_are_named() {
     assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
     assert!(!t.path("out").exists());
 }
+
+#[test]
+fn rank_0_refusing_to_start_is_the_rank_named() {
+    let t = TempDir::new("ddp-rank0-refuses");
+    tiny_model(&t);
+    // An earlier run's checkpoint: rank 0 refuses the folder before any collective.
+    std::fs::create_dir_all(t.path("out/checkpoint-2")).unwrap();
+    let args = train_args(&t, "out", 2, &[]);
+    // Rank 0 keeps its connections until it has printed its error and exits, so the
+    // other rank fails after it, every time.
+    for _ in 0..4 {
+        let o = launch(2, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("launch failed: rank 0 (local rank 0"),
+            "the launcher blames another rank: {err}"
+        );
+        let refusal = err.find("is not empty").expect(&err);
+        if let Some(peer) = err.find("rank 1 of 2") {
+            assert!(refusal < peer, "rank 1's error comes first: {err}");
+        }
+    }
+}

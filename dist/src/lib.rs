@@ -5,6 +5,7 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -391,6 +392,16 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// Keeps `group` joined until the process exits, whenever the rest of the process lets
+/// go of it. A rank that stops with an error then prints it before its connections
+/// close: the other ranks fail after it, and a launcher sees it exit first and names it.
+pub fn keep_until_exit(group: &Arc<Group>) {
+    static KEPT: Mutex<Vec<Arc<Group>>> = Mutex::new(Vec::new());
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::clone(group));
 }
 
 fn nbytes(t: &Tensor) -> usize {
