@@ -318,3 +318,63 @@ fn rank_0_refusing_to_start_is_the_rank_named() {
         }
     }
 }
+
+#[test]
+fn a_rank_with_other_data_or_model_is_refused() {
+    let t = TempDir::new("ddp-other-data");
+    tiny_model(&t);
+    std::fs::write(t.path("short.jsonl"), corpus(30, 11)).unwrap();
+    let other = t.path("other-model");
+    assert_ok(&gpt2kit(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        reference("hub-tied").to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+        "--n-layer",
+        "3",
+        "--n-embd",
+        "64",
+        "--n-positions",
+        "32",
+    ]));
+    // Rank 1 reads its own copy of the data or model (as on another node), which differs.
+    for (flag, file, needle) in [
+        ("--data", t.s("short.jsonl"), "training examples"),
+        ("--model", other.display().to_string(), "trained tensors"),
+    ] {
+        let args = train_args(&t, "out", 2, &[]);
+        let at = args.iter().position(|a| a == flag).unwrap() + 1;
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script = format!(
+            "if [ $RANK = 1 ]; then a='{file}'; else a={}; fi; exec '{}' {} \"$a\" {}",
+            quoted[at],
+            env!("CARGO_BIN_EXE_gpt2kit"),
+            quoted[..at].join(" "),
+            quoted[at + 1..].join(" ")
+        );
+        let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .args(["launch", "--nproc-per-node", "2", "--master-port"])
+            .arg(free_port())
+            .args(["--exec", "--", "sh", "-c", &script])
+            .env("GPT2KIT_PACKED_CACHE", "off")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("rank 1 of 2: this rank's run differs from rank 0's"),
+            "{err}"
+        );
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains("launch failed: rank 1 (local rank 1"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("SIGABRT"),
+            "{err}"
+        );
+        assert!(!t.path("out/final").exists());
+        let _ = std::fs::remove_dir_all(t.path("out"));
+    }
+}
