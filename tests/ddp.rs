@@ -289,9 +289,13 @@ fn bad_launch_variables_and_timeouts_are_named() {
         let o = common::gpt2kit_env(&args, env);
         assert_clean_failure(&o, 2, needle);
     }
-    let mut bad = args.clone();
-    bad.extend(["--ddp-timeout", "0"]);
-    assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
+    for timeout in ["0", "1e30"] {
+        let mut bad = args.clone();
+        bad.extend(["--ddp-timeout", timeout]);
+        assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
+        let o = common::gpt2kit_env(&bad, &[("WORLD_SIZE", "1"), ("RANK", "0")]);
+        assert_clean_failure(&o, 2, "--ddp-timeout");
+    }
     assert!(!t.path("out").exists());
 }
 
