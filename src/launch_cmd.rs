@@ -84,12 +84,12 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             args.master_port
         )));
     }
-    if !args.kill_grace_secs.is_finite() || args.kill_grace_secs < 0.0 {
+    let Ok(grace) = Duration::try_from_secs_f64(args.kill_grace_secs) else {
         return Err(usage(format!(
             "--kill-grace-secs must be a number of seconds, 0 or more, got {}",
             args.kill_grace_secs
         )));
-    }
+    };
     let world_size = args
         .nproc_per_node
         .checked_mul(args.nnodes)
@@ -121,7 +121,7 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         nproc: args.nproc_per_node,
         node_rank: args.node_rank,
         world_size,
-        grace: Duration::from_secs_f64(args.kill_grace_secs),
+        grace,
     })
 }
 
@@ -266,13 +266,15 @@ fn stop_all(ranks: &mut [Rank], grace: Duration) {
     for r in ranks.iter() {
         r.signal(libc::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
+    // None: a grace beyond any clock, waited out like one that never ends.
+    let deadline = Instant::now().checked_add(grace);
     loop {
         forward_pending(ranks);
         for r in ranks.iter_mut() {
             r.poll();
         }
-        if ranks.iter().all(|r| r.status.is_some()) || Instant::now() >= deadline {
+        if ranks.iter().all(|r| r.status.is_some()) || deadline.is_some_and(|d| Instant::now() >= d)
+        {
             break;
         }
         std::thread::sleep(POLL);

@@ -277,6 +277,15 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "inspect",
     ]);
     assert_failure(&o, 2, "--kill-grace-secs");
+    let o = launch(&[
+        "--nproc-per-node",
+        "1",
+        "--kill-grace-secs",
+        "1e30",
+        "--",
+        "inspect",
+    ]);
+    assert_failure(&o, 2, "--kill-grace-secs");
     let o = launch(&["--exec", "--", "true"]);
     assert_failure(&o, 2, "--nproc-per-node");
 }
@@ -399,4 +408,24 @@ fn ranks_stopped_by_a_forwarded_signal_say_so() {
     for rank in ["0", "1"] {
         assert!(!alive(&read(&dir.join(rank))));
     }
+}
+
+#[test]
+fn a_grace_beyond_the_clock_still_stops_the_ranks() {
+    // 1e19 s is a duration but no deadline: the ranks that exit on SIGTERM are waited for.
+    let script = "if [ $RANK = 1 ]; then exit 3; fi; exec sleep 30";
+    let start = Instant::now();
+    let o = launch(&[
+        "--nproc-per-node",
+        "2",
+        "--kill-grace-secs",
+        "1e19",
+        "--exec",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_failure(&o, 1, "rank 1 (local rank 1");
 }
