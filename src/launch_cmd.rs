@@ -59,6 +59,9 @@ struct Plan {
     node_rank: usize,
     world_size: usize,
     grace: Duration,
+    /// The run's id in the rendezvous, for a job of this node alone (the launchers of a
+    /// job over several nodes cannot agree on one; the environment's, if any, stands).
+    run_id: Option<String>,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -122,7 +125,18 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         node_rank: args.node_rank,
         world_size,
         grace,
+        run_id: (args.nnodes == 1).then(run_id),
     })
+}
+
+/// An id for this launch, distinct from any other launch's running at the same time:
+/// two jobs started together on one --master-port then do not take each other's ranks
+/// (the loser's ranks connect to the winner's store, but under their own keys).
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("gpt2kit-{}-{nanos:x}/", std::process::id())
 }
 
 /// The last SIGINT, SIGTERM or SIGHUP the launcher received and has not forwarded yet
@@ -314,6 +328,9 @@ fn command(plan: &Plan, local_rank: usize, master_addr: &str, master_port: u32) 
         .env("MASTER_PORT", master_port.to_string());
     if let Some(n) = omp_threads(plan.nproc) {
         c.env("OMP_NUM_THREADS", n.to_string());
+    }
+    if let Some(id) = &plan.run_id {
+        c.env(dist::RUN_ID_VAR, id);
     }
     let launcher = std::process::id();
     // SAFETY: between fork and exec the closure calls only prctl, getppid and kill,

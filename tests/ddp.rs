@@ -91,6 +91,10 @@ fn free_port() -> String {
 }
 
 fn launch_cmd(n: usize, args: &[String]) -> Command {
+    launch_cmd_at(n, args, &free_port())
+}
+
+fn launch_cmd_at(n: usize, args: &[String], port: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
     c.args([
         "launch",
@@ -98,7 +102,7 @@ fn launch_cmd(n: usize, args: &[String]) -> Command {
         &n.to_string(),
         "--master-port",
     ])
-    .arg(free_port())
+    .arg(port)
     .arg("--")
     .args(args)
     .env("GPT2KIT_PACKED_CACHE", "off")
@@ -380,5 +384,37 @@ fn a_rank_with_other_data_or_model_is_refused() {
         );
         assert!(!t.path("out/final").exists());
         let _ = std::fs::remove_dir_all(t.path("out"));
+    }
+}
+
+#[test]
+fn two_jobs_started_together_on_one_port_leave_one_training() {
+    let t = TempDir::new("ddp-same-port");
+    tiny_model(&t);
+    // The job whose rank 0 loses the port fails; its rank 1 reaches the other job's
+    // store but keeps to its own job's keys, so the other job trains undisturbed.
+    for attempt in 0..4 {
+        let _ = std::fs::remove_dir_all(t.path("a"));
+        let _ = std::fs::remove_dir_all(t.path("b"));
+        let port = free_port();
+        let start = |out: &str| {
+            let args = train_args(&t, out, 2, &[]);
+            launch_cmd_at(2, &args, &port).spawn().unwrap()
+        };
+        let (a, b) = (start("a"), start("b"));
+        let (a, b) = (
+            wait_bounded(a, Duration::from_secs(120)),
+            wait_bounded(b, Duration::from_secs(120)),
+        );
+        let ok = [&a, &b].iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            ok,
+            1,
+            "attempt {attempt}: one job must train\n{}\n{}",
+            stderr(&a),
+            stderr(&b)
+        );
+        let failed = if a.status.success() { &b } else { &a };
+        assert!(stderr(failed).contains("EADDRINUSE"), "{}", stderr(failed));
     }
 }

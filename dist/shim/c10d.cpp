@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -53,8 +54,11 @@ extern "C" {
 
 // Joins the group: rank 0 serves the store at host:port. `local_addr` is the address
 // this process's Gloo device binds to, or `interface` (GLOO_SOCKET_IFNAME) when not null.
+// `run_id`, when not null, is the prefix of the group's keys in the store: a rank of
+// another job that reaches this store (the same port) sets and waits for keys of its own.
 void* gk_group_new(const char* host, int port, int rank, int world, long timeout_ms,
-                   const char* local_addr, const char* interface, char** err) {
+                   const char* local_addr, const char* interface, const char* run_id,
+                   char** err) {
   Group* out = nullptr;
   guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -64,7 +68,11 @@ void* gk_group_new(const char* host, int port, int rank, int world, long timeout
     so.numWorkers = static_cast<std::size_t>(world);
     so.waitWorkers = true;
     so.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    if (run_id != nullptr) {
+      store = c10::make_intrusive<c10d::PrefixStore>(std::string(run_id), store);
+    }
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->threads = 1;
     if (interface != nullptr) {

@@ -25,6 +25,7 @@ mod ffi {
             timeout_ms: i64,
             local_addr: *const c_char,
             interface: *const c_char,
+            run_id: *const c_char,
             err: *mut *mut c_char,
         ) -> *mut c_void;
         pub fn gk_group_free(group: *mut c_void);
@@ -49,6 +50,13 @@ mod ffi {
         ) -> i32;
     }
 }
+
+/// The variable naming a launched job's run: its group's keys in the rendezvous store
+/// are kept apart from those of any other job that reaches the same store. `gpt2kit
+/// launch` sets it for a one-node job; a job spread over several nodes (whose launchers
+/// cannot agree on one) takes it from the environment, the same on every node, or goes
+/// without, as torchrun's ranks do.
+pub const RUN_ID_VAR: &str = "GPT2KIT_RUN_ID";
 
 /// The process's place in a launched job: the variables torchrun sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -203,6 +211,7 @@ impl Group {
             );
         }
         let interface = std::env::var("GLOO_SOCKET_IFNAME").ok();
+        let run_id = std::env::var(RUN_ID_VAR).ok();
         let local = local_address_towards(&launch.master_addr, launch.master_port)?;
         let c = |s: &str, what: &str| {
             CString::new(s).map_err(|_| anyhow!("{what} {s:?} holds a NUL byte"))
@@ -213,6 +222,7 @@ impl Group {
             .as_deref()
             .map(|i| c(i, "GLOO_SOCKET_IFNAME"))
             .transpose()?;
+        let run_id = run_id.as_deref().map(|r| c(r, RUN_ID_VAR)).transpose()?;
         let mut err = std::ptr::null_mut();
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         // SAFETY: valid C strings for the call's duration; the shim copies them.
@@ -225,6 +235,7 @@ impl Group {
                 timeout_ms,
                 local.as_ptr(),
                 interface.as_ref().map_or(std::ptr::null(), |i| i.as_ptr()),
+                run_id.as_ref().map_or(std::ptr::null(), |r| r.as_ptr()),
                 &mut err,
             )
         };
