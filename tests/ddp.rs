@@ -418,3 +418,35 @@ fn two_jobs_started_together_on_one_port_leave_one_training() {
         assert!(stderr(failed).contains("EADDRINUSE"), "{}", stderr(failed));
     }
 }
+
+#[test]
+fn nodes_launched_with_other_world_sizes_are_refused_at_once() {
+    let t = TempDir::new("ddp-world-mismatch");
+    tiny_model(&t);
+    let port = free_port();
+    let node = |nproc: &str, node_rank: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+        c.args(["launch", "--nproc-per-node", nproc, "--nnodes", "2"])
+            .args(["--node-rank", node_rank, "--master-port", &port, "--"])
+            .args(train_args(&t, "out", 2, &["--ddp-timeout", "120"]))
+            .env("GPT2KIT_PACKED_CACHE", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    // Node 0 makes a job of 2 ranks, node 1 one of 4: node 1's ranks stop at once
+    // instead of everyone waiting out the timeout.
+    let mut first = node("1", "0");
+    let start = Instant::now();
+    let second = wait_bounded(node("2", "1"), Duration::from_secs(60));
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let err = stderr(&second);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this rank's WORLD_SIZE is 4 but rank 0's is 2"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    first.kill().unwrap();
+    first.wait().unwrap();
+}
