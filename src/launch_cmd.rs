@@ -1,9 +1,10 @@
 //! `gpt2kit launch`: starts N local ranks of a command with the environment torchrun
-//! gives its workers, forwards SIGINT and SIGTERM to them, and stops every rank as soon
-//! as one fails (torchrun's fail-fast).
+//! gives its workers, forwards SIGINT, SIGTERM and SIGHUP to them, and stops every rank
+//! as soon as one fails (torchrun's fail-fast). A launcher that dies without the chance
+//! to stop its ranks (SIGKILL) takes them with it.
 use std::ffi::OsString;
 use std::io::{self, Write};
-use std::os::unix::process::ExitStatusExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::process::{Child, Command, ExitStatus};
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::time::{Duration, Instant};
@@ -58,6 +59,9 @@ struct Plan {
     node_rank: usize,
     world_size: usize,
     grace: Duration,
+    /// The run's id in the rendezvous, for a job of this node alone (the launchers of a
+    /// job over several nodes cannot agree on one; the environment's, if any, stands).
+    run_id: Option<String>,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -83,12 +87,12 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
             args.master_port
         )));
     }
-    if !args.kill_grace_secs.is_finite() || args.kill_grace_secs < 0.0 {
+    let Ok(grace) = Duration::try_from_secs_f64(args.kill_grace_secs) else {
         return Err(usage(format!(
             "--kill-grace-secs must be a number of seconds, 0 or more, got {}",
             args.kill_grace_secs
         )));
-    }
+    };
     let world_size = args
         .nproc_per_node
         .checked_mul(args.nnodes)
@@ -120,20 +124,37 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
         nproc: args.nproc_per_node,
         node_rank: args.node_rank,
         world_size,
-        grace: Duration::from_secs_f64(args.kill_grace_secs),
+        grace,
+        run_id: (args.nnodes == 1).then(run_id),
     })
 }
 
-/// The last SIGINT or SIGTERM the launcher received and has not forwarded yet (0: none).
+/// An id for this launch, distinct from any other launch's running at the same time:
+/// two jobs started together on one --master-port then do not take each other's ranks
+/// (the loser's ranks connect to the winner's store, but under their own keys).
+fn run_id() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!("gpt2kit-{}-{nanos:x}/", std::process::id())
+}
+
+/// The last SIGINT, SIGTERM or SIGHUP the launcher received and has not forwarded yet
+/// (0: none).
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+/// The last signal forwarded to the ranks (0: none): a rank that then fails was stopped
+/// by it rather than failing by itself.
+static FORWARDED_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     PENDING_SIGNAL.store(sig, Ordering::SeqCst);
 }
 
-/// Records SIGINT and SIGTERM for the polling loop to forward, instead of dying of them.
+/// Records SIGINT, SIGTERM and SIGHUP for the polling loop to forward, instead of dying
+/// of them (and leaving the ranks running).
 fn install_signal_handlers() -> anyhow::Result<()> {
-    for sig in [libc::SIGINT, libc::SIGTERM] {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
         // SAFETY: the handler only stores into an atomic (async-signal-safe); the
         // sigaction struct is zeroed and then filled as sigaction(2) describes.
         let rc = unsafe {
@@ -242,11 +263,12 @@ fn signal_name(sig: i32) -> Option<&'static str> {
     })
 }
 
-/// Forwards a SIGINT or SIGTERM the launcher received since the last look to every
-/// running rank.
+/// Forwards a SIGINT, SIGTERM or SIGHUP the launcher received since the last look to
+/// every running rank.
 fn forward_pending(ranks: &[Rank]) {
     let sig = PENDING_SIGNAL.swap(0, Ordering::SeqCst);
     if sig != 0 {
+        FORWARDED_SIGNAL.store(sig, Ordering::SeqCst);
         for r in ranks {
             r.signal(sig);
         }
@@ -258,13 +280,15 @@ fn stop_all(ranks: &mut [Rank], grace: Duration) {
     for r in ranks.iter() {
         r.signal(libc::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
+    // None: a grace beyond any clock, waited out like one that never ends.
+    let deadline = Instant::now().checked_add(grace);
     loop {
         forward_pending(ranks);
         for r in ranks.iter_mut() {
             r.poll();
         }
-        if ranks.iter().all(|r| r.status.is_some()) || Instant::now() >= deadline {
+        if ranks.iter().all(|r| r.status.is_some()) || deadline.is_some_and(|d| Instant::now() >= d)
+        {
             break;
         }
         std::thread::sleep(POLL);
@@ -304,6 +328,25 @@ fn command(plan: &Plan, local_rank: usize, master_addr: &str, master_port: u32) 
         .env("MASTER_PORT", master_port.to_string());
     if let Some(n) = omp_threads(plan.nproc) {
         c.env("OMP_NUM_THREADS", n.to_string());
+    }
+    if let Some(id) = &plan.run_id {
+        c.env(dist::RUN_ID_VAR, id);
+    }
+    let launcher = std::process::id();
+    // SAFETY: between fork and exec the closure calls only prctl, getppid and kill,
+    // which are async-signal-safe, and allocates nothing.
+    unsafe {
+        c.pre_exec(move || {
+            // A launcher killed outright cannot stop its ranks: the kernel does.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // The launcher may have died before the prctl took effect.
+            if libc::getppid() as u32 != launcher {
+                libc::kill(libc::getpid(), libc::SIGKILL);
+            }
+            Ok(())
+        });
     }
     c
 }
@@ -346,7 +389,12 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
             }
         }
         if let Some((i, status)) = failed {
-            let what = ranks[i].describe(status);
+            let mut what = ranks[i].describe(status);
+            let sig = FORWARDED_SIGNAL.load(Ordering::SeqCst);
+            if sig != 0 {
+                let name = signal_name(sig).map_or(format!("signal {sig}"), String::from);
+                what = format!("interrupted by {name} (forwarded to every rank): {what}");
+            }
             let others = ranks.len() - 1;
             let mut err = io::stderr().lock();
             let _ = writeln!(err, "gpt2kit launch: {what}");

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use infer::parallel::ProcessSplit;
 use infer::Error;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::Placement;
 
@@ -25,6 +25,18 @@ impl Launched {
     pub(crate) fn prints(&self) -> bool {
         self.group.rank() == 0
     }
+}
+
+/// Seeds libtorch's default generators on every rank with one seed drawn on rank 0.
+/// Sampling without --seed draws from them: with each rank's own random seed the ranks
+/// would pick different tokens and run their shards on different sequences.
+fn agree_on_seed(group: &dist::Group) -> anyhow::Result<()> {
+    let mut seed = Tensor::randint(i64::MAX, [1], (Kind::Int64, Device::Cpu));
+    group
+        .broadcast(&mut seed, 0)
+        .map_err(|e| e.context("receiving rank 0's sampling seed"))?;
+    tch::manual_seed(seed.int64_value(&[0]));
+    Ok(())
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -75,6 +87,8 @@ pub(crate) fn join(
     };
     let timeout = Duration::from_secs(1800);
     let group = Arc::new(dist::Group::join(&launch, dist::Backend::Gloo, timeout)?);
+    dist::keep_until_exit(&group);
+    agree_on_seed(&group)?;
     let split = dist::tp::GlooCommunicator::split(group.clone());
     Ok(Some(Launched {
         group,

@@ -159,12 +159,15 @@ enum DdpBackend {
 fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group>>)> {
     let device = infer::device::parse_device(&args.device)?;
     let bad = |m: String| anyhow::Error::from(infer::Error::Input(m));
-    if !(args.ddp_timeout.is_finite() && args.ddp_timeout > 0.0) {
-        return Err(bad(format!(
-            "--ddp-timeout {}: give a positive number of seconds",
-            args.ddp_timeout
-        )));
-    }
+    let timeout = match std::time::Duration::try_from_secs_f64(args.ddp_timeout) {
+        Ok(t) if args.ddp_timeout > 0.0 => t,
+        _ => {
+            return Err(bad(format!(
+                "--ddp-timeout {}: give a positive number of seconds",
+                args.ddp_timeout
+            )))
+        }
+    };
     let Some(launch) = dist::Launch::from_env().map_err(|e| bad(e.to_string()))? else {
         return Ok((device, None));
     };
@@ -178,9 +181,9 @@ fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group
         None if device.is_cuda() => dist::Backend::Nccl,
         None => dist::Backend::Gloo,
     };
-    let timeout = std::time::Duration::from_secs_f64(args.ddp_timeout);
-    let group = dist::Group::join(&launch, backend, timeout)?;
-    Ok((device, Some(Arc::new(group))))
+    let group = Arc::new(dist::Group::join(&launch, backend, timeout)?);
+    dist::keep_until_exit(&group);
+    Ok((device, Some(group)))
 }
 
 /// The LoRA options of the flags (peft's defaults where a flag is not given).

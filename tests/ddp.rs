@@ -91,6 +91,10 @@ fn free_port() -> String {
 }
 
 fn launch_cmd(n: usize, args: &[String]) -> Command {
+    launch_cmd_at(n, args, &free_port())
+}
+
+fn launch_cmd_at(n: usize, args: &[String], port: &str) -> Command {
     let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
     c.args([
         "launch",
@@ -98,7 +102,7 @@ fn launch_cmd(n: usize, args: &[String]) -> Command {
         &n.to_string(),
         "--master-port",
     ])
-    .arg(free_port())
+    .arg(port)
     .arg("--")
     .args(args)
     .env("GPT2KIT_PACKED_CACHE", "off")
@@ -289,8 +293,160 @@ fn bad_launch_variables_and_timeouts_are_named() {
         let o = common::gpt2kit_env(&args, env);
         assert_clean_failure(&o, 2, needle);
     }
-    let mut bad = args.clone();
-    bad.extend(["--ddp-timeout", "0"]);
-    assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
+    for timeout in ["0", "1e30"] {
+        let mut bad = args.clone();
+        bad.extend(["--ddp-timeout", timeout]);
+        assert_clean_failure(&gpt2kit(&bad), 2, "--ddp-timeout");
+        let o = common::gpt2kit_env(&bad, &[("WORLD_SIZE", "1"), ("RANK", "0")]);
+        assert_clean_failure(&o, 2, "--ddp-timeout");
+    }
     assert!(!t.path("out").exists());
+}
+
+#[test]
+fn rank_0_refusing_to_start_is_the_rank_named() {
+    let t = TempDir::new("ddp-rank0-refuses");
+    tiny_model(&t);
+    // An earlier run's checkpoint: rank 0 refuses the folder before any collective.
+    std::fs::create_dir_all(t.path("out/checkpoint-2")).unwrap();
+    let args = train_args(&t, "out", 2, &[]);
+    // Rank 0 keeps its connections until it has printed its error and exits, so the
+    // other rank fails after it, every time.
+    for _ in 0..4 {
+        let o = launch(2, &args);
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("launch failed: rank 0 (local rank 0"),
+            "the launcher blames another rank: {err}"
+        );
+        let refusal = err.find("is not empty").expect(&err);
+        if let Some(peer) = err.find("rank 1 of 2") {
+            assert!(refusal < peer, "rank 1's error comes first: {err}");
+        }
+    }
+}
+
+#[test]
+fn a_rank_with_other_data_or_model_is_refused() {
+    let t = TempDir::new("ddp-other-data");
+    tiny_model(&t);
+    std::fs::write(t.path("short.jsonl"), corpus(30, 11)).unwrap();
+    let other = t.path("other-model");
+    assert_ok(&gpt2kit(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        reference("hub-tied").to_str().unwrap(),
+        "--out",
+        other.to_str().unwrap(),
+        "--n-layer",
+        "3",
+        "--n-embd",
+        "64",
+        "--n-positions",
+        "32",
+    ]));
+    // Rank 1 reads its own copy of the data or model (as on another node), which differs.
+    for (flag, file, needle) in [
+        ("--data", t.s("short.jsonl"), "training examples"),
+        ("--model", other.display().to_string(), "trained tensors"),
+    ] {
+        let args = train_args(&t, "out", 2, &[]);
+        let at = args.iter().position(|a| a == flag).unwrap() + 1;
+        let quoted: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+        let script = format!(
+            "if [ $RANK = 1 ]; then a='{file}'; else a={}; fi; exec '{}' {} \"$a\" {}",
+            quoted[at],
+            env!("CARGO_BIN_EXE_gpt2kit"),
+            quoted[..at].join(" "),
+            quoted[at + 1..].join(" ")
+        );
+        let o = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+            .args(["launch", "--nproc-per-node", "2", "--master-port"])
+            .arg(free_port())
+            .args(["--exec", "--", "sh", "-c", &script])
+            .env("GPT2KIT_PACKED_CACHE", "off")
+            .output()
+            .unwrap();
+        let err = stderr(&o);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(
+            err.contains("rank 1 of 2: this rank's run differs from rank 0's"),
+            "{err}"
+        );
+        assert!(err.contains(needle), "{err}");
+        assert!(err.contains("launch failed: rank 1 (local rank 1"), "{err}");
+        assert!(
+            !err.contains("panicked") && !err.contains("SIGABRT"),
+            "{err}"
+        );
+        assert!(!t.path("out/final").exists());
+        let _ = std::fs::remove_dir_all(t.path("out"));
+    }
+}
+
+#[test]
+fn two_jobs_started_together_on_one_port_leave_one_training() {
+    let t = TempDir::new("ddp-same-port");
+    tiny_model(&t);
+    // The job whose rank 0 loses the port fails; its rank 1 reaches the other job's
+    // store but keeps to its own job's keys, so the other job trains undisturbed.
+    for attempt in 0..4 {
+        let _ = std::fs::remove_dir_all(t.path("a"));
+        let _ = std::fs::remove_dir_all(t.path("b"));
+        let port = free_port();
+        let start = |out: &str| {
+            let args = train_args(&t, out, 2, &[]);
+            launch_cmd_at(2, &args, &port).spawn().unwrap()
+        };
+        let (a, b) = (start("a"), start("b"));
+        let (a, b) = (
+            wait_bounded(a, Duration::from_secs(120)),
+            wait_bounded(b, Duration::from_secs(120)),
+        );
+        let ok = [&a, &b].iter().filter(|o| o.status.success()).count();
+        assert_eq!(
+            ok,
+            1,
+            "attempt {attempt}: one job must train\n{}\n{}",
+            stderr(&a),
+            stderr(&b)
+        );
+        let failed = if a.status.success() { &b } else { &a };
+        assert!(stderr(failed).contains("EADDRINUSE"), "{}", stderr(failed));
+    }
+}
+
+#[test]
+fn nodes_launched_with_other_world_sizes_are_refused_at_once() {
+    let t = TempDir::new("ddp-world-mismatch");
+    tiny_model(&t);
+    let port = free_port();
+    let node = |nproc: &str, node_rank: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));
+        c.args(["launch", "--nproc-per-node", nproc, "--nnodes", "2"])
+            .args(["--node-rank", node_rank, "--master-port", &port, "--"])
+            .args(train_args(&t, "out", 2, &["--ddp-timeout", "120"]))
+            .env("GPT2KIT_PACKED_CACHE", "off")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        c.spawn().unwrap()
+    };
+    // Node 0 makes a job of 2 ranks, node 1 one of 4: node 1's ranks stop at once
+    // instead of everyone waiting out the timeout.
+    let mut first = node("1", "0");
+    let start = Instant::now();
+    let second = wait_bounded(node("2", "1"), Duration::from_secs(60));
+    assert!(start.elapsed() < Duration::from_secs(30));
+    let err = stderr(&second);
+    assert_eq!(second.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("this rank's WORLD_SIZE is 4 but rank 0's is 2"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+    first.kill().unwrap();
+    first.wait().unwrap();
 }

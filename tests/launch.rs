@@ -277,6 +277,15 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "inspect",
     ]);
     assert_failure(&o, 2, "--kill-grace-secs");
+    let o = launch(&[
+        "--nproc-per-node",
+        "1",
+        "--kill-grace-secs",
+        "1e30",
+        "--",
+        "inspect",
+    ]);
+    assert_failure(&o, 2, "--kill-grace-secs");
     let o = launch(&["--exec", "--", "true"]);
     assert_failure(&o, 2, "--nproc-per-node");
 }
@@ -299,4 +308,124 @@ fn gpt2kit_subcommands_run_as_ranks() {
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
     assert_eq!(out.matches("Usage: gpt2kit inspect").count(), 2, "{out}");
+}
+
+/// Whether a process with this pid still runs (a zombie, dead but not yet reaped by
+/// whoever inherited it, does not).
+fn running(pid: &str) -> bool {
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return false;
+    };
+    // The state follows the command name's closing parenthesis.
+    let state = stat.rsplit(')').next().unwrap_or("").trim_start();
+    !(state.starts_with('Z') || state.starts_with('X'))
+}
+
+/// Starts `launch --nproc-per-node 2 --exec -- sh -c SCRIPT` and waits until both ranks
+/// have written `dir/ready-RANK`.
+fn start_two_ranks(dir: &Path, script: &str) -> std::process::Child {
+    let launcher = Command::new(env!("CARGO_BIN_EXE_gpt2kit"))
+        .args([
+            "launch",
+            "--nproc-per-node",
+            "2",
+            "--exec",
+            "--",
+            "sh",
+            "-c",
+        ])
+        .arg(script)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while !(dir.join("ready-0").exists() && dir.join("ready-1").exists()) {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the ranks never started"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    launcher
+}
+
+#[test]
+fn a_killed_launcher_takes_its_ranks_with_it() {
+    let dir = scratch("launcher-killed");
+    let script = format!(
+        "echo $$ > {0}/$RANK; touch {0}/ready-$RANK; exec sleep 60",
+        dir.display()
+    );
+    let mut launcher = start_two_ranks(&dir, &script);
+    // SIGKILL: the launcher gets no chance to stop its ranks itself.
+    launcher.kill().unwrap();
+    launcher.wait().unwrap();
+    let pids = [read(&dir.join("0")), read(&dir.join("1"))];
+    let start = Instant::now();
+    while pids.iter().any(|p| running(p)) {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "ranks {pids:?} outlived their launcher"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn sighup_to_the_launcher_reaches_every_rank() {
+    let dir = scratch("sighup");
+    let script = format!(
+        "d={}; echo $$ > $d/$RANK; trap 'echo hup > $d/hup-$RANK; kill $p 2>/dev/null; \
+         exit 0' HUP; sleep 30 >/dev/null 2>&1 & p=$!; touch $d/ready-$RANK; wait $p",
+        dir.display()
+    );
+    let launcher = start_two_ranks(&dir, &script);
+    let start = Instant::now();
+    let rc = unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGHUP) };
+    assert_eq!(rc, 0);
+    let o = launcher.wait_with_output().unwrap();
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert!(o.status.success(), "{}", stderr(&o));
+    for rank in 0..2 {
+        assert_eq!(read(&dir.join(format!("hup-{rank}"))), "hup");
+    }
+}
+
+#[test]
+fn ranks_stopped_by_a_forwarded_signal_say_so() {
+    let dir = scratch("interrupted");
+    // The ranks die of the SIGINT the launcher forwards (sh's default action).
+    let script = format!(
+        "d={}; echo $$ > $d/$RANK; touch $d/ready-$RANK; exec sleep 30",
+        dir.display()
+    );
+    let launcher = start_two_ranks(&dir, &script);
+    let rc = unsafe { libc::kill(launcher.id() as libc::pid_t, libc::SIGINT) };
+    assert_eq!(rc, 0);
+    let o = launcher.wait_with_output().unwrap();
+    assert_failure(&o, 1, "interrupted by SIGINT (forwarded to every rank)");
+    for rank in ["0", "1"] {
+        assert!(!alive(&read(&dir.join(rank))));
+    }
+}
+
+#[test]
+fn a_grace_beyond_the_clock_still_stops_the_ranks() {
+    // 1e19 s is a duration but no deadline: the ranks that exit on SIGTERM are waited for.
+    let script = "if [ $RANK = 1 ]; then exit 3; fi; exec sleep 30";
+    let start = Instant::now();
+    let o = launch(&[
+        "--nproc-per-node",
+        "2",
+        "--kill-grace-secs",
+        "1e19",
+        "--exec",
+        "--",
+        "sh",
+        "-c",
+        script,
+    ]);
+    assert!(start.elapsed() < Duration::from_secs(20));
+    assert_failure(&o, 1, "rank 1 (local rank 1");
 }

@@ -265,3 +265,35 @@ fn what_does_not_split_across_processes_is_refused() {
     assert_clean_failure(&serve, 2, "serve does not run under a launch");
     drop(t);
 }
+
+#[test]
+fn sampling_without_a_seed_keeps_the_ranks_in_step() {
+    let model = reference("hub-tied");
+    // Unseeded draws come from libtorch's default generator: every rank must draw what
+    // rank 0 draws, or the ranks run their shards on different tokens, and one that
+    // meets the stop string before the others leaves them waiting on a collective.
+    for _ in 0..3 {
+        let o = launch(
+            2,
+            &[
+                "infer",
+                "--model",
+                model.to_str().unwrap(),
+                "--tp",
+                "2",
+                "--prompt",
+                "hello",
+                "--max-new-tokens",
+                "40",
+                "--do-sample",
+                "--num-return-sequences",
+                "4",
+                "--stop",
+                "e",
+                "--json",
+            ],
+        );
+        assert_ok(&o);
+        assert_eq!(stdout(&o).lines().count(), 4, "{}", stdout(&o));
+    }
+}

@@ -7,6 +7,7 @@
 #include <string>
 #include <vector>
 
+#include <torch/csrc/distributed/c10d/PrefixStore.hpp>
 #include <torch/csrc/distributed/c10d/ProcessGroupGloo.hpp>
 #include <torch/csrc/distributed/c10d/TCPStore.hpp>
 
@@ -41,6 +42,29 @@ int guarded(char** err, F&& f) {
   return 1;
 }
 
+// Refuses a rank whose launch disagrees with rank 0's on the size of the job, or that
+// shares its rank with another process (two nodes given one --node-rank): without the
+// check both would wait out the timeout for ranks that never come.
+void check_world(c10d::Store& store, int rank, int world) {
+  const std::string key = "gpt2kit/world";
+  if (rank == 0) {
+    std::string w = std::to_string(world);
+    store.set(key, std::vector<uint8_t>(w.begin(), w.end()));
+  } else {
+    std::vector<uint8_t> got = store.get(key);
+    std::string theirs(got.begin(), got.end());
+    if (theirs != std::to_string(world)) {
+      throw std::runtime_error("this rank's WORLD_SIZE is " + std::to_string(world) +
+                               " but rank 0's is " + theirs +
+                               ": every node needs the same --nnodes and --nproc-per-node");
+    }
+  }
+  if (store.add("gpt2kit/rank/" + std::to_string(rank), 1) > 1) {
+    throw std::runtime_error("another process has joined as rank " + std::to_string(rank) +
+                             ": every node needs its own --node-rank");
+  }
+}
+
 void wait(Group* g, c10::intrusive_ptr<c10d::Work> work) {
   if (!work->wait(g->timeout)) {
     throw std::runtime_error("the collective did not complete within the timeout");
@@ -53,8 +77,11 @@ extern "C" {
 
 // Joins the group: rank 0 serves the store at host:port. `local_addr` is the address
 // this process's Gloo device binds to, or `interface` (GLOO_SOCKET_IFNAME) when not null.
+// `run_id`, when not null, is the prefix of the group's keys in the store: a rank of
+// another job that reaches this store (the same port) sets and waits for keys of its own.
 void* gk_group_new(const char* host, int port, int rank, int world, long timeout_ms,
-                   const char* local_addr, const char* interface, char** err) {
+                   const char* local_addr, const char* interface, const char* run_id,
+                   char** err) {
   Group* out = nullptr;
   guarded(err, [&] {
     auto timeout = std::chrono::milliseconds(timeout_ms);
@@ -64,7 +91,12 @@ void* gk_group_new(const char* host, int port, int rank, int world, long timeout
     so.numWorkers = static_cast<std::size_t>(world);
     so.waitWorkers = true;
     so.timeout = timeout;
-    auto store = c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    c10::intrusive_ptr<c10d::Store> store =
+        c10::make_intrusive<c10d::TCPStore>(std::string(host), so);
+    if (run_id != nullptr) {
+      store = c10::make_intrusive<c10d::PrefixStore>(std::string(run_id), store);
+    }
+    check_world(*store, rank, world);
     auto opts = c10d::ProcessGroupGloo::Options::create(timeout);
     opts->threads = 1;
     if (interface != nullptr) {

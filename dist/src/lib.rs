@@ -5,6 +5,7 @@
 use std::ffi::{c_char, c_void, CStr, CString};
 use std::net::{IpAddr, ToSocketAddrs, UdpSocket};
 use std::ptr::NonNull;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -24,6 +25,7 @@ mod ffi {
             timeout_ms: i64,
             local_addr: *const c_char,
             interface: *const c_char,
+            run_id: *const c_char,
             err: *mut *mut c_char,
         ) -> *mut c_void;
         pub fn gk_group_free(group: *mut c_void);
@@ -48,6 +50,13 @@ mod ffi {
         ) -> i32;
     }
 }
+
+/// The variable naming a launched job's run: its group's keys in the rendezvous store
+/// are kept apart from those of any other job that reaches the same store. `gpt2kit
+/// launch` sets it for a one-node job; a job spread over several nodes (whose launchers
+/// cannot agree on one) takes it from the environment, the same on every node, or goes
+/// without, as torchrun's ranks do.
+pub const RUN_ID_VAR: &str = "GPT2KIT_RUN_ID";
 
 /// The process's place in a launched job: the variables torchrun sets.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -202,6 +211,7 @@ impl Group {
             );
         }
         let interface = std::env::var("GLOO_SOCKET_IFNAME").ok();
+        let run_id = std::env::var(RUN_ID_VAR).ok();
         let local = local_address_towards(&launch.master_addr, launch.master_port)?;
         let c = |s: &str, what: &str| {
             CString::new(s).map_err(|_| anyhow!("{what} {s:?} holds a NUL byte"))
@@ -212,6 +222,7 @@ impl Group {
             .as_deref()
             .map(|i| c(i, "GLOO_SOCKET_IFNAME"))
             .transpose()?;
+        let run_id = run_id.as_deref().map(|r| c(r, RUN_ID_VAR)).transpose()?;
         let mut err = std::ptr::null_mut();
         let timeout_ms = i64::try_from(timeout.as_millis()).unwrap_or(i64::MAX);
         // SAFETY: valid C strings for the call's duration; the shim copies them.
@@ -224,6 +235,7 @@ impl Group {
                 timeout_ms,
                 local.as_ptr(),
                 interface.as_ref().map_or(std::ptr::null(), |i| i.as_ptr()),
+                run_id.as_ref().map_or(std::ptr::null(), |r| r.as_ptr()),
                 &mut err,
             )
         };
@@ -391,6 +403,16 @@ impl Group {
         }
         Ok(())
     }
+}
+
+/// Keeps `group` joined until the process exits, whenever the rest of the process lets
+/// go of it. A rank that stops with an error then prints it before its connections
+/// close: the other ranks fail after it, and a launcher sees it exit first and names it.
+pub fn keep_until_exit(group: &Arc<Group>) {
+    static KEPT: Mutex<Vec<Arc<Group>>> = Mutex::new(Vec::new());
+    KEPT.lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(Arc::clone(group));
 }
 
 fn nbytes(t: &Tensor) -> usize {

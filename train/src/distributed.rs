@@ -133,6 +133,48 @@ pub(crate) fn eval(
     })
 }
 
+/// Refuses a rank whose data or model differs from rank 0's in what it can count (the
+/// ranks read their own copies, each on its own node): with other examples it would
+/// train on data rank 0 does not have, and with another step count or other weight
+/// shapes its collectives would no longer match rank 0's.
+fn check_same_job(g: &Group, tr: &Trainable, state: &TrainerState) -> Result<()> {
+    let numel: usize = tr.params.iter().map(|(_, p)| p.numel()).sum();
+    let mine = [
+        state.train_examples,
+        state.batches_per_epoch,
+        state.max_steps,
+        tr.params.len() as i64,
+        numel as i64,
+    ];
+    let mut first = Tensor::from_slice(&mine);
+    g.broadcast(&mut first, 0)
+        .context("comparing this rank's data and model with rank 0's")?;
+    let first = Vec::<i64>::try_from(&first)?;
+    let what = [
+        "training examples",
+        "micro-batches per epoch",
+        "steps",
+        "trained tensors",
+        "trained parameters",
+    ];
+    let diffs: Vec<String> = what
+        .iter()
+        .zip(mine.iter().zip(&first))
+        .filter(|(_, (m, f))| m != f)
+        .map(|(w, (m, f))| format!("{m} {w} (rank 0: {f})"))
+        .collect();
+    if diffs.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "rank {} of {}: this rank's run differs from rank 0's: {}; every rank needs the same \
+         --model, data and flags",
+        g.rank(),
+        g.world_size(),
+        diffs.join(", ")
+    )
+}
+
 /// Starts every rank where rank 0 is: its weights (as DDP does at construction), its
 /// optimizer state and its trainer state (a resumed run's data position and history).
 pub(crate) fn start_from_rank0(
@@ -144,6 +186,7 @@ pub(crate) fn start_from_rank0(
     let Some(g) = group(o) else {
         return Ok(());
     };
+    check_same_job(g, tr, state)?;
     let params: Vec<Tensor> = tr.params.iter().map(|(_, p)| p.detach()).collect();
     g.broadcast_tensors(&params, 0)
         .context("receiving rank 0's weights")?;
