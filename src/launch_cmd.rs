@@ -114,6 +114,16 @@ fn plan(args: &Args) -> anyhow::Result<Plan> {
                     .into(),
             ));
         }
+        // Another subcommand would run once per rank: `quantize` would write its --out
+        // from every rank, `eval` print its result once per rank.
+        if !matches!(first.to_str(), Some("train" | "infer")) {
+            return Err(usage(format!(
+                "`{}`: a launch runs `train` (data-parallel) or `infer --tp N` \
+                 (tensor-parallel) in every rank; run other subcommands without it, or a \
+                 program with --exec",
+                first.to_string_lossy()
+            )));
+        }
         let exe = std::env::current_exe()
             .map_err(|e| anyhow::anyhow!("cannot find the gpt2kit binary to launch: {e}"))?;
         (exe.into_os_string(), args.args.clone())

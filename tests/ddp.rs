@@ -263,6 +263,11 @@ fn a_job_killed_inside_a_save_resumes_to_the_uninterrupted_losses() {
     assert!(stderr(&crashed).contains("rank 0"), "{}", stderr(&crashed));
     assert!(!t.path("out/final").exists());
     assert!(t.path("out/checkpoint-2").is_dir() && !t.path("out/checkpoint-4").exists());
+    // Another global micro-batch (one process of 7 against 2 × 3) with the same number of
+    // batches per epoch (30 examples: 5 either way) would continue from other examples.
+    let other = train_args(&t, "out", 7, &["--resume", "latest"]);
+    let other: Vec<&str> = other.iter().map(String::as_str).collect();
+    assert_clean_failure(&gpt2kit(&other), 2, "micro-batches of 6 examples");
     let resumed = launch(2, &train_args(&t, "out", 3, &["--resume", "latest"]));
     assert_ok(&resumed);
     assert!(

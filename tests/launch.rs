@@ -250,14 +250,7 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "true",
     ]);
     assert_failure(&o, 2, "--nnodes");
-    let o = launch(&[
-        "--nproc-per-node",
-        "1",
-        "--master-port",
-        "0",
-        "--",
-        "inspect",
-    ]);
+    let o = launch(&["--nproc-per-node", "1", "--master-port", "0", "--", "train"]);
     assert_failure(&o, 2, "--master-port");
     let o = launch(&[
         "--nproc-per-node",
@@ -265,7 +258,7 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "--master-port",
         "65536",
         "--",
-        "inspect",
+        "train",
     ]);
     assert_failure(&o, 2, "--master-port");
     let o = launch(&[
@@ -274,7 +267,7 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "--kill-grace-secs",
         "-1",
         "--",
-        "inspect",
+        "train",
     ]);
     assert_failure(&o, 2, "--kill-grace-secs");
     let o = launch(&[
@@ -283,7 +276,7 @@ fn bad_command_lines_are_refused_naming_the_flag() {
         "--kill-grace-secs",
         "1e30",
         "--",
-        "inspect",
+        "train",
     ]);
     assert_failure(&o, 2, "--kill-grace-secs");
     let o = launch(&["--exec", "--", "true"]);
@@ -304,10 +297,15 @@ fn a_program_that_cannot_start_is_named() {
 
 #[test]
 fn gpt2kit_subcommands_run_as_ranks() {
-    let o = launch(&["--nproc-per-node", "2", "--", "inspect", "--help"]);
+    let o = launch(&["--nproc-per-node", "2", "--", "train", "--help"]);
     assert!(o.status.success(), "{}", stderr(&o));
     let out = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(out.matches("Usage: gpt2kit inspect").count(), 2, "{out}");
+    assert_eq!(out.matches("Usage: gpt2kit train").count(), 2, "{out}");
+    // What would run once per rank (write one --out twice, print twice) is refused.
+    for sub in ["eval", "quantize", "inspect", "serve"] {
+        let o = launch(&["--nproc-per-node", "2", "--", sub, "--help"]);
+        assert_failure(&o, 2, &format!("`{sub}`: a launch runs `train`"));
+    }
 }
 
 /// Whether a process with this pid still runs (a zombie, dead but not yet reaped by

@@ -206,8 +206,9 @@ impl Group {
     pub fn join(launch: &Launch, backend: Backend, timeout: Duration) -> Result<Group> {
         if backend == Backend::Nccl {
             bail!(
-                "--ddp-backend nccl: this build runs c10d's Gloo backend only (CPU \
-                 tensors); use --ddp-backend gloo"
+                "c10d's NCCL backend (--ddp-backend nccl, the default for CUDA devices) is \
+                 not bound in this build: pass --ddp-backend gloo (its collectives go \
+                 through host memory), or train on the CPU"
             );
         }
         let interface = std::env::var("GLOO_SOCKET_IFNAME").ok();

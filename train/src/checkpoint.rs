@@ -33,6 +33,10 @@ pub struct TrainerState {
     /// Micro-batches per epoch and examples, to refuse resuming on other data.
     pub batches_per_epoch: i64,
     pub train_examples: i64,
+    /// Examples per micro-batch of the whole job (--batch-size × processes), to refuse
+    /// resuming with another; absent from checkpoints written before it was recorded.
+    #[serde(default)]
+    pub train_batch_size: Option<i64>,
     pub best_metric: Option<f64>,
     pub best_model_checkpoint: Option<String>,
     /// Evals in a row without a new best eval loss (early stopping).

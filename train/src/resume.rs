@@ -220,6 +220,21 @@ pub fn check_same_model(model: &Path, config: &Gpt2Config, checkpoint: &Path) ->
 /// refuses flags that would change them mid-run (naming them), as a silent change would
 /// rebuild the LR curve or reshuffle (and, with --eval-split, re-split) the data. The
 /// total length may change (`--max-steps` to train further, as transformers allows).
+/// A resumed run takes micro-batches of the checkpoint's size (`--batch-size` times the
+/// processes of a data-parallel job): the data position counts them, so another size
+/// would continue from another example than the one the checkpoint stopped before.
+pub fn check_same_batch(dir: &Path, state: &TrainerState, batch: i64) -> Result<()> {
+    match state.train_batch_size {
+        Some(saved) if saved != batch => Err(input(format!(
+            "--resume {}: the checkpoint was trained on micro-batches of {saved} examples \
+             (--batch-size times the processes); this run's are {batch}: resume with the \
+             same --batch-size and number of processes",
+            dir.display()
+        ))),
+        _ => Ok(()),
+    }
+}
+
 pub fn check_same_run(dir: &Path, schedule: &Schedule, seed: u64) -> Result<()> {
     let saved: SchedulerState = ckpt::read_json(&dir.join(ckpt::SCHEDULER))?;
     let rng: RngState = ckpt::read_json(&dir.join(ckpt::RNG_STATE))?;

@@ -339,6 +339,7 @@ fn restore(
             max_steps: schedule.total_steps,
             batches_per_epoch,
             train_examples: n as i64,
+            train_batch_size: Some(o.batch_size),
             ..Default::default()
         };
         return Ok((tr, adam, state));
@@ -365,6 +366,8 @@ fn restore(
             batches_per_epoch
         )));
     }
+    resume::check_same_batch(dir, &state, o.batch_size)?;
+    state.train_batch_size = Some(o.batch_size);
     resume::check_same_run(dir, schedule, o.seed)?;
     let opt = folder::read_safetensors(&dir.join(ckpt::OPTIMIZER), o.device)?;
     adam.load_state(&opt)
