@@ -1,8 +1,8 @@
 //! `infer --tp N` under `gpt2kit launch` (or torchrun): tensor parallelism across the
 //! job's processes. Each rank joins the c10d Gloo group, loads only its shard of every
-//! block (`Gpt2::load_split`), and runs the same generation as the others, every
-//! sublayer's sum an all-reduce; every rank decides on rank 0's logits (and the same seed, from the same flags), and
-//! only rank 0 prints.
+//! block (`Gpt2::load_split`), and runs the same generation as the others, each
+//! sublayer's partial sums gathered over the group (`dist::tp`); every rank decides on
+//! the same logits with rank 0's sampling seed, and only rank 0 prints.
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -81,10 +81,7 @@ pub(crate) fn join(
         )));
     }
     let (device, kind) = crate::device_and_dtype(&placement.device, placement.dtype)?;
-    let device = match (placement.device.as_str(), device) {
-        ("cuda", Device::Cuda(_)) => Device::Cuda(launch.local_rank),
-        (_, d) => d,
-    };
+    let device = launch.device(&placement.device, device);
     let timeout = Duration::from_secs(1800);
     let group = Arc::new(dist::Group::join(&launch, dist::Backend::Gloo, timeout)?);
     dist::keep_until_exit(&group);

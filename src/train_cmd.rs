@@ -171,10 +171,7 @@ fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group
     let Some(launch) = dist::Launch::from_env().map_err(|e| bad(e.to_string()))? else {
         return Ok((device, None));
     };
-    let device = match (args.device.as_str(), device) {
-        ("cuda", tch::Device::Cuda(_)) => tch::Device::Cuda(launch.local_rank),
-        (_, d) => d,
-    };
+    let device = launch.device(&args.device, device);
     let backend = match args.ddp_backend {
         Some(DdpBackend::Gloo) => dist::Backend::Gloo,
         Some(DdpBackend::Nccl) => dist::Backend::Nccl,

@@ -4,47 +4,12 @@
 //! hang, and a job killed inside a save resumes to the uninterrupted job's losses.
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{assert_clean_failure, assert_ok, corpus, gpt2kit, reference, stderr, TempDir};
 use tch::Tensor;
-
-/// A 2-layer model with dropout off: dropout masks are drawn per rank, so with it on a
-/// data-parallel step differs from one process's (it does in PyTorch's DDP too).
-fn tiny_model(t: &TempDir) -> PathBuf {
-    let dir = t.path("model");
-    let tok = reference("hub-tied");
-    assert_ok(&gpt2kit(&[
-        "init",
-        "--preset",
-        "tiny",
-        "--tokenizer",
-        tok.to_str().unwrap(),
-        "--out",
-        dir.to_str().unwrap(),
-        "--n-layer",
-        "2",
-        "--n-embd",
-        "64",
-        "--n-positions",
-        "32",
-        "--seed",
-        "3",
-    ]));
-    let path = dir.join("config.json");
-    let mut c: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
-    for k in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
-        c[k] = 0.0.into();
-    }
-    std::fs::write(&path, c.to_string()).unwrap();
-    // 37 rows: 30 train and 7 eval examples, so global batches of 4·2 and 3·3 leave a
-    // short last batch in each epoch (and ranks with nothing to do in it).
-    std::fs::write(t.path("data.jsonl"), corpus(37, 11)).unwrap();
-    dir
-}
 
 fn train_args(t: &TempDir, out: &str, batch: usize, extra: &[&str]) -> Vec<String> {
     let steps = match extra.contains(&"--ddp-timeout") || extra.contains(&"--forever") {
@@ -146,7 +111,7 @@ fn assert_close(what: &str, a: &[f64], b: &[f64], rel: f64) {
 #[test]
 fn two_and_three_ranks_train_like_one_process_with_the_global_batch() {
     let t = TempDir::new("ddp-equal");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     // (ranks, per-rank batch, gradient accumulation): global micro-batches of 8 and 9.
     for (ranks, batch, accum) in [(2, 4, "1"), (3, 3, "2")] {
         let extra = ["--gradient-accumulation-steps", accum];
@@ -218,7 +183,7 @@ fn wait_bounded(mut child: Child, limit: Duration) -> Output {
 #[test]
 fn a_killed_rank_ends_the_job_naming_it() {
     let t = TempDir::new("ddp-killed");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     let args = train_args(&t, "out", 2, &["--forever"]);
     let launcher = launch_cmd(2, &args).spawn().unwrap();
     let pid = rank_pid(&launcher, 1);
@@ -235,7 +200,7 @@ fn a_killed_rank_ends_the_job_naming_it() {
 #[test]
 fn a_stopped_rank_ends_the_job_at_the_timeout() {
     let t = TempDir::new("ddp-stopped");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     let args = train_args(&t, "out", 2, &["--ddp-timeout", "3"]);
     let launcher = launch_cmd(2, &args).spawn().unwrap();
     let pid = rank_pid(&launcher, 1);
@@ -254,7 +219,7 @@ fn a_stopped_rank_ends_the_job_at_the_timeout() {
 #[test]
 fn a_job_killed_inside_a_save_resumes_to_the_uninterrupted_losses() {
     let t = TempDir::new("ddp-resume");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     let whole = launch(2, &train_args(&t, "whole", 3, &[]));
     assert_ok(&whole);
     // Rank 0 dies by SIGKILL inside its second save (step 4); the launcher ends the job.
@@ -287,7 +252,7 @@ fn a_job_killed_inside_a_save_resumes_to_the_uninterrupted_losses() {
 #[test]
 fn bad_launch_variables_and_timeouts_are_named() {
     let t = TempDir::new("ddp-bad");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     let args = train_args(&t, "out", 2, &[]);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     for (env, needle) in [
@@ -311,7 +276,7 @@ fn bad_launch_variables_and_timeouts_are_named() {
 #[test]
 fn rank_0_refusing_to_start_is_the_rank_named() {
     let t = TempDir::new("ddp-rank0-refuses");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     // An earlier run's checkpoint: rank 0 refuses the folder before any collective.
     std::fs::create_dir_all(t.path("out/checkpoint-2")).unwrap();
     let args = train_args(&t, "out", 2, &[]);
@@ -335,7 +300,7 @@ fn rank_0_refusing_to_start_is_the_rank_named() {
 #[test]
 fn a_rank_with_other_data_or_model_is_refused() {
     let t = TempDir::new("ddp-other-data");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     std::fs::write(t.path("short.jsonl"), corpus(30, 11)).unwrap();
     let other = t.path("other-model");
     assert_ok(&gpt2kit(&[
@@ -395,7 +360,7 @@ fn a_rank_with_other_data_or_model_is_refused() {
 #[test]
 fn two_jobs_started_together_on_one_port_leave_one_training() {
     let t = TempDir::new("ddp-same-port");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     // The job whose rank 0 loses the port fails; its rank 1 reaches the other job's
     // store but keeps to its own job's keys, so the other job trains undisturbed.
     for attempt in 0..4 {
@@ -427,7 +392,7 @@ fn two_jobs_started_together_on_one_port_leave_one_training() {
 #[test]
 fn nodes_launched_with_other_world_sizes_are_refused_at_once() {
     let t = TempDir::new("ddp-world-mismatch");
-    tiny_model(&t);
+    common::data_parallel_model(&t);
     let port = free_port();
     let node = |nproc: &str, node_rank: &str| {
         let mut c = Command::new(env!("CARGO_BIN_EXE_gpt2kit"));

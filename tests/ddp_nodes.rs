@@ -4,7 +4,7 @@
 //! namespaces cannot be made the test says "skipped: ..." on stderr and passes.
 mod common;
 
-use common::{corpus, reference, TempDir};
+use common::TempDir;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -187,37 +187,12 @@ fn two_nodes_over_veth_match_one_process() {
     let bin = env!("CARGO_BIN_EXE_gpt2kit");
     let dir = TempDir::new("ddp-nodes");
 
-    // A 2-layer model without dropout (it would differ between ranks) and 37 text rows.
-    let model = dir.s("m");
-    let tokenizer = reference("hub-tied");
-    let o = Command::new(bin)
-        .args([
-            "init",
-            "--preset",
-            "tiny",
-            "--tokenizer",
-            tokenizer.to_str().unwrap(),
-        ])
-        .args(["--out", &model, "--n-layer", "2", "--n-embd", "64"])
-        .args(["--n-positions", "32", "--seed", "3"])
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "init: {}",
-        String::from_utf8_lossy(&o.stderr)
-    );
-    let config_path = dir.path("m/config.json");
-    let mut config: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config_path).unwrap()).unwrap();
-    for k in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
-        config[k] = serde_json::json!(0.0);
-    }
-    std::fs::write(&config_path, serde_json::to_string_pretty(&config).unwrap()).unwrap();
-    std::fs::write(dir.path("d.jsonl"), corpus(37, 11)).unwrap();
-    let data = dir.s("d.jsonl");
+    // A 2-layer model without dropout and 37 text rows, as tests/ddp.rs trains.
+    let model = common::data_parallel_model(&dir);
+    let model = model.to_str().unwrap();
+    let data = dir.s("data.jsonl");
     let train_args = |batch: &str, out: &str| -> Vec<String> {
-        let mut v: Vec<String> = ["train", "--model", &model, "--data", &data]
+        let mut v: Vec<String> = ["train", "--model", model, "--data", &data]
             .iter()
             .map(|s| s.to_string())
             .collect();

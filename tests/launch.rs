@@ -213,74 +213,68 @@ fn sigterm_to_the_launcher_reaches_every_rank() {
 
 #[test]
 fn bad_command_lines_are_refused_naming_the_flag() {
-    let o = launch(&[
-        "--nproc-per-node",
-        "2",
-        "--",
-        "launch",
-        "--nproc-per-node",
-        "2",
-    ]);
-    assert_failure(&o, 2, "nested launch");
-    let o = launch(&[
-        "--nproc-per-node",
-        "2",
-        "--nnodes",
-        "2",
-        "--node-rank",
-        "2",
-        "--exec",
-        "--",
-        "true",
-    ]);
-    assert_failure(&o, 2, "--node-rank 2 must be below --nnodes 2");
-    let o = launch(&["--nproc-per-node", "2", "--"]);
-    assert_failure(&o, 2, "ARGS is empty");
-    let o = launch(&["--nproc-per-node", "2"]);
-    assert_failure(&o, 2, "ARGS is empty");
-    let o = launch(&["--nproc-per-node", "0", "--exec", "--", "true"]);
-    assert_failure(&o, 2, "--nproc-per-node");
-    let o = launch(&[
-        "--nproc-per-node",
-        "1",
-        "--nnodes",
-        "0",
-        "--exec",
-        "--",
-        "true",
-    ]);
-    assert_failure(&o, 2, "--nnodes");
-    let o = launch(&["--nproc-per-node", "1", "--master-port", "0", "--", "train"]);
-    assert_failure(&o, 2, "--master-port");
-    let o = launch(&[
-        "--nproc-per-node",
-        "1",
-        "--master-port",
-        "65536",
-        "--",
-        "train",
-    ]);
-    assert_failure(&o, 2, "--master-port");
-    let o = launch(&[
-        "--nproc-per-node",
-        "1",
-        "--kill-grace-secs",
-        "-1",
-        "--",
-        "train",
-    ]);
-    assert_failure(&o, 2, "--kill-grace-secs");
-    let o = launch(&[
-        "--nproc-per-node",
-        "1",
-        "--kill-grace-secs",
-        "1e30",
-        "--",
-        "train",
-    ]);
-    assert_failure(&o, 2, "--kill-grace-secs");
-    let o = launch(&["--exec", "--", "true"]);
-    assert_failure(&o, 2, "--nproc-per-node");
+    let n1 = ["--nproc-per-node", "1"];
+    let cases: [(&[&str], &str); 12] = [
+        (
+            &[
+                "--nproc-per-node",
+                "2",
+                "--",
+                "launch",
+                "--nproc-per-node",
+                "2",
+            ],
+            "nested launch",
+        ),
+        (
+            &[
+                "--nproc-per-node",
+                "2",
+                "--nnodes",
+                "2",
+                "--node-rank",
+                "2",
+                "--exec",
+                "--",
+                "true",
+            ],
+            "--node-rank 2 must be below --nnodes 2",
+        ),
+        (&["--nproc-per-node", "2", "--"], "ARGS is empty"),
+        (&["--nproc-per-node", "2"], "ARGS is empty"),
+        (
+            &["--nproc-per-node", "0", "--exec", "--", "true"],
+            "--nproc-per-node",
+        ),
+        (
+            &[&n1[..], &["--nnodes", "0", "--exec", "--", "true"]].concat(),
+            "--nnodes",
+        ),
+        (
+            &[&n1[..], &["--master-port", "0", "--", "train"]].concat(),
+            "--master-port",
+        ),
+        (
+            &[&n1[..], &["--master-port", "65536", "--", "train"]].concat(),
+            "--master-port",
+        ),
+        (
+            &[&n1[..], &["--kill-grace-secs", "-1", "--", "train"]].concat(),
+            "--kill-grace-secs",
+        ),
+        (
+            &[&n1[..], &["--kill-grace-secs", "1e30", "--", "train"]].concat(),
+            "--kill-grace-secs",
+        ),
+        (&["--exec", "--", "true"], "--nproc-per-node"),
+        (
+            &[&n1[..], &["--", "eval", "--help"]].concat(),
+            "`eval`: a launch runs `train`",
+        ),
+    ];
+    for (args, needle) in cases {
+        assert_failure(&launch(args), 2, needle);
+    }
 }
 
 #[test]

@@ -121,6 +121,17 @@ impl Launch {
     }
 }
 
+impl Launch {
+    /// The device this rank runs on: `cuda` (no index given) is the GPU of its
+    /// LOCAL_RANK, as torchrun scripts pick it; any other `--device` as parsed.
+    pub fn device(&self, flag: &str, parsed: Device) -> Device {
+        match (flag, parsed) {
+            ("cuda", Device::Cuda(_)) => Device::Cuda(self.local_rank),
+            (_, d) => d,
+        }
+    }
+}
+
 /// c10d's backends. NCCL lives in libtorch's CUDA library, which this build does not
 /// bind yet; Gloo runs on CPU tensors.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -7,7 +7,7 @@
 use std::io::Write;
 use std::sync::Arc;
 
-use infer::parallel::{Communicator, ProcessSplit};
+use infer::parallel::{sum_in_order, Communicator, ProcessSplit};
 use tch::{Device, Tensor};
 
 use crate::Group;
@@ -41,13 +41,8 @@ impl Communicator for GlooCommunicator {
     /// (An all-gather of these small activations is ~3x faster than Gloo's ring
     /// all-reduce over loopback: `bench/tp_processes.sh`.)
     fn all_reduce(&self, partials: Vec<Tensor>, to: Device) -> Tensor {
-        let mut it = partials.into_iter().map(|p| p.to_device(to));
-        let first = it.next().expect("at least one shard");
-        let local = it.fold(first, |acc, p| acc + p);
-        let all = self.all_gather(local);
-        let mut ranks = (0..self.group.world_size() as i64).map(|r| all.get(r));
-        let first = ranks.next().expect("at least one rank");
-        ranks.fold(first, |acc, p| acc + p)
+        let all = self.all_gather(sum_in_order(partials, to));
+        sum_in_order((0..self.group.world_size() as i64).map(|r| all.get(r)), to)
     }
 
     fn all_gather(&self, t: Tensor) -> Tensor {

@@ -87,10 +87,16 @@ pub struct CopyCommunicator;
 
 impl Communicator for CopyCommunicator {
     fn all_reduce(&self, partials: Vec<Tensor>, to: Device) -> Tensor {
-        let mut it = partials.into_iter().map(|p| p.to_device(to));
-        let first = it.next().expect("at least one shard");
-        it.fold(first, |acc, p| acc + p)
+        sum_in_order(partials, to)
     }
+}
+
+/// The tensors moved to `to` and added one after another, in the order given: the
+/// shards' (and the processes') summation order, on which a split's exactness rests.
+pub fn sum_in_order(parts: impl IntoIterator<Item = Tensor>, to: Device) -> Tensor {
+    let mut it = parts.into_iter().map(|p| p.to_device(to));
+    let first = it.next().expect("at least one part");
+    it.fold(first, |acc, p| acc + p)
 }
 
 /// A reference that may cross into the shard threads.

@@ -213,3 +213,40 @@ pub fn assert_data_parallel_weights(one: &Path, many: &Path) -> (f64, i64) {
     );
     (worst, above)
 }
+
+/// For data-parallel tests: `t/model`, a 2-layer model with dropout off (dropout masks
+/// are drawn per rank, so with it on a data-parallel step differs from one process's,
+/// as in PyTorch's DDP), and `t/data.jsonl`, 37 rows: 30 train and 7 eval examples with
+/// `--eval-split 0.2`, so global batches of 4·2 and 3·3 leave a short last batch in each
+/// epoch (and ranks with nothing to do in it).
+#[allow(dead_code)]
+pub fn data_parallel_model(t: &TempDir) -> PathBuf {
+    let dir = t.path("model");
+    let tok = reference("hub-tied");
+    assert_ok(&gpt2kit(&[
+        "init",
+        "--preset",
+        "tiny",
+        "--tokenizer",
+        tok.to_str().unwrap(),
+        "--out",
+        dir.to_str().unwrap(),
+        "--n-layer",
+        "2",
+        "--n-embd",
+        "64",
+        "--n-positions",
+        "32",
+        "--seed",
+        "3",
+    ]));
+    let path = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    for k in ["resid_pdrop", "embd_pdrop", "attn_pdrop"] {
+        c[k] = 0.0.into();
+    }
+    std::fs::write(&path, c.to_string()).unwrap();
+    std::fs::write(t.path("data.jsonl"), corpus(37, 11)).unwrap();
+    dir
+}

@@ -159,8 +159,10 @@ impl Gpt2 {
         (convert_late, split): (bool, Option<&ProcessSplit>),
     ) -> Result<Self> {
         check_layout(config.n_head, config.inner_dim(), devices)?;
+        if let Some(s) = split {
+            check_split(config.n_head, config.inner_dim(), s.world)?;
+        }
         let shards = Shards::of(devices, split);
-        check_split(config.n_head, config.inner_dim(), shards.n as usize)?;
         let prefix = if files.contains("transformer.wte.weight") {
             "transformer."
         } else {
