@@ -123,7 +123,6 @@ fn stop_strings_end_the_text_before_them() {
 /// A choice's logprobs checked for shape and internal consistency: one entry per token,
 /// each value ≤ 0, the chosen token's value among its top ones; returns
 /// (tokens, token_logprobs, top_logprobs sorted most likely first).
-
 fn check_logprobs(choice: &Value, top: usize) -> (Vec<String>, Vec<f64>, Vec<Vec<(String, f64)>>) {
     let lp = &choice["logprobs"];
     let strings = |v: &Value| -> Vec<String> {
@@ -160,7 +159,6 @@ fn check_logprobs(choice: &Value, top: usize) -> (Vec<String>, Vec<f64>, Vec<Vec
     assert_eq!(values.len(), tokens.len());
     assert_eq!(tops.len(), tokens.len());
     assert_eq!(offsets.len(), tokens.len());
-    assert_eq!(offsets[0], 0);
     assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
     for ((t, &v), top_i) in tokens.iter().zip(&values).zip(&tops) {
         assert!(v <= 0.0, "{v}");
@@ -186,6 +184,7 @@ fn logprobs_are_the_models_own_plain_and_streamed() {
     let plain_text = infer_text(&model, "Hello", 10);
     assert_eq!(v["choices"][0]["text"], plain_text.as_str());
     let (tokens, values, tops) = check_logprobs(&v["choices"][0], 3);
+    assert_eq!(v["choices"][0]["logprobs"]["text_offset"][0], 0);
     // Greedy: each chosen token is the most likely one.
     for (i, top) in tops.iter().enumerate() {
         assert_eq!(top[0].1, values[i], "token {i}: {top:?}");
@@ -215,22 +214,31 @@ fn logprobs_are_the_models_own_plain_and_streamed() {
     let (_, zero_values, zero_tops) = check_logprobs(&zero["choices"][0], 0);
     assert_eq!(zero_values, values);
     assert!(zero_tops.iter().all(|t| t.len() == 1));
-    // Streamed: the pieces' tokens and values add up to the plain answer's.
+    // Streamed: each chunk carries its own tokens' log-probabilities as it goes out, and
+    // the chunks add up to the plain answer's (offsets included).
     body["logprobs"] = json!(3);
     body["stream"] = json!(true);
-    let r = server.post("/v1/completions", &body);
-    let (mut text, mut s_tokens, mut s_values) = (String::new(), Vec::new(), Vec::new());
-    for e in r.events().iter().filter(|e| *e != "[DONE]") {
-        let c = &serde_json::from_str::<Value>(e).unwrap()["choices"][0];
-        text.push_str(c["text"].as_str().unwrap());
-        if !c["logprobs"].is_null() {
-            let (t, v, _) = check_logprobs(c, 3);
-            s_tokens.extend(t);
-            s_values.extend(v);
-        }
-    }
+    let plain_offsets = &v["choices"][0]["logprobs"]["text_offset"];
+    let (text, chunks) = streamed_logprobs(&server, &body);
     assert_eq!(text, plain_text);
-    assert_eq!((s_tokens, s_values), (tokens.clone(), values.clone()));
+    let joined = |k: &str| -> Vec<Value> {
+        chunks
+            .iter()
+            .flat_map(|lp| lp[k].as_array().unwrap().clone())
+            .collect()
+    };
+    let s_values: Vec<f64> = joined("token_logprobs").iter().map(|x| x.as_f64().unwrap()).collect();
+    let s_tokens: Vec<Value> = joined("tokens");
+    assert_eq!(s_tokens, v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().clone());
+    assert_eq!(s_values, values);
+    assert_eq!(Value::Array(joined("text_offset")), *plain_offsets);
+    // Not all at the end: one chunk per token whose text went out at once.
+    assert!(
+        chunks.len() * 2 > tokens.len(),
+        "{} chunks with log-probabilities for {} tokens",
+        chunks.len(),
+        tokens.len()
+    );
     // With a stop string the tokens run up to the one that completes it.
     let chars: Vec<char> = plain_text.chars().collect();
     assert!(
@@ -248,6 +256,33 @@ fn logprobs_are_the_models_own_plain_and_streamed() {
     let (_, cut, _) = check_logprobs(c, 1);
     assert!(cut.len() < values.len(), "{}", c["logprobs"]);
     assert_eq!(cut, values[..cut.len()]);
+    // Streamed with the stop string: the text held back while it could begin the stop
+    // string goes out later with its tokens; the same tokens and values in the end.
+    body["stream"] = json!(true);
+    let (text, chunks) = streamed_logprobs(&server, &body);
+    assert_eq!(text, c["text"].as_str().unwrap());
+    let streamed: Vec<f64> = chunks
+        .iter()
+        .flat_map(|lp| lp["token_logprobs"].as_array().unwrap().clone())
+        .map(|x| x.as_f64().unwrap())
+        .collect();
+    assert_eq!(streamed, cut);
+}
+
+/// A streamed request's text and the `logprobs` of each chunk that has them.
+fn streamed_logprobs(server: &Server, body: &Value) -> (String, Vec<Value>) {
+    let r = server.post("/v1/completions", body);
+    assert_eq!(r.status, 200, "{}", r.body);
+    let (mut text, mut chunks) = (String::new(), Vec::new());
+    for e in r.events().iter().filter(|e| *e != "[DONE]") {
+        let c = &serde_json::from_str::<Value>(e).unwrap()["choices"][0];
+        text.push_str(c["text"].as_str().unwrap());
+        if !c["logprobs"].is_null() {
+            check_logprobs(c, body["logprobs"].as_u64().unwrap() as usize);
+            chunks.push(c["logprobs"].clone());
+        }
+    }
+    (text, chunks)
 }
 
 /// A copy of the reference model whose tokenizer_config.json has a chat template.

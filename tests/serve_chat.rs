@@ -92,6 +92,17 @@ fn chat_completions_render_the_template() {
         assert_eq!(top[0]["token"], t["token"], "{t}");
         assert!(t["logprob"].as_f64().unwrap() <= 0.0);
     }
+    // Streamed, each chunk carries its own tokens' entries; together they are the plain
+    // answer's.
+    lbody["stream"] = json!(true);
+    let chunks = server.post("/v1/chat/completions", &lbody).chunks();
+    let per_chunk: Vec<&Vec<Value>> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["logprobs"]["content"].as_array())
+        .collect();
+    assert!(per_chunk.len() > 1, "{chunks:?}");
+    let streamed: Vec<Value> = per_chunk.into_iter().flatten().cloned().collect();
+    assert_eq!(&streamed, content);
 
     // The template's raise_exception, and other bad bodies: 400 naming the field.
     let cases = [

@@ -94,10 +94,14 @@ struct Choices {
     finish: Vec<Option<&'static str>>,
     /// Per choice: whether its last event (`Done`, `Failed`) came.
     closed: Vec<bool>,
-    /// Per choice: its raw log-probabilities (with `logprobs`, once it is over).
+    /// Per choice: its tokens' raw log-probabilities so far (with `logprobs`), one per
+    /// token of its `all`.
     raw: Vec<Vec<Logprobs>>,
-    /// Whether log-probabilities were asked for: then a choice's text goes out with them
-    /// once it is over (the engine hands them over at the end).
+    /// Per choice, streamed: how many of its tokens' log-probabilities went out, and the
+    /// text offset after them. Each chunk carries those of the tokens that arrived since
+    /// the last one (a token whose text is held back goes with the next piece).
+    streamed: Vec<(usize, usize)>,
+    /// Whether log-probabilities were asked for.
     logprobs: bool,
     open: usize,
     prompt_tokens: usize,
@@ -127,32 +131,30 @@ impl Choices {
         let tok = &self.app.tokenizer;
         let text = &mut self.texts[i];
         match event {
-            Event::Token(t) => {
+            Event::Token(t, raw) => {
                 if self.finish[i].is_some() {
                     return Piece::Nothing;
                 }
                 let piece = text.push(tok, t);
+                self.raw[i].extend(raw);
                 let end = text.stopped.then_some("stop");
                 if end.is_some() {
                     self.stopped[i].store(true, Ordering::Relaxed);
                     self.finish[i] = end;
                 }
-                if self.logprobs || (piece.is_empty() && end.is_none()) {
+                if piece.is_empty() && end.is_none() {
                     Piece::Nothing
                 } else {
                     Piece::Text(i, piece, end)
                 }
             }
-            Event::Done(why, raw) => {
+            Event::Done(why) => {
                 self.closed[i] = true;
                 self.open -= 1;
-                self.raw[i] = raw;
                 let stopped = self.finish[i].is_some();
                 let end = *self.finish[i].get_or_insert(finish_reason(why));
                 let rest = text.finish();
-                if self.logprobs {
-                    Piece::Text(i, text.text().to_string(), Some(end))
-                } else if stopped {
+                if stopped {
                     Piece::Nothing
                 } else {
                     Piece::Text(i, rest, Some(end))
@@ -174,9 +176,27 @@ impl Choices {
         }
         let (t, raw, tok) = (&self.texts[i], &self.raw[i], &self.app.tokenizer);
         match shape {
-            Shape::Text => crate::logprobs::completion(tok, &t.all, raw, &t.enders),
+            Shape::Text => crate::logprobs::completion(tok, &t.all, raw, &t.enders, 0).0,
             Shape::Chat { top } => crate::logprobs::chat(tok, &t.all, raw, top),
         }
+    }
+
+    /// Streamed, choice `i`'s `logprobs` for its tokens not sent yet (null when there
+    /// are none, or they were not asked for).
+    fn unsent_logprobs(&mut self, i: usize, shape: Shape) -> Value {
+        let (t, raw, tok) = (&self.texts[i], &self.raw[i], &self.app.tokenizer);
+        let (from, offset) = self.streamed[i];
+        let upto = raw.len().min(t.all.len());
+        if !self.logprobs || upto <= from {
+            return Value::Null;
+        }
+        let (ids, raw) = (&t.all[from..upto], &raw[from..upto]);
+        let (v, offset) = match shape {
+            Shape::Text => crate::logprobs::completion(tok, ids, raw, &t.enders, offset),
+            Shape::Chat { top } => (crate::logprobs::chat(tok, ids, raw, top), offset),
+        };
+        self.streamed[i] = (upto, offset);
+        v
     }
 
     fn usage(&self) -> Value {
@@ -216,6 +236,7 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
         finish: Vec::new(),
         closed: Vec::new(),
         raw: Vec::new(),
+        streamed: Vec::new(),
         logprobs: c.logprobs.is_some(),
         open: 0,
         prompt_tokens: prompts.iter().map(Vec::len).sum(),
@@ -233,6 +254,7 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
             choices.finish.push(None);
             choices.closed.push(false);
             choices.raw.push(Vec::new());
+            choices.streamed.push((0, 0));
             choices.open += 1;
             jobs.push(Job {
                 prompt: prompt.clone(),
@@ -335,10 +357,7 @@ impl Streaming {
     }
 
     fn piece(&mut self, i: usize, text: String, finish: Option<&str>) {
-        let logprobs = match finish {
-            Some(_) => self.choices.logprobs_of(i, self.head.shape),
-            None => Value::Null,
-        };
+        let logprobs = self.choices.unsent_logprobs(i, self.head.shape);
         let choice = json!([self.head.choice(i, text, logprobs, finish)]);
         let usage = self.include_usage.then_some(Value::Null);
         let chunk = self.head.chunk(choice, usage);

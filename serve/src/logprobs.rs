@@ -34,13 +34,19 @@ fn width(tok: &Tokenizer, id: i64) -> usize {
 }
 
 /// A choice's `logprobs` for Completions: `ids` the generated tokens, `raw` theirs (one
-/// each; extra ones ignored). Tokens in `enders` (EOS) take no room in the text.
-pub fn completion(tok: &Tokenizer, ids: &[i64], raw: &[Logprobs], enders: &[i64]) -> Value {
+/// each; extra ones ignored), the first at text offset `offset`; with the offset after
+/// the last. Tokens in `enders` (EOS) take no room in the text.
+pub fn completion(
+    tok: &Tokenizer,
+    ids: &[i64],
+    raw: &[Logprobs],
+    enders: &[i64],
+    mut offset: usize,
+) -> (Value, usize) {
     let mut tokens = Vec::with_capacity(ids.len());
     let mut token_logprobs = Vec::with_capacity(ids.len());
     let mut top_logprobs = Vec::with_capacity(ids.len());
     let mut text_offset = Vec::with_capacity(ids.len());
-    let mut offset = 0;
     for (&id, lp) in ids.iter().zip(raw) {
         let t = text(tok, id);
         text_offset.push(offset);
@@ -57,12 +63,13 @@ pub fn completion(tok: &Tokenizer, ids: &[i64], raw: &[Logprobs], enders: &[i64]
         token_logprobs.push(lp.logprob);
         top_logprobs.push(Value::Object(top));
     }
-    json!({
+    let v = json!({
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
-    })
+    });
+    (v, offset)
 }
 
 /// One token in Chat's shape.

@@ -10,9 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use infer::ensemble::Ensemble;
-use infer::generate::{
-    Engine, FinishReason, Generated, GenerationConfig, Logprobs, Request, Schedule,
-};
+use infer::generate::{Engine, FinishReason, GenerationConfig, Logprobs, Request, Schedule};
 use infer::prefix::PrefixCache;
 use infer::Gpt2;
 use tokio::sync::mpsc::UnboundedSender;
@@ -24,9 +22,10 @@ use axum::http::StatusCode;
 /// What a job's request hears about it: (choice index, event).
 #[derive(Debug)]
 pub enum Event {
-    Token(i64),
-    /// The sequence ended; with its raw log-probabilities where its settings asked.
-    Done(FinishReason, Vec<Logprobs>),
+    /// A token, with its raw log-probabilities where its settings asked for them.
+    Token(i64, Option<Logprobs>),
+    /// The sequence ended.
+    Done(FinishReason),
     /// The sequence failed: a 400 where its own settings left it no token to pick (all
     /// banned, scores not finite), else a 500.
     Failed(ApiError),
@@ -192,8 +191,8 @@ impl Scheduler<'_> {
             .collect();
         for id in gone {
             self.engine.cancel(id);
-            // A job still listened to (a stop string ended it) hears how it ended, with
-            // its log-probabilities, from `retire`.
+            // A job still listened to (a stop string ended it) hears how it ended from
+            // `retire`.
             if self.live.get(&id).is_some_and(Job::deaf) {
                 self.live.remove(&id);
                 m.running.fetch_sub(1, Ordering::Relaxed);
@@ -238,14 +237,14 @@ impl Scheduler<'_> {
         let live = &mut self.live;
         let m = self.metrics;
         let never = |_: &[i64]| false;
-        self.engine.step(&never, &mut |row, token| {
+        self.engine.step_with_logprobs(&never, &mut |row, token, raw| {
             if let Some(job) = live.get_mut(&row) {
                 if !job.started {
                     job.started = true;
                     m.first_token(job.arrived.elapsed().as_secs_f64());
                 }
                 m.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                job.send(Event::Token(token));
+                job.send(Event::Token(token, raw.cloned()));
             }
         })?;
         m.steps.fetch_add(1, Ordering::Relaxed);
@@ -261,14 +260,10 @@ impl Scheduler<'_> {
                 continue;
             };
             m.running.fetch_sub(1, Ordering::Relaxed);
-            let Generated {
-                finish_reason: why,
-                raw_logprobs,
-                ..
-            } = seqs
+            let why = seqs
                 .into_iter()
                 .next()
-                .unwrap_or_else(|| Generated::empty(FinishReason::Error));
+                .map_or(FinishReason::Error, |g| g.finish_reason);
             match why {
                 FinishReason::Error => {
                     m.failed.fetch_add(1, Ordering::Relaxed);
@@ -286,7 +281,7 @@ impl Scheduler<'_> {
                 _ => m.finished.fetch_add(1, Ordering::Relaxed),
             };
             m.end_to_end(job.arrived.elapsed().as_secs_f64());
-            job.send(Event::Done(why, raw_logprobs));
+            job.send(Event::Done(why));
         }
     }
 

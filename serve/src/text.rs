@@ -84,11 +84,6 @@ impl ChoiceText {
         piece
     }
 
-    /// The text so far (all of it once the sequence ended).
-    pub fn text(&self) -> &str {
-        &self.text
-    }
-
     /// The sequence ended: the rest of the text.
     pub fn finish(&mut self) -> String {
         let end = self.text.len();

@@ -21,7 +21,7 @@ mod settings;
 pub use crate::sequence::{FinishReason, Generated, Logprobs};
 pub use choose::{choose, choose_k, Choice, NoPick, Sampling};
 pub use engine::{
-    feed_rows, Ask, Engine, Pick, Proposal, Request, Schedule, SpecStats, Speculator,
+    feed_rows, Ask, Engine, OnToken, Pick, Proposal, Request, Schedule, SpecStats, Speculator,
 };
 pub use settings::{
     check_request_at, check_settings, validate, validate_requests, EarlyStopping, GenerationConfig,

@@ -28,7 +28,7 @@ use crate::error::Result;
 use crate::generate::beam::Beam;
 use crate::prefix::PrefixCache;
 use crate::rng::SeqRng;
-use crate::sequence::FinishReason;
+use crate::sequence::{FinishReason, Logprobs};
 
 use super::{Generated, GenerationConfig, StepContext, StopCheck, Strategy};
 pub use speculate::{feed_rows, Ask, Pick, Proposal, SpecStats, Speculator};
@@ -115,6 +115,10 @@ impl Unit {
         self.slots.len()
     }
 }
+
+/// What sees each picked token: its output row, its id and, where asked for, its raw
+/// log-probabilities.
+pub type OnToken<'a> = &'a mut dyn FnMut(usize, i64, Option<&Logprobs>);
 
 /// Per request, its finished sequences (output row order; beams best first).
 pub type Finished = Vec<Vec<Generated>>;
@@ -331,6 +335,13 @@ impl<'a> Engine<'a> {
     /// leave, feed the picked tokens. `on_token(row, id)` sees each picked token of a
     /// single sequence (output row `row`).
     pub fn step(&mut self, stop: StopCheck, on_token: &mut dyn FnMut(usize, i64)) -> Result<()> {
+        self.step_with_logprobs(stop, &mut |row, tok, _| on_token(row, tok))
+    }
+
+    /// `step`, with each picked token's raw log-probabilities beside it where its settings
+    /// ask for them (`GenerationConfig::logprobs`; a streaming server sends them with
+    /// the token).
+    pub fn step_with_logprobs(&mut self, stop: StopCheck, on_token: OnToken) -> Result<()> {
         self.admit()?;
         if self.live.is_empty() {
             // Only prompts riding along (their sequences left): feed them on.

@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use tch::Tensor;
 
-use super::{Engine, Feed, Kind, Unit};
+use super::{Engine, Feed, Kind, OnToken, Unit};
 use crate::error::Result;
 use crate::generate::{
     choose, finish_reason, pick_failed, Choice, NoPick, Sampling, Step, StepContext, Strategy,
@@ -20,7 +20,7 @@ impl Engine<'_> {
         &mut self,
         scores: &Tensor,
         ends: &StepContext,
-        on_token: &mut dyn FnMut(usize, i64),
+        on_token: OnToken,
     ) -> Result<Vec<Option<Feed>>> {
         let n = self.live.len();
         let mut picked = Choice {
@@ -89,10 +89,11 @@ impl Engine<'_> {
             }
             out.tokens.push(tok);
             out.logprobs.push(lp);
-            out.raw_logprobs.extend(raw[i].take());
+            let raw = raw[i].take();
             out.score += lp;
             tokens.push(tok);
-            on_token(u.row, tok);
+            on_token(u.row, tok, raw.as_ref());
+            out.raw_logprobs.extend(raw);
             match finish_reason(cfg, &out.tokens, u.limit, ends.stop, ends.timed_out) {
                 Some(reason) => {
                     out.finish_reason = reason;
@@ -182,8 +183,9 @@ impl Engine<'_> {
         &mut self,
         scores: &Tensor,
         ends: &StepContext,
-        on_token: &mut dyn FnMut(usize, i64),
+        on_token: OnToken,
     ) -> Result<Vec<Option<Feed>>> {
+        let on_token = &mut |row, tok| on_token(row, tok, None);
         let mut feeds = Vec::with_capacity(self.live.len());
         let mut offset = 0;
         for u in &mut self.live {

@@ -13,7 +13,7 @@
 //! assisted generation does, so one verification is one forward pass of the target.
 use tch::{Kind, Tensor};
 
-use super::{Engine, Feed, Kind as UnitKind, Request, Schedule};
+use super::{Engine, Feed, Kind as UnitKind, OnToken, Request, Schedule};
 use crate::cache::KvCache;
 use crate::ensemble::Ensemble;
 use crate::error::{Error, Result};
@@ -148,7 +148,7 @@ impl<'a> Engine<'a> {
     pub(super) fn speculate(
         &mut self,
         stop: StopCheck,
-        on_token: &mut dyn FnMut(usize, i64),
+        on_token: OnToken,
     ) -> Result<()> {
         let Some(mut spec) = self.spec.take() else {
             return Ok(());
@@ -176,7 +176,7 @@ impl<'a> Engine<'a> {
         spec: &mut Speculation,
         rngs: &mut [Option<SeqRng>],
         stop: StopCheck,
-        on_token: &mut dyn FnMut(usize, i64),
+        on_token: OnToken,
     ) -> Result<Vec<Option<Feed>>> {
         let cfg = self.cfg;
         let sampling = Sampling::of(cfg.processing.do_sample);
@@ -243,7 +243,7 @@ impl<'a> Engine<'a> {
                 out.logprobs.push(lp);
                 out.score += lp;
                 tokens.push(tok);
-                on_token(u.row, tok);
+                on_token(u.row, tok, None);
                 let late = timed_out && j + 1 == kept.len();
                 reason = finish_reason(cfg, &out.tokens, u.limit, stop, late);
                 if reason.is_some() {
