@@ -227,9 +227,18 @@ fn logprobs_are_the_models_own_plain_and_streamed() {
             .flat_map(|lp| lp[k].as_array().unwrap().clone())
             .collect()
     };
-    let s_values: Vec<f64> = joined("token_logprobs").iter().map(|x| x.as_f64().unwrap()).collect();
+    let s_values: Vec<f64> = joined("token_logprobs")
+        .iter()
+        .map(|x| x.as_f64().unwrap())
+        .collect();
     let s_tokens: Vec<Value> = joined("tokens");
-    assert_eq!(s_tokens, v["choices"][0]["logprobs"]["tokens"].as_array().unwrap().clone());
+    assert_eq!(
+        s_tokens,
+        v["choices"][0]["logprobs"]["tokens"]
+            .as_array()
+            .unwrap()
+            .clone()
+    );
     assert_eq!(s_values, values);
     assert_eq!(Value::Array(joined("text_offset")), *plain_offsets);
     // Not all at the end: one chunk per token whose text went out at once.

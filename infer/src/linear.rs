@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use crate::error::Result;
+use crate::gguf::matmul::BlockLinear;
 use crate::kernels::{PackedLinear, WeightFormat};
 use crate::mapped::{release_tensor, MappedFile};
 use crate::quant::{InputObserver, Int8Linear, QuantRows};
@@ -47,6 +48,10 @@ pub enum Linear {
         weight: Tensor,
         packed: Option<PackedLinear>,
     },
+    /// A GGUF file's weight in its ggml block format (`gguf::matmul`), (out, in) rows:
+    /// every call quantizes its activations and runs the block kernels, as llama.cpp's
+    /// CPU backend does. Used for the LM head too.
+    Blocks(Box<BlockLinear>),
     /// Any layer, recording the per-channel max |x| of its inputs (calibration).
     Observed {
         inner: Box<Linear>,
@@ -66,6 +71,8 @@ impl Linear {
             Linear::Rows { packed, .. } => {
                 packed.as_ref().is_some_and(|p| rows <= kernel_max_rows(p))
             }
+            // Every row count: prompts run on the block kernels too.
+            Linear::Blocks(_) => true,
             Linear::Float { .. } | Linear::Observed { .. } => false,
         }
     }
@@ -113,6 +120,14 @@ impl Linear {
                 (weight, bias)
             }
             Linear::Int8(q) => return q.forward(x),
+            Linear::Blocks(b) => {
+                let y = b.forward(x);
+                return if x.kind() == Kind::Float {
+                    y
+                } else {
+                    y.to_kind(x.kind())
+                };
+            }
             Linear::Rows { weight, packed } => {
                 if let Some(y) = packed
                     .as_ref()
@@ -253,7 +268,10 @@ impl Linear {
                 Some((weight, bias))
             }
             Linear::Observed { inner, .. } => inner.float_parts(),
-            Linear::Int8(_) | Linear::Int8Weight { .. } | Linear::Rows { .. } => None,
+            Linear::Int8(_)
+            | Linear::Int8Weight { .. }
+            | Linear::Rows { .. }
+            | Linear::Blocks(_) => None,
         }
     }
 }

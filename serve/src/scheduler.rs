@@ -237,16 +237,17 @@ impl Scheduler<'_> {
         let live = &mut self.live;
         let m = self.metrics;
         let never = |_: &[i64]| false;
-        self.engine.step_with_logprobs(&never, &mut |row, token, raw| {
-            if let Some(job) = live.get_mut(&row) {
-                if !job.started {
-                    job.started = true;
-                    m.first_token(job.arrived.elapsed().as_secs_f64());
+        self.engine
+            .step_with_logprobs(&never, &mut |row, token, raw| {
+                if let Some(job) = live.get_mut(&row) {
+                    if !job.started {
+                        job.started = true;
+                        m.first_token(job.arrived.elapsed().as_secs_f64());
+                    }
+                    m.generated_tokens.fetch_add(1, Ordering::Relaxed);
+                    job.send(Event::Token(token, raw.cloned()));
                 }
-                m.generated_tokens.fetch_add(1, Ordering::Relaxed);
-                job.send(Event::Token(token, raw.cloned()));
-            }
-        })?;
+            })?;
         m.steps.fetch_add(1, Ordering::Relaxed);
         self.retire();
         Ok(())

@@ -20,10 +20,13 @@
 //! output goes into the activation unrounded. f32 differs only in summation order. Every
 //! op is `#[inline(always)]`, so that its loops vectorise for the ISA of the entry point
 //! (`Simd`) it is inlined into.
+use std::sync::Arc;
+
 use tch::{Kind, Tensor};
 
 use crate::cache::{KvCache, Span};
 use crate::config::Activation;
+use crate::gguf::matmul::BlockLinear;
 use crate::kernels::{PackedLinear, ThreadPool};
 use crate::linear::Linear;
 
@@ -67,14 +70,45 @@ impl Norm {
         }
     }
 }
+/// A layer's decode kernel: a packed weight, or a GGUF weight's blocks.
+pub(crate) enum Kernel<'a> {
+    Packed(&'a PackedLinear),
+    Blocks(&'a BlockLinear),
+}
+
+impl Kernel<'_> {
+    pub(crate) fn out_features(&self) -> usize {
+        match self {
+            Kernel::Packed(p) => p.out_features(),
+            Kernel::Blocks(b) => b.out_features(),
+        }
+    }
+
+    /// y = x·W + b for `rows` rows of `x` (rows, in) into `out` (rows, out).
+    pub(crate) fn forward(&self, x: &[f32], rows: usize, out: &mut [f32]) {
+        match self {
+            Kernel::Packed(p) => p.forward(x, rows, out),
+            Kernel::Blocks(b) => b.forward_rows(x, rows, out),
+        }
+    }
+
+    pub(crate) fn pool(&self) -> &Arc<ThreadPool> {
+        match self {
+            Kernel::Packed(p) => p.pool(),
+            Kernel::Blocks(b) => b.pool(),
+        }
+    }
+}
+
 /// The decode kernel of a layer, if it has one.
-pub(crate) fn kernel(l: &Linear) -> Option<&PackedLinear> {
+pub(crate) fn kernel(l: &Linear) -> Option<Kernel<'_>> {
     match l {
-        Linear::Packed { packed, .. } => Some(packed),
+        Linear::Packed { packed, .. } => Some(Kernel::Packed(packed)),
         Linear::Int8Weight {
             packed: Some(p), ..
-        } => Some(p),
-        Linear::Int8(q) => q.packed.as_ref(),
+        } => Some(Kernel::Packed(p)),
+        Linear::Int8(q) => q.packed.as_ref().map(Kernel::Packed),
+        Linear::Blocks(b) => Some(Kernel::Blocks(b)),
         _ => None,
     }
 }

@@ -40,7 +40,12 @@ impl DotPath {
     pub fn is_supported(self) -> bool {
         match self {
             #[cfg(target_arch = "x86_64")]
-            DotPath::Avx2 => is_x86_feature_detected!("avx2"),
+            DotPath::Avx2 => {
+                // The block kernels (`matmul`) also fuse multiply-adds and widen halves.
+                is_x86_feature_detected!("avx2")
+                    && is_x86_feature_detected!("fma")
+                    && is_x86_feature_detected!("f16c")
+            }
             #[cfg(not(target_arch = "x86_64"))]
             DotPath::Avx2 => false,
             DotPath::Scalar => true,
@@ -159,6 +164,13 @@ pub fn vec_dot_on(
             )));
         }
     }
+    Ok(row_dot(path, ty, n, weights, acts))
+}
+
+/// [`vec_dot_on`] without its checks: `path` supported, `ty` a quantized type, both rows
+/// of `n` weights' bytes.
+pub(crate) fn row_dot(path: DotPath, ty: GgmlType, n: usize, weights: &[u8], acts: &[u8]) -> f32 {
+    let act = vec_dot_type(ty).expect("a quantized type");
     // integer sums a chunk of blocks at a time, then the f32 step over them
     const CHUNK: usize = 64;
     let (ws, as_) = (ty.type_size(), act.type_size());
@@ -177,7 +189,7 @@ pub fn vec_dot_on(
         }
         sumf = scale_and_sum(ty, w, a, ints, sumf);
     }
-    Ok(sumf)
+    sumf
 }
 
 /// The 32-weight kind of a weight type, `None` for Q8_0 (whose levels are its bytes).

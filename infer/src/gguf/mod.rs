@@ -1,11 +1,12 @@
 //! llama.cpp's GGUF format: the ggml tensor types and their block codecs (`types`, `blocks`),
-//! row dot products over the blocks (`dot`),
+//! row dot products over the blocks (`dot`) and layers that run on them (`matmul`),
 //! the container (`file`, `meta`), and a GPT-2 read from one (`load`).
 pub mod blocks;
 pub mod dot;
 pub mod file;
 pub mod gpt2;
 pub mod load;
+pub mod matmul;
 pub mod meta;
 pub mod types;
 pub mod vocab;

@@ -145,11 +145,7 @@ impl<'a> Engine<'a> {
     }
 
     /// One speculative round for every live sequence (admitted already).
-    pub(super) fn speculate(
-        &mut self,
-        stop: StopCheck,
-        on_token: OnToken,
-    ) -> Result<()> {
+    pub(super) fn speculate(&mut self, stop: StopCheck, on_token: OnToken) -> Result<()> {
         let Some(mut spec) = self.spec.take() else {
             return Ok(());
         };

@@ -1,0 +1,485 @@
+//! A linear layer that runs on its ggml blocks: the weight stays in the file's format
+//! (one row of blocks per output channel, as ggml stores a `(out, in)` tensor), each
+//! input row is quantized to the type's activation format (`dot::quantize_activations`,
+//! Q8_0 for the 32-weight types), and every output is one row dot product, as llama.cpp's
+//! CPU backend computes a matrix product. A token reads each weight byte once: Q4_0 is
+//! 4.5 bits a weight against fp32's 32.
+//!
+//! Q8_0 and Q4_0 have their own kernels, in the order of ggml-cpu's AVX2 `vec_dot`: per
+//! block, eight lanes of integer sums (four weights each), each lane multiplied by the
+//! block's two scales and added into its lane's f32 accumulator with one fused
+//! multiply-add, the eight lanes summed pairwise at the end. The portable path computes
+//! the same operations in the same order, so both agree bit for bit. The other types
+//! (Q4_1, Q5_*, K-quants) use `dot`'s row products. Each output is one row's dot product
+//! whatever else runs beside it, so a sequence's logits do not depend on its batch.
+use std::sync::Arc;
+
+use tch::{Kind, Tensor};
+
+use super::blocks::half::f16_at;
+use super::dot::{self, DotPath};
+use super::types::GgmlType;
+use crate::error::{Error, Result};
+use crate::kernels::ThreadPool;
+
+/// Weights per block of Q8_0 and Q4_0, and bytes per block.
+const QK: usize = 32;
+const Q8_0_BYTES: usize = 34;
+const Q4_0_BYTES: usize = 18;
+
+/// Below this many weight bytes per task, splitting the outputs costs more than it gains.
+const MIN_TASK_BYTES: usize = 32 << 10;
+
+/// A `(out, in)` weight in a ggml block format, with its bias.
+pub struct BlockLinear {
+    ty: GgmlType,
+    n_in: usize,
+    n_out: usize,
+    /// `n_out` rows of `ty.row_bytes(n_in)` bytes.
+    bytes: Vec<u8>,
+    bias: Option<Vec<f32>>,
+    path: DotPath,
+    pool: Arc<ThreadPool>,
+}
+
+impl BlockLinear {
+    /// A layer over `bytes`, `n_out` rows of `n_in` weights of type `ty`; `None` when
+    /// the type has no row dot product (float types run as float layers).
+    pub fn new(
+        ty: GgmlType,
+        n_in: usize,
+        n_out: usize,
+        bytes: Vec<u8>,
+        bias: Option<Vec<f32>>,
+    ) -> Result<Option<Self>> {
+        if dot::vec_dot_type(ty).is_none() {
+            return Ok(None);
+        }
+        let row = ty.row_bytes(n_in);
+        if row.and_then(|r| r.checked_mul(n_out)) != Some(bytes.len()) {
+            return Err(Error::Input(format!(
+                "{n_out} rows of {n_in} {} weights do not fit {} bytes",
+                ty.name(),
+                bytes.len()
+            )));
+        }
+        if bias.as_ref().is_some_and(|b| b.len() != n_out) {
+            return Err(Error::Input(format!(
+                "a bias of {} values for {n_out} outputs",
+                bias.map_or(0, |b| b.len())
+            )));
+        }
+        Ok(Some(Self {
+            ty,
+            n_in,
+            n_out,
+            bytes,
+            bias,
+            path: DotPath::detect(),
+            pool: ThreadPool::global(),
+        }))
+    }
+
+    /// The same layer on another path (tests run each path against the others).
+    pub fn with_path(mut self, path: DotPath) -> Result<Self> {
+        if !path.is_supported() {
+            return Err(Error::Input(format!("this CPU lacks the {path:?} path")));
+        }
+        self.path = path;
+        Ok(self)
+    }
+
+    pub fn ggml_type(&self) -> GgmlType {
+        self.ty
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.n_in
+    }
+
+    pub fn out_features(&self) -> usize {
+        self.n_out
+    }
+
+    /// The threads the layer runs on.
+    pub fn pool(&self) -> &Arc<ThreadPool> {
+        &self.pool
+    }
+
+    /// Bytes of weight a call reads.
+    pub fn weight_bytes(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// y = x·Wᵀ + b for `x` (…, in) in any float kind; y (…, out) in f32. Activations that
+    /// are not finite give NaN outputs (the engine then reports scores that are not).
+    pub fn forward(&self, x: &Tensor) -> Tensor {
+        let mut shape = x.size();
+        let n_in = *shape.last().expect("input has a feature dimension");
+        assert_eq!(n_in as usize, self.n_in, "input features");
+        *shape.last_mut().unwrap() = self.n_out as i64;
+        let x = x.to_kind(Kind::Float).contiguous().reshape([-1]);
+        let xs = Vec::<f32>::try_from(&x).expect("f32 activations");
+        let rows = xs.len() / self.n_in.max(1);
+        let mut y = vec![0f32; rows * self.n_out];
+        self.forward_rows(&xs, rows, &mut y);
+        Tensor::from_slice(&y).reshape(shape)
+    }
+
+    /// `forward` on host rows: `x` (rows × in) into `y` (rows × out).
+    pub fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
+        let act_row = dot::vec_dot_type(self.ty)
+            .and_then(|a| a.row_bytes(self.n_in))
+            .expect("checked at construction");
+        let mut acts = Vec::with_capacity(rows * act_row);
+        for r in x.chunks_exact(self.n_in).take(rows) {
+            match dot::quantize_activations(self.ty, r) {
+                Ok(q) => acts.extend(q),
+                Err(_) => {
+                    y.fill(f32::NAN);
+                    return;
+                }
+            }
+        }
+        let w_row = self.bytes.len() / self.n_out.max(1);
+        let per_task = (MIN_TASK_BYTES / w_row.max(1)).max(1);
+        let tasks = self
+            .n_out
+            .div_ceil(per_task)
+            .min(self.pool.threads() * 4)
+            .max(1);
+        // Whole groups of `GROUP` outputs per task, but the last.
+        let chunk = self.n_out.div_ceil(tasks).next_multiple_of(GROUP);
+        let out = Out(y.as_mut_ptr());
+        let n_out = self.n_out;
+        let acts = Acts {
+            bytes: &acts,
+            row: act_row,
+            rows,
+        };
+        self.pool.run(tasks, &|t| {
+            let first = (t * chunk).min(n_out);
+            let last = (first + chunk).min(n_out);
+            // SAFETY: each task writes only its own outputs `first..last` of each row,
+            // inside `y` (rows × n_out), which outlives `run`.
+            unsafe { self.outputs(first..last, &acts, &out, w_row) };
+        });
+    }
+
+    /// Outputs `range` of every row into `out` (rows × n_out).
+    ///
+    /// # Safety
+    /// `out` points at rows × n_out values that nothing else writes in `range`.
+    unsafe fn outputs(&self, range: std::ops::Range<usize>, acts: &Acts, out: &Out, w_row: usize) {
+        let row = |n: usize| &self.bytes[n * w_row..(n + 1) * w_row];
+        let bias = |n: usize| self.bias.as_ref().map_or(0.0, |b| b[n]);
+        let put = |m: usize, n: usize, v: f32| {
+            // SAFETY: m < rows and n < n_out, in this task's range (the caller's promise).
+            unsafe { *out.at(m * self.n_out + n) = v + bias(n) }
+        };
+        let blocks = self.n_in / QK;
+        let fast = matches!(self.ty, GgmlType::Q8_0 | GgmlType::Q4_0);
+        #[cfg(target_arch = "x86_64")]
+        if fast && self.path == DotPath::Avx2 {
+            let q4 = self.ty == GgmlType::Q4_0;
+            let mut n = range.start;
+            if acts.rows == 1 {
+                while n + GROUP <= range.end {
+                    let w: [&[u8]; GROUP] = std::array::from_fn(|g| row(n + g));
+                    // SAFETY: AVX2, FMA and F16C (the path); whole rows of `blocks` blocks.
+                    let v = unsafe { avx2::four_outputs(q4, w, acts.row(0), blocks) };
+                    for (g, v) in v.into_iter().enumerate() {
+                        put(0, n + g, v);
+                    }
+                    n += GROUP;
+                }
+            }
+            for n in n..range.end {
+                let mut v = [0f32; MAX_ROWS];
+                for first in (0..acts.rows).step_by(MAX_ROWS) {
+                    let count = MAX_ROWS.min(acts.rows - first);
+                    let a: [&[u8]; MAX_ROWS] =
+                        std::array::from_fn(|i| acts.row(first + i.min(count - 1)));
+                    // SAFETY: as above.
+                    unsafe { avx2::rows(q4, row(n), &a[..count], blocks, &mut v[..count]) };
+                    for (i, &v) in v[..count].iter().enumerate() {
+                        put(first + i, n, v);
+                    }
+                }
+            }
+            return;
+        }
+        for n in range {
+            for m in 0..acts.rows {
+                let a = acts.row(m);
+                let v = match fast {
+                    true => scalar_dot(self.ty == GgmlType::Q4_0, row(n), a, blocks),
+                    false => dot::row_dot(self.path, self.ty, self.n_in, row(n), a),
+                };
+                put(m, n, v);
+            }
+        }
+    }
+}
+
+/// Outputs the AVX2 kernel computes together for a single row (independent chains).
+const GROUP: usize = 4;
+/// Activation rows one pass over a weight row serves.
+const MAX_ROWS: usize = 8;
+
+/// The call's quantized activation rows.
+struct Acts<'a> {
+    bytes: &'a [u8],
+    row: usize,
+    rows: usize,
+}
+
+impl Acts<'_> {
+    fn row(&self, m: usize) -> &[u8] {
+        &self.bytes[m * self.row..(m + 1) * self.row]
+    }
+}
+
+/// The output buffer, shared by the pool's tasks (each writes its own columns).
+struct Out(*mut f32);
+
+impl Out {
+    fn at(&self, i: usize) -> *mut f32 {
+        // SAFETY (of the callers' writes): see `forward_rows`.
+        self.0.wrapping_add(i)
+    }
+}
+
+// SAFETY: tasks write disjoint elements through it.
+unsafe impl Sync for Out {}
+
+/// The 32 weight levels of a Q8_0 or Q4_0 block in weight order (Q4_0: the low nibbles
+/// are weights 0–15, the high ones 16–31, each less 8).
+fn levels(q4: bool, block: &[u8]) -> [i32; QK] {
+    std::array::from_fn(|j| match q4 {
+        false => i32::from(block[2 + j] as i8),
+        true => {
+            let byte = block[2 + j % 16];
+            i32::from(if j < 16 { byte & 0x0F } else { byte >> 4 }) - 8
+        }
+    })
+}
+
+/// The eight lanes summed as `_mm256_extractf128_ps` + `movehl` + `movehdup` sum them.
+fn hsum8(acc: [f32; 8]) -> f32 {
+    let q: [f32; 4] = std::array::from_fn(|i| acc[i] + acc[i + 4]);
+    let (h0, h1) = (q[0] + q[2], q[1] + q[3]);
+    h0 + h1
+}
+
+/// The portable kernel: ggml's AVX2 order, lane by lane.
+fn scalar_dot(q4: bool, w: &[u8], a: &[u8], blocks: usize) -> f32 {
+    let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+    let mut acc = [0f32; 8];
+    for b in 0..blocks {
+        let (wblock, ablock) = (&w[b * wb..(b + 1) * wb], &a[b * Q8_0_BYTES..]);
+        let d = f16_at(wblock, 0) * f16_at(ablock, 0);
+        let lv = levels(q4, wblock);
+        for (l, lane) in acc.iter_mut().enumerate() {
+            let sum: i32 = (4 * l..4 * l + 4)
+                .map(|j| lv[j] * i32::from(ablock[2 + j] as i8))
+                .sum();
+            *lane = d.mul_add(sum as f32, *lane);
+        }
+    }
+    hsum8(acc)
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use super::{Q4_0_BYTES, Q8_0_BYTES};
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn half(p: *const u8) -> f32 {
+        // SAFETY: the caller's block holds its scale at `p`, two bytes.
+        let h = unsafe { p.cast::<u16>().read_unaligned() };
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
+    }
+
+    /// Σ over lanes of four i8·i8 products each, as f32 (ggml's `mul_sum_i8_pairs_float`).
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn lanes(x: __m256i, y: __m256i) -> __m256 {
+        let ax = _mm256_sign_epi8(x, x);
+        let sy = _mm256_sign_epi8(y, x);
+        let pairs = _mm256_maddubs_epi16(ax, sy);
+        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    fn hsum(acc: __m256) -> f32 {
+        let q = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
+        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
+        let q = _mm_add_ss(q, _mm_movehdup_ps(q));
+        _mm_cvtss_f32(q)
+    }
+
+    /// The 32 weight levels of block `b` as i8 (Q4_0's nibbles less 8), and its scale.
+    ///
+    /// # Safety
+    /// `w` holds at least `b + 1` blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn weights(q4: bool, w: &[u8], b: usize) -> (__m256i, f32) {
+        if q4 {
+            // SAFETY: block b is in `w` (the caller's promise).
+            let p = unsafe { w.as_ptr().add(b * Q4_0_BYTES) };
+            let t = unsafe { _mm_loadu_si128(p.add(2).cast()) };
+            let both =
+                _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16::<4>(t));
+            let levels = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
+            (_mm256_sub_epi8(levels, _mm256_set1_epi8(8)), half(p))
+        } else {
+            // SAFETY: as above.
+            let p = unsafe { w.as_ptr().add(b * Q8_0_BYTES) };
+            (unsafe { _mm256_loadu_si256(p.add(2).cast()) }, half(p))
+        }
+    }
+
+    /// Activation block `b`: its levels and scale.
+    ///
+    /// # Safety
+    /// `a` holds at least `b + 1` Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn acts(a: &[u8], b: usize) -> (__m256i, f32) {
+        // SAFETY: block b is in `a` (the caller's promise).
+        let p = unsafe { a.as_ptr().add(b * Q8_0_BYTES) };
+        (unsafe { _mm256_loadu_si256(p.add(2).cast()) }, half(p))
+    }
+
+    /// Four outputs for one activation row: four weight rows, four independent
+    /// accumulators, each as `scalar_dot` computes it.
+    ///
+    /// # Safety
+    /// The CPU has AVX2, FMA and F16C; each row of `w` holds `blocks` Q8_0 (or Q4_0, `q4`)
+    /// blocks and `a` as many Q8_0 blocks.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn four_outputs(q4: bool, w: [&[u8]; 4], a: &[u8], blocks: usize) -> [f32; 4] {
+        let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+        assert!(w.iter().all(|r| r.len() >= blocks * wb) && a.len() >= blocks * Q8_0_BYTES);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..blocks {
+            // SAFETY: block b of every row is in bounds (asserted above).
+            let (qy, da) = unsafe { acts(a, b) };
+            for (acc, w) in acc.iter_mut().zip(w) {
+                // SAFETY: as above.
+                let (qx, dw) = unsafe { weights(q4, w, b) };
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), lanes(qx, qy), *acc);
+            }
+        }
+        acc.map(|a| hsum(a))
+    }
+
+    /// One weight row against up to 8 activation rows `a`, into `out` (one each): the
+    /// weight block is read once for all of them.
+    ///
+    /// # Safety
+    /// As `four_outputs`, for every row of `a`; `out` as long as `a`, at most 8.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn rows(q4: bool, w: &[u8], a: &[&[u8]], blocks: usize, out: &mut [f32]) {
+        let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+        assert!(w.len() >= blocks * wb && a.len() <= 8 && out.len() == a.len());
+        assert!(a.iter().all(|r| r.len() >= blocks * Q8_0_BYTES));
+        let mut acc = [_mm256_setzero_ps(); 8];
+        for b in 0..blocks {
+            // SAFETY: block b of every row is in bounds (asserted above).
+            let (qx, dw) = unsafe { weights(q4, w, b) };
+            let ax = _mm256_sign_epi8(qx, qx);
+            for (acc, a) in acc.iter_mut().zip(a) {
+                // SAFETY: as above.
+                let (qy, da) = unsafe { acts(a, b) };
+                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
+                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), sums, *acc);
+            }
+        }
+        for (o, a) in out.iter_mut().zip(acc) {
+            *o = hsum(a);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::gguf::blocks;
+
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((s >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+            })
+            .collect()
+    }
+
+    /// Every path equals the portable one bit for bit, and the result is the float
+    /// product of the dequantized weight and activations within the rounding of the
+    /// activations' quantization.
+    #[test]
+    fn block_kernels_agree_across_paths_and_with_the_float_product() {
+        let (n_in, n_out, rows) = (256, 40, 3);
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_1,
+            GgmlType::Q6_K,
+        ] {
+            let w = values(n_in * n_out, 1);
+            let bytes = blocks::quantize(ty, &w, n_in, None).unwrap();
+            let wq = blocks::dequantize(ty, &bytes, n_in * n_out).unwrap();
+            let x = values(n_in * rows, 2);
+            let bias: Vec<f32> = values(n_out, 3);
+            let layer = BlockLinear::new(ty, n_in, n_out, bytes.clone(), Some(bias.clone()))
+                .unwrap()
+                .unwrap();
+            let mut want = vec![0f32; rows * n_out];
+            layer
+                .with_path(DotPath::Scalar)
+                .unwrap()
+                .forward_rows(&x, rows, &mut want);
+            for path in [DotPath::Avx2] {
+                let Ok(l) = BlockLinear::new(ty, n_in, n_out, bytes.clone(), Some(bias.clone()))
+                    .unwrap()
+                    .unwrap()
+                    .with_path(path)
+                else {
+                    continue;
+                };
+                let mut got = vec![0f32; rows * n_out];
+                l.forward_rows(&x, rows, &mut got);
+                let same = got
+                    .iter()
+                    .zip(&want)
+                    .all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(same, "{ty:?} {path:?}");
+            }
+            for m in 0..rows {
+                for n in 0..n_out {
+                    let exact: f32 = (0..n_in)
+                        .map(|k| x[m * n_in + k] * wq[n * n_in + k])
+                        .sum::<f32>()
+                        + bias[n];
+                    // Activations rounded to 8 bits: |error| ≤ Σ|w|·amax/254 per block.
+                    let bound: f32 =
+                        (0..n_in).map(|k| wq[n * n_in + k].abs()).sum::<f32>() * 0.5 / 127.0;
+                    let got = want[m * n_out + n];
+                    assert!((got - exact).abs() <= bound, "{ty:?} {got} {exact} {bound}");
+                }
+            }
+        }
+    }
+}
