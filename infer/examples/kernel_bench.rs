@@ -12,11 +12,17 @@
 //! decode step. Other jobs may share the machine, so ours and libtorch's measurements
 //! alternate in rounds and every figure is a median.
 //!
+//! GGUF's block formats (`infer::gguf::matmul`: Q8_0, Q4_0, Q4_K, Q6_K weights, the
+//! activations quantized per call) have rows of their own, without a libtorch figure;
+//! their GB/s counts the blocks' bytes (scales included).
+//!
 //! `cargo run --release -p infer --example kernel_bench [-- --quick] [--threads N]`.
 //! Threads: N, else every core, for the kernels and libtorch alike.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use infer::gguf::matmul::BlockLinear;
+use infer::gguf::{blocks, GgmlType};
 use infer::kernels::{Isa, PackedLinear, ThreadPool, WeightFormat};
 use tch::{Device, Kind, Tensor};
 
@@ -249,6 +255,47 @@ fn bench_shape(
                 ours_s: median(ours),
                 torch_s,
                 bytes: bytes as f64,
+            }
+        })
+        .collect()
+}
+
+/// Median time per call of a (k in, n out) weight in a ggml block type, for each row
+/// count; the weight's values are random, quantized once and copied.
+fn bench_blocks(k: usize, n: usize, ty: GgmlType, rows: &[usize], o: &Opts) -> Vec<Timing> {
+    let w: Vec<f32> =
+        Vec::<f32>::try_from(Tensor::randn([(k * n) as i64], (Kind::Float, Device::Cpu))).unwrap();
+    let bytes = blocks::quantize(ty, &w, k, None).unwrap();
+    let size = bytes.len();
+    let copies = MIN_SET_BYTES.div_ceil(size);
+    let layers: Vec<BlockLinear> = (0..copies)
+        .map(|_| {
+            BlockLinear::new(ty, k, n, bytes.clone(), None)
+                .unwrap()
+                .unwrap()
+        })
+        .collect();
+    let (calls, time) = if o.quick {
+        (5, Duration::from_millis(40))
+    } else {
+        (15, Duration::from_millis(150))
+    };
+    rows.iter()
+        .map(|&r| {
+            let x =
+                Vec::<f32>::try_from(Tensor::randn([(r * k) as i64], (Kind::Float, Device::Cpu)))
+                    .unwrap();
+            let mut y = vec![0.0f32; r * n];
+            let mut ours = Vec::new();
+            for _ in 0..ROUNDS {
+                ours.extend(sample_calls(copies, calls, time, |i| {
+                    layers[i].forward_rows(&x, r, &mut y)
+                }));
+            }
+            Timing {
+                ours_s: median(ours),
+                torch_s: f64::NAN,
+                bytes: size as f64,
             }
         })
         .collect()
@@ -491,6 +538,21 @@ fn main() {
     }
     sections.push(("path, 768x2304", lines));
     probe(&mut probes);
+    let mut block_lines = Vec::new();
+    for (k, n) in [(768, 2304), (3072, 768), (768, 50257)] {
+        for ty in [
+            GgmlType::Q8_0,
+            GgmlType::Q4_0,
+            GgmlType::Q4_K,
+            GgmlType::Q6_K,
+        ] {
+            let ts = bench_blocks(k, n, ty, &[1, 8], &o);
+            for (rows, t) in [1, 8].into_iter().zip(ts) {
+                block_lines.push((format!("{k}x{n}"), ty, rows, t));
+            }
+        }
+        probe(&mut probes);
+    }
 
     let fmt = |v: &mut dyn Iterator<Item = f64>| {
         v.map(|b| format!("{b:.1}")).collect::<Vec<_>>().join(" ")
@@ -503,10 +565,11 @@ fn main() {
         fmt(&mut probes.iter().map(|p| p.0)),
         fmt(&mut probes.iter().map(|p| p.1)),
     );
-    for (header, lines) in sections {
+    for (header, lines) in &sections {
+        let header = *header;
         println!();
         print_header(header);
-        for (name, format, rows, t) in &lines {
+        for (name, format, rows, t) in lines {
             print_line(name, *format, *rows, t, bw);
         }
         if header == "gpt2 step" {
@@ -521,5 +584,19 @@ fn main() {
                  prompt's pass runs them; GB/s counts the weight bytes once)"
             );
         }
+    }
+    println!();
+    print_header("ggml blocks");
+    for (name, ty, rows, t) in &block_lines {
+        let g = t.bytes / t.ours_s / 1e9;
+        println!(
+            "{:<15} {:<11} {:>4} | {:>9.1} {:>6.1} {:>4.0}% |",
+            name,
+            ty.name().to_lowercase(),
+            rows,
+            t.ours_s * 1e6,
+            g,
+            100.0 * g / bw
+        );
     }
 }

@@ -192,6 +192,65 @@ pub(crate) fn row_dot(path: DotPath, ty: GgmlType, n: usize, weights: &[u8], act
     sumf
 }
 
+/// [`row_dot`] of one weight row with up to 8 activation rows, `out[i]` for `acts[i]`,
+/// the same values bit for bit: the integer sums are exact, and each row's f32 step is
+/// [`scale_and_sum`]'s, term for term. On AVX2 the K-quants' levels, scales and mins are
+/// unpacked once per super-block for every row.
+pub(crate) fn rows_dot(
+    path: DotPath,
+    ty: GgmlType,
+    n: usize,
+    weights: &[u8],
+    acts: &[&[u8]],
+    out: &mut [f32],
+) {
+    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
+    if path != DotPath::Avx2 || !k_quant || acts.len() == 1 {
+        for (o, a) in out.iter_mut().zip(acts) {
+            *o = row_dot(path, ty, n, weights, a);
+        }
+        return;
+    }
+    const ROWS: usize = 8;
+    assert!(acts.len() <= ROWS && out.len() == acts.len());
+    let (ws, as_) = (ty.type_size(), GgmlType::Q8_K.type_size());
+    let mut sumf = [0f32; ROWS];
+    let mut ints = [0i32; ROWS];
+    for b in 0..n / QK_K {
+        let wb = &weights[b * ws..(b + 1) * ws];
+        let ab: [&[u8]; ROWS] = std::array::from_fn(|i| {
+            let a = acts[i.min(acts.len() - 1)];
+            &a[b * as_..(b + 1) * as_]
+        });
+        let ab = &ab[..acts.len()];
+        // SAFETY: the AVX2 path is supported on this CPU (the caller's `path`).
+        unsafe { avx2::k_rows(ty, wb, ab, &mut ints[..acts.len()]) };
+        if ty == GgmlType::Q6_K {
+            let d = f16_at(wb, 208);
+            for ((sum, a), &sumi) in sumf.iter_mut().zip(ab).zip(&ints) {
+                *sum += (d * f32_at(a)) * sumi as f32;
+            }
+            continue;
+        }
+        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
+        let mins: [i32; 8] = std::array::from_fn(|j| i32::from(scale_min_k4(j, &wb[4..16]).1));
+        for ((sum, a), &sumi) in sumf.iter_mut().zip(ab).zip(&ints) {
+            let m: i32 = (0..16)
+                .map(|j| i32::from(le16(a, 4 + QK_K + 2 * j) as i16) * mins[j / 2])
+                .sum();
+            let yd = f32_at(a);
+            *sum += (d * yd) * sumi as f32;
+            *sum -= (dmin * yd) * m as f32;
+        }
+    }
+    out.copy_from_slice(&sumf[..out.len()]);
+}
+
+/// A Q8_K block's f32 scale.
+fn f32_at(ab: &[u8]) -> f32 {
+    f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]])
+}
+
 /// The 32-weight kind of a weight type, `None` for Q8_0 (whose levels are its bytes).
 fn legacy_kind(ty: GgmlType) -> Option<Legacy> {
     match ty {

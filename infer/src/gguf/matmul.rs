@@ -210,13 +210,26 @@ impl BlockLinear {
             return;
         }
         for n in range {
-            for m in 0..acts.rows {
-                let a = acts.row(m);
-                let v = match fast {
-                    true => scalar_dot(self.ty == GgmlType::Q4_0, row(n), a, blocks),
-                    false => dot::row_dot(self.path, self.ty, self.n_in, row(n), a),
-                };
-                put(m, n, v);
+            if fast {
+                for m in 0..acts.rows {
+                    put(
+                        m,
+                        n,
+                        scalar_dot(self.ty == GgmlType::Q4_0, row(n), acts.row(m), blocks),
+                    );
+                }
+                continue;
+            }
+            let mut v = [0f32; MAX_ROWS];
+            for first in (0..acts.rows).step_by(MAX_ROWS) {
+                let count = MAX_ROWS.min(acts.rows - first);
+                let a: [&[u8]; MAX_ROWS] =
+                    std::array::from_fn(|i| acts.row(first + i.min(count - 1)));
+                let v = &mut v[..count];
+                dot::rows_dot(self.path, self.ty, self.n_in, row(n), &a[..count], v);
+                for (i, &v) in v.iter().enumerate() {
+                    put(first + i, n, v);
+                }
             }
         }
     }
@@ -431,11 +444,12 @@ mod tests {
     /// activations' quantization.
     #[test]
     fn block_kernels_agree_across_paths_and_with_the_float_product() {
-        let (n_in, n_out, rows) = (256, 40, 3);
+        let (n_in, n_out, rows) = (512, 40, 11);
         for ty in [
             GgmlType::Q8_0,
             GgmlType::Q4_0,
             GgmlType::Q4_1,
+            GgmlType::Q4_K,
             GgmlType::Q6_K,
         ] {
             let w = values(n_in * n_out, 1);
