@@ -149,6 +149,20 @@ fn run_id() -> String {
     format!("gpt2kit-{}-{nanos:x}/", std::process::id())
 }
 
+/// A launch that stopped because of a signal it received and forwarded: it exits
+/// 128 + the signal's number, as a shell reports a command the signal ended.
+#[derive(Debug)]
+pub(crate) struct Interrupted(pub(crate) i32);
+
+impl std::fmt::Display for Interrupted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = signal_name(self.0).map_or(format!("signal {}", self.0), String::from);
+        write!(f, "interrupted by {name}")
+    }
+}
+
+impl std::error::Error for Interrupted {}
+
 /// The last SIGINT, SIGTERM or SIGHUP the launcher received and has not forwarded yet
 /// (0: none).
 static PENDING_SIGNAL: AtomicI32 = AtomicI32::new(0);
@@ -417,6 +431,11 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
             }
             drop(err);
             stop_all(&mut ranks, plan.grace);
+            if sig != 0 {
+                return Err(
+                    anyhow::Error::new(Interrupted(sig)).context(format!("launch failed: {what}"))
+                );
+            }
             anyhow::bail!("launch failed: {what}");
         }
         if ranks.iter().all(|r| r.status.is_some()) {
