@@ -69,6 +69,10 @@ pub struct Args {
     max_matching_ngram_size: usize,
     #[command(flatten)]
     placement: crate::Placement,
+    /// Tensor parallelism across processes (under `gpt2kit launch`): seconds joining the
+    /// job or a collective waits for the other ranks before the run stops with an error.
+    #[arg(long, default_value_t = 1800.0)]
+    dist_timeout: f64,
     /// Print text as it is generated (one prompt, one sequence, no beams).
     #[arg(long)]
     stream: bool,
@@ -351,7 +355,8 @@ fn unsplit_only(args: &Args) -> Option<&'static str> {
 }
 
 pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
-    let launched = crate::tp_launch::join(&args.placement, unsplit_only(args))?;
+    let timeout = crate::seconds("--dist-timeout", args.dist_timeout)?;
+    let launched = crate::tp_launch::join(&args.placement, unsplit_only(args), timeout)?;
     let (devices, kind) = match &launched {
         Some(l) => (vec![l.device], l.kind),
         None => args.placement.resolve()?,

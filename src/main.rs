@@ -139,6 +139,17 @@ fn is_broken_pipe(e: &anyhow::Error) -> bool {
     })
 }
 
+/// A flag's positive number of seconds as a duration; anything else is a usage error
+/// naming the flag.
+pub(crate) fn seconds(flag: &str, secs: f64) -> anyhow::Result<std::time::Duration> {
+    match std::time::Duration::try_from_secs_f64(secs) {
+        Ok(t) if secs > 0.0 => Ok(t),
+        _ => Err(
+            infer::Error::Input(format!("{flag} {secs}: give a positive number of seconds")).into(),
+        ),
+    }
+}
+
 /// Reads `--device` and `--dtype` into what the engine takes.
 pub(crate) fn device_and_dtype(
     device: &str,

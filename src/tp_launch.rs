@@ -48,6 +48,7 @@ fn usage(msg: String) -> anyhow::Error {
 pub(crate) fn join(
     placement: &Placement,
     unsupported: Option<&str>,
+    timeout: Duration,
 ) -> anyhow::Result<Option<Launched>> {
     let Some(launch) = dist::Launch::from_env().map_err(|e| usage(e.to_string()))? else {
         return Ok(None);
@@ -82,7 +83,6 @@ pub(crate) fn join(
     }
     let (device, kind) = crate::device_and_dtype(&placement.device, placement.dtype)?;
     let device = launch.device(&placement.device, device);
-    let timeout = Duration::from_secs(1800);
     let group = Arc::new(dist::Group::join(&launch, dist::Backend::Gloo, timeout)?);
     dist::keep_until_exit(&group);
     agree_on_seed(&group)?;

@@ -159,15 +159,7 @@ enum DdpBackend {
 fn placement(args: &Args) -> anyhow::Result<(tch::Device, Option<Arc<dist::Group>>)> {
     let device = infer::device::parse_device(&args.device)?;
     let bad = |m: String| anyhow::Error::from(infer::Error::Input(m));
-    let timeout = match std::time::Duration::try_from_secs_f64(args.ddp_timeout) {
-        Ok(t) if args.ddp_timeout > 0.0 => t,
-        _ => {
-            return Err(bad(format!(
-                "--ddp-timeout {}: give a positive number of seconds",
-                args.ddp_timeout
-            )))
-        }
-    };
+    let timeout = crate::seconds("--ddp-timeout", args.ddp_timeout)?;
     let Some(launch) = dist::Launch::from_env().map_err(|e| bad(e.to_string()))? else {
         return Ok((device, None));
     };

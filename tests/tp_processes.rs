@@ -242,6 +242,14 @@ fn what_does_not_split_across_processes_is_refused() {
         ),
         (&["--tp", "2", "--max-time", "5"][..], "--max-time"),
         (&["--tp", "2", "--devices", "cpu,cpu"][..], "--devices"),
+        (
+            &["--tp", "2", "--dist-timeout", "0"][..],
+            "--dist-timeout 0",
+        ),
+        (
+            &["--tp", "2", "--dist-timeout", "-1"][..],
+            "--dist-timeout -1",
+        ),
     ] {
         let mut args = base.to_vec();
         args.extend(extra);
