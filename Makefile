@@ -95,6 +95,7 @@ bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/memory_bench.py --binary $(BIN) --python $(VENV)/bin/python --dir $(BENCH_DIR) --out $(BENCH_DIR)/memory.md
 	bash bench/ddp.sh $(BIN) $(BENCH_DIR)
 	bash bench/tp_processes.sh $(BIN) $(BENCH_DIR)
+	$(VENV)/bin/python bench/bench_lora.py --binary $(BIN) --out $(BENCH_DIR)/lora.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.
 # `gpt2kit serve` under 1, 4, 16 and 64 concurrent streams, fp32 and int8-dynamic, against
