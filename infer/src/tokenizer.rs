@@ -20,6 +20,9 @@ const ENDOFTEXT: &str = "<|endoftext|>";
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,
+    /// `id_bound`, counted once: `get_vocab` copies the whole vocabulary, and every
+    /// `decode` (a server decodes each stream's text at every token) checks against it.
+    id_bound: usize,
 }
 
 impl Tokenizer {
@@ -68,10 +71,7 @@ impl Tokenizer {
             serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         check_precompiled(&json).map_err(bad)?;
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
-        Ok(Self {
-            inner,
-            path: path.into(),
-        })
+        Ok(Self::new(inner, path))
     }
 
     pub fn from_vocab_merges(vocab: &Path, merges: &Path) -> Result<Self> {
@@ -91,20 +91,26 @@ impl Tokenizer {
         if inner.token_to_id(ENDOFTEXT).is_some() {
             inner.add_special_tokens(&[AddedToken::from(ENDOFTEXT, true)]);
         }
-        Ok(Self {
+        Ok(Self::new(inner, vocab))
+    }
+
+    fn new(inner: tokenizers::Tokenizer, path: &Path) -> Self {
+        let id_bound = inner
+            .get_vocab(true)
+            .values()
+            .max()
+            .map_or(0, |&m| m as usize + 1);
+        Self {
             inner,
-            path: vocab.into(),
-        })
+            path: path.into(),
+            id_bound,
+        }
     }
 
     /// One past the largest token id, added tokens included: the embedding rows the
     /// tokenizer can index.
     pub fn id_bound(&self) -> usize {
-        self.inner
-            .get_vocab(true)
-            .values()
-            .max()
-            .map_or(0, |&m| m as usize + 1)
+        self.id_bound
     }
 
     /// The vocabulary size, added tokens included.
