@@ -7,11 +7,13 @@ makes exactly that many) from 1, 4, 16 and 64 client threads at once, each on it
 connection (http.client, standard library only). Per level: aggregate generated tokens/s
 (all completion tokens over the wall time from the first send to the last answer) and
 time to first token (request sent → first `data:` chunk) p50 and p99. The same model
-served one request at a time (`--max-num-seqs 1`) is the baseline. The load generator
-shares the machine's cores with the server: its CPU time over the wall time is reported.
+served one request at a time (`--max-num-seqs 1`) is the baseline. The float model runs
+in fp32 and in bf16 (`--dtype bf16`), and `--int8` adds an int8 artifact. The load
+generator shares the machine's cores with the server: its CPU time over the wall time is
+reported.
 
 usage: serve_bench.py --binary target/release/gpt2kit --model target/bench/gpt2-random \
-           [--int8 DIR] [--out target/bench/serve.md]
+           [--int8 DIR] [--no-bf16] [--out target/bench/serve.md]
 """
 import argparse
 import http.client
@@ -116,8 +118,8 @@ def level(host, port, streams, requests, prompt_tokens, new_tokens, vocab, seed)
     }
 
 
-def run(binary, model, label, max_num_seqs, levels, args):
-    p, host, port = start(binary, model, max_num_seqs)
+def run(binary, model, label, max_num_seqs, levels, args, extra=()):
+    p, host, port = start(binary, model, max_num_seqs, extra)
     try:
         one(host, port, list(range(args.prompt_tokens)), 4)  # warm-up
         rows = []
@@ -175,15 +177,21 @@ def main():
     ap.add_argument("--prefix-tokens", type=int, default=512,
                     help="the shared preamble of the prefix-cache rows")
     ap.add_argument("--only-prefix", action="store_true", help="just the prefix-cache rows")
+    ap.add_argument("--no-bf16", action="store_true",
+                    help="leave out the float model served in bf16 (`--dtype bf16`)")
     ap.add_argument("--out", help="markdown table written here too")
     args = ap.parse_args()
     streams = [int(s) for s in args.streams.split(",")]
     base_streams = [int(s) for s in args.baseline_streams.split(",")]
-    models = [("fp32", args.model)] + ([("int8-dynamic", args.int8)] if args.int8 else [])
+    models = [("fp32", args.model, [])]
+    if not args.no_bf16:
+        models.append(("bf16", args.model, ["--dtype", "bf16"]))
+    if args.int8:
+        models.append(("int8-dynamic", args.int8, []))
     rows = []
-    for label, model in ([] if args.only_prefix else models):
-        rows += run(args.binary, model, label, max(streams), streams, args)
-        rows += run(args.binary, model, label, 1, base_streams, args)
+    for label, model, extra in ([] if args.only_prefix else models):
+        rows += run(args.binary, model, label, max(streams), streams, args, extra)
+        rows += run(args.binary, model, label, 1, base_streams, args, extra)
     prefix = prefix_rows(args.binary, args.model, args)
     lines = [
         f"prompt {args.prompt_tokens} tokens, {args.new_tokens} new tokens (ignore_eos), "
