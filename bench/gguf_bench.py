@@ -11,8 +11,10 @@ from the prompt's pass and is not counted; the other NEW - 1 per sequence, over 
 of the steps that made them (a forward pass of one token per sequence plus the argmax).
 gpt2kit: `infer --stats`' `decode_tokens_per_s` (generated tokens less one per sequence,
 over `decode_ms`), with `--warmup 1` (an untimed 4-token generation first), `--json` for
-the tokens and `--packed-cache off` (float weights packed at start in memory: no packed
-file written beside the .gguf, no detached writer running during the timed runs).
+the tokens, `--packed-cache off` (float weights packed at start in memory: no packed
+file written beside the .gguf, no detached writer running during the timed runs) and
+`--dtype auto` (the file's own dtype: the bf16 file runs in bf16, as llama.cpp runs it;
+quantized files run on their blocks in an f32 model).
 llama.cpp: `Llama(model_path, n_threads=2, n_threads_batch=2, n_ctx=512)`; batch 1 runs
 `Llama.eval` on the prompt, then NEW - 1 times: eval the last token, numpy argmax of
 `llama_get_logits_ith(ctx, -1)`. Batch 8 makes a second context on the same model with
@@ -149,7 +151,7 @@ def child(cmd):
 
 def ours(binary, gguf, prompts, new, jsonl):
     cmd = [binary, "infer", "--model", gguf, "--max-new-tokens", str(new), "--ignore-eos",
-           "--stats", "--json", "--warmup", "1", "--packed-cache", "off"]
+           "--stats", "--json", "--warmup", "1", "--packed-cache", "off", "--dtype", "auto"]
     cmd += ["--prompt", prompts[0]] if len(prompts) == 1 else ["--prompts", jsonl]
     p = child(cmd)
     stats = json.loads(p.stderr.strip().splitlines()[-1])

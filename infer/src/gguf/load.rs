@@ -70,7 +70,7 @@ pub fn load(
     crate::parallel::check_layout(config.n_head, config.inner_dim(), devices)?;
     options.apply_threads()?;
     let map: HashMap<String, Tensor> = tensors.into_iter().collect();
-    let kind = kind.unwrap_or(Kind::Float);
+    let kind = kind.unwrap_or_else(|| own_kind(&file));
     let mut model = Gpt2::from_weights(config, &map, kind, devices)?;
     drop(map);
     if options.kernels {
@@ -81,6 +81,24 @@ pub fn load(
         model.set_fused_decode(options.fused_decode);
     }
     Ok(model)
+}
+
+/// The dtype a file's own weights ask for (`--dtype auto`): bf16 when every matrix but
+/// `position_embd` (which llama.cpp keeps in F32) is BF16, as a bf16 checkpoint folder runs
+/// in bf16; else f32 (quantized types run on their
+/// blocks in an f32 model, f16 is widened).
+fn own_kind(file: &GgufFile) -> Kind {
+    let types: Vec<_> = file
+        .header
+        .tensors
+        .iter()
+        .filter(|t| t.dims.len() == 2 && t.name != "position_embd.weight")
+        .map(|t| t.ty)
+        .collect();
+    match !types.is_empty() && types.iter().all(|&t| t == super::GgmlType::BF16) {
+        true => Kind::BFloat16,
+        false => Kind::Float,
+    }
 }
 
 /// The block linears and the head whose tensors are in a quantized ggml type run on

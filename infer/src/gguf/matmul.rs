@@ -309,6 +309,10 @@ mod avx2 {
 
     use super::{Q4_0_BYTES, Q8_0_BYTES};
 
+    /// How far ahead of a weight row's loads to prefetch, in bytes: the hardware prefetcher
+    /// alone left one core reading Q8_0 rows at ~6 GB/s.
+    const PREFETCH: usize = 1024;
+
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
     fn half(p: *const u8) -> f32 {
@@ -385,6 +389,8 @@ mod avx2 {
             // SAFETY: block b of every row is in bounds (asserted above).
             let (qy, da) = unsafe { acts(a, b) };
             for (acc, w) in acc.iter_mut().zip(w) {
+                // A hint only: it may point past the row (no fault, no read).
+                _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(b * wb + PREFETCH).cast());
                 // SAFETY: as above.
                 let (qx, dw) = unsafe { weights(q4, w, b) };
                 *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), lanes(qx, qy), *acc);
@@ -405,6 +411,7 @@ mod avx2 {
         assert!(a.iter().all(|r| r.len() >= blocks * Q8_0_BYTES));
         let mut acc = [_mm256_setzero_ps(); 8];
         for b in 0..blocks {
+            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(b * wb + PREFETCH).cast());
             // SAFETY: block b of every row is in bounds (asserted above).
             let (qx, dw) = unsafe { weights(q4, w, b) };
             let ax = _mm256_sign_epi8(qx, qx);
