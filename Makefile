@@ -105,6 +105,7 @@ bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready
 	$(VENV)/bin/python bench/memory_bench.py --binary $(BIN) --python $(VENV)/bin/python --dir $(BENCH_DIR) --out $(BENCH_DIR)/memory.md
 	bash bench/ddp.sh $(BIN) $(BENCH_DIR)
 	bash bench/tp_processes.sh $(BIN) $(BENCH_DIR)
+	$(VENV)/bin/python bench/gguf_bench.py --binary $(BIN) --python $(VENV)/bin/python --out $(BENCH_DIR)/gguf.md
 	$(VENV)/bin/python bench/bench_lora.py --binary $(BIN) --out $(BENCH_DIR)/lora.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.
