@@ -168,7 +168,8 @@ impl<'a> Inspected<'a> {
         })
     }
 
-    /// A GGUF file: every tensor dequantized and checked, the model built in f32.
+    /// A GGUF file: every tensor dequantized and checked, the model built in its own
+    /// dtype (f32, or bf16 for an all-BF16 file).
     fn load_gguf(path: &'a Path) -> anyhow::Result<Self> {
         let file = infer::gguf::GgufFile::open(path)?;
         let mut by: std::collections::BTreeMap<String, i64> = Default::default();
@@ -177,7 +178,9 @@ impl<'a> Inspected<'a> {
         }
         let (config, tensors) = infer::gguf::load::read(path)?;
         let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
-        let model = Gpt2::from_weights(config, &map, tch::Kind::Float, &[tch::Device::Cpu])
+        // The dtype it runs in by its own (`--dtype auto`): bf16 for an all-BF16 file.
+        let kind = infer::gguf::load::own_kind(&file);
+        let model = Gpt2::from_weights(config, &map, kind, &[tch::Device::Cpu])
             .with_context(|| format!("loading model {}", path.display()))?;
         let tokenizer = Tokenizer::from_dir(path)?;
         infer::check_vocab(&model.config, &tokenizer, path)?;

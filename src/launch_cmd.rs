@@ -152,12 +152,15 @@ fn run_id() -> String {
 /// A launch that stopped because of a signal it received and forwarded: it exits
 /// 128 + the signal's number, as a shell reports a command the signal ended.
 #[derive(Debug)]
-pub(crate) struct Interrupted(pub(crate) i32);
+pub(crate) struct Interrupted {
+    pub(crate) sig: i32,
+    /// What failed, the signal named.
+    message: String,
+}
 
 impl std::fmt::Display for Interrupted {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let name = signal_name(self.0).map_or(format!("signal {}", self.0), String::from);
-        write!(f, "interrupted by {name}")
+        f.write_str(&self.message)
     }
 }
 
@@ -432,9 +435,8 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
             drop(err);
             stop_all(&mut ranks, plan.grace);
             if sig != 0 {
-                return Err(
-                    anyhow::Error::new(Interrupted(sig)).context(format!("launch failed: {what}"))
-                );
+                let message = format!("launch failed: {what}");
+                return Err(Interrupted { sig, message }.into());
             }
             anyhow::bail!("launch failed: {what}");
         }

@@ -112,8 +112,8 @@ fn main() -> ExitCode {
 /// 2 for bad flag values and inputs (as clap's own usage errors), 128 + the signal for a
 /// launch a signal stopped, 1 for the rest.
 fn exit_code(e: &anyhow::Error) -> u8 {
-    if let Some(launch_cmd::Interrupted(sig)) = e.downcast_ref() {
-        return 128u8.saturating_add(*sig as u8);
+    if let Some(i) = e.downcast_ref::<launch_cmd::Interrupted>() {
+        return 128u8.saturating_add(i.sig as u8);
     }
     let usage = e.chain().any(|c| {
         matches!(

@@ -87,7 +87,7 @@ pub fn load(
 /// `position_embd` (which llama.cpp keeps in F32) is BF16, as a bf16 checkpoint folder runs
 /// in bf16; else f32 (quantized types run on their
 /// blocks in an f32 model, f16 is widened).
-fn own_kind(file: &GgufFile) -> Kind {
+pub fn own_kind(file: &GgufFile) -> Kind {
     let types: Vec<_> = file
         .header
         .tensors

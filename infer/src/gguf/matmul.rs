@@ -16,7 +16,8 @@ use std::sync::Arc;
 
 use tch::{Kind, Tensor};
 
-use super::blocks::half::f16_at;
+use super::blocks;
+use super::blocks::half::{f16_at, f16_to_f32, f32_to_f16};
 use super::dot::{self, DotPath};
 use super::types::GgmlType;
 use crate::error::{Error, Result};
@@ -126,20 +127,35 @@ impl BlockLinear {
         Tensor::from_slice(&y).reshape(shape)
     }
 
-    /// `forward` on host rows: `x` (rows × in) into `y` (rows × out).
+    /// `forward` on host rows: `x` (rows × in) into `y` (rows × out). A row whose
+    /// activations are not finite gets NaN outputs; one whose activations are too large
+    /// for an f16 block scale (|x| past 65504·127, which ggml's Q8_0 would turn into
+    /// inf) is computed in f32 from the dequantized weight. Either way the other rows
+    /// are computed as they would be alone.
+    ///
+    /// # Panics
+    /// If `x.len() != rows * in_features` or `y.len() != rows * out_features`.
     pub fn forward_rows(&self, x: &[f32], rows: usize, y: &mut [f32]) {
-        let act_row = dot::vec_dot_type(self.ty)
-            .and_then(|a| a.row_bytes(self.n_in))
-            .expect("checked at construction");
+        assert_eq!(x.len(), rows * self.n_in, "x must be (rows, in_features)");
+        assert_eq!(y.len(), rows * self.n_out, "y must be (rows, out_features)");
+        let act = dot::vec_dot_type(self.ty).expect("checked at construction");
+        let act_row = act.row_bytes(self.n_in).expect("checked at construction");
+        let zeros = vec![0f32; self.n_in];
         let mut acts = Vec::with_capacity(rows * act_row);
-        for r in x.chunks_exact(self.n_in).take(rows) {
-            match dot::quantize_activations(self.ty, r) {
-                Ok(q) => acts.extend(q),
-                Err(_) => {
-                    y.fill(f32::NAN);
-                    return;
-                }
-            }
+        let mut apart = Vec::new();
+        for (m, r) in x.chunks_exact(self.n_in).enumerate() {
+            let amax = r.iter().fold(0f32, |a, v| a.max(v.abs()));
+            let f16_scale = matches!(act, GgmlType::Q8_0 | GgmlType::Q8_1);
+            let row = if !r.iter().all(|v| v.is_finite()) {
+                apart.push((m, Apart::NotFinite));
+                &zeros[..]
+            } else if f16_scale && f16_to_f32(f32_to_f16(amax / 127.0)).is_infinite() {
+                apart.push((m, Apart::TooLarge));
+                &zeros[..]
+            } else {
+                r
+            };
+            acts.extend(dot::quantize_activations(self.ty, row).expect("finite activations"));
         }
         let w_row = self.bytes.len() / self.n_out.max(1);
         let per_task = (MIN_TASK_BYTES / w_row.max(1)).max(1);
@@ -164,6 +180,24 @@ impl BlockLinear {
             // inside `y` (rows × n_out), which outlives `run`.
             unsafe { self.outputs(first..last, &acts, &out, w_row) };
         });
+        for (m, why) in apart {
+            let y = &mut y[m * n_out..(m + 1) * n_out];
+            match why {
+                Apart::NotFinite => y.fill(f32::NAN),
+                Apart::TooLarge => self.float_row(&x[m * self.n_in..(m + 1) * self.n_in], y),
+            }
+        }
+    }
+
+    /// One row's outputs in f32 from the dequantized weight rows.
+    fn float_row(&self, x: &[f32], y: &mut [f32]) {
+        let w_row = self.bytes.len() / self.n_out.max(1);
+        for (n, y) in y.iter_mut().enumerate() {
+            let w = &self.bytes[n * w_row..(n + 1) * w_row];
+            let w = blocks::dequantize(self.ty, w, self.n_in).expect("checked at construction");
+            let b = self.bias.as_ref().map_or(0.0, |b| b[n]);
+            *y = w.iter().zip(x).map(|(w, x)| w * x).sum::<f32>() + b;
+        }
     }
 
     /// Outputs `range` of every row into `out` (rows × n_out).
@@ -236,6 +270,12 @@ impl BlockLinear {
             }
         }
     }
+}
+
+/// Why a row is not run on the blocks.
+enum Apart {
+    NotFinite,
+    TooLarge,
 }
 
 /// Outputs the AVX2 kernel computes together for a single row (independent chains).
@@ -435,7 +475,6 @@ mod avx2 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::gguf::blocks;
 
     fn values(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed;
@@ -507,6 +546,49 @@ mod tests {
                         assert!((got - exact).abs() <= bound, "{ty:?} {got} {exact} {bound}");
                     }
                 }
+            }
+        }
+    }
+
+    /// A row of NaN and a row too large for Q8_0's f16 scale beside good rows: the good
+    /// rows get what they get alone, the NaN row NaN, the large row its f32 product.
+    #[test]
+    fn a_bad_row_leaves_the_others_alone() {
+        let (n_in, n_out) = (64, 12);
+        for ty in [GgmlType::Q8_0, GgmlType::Q4_K] {
+            let n_in = n_in * if ty == GgmlType::Q4_K { 4 } else { 1 };
+            let w = values(n_in * n_out, 4);
+            let bytes = blocks::quantize(ty, &w, n_in, None).unwrap();
+            let layer = BlockLinear::new(ty, n_in, n_out, bytes.clone(), None)
+                .unwrap()
+                .unwrap();
+            let good = values(n_in, 5);
+            let mut big = values(n_in, 6);
+            big[3] = 2e7;
+            let mut nan = values(n_in, 7);
+            nan[1] = f32::NAN;
+            let x: Vec<f32> = [&good[..], &nan, &big, &good].concat();
+            let mut y = vec![0f32; 4 * n_out];
+            layer.forward_rows(&x, 4, &mut y);
+            let mut alone = vec![0f32; n_out];
+            layer.forward_rows(&good, 1, &mut alone);
+            assert_eq!(y[..n_out], alone[..], "{ty:?}");
+            assert_eq!(y[3 * n_out..], alone[..], "{ty:?}");
+            assert!(y[n_out..2 * n_out].iter().all(|v| v.is_nan()), "{ty:?}");
+            let wq = blocks::dequantize(ty, &bytes, n_in * n_out).unwrap();
+            for n in 0..n_out {
+                let exact: f32 = (0..n_in).map(|k| big[k] * wq[n * n_in + k]).sum();
+                let got = y[2 * n_out + n];
+                // Q8_0: the f32 product exactly; Q8_K's f32 scale holds the row, on the blocks.
+                let tol = if ty == GgmlType::Q8_0 {
+                    0.0
+                } else {
+                    exact.abs() * 1e-2 + 1.0
+                };
+                assert!(
+                    got.is_finite() && (got - exact).abs() <= tol,
+                    "{ty:?} {got} {exact}"
+                );
             }
         }
     }
