@@ -204,7 +204,7 @@ pub(crate) fn rows_dot(
     acts: &[&[u8]],
     out: &mut [f32],
 ) {
-    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q6_K);
+    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
     if path != DotPath::Avx2 || !k_quant || acts.len() == 1 {
         for (o, a) in out.iter_mut().zip(acts) {
             *o = row_dot(path, ty, n, weights, a);

@@ -6,7 +6,7 @@
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
-use crate::gguf::types::{GgmlType, QK_K};
+use crate::gguf::types::GgmlType;
 
 /// Each block's integer sum (see `scalar_ints`).
 ///
@@ -21,15 +21,21 @@ pub unsafe fn ints(ty: GgmlType, w: &[u8], a: &[u8], ints: &mut [i32]) {
         .zip(a.chunks_exact(act.type_size()));
     for ((wb, ab), out) in blocks.zip(ints.iter_mut()) {
         *out = match ty {
-            GgmlType::Q4_K | GgmlType::Q5_K => q45_k(wb, ab, ty == GgmlType::Q5_K),
-            GgmlType::Q6_K => q6_k(wb, ab),
+            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
+                let mut one = [0];
+                // SAFETY: AVX2, this function's own requirement.
+                unsafe { k_rows(ty, wb, &[ab], &mut one) };
+                one[0]
+            }
             _ => legacy(ty, wb, &ab[ab.len() - 32..]),
         };
     }
 }
 
-/// One Q4_K or Q6_K super-block's integer sum (see `scalar_ints`) with each of several
-/// activation blocks `a`, into `out` (one each): the weight's levels are unpacked once.
+/// One Q4_K, Q5_K or Q6_K super-block's integer sum (see `scalar_ints`) with each of
+/// several activation blocks `a`, into `out` (one each): the weight's levels are unpacked
+/// once. Σ over the sub-blocks of scale·Σ level·q8 (eight of 32 for Q4_K/Q5_K, whose mins
+/// come in the f32 step; sixteen of 16 for Q6_K).
 ///
 /// # Safety
 /// The CPU must support AVX2; `a` and `out` hold at most 8.
@@ -48,18 +54,32 @@ pub unsafe fn k_rows(ty: GgmlType, wb: &[u8], a: &[&[u8]], out: &mut [i32]) {
         }
     };
     match ty {
-        GgmlType::Q4_K => {
+        GgmlType::Q4_K | GgmlType::Q5_K => {
+            let five = ty == GgmlType::Q5_K;
             let low4 = _mm256_set1_epi8(0x0F);
             let scales: [i16; 8] =
                 std::array::from_fn(|j| i16::from(super::scale_min_k4(j, &wb[4..16]).0));
+            let qs = &wb[if five { 48 } else { 16 }..];
+            let high = if five {
+                load(&wb[16..48])
+            } else {
+                _mm256_setzero_si256()
+            };
             for n in 0..4 {
-                let q = load(&wb[16 + 32 * n..]);
+                let q = load(&qs[32 * n..]);
                 let halves = [
                     _mm256_and_si256(q, low4),
                     _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
                 ];
-                for (h, x) in halves.into_iter().enumerate() {
+                for (h, mut x) in halves.into_iter().enumerate() {
                     let j = 2 * n + h;
+                    if five {
+                        // bit j of each qh byte, moved to 16
+                        let shift = _mm_cvtsi32_si128(j as i32);
+                        let bit =
+                            _mm256_and_si256(_mm256_srl_epi16(high, shift), _mm256_set1_epi8(1));
+                        x = _mm256_or_si256(x, _mm256_slli_epi16::<4>(bit));
+                    }
                     add(x, _mm256_set1_epi16(scales[j]), 32 * j, false);
                 }
             }
@@ -190,77 +210,4 @@ fn legacy(ty: GgmlType, wb: &[u8], q8: &[u8]) -> i32 {
         GgmlType::Q4_1 | GgmlType::Q5_1 => hsum(madd_us(x, y, ones)),
         _ => hsum(madd_ss(x, y, ones)),
     }
-}
-
-/// One Q4_K/Q5_K super-block: Σ over the eight sub-blocks of scale·Σ level·q8.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn q45_k(wb: &[u8], ab: &[u8], five: bool) -> i32 {
-    let low4 = _mm256_set1_epi8(0x0F);
-    let qs = &wb[if five { 48 } else { 16 }..];
-    let q8 = &ab[4..4 + QK_K];
-    let high = if five {
-        load(&wb[16..48])
-    } else {
-        _mm256_setzero_si256()
-    };
-    let mut acc = _mm256_setzero_si256();
-    for n in 0..4 {
-        let q = load(&qs[32 * n..]);
-        let halves = [
-            _mm256_and_si256(q, low4),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
-        ];
-        for (h, mut x) in halves.into_iter().enumerate() {
-            let j = 2 * n + h;
-            if five {
-                // bit j of each qh byte, moved to 16
-                let shift = _mm_cvtsi32_si128(j as i32);
-                let bit = _mm256_and_si256(_mm256_srl_epi16(high, shift), _mm256_set1_epi8(1));
-                x = _mm256_or_si256(x, _mm256_slli_epi16::<4>(bit));
-            }
-            let scale = _mm256_set1_epi16(i16::from(super::scale_min_k4(j, &wb[4..16]).0));
-            acc = _mm256_add_epi32(acc, madd_us(x, load(&q8[32 * j..]), scale));
-        }
-    }
-    hsum(acc)
-}
-
-/// One Q6_K super-block: Σ over the sixteen groups of 16 of scale·Σ level·q8.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-fn q6_k(wb: &[u8], ab: &[u8]) -> i32 {
-    let (ql, qh, sc) = (&wb[..128], &wb[128..192], &wb[192..208]);
-    let q8 = &ab[4..4 + QK_K];
-    let (low4, two_bits, m32) = (
-        _mm256_set1_epi8(0x0F),
-        _mm256_set1_epi8(3),
-        _mm256_set1_epi8(32),
-    );
-    let mut acc = _mm256_setzero_si256();
-    for h in 0..2 {
-        let l0 = load(&ql[64 * h..]);
-        let l1 = load(&ql[64 * h + 32..]);
-        let hb = load(&qh[32 * h..]);
-        let lows = [
-            _mm256_and_si256(l0, low4),
-            _mm256_and_si256(l1, low4),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(l0), low4),
-            _mm256_and_si256(_mm256_srli_epi16::<4>(l1), low4),
-        ];
-        for (k, low) in lows.into_iter().enumerate() {
-            let shift = _mm_cvtsi32_si128(2 * k as i32);
-            let high = _mm256_and_si256(_mm256_srl_epi16(hb, shift), two_bits);
-            let q = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
-            let x = _mm256_sub_epi8(q, m32);
-            let g = 8 * h + 2 * k;
-            let scales = _mm256_set_m128i(
-                _mm_set1_epi16(i16::from(sc[g + 1] as i8)),
-                _mm_set1_epi16(i16::from(sc[g] as i8)),
-            );
-            let y = load(&q8[128 * h + 32 * k..]);
-            acc = _mm256_add_epi32(acc, madd_ss(x, y, scales));
-        }
-    }
-    hsum(acc)
 }
