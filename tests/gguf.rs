@@ -4,7 +4,6 @@
 mod common;
 
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 use serde_json::{json, Value};
@@ -13,14 +12,7 @@ const METHODS: [&str; 6] = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_k_m"];
 const PROMPTS: [&str; 3] = ["the model reads every", "quick brown fox", "attention norm"];
 
 fn run_python(args: &[&str]) -> String {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/check_gguf.py");
-    let o = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "check_gguf.py {args:?}: {}", stderr(&o));
-    stdout(&o)
+    reference_script("check_gguf.py", args)
 }
 
 /// gpt2kit's greedy tokens (EOS ignored) for each prompt.
@@ -47,19 +39,7 @@ fn greedy(file: &str) -> Vec<Value> {
 }
 
 fn eval(file: &str, data: &str) -> f64 {
-    let o = gpt2kit(&[
-        "eval",
-        "--model",
-        file,
-        "--data",
-        data,
-        "--block-size",
-        "32",
-        "--json",
-    ]);
-    assert_ok(&o);
-    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    v["perplexity"].as_f64().unwrap()
+    perplexity(file, data, &[])
 }
 
 /// `gpt2kit quantize` to a GGUF file, no decode timing.

@@ -8,7 +8,6 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use common::*;
 use serde_json::Value;
@@ -51,18 +50,7 @@ fn converter_cache() -> PathBuf {
 }
 
 fn run_python(args: &[&str]) -> Value {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/reference/llama_converter.py");
-    let o = Command::new(python())
-        .arg(script)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        o.status.success(),
-        "llama_converter.py {args:?}: {}",
-        stderr(&o)
-    );
-    let out = stdout(&o);
+    let out = reference_script("llama_converter.py", args);
     serde_json::from_str(out.lines().last().unwrap_or("")).unwrap_or_else(|e| panic!("{e}: {out}"))
 }
 

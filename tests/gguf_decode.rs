@@ -45,24 +45,6 @@ fn alone(file: &str, prompt: &str) -> Value {
     line["token_ids"].clone()
 }
 
-fn perplexity(file: &str, data: &str, extra: &[&str]) -> f64 {
-    let mut args = vec![
-        "eval",
-        "--model",
-        file,
-        "--data",
-        data,
-        "--block-size",
-        "32",
-        "--json",
-    ];
-    args.extend(extra);
-    let o = gpt2kit(&args);
-    assert_ok(&o);
-    let v: Value = serde_json::from_str(stdout(&o).trim()).unwrap();
-    v["perplexity"].as_f64().unwrap()
-}
-
 #[test]
 fn block_formats_decode_alone_as_together_and_near_their_float_weights() {
     let tmp = TempDir::new("gguf-decode");

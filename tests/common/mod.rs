@@ -60,6 +60,41 @@ pub fn assert_clean_failure(o: &Output, code: i32, needle: &str) {
 /// The reference environment's python (transformers, tensorboard): `GPT2KIT_PYTHON`
 /// (`make test` sets it), else the venv whose torch the build links (`LIBTORCH` is
 /// `<venv>/lib/python3.X/site-packages/torch`).
+/// Runs `tests/reference/SCRIPT` with the reference python; its stdout (a failure shows
+/// its stderr).
+pub fn reference_script(script: &str, args: &[&str]) -> String {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/reference")
+        .join(script);
+    let o = Command::new(python())
+        .arg(path)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{script} {args:?}: {}", stderr(&o));
+    stdout(&o)
+}
+
+/// `gpt2kit eval --json`'s perplexity of `model` on `data` in blocks of 32, with `extra`
+/// flags.
+pub fn perplexity(model: &str, data: &str, extra: &[&str]) -> f64 {
+    let mut args = vec![
+        "eval",
+        "--model",
+        model,
+        "--data",
+        data,
+        "--block-size",
+        "32",
+        "--json",
+    ];
+    args.extend(extra);
+    let o = gpt2kit(&args);
+    assert_ok(&o);
+    let v: serde_json::Value = serde_json::from_str(stdout(&o).trim()).unwrap();
+    v["perplexity"].as_f64().unwrap()
+}
+
 pub fn python() -> PathBuf {
     if let Some(p) = std::env::var_os("GPT2KIT_PYTHON") {
         return p.into();
