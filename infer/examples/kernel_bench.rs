@@ -16,8 +16,9 @@
 //! activations quantized per call) have rows of their own, without a libtorch figure;
 //! their GB/s counts the blocks' bytes (scales included).
 //!
-//! `cargo run --release -p infer --example kernel_bench [-- --quick] [--threads N]`.
-//! Threads: N, else every core, for the kernels and libtorch alike.
+//! `cargo run --release -p infer --example kernel_bench [-- --quick] [--threads N] [--ggml]`.
+//! Threads: N, else every core, for the kernels and libtorch alike. `--ggml`: the
+//! bandwidth probe and the block formats' rows only.
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -440,9 +441,82 @@ fn print_line(name: &str, f: WeightFormat, rows: i64, t: &Timing, bw: f64) {
     );
 }
 
+type Section = (&'static str, Vec<(String, WeightFormat, i64, Timing)>);
+
+/// The float and int8 sections: each GPT-2 shape, a decode step, a prompt, each path.
+fn float_sections(
+    o: &Opts,
+    supported: &[Isa],
+    sections: &mut Vec<Section>,
+    probe: &mut dyn FnMut(),
+) {
+    let mut lines = Vec::new();
+    for (k, n) in [
+        (768, 2304),
+        (768, 768),
+        (768, 3072),
+        (3072, 768),
+        (768, 50257),
+    ] {
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::Bf16,
+            WeightFormat::Int8,
+            WeightFormat::Int8Dynamic,
+        ] {
+            let with_torch = format != WeightFormat::Int8;
+            let ts = bench_shape(k, n, format, Isa::detect(), &[1, 8], with_torch, o);
+            for (rows, t) in [1, 8].into_iter().zip(ts) {
+                lines.push((format!("{k}x{n}"), format, rows, t));
+            }
+        }
+        probe();
+    }
+    sections.push(("shape (in,out)", std::mem::take(&mut lines)));
+    for format in [
+        WeightFormat::F32,
+        WeightFormat::Bf16,
+        WeightFormat::Int8Dynamic,
+    ] {
+        let ts = bench_model(format, &[1, 8], true, o);
+        for (rows, t) in [1, 8].into_iter().zip(ts) {
+            lines.push(("gpt2-124M step".to_string(), format, rows, t));
+        }
+        probe();
+    }
+    sections.push(("gpt2 step", std::mem::take(&mut lines)));
+    // Prompts: more rows than one pass serves, in passes of 8 rows; where libtorch's
+    // GEMM overtakes them sets `linear::kernel_max_rows`.
+    let prompt_rows = [11, 64, 128, 256];
+    for format in [WeightFormat::F32, WeightFormat::Bf16] {
+        let ts = bench_model(format, &prompt_rows, false, o);
+        for (rows, t) in prompt_rows.into_iter().zip(ts) {
+            lines.push(("gpt2-124M blocks".to_string(), format, rows, t));
+        }
+        probe();
+    }
+    sections.push(("gpt2 prompt", std::mem::take(&mut lines)));
+    for &isa in supported {
+        for format in [
+            WeightFormat::F32,
+            WeightFormat::Bf16,
+            WeightFormat::Int8Dynamic,
+        ] {
+            let ts = bench_shape(768, 2304, format, isa, &[1, 8], false, o);
+            let name = format!("{:?}", runs_on(format, isa, o));
+            for (rows, t) in [1, 8].into_iter().zip(ts) {
+                lines.push((name.clone(), format, rows, t));
+            }
+        }
+    }
+    sections.push(("path, 768x2304", lines));
+    probe();
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
+    let ggml_only = args.iter().any(|a| a == "--ggml");
     let threads = args.iter().position(|a| a == "--threads").map(|i| {
         match args.get(i + 1).and_then(|n| n.parse().ok()) {
             Some(n) if n > 0 => n,
@@ -473,71 +547,11 @@ fn main() {
         ))
     };
     probe(&mut probes);
-    dispatch_overhead(&o.pool);
-
-    type Section = (&'static str, Vec<(String, WeightFormat, i64, Timing)>);
     let mut sections: Vec<Section> = Vec::new();
-    let mut lines = Vec::new();
-    for (k, n) in [
-        (768, 2304),
-        (768, 768),
-        (768, 3072),
-        (3072, 768),
-        (768, 50257),
-    ] {
-        for format in [
-            WeightFormat::F32,
-            WeightFormat::Bf16,
-            WeightFormat::Int8,
-            WeightFormat::Int8Dynamic,
-        ] {
-            let with_torch = format != WeightFormat::Int8;
-            let ts = bench_shape(k, n, format, Isa::detect(), &[1, 8], with_torch, &o);
-            for (rows, t) in [1, 8].into_iter().zip(ts) {
-                lines.push((format!("{k}x{n}"), format, rows, t));
-            }
-        }
-        probe(&mut probes);
+    if !ggml_only {
+        dispatch_overhead(&o.pool);
+        float_sections(&o, &supported, &mut sections, &mut || probe(&mut probes));
     }
-    sections.push(("shape (in,out)", std::mem::take(&mut lines)));
-    for format in [
-        WeightFormat::F32,
-        WeightFormat::Bf16,
-        WeightFormat::Int8Dynamic,
-    ] {
-        let ts = bench_model(format, &[1, 8], true, &o);
-        for (rows, t) in [1, 8].into_iter().zip(ts) {
-            lines.push(("gpt2-124M step".to_string(), format, rows, t));
-        }
-        probe(&mut probes);
-    }
-    sections.push(("gpt2 step", std::mem::take(&mut lines)));
-    // Prompts: more rows than one pass serves, in passes of 8 rows; where libtorch's
-    // GEMM overtakes them sets `linear::kernel_max_rows`.
-    let prompt_rows = [11, 64, 128, 256];
-    for format in [WeightFormat::F32, WeightFormat::Bf16] {
-        let ts = bench_model(format, &prompt_rows, false, &o);
-        for (rows, t) in prompt_rows.into_iter().zip(ts) {
-            lines.push(("gpt2-124M blocks".to_string(), format, rows, t));
-        }
-        probe(&mut probes);
-    }
-    sections.push(("gpt2 prompt", std::mem::take(&mut lines)));
-    for &isa in &supported {
-        for format in [
-            WeightFormat::F32,
-            WeightFormat::Bf16,
-            WeightFormat::Int8Dynamic,
-        ] {
-            let ts = bench_shape(768, 2304, format, isa, &[1, 8], false, &o);
-            let name = format!("{:?}", runs_on(format, isa, &o));
-            for (rows, t) in [1, 8].into_iter().zip(ts) {
-                lines.push((name.clone(), format, rows, t));
-            }
-        }
-    }
-    sections.push(("path, 768x2304", lines));
-    probe(&mut probes);
     let mut block_lines = Vec::new();
     for (k, n) in [(768, 2304), (3072, 768), (768, 50257)] {
         for ty in [

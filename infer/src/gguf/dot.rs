@@ -4,15 +4,16 @@
 //! ggml's x86 build does, each block's integer sum is exact, and the blocks are then scaled
 //! and summed in f32, in ggml's generic order for the 32-weight types. The portable path and
 //! the AVX2 path compute the same integer sums and share the f32 step, so they agree bit for
-//! bit. Not yet used by the model.
+//! bit. Q4_K and Q6_K run in `kquants`, in the order of ggml's AVX2 kernels.
 use super::blocks::half::{f16_at, f32_to_f16, le16};
-use super::blocks::kquants::{q45k_levels, q6k_levels, scale_min_k4};
+use super::blocks::kquants::{q45k_levels, scale_min_k4};
 use super::blocks::legacy::{self, Legacy};
 use super::blocks::search::nearest_int;
 use super::types::{GgmlType, QK_K};
 use crate::error::{Error, Result};
 
 mod avx2;
+pub(crate) mod kquants;
 
 /// Weights per block of the 32-weight types.
 const QK: usize = 32;
@@ -170,6 +171,18 @@ pub fn vec_dot_on(
 /// [`vec_dot_on`] without its checks: `path` supported, `ty` a quantized type, both rows
 /// of `n` weights' bytes.
 pub(crate) fn row_dot(path: DotPath, ty: GgmlType, n: usize, weights: &[u8], acts: &[u8]) -> f32 {
+    if kquants::handles(ty) {
+        let mut out = [0f32];
+        kquants::rows(
+            path,
+            ty,
+            n,
+            &weights[..ty.row_bytes(n).unwrap_or(0)],
+            &[acts],
+            &mut out,
+        );
+        return out[0];
+    }
     let act = vec_dot_type(ty).expect("a quantized type");
     // integer sums a chunk of blocks at a time, then the f32 step over them
     const CHUNK: usize = 64;
@@ -190,65 +203,6 @@ pub(crate) fn row_dot(path: DotPath, ty: GgmlType, n: usize, weights: &[u8], act
         sumf = scale_and_sum(ty, w, a, ints, sumf);
     }
     sumf
-}
-
-/// [`row_dot`] of one weight row with up to 8 activation rows, `out[i]` for `acts[i]`,
-/// the same values bit for bit: the integer sums are exact, and each row's f32 step is
-/// [`scale_and_sum`]'s, term for term. On AVX2 the K-quants' levels, scales and mins are
-/// unpacked once per super-block for every row.
-pub(crate) fn rows_dot(
-    path: DotPath,
-    ty: GgmlType,
-    n: usize,
-    weights: &[u8],
-    acts: &[&[u8]],
-    out: &mut [f32],
-) {
-    let k_quant = matches!(ty, GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K);
-    if path != DotPath::Avx2 || !k_quant || acts.len() == 1 {
-        for (o, a) in out.iter_mut().zip(acts) {
-            *o = row_dot(path, ty, n, weights, a);
-        }
-        return;
-    }
-    const ROWS: usize = 8;
-    assert!(acts.len() <= ROWS && out.len() == acts.len());
-    let (ws, as_) = (ty.type_size(), GgmlType::Q8_K.type_size());
-    let mut sumf = [0f32; ROWS];
-    let mut ints = [0i32; ROWS];
-    for b in 0..n / QK_K {
-        let wb = &weights[b * ws..(b + 1) * ws];
-        let ab: [&[u8]; ROWS] = std::array::from_fn(|i| {
-            let a = acts[i.min(acts.len() - 1)];
-            &a[b * as_..(b + 1) * as_]
-        });
-        let ab = &ab[..acts.len()];
-        // SAFETY: the AVX2 path is supported on this CPU (the caller's `path`).
-        unsafe { avx2::k_rows(ty, wb, ab, &mut ints[..acts.len()]) };
-        if ty == GgmlType::Q6_K {
-            let d = f16_at(wb, 208);
-            for ((sum, a), &sumi) in sumf.iter_mut().zip(ab).zip(&ints) {
-                *sum += (d * f32_at(a)) * sumi as f32;
-            }
-            continue;
-        }
-        let (d, dmin) = (f16_at(wb, 0), f16_at(wb, 2));
-        let mins: [i32; 8] = std::array::from_fn(|j| i32::from(scale_min_k4(j, &wb[4..16]).1));
-        for ((sum, a), &sumi) in sumf.iter_mut().zip(ab).zip(&ints) {
-            let m: i32 = (0..16)
-                .map(|j| i32::from(le16(a, 4 + QK_K + 2 * j) as i16) * mins[j / 2])
-                .sum();
-            let yd = f32_at(a);
-            *sum += (d * yd) * sumi as f32;
-            *sum -= (dmin * yd) * m as f32;
-        }
-    }
-    out.copy_from_slice(&sumf[..out.len()]);
-}
-
-/// A Q8_K block's f32 scale.
-fn f32_at(ab: &[u8]) -> f32 {
-    f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]])
 }
 
 /// The 32-weight kind of a weight type, `None` for Q8_0 (whose levels are its bytes).
@@ -280,7 +234,7 @@ fn scaled_groups(levels: &[i32], q8: &[u8], group: usize, scale: impl Fn(usize) 
 }
 
 /// Each block's integer sum, portably: Σ level·q8 for the 32-weight types, Σ scale·(Σ
-/// level·q8) over the sub-blocks for the K-quants (their mins come in `scale_and_sum`).
+/// level·q8) over the sub-blocks for Q5_K (its mins come in `scale_and_sum`).
 fn scalar_ints(ty: GgmlType, w: &[u8], a: &[u8], ints: &mut [i32]) {
     let act = vec_dot_type(ty).expect("a quantized type");
     let blocks = w
@@ -294,13 +248,9 @@ fn scalar_ints(ty: GgmlType, w: &[u8], a: &[u8], ints: &mut [i32]) {
             _ => &ab[4..4 + QK_K],
         };
         *out = match ty {
-            GgmlType::Q4_K | GgmlType::Q5_K => {
-                let lv = q45k_levels(wb, ty == GgmlType::Q5_K).map(i32::from);
+            GgmlType::Q5_K => {
+                let lv = q45k_levels(wb, true).map(i32::from);
                 scaled_groups(&lv, q8, 32, |j| i32::from(scale_min_k4(j, &wb[4..16]).0))
-            }
-            GgmlType::Q6_K => {
-                let lv = q6k_levels(wb).map(i32::from);
-                scaled_groups(&lv, q8, 16, |g| i32::from(wb[192 + g] as i8))
             }
             _ => match legacy_kind(ty) {
                 Some(kind) => dot_i32(
@@ -332,10 +282,6 @@ fn scale_and_sum(ty: GgmlType, w: &[u8], a: &[u8], ints: &[i32], mut sumf: f32) 
             }
             _ => {
                 let yd = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
-                if ty == GgmlType::Q6_K {
-                    sumf += (f16_at(wb, 208) * yd) * sumi;
-                    continue;
-                }
                 let bsums = (0..16).map(|j| i32::from(le16(ab, 4 + QK_K + 2 * j) as i16));
                 let mins: i32 = bsums
                     .enumerate()

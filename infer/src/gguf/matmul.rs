@@ -9,8 +9,9 @@
 //! block, eight lanes of integer sums (four weights each), each lane multiplied by the
 //! block's two scales and added into its lane's f32 accumulator with one fused
 //! multiply-add, the eight lanes summed pairwise at the end. The portable path computes
-//! the same operations in the same order, so both agree bit for bit. The other types
-//! (Q4_1, Q5_*, K-quants) use `dot`'s row products. Each output is one row's dot product
+//! the same operations in the same order, so both agree bit for bit. Q4_K and Q6_K run
+//! in ggml's AVX2 order too (`dot::kquants`); the other types (Q4_1, Q5_*) use `dot`'s
+//! row products. Each output is one row's dot product
 //! whatever else runs beside it, so a sequence's logits do not depend on its batch.
 use std::sync::Arc;
 
@@ -246,6 +247,23 @@ impl BlockLinear {
             }
             return;
         }
+        if dot::kquants::handles(self.ty) {
+            // every output of the range against up to 8 rows at a time
+            let w = &self.bytes[range.start * w_row..range.end * w_row];
+            let mut v = vec![0f32; range.len() * MAX_ROWS];
+            for first in (0..acts.rows).step_by(MAX_ROWS) {
+                let count = MAX_ROWS.min(acts.rows - first);
+                let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
+                let v = &mut v[..range.len() * count];
+                dot::kquants::rows(self.path, self.ty, self.n_in, w, &a, v);
+                for (o, v) in v.chunks_exact(count).enumerate() {
+                    for (i, &v) in v.iter().enumerate() {
+                        put(first + i, range.start + o, v);
+                    }
+                }
+            }
+            return;
+        }
         for n in range {
             if fast {
                 for m in 0..acts.rows {
@@ -263,7 +281,9 @@ impl BlockLinear {
                 let a: [&[u8]; MAX_ROWS] =
                     std::array::from_fn(|i| acts.row(first + i.min(count - 1)));
                 let v = &mut v[..count];
-                dot::rows_dot(self.path, self.ty, self.n_in, row(n), &a[..count], v);
+                for (v, a) in v.iter_mut().zip(&a[..count]) {
+                    *v = dot::row_dot(self.path, self.ty, self.n_in, row(n), a);
+                }
                 for (i, &v) in v.iter().enumerate() {
                     put(first + i, n, v);
                 }

@@ -21,109 +21,44 @@ pub unsafe fn ints(ty: GgmlType, w: &[u8], a: &[u8], ints: &mut [i32]) {
         .zip(a.chunks_exact(act.type_size()));
     for ((wb, ab), out) in blocks.zip(ints.iter_mut()) {
         *out = match ty {
-            GgmlType::Q4_K | GgmlType::Q5_K | GgmlType::Q6_K => {
-                let mut one = [0];
+            GgmlType::Q5_K => {
                 // SAFETY: AVX2, this function's own requirement.
-                unsafe { k_rows(ty, wb, &[ab], &mut one) };
-                one[0]
+                unsafe { q5_k(wb, ab) }
             }
             _ => legacy(ty, wb, &ab[ab.len() - 32..]),
         };
     }
 }
 
-/// One Q4_K, Q5_K or Q6_K super-block's integer sum (see `scalar_ints`) with each of
-/// several activation blocks `a`, into `out` (one each): the weight's levels are unpacked
-/// once. Σ over the sub-blocks of scale·Σ level·q8 (eight of 32 for Q4_K/Q5_K, whose mins
-/// come in the f32 step; sixteen of 16 for Q6_K).
+/// One Q5_K super-block's integer sum (see `scalar_ints`): Σ over its eight sub-blocks of
+/// 32 of scale·Σ level·q8 (the mins come in the f32 step).
 ///
 /// # Safety
-/// The CPU must support AVX2; `a` and `out` hold at most 8.
+/// The CPU must support AVX2.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-pub unsafe fn k_rows(ty: GgmlType, wb: &[u8], a: &[&[u8]], out: &mut [i32]) {
-    assert!(a.len() <= 8 && out.len() == a.len());
-    let mut acc = [_mm256_setzero_si256(); 8];
-    let mut add = |x: __m256i, scales: __m256i, at: usize, signed: bool| {
-        // |x| once, then each row's y with x's sign (as `madd_ss`), or x as it is.
-        let ax = if signed { _mm256_sign_epi8(x, x) } else { x };
-        for (acc, ab) in acc.iter_mut().zip(a) {
-            let y = load(&ab[4 + at..]);
-            let y = if signed { _mm256_sign_epi8(y, x) } else { y };
-            *acc = _mm256_add_epi32(*acc, madd_us(ax, y, scales));
+unsafe fn q5_k(wb: &[u8], ab: &[u8]) -> i32 {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let high = load(&wb[16..48]);
+    let mut acc = _mm256_setzero_si256();
+    for n in 0..4 {
+        let q = load(&wb[48 + 32 * n..]);
+        let halves = [
+            _mm256_and_si256(q, low4),
+            _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+        ];
+        for (h, x) in halves.into_iter().enumerate() {
+            let j = 2 * n + h;
+            // bit j of each qh byte, moved to 16
+            let shift = _mm_cvtsi32_si128(j as i32);
+            let bit = _mm256_and_si256(_mm256_srl_epi16(high, shift), _mm256_set1_epi8(1));
+            let x = _mm256_or_si256(x, _mm256_slli_epi16::<4>(bit));
+            let scale = _mm256_set1_epi16(i16::from(super::scale_min_k4(j, &wb[4..16]).0));
+            let y = load(&ab[4 + 32 * j..]);
+            acc = _mm256_add_epi32(acc, madd_us(x, y, scale));
         }
-    };
-    match ty {
-        GgmlType::Q4_K | GgmlType::Q5_K => {
-            let five = ty == GgmlType::Q5_K;
-            let low4 = _mm256_set1_epi8(0x0F);
-            let scales: [i16; 8] =
-                std::array::from_fn(|j| i16::from(super::scale_min_k4(j, &wb[4..16]).0));
-            let qs = &wb[if five { 48 } else { 16 }..];
-            let high = if five {
-                load(&wb[16..48])
-            } else {
-                _mm256_setzero_si256()
-            };
-            for n in 0..4 {
-                let q = load(&qs[32 * n..]);
-                let halves = [
-                    _mm256_and_si256(q, low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
-                ];
-                for (h, mut x) in halves.into_iter().enumerate() {
-                    let j = 2 * n + h;
-                    if five {
-                        // bit j of each qh byte, moved to 16
-                        let shift = _mm_cvtsi32_si128(j as i32);
-                        let bit =
-                            _mm256_and_si256(_mm256_srl_epi16(high, shift), _mm256_set1_epi8(1));
-                        x = _mm256_or_si256(x, _mm256_slli_epi16::<4>(bit));
-                    }
-                    add(x, _mm256_set1_epi16(scales[j]), 32 * j, false);
-                }
-            }
-        }
-        GgmlType::Q6_K => {
-            let (ql, qh, sc) = (&wb[..128], &wb[128..192], &wb[192..208]);
-            let (low4, two_bits, m32) = (
-                _mm256_set1_epi8(0x0F),
-                _mm256_set1_epi8(3),
-                _mm256_set1_epi8(32),
-            );
-            for h in 0..2 {
-                let l0 = load(&ql[64 * h..]);
-                let l1 = load(&ql[64 * h + 32..]);
-                let hb = load(&qh[32 * h..]);
-                let lows = [
-                    _mm256_and_si256(l0, low4),
-                    _mm256_and_si256(l1, low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l0), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(l1), low4),
-                ];
-                for (k, low) in lows.into_iter().enumerate() {
-                    let shift = _mm_cvtsi32_si128(2 * k as i32);
-                    let high = _mm256_and_si256(_mm256_srl_epi16(hb, shift), two_bits);
-                    let q = _mm256_or_si256(low, _mm256_slli_epi16::<4>(high));
-                    let g = 8 * h + 2 * k;
-                    let scales = _mm256_set_m128i(
-                        _mm_set1_epi16(i16::from(sc[g + 1] as i8)),
-                        _mm_set1_epi16(i16::from(sc[g] as i8)),
-                    );
-                    add(_mm256_sub_epi8(q, m32), scales, 128 * h + 32 * k, true);
-                }
-            }
-        }
-        _ => unreachable!("K-quants only"),
     }
-    for (o, acc) in out.iter_mut().zip(acc) {
-        *o = hsum(acc);
-    }
-}
-
-#[cfg(not(target_arch = "x86_64"))]
-pub unsafe fn k_rows(_: GgmlType, _: &[u8], _: &[&[u8]], _: &mut [i32]) {
-    unreachable!("the AVX2 path is never supported off x86_64")
+    hsum(acc)
 }
 
 #[cfg(not(target_arch = "x86_64"))]
