@@ -169,10 +169,18 @@ impl BlockLinear {
         let chunk = self.n_out.div_ceil(tasks).next_multiple_of(GROUP);
         let out = Out(y.as_mut_ptr());
         let n_out = self.n_out;
+        let scales = match act {
+            GgmlType::Q8_0 => acts
+                .chunks_exact(Q8_0_BYTES)
+                .map(|b| f16_at(b, 0))
+                .collect(),
+            _ => Vec::new(),
+        };
         let acts = Acts {
             bytes: &acts,
             row: act_row,
             rows,
+            scales,
         };
         self.pool.run(tasks, &|t| {
             let first = (t * chunk).min(n_out);
@@ -217,31 +225,18 @@ impl BlockLinear {
         #[cfg(target_arch = "x86_64")]
         if fast && self.path == DotPath::Avx2 {
             let q4 = self.ty == GgmlType::Q4_0;
-            let mut n = range.start;
-            // One row: Q4_0's unpacking makes a single chain of blocks compute-bound, so
-            // four outputs run side by side; Q8_0 reads one weight row at a time (four
-            // rows' streams at once halved what one core read: 6.7 against 13 GB/s).
-            if acts.rows == 1 && q4 {
-                while n + GROUP <= range.end {
-                    let w: [&[u8]; GROUP] = std::array::from_fn(|g| row(n + g));
-                    // SAFETY: AVX2, FMA and F16C (the path); whole rows of `blocks` blocks.
-                    let v = unsafe { avx2::four_outputs(q4, w, acts.row(0), blocks) };
-                    for (g, v) in v.into_iter().enumerate() {
-                        put(0, n + g, v);
-                    }
-                    n += GROUP;
-                }
-            }
-            for n in n..range.end {
-                let mut v = [0f32; MAX_ROWS];
-                for first in (0..acts.rows).step_by(MAX_ROWS) {
-                    let count = MAX_ROWS.min(acts.rows - first);
-                    let a: [&[u8]; MAX_ROWS] =
-                        std::array::from_fn(|i| acts.row(first + i.min(count - 1)));
-                    // SAFETY: as above.
-                    unsafe { avx2::rows(q4, row(n), &a[..count], blocks, &mut v[..count]) };
-                    for (i, &v) in v[..count].iter().enumerate() {
-                        put(first + i, n, v);
+            let w = &self.bytes[range.start * w_row..range.end * w_row];
+            let mut v = vec![0f32; range.len() * MAX_ROWS];
+            for first in (0..acts.rows).step_by(MAX_ROWS) {
+                let count = MAX_ROWS.min(acts.rows - first);
+                let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
+                let d: Vec<&[f32]> = (first..first + count).map(|m| acts.scales(m)).collect();
+                let v = &mut v[..range.len() * count];
+                // SAFETY: AVX2, FMA and F16C (the path); whole rows of `blocks` blocks.
+                unsafe { avx2::outputs(q4, blocks, w, &a, &d, v) };
+                for (o, v) in v.chunks_exact(count).enumerate() {
+                    for (i, &v) in v.iter().enumerate() {
+                        put(first + i, range.start + o, v);
                     }
                 }
             }
@@ -308,11 +303,19 @@ struct Acts<'a> {
     bytes: &'a [u8],
     row: usize,
     rows: usize,
+    /// For Q8_0 activations, each row's block scales widened to f32 once per call (the
+    /// kernels would otherwise widen each one once per output).
+    scales: Vec<f32>,
 }
 
 impl Acts<'_> {
     fn row(&self, m: usize) -> &[u8] {
         &self.bytes[m * self.row..(m + 1) * self.row]
+    }
+
+    fn scales(&self, m: usize) -> &[f32] {
+        let blocks = self.scales.len() / self.rows.max(1);
+        &self.scales[m * blocks..(m + 1) * blocks]
     }
 }
 
@@ -370,7 +373,7 @@ fn scalar_dot(q4: bool, w: &[u8], a: &[u8], blocks: usize) -> f32 {
 mod avx2 {
     use std::arch::x86_64::*;
 
-    use super::{Q4_0_BYTES, Q8_0_BYTES};
+    use super::{GROUP, Q4_0_BYTES, Q8_0_BYTES};
 
     /// How far ahead of a weight row's loads to prefetch, in bytes: the hardware prefetcher
     /// alone left one core reading Q8_0 rows at ~6 GB/s.
@@ -381,17 +384,9 @@ mod avx2 {
     fn half(p: *const u8) -> f32 {
         // SAFETY: the caller's block holds its scale at `p`, two bytes.
         let h = unsafe { p.cast::<u16>().read_unaligned() };
-        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(h))))
-    }
-
-    /// Σ over lanes of four i8·i8 products each, as f32 (ggml's `mul_sum_i8_pairs_float`).
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn lanes(x: __m256i, y: __m256i) -> __m256 {
-        let ax = _mm256_sign_epi8(x, x);
-        let sy = _mm256_sign_epi8(y, x);
-        let pairs = _mm256_maddubs_epi16(ax, sy);
-        _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        // a broadcast, not an insert into a register that holds something else (LLVM
+        // otherwise chains each conversion to an unrelated earlier value)
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_set1_epi16(h as i16)))
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -425,70 +420,116 @@ mod avx2 {
         }
     }
 
-    /// Activation block `b`: its levels and scale.
+    /// Activation block `b`'s levels.
     ///
     /// # Safety
     /// `a` holds at least `b + 1` Q8_0 blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[inline]
-    unsafe fn acts(a: &[u8], b: usize) -> (__m256i, f32) {
+    unsafe fn act_levels(a: &[u8], b: usize) -> __m256i {
         // SAFETY: block b is in `a` (the caller's promise).
-        let p = unsafe { a.as_ptr().add(b * Q8_0_BYTES) };
-        (unsafe { _mm256_loadu_si256(p.add(2).cast()) }, half(p))
+        unsafe { _mm256_loadu_si256(a.as_ptr().add(b * Q8_0_BYTES + 2).cast()) }
     }
 
-    /// Four outputs for one activation row: four weight rows, four independent
-    /// accumulators, each as `scalar_dot` computes it.
+    /// Weight rows of `blocks` blocks, one after another in `w`, against up to 8
+    /// activation rows `a` (their block scales widened in `d`): `out[o * a.len() + i]` is
+    /// weight row o with `a[i]`, each as `scalar_dot` computes it.
     ///
     /// # Safety
-    /// The CPU has AVX2, FMA and F16C; each row of `w` holds `blocks` Q8_0 (or Q4_0, `q4`)
-    /// blocks and `a` as many Q8_0 blocks.
+    /// The CPU has AVX2, FMA and F16C; `w` holds `out.len() / a.len()` rows of `blocks`
+    /// Q8_0 (or Q4_0, `q4`) blocks, each row of `a` as many Q8_0 blocks and of `d` as many
+    /// scales; `a` and `d` hold 1 to 8 rows.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn four_outputs(q4: bool, w: [&[u8]; 4], a: &[u8], blocks: usize) -> [f32; 4] {
-        let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
-        assert!(w.iter().all(|r| r.len() >= blocks * wb) && a.len() >= blocks * Q8_0_BYTES);
-        let mut acc = [_mm256_setzero_ps(); 4];
-        for b in 0..blocks {
-            // SAFETY: block b of every row is in bounds (asserted above).
-            let (qy, da) = unsafe { acts(a, b) };
-            for (acc, w) in acc.iter_mut().zip(w) {
-                // A hint only: it may point past the row (no fault, no read).
-                _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(b * wb + PREFETCH).cast());
-                // SAFETY: as above.
-                let (qx, dw) = unsafe { weights(q4, w, b) };
-                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), lanes(qx, qy), *acc);
-            }
-        }
-        acc.map(|a| hsum(a))
-    }
-
-    /// One weight row against up to 8 activation rows `a`, into `out` (one each): the
-    /// weight block is read once for all of them.
-    ///
-    /// # Safety
-    /// As `four_outputs`, for every row of `a`; `out` as long as `a`, at most 8.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn rows(q4: bool, w: &[u8], a: &[&[u8]], blocks: usize, out: &mut [f32]) {
-        let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
-        assert!(w.len() >= blocks * wb && a.len() <= 8 && out.len() == a.len());
+    pub unsafe fn outputs(
+        q4: bool,
+        blocks: usize,
+        w: &[u8],
+        a: &[&[u8]],
+        d: &[&[f32]],
+        out: &mut [f32],
+    ) {
+        let row = blocks * if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+        assert!((1..=8).contains(&a.len()) && d.len() == a.len());
+        assert!(out.len() % a.len() == 0 && w.len() >= out.len() / a.len() * row);
         assert!(a.iter().all(|r| r.len() >= blocks * Q8_0_BYTES));
-        let mut acc = [_mm256_setzero_ps(); 8];
+        assert!(d.iter().all(|r| r.len() >= blocks));
+        // A row count known at compile time keeps the accumulators in registers.
+        macro_rules! counts {
+            ($($n:literal)*) => {
+                match a.len() {
+                    $($n => {
+                        let a: [&[u8]; $n] = std::array::from_fn(|i| a[i]);
+                        let d: [&[f32]; $n] = std::array::from_fn(|i| d[i]);
+                        // One row: Q4_0's unpacking makes a single chain of blocks
+                        // compute-bound, so four outputs run side by side; Q8_0 reads one
+                        // weight row at a time (four rows' streams at once halved what one
+                        // core read: 6.7 against 13 GB/s).
+                        let side = if $n == 1 && q4 { out.len() / GROUP * GROUP } else { 0 };
+                        for o in (0..side).step_by(GROUP) {
+                            let w: [&[u8]; GROUP] =
+                                std::array::from_fn(|g| &w[(o + g) * row..(o + g + 1) * row]);
+                            // SAFETY: the caller's promises, checked above.
+                            let v = unsafe { tile::<GROUP, $n>(q4, blocks, w, a, d) };
+                            for (g, v) in v.into_iter().enumerate() {
+                                out[(o + g) * $n..(o + g + 1) * $n].copy_from_slice(&v);
+                            }
+                        }
+                        let rest = out[side * $n..].chunks_exact_mut($n);
+                        for (o, out) in (side..).zip(rest) {
+                            let w = [&w[o * row..(o + 1) * row]];
+                            // SAFETY: as above.
+                            let v = unsafe { tile::<1, $n>(q4, blocks, w, a, d) };
+                            out.copy_from_slice(&v[0]);
+                        }
+                    })*
+                    _ => unreachable!("1 to 8 rows"),
+                }
+            };
+        }
+        counts!(1 2 3 4 5 6 7 8);
+    }
+
+    /// `G` weight rows against `N` activation rows, `G·N` independent accumulators.
+    ///
+    /// # Safety
+    /// As `outputs`, for these rows.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    #[inline]
+    unsafe fn tile<const G: usize, const N: usize>(
+        q4: bool,
+        blocks: usize,
+        w: [&[u8]; G],
+        a: [&[u8]; N],
+        d: [&[f32]; N],
+    ) -> [[f32; N]; G] {
+        let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+        let mut acc = [[_mm256_setzero_ps(); N]; G];
         for b in 0..blocks {
-            _mm_prefetch::<_MM_HINT_T0>(w.as_ptr().wrapping_add(b * wb + PREFETCH).cast());
-            // SAFETY: block b of every row is in bounds (asserted above).
-            let (qx, dw) = unsafe { weights(q4, w, b) };
-            let ax = _mm256_sign_epi8(qx, qx);
-            for (acc, a) in acc.iter_mut().zip(a) {
-                // SAFETY: as above.
-                let (qy, da) = unsafe { acts(a, b) };
-                let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
-                let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
-                *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), sums, *acc);
+            for g in 0..G {
+                // A hint only: it may point past the row (no fault, no read).
+                _mm_prefetch::<_MM_HINT_T0>(w[g].as_ptr().wrapping_add(b * wb + PREFETCH).cast());
+                // SAFETY: block b of every row is in bounds (the caller's promise).
+                let (qx, dw) = unsafe { weights(q4, w[g], b) };
+                let ax = _mm256_sign_epi8(qx, qx);
+                for r in 0..N {
+                    // SAFETY: as above.
+                    let qy = unsafe { act_levels(a[r], b) };
+                    // Σ over lanes of four i8·i8 products each, as f32 (ggml's
+                    // `mul_sum_i8_pairs_float`)
+                    let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
+                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                    let scale = _mm256_set1_ps(dw * d[r][b]);
+                    acc[g][r] = _mm256_fmadd_ps(scale, sums, acc[g][r]);
+                }
             }
         }
-        for (o, a) in out.iter_mut().zip(acc) {
-            *o = hsum(a);
+        let mut out = [[0f32; N]; G];
+        for g in 0..G {
+            for r in 0..N {
+                out[g][r] = hsum(acc[g][r]);
+            }
         }
+        out
     }
 }
 
