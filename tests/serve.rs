@@ -160,6 +160,19 @@ fn check_logprobs(choice: &Value, top: usize) -> (Vec<String>, Vec<f64>, Vec<Vec
     assert_eq!(tops.len(), tokens.len());
     assert_eq!(offsets.len(), tokens.len());
     assert!(offsets.windows(2).all(|w| w[0].as_u64() <= w[1].as_u64()));
+    // Each whole token's text stands at its offset in the choice's text (in characters),
+    // where the text holds all of it (a stop string may cut the text short).
+    let text: Vec<char> = choice["text"].as_str().unwrap().chars().collect();
+    for (t, o) in tokens.iter().zip(offsets) {
+        let (o, t): (usize, Vec<char>) = (o.as_u64().unwrap() as usize, t.chars().collect());
+        if !t.starts_with(&['b', 'y', 't', 'e', 's', ':']) && o + t.len() <= text.len() {
+            assert_eq!(
+                text[o..o + t.len()],
+                t[..],
+                "token {t:?} at {o} of {text:?}"
+            );
+        }
+    }
     for ((t, &v), top_i) in tokens.iter().zip(&values).zip(&tops) {
         assert!(v <= 0.0, "{v}");
         // The top n (distinct texts may be fewer) plus the chosen token when outside them.

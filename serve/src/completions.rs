@@ -97,10 +97,10 @@ struct Choices {
     /// Per choice: its tokens' raw log-probabilities so far (with `logprobs`), one per
     /// token of its `all`.
     raw: Vec<Vec<Logprobs>>,
-    /// Per choice, streamed: how many of its tokens' log-probabilities went out, and the
-    /// text offset after them. Each chunk carries those of the tokens that arrived since
+    /// Per choice, streamed: how many of its tokens' log-probabilities went out, and where
+    /// the next one's text starts. Each chunk carries those of the tokens that arrived since
     /// the last one (a token whose text is held back goes with the next piece).
-    streamed: Vec<(usize, usize)>,
+    streamed: Vec<(usize, crate::logprobs::Offsets)>,
     /// Whether log-probabilities were asked for.
     logprobs: bool,
     open: usize,
@@ -176,7 +176,10 @@ impl Choices {
         }
         let (t, raw, tok) = (&self.texts[i], &self.raw[i], &self.app.tokenizer);
         match shape {
-            Shape::Text => crate::logprobs::completion(tok, &t.all, raw, &t.enders, 0).0,
+            Shape::Text => {
+                let mut offsets = crate::logprobs::Offsets::default();
+                crate::logprobs::completion(tok, &t.all, raw, &t.enders, &mut offsets)
+            }
             Shape::Chat { top } => crate::logprobs::chat(tok, &t.all, raw, top),
         }
     }
@@ -185,18 +188,17 @@ impl Choices {
     /// are none, or they were not asked for).
     fn unsent_logprobs(&mut self, i: usize, shape: Shape) -> Value {
         let (t, raw, tok) = (&self.texts[i], &self.raw[i], &self.app.tokenizer);
-        let (from, offset) = self.streamed[i];
+        let (from, offsets) = &mut self.streamed[i];
         let upto = raw.len().min(t.all.len());
-        if !self.logprobs || upto <= from {
+        if !self.logprobs || upto <= *from {
             return Value::Null;
         }
-        let (ids, raw) = (&t.all[from..upto], &raw[from..upto]);
-        let (v, offset) = match shape {
-            Shape::Text => crate::logprobs::completion(tok, ids, raw, &t.enders, offset),
-            Shape::Chat { top } => (crate::logprobs::chat(tok, ids, raw, top), offset),
-        };
-        self.streamed[i] = (upto, offset);
-        v
+        let (ids, raw) = (&t.all[*from..upto], &raw[*from..upto]);
+        *from = upto;
+        match shape {
+            Shape::Text => crate::logprobs::completion(tok, ids, raw, &t.enders, offsets),
+            Shape::Chat { top } => crate::logprobs::chat(tok, ids, raw, top),
+        }
     }
 
     fn usage(&self) -> Value {
@@ -254,7 +256,9 @@ pub async fn start(app: &Arc<App>, c: Completion, shape: Shape) -> Result<Respon
             choices.finish.push(None);
             choices.closed.push(false);
             choices.raw.push(Vec::new());
-            choices.streamed.push((0, 0));
+            choices
+                .streamed
+                .push((0, crate::logprobs::Offsets::default()));
             choices.open += 1;
             jobs.push(Job {
                 prompt: prompt.clone(),

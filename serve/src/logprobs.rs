@@ -27,32 +27,101 @@ fn text(tok: &Tokenizer, id: i64) -> String {
     }
 }
 
-/// What the text a token adds takes, in characters (a piece of a character: none).
-fn width(tok: &Tokenizer, id: i64) -> usize {
-    let t = tok.decode(&[id]).unwrap_or_default();
-    t.chars().filter(|&c| c != '\u{FFFD}').count()
+/// Where tokens' texts start in a choice's text, in characters, as the tokens come: the
+/// text is the lossy UTF-8 decoding of the tokens' bytes (a byte sequence that never
+/// becomes a character is one U+FFFD, as `String::from_utf8_lossy` writes it), and a
+/// token starts at the character that holds its first byte. A character split across
+/// tokens belongs to all of them; bytes that may still complete a character wait for the
+/// next token.
+#[derive(Clone, Debug, Default)]
+pub struct Offsets {
+    /// Characters complete so far.
+    chars: usize,
+    /// The start of a character still incomplete.
+    pending: Vec<u8>,
+}
+
+impl Offsets {
+    /// A token of `bytes` comes next: where it starts.
+    pub fn push(&mut self, bytes: &[u8]) -> usize {
+        let mut buf = std::mem::take(&mut self.pending);
+        let first = buf.len();
+        buf.extend_from_slice(bytes);
+        let mut start = None;
+        // the next character (or U+FFFD), number `chars`, ends before buf[to]: the new
+        // token starts there if that is past its first byte
+        let place = |start: &mut Option<usize>, chars: &mut usize, to: usize| {
+            if start.is_none() && to > first {
+                *start = Some(*chars);
+            }
+            *chars += 1;
+        };
+        let mut at = 0;
+        while at < buf.len() {
+            let (valid, bad) = match std::str::from_utf8(&buf[at..]) {
+                Ok(s) => (s, None),
+                Err(e) => {
+                    // the bytes before `valid_up_to` are valid UTF-8
+                    let s = std::str::from_utf8(&buf[at..at + e.valid_up_to()]).unwrap_or("");
+                    (s, Some(e.error_len()))
+                }
+            };
+            for (p, c) in valid.char_indices() {
+                place(&mut start, &mut self.chars, at + p + c.len_utf8());
+            }
+            at += valid.len();
+            match bad {
+                None => break,
+                Some(Some(n)) => {
+                    place(&mut start, &mut self.chars, at + n);
+                    at += n;
+                }
+                Some(None) => {
+                    // an incomplete character at the end: it waits for more bytes
+                    if start.is_none() {
+                        start = Some(self.chars);
+                    }
+                    self.pending = buf[at..].to_vec();
+                    break;
+                }
+            }
+        }
+        start.unwrap_or(self.chars)
+    }
+}
+
+/// The bytes a token adds to the text: none for one that decodes to nothing (a special
+/// token the decoder skips).
+fn token_text_bytes(tok: &Tokenizer, id: i64) -> Vec<u8> {
+    match tok.decode(&[id]) {
+        Ok(t) if t.is_empty() => Vec::new(),
+        Ok(t) => tok.token_bytes(id).unwrap_or_else(|| t.into_bytes()),
+        Err(_) => Vec::new(),
+    }
 }
 
 /// A choice's `logprobs` for Completions: `ids` the generated tokens, `raw` theirs (one
-/// each; extra ones ignored), the first at text offset `offset`; with the offset after
-/// the last. Tokens in `enders` (EOS) take no room in the text.
+/// each; extra ones ignored), placed in the text by `offsets` (which then stands after
+/// the last). Tokens in `enders` (EOS) take no room in the text.
 pub fn completion(
     tok: &Tokenizer,
     ids: &[i64],
     raw: &[Logprobs],
     enders: &[i64],
-    mut offset: usize,
-) -> (Value, usize) {
+    offsets: &mut Offsets,
+) -> Value {
     let mut tokens = Vec::with_capacity(ids.len());
     let mut token_logprobs = Vec::with_capacity(ids.len());
     let mut top_logprobs = Vec::with_capacity(ids.len());
     let mut text_offset = Vec::with_capacity(ids.len());
     for (&id, lp) in ids.iter().zip(raw) {
         let t = text(tok, id);
-        text_offset.push(offset);
-        if !enders.contains(&id) {
-            offset += width(tok, id);
-        }
+        let bytes = if enders.contains(&id) {
+            Vec::new()
+        } else {
+            token_text_bytes(tok, id)
+        };
+        text_offset.push(offsets.push(&bytes));
         let mut top = Map::new();
         for &(k, v) in &lp.top {
             top.entry(text(tok, k)).or_insert(json!(v));
@@ -63,13 +132,12 @@ pub fn completion(
         token_logprobs.push(lp.logprob);
         top_logprobs.push(Value::Object(top));
     }
-    let v = json!({
+    json!({
         "tokens": tokens,
         "token_logprobs": token_logprobs,
         "top_logprobs": top_logprobs,
         "text_offset": text_offset,
-    });
-    (v, offset)
+    })
 }
 
 /// One token in Chat's shape.
@@ -98,4 +166,54 @@ pub fn chat(tok: &Tokenizer, ids: &[i64], raw: &[Logprobs], top: usize) -> Value
         })
         .collect();
     json!({ "content": content })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Offsets;
+
+    fn offsets(tokens: &[&[u8]]) -> Vec<usize> {
+        let mut o = Offsets::default();
+        tokens.iter().map(|t| o.push(t)).collect()
+    }
+
+    #[test]
+    fn a_character_split_across_tokens_belongs_to_each() {
+        // "aéb" with é's two bytes in two tokens; then "€" (three bytes) in three
+        assert_eq!(offsets(&[b"a", &[0xC3], &[0xA9], b"b"]), [0, 1, 1, 2]);
+        assert_eq!(
+            offsets(&[&[0xE2], &[0x82], &[0xAC, b'x'], b"y"]),
+            [0, 0, 0, 2]
+        );
+    }
+
+    #[test]
+    fn bytes_that_never_make_a_character_are_one_replacement_each() {
+        // "a\u{FFFD}b": the lone lead byte is one character of the lossy text
+        let lossy = String::from_utf8_lossy(&[b'a', 0xC3, b'b']).into_owned();
+        assert_eq!(lossy.chars().count(), 3);
+        assert_eq!(offsets(&[b"a", &[0xC3], b"b"]), [0, 1, 2]);
+        // two incomplete characters in a row: E2 82, cut short by E2, then E2 A9, which
+        // 'z' cuts short (A9 still continues the second E2)
+        assert_eq!(
+            offsets(&[&[0xE2, 0x82], &[0xE2], &[0xA9], b"z"]),
+            [0, 1, 1, 2]
+        );
+        let lossy = String::from_utf8_lossy(&[0xE2, 0x82, 0xE2, 0xA9, b'z']).into_owned();
+        assert_eq!(lossy, "\u{FFFD}\u{FFFD}z");
+        // a stray continuation byte
+        assert_eq!(offsets(&[b"a", &[0xA9], b"b"]), [0, 1, 2]);
+        // every token's offset is the lossy character count of the bytes before it, but
+        // for a token that continues a character
+        let toks: [&[u8]; 5] = [b"ab", &[0xF0, 0x9F], &[0x98, 0x80], &[0xFF], b"c"];
+        assert_eq!(offsets(&toks), [0, 2, 2, 3, 4]);
+        let all: Vec<u8> = toks.concat();
+        assert_eq!(String::from_utf8_lossy(&all).chars().count(), 5);
+    }
+
+    #[test]
+    fn a_token_with_no_text_stands_where_the_text_is() {
+        assert_eq!(offsets(&[b"ab", b"", b"c"]), [0, 2, 2]);
+        assert_eq!(offsets(&[&[0xC3], b"", &[0xA9]]), [0, 0, 0]);
+    }
 }
