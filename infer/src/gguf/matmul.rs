@@ -176,11 +176,23 @@ impl BlockLinear {
                 .collect(),
             _ => Vec::new(),
         };
+        let sums8 = match self.ty {
+            GgmlType::Q4_0 => acts
+                .chunks_exact(Q8_0_BYTES)
+                .flat_map(|b| {
+                    let lane =
+                        |l: usize| b[2 + 4 * l..6 + 4 * l].iter().map(|&q| i32::from(q as i8));
+                    (0..8).map(move |l| 8 * lane(l).sum::<i32>())
+                })
+                .collect(),
+            _ => Vec::new(),
+        };
         let acts = Acts {
             bytes: &acts,
             row: act_row,
             rows,
             scales,
+            sums8,
         };
         self.pool.run(tasks, &|t| {
             let first = (t * chunk).min(n_out);
@@ -231,9 +243,10 @@ impl BlockLinear {
                 let count = MAX_ROWS.min(acts.rows - first);
                 let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
                 let d: Vec<&[f32]> = (first..first + count).map(|m| acts.scales(m)).collect();
+                let s8: Vec<&[i32]> = (first..first + count).map(|m| acts.sums8(m)).collect();
                 let v = &mut v[..range.len() * count];
                 // SAFETY: AVX2, FMA and F16C (the path); whole rows of `blocks` blocks.
-                unsafe { avx2::outputs(q4, blocks, w, &a, &d, v) };
+                unsafe { avx2::outputs(q4, blocks, w, &a, &d, &s8, v) };
                 for (o, v) in v.chunks_exact(count).enumerate() {
                     for (i, &v) in v.iter().enumerate() {
                         put(first + i, range.start + o, v);
@@ -306,6 +319,9 @@ struct Acts<'a> {
     /// For Q8_0 activations, each row's block scales widened to f32 once per call (the
     /// kernels would otherwise widen each one once per output).
     scales: Vec<f32>,
+    /// For Q4_0 weights, each row's blocks' eight lanes of 8·Σ of four levels: the AVX2
+    /// kernel multiplies the unsigned nibbles and takes the offset of 8 off with these.
+    sums8: Vec<i32>,
 }
 
 impl Acts<'_> {
@@ -316,6 +332,11 @@ impl Acts<'_> {
     fn scales(&self, m: usize) -> &[f32] {
         let blocks = self.scales.len() / self.rows.max(1);
         &self.scales[m * blocks..(m + 1) * blocks]
+    }
+
+    fn sums8(&self, m: usize) -> &[i32] {
+        let per_row = self.sums8.len() / self.rows.max(1);
+        &self.sums8[m * per_row..(m + 1) * per_row]
     }
 }
 
@@ -398,7 +419,8 @@ mod avx2 {
         _mm_cvtss_f32(q)
     }
 
-    /// The 32 weight levels of block `b` as i8 (Q4_0's nibbles less 8), and its scale.
+    /// The 32 weight levels of block `b` (Q4_0: its nibbles, 0..15; Q8_0: i8), and its
+    /// scale.
     ///
     /// # Safety
     /// `w` holds at least `b + 1` blocks.
@@ -411,8 +433,7 @@ mod avx2 {
             let t = unsafe { _mm_loadu_si128(p.add(2).cast()) };
             let both =
                 _mm256_insertf128_si256::<1>(_mm256_castsi128_si256(t), _mm_srli_epi16::<4>(t));
-            let levels = _mm256_and_si256(both, _mm256_set1_epi8(0x0F));
-            (_mm256_sub_epi8(levels, _mm256_set1_epi8(8)), half(p))
+            (_mm256_and_si256(both, _mm256_set1_epi8(0x0F)), half(p))
         } else {
             // SAFETY: as above.
             let p = unsafe { w.as_ptr().add(b * Q8_0_BYTES) };
@@ -432,13 +453,14 @@ mod avx2 {
     }
 
     /// Weight rows of `blocks` blocks, one after another in `w`, against up to 8
-    /// activation rows `a` (their block scales widened in `d`): `out[o * a.len() + i]` is
-    /// weight row o with `a[i]`, each as `scalar_dot` computes it.
+    /// activation rows `a` (their block scales widened in `d`, and for Q4_0 their lane
+    /// sums times 8 in `s8`): `out[o * a.len() + i]` is weight row o with `a[i]`, each as
+    /// `scalar_dot` computes it.
     ///
     /// # Safety
     /// The CPU has AVX2, FMA and F16C; `w` holds `out.len() / a.len()` rows of `blocks`
-    /// Q8_0 (or Q4_0, `q4`) blocks, each row of `a` as many Q8_0 blocks and of `d` as many
-    /// scales; `a` and `d` hold 1 to 8 rows.
+    /// Q8_0 (or Q4_0, `q4`) blocks, each row of `a` as many Q8_0 blocks, of `d` as many
+    /// scales and for Q4_0 of `s8` eight sums a block; `a`, `d` and `s8` hold 1 to 8 rows.
     #[target_feature(enable = "avx2,fma,f16c")]
     pub unsafe fn outputs(
         q4: bool,
@@ -446,6 +468,7 @@ mod avx2 {
         w: &[u8],
         a: &[&[u8]],
         d: &[&[f32]],
+        s8: &[&[i32]],
         out: &mut [f32],
     ) {
         let row = blocks * if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
@@ -453,6 +476,7 @@ mod avx2 {
         assert!(out.len() % a.len() == 0 && w.len() >= out.len() / a.len() * row);
         assert!(a.iter().all(|r| r.len() >= blocks * Q8_0_BYTES));
         assert!(d.iter().all(|r| r.len() >= blocks));
+        assert!(s8.len() == a.len() && (!q4 || s8.iter().all(|r| r.len() >= 8 * blocks)));
         // A row count known at compile time keeps the accumulators in registers.
         macro_rules! counts {
             ($($n:literal)*) => {
@@ -460,6 +484,7 @@ mod avx2 {
                     $($n => {
                         let a: [&[u8]; $n] = std::array::from_fn(|i| a[i]);
                         let d: [&[f32]; $n] = std::array::from_fn(|i| d[i]);
+                        let s8: [&[i32]; $n] = std::array::from_fn(|i| s8[i]);
                         // One row: Q4_0's unpacking makes a single chain of blocks
                         // compute-bound, so four outputs run side by side; Q8_0 reads one
                         // weight row at a time (four rows' streams at once halved what one
@@ -469,7 +494,7 @@ mod avx2 {
                             let w: [&[u8]; GROUP] =
                                 std::array::from_fn(|g| &w[(o + g) * row..(o + g + 1) * row]);
                             // SAFETY: the caller's promises, checked above.
-                            let v = unsafe { tile::<GROUP, $n>(q4, blocks, w, a, d) };
+                            let v = unsafe { tile::<GROUP, $n>(q4, blocks, w, a, d, s8) };
                             for (g, v) in v.into_iter().enumerate() {
                                 out[(o + g) * $n..(o + g + 1) * $n].copy_from_slice(&v);
                             }
@@ -478,7 +503,7 @@ mod avx2 {
                         for (o, out) in (side..).zip(rest) {
                             let w = [&w[o * row..(o + 1) * row]];
                             // SAFETY: as above.
-                            let v = unsafe { tile::<1, $n>(q4, blocks, w, a, d) };
+                            let v = unsafe { tile::<1, $n>(q4, blocks, w, a, d, s8) };
                             out.copy_from_slice(&v[0]);
                         }
                     })*
@@ -501,8 +526,10 @@ mod avx2 {
         w: [&[u8]; G],
         a: [&[u8]; N],
         d: [&[f32]; N],
+        s8: [&[i32]; N],
     ) -> [[f32; N]; G] {
         let wb = if q4 { Q4_0_BYTES } else { Q8_0_BYTES };
+        let ones = _mm256_set1_epi16(1);
         let mut acc = [[_mm256_setzero_ps(); N]; G];
         for b in 0..blocks {
             for g in 0..G {
@@ -514,10 +541,21 @@ mod avx2 {
                 for r in 0..N {
                     // SAFETY: as above.
                     let qy = unsafe { act_levels(a[r], b) };
-                    // Σ over lanes of four i8·i8 products each, as f32 (ggml's
-                    // `mul_sum_i8_pairs_float`)
-                    let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
-                    let sums = _mm256_cvtepi32_ps(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)));
+                    // eight lanes of Σ of four level products, as ggml's
+                    // `mul_sum_i8_pairs_float` has them: Q4_0's unsigned nibbles times
+                    // the activations less 8 times their sums (the same integers as
+                    // (nibble - 8)·y), Q8_0's with the sign moved onto the activations
+                    let lanes = if q4 {
+                        let pairs = _mm256_maddubs_epi16(qx, qy);
+                        let off = s8[r][8 * b..8 * b + 8].as_ptr();
+                        // SAFETY: eight sums a block (asserted by `outputs`).
+                        let off = unsafe { _mm256_loadu_si256(off.cast()) };
+                        _mm256_sub_epi32(_mm256_madd_epi16(pairs, ones), off)
+                    } else {
+                        let pairs = _mm256_maddubs_epi16(ax, _mm256_sign_epi8(qy, qx));
+                        _mm256_madd_epi16(pairs, ones)
+                    };
+                    let sums = _mm256_cvtepi32_ps(lanes);
                     let scale = _mm256_set1_ps(dw * d[r][b]);
                     acc[g][r] = _mm256_fmadd_ps(scale, sums, acc[g][r]);
                 }
