@@ -428,6 +428,22 @@ fn weights_past_n_layer_are_refused_by_name() {
         ))
     });
     assert_all_fail(&c, &dir, 1, &["`score.weight`", "not used"]);
+    // A layer number at i64's end is counted without overflow (it once wrapped to a
+    // negative count and named a missing tensor `h.-9223372036854775808…`).
+    let dir = c.scratch.join("model-far");
+    copy_model(&reference("hub-tied"), &dir);
+    edit_tensors(&dir, |t| {
+        t.push((
+            "h.9223372036854775807.ln_1.weight".into(),
+            Tensor::zeros([64], (Kind::Float, Device::Cpu)),
+        ))
+    });
+    assert_all_fail(
+        &c,
+        &dir,
+        1,
+        &["would be unused", "`h.9223372036854775807.ln_1.weight`"],
+    );
 }
 
 #[test]

@@ -124,7 +124,8 @@ pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> 
         .iter()
         .filter_map(|n| layer_of(n, prefix))
         .max()
-        .map_or(0, |l| l + 1);
+        // saturating: the number comes from a tensor name in the file
+        .map_or(0, |l| l.saturating_add(1));
     if config.n_layer > held {
         let first = format!("{prefix}h.{held}.ln_1.weight");
         return Err(bad(format!(

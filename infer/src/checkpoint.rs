@@ -108,10 +108,20 @@ impl WeightFiles {
             let base = map.bytes().as_ptr() as usize;
             for (name, view) in st.tensors() {
                 let start = view.data().as_ptr() as usize - base;
+                // a dimension past i64 (possible beside a zero one) has no tensor shape
+                let shape: Option<Vec<i64>> = view
+                    .shape()
+                    .iter()
+                    .map(|&d| i64::try_from(d).ok())
+                    .collect();
+                let shape = shape.ok_or_else(|| Error::ShardIndex {
+                    path: path.clone(),
+                    reason: format!("tensor `{name}` has shape {:?}, too large", view.shape()),
+                })?;
                 let entry = Entry {
                     file: i,
                     dtype: view.dtype(),
-                    shape: view.shape().iter().map(|&d| d as i64).collect(),
+                    shape,
                     start,
                     end: start + view.data().len(),
                 };
@@ -270,7 +280,10 @@ impl WeightFiles {
     pub fn dtype_summary(&self) -> Vec<(String, i64)> {
         let mut by: HashMap<String, i64> = HashMap::new();
         for e in self.entries.values() {
-            *by.entry(format!("{:?}", e.dtype)).or_default() += e.shape.iter().product::<i64>();
+            // saturating: a header may pair a zero dimension with huge ones
+            let count = e.shape.iter().fold(1i64, |n, &d| n.saturating_mul(d));
+            let sum = by.entry(format!("{:?}", e.dtype)).or_default();
+            *sum = sum.saturating_add(count);
         }
         let mut v: Vec<_> = by.into_iter().collect();
         v.sort();

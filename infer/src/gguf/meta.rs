@@ -234,7 +234,9 @@ impl<'a> Cursor<'a> {
                         self.left()
                     ));
                 }
-                let mut items = Vec::with_capacity(n as usize);
+                // room for what the bytes left can hold at one byte a value would be 32
+                // times the file for an array of bytes: grow as values are read instead
+                let mut items = Vec::with_capacity((n as usize).min(1 << 16));
                 for _ in 0..n {
                     items.push(self.value_at(et, what, depth + 1)?);
                 }
