@@ -136,6 +136,7 @@ impl<'a> Inspected<'a> {
         // Every float tensor is scanned for NaN and ±inf first, so that all of them are named.
         let bad = files.non_finite();
         if !bad.is_empty() {
+            // `bad[0]`: not empty (checked above)
             anyhow::bail!(
                 "{}: {} tensor(s) hold NaN or infinite values: {}",
                 files.path_of(&bad[0]).display(),

@@ -104,7 +104,8 @@ pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> 
         if got == expected {
             continue;
         }
-        // The first axis that differs names the key (both keys when the rank differs).
+        // The first axis that differs names the key (both keys when the rank differs);
+        // every row of the table has as many keys as expected sizes.
         let key = match (0..keys.len()).find(|&a| got.get(a) != Some(&expected[a])) {
             Some(a) if got.len() == expected.len() => format!("{} is {}", keys[a], expected[a]),
             _ => keys
@@ -140,6 +141,7 @@ pub fn check_sizes(config: &Gpt2Config, files: &dyn TensorSource) -> Result<()> 
         .filter(|n| !is_legacy_buffer(n))
         .collect();
     if !extra.is_empty() {
+        // `extra[0]` below: not empty, just checked
         sort_by_layer(&mut extra, prefix);
         return Err(Error::UnusedTensors {
             path: config_path.clone(),
@@ -174,6 +176,7 @@ pub(crate) fn check_all_used(config: &Gpt2Config, files: &dyn TensorSource) -> R
     if unused.is_empty() {
         return Ok(());
     }
+    // `unused[0]` below: not empty (checked above)
     sort_by_layer(&mut unused, "");
     Err(Error::UnusedTensors {
         path: files.path_of(&unused[0]),

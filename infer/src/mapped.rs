@@ -114,6 +114,7 @@ impl MappedFile {
         if start % elem != 0 || (end - start) % elem != 0 || end > self.len {
             return None;
         }
+        // inside the mapping: `end > self.len` is refused just above
         let t = self.bytes.narrow(0, start as i64, (end - start) as i64);
         t.f_view_dtype(kind).ok()?.f_view(shape).ok()
     }

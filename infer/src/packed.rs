@@ -153,6 +153,8 @@ impl Store {
         if bytes.len() < PREAMBLE || &bytes[..8] != MAGIC {
             return Err("is not a packed file (truncated or corrupt)".into());
         }
+        // every word read lies in the preamble (at + 4 ≤ PREAMBLE ≤ the length checked
+        // above), and a 4-byte slice converts to [u8; 4]
         let word = |at: usize| u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap());
         if word(8) != VERSION {
             return Err(format!("is of format version {}, not {VERSION}", word(8)));

@@ -48,9 +48,11 @@ fn read_open(file: &GgufFile, path: &Path) -> Result<(Gpt2Config, Vec<(String, T
         if values.iter().any(|v| !v.is_finite()) {
             return Err(bad(&t.name, "holds NaN or infinite values".into()));
         }
+        // `dequantize` gave exactly the shape's element count (checked against the file)
         let mut x = Tensor::from_slice(&values).reshape(t.shape());
         if gpt2::is_conv1d_weight(&hf) {
-            x = x.transpose(0, 1).contiguous(); // (out, in) → (in, out)
+            // (out, in) → (in, out); `check_tensors` fixed these weights at two dims
+            x = x.transpose(0, 1).contiguous();
         }
         out.push((hf, x));
     }
