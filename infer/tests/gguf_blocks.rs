@@ -486,6 +486,13 @@ fn dot_cases() -> Vec<DotCase> {
             let name = format!("dot-{}-{r}", ty.name());
             cases.push(DotCase { name, ty, n, w, x });
         }
+        // Activations too small for 127/max in f32 (block maxima ~1e-38): ggml writes
+        // -128 levels (Q8_0, Q8_1) or 0 (Q8_K) under a zero scale.
+        let n = 768;
+        let w = quantize(ty, &weights(1, n, 12), n, None).unwrap();
+        let x = activations(n, 24, 0).iter().map(|v| v * 1e-38).collect();
+        let name = format!("dot-{}-tiny", ty.name());
+        cases.push(DotCase { name, ty, n, w, x });
     }
     cases
 }

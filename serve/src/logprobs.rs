@@ -88,6 +88,14 @@ impl Offsets {
         }
         start.unwrap_or(self.chars)
     }
+
+    /// The text ends here (an EOS token, which adds no text): where it stands, after any
+    /// incomplete bytes, which the text shows as U+FFFD.
+    pub fn end(&mut self) -> usize {
+        let rest = std::mem::take(&mut self.pending);
+        self.chars += String::from_utf8_lossy(&rest).chars().count();
+        self.chars
+    }
 }
 
 /// The bytes a token adds to the text: none for one that decodes to nothing (a special
@@ -116,12 +124,10 @@ pub fn completion(
     let mut text_offset = Vec::with_capacity(ids.len());
     for (&id, lp) in ids.iter().zip(raw) {
         let t = text(tok, id);
-        let bytes = if enders.contains(&id) {
-            Vec::new()
-        } else {
-            token_text_bytes(tok, id)
-        };
-        text_offset.push(offsets.push(&bytes));
+        text_offset.push(match enders.contains(&id) {
+            true => offsets.end(),
+            false => offsets.push(&token_text_bytes(tok, id)),
+        });
         let mut top = Map::new();
         for &(k, v) in &lp.top {
             top.entry(text(tok, k)).or_insert(json!(v));
@@ -215,5 +221,9 @@ mod tests {
     fn a_token_with_no_text_stands_where_the_text_is() {
         assert_eq!(offsets(&[b"ab", b"", b"c"]), [0, 2, 2]);
         assert_eq!(offsets(&[&[0xC3], b"", &[0xA9]]), [0, 0, 0]);
+        // the end of the text (EOS) stands after the U+FFFD of an incomplete character
+        let mut o = Offsets::default();
+        assert_eq!((o.push(b"a"), o.push(&[0xC3]), o.end()), (0, 1, 2));
+        assert_eq!(o.end(), 2);
     }
 }

@@ -105,10 +105,17 @@ fn q8_x86(xb: &[f32], with_sum: bool, out: &mut Vec<u8>) {
     let max = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = max / 127.0;
     let id = if max != 0.0 { 127.0 / max } else { 0.0 };
-    let qs = q8_levels(xb, id);
+    // A block too small for 127/max in f32 (0 < max < ~3.7e-37; its f16 scale is 0):
+    // ggml converts the infinite and NaN products to i32::MIN, packed to -128, and its
+    // Q8_1 sum of those i32s wraps to 0.
+    let (qs, sum) = if id.is_finite() {
+        let qs = q8_levels(xb, id);
+        (qs, qs.iter().map(|&q| i32::from(q)).sum::<i32>())
+    } else {
+        ([-128i8; QK], 0)
+    };
     out.extend(f32_to_f16(d).to_le_bytes());
     if with_sum {
-        let sum: i32 = qs.iter().map(|&q| i32::from(q)).sum();
         out.extend(f32_to_f16(d * sum as f32).to_le_bytes());
     }
     out.extend(qs.map(|q| q as u8));

@@ -169,15 +169,17 @@ impl BlockLinear {
         let chunk = self.n_out.div_ceil(tasks).next_multiple_of(GROUP);
         let out = Out(y.as_mut_ptr());
         let n_out = self.n_out;
-        let scales = match act {
-            GgmlType::Q8_0 => acts
+        // the side tables of the AVX2 Q8_0/Q4_0 kernels
+        let tables = self.path == DotPath::Avx2;
+        let scales = match self.ty {
+            GgmlType::Q8_0 | GgmlType::Q4_0 if tables => acts
                 .chunks_exact(Q8_0_BYTES)
                 .map(|b| f16_at(b, 0))
                 .collect(),
             _ => Vec::new(),
         };
         let sums8 = match self.ty {
-            GgmlType::Q4_0 => acts
+            GgmlType::Q4_0 if tables => acts
                 .chunks_exact(Q8_0_BYTES)
                 .flat_map(|b| {
                     let lane =

@@ -1,8 +1,10 @@
 //! The AVX2 integer sums of the dot kernels: the same per-block integers as the portable
 //! path, from `vpmaddubsw` (u8·i8 pairs to i16; the sign of a signed operand moved onto the
 //! other, as ggml's `mul_sum_i8_pairs` does) and `vpmaddwd`. No i16 pair saturates: levels
-//! are at most 63 in magnitude against activations of at most 127 (ggml's quantizers never
-//! write -128), except Q8_0 weights, whose |level| ≤ 128 still keeps a pair under 2¹⁵.
+//! are at most 63 in magnitude against activations of at most 127, except Q8_0 weights,
+//! whose |level| ≤ 128 still keeps a pair under 2¹⁵. ggml's Q8_0/Q8_1 quantizers write
+//! -128 only in a block whose f16 scale is 0 (`q8_x86`), where a sign moved onto -128
+//! wraps, as in ggml, and the block's sum is multiplied by zero.
 #[cfg(target_arch = "x86_64")]
 use std::arch::x86_64::*;
 
