@@ -12,7 +12,7 @@ use super::blocks::search::nearest_int;
 use super::types::{GgmlType, QK_K};
 use crate::error::{Error, Result};
 
-mod avx2;
+pub(crate) mod avx2;
 pub(crate) mod kquants;
 
 /// Weights per block of the 32-weight types.
@@ -52,6 +52,13 @@ impl DotPath {
             DotPath::Scalar => true,
         }
     }
+}
+
+/// Eight f32 lanes summed as ggml's `hsum_float_8` sums them: the high half added to the
+/// low, then pairwise (`avx2::lanes_sum` in registers).
+pub(crate) fn lanes_sum(acc: [f32; 8]) -> f32 {
+    let q: [f32; 4] = std::array::from_fn(|i| acc[i + 4] + acc[i]);
+    (q[0] + q[2]) + (q[1] + q[3])
 }
 
 /// The type ggml quantizes activations to for a dot product with `ty` weights (the

@@ -89,12 +89,6 @@ fn q8k_scale(a: &[u8]) -> f32 {
     f32::from_le_bytes([a[0], a[1], a[2], a[3]])
 }
 
-/// `hsum_float_8`: the high half added to the low, then pairwise.
-fn hsum8(acc: [f32; 8]) -> f32 {
-    let q: [f32; 4] = std::array::from_fn(|i| acc[i + 4] + acc[i]);
-    (q[0] + q[2]) + (q[1] + q[3])
-}
-
 /// The portable kernel: ggml's AVX2 lanes, one by one.
 fn portable(ty: GgmlType, blocks: usize, w: &[u8], a: &[u8]) -> f32 {
     let ws = ty.type_size();
@@ -173,13 +167,14 @@ fn portable(ty: GgmlType, blocks: usize, w: &[u8], a: &[u8]) -> f32 {
         }
     }
     let m = (acc_m[0] + acc_m[2]) + (acc_m[1] + acc_m[3]);
-    hsum8(acc) + m
+    super::lanes_sum(acc) + m
 }
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
+    use super::super::avx2::lanes_sum as hsum8;
     use super::{q4k_scales_mins, q8k_scale, Q8_K_BYTES};
     use crate::gguf::types::{GgmlType, QK_K};
 
@@ -197,15 +192,6 @@ mod avx2 {
         assert!(bytes.len() >= at + 16);
         // SAFETY: as `load`, 16 bytes.
         unsafe { _mm_loadu_si128(bytes.as_ptr().add(at).cast()) }
-    }
-
-    #[target_feature(enable = "avx2,fma,f16c")]
-    #[inline]
-    fn hsum8(acc: __m256) -> f32 {
-        let q = _mm_add_ps(_mm256_extractf128_ps::<1>(acc), _mm256_castps256_ps128(acc));
-        let q = _mm_add_ps(q, _mm_movehl_ps(q, q));
-        let q = _mm_add_ss(q, _mm_movehdup_ps(q));
-        _mm_cvtss_f32(q)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
