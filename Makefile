@@ -10,7 +10,15 @@ VENV ?= $(HOME)/.cache/gpt2kit/venv-$(VENV_ID)
 VENV_READY := $(VENV)/.gpt2kit-ready
 # Peers run beside gpt2kit (gguf-py, llama.cpp, peft, openai), installed into the same venv.
 PEERS := tests/reference/peers.txt
-PEERS_READY := $(VENV)/.gpt2kit-peers-$(shell sha256sum $(PEERS) | cut -c1-12)
+# llama.cpp is built for this CPU (-march=native) without its AMX kernels: on AMX machines
+# (Sapphire Rapids and later) llama.cpp 0.3.36's `ggml_backend_amx_mul_mat` segfaults in the
+# first decode of any Q8_0, Q4_0 or Q4_K file (ggml-org/llama.cpp#20824, not fixed); GCC's
+# explicit -mno-* flags win over -march=native whatever their order (`__AMX_INT8__` is then
+# undefined, so the AMX buffer type is not compiled). Its AVX-512/VNNI and repacked (REPACK)
+# kernels stay.
+NO_AMX := -mno-amx-int8 -mno-amx-bf16 -mno-amx-tile
+LLAMA_CMAKE_ARGS := -DCMAKE_C_FLAGS="$(NO_AMX)" -DCMAKE_CXX_FLAGS="$(NO_AMX)"
+PEERS_READY := $(VENV)/.gpt2kit-peers-$(shell { cat $(PEERS); echo '$(LLAMA_CMAKE_ARGS)'; } | sha256sum | cut -c1-12)
 REF_DIR := target/reference
 REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
@@ -28,7 +36,9 @@ $(VENV_READY): $(REQS)
 # llama-cpp-python builds llama.cpp from source for this machine's CPU (several minutes, once).
 $(PEERS_READY): $(VENV_READY) $(PEERS)
 	@echo ">> installing $(PEERS) into $(VENV)"
-	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/pip install --quiet --disable-pip-version-check -r $(PEERS)
+	$(VENV)/bin/pip uninstall --quiet --yes llama-cpp-python
+	CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) CMAKE_ARGS='$(LLAMA_CMAKE_ARGS)' $(VENV)/bin/pip install \
+	  --quiet --disable-pip-version-check --no-cache-dir -r $(PEERS)
 	touch $@
 
 peers: $(PEERS_READY)

@@ -169,8 +169,8 @@ impl BlockLinear {
         let chunk = self.n_out.div_ceil(tasks).next_multiple_of(GROUP);
         let out = Out(y.as_mut_ptr());
         let n_out = self.n_out;
-        // the side tables of the AVX2 Q8_0/Q4_0 kernels
-        let tables = self.path == DotPath::Avx2;
+        // the side tables of the x86 Q8_0/Q4_0 kernels
+        let tables = matches!(self.path, DotPath::Avx2 | DotPath::Vnni);
         let scales = match self.ty {
             GgmlType::Q8_0 | GgmlType::Q4_0 if tables => acts
                 .chunks_exact(Q8_0_BYTES)
@@ -178,13 +178,13 @@ impl BlockLinear {
                 .collect(),
             _ => Vec::new(),
         };
-        let sums8 = match self.ty {
+        let offsets = match self.ty {
             GgmlType::Q4_0 if tables => acts
                 .chunks_exact(Q8_0_BYTES)
                 .flat_map(|b| {
                     let lane =
                         |l: usize| b[2 + 4 * l..6 + 4 * l].iter().map(|&q| i32::from(q as i8));
-                    (0..8).map(move |l| 8 * lane(l).sum::<i32>())
+                    (0..8).map(move |l| -8 * lane(l).sum::<i32>())
                 })
                 .collect(),
             _ => Vec::new(),
@@ -194,7 +194,7 @@ impl BlockLinear {
             row: act_row,
             rows,
             scales,
-            sums8,
+            offsets,
         };
         self.pool.run(tasks, &|t| {
             let first = (t * chunk).min(n_out);
@@ -237,7 +237,7 @@ impl BlockLinear {
         let blocks = self.n_in / QK;
         let fast = matches!(self.ty, GgmlType::Q8_0 | GgmlType::Q4_0);
         #[cfg(target_arch = "x86_64")]
-        if fast && self.path == DotPath::Avx2 {
+        if fast && matches!(self.path, DotPath::Avx2 | DotPath::Vnni) {
             let q4 = self.ty == GgmlType::Q4_0;
             let w = &self.bytes[range.start * w_row..range.end * w_row];
             let mut v = vec![0f32; range.len() * MAX_ROWS];
@@ -245,10 +245,17 @@ impl BlockLinear {
                 let count = MAX_ROWS.min(acts.rows - first);
                 let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
                 let d: Vec<&[f32]> = (first..first + count).map(|m| acts.scales(m)).collect();
-                let s8: Vec<&[i32]> = (first..first + count).map(|m| acts.sums8(m)).collect();
+                let off: Vec<&[i32]> = (first..first + count).map(|m| acts.offsets(m)).collect();
                 let v = &mut v[..range.len() * count];
-                // SAFETY: AVX2, FMA and F16C (the path); whole rows of `blocks` blocks.
-                unsafe { avx2::outputs(q4, blocks, w, &a, &d, &s8, v) };
+                // SAFETY: AVX2, FMA and F16C, and for `Vnni` AVX-512 VNNI and VL (the
+                // path, supported); whole rows of `blocks` blocks.
+                unsafe {
+                    if self.path == DotPath::Vnni {
+                        avx2::outputs_vnni(q4, blocks, w, &a, &d, &off, v)
+                    } else {
+                        avx2::outputs(q4, blocks, w, &a, &d, &off, v)
+                    }
+                };
                 for (o, v) in v.chunks_exact(count).enumerate() {
                     for (i, &v) in v.iter().enumerate() {
                         put(first + i, range.start + o, v);
@@ -321,9 +328,10 @@ struct Acts<'a> {
     /// For Q8_0 activations, each row's block scales widened to f32 once per call (the
     /// kernels would otherwise widen each one once per output).
     scales: Vec<f32>,
-    /// For Q4_0 weights, each row's blocks' eight lanes of 8·Σ of four levels: the AVX2
-    /// kernel multiplies the unsigned nibbles and takes the offset of 8 off with these.
-    sums8: Vec<i32>,
+    /// For Q4_0 weights, each row's blocks' eight lanes of −8·Σ of four levels: the x86
+    /// kernels multiply the unsigned nibbles and start each lane's sum from these, which
+    /// takes the offset of 8 off.
+    offsets: Vec<i32>,
 }
 
 impl Acts<'_> {
@@ -336,9 +344,9 @@ impl Acts<'_> {
         &self.scales[m * blocks..(m + 1) * blocks]
     }
 
-    fn sums8(&self, m: usize) -> &[i32] {
-        let per_row = self.sums8.len() / self.rows.max(1);
-        &self.sums8[m * per_row..(m + 1) * per_row]
+    fn offsets(&self, m: usize) -> &[i32] {
+        let per_row = self.offsets.len() / self.rows.max(1);
+        &self.offsets[m * per_row..(m + 1) * per_row]
     }
 }
 
@@ -432,7 +440,7 @@ mod tests {
                     .with_path(DotPath::Scalar)
                     .unwrap()
                     .forward_rows(&x, rows, &mut want);
-                for path in [DotPath::Avx2] {
+                for path in [DotPath::Avx2, DotPath::Vnni] {
                     let Ok(l) =
                         BlockLinear::new(ty, n_in, n_out, bytes.clone(), Some(bias.clone()))
                             .unwrap()

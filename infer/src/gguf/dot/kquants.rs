@@ -49,7 +49,7 @@ pub(crate) fn rows(
     match path {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: the caller's path is supported on this CPU; the lengths are checked above.
-        DotPath::Avx2 => unsafe { avx2::rows(ty, blocks, w, acts, out) },
+        DotPath::Avx2 | DotPath::Vnni => unsafe { avx2::rows(ty, blocks, w, acts, out) },
         _ => {
             let row = blocks * ty.type_size();
             for (o, out) in out.chunks_exact_mut(acts.len()).enumerate() {
