@@ -24,8 +24,8 @@ pub enum DotPath {
     /// AVX2 (`vpmaddubsw`/`vpmaddwd`), detected at run time.
     Avx2,
     /// AVX2, with AVX-512 VNNI's `vpdpbusd` for the integer sums of the Q8_0 and Q4_0
-    /// layer kernels (`matmul`): the same integers, so the same bits; elsewhere as
-    /// `Avx2`.
+    /// layer kernels (`matmul`; two activation rows to a 512-bit register where there
+    /// are several): the same integers, so the same bits; elsewhere as `Avx2`.
     Vnni,
     /// Portable Rust, for any CPU, and the reference the AVX2 path must equal.
     Scalar,
@@ -56,6 +56,8 @@ impl DotPath {
             #[cfg(target_arch = "x86_64")]
             DotPath::Vnni => {
                 DotPath::Avx2.is_supported()
+                    && is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vnni")
                     && is_x86_feature_detected!("avx512vl")
             }

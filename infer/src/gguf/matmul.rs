@@ -189,13 +189,32 @@ impl BlockLinear {
                 .collect(),
             _ => Vec::new(),
         };
-        let acts = Acts {
+        let mut acts = Acts {
             bytes: &acts,
             row: act_row,
             rows,
             scales,
             offsets,
+            #[cfg(target_arch = "x86_64")]
+            pairs: Vec::new(),
         };
+        // the 512-bit kernel's layout, one per pass of up to `MAX_ROWS` rows
+        #[cfg(target_arch = "x86_64")]
+        if self.path == DotPath::Vnni && rows >= 2 {
+            if let GgmlType::Q8_0 | GgmlType::Q4_0 = self.ty {
+                let blocks = self.n_in / QK;
+                acts.pairs = (0..rows)
+                    .step_by(MAX_ROWS)
+                    .map(|first| {
+                        let group = first..(first + MAX_ROWS).min(rows);
+                        let a: Vec<&[u8]> = group.clone().map(|m| acts.row(m)).collect();
+                        let d: Vec<&[f32]> = group.map(|m| acts.scales(m)).collect();
+                        avx512::Pairs::new(self.ty == GgmlType::Q4_0, blocks, &a, &d)
+                    })
+                    .collect();
+            }
+        }
+        let acts = acts;
         self.pool.run(tasks, &|t| {
             let first = (t * chunk).min(n_out);
             let last = (first + chunk).min(n_out);
@@ -243,6 +262,19 @@ impl BlockLinear {
             let mut v = vec![0f32; range.len() * MAX_ROWS];
             for first in (0..acts.rows).step_by(MAX_ROWS) {
                 let count = MAX_ROWS.min(acts.rows - first);
+                if let Some(pairs) = acts.pairs.get(first / MAX_ROWS) {
+                    let v = &mut v[..range.len() * count];
+                    // SAFETY: the pairs exist only on the `Vnni` path (supported: AVX-512
+                    // F, BW and VNNI, AVX2, FMA, F16C), made from these `count` rows of
+                    // `blocks` blocks; whole weight rows.
+                    unsafe { avx512::outputs(q4, w, pairs, count, v) };
+                    for (o, v) in v.chunks_exact(count).enumerate() {
+                        for (i, &v) in v.iter().enumerate() {
+                            put(first + i, range.start + o, v);
+                        }
+                    }
+                    continue;
+                }
                 let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
                 let d: Vec<&[f32]> = (first..first + count).map(|m| acts.scales(m)).collect();
                 let off: Vec<&[i32]> = (first..first + count).map(|m| acts.offsets(m)).collect();
@@ -332,6 +364,10 @@ struct Acts<'a> {
     /// kernels multiply the unsigned nibbles and start each lane's sum from these, which
     /// takes the offset of 8 off.
     offsets: Vec<i32>,
+    /// On the `Vnni` path, for 2 or more rows: each pass's rows laid out for the 512-bit
+    /// kernel.
+    #[cfg(target_arch = "x86_64")]
+    pairs: Vec<avx512::Pairs>,
 }
 
 impl Acts<'_> {
@@ -395,6 +431,8 @@ fn scalar_dot(q4: bool, w: &[u8], a: &[u8], blocks: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 
 #[cfg(test)]
 mod tests {
@@ -417,9 +455,17 @@ mod tests {
     /// activations' quantization.
     #[test]
     fn block_kernels_agree_across_paths_and_with_the_float_product() {
-        // One row (four outputs at a time for Q4_0: 40 whole groups, 41 with a tail), a few,
+        // One row (four outputs at a time for Q4_0: 40 whole groups, 41 with a tail), a few
+        // (one pair and two, the second an odd row with itself, for the 512-bit kernel),
         // and more than one pass of eight.
-        for (n_in, n_out, rows) in [(512, 40, 1), (512, 41, 1), (512, 41, 3), (512, 40, 11)] {
+        let shapes = [
+            (512, 40, 1),
+            (512, 41, 1),
+            (512, 41, 2),
+            (512, 41, 3),
+            (512, 40, 11),
+        ];
+        for (n_in, n_out, rows) in shapes {
             for ty in [
                 GgmlType::Q8_0,
                 GgmlType::Q4_0,

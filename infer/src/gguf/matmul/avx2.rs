@@ -81,7 +81,7 @@ unsafe fn half(p: *const u8) -> f32 {
 /// # Safety
 /// `w` holds at least `b + 1` blocks; AVX2 and F16C.
 #[inline(always)]
-unsafe fn weights<const Q4: bool>(w: &[u8], b: usize) -> (__m256i, f32) {
+pub(super) unsafe fn weights<const Q4: bool>(w: &[u8], b: usize) -> (__m256i, f32) {
     // SAFETY: block b is in `w` (the caller's promise).
     unsafe {
         if Q4 {
