@@ -110,19 +110,21 @@ $(BENCH_DIR)/gpt2-random/.ready: $(VENV_READY) bench/make_bench_model.py
 # Then peak RSS and start-to-first-token of gpt2 and a gpt2-xl-shaped model (written once
 # into target/bench: ~6.2 GB fp32, its int8 artifact and a GGUF f32 for llama.cpp, ~14 GB
 # in all) against llama.cpp: target/bench/memory.md.
-bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready
+bench: build $(PEERS_READY) $(BENCH_DIR)/gpt2-random/.ready $(BENCH_DIR)/gpt2-int8-weight/config.json \
+  $(BENCH_DIR)/gpt2-int8-dynamic/config.json
 	$(VENV)/bin/python bench/run.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/results.md
 	$(VENV)/bin/python bench/memory_bench.py --binary $(BIN) --python $(VENV)/bin/python --dir $(BENCH_DIR) --out $(BENCH_DIR)/memory.md
 	bash bench/ddp.sh $(BIN) $(BENCH_DIR)
 	bash bench/tp_processes.sh $(BIN) $(BENCH_DIR)
-	$(VENV)/bin/python bench/gguf_bench.py --binary $(BIN) --python $(VENV)/bin/python --out $(BENCH_DIR)/gguf.md
+	$(VENV)/bin/python bench/gguf_bench.py --binary $(BIN) --python $(VENV)/bin/python --out $(BENCH_DIR)/gguf.md \
+	  --hf --int8 $(BENCH_DIR)/gpt2-int8-weight,$(BENCH_DIR)/gpt2-int8-dynamic
 	$(VENV)/bin/python bench/bench_lora.py --binary $(BIN) --out $(BENCH_DIR)/lora.md
 
 # The CPU decode kernels against libtorch and the machine's measured read bandwidth.
 # `gpt2kit serve` under 1, 4, 16 and 64 concurrent streams, fp32 and int8-dynamic, against
 # the same model served one request at a time; the table lands in target/bench/serve.md.
-$(BENCH_DIR)/gpt2-int8-dynamic/config.json: $(BENCH_DIR)/gpt2-random/.ready | build
-	$(BIN) quantize --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/gpt2-int8-dynamic --method int8-dynamic --decode-tokens 0
+$(BENCH_DIR)/gpt2-int8-%/config.json: $(BENCH_DIR)/gpt2-random/.ready | build
+	$(BIN) quantize --model $(BENCH_DIR)/gpt2-random --out $(BENCH_DIR)/gpt2-int8-$* --method int8-$* --decode-tokens 0
 
 bench-serve: build $(BENCH_DIR)/gpt2-random/.ready $(BENCH_DIR)/gpt2-int8-dynamic/config.json
 	$(PYTHON) bench/serve_bench.py --binary $(BIN) --model $(BENCH_DIR)/gpt2-random --int8 $(BENCH_DIR)/gpt2-int8-dynamic --out $(BENCH_DIR)/serve.md

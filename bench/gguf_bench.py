@@ -36,7 +36,11 @@ is the head, read whole every step). The KV cache is not counted. GB/s = bytes p
 
 Usage: gguf_bench.py --binary target/release/gpt2kit --python VENV/bin/python
        [--model target/bench/gpt2-random] [--dir target/bench/gguf] [--out FILE]
-       [--formats f32,bf16,q8_0,q4_0,q4_k_m] [--new 128] [--runs 3]
+       [--formats f32,bf16,q8_0,q4_0,q4_k_m] [--new 128] [--runs 3] [--hf] [--int8 DIR,...]
+--hf times transformers fp32 on --model (bench/hf_generate.py, 2 threads) at both batch
+sizes and prints each file's gpt2kit rate as a multiple of it.
+--int8 adds gpt2kit-only rows for int8 artifacts of the same model (the 4-bit files should
+beat them: fewer bytes a token), run the same way after the GGUF files.
 --binary is copied to a private temporary folder first and the copy is run; --python is
 an interpreter with llama_cpp, numpy and gguf.
 """
@@ -192,8 +196,13 @@ def main():
     ap.add_argument("--formats", default=",".join(FORMATS))
     ap.add_argument("--new", type=int, default=128)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--hf", action="store_true",
+                    help="also time transformers fp32 generate() on --model (bench/hf_generate.py)")
+    ap.add_argument("--int8", default="",
+                    help="comma-separated int8 artifact folders (gpt2kit quantize --method "
+                         "int8-*) of the same model, run by gpt2kit alone on the same prompts")
     args = ap.parse_args()
-    formats = args.formats.split(",")
+    formats = [f for f in args.formats.split(",") if f]
 
     tmp = tempfile.mkdtemp(prefix="gguf-bench-")
     binary = os.path.join(tmp, "gpt2kit")
@@ -244,6 +253,27 @@ def main():
             d = compare(a_runs[0]["tokens"], b_runs[0]["tokens"])
             if d:
                 notes.append(f"{m} b{batch}: gpt2kit and llama.cpp tokens differ ({d})")
+    int8 = {}
+    for folder in filter(None, args.int8.split(",")):
+        name = os.path.basename(os.path.normpath(folder))
+        int8[name] = {}
+        for batch, prompts in ((1, [PROMPT]), (BATCH8, prompts8)):
+            ours(binary, folder, prompts, args.new, jsonl)  # untimed
+            runs = [ours(binary, folder, prompts, args.new, jsonl)["tok_s"] for _ in range(args.runs)]
+            int8[name][batch] = statistics.median(runs)
+            print(f"{name} b{batch}: gpt2kit {[round(r, 1) for r in runs]} tok/s", flush=True)
+    hf = {}
+    if args.hf:
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_generate.py")
+        for batch in (1, BATCH8):
+            cmd = [args.python, script, "--model", args.model, "--prompt", PROMPT,
+                   "--batch", str(batch), "--new", str(args.new), "--dtype", "f32"]
+            runs = []
+            for _ in range(args.runs):
+                r = json.loads(child(cmd).stdout.strip().splitlines()[-1])
+                runs.append(r["tokens"] / r["seconds"])
+            hf[batch] = statistics.median(runs)
+            print(f"transformers f32 b{batch}: {[round(r, 1) for r in runs]} tok/s", flush=True)
     load_after = os.getloadavg()
 
     lines = [f"GGUF decode tok/s, gpt2-124M shape (random weights), greedy, {args.new} new tokens, "
@@ -257,6 +287,17 @@ def main():
         (a1, b1), (a8, b8) = r[1], r[BATCH8]
         lines.append(f"| {m} | {r['size'] / 1e6:.1f} | {a1:.1f} | {b1:.1f} | {a1 / b1:.2f}× | "
                      f"{a8:.1f} | {b8:.1f} | {a8 / b8:.2f}× |")
+    if hf:
+        lines += ["", f"Against transformers fp32 `generate()` on the safetensors folder, same prompt, "
+                  f"{args.new} tokens (its time includes the prompt's pass; b{BATCH8} is the prompt "
+                  f"{BATCH8} times): {hf[1]:.1f} / {hf[BATCH8]:.1f} tok/s (b1 / b{BATCH8}); gpt2kit "
+                  f"on each file, × transformers: " + "; ".join(
+                      f"{m} {results[m][1][0] / hf[1]:.2f}× / {results[m][BATCH8][0] / hf[BATCH8]:.2f}×"
+                      for m in formats) + "."]
+    if int8:
+        lines += ["", f"gpt2kit's own int8 artifacts of the same model, same prompts and runs "
+                  f"(`infer --model FOLDER`), tok/s b1 / b{BATCH8}: " + "; ".join(
+                      f"{n} {r[1]:.1f} / {r[BATCH8]:.1f}" for n, r in int8.items()) + "."]
     lines += ["", "Bytes read per token (tensor data of the file less position_embd; KV cache not "
               "counted) and implied GB/s at batch 1, gpt2kit / llama.cpp: " + "; ".join(
                   f"{m} {results[m]['bytes'] / 1e6:.1f} MB: {results[m]['bytes'] * results[m][1][0] / 1e9:.2f}"
