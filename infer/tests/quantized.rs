@@ -209,6 +209,36 @@ fn int8_artifacts_run_as_their_dequantized_model() {
     }
 }
 
+/// An int8-dynamic artifact's decode step gives each row the same logits, bit for bit,
+/// whatever the step's row count: alone (the packed kernels), 16 rows (the packed kernels
+/// past their 8-row tile, the head included) and 80 rows (the head on libtorch's
+/// `_int_mm`): W8A8's integer sums and rescale are the same on every path.
+#[test]
+fn int8_dynamic_rows_are_the_same_alone_and_in_any_batch() {
+    let (dir, _) = write_artifact(&scratch("rows-dyn"), "hub-tied", "int8-dynamic", |_, _| {});
+    let art = Gpt2::load(&dir, None, Device::Cpu).unwrap();
+    assert!(art.decodes_on_kernels(1) && art.decodes_on_kernels(16));
+    assert!(!art.decodes_on_kernels(80));
+    let ids: Vec<i64> = (0..80).map(|i| (i * 37 + 11) % 400).collect();
+    let step = |ids: &[i64]| {
+        let n = ids.len() as i64;
+        let mut cache = art.new_cache(n, 1);
+        let ids = Tensor::from_slice(ids).view([n, 1]);
+        tch::no_grad(|| art.forward(&ids, &mut cache)).view([n, -1])
+    };
+    let alone: Vec<Tensor> = ids.iter().map(|&t| step(&[t])).collect();
+    for rows in [16, 80] {
+        let batch = step(&ids[..rows]);
+        for (r, a) in alone.iter().take(rows).enumerate() {
+            let d = (batch.get(r as i64) - a.view([-1]))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert_eq!(d, 0.0, "row {r} of {rows}");
+        }
+    }
+}
+
 /// Loads `dir` and returns the error message.
 fn refused(dir: &Path) -> String {
     match Gpt2::load(dir, None, Device::Cpu) {

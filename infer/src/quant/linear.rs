@@ -7,7 +7,7 @@ use tch::{Device, Kind, Tensor};
 
 use super::{quantize_per_token, quantize_row, QuantRows};
 use crate::error::Result;
-use crate::kernels::{PackedLinear, ThreadPool, MAX_ROWS};
+use crate::kernels::{PackedLinear, ThreadPool, MAX_ROWS, STEP_MAX_ROWS};
 
 /// Below this many weight bytes per task, splitting across the pool costs more than it
 /// gains (each task is one `_int_mm` call, with its own fixed cost).
@@ -130,7 +130,12 @@ impl Int8Linear {
 
     /// Whether a call with `rows` input rows takes the pooled decode path.
     pub fn decodes_on_pool(&self, rows: usize) -> bool {
-        self.host.is_some() && rows <= MAX_ROWS
+        // The packed kernels take a whole decode step's rows (the head of a 16-stream
+        // batch had gone to libtorch's `_int_mm`, whose fresh (rows, vocab) outputs
+        // cost page faults every step); the integer sums and the rescale are the same
+        // on every path, so the row count never changes a row's values.
+        self.host.is_some()
+            && (rows <= MAX_ROWS || (self.packed.is_some() && rows <= STEP_MAX_ROWS))
     }
 
     /// A decode step: activations quantized on the host, the int8 GEMM split by output
@@ -192,8 +197,10 @@ impl Int8Linear {
             {
                 return y.to_kind(kind).reshape(shape);
             }
-            if let Some(y) = self.forward_pooled(&x2, rows) {
-                return y.to_kind(kind).reshape(shape);
+            if rows <= MAX_ROWS {
+                if let Some(y) = self.forward_pooled(&x2, rows) {
+                    return y.to_kind(kind).reshape(shape);
+                }
             }
         }
         let mut extra = None;
