@@ -3,7 +3,8 @@
 `gpt2kit infer --max-new-tokens 1` for gpt2 (124M) and a gpt2-xl-shaped model (1.5B:
 n_embd 1600, 48 layers, 25 heads, random weights), fp32, bf16 and int8-dynamic, beside
 `gpt2kit --version` alone (idle) and beside llama.cpp (llama-cpp-python) on the same
-weights in a GGUF f32 file, in the same run.
+weights in a GGUF f32 file, in the same run; and both on the same GGUF q4_0 file (gpt2kit
+runs its quantized matrices on their blocks, read in place from the file's mapping).
 
 Each command runs in a child process: wall clock from spawn to exit, peak RSS from the
 child's rusage (ru_maxrss). Warm page cache: one untimed run first (its time is the
@@ -208,6 +209,11 @@ def decode_tok_s(binary, model, dtype):
     return s["generated_tokens"] / ((s["prefill_ms"] + s["decode_ms"]) / 1e3)
 
 
+def q4_0_path(bench_dir, model):
+    """Where `make bench`'s GGUF rows keep a model's q4_0 file (gguf_bench.py's name)."""
+    return os.path.join(bench_dir, "gguf", os.path.basename(model) + "-q4_0.gguf")
+
+
 def gb(b):
     return f"{b / 1e9:.2f} GB"
 
@@ -234,6 +240,11 @@ def main():
                             "--method", "int8-dynamic", "--decode-tokens", "0"], check=True,
                            stdout=subprocess.DEVNULL)
         write_gguf(model, os.path.join(args.dir, os.path.basename(model) + "-f32.gguf"))
+        q4 = q4_0_path(args.dir, model)
+        if not os.path.exists(q4):
+            os.makedirs(os.path.dirname(q4), exist_ok=True)
+            subprocess.run([args.binary, "quantize", "--model", model, "--out", q4,
+                            "--method", "q4_0"], check=True, stdout=subprocess.DEVNULL)
     if args.prepare_only:
         return
 
@@ -243,7 +254,7 @@ def main():
     lines = [f"Load average at start: {load[0]:.2f} (1 min) on {os.cpu_count()} cores.", "",
              f"Idle: `gpt2kit --version` {gb(idle['rss'])}, {idle['median']:.2f} s; "
              f"python importing llama_cpp {gb(llama_idle['rss'])}, {llama_idle['median']:.2f} s.", "",
-             "| model, dtype | weights | peak RSS | RSS target | llama.cpp f32 RSS | first token "
+             "| model, dtype | weights | peak RSS | RSS target | llama.cpp RSS (f32; q4_0: the same file) | first token "
              "(best / median; first run) | time target | llama.cpp (best / median) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, model, int8 in models:
@@ -291,6 +302,20 @@ def main():
                 print(lines[-1], flush=True)
                 if os.path.exists(packed):
                     os.remove(packed)  # the next rows start as a fresh folder would
+        # The GGUF q4_0 file, both engines on it: the file's bytes are the weights.
+        q4 = q4_0_path(args.dir, model)
+        peer = measure([args.python, "-c", LLAMA_CHILD, q4, PROMPT])
+        m = measure([args.binary, "infer", "--model", q4, "--prompt", PROMPT, "--max-new-tokens", "1"])
+        weights = os.path.getsize(q4)
+        rss_target = 1.15 * weights + idle["rss"]
+        t_target = 1.5 * peer["median"] + idle["median"]
+        ok = lambda good: "✓" if good else "✗"
+        lines.append(
+            f"| {name} GGUF q4_0, read in place | {gb(weights)} | {gb(m['rss'])} {ok(m['rss'] <= rss_target)} | "
+            f"≤ {gb(rss_target)} | {gb(peer['rss'])} | {m['best']:.2f} / {m['median']:.2f} s; "
+            f"{m['first']:.2f} s {ok(m['median'] <= t_target)} | ≤ {t_target:.2f} s | "
+            f"{peer['best']:.2f} / {peer['median']:.2f} s |")
+        print(lines[-1], flush=True)
     if args.baseline:
         lines += ["", "Decode tok/s (gpt2, batch 1, 64 tokens), baseline binary then this one, "
                   "back to back:", "", "| dtype | baseline | this | ratio |", "|---|---|---|---|"]

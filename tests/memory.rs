@@ -224,3 +224,75 @@ fn a_file_rewritten_in_place_is_an_error_and_one_replaced_by_rename_is_harmless(
     let err = model.check_files().unwrap_err().to_string();
     assert!(err.contains("rewritten"), "{err}");
 }
+
+/// Reference model `model` quantized to a GGUF file of `method` in `dir`.
+/// `prefixed-untied` (its own head) is first given what llama.cpp's gpt2 computes:
+/// GELU (tanh), attention scaled by 1/sqrt(head_dim) only.
+fn gguf_of(model: &str, dir: &Path, method: &str) -> PathBuf {
+    let out = dir.join(format!("{model}-{method}.gguf"));
+    let mut m = reference(model);
+    if model == "prefixed-untied" {
+        let copy = dir.join(model);
+        copy_files(&m, &copy);
+        let path = copy.join("config.json");
+        let mut c: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        c["activation_function"] = "gelu_new".into();
+        c["scale_attn_by_inverse_layer_idx"] = false.into();
+        c["reorder_and_upcast_attn"] = false.into();
+        std::fs::write(&path, c.to_string()).unwrap();
+        m = copy;
+    }
+    let o = out.to_str().unwrap().to_string();
+    assert_ok(&gpt2kit(&[
+        "quantize",
+        "--model",
+        m.to_str().unwrap(),
+        "--out",
+        &o,
+        "--method",
+        method,
+    ]));
+    out
+}
+
+#[test]
+fn gguf_blocks_read_in_place_equal_copied_ones() {
+    let dir = scratch("gguf-mapped");
+    // tied (the head and the embedding read `token_embd`'s blocks) and untied (`output`)
+    for model in ["hub-tied", "prefixed-untied"] {
+        for method in ["q8_0", "q4_0", "q4_k_m"] {
+            let file = gguf_of(model, &dir, method);
+            let mapped = load(&file, None, &options(true, true));
+            let copied = load(&file, None, &options(false, true));
+            let what = format!("{model} {method}");
+            assert_same_bits(&logits(&mapped), &logits(&copied), &what);
+        }
+    }
+}
+
+#[test]
+fn a_gguf_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
+    let dir = scratch("gguf-truncated");
+    let file = gguf_of("hub-tied", &dir, "q4_0");
+    let model = load(&file, None, &options(true, true));
+    let before = logits(&model);
+    let len = std::fs::metadata(&file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+    // The blocks past the new end read as zeros (the SIGBUS handler), and the file is
+    // reported by name.
+    let after = logits(&model);
+    assert_eq!(after.size(), before.size());
+    let err = model.check_files().unwrap_err().to_string();
+    assert!(err.contains("hub-tied-q4_0.gguf") && err.contains("trunc"), "{err}");
+    let err = generate(&model, &[vec![5, 17]], &greedy(3), &|_| false, |_, _| {})
+        .err()
+        .expect("generation ignored the truncation")
+        .to_string();
+    assert!(err.contains("q4_0.gguf"), "{err}");
+}

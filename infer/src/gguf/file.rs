@@ -9,15 +9,14 @@
 //! and links the file into place only when it is complete.
 use std::collections::HashSet;
 use std::fs::{self, File};
+use std::sync::Arc;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-
-use memmap2::Mmap;
 
 use super::meta::{self, Cursor, Value};
 use super::types::GgmlType;
 use crate::error::{Error, Result};
-use crate::files::check_regular_file;
+use crate::mapped::MappedFile;
 use crate::folder::{sync_dir, TempFolder};
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
@@ -244,20 +243,19 @@ fn check_data(
     Ok(())
 }
 
-/// A GGUF file, memory-mapped and checked.
+/// A GGUF file, memory-mapped and checked. The mapping (`MappedFile`: private, guarded
+/// against a file truncated under it) is shared by the layers that run on the file's
+/// blocks in place, and lives as long as the last of them.
 pub struct GgufFile {
     pub path: PathBuf,
     pub header: Header,
-    map: Mmap,
+    map: Arc<MappedFile>,
 }
 
 impl GgufFile {
     pub fn open(path: &Path) -> Result<Self> {
-        check_regular_file(path)?;
-        let file = File::open(path).map_err(|e| Error::io(path, e))?;
-        // SAFETY: read-only private mapping; tensors are copied out before use.
-        let map = unsafe { Mmap::map(&file) }.map_err(|e| Error::io(path, e))?;
-        let header = parse(&map).map_err(|reason| Error::ModelFolder {
+        let map = Arc::new(MappedFile::open(path)?);
+        let header = parse(map.bytes()).map_err(|reason| Error::ModelFolder {
             path: path.into(),
             reason,
         })?;
@@ -268,11 +266,21 @@ impl GgufFile {
         })
     }
 
-    /// The stored bytes of a tensor (checked to lie inside the file by `parse`).
-    pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
+    /// Where a tensor's bytes lie in the file: [start, end), inside it (`parse` refused
+    /// any tensor outside the file).
+    pub fn range(&self, t: &TensorInfo) -> std::ops::Range<usize> {
         let start = (self.header.data_start + t.offset) as usize;
-        // In range for the header's tensors: `parse` refused any outside the file.
-        &self.map[start..start + t.size as usize]
+        start..start + t.size as usize
+    }
+
+    /// The stored bytes of a tensor.
+    pub fn bytes(&self, t: &TensorInfo) -> &[u8] {
+        &self.map.bytes()[self.range(t)]
+    }
+
+    /// The mapping itself, for layers that keep reading it.
+    pub fn map(&self) -> &Arc<MappedFile> {
+        &self.map
     }
 
     pub fn file_bytes(&self) -> u64 {

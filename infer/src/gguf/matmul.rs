@@ -23,6 +23,7 @@ use super::dot::{self, DotPath};
 use super::types::GgmlType;
 use crate::error::{Error, Result};
 use crate::kernels::ThreadPool;
+use crate::mapped::MappedFile;
 
 /// Weights per block of Q8_0 and Q4_0, and bytes per block.
 const QK: usize = 32;
@@ -32,13 +33,40 @@ const Q4_0_BYTES: usize = 18;
 /// Below this many weight bytes per task, splitting the outputs costs more than it gains.
 const MIN_TASK_BYTES: usize = 32 << 10;
 
+/// Where a layer's blocks are: its own bytes, or a tensor's bytes read in place from a
+/// mapped GGUF file (the mapping lives as long as the layer).
+pub enum BlockBytes {
+    Owned(Vec<u8>),
+    Mapped {
+        file: Arc<MappedFile>,
+        range: std::ops::Range<usize>,
+    },
+}
+
+impl std::ops::Deref for BlockBytes {
+    type Target = [u8];
+
+    fn deref(&self) -> &[u8] {
+        match self {
+            BlockBytes::Owned(v) => v,
+            BlockBytes::Mapped { file, range } => &file.bytes()[range.clone()],
+        }
+    }
+}
+
+impl From<Vec<u8>> for BlockBytes {
+    fn from(v: Vec<u8>) -> Self {
+        BlockBytes::Owned(v)
+    }
+}
+
 /// A `(out, in)` weight in a ggml block format, with its bias.
 pub struct BlockLinear {
     ty: GgmlType,
     n_in: usize,
     n_out: usize,
     /// `n_out` rows of `ty.row_bytes(n_in)` bytes.
-    bytes: Vec<u8>,
+    bytes: BlockBytes,
     bias: Option<Vec<f32>>,
     path: DotPath,
     pool: Arc<ThreadPool>,
@@ -51,9 +79,10 @@ impl BlockLinear {
         ty: GgmlType,
         n_in: usize,
         n_out: usize,
-        bytes: Vec<u8>,
+        bytes: impl Into<BlockBytes>,
         bias: Option<Vec<f32>>,
     ) -> Result<Option<Self>> {
+        let bytes = bytes.into();
         if dot::vec_dot_type(ty).is_none() {
             return Ok(None);
         }
@@ -242,12 +271,27 @@ impl BlockLinear {
         }
     }
 
+    /// Weight rows `ids`, dequantized (`dequantize_row_*`): an embedding's lookups,
+    /// (ids.len(), in) in f32, as ggml's `get_rows` reads a quantized `token_embd`.
+    /// None when an id is not a row.
+    pub fn rows(&self, ids: &[i64]) -> Option<Vec<f32>> {
+        let w_row = self.bytes.len() / self.n_out.max(1);
+        let mut out = Vec::with_capacity(ids.len() * self.n_in);
+        for &id in ids {
+            let n = usize::try_from(id).ok().filter(|&n| n < self.n_out)?;
+            let w = &self.bytes[n * w_row..(n + 1) * w_row];
+            out.extend(blocks::dequantize(self.ty, w, self.n_in).expect("checked at construction"));
+        }
+        Some(out)
+    }
+
     /// Outputs `range` of every row into `out` (rows × n_out).
     ///
     /// # Safety
     /// `out` points at rows × n_out values that nothing else writes in `range`.
     unsafe fn outputs(&self, range: std::ops::Range<usize>, acts: &Acts, out: &Out, w_row: usize) {
-        let row = |n: usize| &self.bytes[n * w_row..(n + 1) * w_row];
+        let bytes: &[u8] = &self.bytes;
+        let row = |n: usize| &bytes[n * w_row..(n + 1) * w_row];
         let bias = |n: usize| self.bias.as_ref().map_or(0.0, |b| b[n]);
         let put = |m: usize, n: usize, v: f32| {
             // SAFETY: m < rows and n < n_out, in this task's range (the caller's promise).
@@ -258,7 +302,7 @@ impl BlockLinear {
         #[cfg(target_arch = "x86_64")]
         if fast && matches!(self.path, DotPath::Avx2 | DotPath::Vnni) {
             let q4 = self.ty == GgmlType::Q4_0;
-            let w = &self.bytes[range.start * w_row..range.end * w_row];
+            let w = &bytes[range.start * w_row..range.end * w_row];
             let mut v = vec![0f32; range.len() * MAX_ROWS];
             for first in (0..acts.rows).step_by(MAX_ROWS) {
                 let count = MAX_ROWS.min(acts.rows - first);
@@ -298,7 +342,7 @@ impl BlockLinear {
         }
         if dot::kquants::handles(self.ty) {
             // every output of the range against up to 8 rows at a time
-            let w = &self.bytes[range.start * w_row..range.end * w_row];
+            let w = &bytes[range.start * w_row..range.end * w_row];
             let mut v = vec![0f32; range.len() * MAX_ROWS];
             for first in (0..acts.rows).step_by(MAX_ROWS) {
                 let count = MAX_ROWS.min(acts.rows - first);

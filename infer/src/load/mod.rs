@@ -204,6 +204,7 @@ impl Gpt2 {
             h,
             head,
             wte_q,
+            wte_blocks: None,
             quantization,
             config,
             kind,
@@ -448,7 +449,10 @@ impl Gpt2 {
                 "named_tensors needs an unsharded model (--tp 1)".into(),
             ));
         }
-        if self.wte_q.is_some() || !matches!(self.head, Linear::Rows { .. }) {
+        if self.wte_q.is_some()
+            || self.wte_blocks.is_some()
+            || !matches!(self.head, Linear::Rows { .. })
+        {
             return Err(Error::Input(
                 "named_tensors needs float weights; this model runs int8 tensors".into(),
             ));

@@ -93,6 +93,9 @@ pub struct Gpt2 {
     pub head: Linear,
     /// int8 artifacts with int8 embeddings: `wte` as int8 rows (then `wte` is empty).
     pub(crate) wte_q: Option<QuantRows>,
+    /// A GGUF file's quantized `token_embd`, read in place: looked-up rows are
+    /// dequantized (then `wte` is empty).
+    pub(crate) wte_blocks: Option<Box<crate::gguf::matmul::BlockLinear>>,
     /// The artifact's `quantization_config`, if any.
     pub(crate) quantization: Option<QuantizationConfig>,
     pub(crate) kind: Kind,
@@ -256,6 +259,13 @@ impl Mlp {
 impl Gpt2 {
     /// Token embeddings of `ids` (…) → (…, E).
     fn embed_tokens(&self, ids: &Tensor) -> Tensor {
+        if let Some(w) = &self.wte_blocks {
+            let flat = Vec::<i64>::try_from(ids.reshape([-1])).expect("int64 token ids");
+            let rows = w.rows(&flat).expect("token ids below the vocabulary size");
+            let mut shape = ids.size();
+            shape.push(w.in_features() as i64);
+            return Tensor::from_slice(&rows).reshape(shape).to_kind(self.kind);
+        }
         match &self.wte_q {
             Some(w) => {
                 let flat = ids.reshape([-1]);

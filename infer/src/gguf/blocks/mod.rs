@@ -89,6 +89,26 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     Ok(y)
 }
 
+/// Whether every weight of `bytes` (whole blocks of `ty`) dequantizes to a finite value,
+/// without dequantizing: the quantized types' weights are small integers times their
+/// blocks' f16 scales (and minus f16 mins), each bounded by 65504·255, so they are all
+/// finite exactly when those f16 fields are. None for a type this does not cover.
+pub fn all_finite(ty: GgmlType, bytes: &[u8]) -> Option<bool> {
+    // the byte offsets of the f16 scale and min fields in one block (`ggml-common.h`)
+    let fields: &[usize] = match ty {
+        GgmlType::Q4_0 | GgmlType::Q5_0 | GgmlType::Q8_0 => &[0],
+        GgmlType::Q4_1 | GgmlType::Q5_1 | GgmlType::Q4_K | GgmlType::Q5_K => &[0, 2],
+        GgmlType::Q6_K => &[208],
+        _ => return None,
+    };
+    let finite = |b: &[u8], at: usize| half::le16(b, at) & 0x7c00 != 0x7c00;
+    Some(
+        bytes
+            .chunks_exact(ty.type_size())
+            .all(|b| fields.iter().all(|&at| finite(b, at))),
+    )
+}
+
 /// Whether `quantize` and `dequantize` handle `ty`: the types `llama-quantize` writes for a
 /// GPT-2 under q8_0, q4_0 and q4_k_m (with their fallbacks), and the float types.
 pub fn supported(ty: GgmlType) -> bool {
@@ -146,4 +166,49 @@ fn check_quantize(
         )));
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `all_finite` agrees with dequantizing, whatever 16-bit field of a block is made
+    /// infinite or NaN: it reads exactly the fields that scale the weights.
+    #[test]
+    fn all_finite_reads_exactly_the_scale_fields() {
+        let n = 256;
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let src: Vec<f32> = (0..n)
+            .map(|_| {
+                state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((state >> 40) as f32 / (1u64 << 24) as f32) - 0.5
+            })
+            .collect();
+        let finite = |ty, b: &[u8]| dequantize(ty, b, n).unwrap().iter().all(|v| v.is_finite());
+        for ty in [
+            GgmlType::Q4_0,
+            GgmlType::Q5_0,
+            GgmlType::Q8_0,
+            GgmlType::Q4_1,
+            GgmlType::Q5_1,
+            GgmlType::Q4_K,
+            GgmlType::Q5_K,
+            GgmlType::Q6_K,
+        ] {
+            let bytes = quantize(ty, &src, n, None).unwrap();
+            assert_eq!(all_finite(ty, &bytes), Some(true), "{ty:?}");
+            let mut flagged = 0;
+            for at in 0..ty.type_size() - 1 {
+                for bits in [0x7c00u16, 0xfe00] {
+                    let mut b = bytes.clone();
+                    b[at..at + 2].copy_from_slice(&bits.to_le_bytes());
+                    let ours = all_finite(ty, &b).unwrap();
+                    assert_eq!(ours, finite(ty, &b), "{ty:?}, {bits:#x} at byte {at}");
+                    flagged += usize::from(!ours);
+                }
+            }
+            assert!(flagged > 0, "{ty:?}: no field was found");
+        }
+        assert_eq!(all_finite(GgmlType::F32, &[0; 4]), None);
+    }
 }
