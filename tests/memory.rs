@@ -289,7 +289,10 @@ fn a_gguf_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
     let after = logits(&model);
     assert_eq!(after.size(), before.size());
     let err = model.check_files().unwrap_err().to_string();
-    assert!(err.contains("hub-tied-q4_0.gguf") && err.contains("trunc"), "{err}");
+    assert!(
+        err.contains("hub-tied-q4_0.gguf") && err.contains("trunc"),
+        "{err}"
+    );
     let err = generate(&model, &[vec![5, 17]], &greedy(3), &|_| false, |_, _| {})
         .err()
         .expect("generation ignored the truncation")

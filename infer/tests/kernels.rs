@@ -402,17 +402,22 @@ fn qreference(c: &QCase, x: &[f32], rows: usize, bias: bool) -> Vec<f32> {
 }
 
 fn qpack(c: &QCase, bias: bool, isa: Isa) -> PackedLinear {
-    PackedLinear::from_int8_rows_dynamic(
-        &c.q,
-        &c.scale,
-        c.k,
-        c.n,
-        bias.then_some(c.bias.as_slice()),
-    )
-    .unwrap()
-    .with_isa(isa)
-    .unwrap()
-    .with_pool(pool())
+    qpack_from(c, bias, isa, false)
+}
+
+/// `from_tensor`: packed from the (out, in) view of the weight stored (in, out), as an
+/// artifact's Conv1D weight is read in place, rather than from (out, in) rows.
+fn qpack_from(c: &QCase, bias: bool, isa: Isa, from_tensor: bool) -> PackedLinear {
+    let bias = bias.then_some(c.bias.as_slice());
+    let packed = match from_tensor {
+        false => PackedLinear::from_int8_rows_dynamic(&c.q, &c.scale, c.k, c.n, bias),
+        true => {
+            let rows = Tensor::from_slice(&c.q).view([c.n as i64, c.k as i64]);
+            let stored = rows.tr().contiguous(); // (in, out)
+            PackedLinear::from_int8_tensor_dynamic(&stored.tr(), &c.scale, bias)
+        }
+    };
+    packed.unwrap().with_isa(isa).unwrap().with_pool(pool())
 }
 
 /// The kernel paths Int8Dynamic runs on this CPU, each forced through `with_isa`: the
@@ -441,13 +446,14 @@ fn run_qshape(k: usize, n: usize, rows: &[usize], x_of: impl Fn(usize) -> Vec<f3
         let x = x_of(r);
         for bias in [false, true] {
             let want = qreference(&c, &x, r, bias);
-            for &isa in &paths {
-                let lin = qpack(&c, bias, isa);
+            for (&isa, from_tensor) in paths.iter().flat_map(|i| [(i, false), (i, true)]) {
+                let lin = qpack_from(&c, bias, isa, from_tensor);
                 assert_eq!(lin.format(), WeightFormat::Int8Dynamic);
                 let mut y = vec![f32::NAN; r * n];
                 lin.forward(&x, r, &mut y);
                 let what = format!(
-                    "{k}x{n} Int8Dynamic {isa:?} (runs {:?}) rows {r} bias {bias}",
+                    "{k}x{n} Int8Dynamic {isa:?} (runs {:?}) rows {r} bias {bias} \
+                     from (in, out) {from_tensor}",
                     lin.kernel_isa()
                 );
                 assert_bits(&y, &want, &what);
@@ -482,6 +488,8 @@ fn int8_dynamic_odd_shapes_every_path_bit_exact() {
         (17, 33),
         (33, 31),
         (63, 63),
+        (9, 100),
+        (65, 130),
         (64, 48),
         (129, 100),
         (255, 257),

@@ -9,15 +9,15 @@
 //! and links the file into place only when it is complete.
 use std::collections::HashSet;
 use std::fs::{self, File};
-use std::sync::Arc;
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use super::meta::{self, Cursor, Value};
 use super::types::GgmlType;
 use crate::error::{Error, Result};
-use crate::mapped::MappedFile;
 use crate::folder::{sync_dir, TempFolder};
+use crate::mapped::MappedFile;
 
 pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const VERSION: u32 = 3;

@@ -123,6 +123,11 @@ unsafe impl Sync for OutPtr {}
 /// packed file's memory map (`stored`), which the map's reference keeps alive.
 enum Lines {
     Owned(Vec<Line>),
+    /// Large buffers: anonymous pages of their own (`pack::zeroed_lines`), unmapped on drop.
+    Anonymous {
+        ptr: *mut Line,
+        len: usize,
+    },
     Mapped {
         ptr: *const Line,
         len: usize,
@@ -132,6 +137,8 @@ enum Lines {
 
 // SAFETY: `Mapped` points into a read-only use of a private mapping that `_map` keeps
 // alive; nothing writes through it, so sharing and sending it is as safe as a `&[Line]`.
+// `Anonymous` owns its mapping as a `Vec` owns its buffer, written only through
+// `owned_mut` (a `&mut self`).
 unsafe impl Send for Lines {}
 unsafe impl Sync for Lines {}
 
@@ -140,6 +147,9 @@ impl std::ops::Deref for Lines {
     fn deref(&self) -> &[Line] {
         match self {
             Lines::Owned(v) => v,
+            // SAFETY: `len` zero-initialised lines mapped for this value alone
+            // (`pack::zeroed_lines`), alive until it drops.
+            Lines::Anonymous { ptr, len } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
             // SAFETY: `stored::mapped_lines` checked that [ptr, ptr + len) lies in the
             // mapping, 64-byte aligned; the mapping lives as long as `_map`.
             Lines::Mapped { ptr, len, .. } => unsafe { std::slice::from_raw_parts(*ptr, *len) },
@@ -152,7 +162,22 @@ impl Lines {
     fn owned_mut(&mut self) -> &mut [Line] {
         match self {
             Lines::Owned(v) => v,
+            // SAFETY: as in `deref`, borrowed mutably through `self`.
+            Lines::Anonymous { ptr, len } => unsafe { std::slice::from_raw_parts_mut(*ptr, *len) },
             Lines::Mapped { .. } => unreachable!("mapped panels are never packed into"),
+        }
+    }
+}
+
+impl Drop for Lines {
+    fn drop(&mut self) {
+        if let Lines::Anonymous { ptr, len } = *self {
+            // SAFETY: the mapping `pack::zeroed_lines` made for these `len` lines, unmapped
+            // once; nothing borrows it past its owner.
+            #[cfg(target_os = "linux")]
+            unsafe {
+                libc::munmap(ptr as *mut libc::c_void, len * std::mem::size_of::<Line>())
+            };
         }
     }
 }

@@ -11,7 +11,7 @@ use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
 
 use tch::{Device, Kind, Tensor};
 
-use super::{check_len, vnni, Isa, Line, Lines, PackedLinear, ThreadPool, WeightFormat, PANEL};
+use super::{check_len, Isa, Line, Lines, PackedLinear, ThreadPool, WeightFormat, PANEL};
 use crate::error::{Error, Result};
 
 /// bfloat16 bits of `v`, rounded to nearest even as c10's `round_to_nearest_even`
@@ -56,10 +56,25 @@ struct Strided<'a, T> {
     sc: usize,
 }
 
-impl<T: Elem> Strided<'_, T> {
+impl<T: Copy> Strided<'_, T> {
     #[inline]
     fn at(&self, i: usize, c: usize) -> T {
         self.data[i * self.si + c * self.sc]
+    }
+}
+
+/// The int8-dynamic corrections, shared as the lines are (`int8_dynamic`).
+#[derive(Clone, Copy)]
+struct CorrPtr(*mut i32);
+// SAFETY: as `LinesPtr`: each task writes its own panels' entries only.
+unsafe impl Send for CorrPtr {}
+unsafe impl Sync for CorrPtr {}
+
+impl CorrPtr {
+    /// # Safety
+    /// As `pointer::add`; the caller alone writes entry `i`.
+    unsafe fn set(&self, i: usize, v: i32) {
+        unsafe { *self.0.add(i) = v };
     }
 }
 
@@ -71,31 +86,51 @@ struct LinesPtr(*mut Line);
 unsafe impl Send for LinesPtr {}
 unsafe impl Sync for LinesPtr {}
 
-/// `n` zeroed lines, in pages that nothing has touched yet (and huge ones where allowed).
-fn zeroed_lines(n: usize) -> Result<Vec<Line>> {
+/// Buffers from this many bytes on get a mapping of their own.
+const OWN_MAPPING_BYTES: usize = 1 << 20;
+
+/// `n` zeroed lines, in pages that nothing has touched yet (and huge ones where allowed),
+/// which the threads that fill them fault in. A large buffer is an anonymous mapping of
+/// its own: from the heap (glibc serves requests below its dynamic mmap threshold, up to
+/// 32 MB, from freed memory) `calloc` would zero it on this thread first.
+fn zeroed_lines(n: usize) -> Result<Lines> {
     if n == 0 {
-        return Ok(Vec::new());
+        return Ok(Lines::Owned(Vec::new()));
     }
     let layout = Layout::array::<Line>(n)
         .map_err(|_| Error::Input(format!("PackedLinear of {n} lines is too large")))?;
+    #[cfg(target_os = "linux")]
+    if layout.size() >= OWN_MAPPING_BYTES {
+        // SAFETY: a fresh private anonymous mapping (zero-filled, page aligned, so aligned
+        // for `Line`); failure is handled.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                layout.size(),
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            handle_alloc_error(layout);
+        }
+        // SAFETY: the advice changes no contents of this mapping.
+        unsafe { libc::madvise(ptr, layout.size(), libc::MADV_HUGEPAGE) };
+        return Ok(Lines::Anonymous {
+            ptr: ptr as *mut Line,
+            len: n,
+        });
+    }
     // SAFETY: the layout is non-zero in size; a null result is handled.
     let ptr = unsafe { alloc_zeroed(layout) } as *mut Line;
     if ptr.is_null() {
         handle_alloc_error(layout);
     }
-    #[cfg(target_os = "linux")]
-    {
-        // madvise takes page-aligned ranges: the whole pages inside the allocation.
-        let (start, end) = (ptr as usize, ptr as usize + layout.size());
-        let (a, b) = (start.next_multiple_of(4096), end / 4096 * 4096);
-        if b > a {
-            // SAFETY: [a, b) lies inside this allocation; the advice changes no contents.
-            unsafe { libc::madvise(a as *mut libc::c_void, b - a, libc::MADV_HUGEPAGE) };
-        }
-    }
     // SAFETY: allocated by the global allocator with `Layout::array::<Line>(n)`, all zero
     // bytes, which is a valid `Line`; length and capacity `n`.
-    Ok(unsafe { Vec::from_raw_parts(ptr, n, n) })
+    Ok(Lines::Owned(unsafe { Vec::from_raw_parts(ptr, n, n) }))
 }
 
 impl PackedLinear {
@@ -242,19 +277,29 @@ impl PackedLinear {
 
     /// Runs `panel(p, lines of panel p)` for every panel, a few panels per task.
     fn fill(&mut self, panel: &(dyn Fn(usize, &mut [Line]) + Sync)) {
+        self.fill_groups(1, &|p, lines| panel(p, lines));
+    }
+
+    /// Runs `f(p, lines of panels p..p + g)` for groups of up to `group` consecutive
+    /// panels (each panel's lines follow the previous one's), a few groups per task.
+    fn fill_groups(&mut self, group: usize, f: &(dyn Fn(usize, &mut [Line]) + Sync)) {
         let (n_panels, lpp) = (self.n_panels, self.lines_per_panel);
         if n_panels == 0 || lpp == 0 {
             return;
         }
-        let per_task = n_panels.div_ceil(4 * self.pool.threads()).max(1);
+        let per_task = n_panels
+            .div_ceil(4 * self.pool.threads())
+            .next_multiple_of(group.max(1));
         let lines = LinesPtr(self.lines.owned_mut().as_mut_ptr());
         let task = |t: usize| {
             let lines = &lines;
-            for p in t * per_task..((t + 1) * per_task).min(n_panels) {
-                // SAFETY: panel p's lines [p * lpp, (p + 1) * lpp) lie in the buffer
-                // (n_panels * lpp lines) and belong to this task alone.
-                let mine = unsafe { std::slice::from_raw_parts_mut(lines.0.add(p * lpp), lpp) };
-                panel(p, mine);
+            let end = ((t + 1) * per_task).min(n_panels);
+            for p in (t * per_task..end).step_by(group.max(1)) {
+                let g = group.max(1).min(end - p);
+                // SAFETY: panels p..p + g's lines [p * lpp, (p + g) * lpp) lie in the
+                // buffer (n_panels * lpp lines) and belong to this task alone.
+                let mine = unsafe { std::slice::from_raw_parts_mut(lines.0.add(p * lpp), g * lpp) };
+                f(p, mine);
             }
         };
         self.pool.run(n_panels.div_ceil(per_task), &task);
@@ -316,11 +361,100 @@ impl PackedLinear {
         bias: Option<&[f32]>,
     ) -> Result<Self> {
         check_len("weight", q.len(), in_features * out_features)?;
-        check_len("scale", scale.len(), out_features)?;
-        let mut me = Self::empty(WeightFormat::Int8Dynamic, in_features, out_features, bias)?;
-        let corr = vnni::pack(q, in_features, out_features, me.lines.owned_mut());
+        let w = Strided {
+            data: q,
+            si: 1,
+            sc: in_features,
+        };
+        Self::int8_dynamic(w, scale, in_features, out_features, bias)
+    }
+
+    /// `from_int8_rows_dynamic` for a CPU int8 tensor (out, in) of any strides, read where
+    /// it lies: an artifact's Conv1D weight is stored (in, out), and its transposed view
+    /// over the mapped file is packed without a transposed copy.
+    pub fn from_int8_tensor_dynamic(
+        q: &Tensor,
+        scale: &[f32],
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        let size = q.size();
+        if size.len() != 2 || q.device() != Device::Cpu || q.kind() != Kind::Int8 {
+            return Err(Error::Input(format!(
+                "an int8 weight packs from a 2-D CPU Int8 tensor, got {:?} {size:?} on {:?}",
+                q.kind(),
+                q.device()
+            )));
+        }
+        let (n, k) = (size[0] as usize, size[1] as usize);
+        let (sc, si) = (q.stride()[0] as usize, q.stride()[1] as usize);
+        let data: &[i8] = match k * n {
+            0 => &[],
+            // SAFETY: a CPU Int8 tensor of these sizes and (non-negative) strides reaches
+            // this many elements from its data pointer, alive (borrowed) for this call
+            // and not written during it.
+            _ => unsafe {
+                std::slice::from_raw_parts(
+                    q.data_ptr() as *const i8,
+                    (k - 1) * si + (n - 1) * sc + 1,
+                )
+            },
+        };
+        Self::int8_dynamic(Strided { data, si, sc }, scale, k, n, bias)
+    }
+
+    /// The W8A8 panels (`vnni`) of `w` (in, out), filled on the pool: line l of a panel
+    /// holds, in column c's lane, the bytes q[c][4l..4l+3]; and corr[c] = 128·Σ_k q[c][k].
+    fn int8_dynamic(
+        w: Strided<i8>,
+        scale: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("scale", scale.len(), n)?;
+        let mut me = Self::empty(WeightFormat::Int8Dynamic, k, n, bias)?;
+        let mut corr = vec![0i32; me.n_panels * PANEL];
+        let sums = CorrPtr(corr.as_mut_ptr());
+        let lpp = me.lines_per_panel;
+        // (in, out) rows: four panels' 64 columns of a row are one read of 64 bytes
+        let group = if w.sc == 1 { 4 } else { 1 };
+        me.fill_groups(group, &|p0, lines: &mut [Line]| {
+            let (c0, cols) = (p0 * PANEL, (n - p0 * PANEL).min(group * PANEL));
+            let mut sum = [0i32; 4 * PANEL];
+            for l in 0..lpp {
+                // each line is written once, whole (a fresh page is then faulted once)
+                let mut acc = [[0u32; PANEL]; 4];
+                for j in 0..4.min(k - 4 * l) {
+                    let i = 4 * l + j;
+                    if w.sc == 1 {
+                        let row = &w.data[i * w.si + c0..i * w.si + c0 + cols];
+                        for (q, part) in row.chunks(PANEL).enumerate() {
+                            let s = &mut sum[q * PANEL..(q + 1) * PANEL];
+                            for ((d, s), &v) in acc[q].iter_mut().zip(s).zip(part) {
+                                *d |= u32::from(v as u8) << (8 * j);
+                                *s += i32::from(v);
+                            }
+                        }
+                    } else {
+                        for c in 0..cols {
+                            let v = w.at(i, c0 + c);
+                            acc[c / PANEL][c % PANEL] |= u32::from(v as u8) << (8 * j);
+                            sum[c] += i32::from(v);
+                        }
+                    }
+                }
+                for (q, a) in acc.iter().enumerate().take(cols.div_ceil(PANEL)) {
+                    lines[q * lpp + l].0 = *a;
+                }
+            }
+            for (c, s) in sum.iter().take(cols).enumerate() {
+                // SAFETY: the group's entries [c0, c0 + cols) of corr (n_panels · PANEL
+                // values) belong to this task alone; `corr` outlives `fill_groups`.
+                unsafe { sums.set(c0 + c, s.wrapping_mul(128)) };
+            }
+        });
         let mut padded = vec![0.0f32; me.n_panels * PANEL];
-        padded[..out_features].copy_from_slice(scale);
+        padded[..n].copy_from_slice(scale);
         me.dynamic = Some((corr, padded));
         Ok(me)
     }
@@ -331,9 +465,7 @@ impl PackedLinear {
         n: usize,
         bias: Option<&[f32]>,
     ) -> Result<Self> {
-        Self::with_lines(format, k, n, bias, |len| {
-            Ok(Lines::Owned(zeroed_lines(len)?))
-        })
+        Self::with_lines(format, k, n, bias, |len| zeroed_lines(len))
     }
 
     /// A layer of this shape whose panels are `lines(n_panels * lines_per_panel)`.

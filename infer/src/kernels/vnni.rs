@@ -13,35 +13,7 @@
 //! (and u = 128, which times 0 adds nothing). Sums wrap in i32, the correction too, so
 //! the difference is exact whenever the true Σ xq·q fits i32, as `_int_mm`'s must.
 use super::qtile::QTile;
-use super::{Isa, Line, OutPtr, PackedLinear, MAX_ROWS, PANEL};
-
-/// Packs q (out, in) row-major into `lines` (panels of `lines_per_panel` = ceil(in/4)
-/// lines) and returns corr, `n_panels * PANEL` values, zero past `n`.
-pub(super) fn pack(q: &[i8], k: usize, n: usize, lines: &mut [Line]) -> Vec<i32> {
-    let lpp = k.div_ceil(4);
-    let n_panels = n.div_ceil(PANEL);
-    let mut corr = vec![0i32; n_panels * PANEL];
-    for (p, panel) in lines
-        .chunks_exact_mut(lpp.max(1))
-        .enumerate()
-        .take(n_panels)
-    {
-        let c0 = p * PANEL;
-        for c in 0..(n - c0).min(PANEL) {
-            let row = &q[(c0 + c) * k..(c0 + c + 1) * k];
-            let sum: i32 = row.iter().map(|&v| v as i32).sum();
-            corr[c0 + c] = sum.wrapping_mul(128);
-            for (line, quad) in panel.iter_mut().zip(row.chunks(4)) {
-                let mut b = [0u8; 4];
-                for (b, &v) in b.iter_mut().zip(quad) {
-                    *b = v as u8;
-                }
-                line.0[c] = u32::from_le_bytes(b);
-            }
-        }
-    }
-    corr
-}
+use super::{Isa, OutPtr, PackedLinear, MAX_ROWS, PANEL};
 
 /// Quantizes each x row (rows × k, row-major) as `quant::Int8Linear` does: s = max(max|x|
 /// / 127, 1e-12), xq = round_ties_even(x / s) clamped to ±127, stored as xq + 128 from

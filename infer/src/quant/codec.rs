@@ -129,7 +129,7 @@ pub fn read_int8(
             reason: format!("scale `{scale_name}` has negative, infinite or NaN values"),
         });
     }
-    if q.eq(-128).any().int64_value(&[]) == 1 {
+    if holds_min(&q) {
         return Err(Error::ModelFolder {
             path,
             reason: format!("int8 tensor `{name}` holds -128 (symmetric range is ±127)"),
@@ -139,6 +139,18 @@ pub fn read_int8(
     // mapped file, packing reads it once; libtorch's int8 GEMM takes its transpose as is).
     let q = if rows_are_out { q } else { q.tr() };
     Ok(QuantRows { q, scale })
+}
+
+/// Whether `q` holds -128. A contiguous CPU tensor (over a mapped file) is scanned where
+/// it lies, in blocks whose test vectorises; libtorch's `eq(-128).any()` would write a
+/// bool tensor of the whole weight first.
+fn holds_min(q: &Tensor) -> bool {
+    if q.device() != Device::Cpu || !q.is_contiguous() {
+        return q.eq(-128).any().int64_value(&[]) == 1;
+    }
+    crate::linear::int8_slice(q)
+        .chunks(1 << 14)
+        .any(|c| c.iter().fold(false, |a, &v| a | (v == i8::MIN)))
 }
 
 /// Reads the optional outlier columns of an int8-dynamic layer with `n_in` inputs.

@@ -115,15 +115,9 @@ impl Int8Linear {
         if self.packed.is_some() {
             return Ok(());
         }
-        let (n_out, n_in) = (self.w.q.size()[0] as usize, self.w.q.size()[1] as usize);
-        let q = self.w.q.contiguous();
-        let packed = PackedLinear::from_int8_rows_dynamic(
-            crate::linear::int8_slice(&q),
-            &host.scale,
-            n_in,
-            n_out,
-            Some(&host.bias),
-        )?;
+        // read in place: the (out, in) view of a stored (in, out) weight is not copied
+        let packed =
+            PackedLinear::from_int8_tensor_dynamic(&self.w.q, &host.scale, Some(&host.bias))?;
         self.packed = Some(packed.with_pool(host.pool.clone()));
         Ok(())
     }
