@@ -195,20 +195,13 @@ impl Linear {
                 bias,
                 packed: None,
             } => {
-                let (n_out, n_in) = (w.q.size()[0] as usize, w.q.size()[1] as usize);
-                let q = w.q.contiguous();
                 let scale = Vec::<f32>::try_from(w.scale.to_kind(Kind::Float))?;
                 let b = match &bias {
                     Some(b) => Some(Vec::<f32>::try_from(b.to_kind(Kind::Float))?),
                     None => None,
                 };
-                let packed = PackedLinear::from_int8_rows(
-                    int8_slice(&q),
-                    &scale,
-                    n_in,
-                    n_out,
-                    b.as_deref(),
-                )?;
+                // read in place: the (out, in) view of a stored (in, out) weight
+                let packed = PackedLinear::from_int8_tensor(&w.q, &scale, b.as_deref())?;
                 release_tensor(maps, &w.q);
                 Linear::Int8Weight {
                     w,

@@ -377,6 +377,14 @@ fn int8_decode_kernel_equals_the_dequantized_product_on_every_isa() {
                 .unwrap()
                 .with_isa(isa)
                 .unwrap();
+                // The same panels from the (out, in) view of the weight stored (in, out),
+                // as an artifact's Conv1D weight is packed in place.
+                let stored = q.tr().contiguous();
+                let scale = bias.then_some(&bv[..]);
+                let viewed = PackedLinear::from_int8_tensor(&stored.tr(), &sv, scale)
+                    .unwrap()
+                    .with_isa(isa)
+                    .unwrap();
                 for rows in 1..=9i64 {
                     let x = Tensor::randn([rows, k], (Kind::Float, Device::Cpu));
                     let mut expect = x.mm(&wq.tr());
@@ -384,6 +392,10 @@ fn int8_decode_kernel_equals_the_dequantized_product_on_every_isa() {
                         expect += &b;
                     }
                     let got = lin.forward_tensor(&x).unwrap();
+                    assert!(
+                        got.equal(&viewed.forward_tensor(&x).unwrap()),
+                        "{isa:?} k {k} n {n}"
+                    );
                     // f32 sums in another order: relative to the largest output.
                     let d = (&got - &expect).abs().max().double_value(&[])
                         / expect.abs().max().double_value(&[]).max(1e-6);

@@ -86,6 +86,31 @@ struct LinesPtr(*mut Line);
 unsafe impl Send for LinesPtr {}
 unsafe impl Sync for LinesPtr {}
 
+/// A CPU int8 tensor (out, in) of any strides as the packers read it (in, out), with
+/// its k (in) and n (out).
+fn int8_view(q: &Tensor) -> Result<(Strided<'_, i8>, usize, usize)> {
+    let size = q.size();
+    if size.len() != 2 || q.device() != Device::Cpu || q.kind() != Kind::Int8 {
+        return Err(Error::Input(format!(
+            "an int8 weight packs from a 2-D CPU Int8 tensor, got {:?} {size:?} on {:?}",
+            q.kind(),
+            q.device()
+        )));
+    }
+    let (n, k) = (size[0] as usize, size[1] as usize);
+    let (sc, si) = (q.stride()[0] as usize, q.stride()[1] as usize);
+    let data: &[i8] = match k * n {
+        0 => &[],
+        // SAFETY: a CPU Int8 tensor of these sizes and (non-negative) strides reaches this
+        // many elements from its data pointer, alive (borrowed) as long as `q` and not
+        // written while the packers read it.
+        _ => unsafe {
+            std::slice::from_raw_parts(q.data_ptr() as *const i8, (k - 1) * si + (n - 1) * sc + 1)
+        },
+    };
+    Ok((Strided { data, si, sc }, k, n))
+}
+
 /// Buffers from this many bytes on get a mapping of their own.
 const OWN_MAPPING_BYTES: usize = 1 << 20;
 
@@ -314,9 +339,37 @@ impl PackedLinear {
         n: usize,
         bias: Option<&[f32]>,
     ) -> Result<Self> {
-        for (what, len, want) in [("weight", q.len(), k * n), ("scale", scale.len(), n)] {
-            check_len(what, len, want)?;
-        }
+        check_len("weight", q.len(), k * n)?;
+        Self::int8(
+            Strided {
+                data: q,
+                si: 1,
+                sc: k,
+            },
+            scale,
+            k,
+            n,
+            bias,
+        )
+    }
+
+    /// `from_int8_rows` for a CPU int8 tensor (out, in) of any strides, read where it
+    /// lies (`from_int8_tensor_dynamic`).
+    pub fn from_int8_tensor(q: &Tensor, scale: &[f32], bias: Option<&[f32]>) -> Result<Self> {
+        let (w, k, n) = int8_view(q)?;
+        Self::int8(w, scale, k, n, bias)
+    }
+
+    /// The Int8 panels of `w` (in, out): line l of a panel holds input rows 4l..4l+3, 16
+    /// bytes each (one per column), on the pool.
+    fn int8(
+        w: Strided<i8>,
+        scale: &[f32],
+        k: usize,
+        n: usize,
+        bias: Option<&[f32]>,
+    ) -> Result<Self> {
+        check_len("scale", scale.len(), n)?;
         if let Some(b) = bias {
             check_len("bias", b.len(), n)?;
         }
@@ -326,13 +379,17 @@ impl PackedLinear {
             let cols = (n - c0).min(PANEL);
             for (l, line) in panel.iter_mut().enumerate() {
                 let mut bytes = [0u8; 64];
-                for i in 0..4 {
+                for i in 0..4.min(k - 4 * l) {
                     let row = 4 * l + i;
-                    if row >= k {
-                        break;
-                    }
-                    for c in 0..cols {
-                        bytes[16 * i + c] = q[(c0 + c) * k + row] as u8;
+                    let out = &mut bytes[16 * i..16 * i + cols];
+                    if w.sc == 1 {
+                        // (in, out) rows: the line's 16 bytes of row `row` as they lie
+                        let src = &w.data[row * w.si + c0..row * w.si + c0 + cols];
+                        out.iter_mut().zip(src).for_each(|(d, &v)| *d = v as u8);
+                    } else {
+                        for (c, d) in out.iter_mut().enumerate() {
+                            *d = w.at(row, c0 + c) as u8;
+                        }
                     }
                 }
                 for (j, v) in line.0.iter_mut().enumerate() {
@@ -377,29 +434,8 @@ impl PackedLinear {
         scale: &[f32],
         bias: Option<&[f32]>,
     ) -> Result<Self> {
-        let size = q.size();
-        if size.len() != 2 || q.device() != Device::Cpu || q.kind() != Kind::Int8 {
-            return Err(Error::Input(format!(
-                "an int8 weight packs from a 2-D CPU Int8 tensor, got {:?} {size:?} on {:?}",
-                q.kind(),
-                q.device()
-            )));
-        }
-        let (n, k) = (size[0] as usize, size[1] as usize);
-        let (sc, si) = (q.stride()[0] as usize, q.stride()[1] as usize);
-        let data: &[i8] = match k * n {
-            0 => &[],
-            // SAFETY: a CPU Int8 tensor of these sizes and (non-negative) strides reaches
-            // this many elements from its data pointer, alive (borrowed) for this call
-            // and not written during it.
-            _ => unsafe {
-                std::slice::from_raw_parts(
-                    q.data_ptr() as *const i8,
-                    (k - 1) * si + (n - 1) * sc + 1,
-                )
-            },
-        };
-        Self::int8_dynamic(Strided { data, si, sc }, scale, k, n, bias)
+        let (w, k, n) = int8_view(q)?;
+        Self::int8_dynamic(w, scale, k, n, bias)
     }
 
     /// The W8A8 panels (`vnni`) of `w` (in, out), filled on the pool: line l of a panel
