@@ -31,8 +31,9 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Self> {
         if crate::gguf::is_gguf(dir) {
             let file = crate::gguf::GgufFile::open(dir)?;
-            let json = crate::gguf::vocab::tokenizer_json(&file.header, dir)?;
-            return Self::from_json_value(&json, dir);
+            let json = crate::gguf::vocab::tokenizer_json(&file.header, dir)?.to_string();
+            drop(file);
+            return Self::from_json_bytes(json.as_bytes(), dir);
         }
         let json = dir.join(TOKENIZER_JSON);
         let (vocab, merges) = (dir.join(VOCAB_JSON), dir.join(MERGES_TXT));
@@ -70,6 +71,8 @@ impl Tokenizer {
         let json: serde_json::Value =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("invalid JSON: {e}")))?;
         check_precompiled(&json).map_err(bad)?;
+        // one parsed copy of the vocabulary at a time (GPT-2's is ~50 MB of heap as a tree)
+        drop(json);
         let inner = tokenizers::Tokenizer::from_bytes(bytes).map_err(|e| bad(e.to_string()))?;
         Ok(Self::new(inner, path))
     }
@@ -100,6 +103,13 @@ impl Tokenizer {
             .values()
             .max()
             .map_or(0, |&m| m as usize + 1);
+        // Parsing left tens of MB of freed heap (JSON trees, vocabulary copies) that glibc
+        // would keep in the process: give it back before the model loads beside it.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         Self {
             inner,
             path: path.into(),
