@@ -115,6 +115,8 @@ pub(crate) fn perplexity(
     opts.text_field = text_field.to_string();
     let (samples, _) = train::data::load_jsonl(&[path.to_path_buf()], tokenizer, eos, &opts)?;
     let r = train::eval::evaluate(model, &samples, batch_size, eos)?;
+    // a weight file truncated or rewritten under the mapped model: not its perplexity
+    model.check_files()?;
     if !r.loss.is_finite() {
         anyhow::bail!(
             "{}: the loss is {} (the model computes non-finite values; try --dtype f32)",

@@ -356,3 +356,61 @@ fn full_queue_503_disconnect_cancels_and_sigterm_drains() {
     assert_eq!(status.code(), Some(0));
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// A weight file truncated under the running server: every request from then on is an
+/// error naming the file (never text from zeroed weights), `/health` says why with a 503,
+/// and the server itself goes on answering. Both a mapped folder and a GGUF file.
+#[test]
+fn a_weight_file_truncated_under_the_server_fails_requests_and_health() {
+    let tmp = common::TempDir::new("serve-truncated");
+    let folder = tmp.path("hub-tied");
+    common::copy_files(&reference("hub-tied"), &folder);
+    let gguf = tmp.path("hub-tied-q4_0.gguf");
+    common::assert_ok(&gpt2kit(&[
+        "quantize",
+        "--model",
+        folder.to_str().unwrap(),
+        "--out",
+        gguf.to_str().unwrap(),
+        "--method",
+        "q4_0",
+    ]));
+    for (model, file) in [
+        (folder.clone(), folder.join("model.safetensors")),
+        (gguf.clone(), gguf.clone()),
+    ] {
+        let server = Server::start(&model, &[], &[]);
+        let r = server.post("/v1/completions", &greedy(json!("Hello there"), 4));
+        assert_eq!(r.status, 200, "{}", r.body);
+        let len = std::fs::metadata(&file).unwrap().len();
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&file)
+            .unwrap()
+            .set_len(len / 3)
+            .unwrap();
+        let name = file.file_name().unwrap().to_str().unwrap();
+        for _ in 0..2 {
+            let r = server.post("/v1/completions", &greedy(json!("Hello there"), 4));
+            assert_eq!(r.status, 500, "{}", r.body);
+            let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+            assert!(msg.contains(name) && msg.contains("trunc"), "{msg}");
+        }
+        let h = server.get("/health");
+        assert_eq!(h.status, 503, "{}", h.body);
+        assert!(h.json()["message"].as_str().unwrap().contains(name));
+        assert_eq!(server.get("/v1/models").status, 200);
+    }
+    // A SIGBUS sent by `kill` (not a fault in a mapped file) still ends the process, as
+    // SIGBUS's default action does.
+    let mut server = Server::start(&reference("hub-tied"), &[], &[]);
+    assert_eq!(server.get("/health").status, 200);
+    // SAFETY: a plain kill(2) of the child's pid.
+    assert_eq!(
+        unsafe { libc::kill(server.child.id() as i32, libc::SIGBUS) },
+        0
+    );
+    let status = server.child.wait().unwrap();
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
+}

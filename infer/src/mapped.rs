@@ -251,8 +251,11 @@ fn install() {
 /// Only atomics, `mmap` and `sigaction` (system calls) run here.
 extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut libc::c_void) {
     // SAFETY: the kernel passes a valid siginfo to an SA_SIGINFO handler.
-    let addr = unsafe { (*info).si_addr() } as usize;
-    for s in 0..SLOTS {
+    let (addr, code) = unsafe { ((*info).si_addr() as usize, (*info).si_code) };
+    // A fault the kernel raised (si_code > 0: BUS_ADRERR, ...), not a SIGBUS sent by
+    // `kill` (SI_USER and other codes ≤ 0, whose si_addr is not an address).
+    let fault = code > 0;
+    for s in (0..SLOTS).filter(|_| fault) {
         let (a, b) = (START[s].load(SeqCst), END[s].load(SeqCst));
         if a <= addr && addr < b {
             let page = addr / PAGE.load(SeqCst) * PAGE.load(SeqCst);
@@ -276,11 +279,20 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         }
     }
     let prev = PREVIOUS.load(SeqCst) as *const libc::sigaction;
-    // SAFETY: `prev` is null or the leaked previous action. A default or ignoring action
-    // is put back, and returning re-runs the faulting access under it; a handler is called
-    // as the kernel would have called it.
+    // SAFETY: `prev` is null or the leaked previous action. For a fault, a default or
+    // ignoring action is put back, and returning re-runs the faulting access under it; a
+    // handler is called as the kernel would have called it. A signal sent by `kill` is not
+    // re-run by returning: when the previous action (or what a previous handler put
+    // back, as Rust's own SIGBUS handler puts back the default) is the default, it is
+    // raised again under it, ending the process as it would have without this handler.
     unsafe {
-        if prev.is_null() || matches!((*prev).sa_sigaction, libc::SIG_DFL | libc::SIG_IGN) {
+        let default = |a: *const libc::sigaction| {
+            a.is_null() || matches!((*a).sa_sigaction, libc::SIG_DFL | libc::SIG_IGN)
+        };
+        if default(prev) {
+            if !fault && !prev.is_null() && (*prev).sa_sigaction == libc::SIG_IGN {
+                return;
+            }
             libc::signal(sig, libc::SIG_DFL);
         } else if (*prev).sa_flags & libc::SA_SIGINFO != 0 {
             let f: extern "C" fn(libc::c_int, *mut libc::siginfo_t, *mut libc::c_void) =
@@ -289,6 +301,14 @@ extern "C" fn on_sigbus(sig: libc::c_int, info: *mut libc::siginfo_t, ctx: *mut 
         } else {
             let f: extern "C" fn(libc::c_int) = std::mem::transmute((*prev).sa_sigaction);
             f(sig);
+        }
+        if !fault {
+            let mut now: libc::sigaction = std::mem::zeroed();
+            if libc::sigaction(sig, std::ptr::null(), &mut now) == 0
+                && now.sa_sigaction == libc::SIG_DFL
+            {
+                libc::raise(sig);
+            }
         }
     }
 }

@@ -64,9 +64,22 @@ pub struct Metrics {
     prefix_bytes: AtomicUsize,
     ttft: Mutex<Histogram>,
     e2e: Mutex<Histogram>,
+    /// Why the model can no longer serve (a weight file changed under it), once it
+    /// cannot: `/health` then answers 503 with it.
+    broken: Mutex<Option<String>>,
 }
 
 impl Metrics {
+    pub fn set_broken(&self, why: &str) {
+        if let Ok(mut b) = self.broken.lock() {
+            b.get_or_insert_with(|| why.to_string());
+        }
+    }
+
+    pub fn broken(&self) -> Option<String> {
+        self.broken.lock().ok().and_then(|b| b.clone())
+    }
+
     pub fn first_token(&self, seconds: f64) {
         if let Ok(mut h) = self.ttft.lock() {
             h.observe(seconds);

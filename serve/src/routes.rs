@@ -103,8 +103,17 @@ async fn openapi() -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
 }
 
-async fn health() -> impl IntoResponse {
-    axum::Json(json!({"status": "ok"}))
+/// 200 while the model serves; 503 with the reason once it cannot (a weight file changed
+/// under it).
+async fn health(State(app): State<Arc<App>>) -> axum::response::Response {
+    match app.metrics.broken() {
+        None => axum::Json(json!({"status": "ok"})).into_response(),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            axum::Json(json!({"status": "error", "message": why})),
+        )
+            .into_response(),
+    }
 }
 
 /// The model, then its adapters as vLLM lists them (`root` the folder, `parent` the

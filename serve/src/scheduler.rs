@@ -122,6 +122,7 @@ pub fn run(
         }
     };
     let mut s = Scheduler {
+        model: &model,
         engine: new_engine(),
         added: 0,
         live: HashMap::new(),
@@ -163,6 +164,8 @@ pub fn run(
 
 /// The engine and the jobs it runs or will run.
 struct Scheduler<'a> {
+    /// The model the engine runs, whose weight files each step checks.
+    model: &'a Gpt2,
     engine: Engine<'a>,
     /// Requests given to this engine.
     added: usize,
@@ -210,6 +213,11 @@ impl Scheduler<'_> {
             };
             let m = self.metrics;
             m.waiting.fetch_sub(1, Ordering::Relaxed);
+            if let Some(why) = m.broken() {
+                m.failed.fetch_add(1, Ordering::Relaxed);
+                job.send(internal(why));
+                continue;
+            }
             let request = Request {
                 prompt: job.prompt.clone(),
                 max_new_tokens: job.max_new_tokens,
@@ -249,6 +257,13 @@ impl Scheduler<'_> {
                 }
             })?;
         m.steps.fetch_add(1, Ordering::Relaxed);
+        // A weight file truncated or rewritten under the model (its mapped pages read as
+        // zeros or as other weights) fails every request from this step on, before any
+        // finishes on such weights; `/health` reports it.
+        if let Err(e) = self.model.check_files() {
+            m.set_broken(&e.to_string());
+            return Err(e);
+        }
         self.retire();
         Ok(())
     }
