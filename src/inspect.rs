@@ -277,9 +277,14 @@ impl<'a> Inspected<'a> {
             ),
             (
                 "quantized",
-                model
-                    .quantization()
-                    .map_or("no (float weights)".into(), describe),
+                match model.quantization() {
+                    Some(q) => describe(q),
+                    // a GGUF file's quantized tensors show in `stored`
+                    None if stored.iter().any(|s| is_ggml_quantized(s)) => {
+                        "GGUF blocks (see stored)".into()
+                    }
+                    None => "no (float weights)".into(),
+                },
             ),
             (
                 "bytes",
@@ -337,4 +342,9 @@ fn group(n: i64) -> String {
     } else {
         g
     }
+}
+
+/// Whether a stored-dtype line names a quantized ggml type (`q4_0: ...`, `q6_K: ...`).
+fn is_ggml_quantized(stored: &str) -> bool {
+    stored.starts_with('q') || stored.starts_with("iq")
 }

@@ -196,8 +196,13 @@ pub fn check_vocab(config: &Gpt2Config, tokenizer: &Tokenizer, dir: &Path) -> Re
     if bound <= config.vocab_size {
         return Ok(());
     }
+    // a GGUF file's vocab_size is its `token_embd` rows (there is no config.json)
+    let source = match crate::gguf::is_gguf(dir) {
+        true => "token_embd has rows for",
+        false => "config.json has vocab_size",
+    };
     Err(Error::Input(format!(
-        "{}: config.json has vocab_size {} but the tokenizer ({}) has {} tokens with ids \
+        "{}: {source} {} but the tokenizer ({}) has {} tokens with ids \
          up to {}; token ids {}..{bound} would index past the embedding table",
         dir.display(),
         config.vocab_size,
