@@ -357,6 +357,26 @@ impl BlockLinear {
             }
             return;
         }
+        // Q5_0 (most of a q4_k_m file whose rows are not whole super-blocks, as
+        // gpt2-xl's 1600): four outputs at a time, the same bits as `row_dot`
+        #[cfg(target_arch = "x86_64")]
+        let range =
+            if self.ty == GgmlType::Q5_0 && matches!(self.path, DotPath::Avx2 | DotPath::Vnni) {
+                let four = range.start + range.len() / 4 * 4;
+                for n in (range.start..four).step_by(4) {
+                    let w = [0, 1, 2, 3].map(|g| row(n + g));
+                    for m in 0..acts.rows {
+                        // SAFETY: the path is supported (AVX2, F16C); whole rows of blocks.
+                        let v = unsafe { dot::avx2::q5_0_rows4(w, acts.row(m), self.n_in / QK) };
+                        for (g, v) in v.into_iter().enumerate() {
+                            put(m, n + g, v);
+                        }
+                    }
+                }
+                four..range.end
+            } else {
+                range
+            };
         for n in range {
             if fast {
                 for m in 0..acts.rows {
@@ -514,6 +534,7 @@ mod tests {
                 GgmlType::Q8_0,
                 GgmlType::Q4_0,
                 GgmlType::Q4_1,
+                GgmlType::Q5_0,
                 GgmlType::Q4_K,
                 GgmlType::Q6_K,
             ] {
