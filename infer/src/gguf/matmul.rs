@@ -365,11 +365,16 @@ impl BlockLinear {
                 let four = range.start + range.len() / 4 * 4;
                 for n in (range.start..four).step_by(4) {
                     let w = [0, 1, 2, 3].map(|g| row(n + g));
-                    for m in 0..acts.rows {
-                        // SAFETY: the path is supported (AVX2, F16C); whole rows of blocks.
-                        let v = unsafe { dot::avx2::q5_0_rows4(w, acts.row(m), self.n_in / QK) };
-                        for (g, v) in v.into_iter().enumerate() {
-                            put(m, n + g, v);
+                    for first in (0..acts.rows).step_by(MAX_ROWS) {
+                        let count = MAX_ROWS.min(acts.rows - first);
+                        let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
+                        // SAFETY: the path is supported (AVX2, F16C); whole rows of
+                        // blocks; 1 to 8 activation rows.
+                        let v = unsafe { dot::avx2::q5_0_rows4(w, &a, self.n_in / QK) };
+                        for (i, v) in v[..count].iter().enumerate() {
+                            for (g, &v) in v.iter().enumerate() {
+                                put(first + i, n + g, v);
+                            }
                         }
                     }
                 }

@@ -63,21 +63,45 @@ unsafe fn q5_k(wb: &[u8], ab: &[u8]) -> i32 {
     hsum(acc)
 }
 
-/// Four Q5_0 weight rows (`blocks` blocks each) against one Q8_0 activation row: what
-/// `row_dot` gives each, bit for bit (the same exact integer sum per block, then
-/// `sumf += (d_w·d_a)·sumi` in block order), the four rows' f32 steps side by side in
-/// one register and their integer sums reduced together.
+/// Four Q5_0 weight rows (`blocks` blocks each) against up to 8 Q8_0 activation rows
+/// `a`: `out[r][g]` is what `row_dot` gives row g with `a[r]`, bit for bit (the same exact
+/// integer sum per block, then `sumf += (d_w·d_a)·sumi` in block order). Each weight
+/// block is unpacked once for every activation row; the four rows' integer sums are
+/// reduced together and their f32 steps run side by side in one register.
 ///
 /// # Safety
-/// The CPU must support AVX2 and F16C; each `w` row and `a` hold `blocks` blocks.
+/// The CPU must support AVX2 and F16C; each `w` row and each `a` row hold `blocks` blocks;
+/// `a` holds 1 to 8 rows.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,f16c")]
-pub unsafe fn q5_0_rows4(w: [&[u8]; 4], a: &[u8], blocks: usize) -> [f32; 4] {
+pub unsafe fn q5_0_rows4(w: [&[u8]; 4], a: &[&[u8]], blocks: usize) -> [[f32; 4]; 8] {
+    macro_rules! counts {
+        ($($n:literal)*) => {
+            match a.len() {
+                $($n => {
+                    let a: [&[u8]; $n] = std::array::from_fn(|i| a[i]);
+                    // SAFETY: the caller's promises; the features are enabled here.
+                    let v = unsafe { q5_0_tile::<$n>(w, a, blocks) };
+                    let mut out = [[0f32; 4]; 8];
+                    out[..$n].copy_from_slice(&v);
+                    out
+                })*
+                _ => unreachable!("1 to 8 rows"),
+            }
+        };
+    }
+    counts!(1 2 3 4 5 6 7 8)
+}
+
+/// `q5_0_rows4` for `N` activation rows known at compile time (accumulators in registers).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn q5_0_tile<const N: usize>(w: [&[u8]; 4], a: [&[u8]; N], blocks: usize) -> [[f32; 4]; N] {
     const WB: usize = 22;
     const AB: usize = 34;
-    assert!(w.iter().all(|r| r.len() >= blocks * WB) && a.len() >= blocks * AB);
+    assert!(w.iter().all(|r| r.len() >= blocks * WB) && a.iter().all(|r| r.len() >= blocks * AB));
     let ones = _mm256_set1_epi16(1);
-    let mut sumf = _mm_setzero_ps();
+    let mut sumf = [_mm_setzero_ps(); N];
     // The four rows are adjacent outputs, one contiguous run: ahead by the run is the
     // same block of the next four (the loads waited on memory without it: perf annotate)
     let ahead = 4 * blocks * WB;
@@ -86,42 +110,54 @@ pub unsafe fn q5_0_rows4(w: [&[u8]; 4], a: &[u8], blocks: usize) -> [f32; 4] {
             // a hint only: it may point past the rows (no fault, no read)
             _mm_prefetch::<_MM_HINT_T0>(r.as_ptr().wrapping_add(b * WB + ahead).cast());
         }
-        let ab = &a[b * AB..(b + 1) * AB];
-        let y = load(&ab[2..]);
-        let lanes: [__m256i; 4] = std::array::from_fn(|g| {
+        // The four blocks' signed levels. Plain loops, no closures: a closure here would
+        // not get the entry point's target features, and its intrinsics become calls.
+        let mut xs = [_mm256_setzero_si256(); 4];
+        let mut dw = [0i16; 4];
+        for g in 0..4 {
             let wb = &w[g][b * WB..(b + 1) * WB];
-            // SAFETY: 16 readable bytes (the block's nibbles).
-            let tmp = unsafe { _mm_loadu_si128(wb[6..].as_ptr().cast()) };
-            let x = _mm256_and_si256(
-                _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp),
-                _mm256_set1_epi8(0x0F),
-            );
-            // a clear fifth bit makes the level q - 16: q | 0xF0 as a signed byte
-            let x = _mm256_or_si256(
-                x,
-                _mm256_andnot_si256(bits_32(&wb[2..6]), _mm256_set1_epi8(-16)),
-            );
-            madd_ss(x, y, ones)
-        });
-        // the four blocks' integer sums (exact, in any order): [s0, s1, s2, s3]
-        let h = _mm256_hadd_epi32(
-            _mm256_hadd_epi32(lanes[0], lanes[1]),
-            _mm256_hadd_epi32(lanes[2], lanes[3]),
-        );
-        let sumi = _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
-        let dw = [0, 1, 2, 3].map(|g| {
-            let wb = &w[g][b * WB..];
-            u16::from_le_bytes([wb[0], wb[1]]) as i16
-        });
-        let dw = _mm_cvtph_ps(_mm_setr_epi16(dw[0], dw[1], dw[2], dw[3], 0, 0, 0, 0));
-        let da = _mm_cvtph_ps(_mm_set1_epi16(u16::from_le_bytes([ab[0], ab[1]]) as i16));
-        // (d_w·d_a)·sumi, then the add: two roundings, as the scalar step
-        let step = _mm_mul_ps(_mm_mul_ps(dw, da), _mm_cvtepi32_ps(sumi));
-        sumf = _mm_add_ps(sumf, step);
+            dw[g] = u16::from_le_bytes([wb[0], wb[1]]) as i16;
+            // SAFETY: 16 readable bytes (the block's nibbles); AVX2 (the entry point's).
+            unsafe {
+                let tmp = _mm_loadu_si128(wb[6..].as_ptr().cast());
+                let x = _mm256_and_si256(
+                    _mm256_set_m128i(_mm_srli_epi16::<4>(tmp), tmp),
+                    _mm256_set1_epi8(0x0F),
+                );
+                // a clear fifth bit makes the level q - 16: q | 0xF0 as a signed byte
+                let high = _mm256_andnot_si256(bits_32(&wb[2..6]), _mm256_set1_epi8(-16));
+                xs[g] = _mm256_or_si256(x, high);
+            }
+        }
+        // SAFETY: F16C and AVX2 (the entry point's features).
+        unsafe {
+            let dw = _mm_cvtph_ps(_mm_setr_epi16(dw[0], dw[1], dw[2], dw[3], 0, 0, 0, 0));
+            for r in 0..N {
+                let ab = &a[r][b * AB..(b + 1) * AB];
+                let y = load(&ab[2..]);
+                let mut lanes = [_mm256_setzero_si256(); 4];
+                for g in 0..4 {
+                    lanes[g] = madd_ss(xs[g], y, ones);
+                }
+                // the four blocks' integer sums (exact, in any order): [s0, s1, s2, s3]
+                let h = _mm256_hadd_epi32(
+                    _mm256_hadd_epi32(lanes[0], lanes[1]),
+                    _mm256_hadd_epi32(lanes[2], lanes[3]),
+                );
+                let sumi =
+                    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let da = _mm_cvtph_ps(_mm_set1_epi16(u16::from_le_bytes([ab[0], ab[1]]) as i16));
+                // (d_w·d_a)·sumi, then the add: two roundings, as the scalar step
+                let step = _mm_mul_ps(_mm_mul_ps(dw, da), _mm_cvtepi32_ps(sumi));
+                sumf[r] = _mm_add_ps(sumf[r], step);
+            }
+        }
     }
-    let mut out = [0f32; 4];
-    // SAFETY: four f32 into a four-element array.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), sumf) };
+    let mut out = [[0f32; 4]; N];
+    for (o, s) in out.iter_mut().zip(sumf) {
+        // SAFETY: four f32 into a four-element array.
+        unsafe { _mm_storeu_ps(o.as_mut_ptr(), s) };
+    }
     out
 }
 
