@@ -218,6 +218,17 @@ def gb(b):
     return f"{b / 1e9:.2f} GB"
 
 
+def table_row(label, weights, m, peer, idle):
+    """One row of the table: our measurement `m` against the targets, beside `peer`'s."""
+    rss_target = 1.15 * weights + idle["rss"]
+    t_target = 1.5 * peer["median"] + idle["median"]
+    ok = lambda good: "✓" if good else "✗"
+    return (f"| {label} | {gb(weights)} | {gb(m['rss'])} {ok(m['rss'] <= rss_target)} | "
+            f"≤ {gb(rss_target)} | {gb(peer['rss'])} | {m['best']:.2f} / {m['median']:.2f} s; "
+            f"{m['first']:.2f} s {ok(m['median'] <= t_target)} | ≤ {t_target:.2f} s | "
+            f"{peer['best']:.2f} / {peer['median']:.2f} s |")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--binary", required=True)
@@ -291,14 +302,7 @@ def main():
                 m = measure(cmd + flags, after_first=wait_for_file)
                 if way == "packed file":
                     way += f" (written {waited[0]:.0f} s after the first run)"
-                rss_target = 1.15 * weights + idle["rss"]
-                t_target = 1.5 * llama["median"] + idle["median"]
-                ok = lambda good: "✓" if good else "✗"
-                lines.append(
-                    f"| {name} {dtype}, {way} | {gb(weights)} | {gb(m['rss'])} {ok(m['rss'] <= rss_target)} | "
-                    f"≤ {gb(rss_target)} | {gb(llama['rss'])} | {m['best']:.2f} / {m['median']:.2f} s; "
-                    f"{m['first']:.2f} s {ok(m['median'] <= t_target)} | ≤ {t_target:.2f} s | "
-                    f"{llama['best']:.2f} / {llama['median']:.2f} s |")
+                lines.append(table_row(f"{name} {dtype}, {way}", weights, m, llama, idle))
                 print(lines[-1], flush=True)
                 if os.path.exists(packed):
                     os.remove(packed)  # the next rows start as a fresh folder would
@@ -306,15 +310,7 @@ def main():
         q4 = q4_0_path(args.dir, model)
         peer = measure([args.python, "-c", LLAMA_CHILD, q4, PROMPT])
         m = measure([args.binary, "infer", "--model", q4, "--prompt", PROMPT, "--max-new-tokens", "1"])
-        weights = os.path.getsize(q4)
-        rss_target = 1.15 * weights + idle["rss"]
-        t_target = 1.5 * peer["median"] + idle["median"]
-        ok = lambda good: "✓" if good else "✗"
-        lines.append(
-            f"| {name} GGUF q4_0, read in place | {gb(weights)} | {gb(m['rss'])} {ok(m['rss'] <= rss_target)} | "
-            f"≤ {gb(rss_target)} | {gb(peer['rss'])} | {m['best']:.2f} / {m['median']:.2f} s; "
-            f"{m['first']:.2f} s {ok(m['median'] <= t_target)} | ≤ {t_target:.2f} s | "
-            f"{peer['best']:.2f} / {peer['median']:.2f} s |")
+        lines.append(table_row(f"{name} GGUF q4_0, read in place", os.path.getsize(q4), m, peer, idle))
         print(lines[-1], flush=True)
     if args.baseline:
         lines += ["", "Decode tok/s (gpt2, batch 1, 64 tokens), baseline binary then this one, "

@@ -151,13 +151,7 @@ fn a_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
         let (dir, file) = damaged_copy(&format!("truncated-{kernels}"));
         let model = load(&dir, None, &options(true, kernels));
         let before = logits(&model);
-        let len = std::fs::metadata(&file).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(len / 3)
-            .unwrap();
+        truncate_to_a_third(&file);
         // Every weight page past the new end is gone: reading it would raise SIGBUS. The
         // handler gives zeros instead and flags the file.
         let after = logits(&model);
@@ -277,13 +271,7 @@ fn a_gguf_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
     let file = gguf_of("hub-tied", &dir, "q4_0");
     let model = load(&file, None, &options(true, true));
     let before = logits(&model);
-    let len = std::fs::metadata(&file).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&file)
-        .unwrap()
-        .set_len(len / 3)
-        .unwrap();
+    truncate_to_a_third(&file);
     // The blocks past the new end read as zeros (the SIGBUS handler), and the file is
     // reported by name.
     let after = logits(&model);

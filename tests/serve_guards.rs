@@ -382,13 +382,7 @@ fn a_weight_file_truncated_under_the_server_fails_requests_and_health() {
         let server = Server::start(&model, &[], &[]);
         let r = server.post("/v1/completions", &greedy(json!("Hello there"), 4));
         assert_eq!(r.status, 200, "{}", r.body);
-        let len = std::fs::metadata(&file).unwrap().len();
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&file)
-            .unwrap()
-            .set_len(len / 3)
-            .unwrap();
+        common::truncate_to_a_third(&file);
         let name = file.file_name().unwrap().to_str().unwrap();
         for _ in 0..2 {
             let r = server.post("/v1/completions", &greedy(json!("Hello there"), 4));

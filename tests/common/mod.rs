@@ -181,6 +181,18 @@ pub fn gpt2kit_os(args: &[&std::ffi::OsStr]) -> Output {
         .unwrap()
 }
 
+/// Truncates `file` in place to a third of its length (as a writer that reuses the file
+/// would, under a model mapped from it).
+pub fn truncate_to_a_third(file: &Path) {
+    let len = std::fs::metadata(file).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(file)
+        .unwrap()
+        .set_len(len / 3)
+        .unwrap();
+}
+
 /// Copies the files (not subfolders) of `from` into `to`, made if missing.
 pub fn copy_files(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
