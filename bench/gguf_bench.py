@@ -276,7 +276,7 @@ def main():
             print(f"transformers f32 b{batch}: {[round(r, 1) for r in runs]} tok/s", flush=True)
     load_after = os.getloadavg()
 
-    lines = [f"GGUF decode tok/s, gpt2-124M shape (random weights), greedy, {args.new} new tokens, "
+    lines = [f"GGUF decode tok/s, {os.path.basename(os.path.normpath(args.model))} (random weights), greedy, {args.new} new tokens, "
              f"median of {args.runs}; ratio = gpt2kit / llama.cpp; {os.cpu_count()} cores, "
              f"llama.cpp n_threads=2.", "",
              f"| format | file MB | gpt2kit b1 tok/s | llama.cpp b1 tok/s | ratio | "
