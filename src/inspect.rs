@@ -169,19 +169,20 @@ impl<'a> Inspected<'a> {
         })
     }
 
-    /// A GGUF file: every tensor dequantized and checked, the model built in its own
-    /// dtype (f32, or bf16 for an all-BF16 file).
+    /// A GGUF file, loaded as `infer` loads it in its own dtype (f32, or bf16 for an
+    /// all-BF16 file): every tensor checked (quantized ones from their blocks' scales,
+    /// read in place; float ones dequantized one at a time).
     fn load_gguf(path: &'a Path) -> anyhow::Result<Self> {
         let file = infer::gguf::GgufFile::open(path)?;
         let mut by: std::collections::BTreeMap<String, i64> = Default::default();
         for t in &file.header.tensors {
             *by.entry(t.ty.name().to_string()).or_default() += t.numel() as i64;
         }
-        let (config, tensors) = infer::gguf::load::read(path)?;
-        let map: std::collections::HashMap<_, _> = tensors.into_iter().collect();
-        // The dtype it runs in by its own (`--dtype auto`): bf16 for an all-BF16 file.
-        let kind = infer::gguf::load::own_kind(&file);
-        let model = Gpt2::from_weights(config, &map, kind, &[tch::Device::Cpu])
+        let options = infer::EngineOptions {
+            fused_decode: false,
+            ..infer::EngineOptions::default()
+        };
+        let model = infer::gguf::load::load(path, None, &[tch::Device::Cpu], &options)
             .with_context(|| format!("loading model {}", path.display()))?;
         let tokenizer = Tokenizer::from_dir(path)?;
         infer::check_vocab(&model.config, &tokenizer, path)?;
