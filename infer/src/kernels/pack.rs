@@ -302,29 +302,19 @@ impl PackedLinear {
 
     /// Runs `panel(p, lines of panel p)` for every panel, a few panels per task.
     fn fill(&mut self, panel: &(dyn Fn(usize, &mut [Line]) + Sync)) {
-        self.fill_groups(1, &|p, lines| panel(p, lines));
-    }
-
-    /// Runs `f(p, lines of panels p..p + g)` for groups of up to `group` consecutive
-    /// panels (each panel's lines follow the previous one's), a few groups per task.
-    fn fill_groups(&mut self, group: usize, f: &(dyn Fn(usize, &mut [Line]) + Sync)) {
         let (n_panels, lpp) = (self.n_panels, self.lines_per_panel);
         if n_panels == 0 || lpp == 0 {
             return;
         }
-        let per_task = n_panels
-            .div_ceil(4 * self.pool.threads())
-            .next_multiple_of(group.max(1));
+        let per_task = n_panels.div_ceil(4 * self.pool.threads()).max(1);
         let lines = LinesPtr(self.lines.owned_mut().as_mut_ptr());
         let task = |t: usize| {
             let lines = &lines;
-            let end = ((t + 1) * per_task).min(n_panels);
-            for p in (t * per_task..end).step_by(group.max(1)) {
-                let g = group.max(1).min(end - p);
-                // SAFETY: panels p..p + g's lines [p * lpp, (p + g) * lpp) lie in the
-                // buffer (n_panels * lpp lines) and belong to this task alone.
-                let mine = unsafe { std::slice::from_raw_parts_mut(lines.0.add(p * lpp), g * lpp) };
-                f(p, mine);
+            for p in t * per_task..((t + 1) * per_task).min(n_panels) {
+                // SAFETY: panel p's lines [p * lpp, (p + 1) * lpp) lie in the buffer
+                // (n_panels * lpp lines) and belong to this task alone.
+                let mine = unsafe { std::slice::from_raw_parts_mut(lines.0.add(p * lpp), lpp) };
+                panel(p, mine);
             }
         };
         self.pool.run(n_panels.div_ceil(per_task), &task);
@@ -451,41 +441,36 @@ impl PackedLinear {
         let mut me = Self::empty(WeightFormat::Int8Dynamic, k, n, bias)?;
         let mut corr = vec![0i32; me.n_panels * PANEL];
         let sums = CorrPtr(corr.as_mut_ptr());
-        let lpp = me.lines_per_panel;
-        // (in, out) rows: four panels' 64 columns of a row are one read of 64 bytes
-        let group = if w.sc == 1 { 4 } else { 1 };
-        me.fill_groups(group, &|p0, lines: &mut [Line]| {
-            let (c0, cols) = (p0 * PANEL, (n - p0 * PANEL).min(group * PANEL));
-            let mut sum = [0i32; 4 * PANEL];
-            for l in 0..lpp {
+        me.fill(&|p, lines: &mut [Line]| {
+            let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
+            let mut sum = [0i32; PANEL];
+            for (l, line) in lines.iter_mut().enumerate() {
                 // each line is written once, whole (a fresh page is then faulted once)
-                let mut acc = [[0u32; PANEL]; 4];
+                let mut acc = [0u32; PANEL];
                 for j in 0..4.min(k - 4 * l) {
                     let i = 4 * l + j;
+                    let put = |(d, s): (&mut u32, &mut i32), v: i8| {
+                        *d |= u32::from(v as u8) << (8 * j);
+                        *s += i32::from(v);
+                    };
                     if w.sc == 1 {
+                        // (in, out) rows: 16 consecutive bytes of row i, which vectorises
                         let row = &w.data[i * w.si + c0..i * w.si + c0 + cols];
-                        for (q, part) in row.chunks(PANEL).enumerate() {
-                            let s = &mut sum[q * PANEL..(q + 1) * PANEL];
-                            for ((d, s), &v) in acc[q].iter_mut().zip(s).zip(part) {
-                                *d |= u32::from(v as u8) << (8 * j);
-                                *s += i32::from(v);
-                            }
-                        }
+                        acc.iter_mut()
+                            .zip(&mut sum)
+                            .zip(row)
+                            .for_each(|(ds, &v)| put(ds, v));
                     } else {
-                        for c in 0..cols {
-                            let v = w.at(i, c0 + c);
-                            acc[c / PANEL][c % PANEL] |= u32::from(v as u8) << (8 * j);
-                            sum[c] += i32::from(v);
+                        for (c, ds) in acc.iter_mut().zip(&mut sum).take(cols).enumerate() {
+                            put(ds, w.at(i, c0 + c));
                         }
                     }
                 }
-                for (q, a) in acc.iter().enumerate().take(cols.div_ceil(PANEL)) {
-                    lines[q * lpp + l].0 = *a;
-                }
+                line.0 = acc;
             }
             for (c, s) in sum.iter().take(cols).enumerate() {
-                // SAFETY: the group's entries [c0, c0 + cols) of corr (n_panels · PANEL
-                // values) belong to this task alone; `corr` outlives `fill_groups`.
+                // SAFETY: panel p's entries [c0, c0 + cols) of corr (n_panels · PANEL
+                // values) belong to this task alone; `corr` outlives `fill`.
                 unsafe { sums.set(c0 + c, s.wrapping_mul(128)) };
             }
         });
