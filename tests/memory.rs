@@ -150,24 +150,28 @@ fn a_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
     for kernels in [false, true] {
         let (dir, file) = damaged_copy(&format!("truncated-{kernels}"));
         let model = load(&dir, None, &options(true, kernels));
-        let before = logits(&model);
-        truncate_to_a_third(&file);
-        // Every weight page past the new end is gone: reading it would raise SIGBUS. The
-        // handler gives zeros instead and flags the file.
-        let after = logits(&model);
-        assert_eq!(after.size(), before.size());
-        let err = model.check_files().unwrap_err().to_string();
-        assert!(
-            err.contains("model.safetensors") && err.contains("trunc"),
-            "{err}"
-        );
-        // Generation reports it rather than returning tokens of another model.
-        let err = generate(&model, &[vec![5, 17]], &greedy(3), &|_| false, |_, _| {})
-            .err()
-            .unwrap_or_else(|| panic!("kernels={kernels}: generation ignored the truncation"))
-            .to_string();
-        assert!(err.contains("model.safetensors"), "{err}");
+        truncated_is_reported(&model, &file, &format!("kernels={kernels}"));
     }
+}
+
+/// Truncates `file` under `model` (mapped from it) and checks that the model still runs
+/// and that the file check and generation report it by name.
+fn truncated_is_reported(model: &Gpt2, file: &Path, what: &str) {
+    let before = logits(model);
+    truncate_to_a_third(file);
+    // Every weight page past the new end is gone: reading it would raise SIGBUS. The
+    // handler gives zeros instead and flags the file.
+    let after = logits(model);
+    assert_eq!(after.size(), before.size(), "{what}");
+    let name = file.file_name().unwrap().to_str().unwrap();
+    let err = model.check_files().unwrap_err().to_string();
+    assert!(err.contains(name) && err.contains("trunc"), "{what}: {err}");
+    // Generation reports it rather than returning tokens of another model.
+    let err = generate(model, &[vec![5, 17]], &greedy(3), &|_| false, |_, _| {})
+        .err()
+        .unwrap_or_else(|| panic!("{what}: generation ignored the truncation"))
+        .to_string();
+    assert!(err.contains(name), "{what}: {err}");
 }
 
 #[test]
@@ -270,20 +274,6 @@ fn a_gguf_file_truncated_under_a_mapped_model_is_an_error_not_a_crash() {
     let dir = scratch("gguf-truncated");
     let file = gguf_of("hub-tied", &dir, "q4_0");
     let model = load(&file, None, &options(true, true));
-    let before = logits(&model);
-    truncate_to_a_third(&file);
-    // The blocks past the new end read as zeros (the SIGBUS handler), and the file is
-    // reported by name.
-    let after = logits(&model);
-    assert_eq!(after.size(), before.size());
-    let err = model.check_files().unwrap_err().to_string();
-    assert!(
-        err.contains("hub-tied-q4_0.gguf") && err.contains("trunc"),
-        "{err}"
-    );
-    let err = generate(&model, &[vec![5, 17]], &greedy(3), &|_| false, |_, _| {})
-        .err()
-        .expect("generation ignored the truncation")
-        .to_string();
-    assert!(err.contains("q4_0.gguf"), "{err}");
+    // the blocks past the new end read as zeros, as a safetensors file's pages do
+    truncated_is_reported(&model, &file, "gguf q4_0");
 }
