@@ -363,14 +363,14 @@ impl BlockLinear {
         let range =
             if self.ty == GgmlType::Q5_0 && matches!(self.path, DotPath::Avx2 | DotPath::Vnni) {
                 let four = range.start + range.len() / 4 * 4;
+                let all: Vec<&[u8]> = (0..acts.rows).map(|m| acts.row(m)).collect();
                 for n in (range.start..four).step_by(4) {
                     let w = [0, 1, 2, 3].map(|g| row(n + g));
-                    for first in (0..acts.rows).step_by(MAX_ROWS) {
-                        let count = MAX_ROWS.min(acts.rows - first);
-                        let a: Vec<&[u8]> = (first..first + count).map(|m| acts.row(m)).collect();
+                    for (first, a) in (0..).step_by(MAX_ROWS).zip(all.chunks(MAX_ROWS)) {
+                        let count = a.len();
                         // SAFETY: the path is supported (AVX2, F16C); whole rows of
                         // blocks; 1 to 8 activation rows.
-                        let v = unsafe { dot::avx2::q5_0_rows4(w, &a, self.n_in / QK) };
+                        let v = unsafe { dot::avx2::q5_0_rows4(w, a, self.n_in / QK) };
                         for (i, v) in v[..count].iter().enumerate() {
                             for (g, &v) in v.iter().enumerate() {
                                 put(first + i, n + g, v);
