@@ -214,6 +214,22 @@ def q4_0_path(bench_dir, model):
     return os.path.join(bench_dir, "gguf", os.path.basename(model) + "-q4_0.gguf")
 
 
+def packed_names(folder):
+    """The packed files (`packed-<format>.gpt2kit`) in a model folder, and their
+    temporary files while a writer runs."""
+    return [n for n in os.listdir(folder) if n.startswith("packed-") and ".gpt2kit" in n]
+
+
+def packed_files(folder):
+    """["final"] once exactly one packed file is in place and no writer is running."""
+    return ["tmp" if ".tmp." in n else "final" for n in packed_names(folder)]
+
+
+def remove_packed(folder):
+    for n in packed_names(folder):
+        os.remove(os.path.join(folder, n))
+
+
 def gb(b):
     return f"{b / 1e9:.2f} GB"
 
@@ -278,24 +294,18 @@ def main():
             d = "auto" if dtype == "int8-dynamic" else dtype
             cmd = [args.binary, "infer", "--model", path, "--prompt", PROMPT,
                    "--max-new-tokens", "1", "--dtype", d]
-            # Packed at every start, then (float runs) with the packed file: its first
-            # run writes it (removed first), the timed runs map it.
-            ways = [("packed at start", ["--packed-cache", "off"])]
-            if dtype != "int8-dynamic":
-                ways.append(("packed file", ["--packed-cache", "auto"]))
-            for way, flags in ways:
-                packed = os.path.join(path, f"packed-{dtype}.gpt2kit")
-                if os.path.exists(packed):
-                    os.remove(packed)
+            # Packed at every start, then with the packed file: its first run writes it
+            # (removed first), the timed runs map it.
+            for way, flags in [("packed at start", ["--packed-cache", "off"]),
+                               ("packed file", ["--packed-cache", "auto"])]:
+                remove_packed(path)
                 waited = []
 
                 def wait_for_file():
                     """`infer` writes the packed file in a detached process after its run:
                     the timed runs start once it is in place."""
                     t = time.perf_counter()
-                    folder = os.path.dirname(packed) or "."
-                    while way == "packed file" and (not os.path.exists(packed) or any(
-                            n.startswith(os.path.basename(packed) + ".tmp.") for n in os.listdir(folder))):
+                    while way == "packed file" and packed_files(path) != ["final"]:
                         time.sleep(0.2)
                     waited.append(time.perf_counter() - t)
 
@@ -304,8 +314,7 @@ def main():
                     way += f" (written {waited[0]:.0f} s after the first run)"
                 lines.append(table_row(f"{name} {dtype}, {way}", weights, m, llama, idle))
                 print(lines[-1], flush=True)
-                if os.path.exists(packed):
-                    os.remove(packed)  # the next rows start as a fresh folder would
+                remove_packed(path)  # the next rows start as a fresh folder would
         # The GGUF q4_0 file, both engines on it: the file's bytes are the weights.
         q4 = q4_0_path(args.dir, model)
         peer = measure([args.python, "-c", LLAMA_CHILD, q4, PROMPT])

@@ -259,3 +259,101 @@ fn a_read_only_folder_gets_its_packed_file_in_the_user_cache() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     assert!(!dir.join(packed_name(Kind::Float)).exists());
 }
+
+/// An int8 artifact of hub-tied made by `quantize` in the test's scratch folder.
+fn int8_artifact(test: &str, method: &str, float_embeddings: bool) -> PathBuf {
+    let art = scratch(test).join("artifact");
+    let src = reference("hub-tied");
+    let (m, a) = (src.to_str().unwrap(), art.to_str().unwrap());
+    let mut args = vec![
+        "quantize",
+        "--model",
+        m,
+        "--out",
+        a,
+        "--method",
+        method,
+        "--decode-tokens",
+        "0",
+    ];
+    if float_embeddings {
+        args.push("--keep-embeddings-float");
+    }
+    assert_ok(&gpt2kit(&args));
+    art
+}
+
+#[test]
+fn int8_artifacts_get_a_packed_file_too() {
+    // Both int8 methods, with the head int8 (the tied embeddings quantized) or float: a
+    // file of int8 panels (int8-dynamic's with their column sums) and the head's.
+    for (method, float_embeddings, name) in [
+        ("int8-dynamic", false, "packed-int8-dynamic.gpt2kit"),
+        ("int8-dynamic", true, "packed-int8-dynamic-f32.gpt2kit"),
+        ("int8-weight", false, "packed-int8.gpt2kit"),
+        ("int8-weight", true, "packed-int8-f32.gpt2kit"),
+    ] {
+        let what = format!("{method}, float embeddings {float_embeddings}");
+        let test = format!("int8-{method}-{float_embeddings}");
+        let dir = int8_artifact(&test, method, float_embeddings);
+        let want = logits(&load(&dir, Kind::Float, &options(PackedCache::Off)));
+        let file = dir.join(name);
+        assert!(!file.exists(), "{what}");
+        let first = load(&dir, Kind::Float, &auto(None));
+        assert_same(&logits(&first), &want, &format!("{what}, writing"));
+        let written = identity(&file);
+        for run in 0..2 {
+            let mapped = load(&dir, Kind::Float, &auto(None));
+            assert_same(&logits(&mapped), &want, &format!("{what}, mapped {run}"));
+            assert_eq!(identity(&file), written, "{what}: rewritten");
+        }
+    }
+}
+
+/// Sets one value of the int8 tensor ending in `suffix` to -128, rewriting the file.
+fn put_int8_min(dir: &Path, suffix: &str) -> String {
+    let path = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    let (name, t) = tensors
+        .iter_mut()
+        .find(|(n, _)| n.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no tensor ending in {suffix}"));
+    assert_eq!(t.kind(), Kind::Int8, "{name}");
+    let _ = t.view([-1]).get(3).fill_(-128);
+    let name = name.clone();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    name
+}
+
+#[test]
+fn an_int8_weight_holding_minus_128_is_refused_however_it_loads() {
+    // The check runs while packing reads the weights; a packed file made from the sound
+    // weights before they changed must not stand in for it.
+    for (method, suffix) in [
+        ("int8-dynamic", "h.1.mlp.c_proj.weight"),
+        ("int8-dynamic", "wte.weight"),
+        ("int8-weight", "h.0.attn.c_attn.weight"),
+    ] {
+        let dir = int8_artifact(&format!("min-{method}-{suffix}"), method, false);
+        drop(load(&dir, Kind::Float, &auto(None)));
+        let name = put_int8_min(&dir, suffix);
+        let kernels_off = EngineOptions {
+            kernels: false,
+            ..EngineOptions::default()
+        };
+        for (how, opts) in [
+            ("packed file", auto(None)),
+            ("packed at start", options(PackedCache::Off)),
+            ("no kernels", kernels_off),
+        ] {
+            let err = match Gpt2::load_with(&dir, Some(Kind::Float), &[Device::Cpu], &opts) {
+                Ok(_) => panic!("{method} {suffix}, {how}: loaded"),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                err.contains(&format!("`{name}` holds -128")),
+                "{method} {suffix}, {how}: {err}"
+            );
+        }
+    }
+}

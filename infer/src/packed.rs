@@ -1,12 +1,15 @@
 //! The packed file: a model's linear layers in the decode kernels' layout, kept on disk so
 //! that later runs map it instead of packing at every start (issue #23, item 3).
 //!
-//! One file per model folder and run format (`packed-f32.gpt2kit`, `packed-bf16.gpt2kit`):
+//! One file per model folder and run format (`packed-f32.gpt2kit`, `packed-bf16.gpt2kit`;
+//! an int8 artifact's `packed-int8-dynamic-f32.gpt2kit` names its layers' format, then
+//! its head's):
 //! beside the weights when the folder is writable, else in the user's cache folder under
 //! a name derived from the folder's path. Layout: `MAGIC`, the format version, the
 //! header's length and SHA-256, the header (JSON: the source key, the run format, the
-//! panel layout's version, the file's length, and each layer's name, shape and offset),
-//! then each layer's panels at a page-aligned offset. A later run maps the file (privately,
+//! panel layout's version, the file's length, and each layer's name, format, shape and
+//! offset), then each layer's panels at a page-aligned offset (for int8-dynamic layers
+//! followed by their per-column corrections; scales and biases stay in the weight file). A later run maps the file (privately,
 //! read-only use, with `mapped`'s SIGBUS guard) and the kernels read the panels in place.
 //!
 //! The key names the source without reading all of it (SHA-256 of gpt2-xl's 6.2 GB costs
@@ -33,12 +36,12 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::{Error, Result};
-use crate::kernels::{panel_len, PackedLinear, WeightFormat, LAYOUT};
+use crate::kernels::{panel_len, side_len, PackedLinear, WeightFormat, LAYOUT};
 use crate::mapped::MappedFile;
 
 const MAGIC: &[u8; 8] = b"GPT2KPAK";
 /// The file's own format (this header and its placement of the panels).
-const VERSION: u32 = 1;
+const VERSION: u32 = 2;
 /// Bytes before the header: magic, version, header length, header SHA-256.
 const PREAMBLE: usize = 8 + 4 + 4 + 32;
 const PAGE: usize = 4096;
@@ -62,6 +65,7 @@ pub enum PackedCache {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub(crate) struct Layer {
     pub name: String,
+    pub format: String,
     #[serde(rename = "in")]
     pub k: usize,
     #[serde(rename = "out")]
@@ -82,20 +86,22 @@ struct Header {
 pub(crate) struct Store {
     /// Where an existing file is looked for, in order; the first is written.
     paths: Vec<PathBuf>,
-    format: WeightFormat,
+    /// The run format's name (`format_name`, or two of them joined by `-`).
+    format: String,
     key: String,
     maps: Vec<Arc<MappedFile>>,
 }
 
 impl Store {
-    /// The store for `dir`'s weights (`maps`) run in `format`, or None when `cache` is off.
+    /// The store for `dir`'s weights (`maps`) run in `format` (the name in the file's),
+    /// or None when `cache` is off.
     pub(crate) fn new(
         dir: &Path,
-        format: WeightFormat,
+        format: &str,
         cache: &PackedCache,
         maps: &[Arc<MappedFile>],
     ) -> Result<Option<Self>> {
-        let name = format!("packed-{}.gpt2kit", format_name(format));
+        let name = format!("packed-{format}.gpt2kit");
         let elsewhere = |folder: &Path| {
             let canonical = fs::canonicalize(dir).unwrap_or_else(|_| dir.to_path_buf());
             let id = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
@@ -115,18 +121,19 @@ impl Store {
         };
         Ok(Some(Self {
             paths,
-            format,
+            format: format.into(),
             key: key(format, maps)?,
             maps: maps.to_vec(),
         }))
     }
 
-    /// The first valid packed file with this key and the layers `want` (name, in, out),
+    /// The first valid packed file with this key and the layers `want` (name, format,
+    /// in, out),
     /// mapped, with each layer's offset. A file that exists but does not fit is noted
     /// on stderr (and rebuilt by `save`).
     pub(crate) fn open(
         &self,
-        want: &[(String, usize, usize)],
+        want: &[(String, WeightFormat, usize, usize)],
     ) -> Option<(Arc<MappedFile>, Vec<Layer>)> {
         for path in &self.paths {
             if !path.exists() {
@@ -146,7 +153,7 @@ impl Store {
     fn read(
         &self,
         path: &Path,
-        want: &[(String, usize, usize)],
+        want: &[(String, WeightFormat, usize, usize)],
     ) -> std::result::Result<(Arc<MappedFile>, Vec<Layer>), String> {
         let map = MappedFile::open(path).map_err(|e| format!("cannot be read ({e})"))?;
         let bytes = map.bytes();
@@ -165,7 +172,7 @@ impl Store {
         }
         let header: Header = serde_json::from_slice(&bytes[PREAMBLE..end])
             .map_err(|e| format!("has a corrupt header ({e})"))?;
-        if header.layout != LAYOUT || header.format != format_name(self.format) {
+        if header.layout != LAYOUT || header.format != self.format {
             return Err("holds another panel layout or format".into());
         }
         if header.key != self.key {
@@ -181,13 +188,22 @@ impl Store {
                 header.len
             ));
         }
-        let listed: Vec<_> = header
+        let listed = header
             .layers
             .iter()
-            .map(|l| (l.name.clone(), l.k, l.n))
-            .collect();
-        if listed != want {
+            .map(|l| (&l.name, &l.format[..], l.k, l.n));
+        let wanted = want.iter().map(|(n, f, k, o)| (n, format_name(*f), *k, *o));
+        if !listed.eq(wanted) {
             return Err("holds other layers than this model's".into());
+        }
+        // Every layer's bytes lie in the file, page-aligned (as `fill` places them).
+        let misplaced = header.layers.iter().zip(want).any(|(l, (_, f, _, _))| {
+            let end =
+                l.at.checked_add(panel_len(*f, l.k, l.n) + side_len(*f, l.n));
+            l.at % PAGE != 0 || end.is_none_or(|end| end > bytes.len())
+        });
+        if misplaced {
+            return Err("places a layer off a page or past its end".into());
         }
         Ok((Arc::new(map), header.layers))
     }
@@ -214,7 +230,7 @@ impl Store {
     /// that folder cannot be written, to the next. Errors are notes on stderr: the model
     /// runs packed in memory either way.
     pub(crate) fn save(&self, layers: &[(String, &PackedLinear)]) {
-        match key(self.format, &self.maps) {
+        match key(&self.format, &self.maps) {
             Ok(k) if k == self.key => {}
             _ => {
                 eprintln!(
@@ -225,7 +241,7 @@ impl Store {
         }
         let mut why = String::new();
         for path in &self.paths {
-            match write(path, &self.key, self.format, layers) {
+            match write(path, &self.key, &self.format, layers) {
                 Ok(()) => return,
                 Err(e) => why = e.to_string(),
             }
@@ -234,7 +250,7 @@ impl Store {
     }
 }
 
-fn format_name(format: WeightFormat) -> &'static str {
+pub(crate) fn format_name(format: WeightFormat) -> &'static str {
     match format {
         WeightFormat::F32 => "f32",
         WeightFormat::Bf16 => "bf16",
@@ -254,11 +270,10 @@ fn writable(dir: &Path) -> bool {
 }
 
 /// The source's key (see the module's header).
-fn key(format: WeightFormat, maps: &[Arc<MappedFile>]) -> Result<String> {
+fn key(format: &str, maps: &[Arc<MappedFile>]) -> Result<String> {
     let mut h = Sha256::new();
     h.update(format!(
-        "gpt2kit packed v{VERSION} layout {LAYOUT} {}\n",
-        format_name(format)
+        "gpt2kit packed v{VERSION} layout {LAYOUT} {format}\n"
     ));
     let mut block = vec![0u8; 4096];
     for m in maps {
@@ -305,12 +320,7 @@ fn key(format: WeightFormat, maps: &[Arc<MappedFile>]) -> Result<String> {
 }
 
 /// Writes the packed file at `path` through a temporary file in its folder.
-fn write(
-    path: &Path,
-    key: &str,
-    format: WeightFormat,
-    layers: &[(String, &PackedLinear)],
-) -> Result<()> {
+fn write(path: &Path, key: &str, format: &str, layers: &[(String, &PackedLinear)]) -> Result<()> {
     let folder = path.parent().unwrap_or(Path::new("."));
     fs::create_dir_all(folder).map_err(|e| Error::io(folder, e))?;
     let file_name = path.file_name().unwrap_or_default().to_string_lossy();
@@ -340,12 +350,12 @@ fn write(
 fn fill(
     out: &File,
     key: &str,
-    format: WeightFormat,
+    format: &str,
     layers: &[(String, &PackedLinear)],
 ) -> std::io::Result<()> {
     let mut header = Header {
         key: key.into(),
-        format: format_name(format).into(),
+        format: format.into(),
         layout: LAYOUT,
         len: 0,
         layers: Vec::new(),
@@ -357,14 +367,15 @@ fn fill(
         let mut at = room;
         header.layers.clear();
         for (name, p) in layers {
-            let (k, n) = (p.in_features(), p.out_features());
+            let (k, n, f) = (p.in_features(), p.out_features(), p.format());
             header.layers.push(Layer {
                 name: name.clone(),
+                format: format_name(f).into(),
                 k,
                 n,
                 at,
             });
-            at = (at + panel_len(p.format(), k, n)).next_multiple_of(PAGE);
+            at = (at + panel_len(f, k, n) + side_len(f, n)).next_multiple_of(PAGE);
         }
         header.len = at;
         let json = serde_json::to_vec(&header)?;
@@ -382,7 +393,9 @@ fn fill(
         break;
     }
     for (layer, (_, p)) in header.layers.iter().zip(layers) {
-        out.write_all_at(p.panel_bytes(), layer.at as u64)?;
+        let panels = p.panel_bytes();
+        out.write_all_at(panels, layer.at as u64)?;
+        out.write_all_at(&p.side_bytes(), (layer.at + panels.len()) as u64)?;
     }
     out.set_len(header.len as u64)
 }

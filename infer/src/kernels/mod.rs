@@ -38,7 +38,7 @@ mod vnni;
 use isa::has_vnni;
 pub use isa::Isa;
 pub use pool::ThreadPool;
-pub use stored::{panel_len, ALIGN, LAYOUT};
+pub use stored::{panel_len, side_len, ALIGN, LAYOUT};
 
 /// Output columns per panel: one AVX-512 register of f32, one 64-byte cache line.
 pub const PANEL: usize = 16;
@@ -200,6 +200,9 @@ pub struct PackedLinear {
     /// Int8Dynamic only: per column (`n_panels * PANEL`, zero-padded) the correction
     /// 128·Σ_k q and the scale (the bias, applied after it, is `bias`).
     dynamic: Option<(Vec<i32>, Vec<f32>)>,
+    /// Int8 and Int8Dynamic packed from int8 bytes: whether they held -128, which
+    /// gpt2kit's symmetric artifacts never hold (`held_int8_min`).
+    held_min: bool,
     isa: Isa,
     pool: Arc<ThreadPool>,
 }
@@ -237,6 +240,13 @@ impl PackedLinear {
 
     pub fn format(&self) -> WeightFormat {
         self.format
+    }
+
+    /// Whether the int8 weight this layer was packed from held -128, outside the ±127 of
+    /// a symmetric artifact (the loader's range check, made while packing reads every
+    /// byte anyway). False for float layers and for panels mapped from a packed file.
+    pub fn held_int8_min(&self) -> bool {
+        self.held_min
     }
 
     pub fn isa(&self) -> Isa {

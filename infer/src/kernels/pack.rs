@@ -8,6 +8,7 @@
 //! run): each value is rounded as libtorch's `to(bfloat16)` rounds (to nearest even), so
 //! the panels are those of the converted tensor without the converted tensor ever existing.
 use std::alloc::{alloc_zeroed, handle_alloc_error, Layout};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use tch::{Device, Kind, Tensor};
 
@@ -109,6 +110,15 @@ fn int8_view(q: &Tensor) -> Result<(Strided<'_, i8>, usize, usize)> {
         },
     };
     Ok((Strided { data, si, sc }, k, n))
+}
+
+/// Whether any byte of `lines` is 0x80 (an int8 -128), a word at a time: x = w ^ 0x80..
+/// has a zero byte exactly where w has 0x80, and (x - 0x01..) & !x & 0x80.. marks one.
+fn holds_byte_min(lines: &[Line]) -> bool {
+    lines.iter().flat_map(|l| l.0).fold(false, |any, w| {
+        let x = w ^ 0x8080_8080;
+        any | (x.wrapping_sub(0x0101_0101) & !x & 0x8080_8080 != 0)
+    })
 }
 
 /// Buffers from this many bytes on get a mapping of their own.
@@ -364,6 +374,7 @@ impl PackedLinear {
             check_len("bias", b.len(), n)?;
         }
         let mut me = Self::empty(WeightFormat::Int8, k, n, None)?;
+        let min = AtomicBool::new(false);
         me.fill(&|p, panel: &mut [Line]| {
             let c0 = p * PANEL;
             let cols = (n - c0).min(PANEL);
@@ -387,7 +398,11 @@ impl PackedLinear {
                     *v = u32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                 }
             }
+            if holds_byte_min(panel) {
+                min.store(true, Ordering::Relaxed);
+            }
         });
+        me.held_min = min.into_inner();
         me.has_bias = bias.is_some();
         me.int8_post = Some((
             scale.to_vec(),
@@ -441,6 +456,7 @@ impl PackedLinear {
         let mut me = Self::empty(WeightFormat::Int8Dynamic, k, n, bias)?;
         let mut corr = vec![0i32; me.n_panels * PANEL];
         let sums = CorrPtr(corr.as_mut_ptr());
+        let min = AtomicBool::new(false);
         me.fill(&|p, lines: &mut [Line]| {
             let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
             let mut sum = [0i32; PANEL];
@@ -473,7 +489,11 @@ impl PackedLinear {
                 // values) belong to this task alone; `corr` outlives `fill`.
                 unsafe { sums.set(c0 + c, s.wrapping_mul(128)) };
             }
+            if holds_byte_min(lines) {
+                min.store(true, Ordering::Relaxed);
+            }
         });
+        me.held_min = min.into_inner();
         let mut padded = vec![0.0f32; me.n_panels * PANEL];
         padded[..n].copy_from_slice(scale);
         me.dynamic = Some((corr, padded));
@@ -519,6 +539,7 @@ impl PackedLinear {
             has_bias: bias.is_some(),
             int8_post: None,
             dynamic: None,
+            held_min: false,
             isa: Isa::detect(),
             pool: ThreadPool::global(),
         })

@@ -6,7 +6,9 @@ use crate::checkpoint::TensorSource;
 use crate::error::{Error, Result};
 use crate::linear::Linear;
 use crate::parallel::{local_indices, slice, Shards, Split};
-use crate::quant::{outlier_name, read_int8, read_outliers, Int8Linear, Method, QuantRows};
+use crate::quant::{
+    outlier_name, read_int8_checking, read_outliers, Int8Linear, Method, QuantRows,
+};
 
 /// An int8 artifact's linear layers, read as tensor-parallel shards split as the float
 /// ones are (`parallel.rs`). A column split takes rows of `q` (output channels), their
@@ -31,6 +33,10 @@ pub(crate) struct Int8Layers<'a> {
     devices: &'a [Device],
     /// The shards built here (`Shards`).
     shards: &'a Shards,
+    /// Whether the weights' -128 check is left to the loader (`Gpt2::check_int8_min`),
+    /// which packing or a packed file spare a scan of every byte. Layers with outlier
+    /// columns are checked here all the same.
+    pub(super) defer_min_check: bool,
 }
 
 impl<'a> Int8Layers<'a> {
@@ -43,6 +49,7 @@ impl<'a> Int8Layers<'a> {
         method: Method,
         kind: Kind,
         (devices, shards): (&'a [Device], &'a Shards),
+        defer_min_check: bool,
     ) -> Result<Option<Self>> {
         if !method.is_int8() {
             return Ok(None);
@@ -62,6 +69,7 @@ impl<'a> Int8Layers<'a> {
             kind,
             devices,
             shards,
+            defer_min_check,
         }))
     }
 
@@ -78,17 +86,18 @@ impl<'a> Int8Layers<'a> {
         let main = self.devices[0];
         // Split layers are read whole on the CPU, sliced, then moved.
         let staging = if n > 1 { Device::Cpu } else { main };
-        let rows = read_int8(
+        let outliers = read_outliers(self.files, &full, n_in, staging)?;
+        let rows = read_int8_checking(
             self.files,
             &format!("{full}.weight"),
             [n_in, n_out],
             false,
             staging,
+            !self.defer_min_check || n > 1 || outliers.is_some(),
         )?;
         let bias = self
             .files
             .tensor(&format!("{full}.bias"), &[n_out], self.kind, staging)?;
-        let outliers = read_outliers(self.files, &full, n_in, staging)?;
         if outliers.is_some() && self.method != Method::Int8Dynamic {
             return Err(Error::ModelFolder {
                 path: self.files.path_of(&full),

@@ -118,15 +118,53 @@ impl Gpt2 {
         // copy of them is ever made: the kernels serve every row count in bf16).
         let packs = options.kernels && devices == [Device::Cpu];
         let convert_late = packs && kind == Kind::BFloat16;
-        let mut model = Self::from_source(config, &files, kind, devices, (convert_late, split))?;
+        // An int8 artifact's weights are checked for -128 while they are packed (which
+        // reads every byte), or not at all when a packed file made from them is used.
+        let defer_min_check = packs && split.is_none();
+        let late = (convert_late, defer_min_check, split);
+        let mut model = Self::from_source(config, &files, kind, devices, late)?;
         model.files = files.maps();
         if options.kernels {
             model.pack_loaded(dir, options)?;
             model.set_fused_decode(options.fused_decode);
         }
+        if defer_min_check {
+            model.check_int8_min(&files)?;
+        }
         // A file truncated or rewritten while it was read is an error here, not a model.
         files.check()?;
         Ok(model)
+    }
+
+    /// The -128 check of an int8 artifact's linear weights that `from_source` left to the
+    /// loader: packing noted it as it read each weight, panels mapped from a packed file
+    /// were checked when it was written, and a weight left unpacked is scanned now.
+    fn check_int8_min(&self, files: &dyn TensorSource) -> Result<()> {
+        let prefix = match files.contains("transformer.wte.weight") {
+            true => "transformer.",
+            false => "",
+        };
+        let head = match self.config.tie_word_embeddings {
+            true => format!("{prefix}wte.weight"),
+            false => "lm_head.weight".into(),
+        };
+        let linears = self
+            .linears()
+            .map(|(l, name, x)| (format!("{prefix}h.{l}.{name}.weight"), x));
+        for (weight, x) in linears.chain([(head, &self.head)]) {
+            let (q, packed) = match x {
+                Linear::Int8(q) => (&q.w.q, q.packed.as_ref()),
+                Linear::Int8Weight { w, packed, .. } => (&w.q, packed.as_ref()),
+                _ => continue,
+            };
+            let path = files.path_of(&weight);
+            match packed {
+                Some(p) if p.held_int8_min() => return Err(quant::held_min(path, &weight)),
+                Some(_) => {}
+                None => quant::check_int8_min(q, &weight, path)?,
+            }
+        }
+        Ok(())
     }
 
     /// An error when a weight file the model is mapped from changed on disk since it was
@@ -145,18 +183,20 @@ impl Gpt2 {
         kind: Kind,
         devices: &[Device],
     ) -> Result<Self> {
-        Self::from_source(config, files, kind, devices, (false, None))
+        Self::from_source(config, files, kind, devices, (false, false, None))
     }
 
     /// As `from_weights`; `convert_late`: linear weights stored in fp32 or bf16 are read
     /// in their stored dtype (in place when the source maps them), for packing to
-    /// convert them (`Linear::pack`); `split`: only this process's shard is built.
+    /// convert them (`Linear::pack`); `defer_min_check`: int8 weights are not scanned
+    /// for -128 as they are read, the caller checks them (`check_int8_min`); `split`:
+    /// only this process's shard is built.
     fn from_source(
         config: Gpt2Config,
         files: &dyn TensorSource,
         kind: Kind,
         devices: &[Device],
-        (convert_late, split): (bool, Option<&ProcessSplit>),
+        (convert_late, defer_min_check, split): (bool, bool, Option<&ProcessSplit>),
     ) -> Result<Self> {
         check_layout(config.n_head, config.inner_dim(), devices)?;
         if let Some(s) = split {
@@ -185,7 +225,14 @@ impl Gpt2 {
             shards: &shards,
             convert_late,
             // An int8 artifact's linear layers come from `quant`, split the same way.
-            int8: Int8Layers::new(files, prefix, method, kind, (devices, &shards))?,
+            int8: Int8Layers::new(
+                files,
+                prefix,
+                method,
+                kind,
+                (devices, &shards),
+                defer_min_check,
+            )?,
         };
         let h = (0..config.n_layer)
             .map(|l| reader.block(l))
@@ -412,20 +459,20 @@ impl Reader<'_> {
                 packed: None,
             },
         };
-        let w = quant::read_int8(self.files, &wte_name, [v, e], true, main)?;
+        // The head's -128 check is deferred with the linears' (its packing reads every
+        // byte); a tied head's bytes are wte's, an untied model's wte is checked here.
+        let defer = self.int8.as_ref().is_some_and(|l| l.defer_min_check) && self.shards() == 1;
+        let read = |name: &str, check: bool| {
+            quant::read_int8_checking(self.files, name, [v, e], true, main, check)
+        };
+        let w = read(&wte_name, !(defer && tied))?;
         let head_q = if tied {
             int8_head(QuantRows {
                 q: w.q.shallow_clone(),
                 scale: w.scale.shallow_clone(),
             })
         } else {
-            int8_head(quant::read_int8(
-                self.files,
-                "lm_head.weight",
-                [v, e],
-                true,
-                main,
-            )?)
+            int8_head(read("lm_head.weight", !defer)?)
         };
         Ok((Tensor::new(), Some(w), head_q))
     }

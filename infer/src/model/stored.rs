@@ -13,7 +13,7 @@ use crate::kernels::{PackedLinear, WeightFormat};
 use crate::linear::Linear;
 use crate::mapped::MappedFile;
 use crate::options::EngineOptions;
-use crate::packed::{Layer, Store};
+use crate::packed::{format_name, Layer, Store};
 
 /// The name the head has in a packed file.
 const HEAD: &str = "lm_head";
@@ -23,8 +23,10 @@ impl Gpt2 {
     /// `dir` when `cache` allows one: mapped when valid, else written after packing.
     pub(crate) fn pack_loaded(&mut self, dir: &Path, options: &EngineOptions) -> Result<()> {
         let files = std::mem::take(&mut self.files);
-        let store = match self.packed_format() {
-            Some(format) => Store::new(dir, format, &options.packed_cache, &files)?,
+        let store = match self.packed_formats() {
+            Some(formats) => {
+                Store::new(dir, &store_format(formats), &options.packed_cache, &files)?
+            }
             None => None,
         };
         let want = self.packed_shapes();
@@ -53,95 +55,135 @@ impl Gpt2 {
         self.packed_wanted
     }
 
-    /// The kernels' format when every linear is float and unpacked on one CPU device in
-    /// f32 or bf16 (int8 artifacts are packed at every start for now).
-    fn packed_format(&self) -> Option<WeightFormat> {
-        let format = match self.kind {
+    /// The kernels' format of the linears (one for all) and of the head, when every
+    /// layer packs (float, or an int8 artifact's int8 layers without outlier columns)
+    /// and none is packed yet, on one CPU device in f32 or bf16.
+    fn packed_formats(&self) -> Option<(WeightFormat, WeightFormat)> {
+        let float = match self.kind {
             Kind::Float => WeightFormat::F32,
             Kind::BFloat16 => WeightFormat::Bf16,
             _ => return None,
         };
-        let float = self
-            .linears()
-            .all(|(_, _, l)| matches!(l, Linear::Float { .. }));
-        let head = matches!(self.head, Linear::Rows { packed: None, .. });
-        (self.devices == [Device::Cpu] && float && head).then_some(format)
+        if self.devices != [Device::Cpu] {
+            return None;
+        }
+        let format = |l: &Linear| match l {
+            Linear::Float { .. } | Linear::Rows { packed: None, .. } => Some(float),
+            Linear::Int8(q) if q.packs() => Some(WeightFormat::Int8Dynamic),
+            Linear::Int8Weight { packed: None, .. } => Some(WeightFormat::Int8),
+            _ => None,
+        };
+        let head = format(&self.head)?;
+        let mut formats = self.linears().map(|(_, _, l)| format(l));
+        let first = formats.next().flatten()?;
+        formats.all(|f| f == Some(first)).then_some((first, head))
     }
 
-    /// (name, in, out) of every layer a packed file holds, in its order.
-    fn packed_shapes(&self) -> Vec<(String, usize, usize)> {
+    /// (name, format, in, out) of every layer a packed file holds, in its order.
+    fn packed_shapes(&self) -> Vec<(String, WeightFormat, usize, usize)> {
+        let Some((linear, head)) = self.packed_formats() else {
+            return Vec::new();
+        };
+        let in_out = |x: &Linear| {
+            let (k, n) = match x {
+                // Conv1D's (in, out)
+                Linear::Float { weight, .. } => (weight.size()[0], weight.size()[1]),
+                // (out, in): rows, or views of Conv1D's (in, out)
+                Linear::Rows { weight, .. } => (weight.size()[1], weight.size()[0]),
+                Linear::Int8(q) => (q.w.q.size()[1], q.w.q.size()[0]),
+                Linear::Int8Weight { w, .. } => (w.q.size()[1], w.q.size()[0]),
+                _ => return None,
+            };
+            Some((k as usize, n as usize))
+        };
         let mut out: Vec<_> = self
             .linears()
-            .filter_map(|(l, name, x)| match x {
-                Linear::Float { weight, .. } => {
-                    let s = weight.size();
-                    Some((format!("h.{l}.{name}"), s[0] as usize, s[1] as usize))
-                }
-                _ => None,
+            .filter_map(|(l, name, x)| {
+                let (k, n) = in_out(x)?;
+                Some((format!("h.{l}.{name}"), linear, k, n))
             })
             .collect();
-        if let Linear::Rows { weight, .. } = &self.head {
-            let s = weight.size();
-            out.push((HEAD.into(), s[1] as usize, s[0] as usize));
+        if let Some((k, n)) = in_out(&self.head) {
+            out.push((HEAD.into(), head, k, n));
         }
         out
     }
 
     /// The packed layers by name, in `packed_shapes`'s order.
     fn packed_layers(&self) -> Vec<(String, &PackedLinear)> {
+        fn packed(x: &Linear) -> Option<&PackedLinear> {
+            match x {
+                Linear::Packed { packed, .. } => Some(packed),
+                Linear::Int8(q) => q.packed.as_ref(),
+                Linear::Int8Weight { packed, .. } | Linear::Rows { packed, .. } => packed.as_ref(),
+                _ => None,
+            }
+        }
         let mut out: Vec<_> = self
             .linears()
-            .filter_map(|(l, name, x)| match x {
-                Linear::Packed { packed, .. } => Some((format!("h.{l}.{name}"), packed)),
-                _ => None,
-            })
+            .filter_map(|(l, name, x)| Some((format!("h.{l}.{name}"), packed(x)?)))
             .collect();
-        if let Linear::Rows {
-            packed: Some(p), ..
-        } = &self.head
-        {
-            out.push((HEAD.into(), p));
-        }
+        out.extend(packed(&self.head).map(|p| (HEAD.into(), p)));
         out
     }
 
     /// Every linear and the head over the panels of `map` at `layers`' offsets (the file
     /// was checked to list exactly `packed_shapes`, in order).
     fn attach(&mut self, map: &Arc<MappedFile>, layers: &[Layer]) -> Result<()> {
-        let format = self
-            .packed_format()
+        let (format, head_format) = self
+            .packed_formats()
             .expect("checked before the file was opened");
         let mut at = layers.iter();
         for (_, _, l) in self.linears_mut() {
-            let Linear::Float { weight, bias } = std::mem::replace(
-                l,
-                Linear::Float {
-                    weight: Tensor::new(),
-                    bias: None,
-                },
-            ) else {
-                unreachable!("packed_format checked every linear is float");
-            };
-            let layer = at.next().expect("one layer per linear");
-            let b = match &bias {
-                Some(b) => Some(Vec::<f32>::try_from(b.to_kind(Kind::Float).contiguous())?),
-                None => None,
-            };
-            let packed =
-                PackedLinear::from_mapped(format, layer.k, layer.n, b.as_deref(), map, layer.at)?;
+            attach(l, format, at.next().expect("one layer per linear"), map)?;
+        }
+        let layer = at.next().expect("the head's layer");
+        attach(&mut self.head, head_format, layer, map)?;
+        self.set_fused_decode(true);
+        Ok(())
+    }
+}
+
+/// `l` (one that `packed_formats` found to pack in `format`) over the panels of `layer`.
+fn attach(
+    l: &mut Linear,
+    format: WeightFormat,
+    layer: &Layer,
+    map: &Arc<MappedFile>,
+) -> Result<()> {
+    let host = |t: &Tensor| -> Result<Vec<f32>> {
+        Ok(Vec::<f32>::try_from(t.to_kind(Kind::Float).contiguous())?)
+    };
+    let mapped = |scale: Option<&[f32]>, bias: Option<&[f32]>| {
+        PackedLinear::from_mapped(format, (layer.k, layer.n), scale, bias, map, layer.at)
+    };
+    match l {
+        Linear::Rows { packed, .. } => *packed = Some(mapped(None, None)?),
+        Linear::Float { weight, bias } => {
+            let b = bias.as_ref().map(host).transpose()?;
+            let packed = mapped(None, b.as_deref())?;
+            let (weight, bias) = (std::mem::take(weight), bias.take());
             *l = Linear::Packed {
                 weight,
                 bias,
                 packed,
             };
         }
-        let layer = at.next().expect("the head's layer");
-        if let Linear::Rows { packed, .. } = &mut self.head {
-            *packed = Some(PackedLinear::from_mapped(
-                format, layer.k, layer.n, None, map, layer.at,
-            )?);
+        Linear::Int8(q) => q.pack_from(|scale, bias| mapped(Some(scale), Some(bias)))?,
+        Linear::Int8Weight { w, bias, packed } => {
+            let b = bias.as_ref().map(host).transpose()?;
+            *packed = Some(mapped(Some(&host(&w.scale)?), b.as_deref())?);
         }
-        self.set_fused_decode(true);
-        Ok(())
+        _ => unreachable!("packed_formats checked that every layer packs"),
+    }
+    Ok(())
+}
+
+/// The run format a packed file is named by: the linears' format, then the head's when
+/// it differs (an int8 artifact's head runs in f32 or bf16).
+fn store_format((linear, head): (WeightFormat, WeightFormat)) -> String {
+    match linear == head {
+        true => format_name(head).into(),
+        false => format!("{}-{}", format_name(linear), format_name(head)),
     }
 }

@@ -2,6 +2,8 @@
 //! engine alike: symmetric per-output-channel weight quantization and its inverse,
 //! per-token activation quantization, and reading, writing and dequantizing the tensors
 //! as an artifact stores them.
+use std::path::PathBuf;
+
 use tch::{Device, Kind, Tensor};
 
 use super::{is_auxiliary, outlier_name, rows_are_out, scale_name, QuantizationConfig, CONFIG_KEY};
@@ -78,6 +80,19 @@ pub fn read_int8(
     rows_are_out: bool,
     device: Device,
 ) -> Result<QuantRows> {
+    read_int8_checking(files, name, shape, rows_are_out, device, true)
+}
+
+/// `read_int8`; without `check_min` the weight is not scanned for -128 here, and the
+/// caller checks it later (`check_int8_min`, or packing, which reads every byte anyway).
+pub(crate) fn read_int8_checking(
+    files: &dyn TensorSource,
+    name: &str,
+    shape: [i64; 2],
+    rows_are_out: bool,
+    device: Device,
+    check_min: bool,
+) -> Result<QuantRows> {
     let path = files.path_of(name);
     let q = files.tensor_as_stored(name, device)?;
     if q.kind() != Kind::Int8 {
@@ -129,16 +144,29 @@ pub fn read_int8(
             reason: format!("scale `{scale_name}` has negative, infinite or NaN values"),
         });
     }
-    if holds_min(&q) {
-        return Err(Error::ModelFolder {
-            path,
-            reason: format!("int8 tensor `{name}` holds -128 (symmetric range is ±127)"),
-        });
+    if check_min {
+        check_int8_min(&q, name, path)?;
     }
     // Conv1D's (in, out) seen as rows (out, in): a view, not a copy (in place over a
     // mapped file, packing reads it once; libtorch's int8 GEMM takes its transpose as is).
     let q = if rows_are_out { q } else { q.tr() };
     Ok(QuantRows { q, scale })
+}
+
+/// An error naming `name` (in `path`) when `q` holds -128 (`held_min`).
+pub(crate) fn check_int8_min(q: &Tensor, name: &str, path: PathBuf) -> Result<()> {
+    match holds_min(q) {
+        true => Err(held_min(path, name)),
+        false => Ok(()),
+    }
+}
+
+/// The error for an int8 weight `name` (in `path`) that holds -128.
+pub(crate) fn held_min(path: PathBuf, name: &str) -> Error {
+    Error::ModelFolder {
+        path,
+        reason: format!("int8 tensor `{name}` holds -128 (symmetric range is ±127)"),
+    }
 }
 
 /// Whether `q` holds -128. A contiguous CPU tensor (over a mapped file) is scanned where

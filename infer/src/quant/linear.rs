@@ -6,7 +6,7 @@ use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 use super::{quantize_per_token, quantize_row, QuantRows};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::kernels::{PackedLinear, ThreadPool, MAX_ROWS, STEP_MAX_ROWS};
 
 /// Below this many weight bytes per task, splitting across the pool costs more than it
@@ -119,6 +119,27 @@ impl Int8Linear {
         let packed =
             PackedLinear::from_int8_tensor_dynamic(&self.w.q, &host.scale, Some(&host.bias))?;
         self.packed = Some(packed.with_pool(host.pool.clone()));
+        Ok(())
+    }
+
+    /// Whether `pack` would pack this layer: on the CPU, without outlier columns, and
+    /// not packed yet.
+    pub(crate) fn packs(&self) -> bool {
+        self.host.is_some() && self.packed.is_none()
+    }
+
+    /// Packs it from panels made elsewhere (a packed file): `make(scale, bias)`, with the
+    /// scales and bias (zero without one) that `pack` would pack with.
+    pub(crate) fn pack_from(
+        &mut self,
+        make: impl FnOnce(&[f32], &[f32]) -> Result<PackedLinear>,
+    ) -> Result<()> {
+        let Some(host) = &self.host else {
+            return Err(Error::Input(
+                "an int8 layer with outlier columns (or off the CPU) has no packed panels".into(),
+            ));
+        };
+        self.packed = Some(make(&host.scale, &host.bias)?.with_pool(host.pool.clone()));
         Ok(())
     }
 

@@ -29,6 +29,7 @@ mod codec;
 mod linear;
 mod observe;
 
+pub(crate) use codec::{check_int8_min, held_min, read_int8_checking};
 pub use codec::{
     dequantize_artifact, encode_weight, quantize_per_channel, quantize_per_token, quantize_row,
     read_int8, read_outliers, QuantRows,
