@@ -357,3 +357,60 @@ fn an_int8_weight_holding_minus_128_is_refused_however_it_loads() {
         }
     }
 }
+
+/// Sets one value of the float tensor ending in `suffix` to `value`, rewriting the file.
+fn put_float(dir: &Path, suffix: &str, value: f64) -> String {
+    let path = dir.join("model.safetensors");
+    let mut tensors = Tensor::read_safetensors(&path).unwrap();
+    let (name, t) = tensors
+        .iter_mut()
+        .find(|(n, _)| n.ends_with(suffix))
+        .unwrap_or_else(|| panic!("no tensor ending in {suffix}"));
+    let _ = t.view([-1]).get(5).fill_(value);
+    let name = name.clone();
+    Tensor::write_safetensors(&tensors, &path).unwrap();
+    name
+}
+
+#[test]
+fn a_weight_holding_nan_or_inf_is_refused_however_it_loads() {
+    // Packing checks the values it reads; a packed file made from the sound weights
+    // before they changed must not stand in for the check. fp32 and bf16 on disk, run
+    // in f32 and in bf16 (converted while packing), a linear and the tied head's wte.
+    let kernels_off = EngineOptions {
+        kernels: false,
+        ..EngineOptions::default()
+    };
+    for (model, suffix, value) in [
+        ("hub-tied", "h.1.mlp.c_fc.weight", f64::NAN),
+        ("hub-tied", "wte.weight", f64::INFINITY),
+        (
+            "bf16-quickgelu",
+            "h.0.attn.c_proj.weight",
+            f64::NEG_INFINITY,
+        ),
+        ("bf16-quickgelu", "wte.weight", f64::NAN),
+    ] {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let what = format!("{model} {suffix} {kind:?}");
+            let dir = model_copy(&format!("nan-{model}-{suffix}-{kind:?}"), model);
+            drop(load(&dir, kind, &auto(None)));
+            assert!(dir.join(packed_name(kind)).exists(), "{what}");
+            let name = put_float(&dir, suffix, value);
+            for (how, opts) in [
+                ("packed file", auto(None)),
+                ("packed at start", options(PackedCache::Off)),
+                ("no kernels", kernels_off.clone()),
+            ] {
+                let err = match Gpt2::load_with(&dir, Some(kind), &[Device::Cpu], &opts) {
+                    Ok(_) => panic!("{what}, {how}: loaded"),
+                    Err(e) => e.to_string(),
+                };
+                assert!(
+                    err.contains(&format!("`{name}`")) && err.contains("NaN"),
+                    "{what}, {how}: {err}"
+                );
+            }
+        }
+    }
+}

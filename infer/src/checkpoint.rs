@@ -43,6 +43,8 @@ pub struct WeightFiles {
     entries: HashMap<String, Entry>,
     /// Names read so far (`tensor`, `tensor_as_stored`): what a model left unused.
     used: Mutex<HashSet<String>>,
+    /// Names whose finite check the caller makes later (`defer_finite_check`).
+    deferred: HashSet<String>,
 }
 
 /// Whether float bytes of `dtype` hold a NaN or an infinity (all exponent bits set).
@@ -140,7 +142,24 @@ impl WeightFiles {
             in_place: false,
             entries,
             used: Mutex::new(HashSet::new()),
+            deferred: HashSet::new(),
         })
+    }
+
+    /// Reads `names` without the NaN/inf scan: the caller checks them later, by packing
+    /// (which reads every value), by a packed file made from them, or `check_finite_of`.
+    pub(crate) fn defer_finite_check(mut self, names: impl IntoIterator<Item = String>) -> Self {
+        self.deferred.extend(names);
+        self
+    }
+
+    /// The NaN/inf check of `name` (one `defer_finite_check` left out), now; its pages are
+    /// given back after the scan, as packing gives them back.
+    pub(crate) fn check_finite_of(&self, name: &str) -> Result<()> {
+        let entry = self.entry(name)?;
+        let checked = self.scan_finite(name, entry);
+        self.release(name);
+        checked
     }
 
     /// Whether tensors read in their stored dtype on the CPU are views of the mapping
@@ -260,6 +279,13 @@ impl WeightFiles {
 
     /// Refuses a float tensor holding NaN or ±inf.
     fn check_finite(&self, name: &str, entry: &Entry) -> Result<()> {
+        match self.deferred.contains(name) {
+            true => Ok(()),
+            false => self.scan_finite(name, entry),
+        }
+    }
+
+    fn scan_finite(&self, name: &str, entry: &Entry) -> Result<()> {
         if has_non_finite_parallel(entry.dtype, self.bytes(entry)) {
             return Err(Error::NonFinite {
                 // In range: see `Entry`.

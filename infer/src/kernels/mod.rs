@@ -203,6 +203,9 @@ pub struct PackedLinear {
     /// Int8 and Int8Dynamic packed from int8 bytes: whether they held -128, which
     /// gpt2kit's symmetric artifacts never hold (`held_int8_min`).
     held_min: bool,
+    /// F32 and Bf16 packed from stored floats: whether they held NaN or ±inf
+    /// (`held_non_finite`).
+    held_non_finite: bool,
     isa: Isa,
     pool: Arc<ThreadPool>,
 }
@@ -247,6 +250,13 @@ impl PackedLinear {
     /// byte anyway). False for float layers and for panels mapped from a packed file.
     pub fn held_int8_min(&self) -> bool {
         self.held_min
+    }
+
+    /// Whether the float weight this layer was packed from held NaN or ±inf (the
+    /// loader's finite check, made while packing reads every value). False for int8
+    /// layers and for panels mapped from a packed file.
+    pub fn held_non_finite(&self) -> bool {
+        self.held_non_finite
     }
 
     pub fn isa(&self) -> Isa {

@@ -273,25 +273,40 @@ impl PackedLinear {
             self.out_features,
             self.format == WeightFormat::Bf16,
         );
+        // NaN or ±inf among the stored values (all exponent bits set), noted as they are
+        // read: the loader's finite check, which packing spares a scan of its own.
+        let non_finite = AtomicBool::new(false);
+        let bad = |v: T| v.f32_bits() & 0x7f80_0000 == 0x7f80_0000;
         self.fill(&|p, lines: &mut [Line]| {
             let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
             if w.sc != 1 {
                 // Columns stored contiguously (the head, read from wte's rows): each
                 // column's k values are read in order, written one lane per line.
+                let mut any = false;
                 for c in 0..cols {
                     for i in 0..k {
                         let v = w.at(i, c0 + c);
+                        any |= bad(v);
                         match bf16 {
                             false => lines[i].0[c] = v.f32_bits(),
                             true => lines[i / 2].0[c] |= (v.bf16_bits() as u32) << (16 * (i % 2)),
                         }
                     }
                 }
+                if any {
+                    non_finite.store(true, Ordering::Relaxed);
+                }
                 return;
             }
             // Rows stored contiguously (Conv1D's (in, out)): a line reads 16 consecutive
             // values of one row (two rows in bf16), which vectorises.
             let row = |i: usize| &w.data[i * w.si + c0..i * w.si + c0 + cols];
+            let any = (0..k).fold(false, |any, i| {
+                any | row(i).iter().fold(false, |a, &v| a | bad(v))
+            });
+            if any {
+                non_finite.store(true, Ordering::Relaxed);
+            }
             for (l, line) in lines.iter_mut().enumerate() {
                 if !bf16 {
                     for (d, v) in line.0.iter_mut().zip(row(l)) {
@@ -308,6 +323,7 @@ impl PackedLinear {
                 }
             }
         });
+        self.held_non_finite = non_finite.into_inner();
     }
 
     /// Runs `panel(p, lines of panel p)` for every panel, a few panels per task.
@@ -540,6 +556,7 @@ impl PackedLinear {
             int8_post: None,
             dynamic: None,
             held_min: false,
+            held_non_finite: false,
             isa: Isa::detect(),
             pool: ThreadPool::global(),
         })

@@ -116,9 +116,17 @@ impl Gpt2 {
         // copy of them is ever made: the kernels serve every row count in bf16).
         let packs = options.kernels && devices == [Device::Cpu];
         let convert_late = packs && kind == Kind::BFloat16;
-        // An int8 artifact's weights are checked for -128 while they are packed (which
-        // reads every byte), or not at all when a packed file made from them is used.
+        // The weights that packing reads whole (the linears, the head) are checked as
+        // they are packed (NaN/inf, an int8 artifact's -128), or not at all when a packed
+        // file made from them is used: not scanned as they are read (`check_deferred`).
         let defer_min_check = packs && split.is_none();
+        let files = match defer_min_check {
+            true => {
+                let names = packed_weight_names(&config, &files);
+                files.defer_finite_check(names)
+            }
+            false => files,
+        };
         let late = (convert_late, defer_min_check, split);
         let mut model = Self::from_source(config, &files, kind, devices, late)?;
         model.files = files.maps();
@@ -127,21 +135,19 @@ impl Gpt2 {
             model.set_fused_decode(options.fused_decode);
         }
         if defer_min_check {
-            model.check_int8_min(&files)?;
+            model.check_deferred(&files)?;
         }
         // A file truncated or rewritten while it was read is an error here, not a model.
         files.check()?;
         Ok(model)
     }
 
-    /// The -128 check of an int8 artifact's linear weights that `from_source` left to the
-    /// loader: packing noted it as it read each weight, panels mapped from a packed file
-    /// were checked when it was written, and a weight left unpacked is scanned now.
-    fn check_int8_min(&self, files: &dyn TensorSource) -> Result<()> {
-        let prefix = match files.contains("transformer.wte.weight") {
-            true => "transformer.",
-            false => "",
-        };
+    /// The checks of the weights that packing reads whole, which loading left to it
+    /// (`packed_weight_names`): NaN/inf in a float weight, -128 in an int8 one. Packing
+    /// noted them as it read each weight, panels mapped from a packed file were checked
+    /// when it was written, and a weight left unpacked is scanned now.
+    fn check_deferred(&self, files: &WeightFiles) -> Result<()> {
+        let prefix = weight_prefix(files);
         let head = match self.config.tie_word_embeddings {
             true => format!("{prefix}wte.weight"),
             false => "lm_head.weight".into(),
@@ -150,16 +156,28 @@ impl Gpt2 {
             .linears()
             .map(|(l, name, x)| (format!("{prefix}h.{l}.{name}.weight"), x));
         for (weight, x) in linears.chain([(head, &self.head)]) {
-            let (q, packed) = match x {
-                Linear::Int8(q) => (&q.w.q, q.packed.as_ref()),
-                Linear::Int8Weight { w, packed, .. } => (&w.q, packed.as_ref()),
-                _ => continue,
+            let path = || files.path_of(&weight).to_path_buf();
+            let packed = match x {
+                Linear::Packed { packed, .. } => Some(packed),
+                Linear::Rows { packed, .. } => packed.as_ref(),
+                Linear::Int8(q) => q.packed.as_ref(),
+                Linear::Int8Weight { packed, .. } => packed.as_ref(),
+                _ => None,
             };
-            let path = files.path_of(&weight);
-            match packed {
-                Some(p) if p.held_int8_min() => return Err(quant::held_min(path, &weight)),
-                Some(_) => {}
-                None => quant::check_int8_min(q, &weight, path)?,
+            match (packed, x) {
+                (Some(p), _) if p.held_non_finite() => {
+                    return Err(Error::NonFinite {
+                        path: path(),
+                        name: weight,
+                    })
+                }
+                (Some(p), _) if p.held_int8_min() => return Err(quant::held_min(path(), &weight)),
+                (Some(_), _) => {}
+                (None, Linear::Int8(q)) => quant::check_int8_min(&q.w.q, &weight, path())?,
+                (None, Linear::Int8Weight { w, .. }) => {
+                    quant::check_int8_min(&w.q, &weight, path())?
+                }
+                (None, _) => files.check_finite_of(&weight)?,
             }
         }
         Ok(())
@@ -187,7 +205,7 @@ impl Gpt2 {
     /// As `from_weights`; `convert_late`: linear weights stored in fp32 or bf16 are read
     /// in their stored dtype (in place when the source maps them), for packing to
     /// convert them (`Linear::pack`); `defer_min_check`: int8 weights are not scanned
-    /// for -128 as they are read, the caller checks them (`check_int8_min`); `split`:
+    /// for -128 as they are read, the caller checks them (`check_deferred`); `split`:
     /// only this process's shard is built.
     fn from_source(
         config: Gpt2Config,
@@ -265,6 +283,43 @@ impl Gpt2 {
             default_adapter: None,
         })
     }
+}
+
+/// `transformer.` when the checkpoint's names carry it, else empty.
+fn weight_prefix(files: &dyn TensorSource) -> &'static str {
+    match files.contains("transformer.wte.weight") {
+        true => "transformer.",
+        false => "",
+    }
+}
+
+/// The weights that packing for the CPU kernels reads whole, among those the files hold
+/// (a config's n_layer is checked against them later): every block's linears and the
+/// head (`wte` when tied).
+fn packed_weight_names(config: &Gpt2Config, files: &dyn TensorSource) -> Vec<String> {
+    let prefix = weight_prefix(files);
+    let head = match config.tie_word_embeddings {
+        true => format!("{prefix}wte.weight"),
+        false => "lm_head.weight".into(),
+    };
+    let linear = |name: &str| {
+        let Some(rest) = name.strip_prefix(prefix).and_then(|n| n.strip_prefix("h.")) else {
+            return false;
+        };
+        let Some((layer, rest)) = rest.split_once('.') else {
+            return false;
+        };
+        let kinds = ["attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"];
+        layer.bytes().all(|b| b.is_ascii_digit())
+            && kinds
+                .iter()
+                .any(|k| rest.strip_prefix(k) == Some(".weight"))
+    };
+    files
+        .tensor_names()
+        .into_iter()
+        .filter(|n| *n == head || linear(n))
+        .collect()
 }
 
 /// Returns the heap that loading freed (headers, names, conversions; ~10 MB on the 124M
