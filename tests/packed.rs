@@ -343,6 +343,8 @@ fn an_int8_weight_holding_minus_128_is_refused_however_it_loads() {
         };
         for (how, opts) in [
             ("packed file", auto(None)),
+            // and again: the failed run left no file made from the changed weights
+            ("packed file, again", auto(None)),
             ("packed at start", options(PackedCache::Off)),
             ("no kernels", kernels_off),
         ] {
@@ -399,6 +401,8 @@ fn a_weight_holding_nan_or_inf_is_refused_however_it_loads() {
             let name = put_float(&dir, suffix, value);
             for (how, opts) in [
                 ("packed file", auto(None)),
+                // and again: the failed run left no file made from the changed weights
+                ("packed file, again", auto(None)),
                 ("packed at start", options(PackedCache::Off)),
                 ("no kernels", kernels_off.clone()),
             ] {
@@ -412,5 +416,47 @@ fn a_weight_holding_nan_or_inf_is_refused_however_it_loads() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn switching_the_tie_of_the_head_rebuilds_the_packed_file() {
+    // prefixed-untied stores lm_head.weight; tied, the head is wte (as transformers ties
+    // it whenever the config says so): the file's head must not be the other tensor's.
+    let dir = model_copy("tie", "prefixed-untied");
+    let file = dir.join(packed_name(Kind::Float));
+    let untied = logits(&load(&dir, Kind::Float, &auto(None)));
+    let written = identity(&file);
+    let config = dir.join("config.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    c["tie_word_embeddings"] = serde_json::json!(true);
+    std::fs::write(&config, c.to_string()).unwrap();
+    let want = logits(&load(&dir, Kind::Float, &options(PackedCache::Off)));
+    assert!(
+        !want.equal(&untied),
+        "tying changed no logit: the test proves nothing"
+    );
+    assert_same(
+        &logits(&load(&dir, Kind::Float, &auto(None))),
+        &want,
+        "tied",
+    );
+    assert_ne!(identity(&file), written, "the untied head's file was kept");
+}
+
+#[test]
+fn an_fp32_weight_beyond_bf16s_range_is_refused_in_bf16_only() {
+    // 3.4e38 is finite in f32 (max 3.40e38) and rounds to +inf in bf16 (max 3.39e38).
+    let dir = model_copy("bf16-range", "hub-tied");
+    let name = put_float(&dir, "h.0.mlp.c_fc.weight", 3.4e38);
+    for cache in [PackedCache::Off, PackedCache::Auto { fallback: None }] {
+        let opts = options(cache);
+        let err = match Gpt2::load_with(&dir, Some(Kind::BFloat16), &[Device::Cpu], &opts) {
+            Ok(_) => panic!("bf16: loaded"),
+            Err(e) => e.to_string(),
+        };
+        assert!(err.contains(&format!("`{name}`")), "{err}");
+        load(&dir, Kind::Float, &opts);
     }
 }

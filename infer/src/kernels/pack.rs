@@ -274,9 +274,12 @@ impl PackedLinear {
             self.format == WeightFormat::Bf16,
         );
         // NaN or ±inf among the stored values (all exponent bits set), noted as they are
-        // read: the loader's finite check, which packing spares a scan of its own.
+        // read: the loader's finite check, which packing spares a scan of its own. In
+        // bf16, also a finite f32 beyond bf16's range, which rounds to ±inf.
         let non_finite = AtomicBool::new(false);
-        let bad = |v: T| v.f32_bits() & 0x7f80_0000 == 0x7f80_0000;
+        let bad = |v: T| {
+            v.f32_bits() & 0x7f80_0000 == 0x7f80_0000 || bf16 && v.bf16_bits() & 0x7f80 == 0x7f80
+        };
         self.fill(&|p, lines: &mut [Line]| {
             let (c0, cols) = (p * PANEL, (n - p * PANEL).min(PANEL));
             if w.sc != 1 {

@@ -15,9 +15,6 @@ use crate::mapped::MappedFile;
 use crate::options::EngineOptions;
 use crate::packed::{format_name, Layer, Store};
 
-/// The name the head has in a packed file.
-const HEAD: &str = "lm_head";
-
 impl Gpt2 {
     /// `pack_for_cpu_decode` at load (see `pack_with`), from the packed file kept for
     /// `dir` when `cache` allows one: mapped when valid, else written after packing.
@@ -40,7 +37,13 @@ impl Gpt2 {
         let packed = self.pack_with(&files);
         self.files = files;
         packed?;
-        match store {
+        // Weights that fail the checks made while packing (`Gpt2::check_deferred` reports
+        // them) must not leave a file that a later run would map without checking.
+        let flawed = self
+            .packed_layers()
+            .iter()
+            .any(|(_, p)| p.held_non_finite() || p.held_int8_min());
+        match store.filter(|_| !flawed) {
             Some(s) if options.packed_write_later => self.packed_wanted = !s.being_written(),
             Some(s) => s.save(&self.packed_layers()),
             None => {}
@@ -104,9 +107,19 @@ impl Gpt2 {
             })
             .collect();
         if let Some((k, n)) = in_out(&self.head) {
-            out.push((HEAD.into(), head, k, n));
+            out.push((self.head_name().into(), head, k, n));
         }
         out
+    }
+
+    /// The name the head has in a packed file: the tensor it is packed from (`wte` when
+    /// tied), so that a config.json switching `tie_word_embeddings` over weights that
+    /// hold both makes the file's layers another model's.
+    fn head_name(&self) -> &'static str {
+        match self.config.tie_word_embeddings {
+            true => "wte",
+            false => "lm_head",
+        }
     }
 
     /// The packed layers by name, in `packed_shapes`'s order.
@@ -123,7 +136,7 @@ impl Gpt2 {
             .linears()
             .filter_map(|(l, name, x)| Some((format!("h.{l}.{name}"), packed(x)?)))
             .collect();
-        out.extend(packed(&self.head).map(|p| (HEAD.into(), p)));
+        out.extend(packed(&self.head).map(|p| (self.head_name().into(), p)));
         out
     }
 
