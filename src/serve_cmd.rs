@@ -38,6 +38,11 @@ pub struct Args {
     /// one of them prefills only the rest (0: off; least recently used evicted first).
     #[arg(long, default_value_t = 0)]
     prefix_cache_mb: usize,
+    /// MiB the decoding sequences' KV caches may take (allocated at start); fewer
+    /// sequences than --max-num-seqs decode at once where it holds fewer [default: on the
+    /// CPU, what the system's available memory leaves after loading].
+    #[arg(long)]
+    kv_cache_memory_mb: Option<usize>,
     /// Seconds to let running requests finish after SIGTERM or Ctrl-C.
     #[arg(long, default_value_t = 30.0)]
     shutdown_timeout: f64,
@@ -96,6 +101,7 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
         api_key,
         shutdown_timeout: Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
+        kv_cache_bytes: args.kv_cache_memory_mb.map(|m| m.saturating_mul(1 << 20)),
         engine: args.engine.options(),
         adapters: args.adapter.clone(),
     };

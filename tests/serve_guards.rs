@@ -408,3 +408,47 @@ fn a_weight_file_truncated_under_the_server_fails_requests_and_health() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGBUS), "{status:?}");
 }
+
+#[test]
+fn kv_caches_take_the_memory_they_are_given() {
+    let model = reference("hub-tied");
+    let config: Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap()).unwrap();
+    let dim = |k: &str| config[k].as_u64().unwrap() as f64;
+    // One sequence's cache: f32 keys and values of every layer at every position, and
+    // its mask (1 byte) and position (8 bytes) per position.
+    let per_seq = dim("n_positions") * (2.0 * dim("n_layer") * dim("n_embd") * 4.0 + 9.0);
+    let fit = (f64::from(1 << 20) / per_seq).floor();
+    assert!((1.0..64.0).contains(&fit), "{fit}: pick another budget");
+    let server = Server::start(
+        &model,
+        &["--kv-cache-memory-mb", "1", "--max-num-seqs", "64"],
+        &[],
+    );
+    assert_eq!(server.metric("num_seqs_max"), fit);
+    assert_eq!(server.metric("kv_cache_bytes"), fit * per_seq);
+    let r = server.post("/v1/completions", &greedy(json!("Hi"), 2));
+    assert_eq!(r.status, 200, "{}", r.body);
+    drop(server);
+    // Where memory holds them, as many as asked.
+    let server = Server::start(&model, &["--max-num-seqs", "3"], &[]);
+    assert_eq!(server.metric("num_seqs_max"), 3.0);
+    drop(server);
+    // Not even one: refused at start, naming the flags.
+    let m = model.to_str().unwrap();
+    let o = gpt2kit(&[
+        "serve",
+        "--model",
+        m,
+        "--port",
+        "0",
+        "--kv-cache-memory-mb",
+        "0",
+    ]);
+    common::assert_clean_failure(&o, 2, "--max-model-len");
+    assert!(
+        common::stderr(&o).contains("--kv-cache-memory-mb"),
+        "{}",
+        common::stderr(&o)
+    );
+}

@@ -60,6 +60,9 @@ pub struct Options {
     pub shutdown_timeout: Duration,
     /// Bytes of prompts' keys and values kept for reuse (0: no prefix cache).
     pub prefix_cache_bytes: usize,
+    /// Bytes the decoding sequences' KV caches may take [default: on the CPU, what the
+    /// system's available memory leaves after loading; see `kv_slots`].
+    pub kv_cache_bytes: Option<usize>,
     pub engine: EngineOptions,
     /// LoRA adapters (peft's folders) held beside the model, by the name a request's
     /// `model` field chooses them with.
@@ -185,9 +188,15 @@ pub fn run(opts: Options) -> Result<(), Error> {
     });
     let model = load(&opts, &config, &name)?;
     let metrics = Arc::new(Metrics::default());
+    let per_seq = kv_bytes_per_seq(&config, model.kind(), max_model_len);
+    let slots = kv_slots(&opts, &model, per_seq, max_model_len)?;
+    metrics.num_seqs_max.store(slots, Ordering::Relaxed);
+    metrics
+        .kv_cache_bytes
+        .store(slots.saturating_mul(per_seq), Ordering::Relaxed);
     let (tx, rx) = std::sync::mpsc::channel();
     let pool = Pool {
-        slots: opts.max_num_seqs,
+        slots,
         capacity: max_model_len,
         prefix_cache_bytes: opts.prefix_cache_bytes,
     };
@@ -220,6 +229,93 @@ pub fn run(opts: Options) -> Result<(), Error> {
 
 /// The model with its adapters, loaded on the calling thread (the scheduler takes it
 /// over). Adapter names must be distinct and not the model's own (`name`).
+/// Bytes one sequence's KV cache of `capacity` positions takes: keys and values of every
+/// layer in the model's dtype, and its mask and positions (`KvCache`).
+fn kv_bytes_per_seq(config: &Gpt2Config, kind: tch::Kind, capacity: usize) -> usize {
+    let per_position = 2 * config.n_layer as usize * config.n_embd as usize;
+    capacity * (per_position * kind.elt_size_in_bytes() + 1 + 8)
+}
+
+/// Sequences whose KV caches fit the memory left for them, at most `--max-num-seqs`.
+/// The engine allocates (and zeroes) every sequence's cache at start, so a budget that
+/// memory cannot hold would be taken from the model's own pages, or end in the kernel's
+/// out-of-memory killer under load. The budget: `--kv-cache-memory-mb`; else, on the CPU,
+/// 90% of the memory the system has available after loading (the kernel's
+/// `MemAvailable`, or the cgroup's limit less its use when lower), less the weights the
+/// model reads in place from mapped files (page cache, which the kernel counts as
+/// available) and the prefix cache's budget; on other devices, `--max-num-seqs` as asked.
+/// Fewer sequences than asked is a note on stderr; none is an error naming the flags.
+fn kv_slots(opts: &Options, model: &Gpt2, per_seq: usize, capacity: usize) -> Result<usize, Error> {
+    let asked = opts.max_num_seqs;
+    let mib = |b: usize| b as f64 / f64::from(1 << 20);
+    let (budget, from) = match opts.kv_cache_bytes {
+        Some(b) => (b, "--kv-cache-memory-mb".to_string()),
+        None if opts.devices.iter().all(|d| *d == tch::Device::Cpu) => {
+            let Some(available) = available_memory() else {
+                return Ok(asked);
+            };
+            let mapped = model.mapped_weight_bytes();
+            let left = (available / 10 * 9)
+                .saturating_sub(mapped)
+                .saturating_sub(opts.prefix_cache_bytes);
+            let why = format!(
+                "90% of the {:.0} MiB available after loading, less {:.0} MiB of weights read \
+                 in place from mapped files and {:.0} MiB of --prefix-cache-mb",
+                mib(available),
+                mib(mapped),
+                mib(opts.prefix_cache_bytes)
+            );
+            (left, why)
+        }
+        None => return Ok(asked),
+    };
+    let fit = budget / per_seq.max(1);
+    if fit == 0 {
+        return Err(infer::Error::Input(format!(
+            "the KV cache of one sequence of --max-model-len {capacity} positions takes \
+             {:.1} MiB, and {:.1} MiB is left for KV caches ({from}): lower --max-model-len, \
+             or free memory",
+            mib(per_seq),
+            mib(budget)
+        ))
+        .into());
+    }
+    if fit < asked {
+        eprintln!(
+            "gpt2kit serve: KV caches for --max-num-seqs {asked} sequences of {capacity} \
+             positions take {:.0} MiB, and {:.0} MiB is left for them ({from}): {fit} \
+             sequences decode at once, the others wait",
+            mib(asked.saturating_mul(per_seq)),
+            mib(budget)
+        );
+    }
+    Ok(fit.min(asked))
+}
+
+/// Bytes of memory the system can give this process without swapping: the kernel's
+/// `MemAvailable`, or its cgroup's (v2) `memory.max` less `memory.current` when lower.
+/// None where neither can be read.
+fn available_memory() -> Option<usize> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib = meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemAvailable:")?;
+        rest.trim().strip_suffix("kB")?.trim().parse::<usize>().ok()
+    })?;
+    let mut available = kib.saturating_mul(1024);
+    let cgroup = std::fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    if let Some(path) = cgroup.lines().find_map(|l| l.strip_prefix("0::")) {
+        let dir = std::path::Path::new("/sys/fs/cgroup").join(path.trim_start_matches('/'));
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        let number = |s: Option<String>| s.and_then(|s| s.trim().parse::<usize>().ok());
+        if let (Some(max), Some(current)) =
+            (number(read("memory.max")), number(read("memory.current")))
+        {
+            available = available.min(max.saturating_sub(current));
+        }
+    }
+    Some(available)
+}
+
 fn load(opts: &Options, config: &Gpt2Config, name: &str) -> Result<Gpt2, Error> {
     for (i, (a, dir)) in opts.adapters.iter().enumerate() {
         let flag = format!("--adapter {a}={}", dir.display());

@@ -58,6 +58,10 @@ pub struct Metrics {
     /// Requests refused with 503 (queue full).
     pub rejected: AtomicU64,
     pub steps: AtomicU64,
+    /// Sequences the engine decodes at once (`--max-num-seqs`, or fewer where the memory
+    /// left for KV caches holds fewer), and the bytes of their KV caches.
+    pub num_seqs_max: AtomicUsize,
+    pub kv_cache_bytes: AtomicUsize,
     /// The prefix cache's prompt tokens looked up and found, and its bytes held.
     prefix_queries: AtomicU64,
     prefix_hits: AtomicU64,
@@ -119,6 +123,16 @@ impl Metrics {
                 "prefix_cache_bytes",
                 "Bytes of keys and values the prefix cache holds.",
                 self.prefix_bytes.load(Ordering::Relaxed),
+            ),
+            (
+                "num_seqs_max",
+                "Sequences decoded at once at most (--max-num-seqs, or what memory holds).",
+                self.num_seqs_max.load(Ordering::Relaxed),
+            ),
+            (
+                "kv_cache_bytes",
+                "Bytes of the decoding sequences' KV caches, allocated at start.",
+                self.kv_cache_bytes.load(Ordering::Relaxed),
             ),
         ];
         for (name, help, v) in gauges {

@@ -142,6 +142,11 @@ impl BlockLinear {
         self.bytes.len()
     }
 
+    /// The blocks' bytes (in place in the file's mapping, or a copy).
+    pub fn block_bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
     /// y = x·Wᵀ + b for `x` (…, in) in any float kind; y (…, out) in f32. Activations that
     /// are not finite give NaN outputs (the engine then reports scores that are not).
     pub fn forward(&self, x: &Tensor) -> Tensor {

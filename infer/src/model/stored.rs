@@ -112,6 +112,55 @@ impl Gpt2 {
         out
     }
 
+    /// Bytes of weight that the model reads at every step in place from the files it
+    /// maps (a packed file's panels, a GGUF file's blocks, tensors that are views of a
+    /// safetensors mapping): page cache, which the kernel counts as available memory
+    /// although the model needs it resident. Panels packed at start are not counted
+    /// (anonymous memory, already in use).
+    pub fn mapped_weight_bytes(&self) -> usize {
+        let maps: Vec<&[u8]> = self.files.iter().map(|f| f.bytes()).collect();
+        // `len` bytes from address `at`, when they start inside a mapping.
+        let inside = |at: usize, len: usize| {
+            let hit = maps.iter().any(|m| {
+                let start = m.as_ptr() as usize;
+                at >= start && at < start + m.len()
+            });
+            if hit {
+                len
+            } else {
+                0
+            }
+        };
+        let mapped = |b: &[u8]| inside(b.as_ptr() as usize, b.len());
+        let tensor = |t: &Tensor| match t.defined() && t.device() == Device::Cpu {
+            true => inside(
+                t.data_ptr() as usize,
+                t.numel() * t.kind().elt_size_in_bytes(),
+            ),
+            false => 0,
+        };
+        let one = |l: &Linear| match l {
+            Linear::Packed { packed, .. }
+            | Linear::Rows {
+                packed: Some(packed),
+                ..
+            }
+            | Linear::Int8Weight {
+                packed: Some(packed),
+                ..
+            } => mapped(packed.panel_bytes()),
+            Linear::Int8(q) => match &q.packed {
+                Some(p) => mapped(p.panel_bytes()),
+                None => tensor(&q.w.q),
+            },
+            Linear::Float { weight, .. } | Linear::Rows { weight, .. } => tensor(weight),
+            Linear::Int8Weight { w, .. } => tensor(&w.q),
+            Linear::Blocks(b) => mapped(b.block_bytes()),
+            _ => 0,
+        };
+        self.linears().map(|(_, _, l)| one(l)).sum::<usize>() + one(&self.head)
+    }
+
     /// The name the head has in a packed file: the tensor it is packed from (`wte` when
     /// tied), so that a config.json switching `tie_word_embeddings` over weights that
     /// hold both makes the file's layers another model's.
