@@ -109,18 +109,7 @@ fn int8_artifacts_mapped_equal_copied_ones() {
     let src = reference("hub-tied");
     for method in ["int8-weight", "int8-dynamic"] {
         let art = scratch(&format!("int8-{method}")).join("artifact");
-        let (m, a) = (src.to_str().unwrap(), art.to_str().unwrap());
-        assert_ok(&gpt2kit(&[
-            "quantize",
-            "--model",
-            m,
-            "--out",
-            a,
-            "--method",
-            method,
-            "--decode-tokens",
-            "0",
-        ]));
+        quantize_int8(&src, &art, method, &[]);
         for kernels in [true, false] {
             let mapped = load(&art, None, &options(true, kernels));
             let copied = load(&art, None, &options(false, kernels));

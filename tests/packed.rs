@@ -263,23 +263,11 @@ fn a_read_only_folder_gets_its_packed_file_in_the_user_cache() {
 /// An int8 artifact of hub-tied made by `quantize` in the test's scratch folder.
 fn int8_artifact(test: &str, method: &str, float_embeddings: bool) -> PathBuf {
     let art = scratch(test).join("artifact");
-    let src = reference("hub-tied");
-    let (m, a) = (src.to_str().unwrap(), art.to_str().unwrap());
-    let mut args = vec![
-        "quantize",
-        "--model",
-        m,
-        "--out",
-        a,
-        "--method",
-        method,
-        "--decode-tokens",
-        "0",
-    ];
-    if float_embeddings {
-        args.push("--keep-embeddings-float");
-    }
-    assert_ok(&gpt2kit(&args));
+    let extra: &[&str] = match float_embeddings {
+        true => &["--keep-embeddings-float"],
+        false => &[],
+    };
+    quantize_int8(&reference("hub-tied"), &art, method, extra);
     art
 }
 

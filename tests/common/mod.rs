@@ -117,6 +117,26 @@ pub fn python() -> PathBuf {
 }
 
 /// A command that succeeded without a panic.
+/// `gpt2kit quantize --method METHOD` of `model` into `out` (no decode check), with
+/// `extra` flags.
+#[allow(dead_code)]
+pub fn quantize_int8(model: &Path, out: &Path, method: &str, extra: &[&str]) {
+    let (m, o) = (model.to_str().unwrap(), out.to_str().unwrap());
+    let mut args = vec![
+        "quantize",
+        "--model",
+        m,
+        "--out",
+        o,
+        "--method",
+        method,
+        "--decode-tokens",
+        "0",
+    ];
+    args.extend_from_slice(extra);
+    assert_ok(&gpt2kit(&args));
+}
+
 pub fn assert_ok(o: &Output) {
     assert!(o.status.success(), "stderr: {}", stderr(o));
     assert!(!stderr(o).contains("panicked"), "{}", stderr(o));
