@@ -380,6 +380,9 @@ pub trait TensorSource {
     fn path_of(&self, _name: &str) -> PathBuf {
         PathBuf::from("<memory>")
     }
+    /// Gives back the memory of `name`'s stored bytes where the source maps them (a
+    /// tensor read whole only to copy a part out); nothing otherwise.
+    fn release(&self, _name: &str) {}
     /// The tensor `name` in the dtype it is stored in (int8 artifacts), any shape.
     fn tensor_as_stored(&self, name: &str, _device: Device) -> Result<Tensor> {
         Err(Error::MissingTensor {
@@ -415,6 +418,9 @@ impl TensorSource for WeightFiles {
     }
     fn path_of(&self, name: &str) -> PathBuf {
         WeightFiles::path_of(self, name).into()
+    }
+    fn release(&self, name: &str) {
+        WeightFiles::release(self, name)
     }
     fn tensor_as_stored(&self, name: &str, device: Device) -> Result<Tensor> {
         WeightFiles::tensor_as_stored(self, name, device)

@@ -141,6 +141,8 @@ impl<'a> Int8Layers<'a> {
             })
             .collect();
         let after = matches!(split, Split::Rows).then(|| bias.to_device(main));
+        // Each shard's part is a copy (`part`, `slice`): the whole weight's pages go back.
+        self.files.release(&format!("{full}.weight"));
         Ok((parts, after))
     }
 

@@ -79,13 +79,14 @@ impl Gpt2 {
                 dir.display()
             )));
         }
-        // Weights copied out, not mapped: each tensor is read, this shard's part kept,
-        // the rest dropped, so a rank holds its shard (a map would keep every page it
-        // touched resident).
+        // Weights mapped: each split tensor is read from the map, this shard's part
+        // copied out and the whole tensor's pages given back (`TensorSource::release`),
+        // so a rank holds its shard; tensors every rank uses whole (the embeddings, whose
+        // head rows each rank reads only its vocabulary slice of, the norms, biases)
+        // stay views of the map, their pages counting once read.
         let options = EngineOptions {
             kernels: false,
             fused_decode: false,
-            map_weights: false,
             ..options.clone()
         };
         let model = Self::load_inner(dir, kind, &[device], &options, Some(split))?;
@@ -421,7 +422,7 @@ impl Reader<'_> {
             return Ok((vec![one], None));
         }
         let local = self.shards.local.iter();
-        Ok(match split {
+        let out = match split {
             Split::Columns(part) => {
                 let parts = local.map(|&(r, d)| Linear::Float {
                     weight: part(&w, 1, r).to_device(d),
@@ -436,7 +437,10 @@ impl Reader<'_> {
                 });
                 (parts.collect(), Some(b.to_device(self.devices[0])))
             }
-        })
+        };
+        // Each shard's part is a copy (`part`, `slice`): the whole weight's pages go back.
+        self.files.release(&format!("{}{name}.weight", self.prefix));
+        Ok(out)
     }
 
     /// Block `l`: its attention split by heads, its MLP by the inner dimension.
