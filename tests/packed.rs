@@ -298,19 +298,43 @@ fn int8_artifacts_get_a_packed_file_too() {
     }
 }
 
-/// Sets one value of the int8 tensor ending in `suffix` to -128, rewriting the file.
-fn put_int8_min(dir: &Path, suffix: &str) -> String {
+/// Sets one value of the tensor ending in `suffix` to `value` (NaN, ±inf, an int8
+/// -128), rewriting the file; its name.
+fn put_value(dir: &Path, suffix: &str, value: f64) -> String {
     let path = dir.join("model.safetensors");
     let mut tensors = Tensor::read_safetensors(&path).unwrap();
     let (name, t) = tensors
         .iter_mut()
         .find(|(n, _)| n.ends_with(suffix))
         .unwrap_or_else(|| panic!("no tensor ending in {suffix}"));
-    assert_eq!(t.kind(), Kind::Int8, "{name}");
-    let _ = t.view([-1]).get(3).fill_(-128);
+    let _ = t.view([-1]).get(5).fill_(value);
     let name = name.clone();
     Tensor::write_safetensors(&tensors, &path).unwrap();
     name
+}
+
+/// Every way a model loads that a check of its weights must hold for: from a packed
+/// file made before they changed, again (the failed run left no file made from the
+/// changed weights), packed at start, and off the kernels.
+fn every_way() -> [(&'static str, EngineOptions); 4] {
+    let kernels_off = EngineOptions {
+        kernels: false,
+        ..EngineOptions::default()
+    };
+    [
+        ("packed file", auto(None)),
+        ("packed file, again", auto(None)),
+        ("packed at start", options(PackedCache::Off)),
+        ("no kernels", kernels_off),
+    ]
+}
+
+/// The error loading `dir` in `kind` with `opts` gives (a panic when it loads).
+fn load_error(dir: &Path, kind: Kind, opts: &EngineOptions, what: &str) -> String {
+    match Gpt2::load_with(dir, Some(kind), &[Device::Cpu], opts) {
+        Ok(_) => panic!("{what}: loaded"),
+        Err(e) => e.to_string(),
+    }
 }
 
 #[test]
@@ -324,42 +348,16 @@ fn an_int8_weight_holding_minus_128_is_refused_however_it_loads() {
     ] {
         let dir = int8_artifact(&format!("min-{method}-{suffix}"), method, false);
         drop(load(&dir, Kind::Float, &auto(None)));
-        let name = put_int8_min(&dir, suffix);
-        let kernels_off = EngineOptions {
-            kernels: false,
-            ..EngineOptions::default()
-        };
-        for (how, opts) in [
-            ("packed file", auto(None)),
-            // and again: the failed run left no file made from the changed weights
-            ("packed file, again", auto(None)),
-            ("packed at start", options(PackedCache::Off)),
-            ("no kernels", kernels_off),
-        ] {
-            let err = match Gpt2::load_with(&dir, Some(Kind::Float), &[Device::Cpu], &opts) {
-                Ok(_) => panic!("{method} {suffix}, {how}: loaded"),
-                Err(e) => e.to_string(),
-            };
+        let name = put_value(&dir, suffix, -128.0);
+        for (how, opts) in every_way() {
+            let what = format!("{method} {suffix}, {how}");
+            let err = load_error(&dir, Kind::Float, &opts, &what);
             assert!(
                 err.contains(&format!("`{name}` holds -128")),
-                "{method} {suffix}, {how}: {err}"
+                "{what}: {err}"
             );
         }
     }
-}
-
-/// Sets one value of the float tensor ending in `suffix` to `value`, rewriting the file.
-fn put_float(dir: &Path, suffix: &str, value: f64) -> String {
-    let path = dir.join("model.safetensors");
-    let mut tensors = Tensor::read_safetensors(&path).unwrap();
-    let (name, t) = tensors
-        .iter_mut()
-        .find(|(n, _)| n.ends_with(suffix))
-        .unwrap_or_else(|| panic!("no tensor ending in {suffix}"));
-    let _ = t.view([-1]).get(5).fill_(value);
-    let name = name.clone();
-    Tensor::write_safetensors(&tensors, &path).unwrap();
-    name
 }
 
 #[test]
@@ -367,10 +365,6 @@ fn a_weight_holding_nan_or_inf_is_refused_however_it_loads() {
     // Packing checks the values it reads; a packed file made from the sound weights
     // before they changed must not stand in for the check. fp32 and bf16 on disk, run
     // in f32 and in bf16 (converted while packing), a linear and the tied head's wte.
-    let kernels_off = EngineOptions {
-        kernels: false,
-        ..EngineOptions::default()
-    };
     for (model, suffix, value) in [
         ("hub-tied", "h.1.mlp.c_fc.weight", f64::NAN),
         ("hub-tied", "wte.weight", f64::INFINITY),
@@ -386,21 +380,13 @@ fn a_weight_holding_nan_or_inf_is_refused_however_it_loads() {
             let dir = model_copy(&format!("nan-{model}-{suffix}-{kind:?}"), model);
             drop(load(&dir, kind, &auto(None)));
             assert!(dir.join(packed_name(kind)).exists(), "{what}");
-            let name = put_float(&dir, suffix, value);
-            for (how, opts) in [
-                ("packed file", auto(None)),
-                // and again: the failed run left no file made from the changed weights
-                ("packed file, again", auto(None)),
-                ("packed at start", options(PackedCache::Off)),
-                ("no kernels", kernels_off.clone()),
-            ] {
-                let err = match Gpt2::load_with(&dir, Some(kind), &[Device::Cpu], &opts) {
-                    Ok(_) => panic!("{what}, {how}: loaded"),
-                    Err(e) => e.to_string(),
-                };
+            let name = put_value(&dir, suffix, value);
+            for (how, opts) in every_way() {
+                let what = format!("{what}, {how}");
+                let err = load_error(&dir, kind, &opts, &what);
                 assert!(
                     err.contains(&format!("`{name}`")) && err.contains("NaN"),
-                    "{what}, {how}: {err}"
+                    "{what}: {err}"
                 );
             }
         }
@@ -437,13 +423,10 @@ fn switching_the_tie_of_the_head_rebuilds_the_packed_file() {
 fn an_fp32_weight_beyond_bf16s_range_is_refused_in_bf16_only() {
     // 3.4e38 is finite in f32 (max 3.40e38) and rounds to +inf in bf16 (max 3.39e38).
     let dir = model_copy("bf16-range", "hub-tied");
-    let name = put_float(&dir, "h.0.mlp.c_fc.weight", 3.4e38);
+    let name = put_value(&dir, "h.0.mlp.c_fc.weight", 3.4e38);
     for cache in [PackedCache::Off, PackedCache::Auto { fallback: None }] {
         let opts = options(cache);
-        let err = match Gpt2::load_with(&dir, Some(Kind::BFloat16), &[Device::Cpu], &opts) {
-            Ok(_) => panic!("bf16: loaded"),
-            Err(e) => e.to_string(),
-        };
+        let err = load_error(&dir, Kind::BFloat16, &opts, "bf16");
         assert!(err.contains(&format!("`{name}`")), "{err}");
         load(&dir, Kind::Float, &opts);
     }

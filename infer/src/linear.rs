@@ -77,6 +77,16 @@ impl Linear {
         }
     }
 
+    /// The layer's panels for the decode kernels, when it has them.
+    pub(crate) fn packed(&self) -> Option<&PackedLinear> {
+        match self {
+            Linear::Packed { packed, .. } => Some(packed),
+            Linear::Int8(q) => q.packed.as_ref(),
+            Linear::Int8Weight { packed, .. } | Linear::Rows { packed, .. } => packed.as_ref(),
+            _ => None,
+        }
+    }
+
     /// The most input rows one call runs on the decode kernels (`usize::MAX` when no
     /// kernel serves this layer, or when every path computes the same values).
     pub(crate) fn kernel_rows(&self) -> usize {

@@ -304,26 +304,27 @@ impl PackedLinear {
             // Rows stored contiguously (Conv1D's (in, out)): a line reads 16 consecutive
             // values of one row (two rows in bf16), which vectorises.
             let row = |i: usize| &w.data[i * w.si + c0..i * w.si + c0 + cols];
-            let any = (0..k).fold(false, |any, i| {
-                any | row(i).iter().fold(false, |a, &v| a | bad(v))
-            });
-            if any {
-                non_finite.store(true, Ordering::Relaxed);
-            }
+            let mut any = false;
             for (l, line) in lines.iter_mut().enumerate() {
                 if !bf16 {
-                    for (d, v) in line.0.iter_mut().zip(row(l)) {
+                    for (d, &v) in line.0.iter_mut().zip(row(l)) {
+                        any |= bad(v);
                         *d = v.f32_bits();
                     }
                 } else if 2 * l + 1 < k {
-                    for ((d, a), b) in line.0.iter_mut().zip(row(2 * l)).zip(row(2 * l + 1)) {
+                    for ((d, &a), &b) in line.0.iter_mut().zip(row(2 * l)).zip(row(2 * l + 1)) {
+                        any |= bad(a) | bad(b);
                         *d = a.bf16_bits() as u32 | (b.bf16_bits() as u32) << 16;
                     }
                 } else {
-                    for (d, a) in line.0.iter_mut().zip(row(2 * l)) {
+                    for (d, &a) in line.0.iter_mut().zip(row(2 * l)) {
+                        any |= bad(a);
                         *d = a.bf16_bits() as u32;
                     }
                 }
+            }
+            if any {
+                non_finite.store(true, Ordering::Relaxed);
             }
         });
         self.held_non_finite = non_finite.into_inner();

@@ -33,7 +33,7 @@ pub(crate) struct Int8Layers<'a> {
     devices: &'a [Device],
     /// The shards built here (`Shards`).
     shards: &'a Shards,
-    /// Whether the weights' -128 check is left to the loader (`Gpt2::check_int8_min`),
+    /// Whether the weights' -128 check is left to the loader (`Gpt2::check_deferred`),
     /// which packing or a packed file spare a scan of every byte. Layers with outlier
     /// columns are checked here all the same.
     pub(super) defer_min_check: bool,

@@ -120,22 +120,22 @@ impl Gpt2 {
         // The weights that packing reads whole (the linears, the head) are checked as
         // they are packed (NaN/inf, an int8 artifact's -128), or not at all when a packed
         // file made from them is used: not scanned as they are read (`check_deferred`).
-        let defer_min_check = packs && split.is_none();
-        let files = match defer_min_check {
+        let defer_checks = packs && split.is_none();
+        let files = match defer_checks {
             true => {
                 let names = packed_weight_names(&config, &files);
                 files.defer_finite_check(names)
             }
             false => files,
         };
-        let late = (convert_late, defer_min_check, split);
+        let late = (convert_late, defer_checks, split);
         let mut model = Self::from_source(config, &files, kind, devices, late)?;
         model.files = files.maps();
         if options.kernels {
             model.pack_loaded(dir, options)?;
             model.set_fused_decode(options.fused_decode);
         }
-        if defer_min_check {
+        if defer_checks {
             model.check_deferred(&files)?;
         }
         // A file truncated or rewritten while it was read is an error here, not a model.
@@ -149,23 +149,13 @@ impl Gpt2 {
     /// when it was written, and a weight left unpacked is scanned now.
     fn check_deferred(&self, files: &WeightFiles) -> Result<()> {
         let prefix = weight_prefix(files);
-        let head = match self.config.tie_word_embeddings {
-            true => format!("{prefix}wte.weight"),
-            false => "lm_head.weight".into(),
-        };
+        let head = head_weight_name(&self.config, prefix);
         let linears = self
             .linears()
             .map(|(l, name, x)| (format!("{prefix}h.{l}.{name}.weight"), x));
         for (weight, x) in linears.chain([(head, &self.head)]) {
             let path = || files.path_of(&weight).to_path_buf();
-            let packed = match x {
-                Linear::Packed { packed, .. } => Some(packed),
-                Linear::Rows { packed, .. } => packed.as_ref(),
-                Linear::Int8(q) => q.packed.as_ref(),
-                Linear::Int8Weight { packed, .. } => packed.as_ref(),
-                _ => None,
-            };
-            match (packed, x) {
+            match (x.packed(), x) {
                 (Some(p), _) if p.held_non_finite() => {
                     return Err(Error::NonFinite {
                         path: path(),
@@ -222,11 +212,7 @@ impl Gpt2 {
             check_split(config.n_head, config.inner_dim(), s.world)?;
         }
         let shards = Shards::of(devices, split);
-        let prefix = if files.contains("transformer.wte.weight") {
-            "transformer."
-        } else {
-            ""
-        };
+        let prefix = weight_prefix(files);
         // Sizes against the headers first: nothing is allocated for a config.json that
         // disagrees with the weights (an n_layer of 10¹² would try to).
         check_sizes(&config, files)?;
@@ -296,15 +282,21 @@ fn weight_prefix(files: &dyn TensorSource) -> &'static str {
     }
 }
 
+/// The checkpoint tensor the head is read from: `wte` when tied (transformers ties it
+/// whenever the config says so), else `lm_head.weight`, which is never prefixed.
+fn head_weight_name(config: &Gpt2Config, prefix: &str) -> String {
+    match config.tie_word_embeddings {
+        true => format!("{prefix}wte.weight"),
+        false => "lm_head.weight".into(),
+    }
+}
+
 /// The weights that packing for the CPU kernels reads whole, among those the files hold
 /// (a config's n_layer is checked against them later): every block's linears and the
 /// head (`wte` when tied).
 fn packed_weight_names(config: &Gpt2Config, files: &dyn TensorSource) -> Vec<String> {
     let prefix = weight_prefix(files);
-    let head = match config.tie_word_embeddings {
-        true => format!("{prefix}wte.weight"),
-        false => "lm_head.weight".into(),
-    };
+    let head = head_weight_name(config, prefix);
     let linear = |name: &str| {
         let Some(rest) = name.strip_prefix(prefix).and_then(|n| n.strip_prefix("h.")) else {
             return false;

@@ -139,23 +139,12 @@ impl Gpt2 {
             ),
             false => 0,
         };
-        let one = |l: &Linear| match l {
-            Linear::Packed { packed, .. }
-            | Linear::Rows {
-                packed: Some(packed),
-                ..
-            }
-            | Linear::Int8Weight {
-                packed: Some(packed),
-                ..
-            } => mapped(packed.panel_bytes()),
-            Linear::Int8(q) => match &q.packed {
-                Some(p) => mapped(p.panel_bytes()),
-                None => tensor(&q.w.q),
-            },
-            Linear::Float { weight, .. } | Linear::Rows { weight, .. } => tensor(weight),
-            Linear::Int8Weight { w, .. } => tensor(&w.q),
-            Linear::Blocks(b) => mapped(b.block_bytes()),
+        let one = |l: &Linear| match (l.packed(), l) {
+            (Some(p), _) => mapped(p.panel_bytes()),
+            (None, Linear::Int8(q)) => tensor(&q.w.q),
+            (None, Linear::Float { weight, .. } | Linear::Rows { weight, .. }) => tensor(weight),
+            (None, Linear::Int8Weight { w, .. }) => tensor(&w.q),
+            (None, Linear::Blocks(b)) => mapped(b.block_bytes()),
             _ => 0,
         };
         self.linears().map(|(_, _, l)| one(l)).sum::<usize>() + one(&self.head)
@@ -173,19 +162,11 @@ impl Gpt2 {
 
     /// The packed layers by name, in `packed_shapes`'s order.
     fn packed_layers(&self) -> Vec<(String, &PackedLinear)> {
-        fn packed(x: &Linear) -> Option<&PackedLinear> {
-            match x {
-                Linear::Packed { packed, .. } => Some(packed),
-                Linear::Int8(q) => q.packed.as_ref(),
-                Linear::Int8Weight { packed, .. } | Linear::Rows { packed, .. } => packed.as_ref(),
-                _ => None,
-            }
-        }
         let mut out: Vec<_> = self
             .linears()
-            .filter_map(|(l, name, x)| Some((format!("h.{l}.{name}"), packed(x)?)))
+            .filter_map(|(l, name, x)| Some((format!("h.{l}.{name}"), x.packed()?)))
             .collect();
-        out.extend(packed(&self.head).map(|p| (self.head_name().into(), p)));
+        out.extend(self.head.packed().map(|p| (self.head_name().into(), p)));
         out
     }
 
