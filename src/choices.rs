@@ -47,6 +47,15 @@ pub(crate) enum TrainDtype {
     Bf16,
 }
 
+/// `train --optim`, transformers' names for PyTorch's AdamW without and with `fused=True`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Optim {
+    #[value(name = "adamw_torch")]
+    AdamwTorch,
+    #[value(name = "adamw_torch_fused")]
+    AdamwTorchFused,
+}
+
 /// `train --lr-scheduler`, as transformers' `get_scheduler`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub(crate) enum LrScheduler {

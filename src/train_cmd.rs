@@ -9,7 +9,7 @@ use train::lora::{LoraOptions, DEFAULT_ALPHA, DEFAULT_TARGETS};
 use train::optim::AdamWConfig;
 use train::trainer::{train, Resume, TrainOptions};
 
-use crate::choices::{LrScheduler, TrainDtype};
+use crate::choices::{LrScheduler, Optim, TrainDtype};
 
 #[derive(ClapArgs)]
 /// Negative numbers are values, not flags (`--seed -1` is refused by its type).
@@ -140,6 +140,12 @@ pub struct Args {
     /// Recompute each block's activations in the backward pass: less memory, one more forward.
     #[arg(long)]
     gradient_checkpointing: bool,
+    /// AdamW's implementation: adamw_torch (one pass per tensor on the CPU, op by op elsewhere) or adamw_torch_fused (libtorch's multi-tensor kernel) (default: adamw_torch on the CPU, adamw_torch_fused on CUDA).
+    #[arg(long, value_enum)]
+    optim: Option<Optim>,
+    /// CUDA f32 runs: matrix products in TF32 (true, false).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    tf32: bool,
     /// Data-parallel runs (under `gpt2kit launch` or torchrun): c10d's backend, gloo or nccl (default: nccl on CUDA, gloo on the CPU).
     #[arg(long, visible_alias = "dist-backend", value_enum)]
     ddp_backend: Option<DdpBackend>,
@@ -259,6 +265,8 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
         group,
         lora: lora_options(args),
         gradient_checkpointing: args.gradient_checkpointing,
+        fused_adamw: args.optim.map(|o| o == Optim::AdamwTorchFused),
+        tf32: args.tf32,
         base_bf16: args.base_dtype == TrainDtype::Bf16,
     };
     let s = train(&options, out)?;

@@ -8,6 +8,7 @@ mod distributed;
 pub mod eval;
 pub mod events;
 pub mod folder;
+pub mod fused;
 pub mod init;
 pub mod lora;
 pub mod memory;

@@ -5,7 +5,9 @@
 //! Also gradient clipping as `torch.nn.utils.clip_grad_norm_` computes it.
 use anyhow::{bail, Result};
 use std::collections::HashMap;
-use tch::Tensor;
+use tch::{Device, Tensor};
+
+use crate::fused::{fused_adamw, AdamWScalars};
 
 #[derive(Debug, Clone, Copy)]
 pub struct AdamWConfig {
@@ -66,19 +68,7 @@ impl AdamW {
         let _guard = tch::no_grad_guard();
         self.step += 1;
         let c = self.config;
-        let t = self.step as f64;
-        let bias_correction1 = 1.0 - c.beta1.powf(t);
-        let bias_correction2 = 1.0 - c.beta2.powf(t);
-        let k = Coefficients {
-            decay: 1.0 - lr * c.weight_decay,
-            one_minus_beta1: 1.0 - c.beta1,
-            beta2: c.beta2,
-            one_minus_beta2: 1.0 - c.beta2,
-            bias_correction2_sqrt: bias_correction2.sqrt(),
-            eps: c.eps,
-            neg_step_size: -(lr / bias_correction1),
-            grad_scale,
-        };
+        let k = self.coefficients(lr, grad_scale);
         let mut non_finite = None;
         for (i, (name, p)) in params.iter().enumerate() {
             let g = p.grad();
@@ -96,6 +86,87 @@ impl AdamW {
             }
         }
         non_finite
+    }
+
+    /// The scalars of update `self.step`.
+    fn coefficients(&self, lr: f64, grad_scale: f64) -> Coefficients {
+        let c = self.config;
+        let t = self.step as f64;
+        let bias_correction1 = 1.0 - c.beta1.powf(t);
+        let bias_correction2 = 1.0 - c.beta2.powf(t);
+        Coefficients {
+            decay: 1.0 - lr * c.weight_decay,
+            one_minus_beta1: 1.0 - c.beta1,
+            beta2: c.beta2,
+            one_minus_beta2: 1.0 - c.beta2,
+            bias_correction2_sqrt: bias_correction2.sqrt(),
+            eps: c.eps,
+            neg_step_size: -(lr / bias_correction1),
+            grad_scale,
+        }
+    }
+
+    /// The same update through libtorch's fused multi-tensor kernel, as
+    /// `torch.optim.AdamW(fused=True)` (transformers' `adamw_torch_fused`) makes it: the
+    /// gradients scaled in place by `coefficient` (a 0-d tensor on their device, from
+    /// `clip_coefficient_tensor`) where one is given, as `clip_grad_norm_` scales them,
+    /// then one kernel call per weight-decay group. Nothing waits on the device but the
+    /// check that ends it: whether the update left a NaN or an infinity, one reduction
+    /// read back once. Returns that tensor's name, as `step` does.
+    pub fn step_fused(
+        &mut self,
+        params: &[(String, Tensor)],
+        lr: f64,
+        coefficient: Option<&Tensor>,
+    ) -> Result<Option<String>> {
+        let _guard = tch::no_grad_guard();
+        self.step += 1;
+        let c = self.config;
+        let mut updated = Vec::new();
+        for decay in [true, false] {
+            let (mut p, mut g, mut m, mut v) = (vec![], vec![], vec![], vec![]);
+            for (i, (_, param)) in params.iter().enumerate() {
+                let grad = param.grad();
+                if !grad.defined() || (self.decay[i] && c.weight_decay != 0.0) != decay {
+                    continue;
+                }
+                if let Some(k) = coefficient {
+                    let _ = grad.shallow_clone().g_mul_(k);
+                }
+                updated.push(i);
+                let (m_i, v_i) = (&self.exp_avg[i], &self.exp_avg_sq[i]);
+                if ![param, &grad, m_i, v_i].iter().all(|t| t.is_contiguous()) {
+                    // The kernel takes contiguous tensors only: this one goes op by op.
+                    tensor_step(param, &grad, m_i, v_i, &self.coefficients(lr, 1.0), decay);
+                    continue;
+                }
+                p.push(param.shallow_clone());
+                g.push(grad);
+                m.push(self.exp_avg[i].shallow_clone());
+                v.push(self.exp_avg_sq[i].shallow_clone());
+            }
+            let k = AdamWScalars {
+                lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                weight_decay: if decay { c.weight_decay } else { 0.0 },
+                eps: c.eps,
+            };
+            fused_adamw(&p, &g, &m, &v, self.step, &k)?;
+        }
+        if updated.is_empty() {
+            return Ok(None);
+        }
+        let finite: Vec<Tensor> = updated
+            .iter()
+            .map(|&i| params[i].1.isfinite().all())
+            .collect();
+        let finite = Vec::<bool>::try_from(Tensor::stack(&finite, 0).to_device(Device::Cpu))?;
+        Ok(updated
+            .iter()
+            .zip(finite)
+            .find(|(_, ok)| !ok)
+            .map(|(&i, _)| params[i].0.clone()))
     }
 
     /// The state as named tensors (`exp_avg.NAME`, `exp_avg_sq.NAME`) plus the step.
@@ -285,12 +356,13 @@ pub fn total_grad_norm(params: &[(String, Tensor)]) -> Option<Tensor> {
 /// `clip_grad_norm_`'s factor: min(1, max_norm / (norm + 1e-6)), computed in the norm's
 /// kind; 1 when `max_norm` is 0 (no clipping).
 pub fn clip_coefficient(total_norm: &Tensor, max_norm: f64) -> f64 {
-    if max_norm <= 0.0 {
-        return 1.0;
-    }
-    ((total_norm + 1e-6).reciprocal() * max_norm)
-        .clamp_max(1.0)
-        .double_value(&[])
+    clip_coefficient_tensor(total_norm, max_norm).map_or(1.0, |k| k.double_value(&[]))
+}
+
+/// The same factor as a 0-d tensor on the norm's device, read by nobody on the host;
+/// `None` when `max_norm` is 0 (no clipping).
+pub fn clip_coefficient_tensor(total_norm: &Tensor, max_norm: f64) -> Option<Tensor> {
+    (max_norm > 0.0).then(|| ((total_norm + 1e-6).reciprocal() * max_norm).clamp_max(1.0))
 }
 
 /// Zeroes every gradient.

@@ -62,6 +62,12 @@ pub struct TrainOptions {
     pub base_bf16: bool,
     /// Recompute each block's activations in the backward pass (`checkpointing`).
     pub gradient_checkpointing: bool,
+    /// AdamW through libtorch's fused multi-tensor kernel (transformers'
+    /// `adamw_torch_fused`) instead of the one-pass CPU update (`adamw_torch`); `None`:
+    /// fused off the CPU.
+    pub fused_adamw: Option<bool>,
+    /// CUDA float32 matrix products in TF32 (transformers' `tf32`); read on CUDA only.
+    pub tf32: bool,
     /// Data-parallel training: the process group of a launched job (`distributed`).
     pub group: Option<std::sync::Arc<dist::Group>>,
     /// Testing hook: fail as a crash would after this many micro-batches of this run.

@@ -23,7 +23,7 @@ use crate::folder::{self, FolderContents};
 use crate::lora::{Lora, ADAPTER_CONFIG};
 use crate::memory::keep_freed_memory;
 use crate::metrics::Metrics;
-use crate::optim::{clip_coefficient, total_grad_norm, AdamW};
+use crate::optim::{clip_coefficient, clip_coefficient_tensor, total_grad_norm, AdamW};
 use crate::options::{check_options, input};
 pub use crate::options::{Resume, TrainOptions};
 use crate::order::{epoch_order, next_batches};
@@ -65,6 +65,9 @@ pub fn train(o: &TrainOptions, out: &mut dyn Write) -> Result<TrainSummary> {
     check_options(o, &base_config)?;
     if o.bf16 || o.base_bf16 {
         check_bf16(o.device)?;
+    }
+    if o.device.is_cuda() {
+        crate::fused::set_tf32(o.tf32)?;
     }
     let o = &ddp::global_batches(o);
     if !ddp::writes(o) {
@@ -454,10 +457,15 @@ fn update(
     let norm = total_grad_norm(&tr.params);
     let grad_norm = norm.as_ref().map_or(0.0, |n| n.double_value(&[]));
     if loss.is_finite() && grad_norm.is_finite() {
-        let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
         // A finite gradient can still give a non-finite update (an overflowing step
         // size): stop at once rather than train on weights no checkpoint may hold.
-        let non_finite = adam.step(&tr.params, lr, scale);
+        let non_finite = if o.fused_adamw.unwrap_or(o.device != Device::Cpu) {
+            let k = norm.and_then(|n| clip_coefficient_tensor(&n, o.max_grad_norm));
+            adam.step_fused(&tr.params, lr, k.as_ref())?
+        } else {
+            let scale = norm.map_or(1.0, |n| clip_coefficient(&n, o.max_grad_norm));
+            adam.step(&tr.params, lr, scale)
+        };
         state.consecutive_nan_steps = 0;
         if let Some(name) = non_finite {
             metrics.finish();

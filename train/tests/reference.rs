@@ -8,7 +8,9 @@ use infer::checkpoint::WeightFiles;
 use infer::{Gpt2, Gpt2Config, Tokenizer};
 use tch::{Device, Kind, Tensor};
 use train::data;
-use train::optim::{clip_coefficient, total_grad_norm, zero_grad, AdamW, AdamWConfig};
+use train::optim::{
+    clip_coefficient, clip_coefficient_tensor, total_grad_norm, zero_grad, AdamW, AdamWConfig,
+};
 use train::schedule::{Schedule, SchedulerKind};
 
 fn reference_dir() -> PathBuf {
@@ -36,6 +38,17 @@ fn ids_tensor(v: &serde_json::Value) -> Tensor {
 
 #[test]
 fn two_adamw_steps_equal_pytorch() {
+    two_adamw_steps(false);
+}
+
+/// libtorch's fused kernel (`--optim adamw_torch_fused`, the default off the CPU), run
+/// here on the CPU, within the same bound of PyTorch's unfused update.
+#[test]
+fn two_fused_adamw_steps_equal_pytorch() {
+    two_adamw_steps(true);
+}
+
+fn two_adamw_steps(fused: bool) {
     let exp = expected();
     let dir = reference_dir().join("hub-tied");
     let config = Gpt2Config::from_file(&dir.join("config.json")).unwrap();
@@ -79,11 +92,17 @@ fn two_adamw_steps_equal_pytorch() {
             (norm - want_norm).abs() < 1e-4 * want_norm,
             "grad norm {norm} vs {want_norm}"
         );
-        adam.step(
-            &params,
-            f("lr"),
-            clip_coefficient(&total, f("max_grad_norm")),
-        );
+        let non_finite = if fused {
+            let k = clip_coefficient_tensor(&total, f("max_grad_norm"));
+            adam.step_fused(&params, f("lr"), k.as_ref()).unwrap()
+        } else {
+            adam.step(
+                &params,
+                f("lr"),
+                clip_coefficient(&total, f("max_grad_norm")),
+            )
+        };
+        assert_eq!(non_finite, None);
         zero_grad(&params);
     }
     let want =
