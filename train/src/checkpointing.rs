@@ -40,8 +40,9 @@ pub struct Pass<'a> {
 }
 
 /// Forward and backward of one micro-batch on `model` (the trained model or its bf16
-/// copy); the gradients accumulate in `tr`'s leaves. Returns the summed loss.
-pub fn forward_backward(tr: &Trainable, model: &Gpt2, p: &Pass) -> Result<f64> {
+/// copy); the gradients accumulate in `tr`'s leaves. Returns the summed loss, a 0-d f64
+/// tensor on the model's device: nothing here waits for the device to finish.
+pub fn forward_backward(tr: &Trainable, model: &Gpt2, p: &Pass) -> Result<Tensor> {
     let layers = tr.lora_layers();
     let adapters = match &layers {
         Some(l) => Some(adapters(model, l, true)?),
@@ -71,17 +72,17 @@ pub fn forward_backward(tr: &Trainable, model: &Gpt2, p: &Pass) -> Result<f64> {
 }
 
 /// The loss of `logits`, divided by the step's targets and backpropagated; the sum.
-fn backward_loss(logits: &Tensor, p: &Pass) -> Result<f64> {
+fn backward_loss(logits: &Tensor, p: &Pass) -> Result<Tensor> {
     let (loss, sum) = scaled_loss(logits, p);
     backward(&loss)?;
     Ok(sum)
 }
 
 /// The loss of `logits` divided by the step's targets (what is backpropagated), and the
-/// summed loss.
-fn scaled_loss(logits: &Tensor, p: &Pass) -> (Tensor, f64) {
+/// summed loss (detached, f64: what the step adds up).
+fn scaled_loss(logits: &Tensor, p: &Pass) -> (Tensor, Tensor) {
     let loss = data::lm_loss_sum(logits, p.labels);
-    let sum = loss.double_value(&[]);
+    let sum = loss.detach().to_kind(tch::Kind::Double);
     (loss / p.targets.max(1) as f64, sum)
 }
 
@@ -133,7 +134,7 @@ fn checkpointed(
     adapters: Option<&Adapters>,
     p: &Pass,
     seed_block: &dyn Fn(usize),
-) -> Result<f64> {
+) -> Result<Tensor> {
     let n = model.h.len();
     // Forward: each block's input kept, nothing else.
     let mut inputs = Vec::with_capacity(n);

@@ -12,7 +12,7 @@ use anyhow::{bail, Context, Result};
 use infer::checkpoint::WeightFiles;
 use infer::{Gpt2, Gpt2Config, Tokenizer};
 use serde_json::json;
-use tch::{Device, Kind};
+use tch::{Device, Kind, Tensor};
 
 use crate::checkpoint::{self as ckpt, TrainerState};
 use crate::checkpointing::{forward_backward, pass_seed, Pass};
@@ -400,7 +400,8 @@ fn accumulate(
         .flatten()
         .map(|&i| data.train[i].target_tokens())
         .sum();
-    let mut loss_sum = 0f64;
+    // Summed on the device, read once at the end of the step.
+    let mut losses: Option<Tensor> = None;
     for (micro, batch) in batches.iter().enumerate() {
         let batch = ddp::my_part(o, batch);
         if batch.is_empty() {
@@ -418,7 +419,8 @@ fn accumulate(
             checkpointing: o.gradient_checkpointing,
             dropout_seed: pass_seed(o.seed, step, ddp::micro_id(o, micro)),
         };
-        loss_sum += forward_backward(tr, model, &pass)?;
+        let sum = forward_backward(tr, model, &pass)?;
+        losses = Some(losses.map_or(sum.shallow_clone(), |l| l + sum));
         if o.profile {
             let _ = writeln!(
                 std::io::stderr(),
@@ -431,6 +433,7 @@ fn accumulate(
             bail!("stopped after {micro_batches_run} micro-batches (--stop-after-micro-batches)");
         }
     }
+    let mut loss_sum = losses.map_or(0.0, |l| l.double_value(&[]));
     ddp::reduce_step(o, tr, &mut loss_sum)?;
     Ok(loss_sum / targets.max(1) as f64)
 }
