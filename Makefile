@@ -24,7 +24,7 @@ REF_READY := $(REF_DIR)/.ready
 BIN := target/release/gpt2kit
 CARGO ?= cargo
 
-.PHONY: setup peers converter build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build
+.PHONY: setup peers converter build test demo reference bench bench-serve bench-kernels fmt fuzz fuzz-build gpu-wheels
 
 # libtorch (torch==2.11.0 from PyPI) and the pinned Hugging Face reference stack.
 $(VENV_READY): $(REQS)
@@ -169,3 +169,13 @@ fuzz: fuzz-build $(REF_READY)
 	    -artifact_prefix=fuzz/artifacts/$$t/ 2>&1 | grep -E '^#[0-9]+.*DONE|^Done|ERROR|SUMMARY|^==' ; \
 	  echo "   corpus: $$(ls fuzz/corpus/$$t | wc -l) inputs"; \
 	done
+
+# Wheels of accelerate (which transformers' Trainer needs) and its small dependencies, for
+# a GPU machine that reaches no registry and has torch and transformers but not these:
+# bench/gpu_check.sh installs them there when missing (it prints that machine's Python
+# version; the compiled wheels are for GPU_PYTHON_VERSION).
+GPU_PYTHON_VERSION ?= 3.12
+gpu-wheels: $(VENV_READY)
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --dest target/gpu-wheels \
+		--no-deps --python-version $(GPU_PYTHON_VERSION) --only-binary=:all: \
+		accelerate==1.15.0 psutil pyyaml

@@ -3,8 +3,11 @@
 # reference models (fp32, bf16, tensor parallel over two shards of one GPU, beams), and
 # decode tokens/s of a gpt2-124M-shaped random model, TP=1 vs TP=2, fp32 and bf16.
 # Then an int8-weight artifact on CUDA (TP=1 vs TP=2), the fused CPU decode step against
-# libtorch between the kernels on this machine's CPU, and (TESTS="bin ...") engine test
-# binaries, whose CUDA cases run only where a GPU is.
+# libtorch between the kernels on this machine's CPU, (TESTS="bin ...") engine test
+# binaries, whose CUDA cases run only where a GPU is, and (TRAIN=1, the default) training
+# against transformers' Trainer (bench/bench_train_trainer.py; the machine reaches no
+# registry: `make gpu-wheels` downloads accelerate, which the Trainer needs, into
+# target/gpu-wheels, carried with the binary and installed here when missing).
 # Usage: bench/gpu_check.sh BIN REFERENCE_DIR TOKENIZER_DIR OUT_DIR
 # (TOKENIZER_DIR: a folder with a 50257-token tokenizer.json, e.g. the bench model's.)
 set -uo pipefail
@@ -13,6 +16,7 @@ mkdir -p "$OUT"
 lib=$(python3 -c 'import torch, os; print(os.path.dirname(torch.__file__))')/lib
 export LD_LIBRARY_PATH=$lib
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 --version
 echo "== CUDA libraries (gpt2kit loads libtorch_cuda.so when a CUDA device is asked for)"
 ldd "$BIN" | grep -E "not found" || echo "every linked library found"
 ls "$lib/libtorch_cuda.so" || echo "NO libtorch_cuda.so beside libtorch_cpu.so"
@@ -118,4 +122,21 @@ for dtype in (torch.float32, torch.bfloat16):
 PY
 else
   echo "(transformers not installed on this machine: no same-GPU comparison)"
+fi
+if [ "${TRAIN:-1}" = 1 ]; then
+  echo "== training, 124M shape, batch 16 x 1024: gpt2kit train vs transformers' Trainer (bf16 / tf32, adamw_torch_fused)"
+  wheels=$(dirname "$0")/../target/gpu-wheels
+  if ! python3 -c "import transformers, accelerate" 2>/dev/null && [ -d "$wheels" ]; then
+    python3 -m pip install --quiet --no-index --find-links "$wheels" accelerate \
+      || echo "(could not install the carried wheels of $wheels)"
+  fi
+  if python3 -c "import transformers, accelerate" 2>/dev/null; then
+    for dt in bf16 f32; do
+      python3 "$(dirname "$0")/bench_train_trainer.py" --binary "$BIN" --model "$OUT/g2" \
+        --device cuda --dtype "$dt" --batch 16 --block 1024 --steps "${TRAIN_STEPS:-50}" --warmup 3 \
+        2>>"$OUT/stderr.log" | grep -v "^(transformers"
+    done
+  else
+    echo "(transformers or accelerate missing: make gpu-wheels here, carry target/gpu-wheels)"
+  fi
 fi
