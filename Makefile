@@ -67,15 +67,31 @@ $(GLOO_READY):
 	test -f $(GLOO_DIR)/usr/include/gloo/context.h
 	touch $@
 
+# The CUDA headers' `crt/` folder, which the torch wheel's CUDA packages leave out and
+# libtorch's CUDA graph header needs (infer/ builds its CUDA graph plugin against it):
+# PyPI's nvidia-cuda-crt of the wheel's CUDA version, unpacked, not installed.
+CUDA_CRT := nvidia-cuda-crt==13.0.88
+CUDA_CRT_DIR := $(HOME)/.cache/gpt2kit/cuda-crt-13.0.88
+CUDA_CRT_READY := $(CUDA_CRT_DIR)/.ready
+$(CUDA_CRT_READY): $(VENV_READY)
+	@echo ">> unpacking $(CUDA_CRT)'s headers into $(CUDA_CRT_DIR)"
+	rm -rf $(CUDA_CRT_DIR) && mkdir -p $(CUDA_CRT_DIR)/wheel
+	$(VENV)/bin/pip download --quiet --disable-pip-version-check --no-deps \
+	  --dest $(CUDA_CRT_DIR)/wheel '$(CUDA_CRT)'
+	$(VENV)/bin/python -m zipfile -e $(CUDA_CRT_DIR)/wheel/*.whl $(CUDA_CRT_DIR)
+	test -f $(CUDA_CRT_DIR)/nvidia/cu13/include/crt/host_config.h
+	touch $@
+
 # Points cargo (tch's build script) at the venv's libtorch and sets an rpath, so the
 # binaries and test executables run with no environment variables.
-.cargo/config.toml: $(VENV_READY) $(GLOO_READY) Makefile
+.cargo/config.toml: $(VENV_READY) $(GLOO_READY) $(CUDA_CRT_READY) Makefile
 	@mkdir -p .cargo
 	@lib=$$($(VENV)/bin/python -c 'import torch, os; print(os.path.dirname(torch.__file__))') && \
 	{ echo '# written by `make setup`; not tracked'; \
 	  echo '[env]'; \
 	  echo "LIBTORCH = \"$$lib\""; \
 	  echo "GLOO_INCLUDE = \"$(GLOO_DIR)/usr/include\""; \
+	  echo "CUDA_CRT_INCLUDE = \"$(CUDA_CRT_DIR)/nvidia/cu13/include\""; \
 	  echo '[build]'; \
 	  echo "rustflags = [\"-C\", \"link-arg=-Wl,-rpath,$$lib/lib\"]"; } > $@
 	@echo ">> wrote $@ (LIBTORCH in $(VENV))"

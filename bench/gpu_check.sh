@@ -62,6 +62,10 @@ for m in hub-tied prefixed-untied sharded-f16 bf16-quickgelu; do
   close "$m cuda bf16 vs fp32" "$OUT/$m.cuda" "$OUT/$m.bf16"
   run --device cpu --dtype bf16 > "$OUT/$m.bf16.cpu"
   close "$m cuda bf16 vs cpu bf16" "$OUT/$m.bf16.cpu" "$OUT/$m.bf16"
+  run --device cuda --cuda-graphs on > "$OUT/$m.graphs"
+  same "$m greedy cuda graphs vs eager" "$OUT/$m.cuda" "$OUT/$m.graphs"
+  run --device cuda --num-beams 4 --cuda-graphs on > "$OUT/$m.beam.graphs"
+  same "$m beam4 cuda graphs vs eager" "$OUT/$m.beam.cuda" "$OUT/$m.beam.graphs"
   run --device cuda --do-sample --seed 7 --top-k 20 > "$OUT/$m.s1"
   run --device cuda --do-sample --seed 7 --top-k 20 > "$OUT/$m.s2"
   same "$m seeded sampling repeats on cuda" "$OUT/$m.s1" "$OUT/$m.s2"
@@ -76,6 +80,8 @@ speed() { # label, flags...
     | python3 -c "import json,sys; s=json.loads(sys.stdin.read()); print('$label', 'decode tok/s', round(s['decode_tokens_per_s'],1), 'prefill ms', round(s['prefill_ms'],1))"
 }
 speed "cuda fp32 b1 tp1" --device cuda
+speed "cuda fp32 b1 graphs" --device cuda --cuda-graphs on
+speed "cuda bf16 b1 graphs" --device cuda --dtype bf16 --cuda-graphs on
 speed "cuda fp32 b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0
 speed "cuda bf16 b1 tp1" --device cuda --dtype bf16
 speed "cuda bf16 b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0 --dtype bf16
@@ -84,6 +90,7 @@ eight=(--prompt "hi" --prompt "prompt number two is longer")
 for i in 3 4 5 6 7; do eight+=(--prompt "prompt $i"); done
 speed "cuda fp32 b8 (padded) tp1" --device cuda "${eight[@]}"
 speed "cuda bf16 b8 (padded) tp1" --device cuda --dtype bf16 "${eight[@]}"
+speed "cuda bf16 b8 graphs" --device cuda --dtype bf16 --cuda-graphs on "${eight[@]}"
 speed "cuda bf16 beam5 tp1" --device cuda --dtype bf16 --num-beams 5
 echo "== int8-weight artifact of the same model on CUDA, unsplit and split"
 "$BIN" quantize --model "$OUT/g2" --out "$OUT/g2-int8" --method int8-weight >/dev/null 2>>"$OUT/stderr.log" || echo "quantize failed"

@@ -95,6 +95,8 @@ pub struct Args {
     warmup: usize,
     #[command(flatten)]
     engine: crate::EngineArgs,
+    #[command(flatten)]
+    graphs: crate::GraphArgs,
 }
 
 fn usage(msg: String) -> anyhow::Error {
@@ -392,7 +394,7 @@ pub fn run(args: &Args, out: &mut dyn Write) -> anyhow::Result<()> {
     let requests = requests(args, &prompts, &from, &cfg, pooled || speculative)?;
     check_requests(&config, &requests, &cfg, &from.origins)?;
     let mode = check_strategy(args, dir, &tokenizer, &requests, &cfg)?;
-    let engine = args.engine.infer_options();
+    let engine = args.graphs.apply(args.engine.infer_options());
     let mut model = match &launched {
         Some(l) => Gpt2::load_split(dir, kind, l.device, &engine, &l.split),
         None => Gpt2::load_with(dir, kind, &devices, &engine),

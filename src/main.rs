@@ -250,6 +250,31 @@ pub(crate) struct EngineArgs {
     packed_cache_now: bool,
 }
 
+/// `infer` and `serve`: how decode steps are launched on CUDA.
+#[derive(clap::Args, Clone, Debug, Default)]
+pub(crate) struct GraphArgs {
+    /// Decode steps as CUDA graphs, captured once per batch and attention width and replayed (`on`), or launched op by op (`off`); off the GPU `on` runs the same fixed-shape step uncaptured.
+    #[arg(long, value_enum, default_value_t = OnOff::Off)]
+    cuda_graphs: OnOff,
+}
+
+impl GraphArgs {
+    pub(crate) fn apply(&self, options: infer::EngineOptions) -> infer::EngineOptions {
+        infer::EngineOptions {
+            cuda_graphs: self.cuda_graphs == OnOff::On,
+            ..options
+        }
+    }
+}
+
+/// A switch's two values.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub(crate) enum OnOff {
+    On,
+    #[default]
+    Off,
+}
+
 impl EngineArgs {
     /// The flags, else the environment, else the engine's defaults. As before the flags
     /// existed, an environment value that is not a positive number is ignored.
@@ -268,6 +293,7 @@ impl EngineArgs {
             map_weights: !self.no_mmap && !off("GPT2KIT_MMAP"),
             packed_cache: packed_cache(self.packed_cache.clone()),
             packed_write_later: false,
+            cuda_graphs: false,
         }
     }
 }

@@ -52,6 +52,8 @@ pub struct Args {
     adapter: Vec<(String, PathBuf)>,
     #[command(flatten)]
     engine: crate::EngineArgs,
+    #[command(flatten)]
+    graphs: crate::GraphArgs,
 }
 
 /// `NAME=DIR`, both non-empty.
@@ -102,7 +104,7 @@ pub fn run(args: &Args, _out: &mut Out) -> anyhow::Result<()> {
         shutdown_timeout: Duration::try_from_secs_f64(t).unwrap_or(Duration::MAX),
         prefix_cache_bytes: args.prefix_cache_mb.saturating_mul(1 << 20),
         kv_cache_bytes: args.kv_cache_memory_mb.map(|m| m.saturating_mul(1 << 20)),
-        engine: args.engine.options(),
+        engine: args.graphs.apply(args.engine.options()),
         adapters: args.adapter.clone(),
     };
     serve::run(opts)?;

@@ -395,7 +395,9 @@ fn our_step(
         checkpointing,
         dropout_seed: 0,
     };
-    let sum = forward_backward(&tr, &tr.model, &pass).unwrap().double_value(&[]);
+    let sum = forward_backward(&tr, &tr.model, &pass)
+        .unwrap()
+        .double_value(&[]);
     let norm = total_grad_norm(&tr.params).unwrap();
     let scale = clip_coefficient(&norm, 1.0);
     assert!(adam.step(&tr.params, lr, scale).is_none());

@@ -65,12 +65,35 @@ pub(crate) struct Pass<'a> {
     pub(crate) span: &'a Span,
     pub(crate) mask: Option<Tensor>,
     pub(crate) causal: bool,
+    /// A fixed-shape decode step (`model::graphed`): where every row writes, from device
+    /// tensors; `span` is then not read.
+    pub(crate) fixed: Option<FixedWrite<'a>>,
+}
+
+/// Where a fixed-shape step writes: one token for each of the cache's B rows, row b at
+/// slot `slots[b]`, and what its queries attend: slots `[0, width)` of every row.
+pub(crate) struct FixedWrite<'a> {
+    /// (B,) int64: 0..B.
+    pub(crate) rows: &'a Tensor,
+    /// (B,) int64.
+    pub(crate) slots: &'a Tensor,
+    pub(crate) width: i64,
 }
 
 impl Pass<'_> {
     /// Writes the new keys or values `new` (R, nh, t, hs) of shard `r` into `which`
     /// (`k` or `v`), and returns the rows' slots `[0, end)`: (R, nh, S, hs).
     pub(crate) fn write_read(&self, cache: &Tensor, new: &Tensor) -> Tensor {
+        if let Some(f) = &self.fixed {
+            // (B, nh, 1, hs) into cache[b, :, slots[b], :], by device indices only.
+            let mut c = cache.shallow_clone();
+            let _ = c.index_put_(
+                &[Some(f.rows), None, Some(f.slots)],
+                &new.select(2, 0),
+                false,
+            );
+            return cache.narrow(2, 0, f.width);
+        }
         let span = self.span;
         let (t, s) = (span.t, span.end());
         let first = span.consecutive();

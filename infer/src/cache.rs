@@ -41,6 +41,9 @@ pub struct KvCache {
     /// `None`: the base. A freed row goes back to `adapter_default`.
     adapters: Vec<Option<usize>>,
     adapter_default: Option<usize>,
+    /// The fixed-shape decode step's inputs and captured graphs (`model::graphed`),
+    /// made at its first step.
+    pub(crate) fixed: Option<crate::model::FixedStep>,
 }
 
 /// One row's keys and values over its first `len` slots, detached from any cache.
@@ -166,7 +169,29 @@ impl KvCache {
             capacity,
             adapters: vec![None; batch.max(0) as usize],
             adapter_default: None,
+            fixed: None,
         }
+    }
+
+    /// What a captured step depends on beyond its inputs: the storage of every tensor
+    /// it reads or writes, and whether the rows are left-padded. A step captured under
+    /// another fingerprint is stale.
+    pub(crate) fn fingerprint(&self) -> Vec<usize> {
+        let mut f: Vec<usize> = self
+            .k
+            .iter()
+            .chain(&self.v)
+            .flatten()
+            .chain([&self.valid, &self.positions])
+            .map(|t| t.data_ptr() as usize)
+            .collect();
+        f.push(usize::from(self.padded));
+        f
+    }
+
+    /// The position ids of every slot: (B, capacity).
+    pub(crate) fn slot_positions(&self) -> &Tensor {
+        &self.positions
     }
 
     /// Every row, and every row freed from now on, runs with `adapter`.
@@ -193,7 +218,7 @@ impl KvCache {
         self.valid.narrow(1, 0, t).copy_(&mask);
         // Slots after the prompt are always valid: cumsum over the whole row.
         let pos = self.valid.to_kind(Kind::Int64).cumsum(1, Kind::Int64) - 1;
-        self.positions = pos.clamp_min(0);
+        self.positions.copy_(&pos.clamp_min(0));
         self.padded = !bool::try_from(mask.all()).unwrap_or(true);
     }
 
@@ -382,14 +407,26 @@ impl KvCache {
             }
         }
         self.materialize();
+        // Keeping the batch size, the rows move within the same tensors (a captured
+        // decode step reads and writes these storages); otherwise new tensors.
+        let same = index.size() == [b];
+        let select = |t: &mut Tensor| {
+            let moved = t.index_select(0, &index.to_device(t.device()));
+            match same {
+                true => {
+                    t.copy_(&moved);
+                }
+                false => *t = moved,
+            }
+        };
         for t in self.k.iter_mut().chain(self.v.iter_mut()).flatten() {
-            *t = t.index_select(0, &index.to_device(t.device()));
+            select(t);
         }
+        select(&mut self.valid);
+        select(&mut self.positions);
         let idx = Vec::<i64>::try_from(&index.to_device(Device::Cpu)).unwrap_or_default();
         self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
         self.adapters = idx.iter().map(|&i| self.adapters[i as usize]).collect();
-        self.valid = self.valid.index_select(0, &index);
-        self.positions = self.positions.index_select(0, &index);
     }
 
     /// The row-to-stored-row table of filled and free slots (B × capacity), if rows were

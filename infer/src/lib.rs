@@ -6,6 +6,7 @@ pub mod cache;
 mod check;
 pub mod checkpoint;
 pub mod config;
+pub mod cuda_graph;
 pub mod decode;
 pub mod device;
 pub mod ensemble;

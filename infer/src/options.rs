@@ -26,6 +26,9 @@ pub struct EngineOptions {
     /// usual); `Gpt2::packed_file_wanted` then says so, for the caller to build it later
     /// (the CLI's `infer` does, in a detached process). Off: written at load.
     pub packed_write_later: bool,
+    /// Decode steps through the fixed-shape step, captured and replayed as CUDA graphs
+    /// on CUDA (`model::graphed`); elsewhere it runs uncaptured. Off: the eager paths.
+    pub cuda_graphs: bool,
 }
 
 impl Default for EngineOptions {
@@ -37,6 +40,7 @@ impl Default for EngineOptions {
             map_weights: true,
             packed_cache: PackedCache::Off,
             packed_write_later: false,
+            cuda_graphs: false,
         }
     }
 }

@@ -2,8 +2,9 @@
 //! together, sequences that join a running batch mid-way (a freed slot refilled) and
 //! sequences that leave it early give each exactly the tokens it gives alone: greedy,
 //! seeded sampling (each sequence its own generator, seeded `seed + k` for row k) and
-//! beam search, on the fused CPU decode step, on libtorch between the kernels, and on
-//! libtorch alone.
+//! beam search, on the fused CPU decode step, on libtorch between the kernels, on
+//! libtorch alone, and on the fixed-shape step CUDA graphs capture (run uncaptured here),
+//! which also gives libtorch's tokens.
 //!
 //! Tolerances: the decode kernels compute each row the same whatever the rows beside it
 //! (one accumulator per row, in input order), and the fused step's other ops are per row,
@@ -42,6 +43,14 @@ fn models(name: &str) -> Vec<(&'static str, Gpt2)> {
             "libtorch",
             load(EngineOptions {
                 kernels: false,
+                ..EngineOptions::default()
+            }),
+        ),
+        (
+            "fixed-shape step",
+            load(EngineOptions {
+                kernels: false,
+                cuda_graphs: true,
                 ..EngineOptions::default()
             }),
         ),
@@ -290,5 +299,49 @@ fn requests_added_while_running_decode_as_alone() {
             seqs[0].score,
         );
         assert_eq!(seq, alone[0][0], "request {i}");
+    }
+}
+
+/// The fixed-shape step (what `--cuda-graphs on` captures on CUDA; uncaptured here)
+/// against libtorch's decode path, sequences joining and leaving: the same tokens, up to
+/// near ties (its attention runs over a fixed width of slots with the unfilled ones
+/// masked, another libtorch kernel than the unmasked one over the filled slots: the
+/// same math, summed in another order), log-probabilities within 1e-4 where the tokens
+/// agree.
+#[test]
+fn fixed_shape_step_gives_the_libtorch_tokens() {
+    let all = models("prefixed-untied");
+    let by = |p: &str| &all.iter().find(|(n, _)| *n == p).unwrap().1;
+    let (eager, fixed) = (by("libtorch"), by("fixed-shape step"));
+    let reqs = requests("prefixed-untied");
+    for beams in [1, 3] {
+        let mut cfg = GenerationConfig {
+            num_beams: beams,
+            ..GenerationConfig::default()
+        };
+        cfg.eos_token_ids = eager.config.eos_ids();
+        let schedule = Schedule {
+            max_num_seqs: Some(3 * beams),
+            static_batches: false,
+        };
+        let a = run(eager, reqs.clone(), &cfg, schedule);
+        let b = run(fixed, reqs.clone(), &cfg, schedule);
+        let mut differs = 0;
+        for (i, (x, y)) in a.iter().zip(&b).enumerate() {
+            for (s, t) in x.iter().zip(y) {
+                let what = format!("beams {beams}, request {i}");
+                compare(eager, &reqs[i].prompt, &t.0, &s.0, false, &what);
+                if s.0 == t.0 {
+                    let close = s.1.iter().zip(&t.1).all(|(p, q)| (p - q).abs() < 1e-4);
+                    assert!(close, "{what}: log-probabilities");
+                    differs += usize::from(s.1 != t.1);
+                }
+            }
+        }
+        // Both paths ran: the fixed one is another computation, seen in the last bits.
+        assert!(
+            differs > 0,
+            "beams {beams}: the fixed-shape step did not run"
+        );
     }
 }

@@ -19,6 +19,14 @@ fn load(name: &str) -> Gpt2 {
     Gpt2::load(&model_dir(name), Some(Kind::Float), Device::Cpu).unwrap()
 }
 
+/// The model as loaded, and with its decode steps on the fixed-shape step CUDA graphs
+/// capture (`--cuda-graphs on`, uncaptured on the CPU).
+fn both_steps(name: &str) -> [(&'static str, Gpt2); 2] {
+    let mut fixed = load(name);
+    fixed.set_cuda_graphs(true);
+    [("", load(name)), (" (fixed-shape step)", fixed)]
+}
+
 fn ids_tensor(ids: &[i64]) -> Tensor {
     Tensor::from_slice(ids).view([1, ids.len() as i64])
 }
@@ -97,8 +105,7 @@ fn left_padded_batch_matches_transformers() {
 #[test]
 fn cached_decoding_equals_full_recompute_at_every_step() {
     tch::no_grad(|| {
-        for name in MODELS {
-            let model = load(name);
+        for (name, (path, model)) in MODELS.iter().flat_map(|&n| both_steps(n).map(|m| (n, m))) {
             let exp = expected(name);
             for (i, prompt) in exp.ids.iter().enumerate() {
                 // The prompt followed by transformers' greedy tokens, fed one by one
@@ -115,7 +122,7 @@ fn cached_decoding_equals_full_recompute_at_every_step() {
                     let d = max_abs_diff(&last, &full);
                     assert!(
                         d <= TOL,
-                        "{name} prompt {i} length {step}: cached vs full {d:e}"
+                        "{name}{path} prompt {i} length {step}: cached vs full {d:e}"
                     );
                     if step < seq.len() {
                         last = model
@@ -134,45 +141,49 @@ fn cached_decoding_equals_full_recompute_at_every_step() {
 fn padded_cached_decoding_equals_each_row_alone() {
     tch::no_grad(|| {
         let name = "hub-tied";
-        let model = load(name);
-        let exp = expected(name);
-        let rows: Vec<Vec<i64>> = exp
-            .ids
-            .iter()
-            .zip(&exp.greedy)
-            .map(|(p, g)| p.iter().chain(g).copied().collect())
-            .collect();
-        let t0 = exp.ids.iter().map(Vec::len).max().unwrap();
-        let b = rows.len() as i64;
-        let steps = exp.max_new_tokens as usize;
-        let mut ids = Vec::new();
-        let mut mask = Vec::new();
-        for p in &exp.ids {
-            ids.extend(std::iter::repeat_n(7, t0 - p.len()).chain(p.iter().copied()));
-            mask.extend(
-                std::iter::repeat_n(0i64, t0 - p.len()).chain(std::iter::repeat_n(1, p.len())),
-            );
-        }
-        let mut cache = model.new_cache(b, (t0 + steps) as i64);
-        cache.set_attention_mask(&Tensor::from_slice(&mask).view([b, t0 as i64]));
-        let mut last = model
-            .forward(&Tensor::from_slice(&ids).view([b, t0 as i64]), &mut cache)
-            .select(1, -1);
-        for step in 0..steps {
-            for (r, row) in rows.iter().enumerate() {
-                let n = exp.ids[r].len() + step;
-                let alone = full_logits(&model, &row[..n]).get(-1);
-                let d = max_abs_diff(&last.get(r as i64), &alone);
-                assert!(d <= TOL, "row {r} step {step}: batched vs alone {d:e}");
-            }
-            let next: Vec<i64> = rows
+        for (path, model) in both_steps(name) {
+            let exp = expected(name);
+            let rows: Vec<Vec<i64>> = exp
+                .ids
                 .iter()
-                .zip(&exp.ids)
-                .map(|(row, p)| row[p.len() + step])
+                .zip(&exp.greedy)
+                .map(|(p, g)| p.iter().chain(g).copied().collect())
                 .collect();
-            last = model
-                .forward(&Tensor::from_slice(&next).view([b, 1]), &mut cache)
+            let t0 = exp.ids.iter().map(Vec::len).max().unwrap();
+            let b = rows.len() as i64;
+            let steps = exp.max_new_tokens as usize;
+            let mut ids = Vec::new();
+            let mut mask = Vec::new();
+            for p in &exp.ids {
+                ids.extend(std::iter::repeat_n(7, t0 - p.len()).chain(p.iter().copied()));
+                mask.extend(
+                    std::iter::repeat_n(0i64, t0 - p.len()).chain(std::iter::repeat_n(1, p.len())),
+                );
+            }
+            let mut cache = model.new_cache(b, (t0 + steps) as i64);
+            cache.set_attention_mask(&Tensor::from_slice(&mask).view([b, t0 as i64]));
+            let mut last = model
+                .forward(&Tensor::from_slice(&ids).view([b, t0 as i64]), &mut cache)
                 .select(1, -1);
+            for step in 0..steps {
+                for (r, row) in rows.iter().enumerate() {
+                    let n = exp.ids[r].len() + step;
+                    let alone = full_logits(&model, &row[..n]).get(-1);
+                    let d = max_abs_diff(&last.get(r as i64), &alone);
+                    assert!(
+                        d <= TOL,
+                        "row {r} step {step}{path}: batched vs alone {d:e}"
+                    );
+                }
+                let next: Vec<i64> = rows
+                    .iter()
+                    .zip(&exp.ids)
+                    .map(|(row, p)| row[p.len() + step])
+                    .collect();
+                last = model
+                    .forward(&Tensor::from_slice(&next).view([b, 1]), &mut cache)
+                    .select(1, -1);
+            }
         }
     })
 }

@@ -83,6 +83,7 @@ pub fn load(
         model.pack_for_cpu_decode()?;
         model.set_fused_decode(options.fused_decode);
     }
+    model.set_cuda_graphs(options.cuda_graphs);
     // a file truncated or rewritten while it was read is an error here, not a model
     model.check_files()?;
     Ok(model)

@@ -135,6 +135,7 @@ impl Gpt2 {
             model.pack_loaded(dir, options)?;
             model.set_fused_decode(options.fused_decode);
         }
+        model.set_cuda_graphs(options.cuda_graphs);
         if defer_checks {
             model.check_deferred(&files)?;
         }
@@ -270,6 +271,7 @@ impl Gpt2 {
             packed_wanted: false,
             adapters: Vec::new(),
             default_adapter: None,
+            fixed_decode: false,
         })
     }
 }

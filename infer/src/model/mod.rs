@@ -17,10 +17,12 @@ use crate::decode::Norm;
 pub use crate::check::{check_model_dir, check_sizes, stored_kind};
 pub use crate::linear::Linear;
 pub use adapted::{Adapters, LoraLayer};
+pub(crate) use graphed::FixedStep;
 
 mod adapted;
 mod backend;
 mod fused;
+mod graphed;
 mod lora;
 mod paths;
 mod stored;
@@ -113,6 +115,9 @@ pub struct Gpt2 {
     /// rows run with.
     pub(crate) adapters: Vec<lora::Served>,
     pub(crate) default_adapter: Option<usize>,
+    /// Decode steps take the fixed-shape step (`graphed`), captured as CUDA graphs on
+    /// CUDA (`set_cuda_graphs`).
+    pub(crate) fixed_decode: bool,
 }
 
 /// A block's linear layer by place: block `layer`, and which of its four
@@ -327,6 +332,9 @@ impl Gpt2 {
                 || (span.uniform().is_some() && span.rows.len() as i64 == cache.batch_size()),
             "a left-padded cache runs all its rows at one length"
         );
+        if let Some(h) = self.fixed_step(ids, cache, span) {
+            return h;
+        }
         let pos = cache.positions(span); // (R, T)
         let embed = |w: &Tensor, i: &Tensor| Tensor::embedding(w, i, -1, false, false);
         let x = self.embed_tokens(ids) + embed(&self.wpe, &pos); // (R, T, E)
@@ -340,6 +348,7 @@ impl Gpt2 {
             causal: cache.plain_causal(span),
             cache,
             span,
+            fixed: None,
         };
         let hidden = self.trunk(&Tensors::new(self, Some(&pass)), x);
         cache.advance(span);

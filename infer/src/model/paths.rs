@@ -74,6 +74,13 @@ impl Gpt2 {
         self.fused.is_some()
     }
 
+    /// Decode steps through the fixed-shape step (`graphed`): on CUDA captured once per
+    /// batch and width as a CUDA graph and replayed; elsewhere run as it is (the same
+    /// computation, for comparison). Off: the libtorch or fused decode paths.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.fixed_decode = on;
+    }
+
     /// Whether decode steps run fused (`set_fused_decode`).
     pub fn fuses_decode(&self) -> bool {
         self.fused.is_some()
