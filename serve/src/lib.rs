@@ -202,9 +202,14 @@ pub fn run(opts: Options) -> Result<(), Error> {
     };
     let m = metrics.clone();
     let base = defaults.clone();
+    let (ready_tx, ready) = std::sync::mpsc::sync_channel(1);
     std::thread::Builder::new()
         .name("scheduler".into())
-        .spawn(move || scheduler::run(model, rx, m, pool, base))?;
+        .spawn(move || scheduler::run(model, rx, m, pool, base, ready_tx))?;
+    // Listening (and so `/health`) waits for the engine's KV caches.
+    ready.recv().map_err(|_| {
+        Error::Scheduler("it ended before its KV caches were ready".into())
+    })?;
     let app = Arc::new(App {
         tokenizer,
         config,

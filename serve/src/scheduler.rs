@@ -100,6 +100,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     pool: Pool,
     base: GenerationConfig,
+    ready: std::sync::mpsc::SyncSender<()>,
 ) {
     let _no_grad = tch::no_grad_guard();
     let ensemble = Ensemble::single(&model);
@@ -130,6 +131,10 @@ pub fn run(
         slots: pool.slots,
         metrics: &metrics,
     };
+    // The KV caches are allocated and zeroed (seconds for a large model): only now does
+    // the server listen, and `/health` answer.
+    let _ = ready.send(());
+    drop(ready);
     loop {
         if s.live.is_empty() && s.pending.is_empty() {
             match rx.recv() {
