@@ -406,24 +406,37 @@ impl KvCache {
                 }
             }
         }
+        self.move_rows(&index);
+    }
+
+    /// `reorder` by moving the keys and values (every device but the CPU's table).
+    fn move_rows(&mut self, index: &Tensor) {
         self.materialize();
+        let b = self.batch_size();
         // Keeping the batch size, the rows move within the same tensors (a captured
-        // decode step reads and writes these storages); otherwise new tensors.
+        // decode step reads and writes these storages), keys and values only over the
+        // filled slots; otherwise new tensors.
         let same = index.size() == [b];
-        let select = |t: &mut Tensor| {
-            let moved = t.index_select(0, &index.to_device(t.device()));
+        let filled = self.len();
+        let select = |t: &mut Tensor, slots: Option<i64>| {
+            let index = index.to_device(t.device());
             match same {
                 true => {
-                    t.copy_(&moved);
+                    let mut part = match slots {
+                        Some(n) => t.narrow(2, 0, n),
+                        None => t.shallow_clone(),
+                    };
+                    let moved = part.index_select(0, &index);
+                    part.copy_(&moved);
                 }
-                false => *t = moved,
+                false => *t = t.index_select(0, &index),
             }
         };
         for t in self.k.iter_mut().chain(self.v.iter_mut()).flatten() {
-            select(t);
+            select(t, Some(filled));
         }
-        select(&mut self.valid);
-        select(&mut self.positions);
+        select(&mut self.valid, None);
+        select(&mut self.positions, None);
         let idx = Vec::<i64>::try_from(&index.to_device(Device::Cpu)).unwrap_or_default();
         self.lens = idx.iter().map(|&i| self.lens[i as usize]).collect();
         self.adapters = idx.iter().map(|&i| self.adapters[i as usize]).collect();
@@ -532,12 +545,15 @@ mod tests {
         let (b, cap) = (3i64, 6i64);
         let mut lazy = KvCache::new(&config, b, cap, Kind::Float, &[Device::Cpu]);
         let mut eager = KvCache::new(&config, b, cap, Kind::Float, &[Device::Cpu]);
+        // What every other device does: rows moved in place over the filled slots.
+        let mut moved = KvCache::new(&config, b, cap, Kind::Float, &[Device::Cpu]);
+        let storage = moved.k[0][0].data_ptr();
         let orders: [&[i64]; 4] = [&[0, 0, 1], &[2, 1, 1], &[1, 2, 0], &[0, 0, 0]];
         for (step, order) in orders.iter().enumerate() {
             // Each step writes slot `step` of every row (as a decode step does: a fused
             // step writes each row's own stored row, which the table keeps free).
             let new = Tensor::randn([b, 1, 1, 4], (Kind::Float, Device::Cpu));
-            for cache in [&mut lazy, &mut eager] {
+            for cache in [&mut lazy, &mut eager, &mut moved] {
                 for t in cache.k.iter().chain(cache.v.iter()).flatten() {
                     t.narrow(2, step as i64, 1)
                         .copy_(&new.expand([b, 1, 1, 4], false));
@@ -546,6 +562,7 @@ mod tests {
                 cache.advance(&span);
             }
             let index = Tensor::from_slice(order);
+            moved.move_rows(&index);
             lazy.reorder(&index);
             assert!(
                 lazy.slot_rows().is_some(),
@@ -558,6 +575,17 @@ mod tests {
         }
         lazy.materialize();
         assert!(lazy.slot_rows().is_none());
+        assert_eq!(moved.k[0][0].data_ptr(), storage, "moved in place");
+        for (m, e) in moved
+            .k
+            .iter()
+            .chain(&moved.v)
+            .flatten()
+            .zip(eager.k.iter().chain(&eager.v).flatten())
+        {
+            let n = orders.len() as i64;
+            assert!(m.narrow(2, 0, n).equal(&e.narrow(2, 0, n)));
+        }
         for (a, e) in lazy
             .k
             .iter()
