@@ -104,6 +104,8 @@ speedq() { local label=$1; shift; "$BIN" infer --model "$OUT/g2-int8" --prompt "
     --ignore-eos --warmup 1 --stats "$@" 2>&1 >/dev/null | grep '"decode_tokens_per_s"' \
     | python3 -c "import json,sys; s=json.loads(sys.stdin.read()); print('$label', 'decode tok/s', round(s['decode_tokens_per_s'],1))"; }
 speedq "cuda int8-weight b1 tp1" --device cuda
+speedq "cuda int8-weight bf16 b1" --device cuda --dtype bf16
+speedq "cuda int8-weight bf16 b1 graphs" --device cuda --dtype bf16 --cuda-graphs on
 speedq "cuda int8-weight b1 tp2(cuda:0,cuda:0)" --tp 2 --devices cuda:0,cuda:0
 echo "== CPU of this machine ($(nproc) cores): fused decode steps vs libtorch between the kernels"
 for f in 1 0; do GPT2KIT_FUSED_DECODE=$f speed "cpu fp32 b1 fused=$f" --device cpu; done
