@@ -394,6 +394,7 @@ fn our_step(
         targets,
         checkpointing,
         dropout_seed: 0,
+        autocast: None,
     };
     let sum = forward_backward(&tr, &tr.model, &pass)
         .unwrap()

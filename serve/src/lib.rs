@@ -207,9 +207,9 @@ pub fn run(opts: Options) -> Result<(), Error> {
         .name("scheduler".into())
         .spawn(move || scheduler::run(model, rx, m, pool, base, ready_tx))?;
     // Listening (and so `/health`) waits for the engine's KV caches.
-    ready.recv().map_err(|_| {
-        Error::Scheduler("it ended before its KV caches were ready".into())
-    })?;
+    ready
+        .recv()
+        .map_err(|_| Error::Scheduler("it ended before its KV caches were ready".into()))?;
     let app = Arc::new(App {
         tokenizer,
         config,

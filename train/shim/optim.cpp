@@ -1,8 +1,10 @@
 // libtorch's multi-tensor AdamW (`_fused_adamw_`, what `torch.optim.AdamW(fused=True)`
-// calls) and its TF32 switches, for train/src/fused.rs; tch binds neither. No C++
+// calls), its TF32 switches and bf16 autocast for a device type, for train/src/fused.rs;
+// tch binds none of them (its `autocast` is CUDA's, in f16). No C++
 // exception crosses into Rust: every entry point returns NULL on success, else a
 // message that stays valid until the calling thread's next call here.
 #include <ATen/Context.h>
+#include <ATen/autocast_mode.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_fused_adamw.h>
 
@@ -57,6 +59,37 @@ const char* gpt2kit_set_tf32(int on) {
   try {
     at::globalContext().setAllowTF32CuBLAS(on != 0);
     at::globalContext().setAllowTF32CuDNN(on != 0);
+    return nullptr;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// Enters an autocast region for `device_type` (c10::DeviceType) in bf16, as
+// `torch.autocast(device_type, dtype=torch.bfloat16)` does; `was_enabled` and
+// `was_dtype` receive what `gpt2kit_autocast_exit` restores.
+const char* gpt2kit_autocast_enter(int device_type, int* was_enabled, int* was_dtype) {
+  try {
+    auto d = static_cast<c10::DeviceType>(device_type);
+    *was_enabled = at::autocast::is_autocast_enabled(d) ? 1 : 0;
+    *was_dtype = static_cast<int>(at::autocast::get_autocast_dtype(d));
+    at::autocast::set_autocast_enabled(d, true);
+    at::autocast::set_autocast_dtype(d, at::kBFloat16);
+    at::autocast::increment_nesting();
+    return nullptr;
+  } catch (const std::exception& e) {
+    return fail(e.what());
+  }
+}
+
+// Leaves it: the weights' casts cached in it are dropped when the outermost region
+// ends, and the previous state comes back.
+const char* gpt2kit_autocast_exit(int device_type, int was_enabled, int was_dtype) {
+  try {
+    auto d = static_cast<c10::DeviceType>(device_type);
+    if (at::autocast::decrement_nesting() == 0) at::autocast::clear_cache();
+    at::autocast::set_autocast_enabled(d, was_enabled != 0);
+    at::autocast::set_autocast_dtype(d, static_cast<at::ScalarType>(was_dtype));
     return nullptr;
   } catch (const std::exception& e) {
     return fail(e.what());

@@ -37,6 +37,17 @@ pub struct Pass<'a> {
     pub checkpointing: bool,
     /// Mixed from the seed, step and micro-batch: the dropout masks' generator.
     pub dropout_seed: u64,
+    /// bf16 runs: the device whose bf16 autocast every forward piece (and the loss) runs
+    /// under; the backward runs outside it, as PyTorch advises.
+    pub autocast: Option<tch::Device>,
+}
+
+/// `f` under the pass's autocast, if it has one.
+fn forward<T>(p: &Pass, f: impl FnOnce() -> T) -> Result<T> {
+    match p.autocast {
+        Some(device) => crate::fused::autocast_bf16(device, f),
+        None => Ok(f()),
+    }
 }
 
 /// Forward and backward of one micro-batch on `model` (the trained model or its bf16
@@ -55,27 +66,24 @@ pub fn forward_backward(tr: &Trainable, model: &Gpt2, p: &Pass) -> Result<Tensor
         }
     };
     if !p.checkpointing {
-        let logits = match &adapters {
-            None => model.forward_train(p.ids),
-            Some(a) => {
-                let mut x = model.train_embed(p.ids);
-                for layer in 0..model.h.len() {
-                    seed_block(layer);
-                    x = model.train_block(layer, x, Some(a));
+        let (loss, sum) = forward(p, || {
+            let logits = match &adapters {
+                None => model.forward_train(p.ids),
+                Some(a) => {
+                    let mut x = model.train_embed(p.ids);
+                    for layer in 0..model.h.len() {
+                        seed_block(layer);
+                        x = model.train_block(layer, x, Some(a));
+                    }
+                    model.train_head(&x)
                 }
-                model.train_head(&x)
-            }
-        };
-        return backward_loss(&logits, p);
+            };
+            scaled_loss(&logits, p)
+        })?;
+        backward(&loss)?;
+        return Ok(sum);
     }
     checkpointed(model, adapters.as_ref(), p, &seed_block)
-}
-
-/// The loss of `logits`, divided by the step's targets and backpropagated; the sum.
-fn backward_loss(logits: &Tensor, p: &Pass) -> Result<Tensor> {
-    let (loss, sum) = scaled_loss(logits, p);
-    backward(&loss)?;
-    Ok(sum)
 }
 
 /// The loss of `logits` divided by the step's targets (what is backpropagated), and the
@@ -138,7 +146,7 @@ fn checkpointed(
     let n = model.h.len();
     // Forward: each block's input kept, nothing else.
     let mut inputs = Vec::with_capacity(n);
-    let last = {
+    let last = forward(p, || {
         let _g = tch::no_grad_guard();
         let mut x = model.train_embed(p.ids); // (B, T, E)
         for layer in 0..n {
@@ -147,9 +155,9 @@ fn checkpointed(
             x = model.train_block(layer, x, adapters);
         }
         x
-    };
+    })?;
     let start = leaf(&last);
-    let (loss, sum) = scaled_loss(&model.train_head(&start), p);
+    let (loss, sum) = forward(p, || scaled_loss(&model.train_head(&start), p))?;
     // The head's backward gives `start` its gradient and the head's parameters theirs,
     // held (not accumulated) so that the tied `wte` receives its two gradients (head and
     // embeddings) summed, as the plain pass adds them to what earlier micro-batches left.
@@ -166,13 +174,13 @@ fn checkpointed(
         let x = leaf(&inputs[layer]);
         inputs.truncate(layer);
         seed_block(layer);
-        let y = model.train_block(layer, x.shallow_clone(), adapters);
+        let y = forward(p, || model.train_block(layer, x.shallow_clone(), adapters))?;
         backward(&(y * &g).sum(None::<tch::Kind>))?;
         g = grad_of(&x, &format!("block {layer}'s input"))?;
     }
     let embeddings = trained(&[&model.wte, &model.wpe]);
     if !embeddings.is_empty() {
-        let x = model.train_embed(p.ids);
+        let x = forward(p, || model.train_embed(p.ids))?;
         let grads = grads_of(&(x * &g).sum(None::<tch::Kind>), &embeddings)?;
         for (param, grad) in embeddings.into_iter().zip(grads) {
             match held

@@ -116,11 +116,17 @@ pub(crate) fn run_eval(
     eos: i64,
 ) -> Result<EvalResult> {
     let _g = tch::no_grad_guard();
-    let bf16 = tr.compute_model()?;
-    let model = bf16.as_ref().unwrap_or(&tr.model);
-    evaluate_with(model.device(), set, batch_size, eos, &|ids| {
-        tr.logits(model, ids, false)
-    })
+    let model = &tr.model;
+    evaluate_with(
+        model.device(),
+        set,
+        batch_size,
+        eos,
+        &|ids| match tr.autocast() {
+            Some(device) => crate::fused::autocast_bf16(device, || tr.logits(model, ids, false))?,
+            None => tr.logits(model, ids, false),
+        },
+    )
 }
 
 /// Records the eval of a step and prints it; true when early stopping's patience ran

@@ -107,6 +107,33 @@ pub fn tf32() -> Result<bool> {
     }
 }
 
+/// Runs `f` with libtorch's autocast on for `device`'s type in bf16, as
+/// `torch.autocast(device_type, dtype=torch.bfloat16)` does for transformers' `bf16=True`:
+/// matrix products and attention in bf16 over f32 weights (each weight cast once per
+/// region), layer norms, softmax and the loss in f32. Only forward work belongs inside.
+pub fn autocast_bf16<T>(device: tch::Device, f: impl FnOnce() -> T) -> Result<T> {
+    let ty: c_int = match device {
+        tch::Device::Cpu => 0,     // c10::DeviceType::CPU
+        tch::Device::Cuda(_) => 1, // c10::DeviceType::CUDA
+        other => bail!("bf16 autocast runs on the CPU and CUDA, not {other:?}"),
+    };
+    let (mut enabled, mut dtype) = (0, 0);
+    // SAFETY: two out-parameters; the shim catches every exception.
+    check(
+        unsafe { gpt2kit_autocast_enter(ty, &mut enabled, &mut dtype) },
+        "entering autocast",
+    )?;
+    struct Exit(c_int, c_int, c_int);
+    impl Drop for Exit {
+        fn drop(&mut self) {
+            // SAFETY: restores what `enter` saved; the shim catches every exception.
+            unsafe { gpt2kit_autocast_exit(self.0, self.1, self.2) };
+        }
+    }
+    let _exit = Exit(ty, enabled, dtype);
+    Ok(f())
+}
+
 fn check(message: *const c_char, what: &str) -> Result<()> {
     if message.is_null() {
         return Ok(());
@@ -133,6 +160,16 @@ extern "C" {
         eps: f64,
     ) -> *const c_char;
     fn gpt2kit_set_tf32(on: c_int) -> *const c_char;
+    fn gpt2kit_autocast_enter(
+        device_type: c_int,
+        was_enabled: *mut c_int,
+        was_dtype: *mut c_int,
+    ) -> *const c_char;
+    fn gpt2kit_autocast_exit(
+        device_type: c_int,
+        was_enabled: c_int,
+        was_dtype: c_int,
+    ) -> *const c_char;
     fn gpt2kit_tf32() -> c_int;
 }
 
@@ -148,6 +185,20 @@ mod tests {
             set_tf32(on).unwrap();
             assert_eq!(tf32().unwrap(), on);
         }
+    }
+
+    /// Inside: products in bf16 over f32 inputs, layer norm in f32; after: f32 again.
+    #[test]
+    fn autocast_casts_products_only_and_ends() {
+        let x = Tensor::randn([4, 8], (Kind::Float, Device::Cpu));
+        let w = Tensor::randn([8, 3], (Kind::Float, Device::Cpu));
+        let (mm, ln) = autocast_bf16(Device::Cpu, || {
+            let ln = x.layer_norm([8], None::<&Tensor>, None::<&Tensor>, 1e-5, false);
+            (x.mm(&w).kind(), ln.kind())
+        })
+        .unwrap();
+        assert_eq!((mm, ln), (Kind::BFloat16, Kind::Float));
+        assert_eq!(x.mm(&w).kind(), Kind::Float);
     }
 
     /// libtorch's refusals come back as errors (a C++ exception never reaches Rust).

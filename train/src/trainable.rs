@@ -1,5 +1,5 @@
-//! The model being trained: f32 leaves that require grad (the masters), the model over
-//! them, and a bf16 copy per micro-batch for bf16 runs. A LoRA run's leaves are the
+//! The model being trained: f32 leaves that require grad (the masters) and the model over
+//! them, run under bf16 autocast in bf16 runs. A LoRA run's leaves are the
 //! adapter's tensors; its base model is frozen (no gradients, no optimizer state).
 use std::collections::HashMap;
 use std::path::Path;
@@ -18,8 +18,9 @@ pub struct Trainable {
     pub config: Gpt2Config,
     pub params: Vec<(String, Tensor)>,
     map: HashMap<String, Tensor>,
-    /// The model sharing `params` (f32 runs); bf16 runs build one per micro-batch.
+    /// The model sharing `params` (a LoRA run: the frozen base).
     pub model: Gpt2,
+    /// Forward passes run under bf16 autocast (`autocast`).
     bf16: bool,
     device: Device,
     /// LoRA runs: the adapted layers and the options; `params` are the adapter's
@@ -78,7 +79,7 @@ impl Trainable {
         (bf16, base_kind): (bool, Kind),
     ) -> Result<Self> {
         let (config, model, tensors) = open(base, device, base_kind)?;
-        // A bf16 base is its own bf16 compute model: no cast per micro-batch.
+        // A bf16 base runs in bf16 as it is: no autocast.
         let bf16 = bf16 && base_kind == Kind::Float;
         let map = tensors.into_iter().collect();
         let mut lora = match adapter {
@@ -126,25 +127,19 @@ impl Trainable {
             }
             *p = q;
         }
-        if !self.bf16 && self.lora.is_none() {
+        if self.lora.is_none() {
             self.model =
                 Gpt2::from_weights(self.config.clone(), &self.map, Kind::Float, &[self.device])?;
         }
         Ok(())
     }
 
-    /// The model to run: the shared f32 one, or a bf16 cast whose gradients flow back
-    /// to the f32 masters.
-    pub fn compute_model(&self) -> Result<Option<Gpt2>> {
-        if !self.bf16 {
-            return Ok(None);
-        }
-        Ok(Some(Gpt2::from_weights(
-            self.config.clone(),
-            &self.map,
-            Kind::BFloat16,
-            &[self.device],
-        )?))
+    /// bf16 runs: the device whose autocast the forward passes run under (as
+    /// transformers' `bf16=True` runs them under `torch.autocast`): products and
+    /// attention in bf16 over the f32 masters, each weight cast once per pass, layer
+    /// norms, softmax and the loss in f32, the gradients flowing back to the masters.
+    pub fn autocast(&self) -> Option<Device> {
+        self.bf16.then_some(self.device)
     }
 
     /// The adapter's layers over the current leaves (None for full fine-tuning).
@@ -152,7 +147,7 @@ impl Trainable {
         Some(crate::lora::lora_layers(self.lora.as_ref()?, &self.params))
     }
 
-    /// Logits (B, T, V) of `model` (the shared one or the bf16 copy) with the adapter
+    /// Logits (B, T, V) of `model` with the adapter
     /// on its layers; `train` applies the adapter's dropout.
     pub fn logits(&self, model: &Gpt2, ids: &Tensor, train: bool) -> Result<Tensor> {
         let Some(layers) = self.lora_layers() else {

@@ -409,8 +409,6 @@ fn accumulate(
         }
         let refs: Vec<&Sample> = batch.iter().map(|&i| &data.train[i]).collect();
         let (ids, labels) = data::collate(&refs, data.eos, o.device);
-        let bf16_model = tr.compute_model()?;
-        let model = bf16_model.as_ref().unwrap_or(&tr.model);
         let t0 = Instant::now();
         let pass = Pass {
             ids: &ids,
@@ -418,8 +416,9 @@ fn accumulate(
             targets,
             checkpointing: o.gradient_checkpointing,
             dropout_seed: pass_seed(o.seed, step, ddp::micro_id(o, micro)),
+            autocast: tr.autocast(),
         };
-        let sum = forward_backward(tr, model, &pass)?;
+        let sum = forward_backward(tr, &tr.model, &pass)?;
         losses = Some(losses.map_or(sum.shallow_clone(), |l| l + sum));
         if o.profile {
             let _ = writeln!(
