@@ -171,15 +171,7 @@ fn open() -> std::result::Result<Plugin, String> {
         handle
     };
     if handle.is_null() {
-        // SAFETY: dlerror returns null or a NUL-terminated message owned by libc.
-        let why = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown error".to_string()
-            } else {
-                CStr::from_ptr(e).to_string_lossy().into_owned()
-            }
-        };
+        let why = crate::device::dl_error();
         return Err(format!("loading the CUDA graph plugin: {why}"));
     }
     let sym = |name: &CStr| {

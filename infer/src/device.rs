@@ -138,16 +138,20 @@ fn dlopen_global(lib: &Path) -> std::result::Result<(), String> {
     // (never closed: libtorch's registries hold pointers into the library).
     let handle = unsafe { libc::dlopen(name.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
     if handle.is_null() {
-        // SAFETY: dlerror returns null or a NUL-terminated message owned by libc.
-        let why = unsafe {
-            let e = libc::dlerror();
-            if e.is_null() {
-                "unknown error".to_string()
-            } else {
-                CStr::from_ptr(e).to_string_lossy().into_owned()
-            }
-        };
-        return Err(format!("loading {}: {why}", lib.display()));
+        return Err(format!("loading {}: {}", lib.display(), dl_error()));
     }
     Ok(())
+}
+
+/// The dynamic loader's last error on this thread.
+pub(crate) fn dl_error() -> String {
+    // SAFETY: dlerror returns null or a NUL-terminated message owned by libc.
+    unsafe {
+        let e = libc::dlerror();
+        if e.is_null() {
+            "unknown error".to_string()
+        } else {
+            CStr::from_ptr(e).to_string_lossy().into_owned()
+        }
+    }
 }
