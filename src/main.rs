@@ -69,7 +69,10 @@ fn main() -> ExitCode {
     // `eprintln!` panics when stderr is closed or full, and a panic inside the panic
     // hook aborts the process: nothing written to stderr may panic.
     std::panic::set_hook(Box::new(|info| {
-        let _ = writeln!(io::stderr(), "gpt2kit: internal error: {info}");
+        // A panic the engine catches and reports itself (`infer::panics`) prints nothing.
+        if !infer::panics::quiet() {
+            let _ = writeln!(io::stderr(), "gpt2kit: internal error: {info}");
+        }
     }));
     let cli = Cli::parse();
     if cli.parse_only {

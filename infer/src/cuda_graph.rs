@@ -70,7 +70,18 @@ impl CudaGraph {
             }
         }
         let mut ending = Ending(&graph, false);
-        let out = work();
+        // An op that cannot be recorded (one that waits on the host) fails inside
+        // libtorch: an error here, the capture ended.
+        let out = crate::panics::caught(work);
+        let out = match out {
+            Ok(out) => out,
+            Err(why) => {
+                drop(ending);
+                return Err(Error::Torch(tch::TchError::Torch(format!(
+                    "capturing a CUDA graph: {why}"
+                ))));
+            }
+        };
         ending.1 = true;
         drop(ending);
         // SAFETY: a live graph whose capture began.
@@ -106,6 +117,18 @@ pub(crate) fn note_failure(e: &Error) {
         let _ = writeln!(
             std::io::stderr(),
             "note: CUDA graphs are off for this run, decode steps run uncaptured: {e}"
+        );
+    });
+}
+
+/// Says once on stderr that `--cuda-graphs on` does not apply to `what`.
+pub(crate) fn note_unused(what: &str) {
+    static SAID: OnceLock<()> = OnceLock::new();
+    SAID.get_or_init(|| {
+        use std::io::Write;
+        let _ = writeln!(
+            std::io::stderr(),
+            "note: --cuda-graphs on does not apply to {what}: decode steps run as without it"
         );
     });
 }

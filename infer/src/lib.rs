@@ -25,6 +25,7 @@ pub mod mapped;
 pub mod model;
 pub mod options;
 pub mod packed;
+pub mod panics;
 pub mod parallel;
 pub mod prefix;
 pub mod processors;

@@ -209,7 +209,8 @@ pub fn run(opts: Options) -> Result<(), Error> {
     // Listening (and so `/health`) waits for the engine's KV caches.
     ready
         .recv()
-        .map_err(|_| Error::Scheduler("it ended before its KV caches were ready".into()))?;
+        .unwrap_or_else(|_| Err("it ended before its KV caches were ready".into()))
+        .map_err(Error::Scheduler)?;
     let app = Arc::new(App {
         tokenizer,
         config,

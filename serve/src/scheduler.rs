@@ -100,7 +100,7 @@ pub fn run(
     metrics: Arc<Metrics>,
     pool: Pool,
     base: GenerationConfig,
-    ready: std::sync::mpsc::SyncSender<()>,
+    ready: std::sync::mpsc::SyncSender<Result<(), String>>,
 ) {
     let _no_grad = tch::no_grad_guard();
     let ensemble = Ensemble::single(&model);
@@ -122,18 +122,26 @@ pub fn run(
             None => e,
         }
     };
+    // The KV caches are allocated and zeroed (seconds for a large model): only then
+    // does the server listen, and `/health` answer. One the allocator refuses is the
+    // server's error at start.
+    let engine = match infer::panics::caught(new_engine) {
+        Ok(e) => e,
+        Err(why) => {
+            let _ = ready.send(Err(format!("allocating the KV caches: {why}")));
+            return;
+        }
+    };
     let mut s = Scheduler {
         model: &model,
-        engine: new_engine(),
+        engine,
         added: 0,
         live: HashMap::new(),
         pending: VecDeque::new(),
         slots: pool.slots,
         metrics: &metrics,
     };
-    // The KV caches are allocated and zeroed (seconds for a large model): only now does
-    // the server listen, and `/health` answer.
-    let _ = ready.send(());
+    let _ = ready.send(Ok(()));
     drop(ready);
     loop {
         if s.live.is_empty() && s.pending.is_empty() {

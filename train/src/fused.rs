@@ -36,9 +36,23 @@ pub fn fused_adamw(
             exp_avg_sqs.len()
         );
     }
+    if step < 1 {
+        bail!("fused AdamW: update {step}; updates count from 1");
+    }
     let Some(first) = params.first() else {
         return Ok(());
     };
+    let undefined = |ts: &[Tensor]| ts.iter().position(|t| !t.defined());
+    for (what, ts) in [
+        ("parameter", params),
+        ("gradient", grads),
+        ("first moment", exp_avgs),
+        ("second moment", exp_avg_sqs),
+    ] {
+        if let Some(i) = undefined(ts) {
+            bail!("fused AdamW: {what} {i} is an undefined tensor");
+        }
+    }
     // libtorch's CPU kernel walks every list by the parameter's element count, contiguous,
     // without checking the others: anything else is refused here, before any memory is
     // touched.
@@ -236,6 +250,27 @@ mod tests {
         let i = || Tensor::zeros([4], (Kind::Int64, Device::Cpu));
         let e = fused_adamw(&[i()], &[i()], &[i()], &[i()], 1, &k).unwrap_err();
         assert!(e.to_string().starts_with("fused AdamW: "), "{e}");
+        let e = fused_adamw(
+            &[p.copy()],
+            &[f(Kind::Float)],
+            &[m.copy()],
+            &[v.copy()],
+            0,
+            &k,
+        );
+        assert!(e.unwrap_err().to_string().contains("count from 1"));
+        let e = fused_adamw(
+            &[p.copy()],
+            &[Tensor::new()],
+            &[m.copy()],
+            &[v.copy()],
+            1,
+            &k,
+        );
+        assert!(e
+            .unwrap_err()
+            .to_string()
+            .contains("gradient 0 is an undefined"));
         let ok = fused_adamw(&[p.copy()], &[f(Kind::Float)], &[m], &[v], 1, &k);
         assert!(ok.is_ok(), "{ok:?}");
     }

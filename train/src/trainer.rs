@@ -421,6 +421,10 @@ fn accumulate(
         let sum = forward_backward(tr, &tr.model, &pass)?;
         losses = Some(losses.map_or(sum.shallow_clone(), |l| l + sum));
         if o.profile {
+            // The pass's time, not its launch's: wait for the device.
+            if let Device::Cuda(i) = o.device {
+                tch::Cuda::synchronize(i as i64);
+            }
             let _ = writeln!(
                 std::io::stderr(),
                 "profile: forward and backward {:.3}s",

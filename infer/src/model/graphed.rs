@@ -74,11 +74,20 @@ impl Gpt2 {
     ) -> Option<Tensor> {
         let b = cache.batch_size();
         let cap = cache.capacity();
-        let simple = self.devices.len() == 1
-            && self.comm.vocab_shard().is_none()
-            && self.adapters.is_empty()
-            && self.wte_blocks.is_none();
-        if !self.fixed_decode || span.t != 1 || !simple {
+        if !self.fixed_decode || span.t != 1 {
+            return None;
+        }
+        let unfit = if self.devices.len() != 1 || self.comm.vocab_shard().is_some() {
+            Some("a tensor-parallel model")
+        } else if !self.adapters.is_empty() {
+            Some("a model with LoRA adapters")
+        } else if self.wte_blocks.is_some() {
+            Some("GGUF embeddings read on the host")
+        } else {
+            None
+        };
+        if let Some(what) = unfit {
+            crate::cuda_graph::note_unused(what);
             return None;
         }
         // Rows outside the span write too (at their first free slot, which their next
@@ -159,7 +168,7 @@ impl Gpt2 {
         let causal = k.le_tensor(&q); // (B, 1, 1, width)
         let mask = match cache.padded() {
             true => {
-                let keys = cache.valid().narrow(1, 0, width).view([b, 1, 1, width]);
+                let keys = cache.valid().narrow(1, 0, width).unsqueeze(1).unsqueeze(1);
                 keys.logical_and(&causal).logical_or(&k.eq_tensor(&q))
             }
             false => causal,
