@@ -4,7 +4,9 @@
 # decode tokens/s of a gpt2-124M-shaped random model, TP=1 vs TP=2, fp32 and bf16.
 # Then an int8-weight artifact on CUDA (TP=1 vs TP=2), the fused CPU decode step against
 # libtorch between the kernels on this machine's CPU, (TESTS="bin ...") engine test
-# binaries, whose CUDA cases run only where a GPU is, and (TRAIN=1, the default) training
+# binaries, whose CUDA cases run only where a GPU is, transformers eager and (HF_COMPILE=1,
+# the default) with a static cache under torch.compile(mode="reduce-overhead"), the
+# gpt2-xl shape eager and with CUDA graphs (XL=1), and (TRAIN=1, the default) training
 # against transformers' Trainer (bench/bench_train_trainer.py; the machine reaches no
 # registry: `make gpu-wheels` downloads accelerate, which the Trainer needs, into
 # target/gpu-wheels, carried with the binary and installed here when missing).
@@ -129,8 +131,39 @@ for dtype in (torch.float32, torch.bfloat16):
     t = time.time(); m.generate(ids, **kw); torch.cuda.synchronize()
     print(f"transformers cuda {dtype} b1: {128 / (time.time() - t):.1f} tok/s (incl. prefill)")
 PY
+  if [ "${HF_COMPILE:-1}" = 1 ]; then
+    echo "== transformers bf16 b1, static cache + torch.compile(mode=reduce-overhead) (compiles for minutes)"
+    timeout "${HF_COMPILE_TIMEOUT:-300}" python3 - "$OUT/g2" <<'PY' || echo "(compiled transformers did not finish)"
+import sys, time, torch
+from transformers import GPT2LMHeadModel
+try:
+    m = GPT2LMHeadModel.from_pretrained(sys.argv[1], dtype=torch.bfloat16).cuda().eval()
+    m.generation_config.cache_implementation = "static"
+    m.forward = torch.compile(m.forward, mode="reduce-overhead", fullgraph=True)
+    ids = torch.tensor([[31373, 995, 11, 428, 318, 257, 1332]], device="cuda")
+    kw = dict(max_new_tokens=128, min_new_tokens=128, do_sample=False, pad_token_id=0)
+    for _ in range(2):
+        m.generate(ids, **kw)
+    torch.cuda.synchronize(); t = time.time(); m.generate(ids, **kw); torch.cuda.synchronize()
+    print(f"transformers compiled static-cache bf16 b1: {128 / (time.time() - t):.1f} tok/s (incl. prefill)")
+except Exception as e:
+    print(f"(compiled transformers failed: {type(e).__name__}: {str(e).splitlines()[0][:200]})")
+PY
+  fi
 else
   echo "(transformers not installed on this machine: no same-GPU comparison)"
+fi
+if [ "${XL:-1}" = 1 ]; then
+  echo "== gpt2-xl shape (1.5B, random weights), bf16 b1: eager and CUDA graphs"
+  if "$BIN" init --preset gpt2-xl --tokenizer "$TOK" --out "$OUT/xl" --seed 0 >/dev/null 2>>"$OUT/stderr.log"; then
+    xl() { local label=$1; shift; "$BIN" infer --model "$OUT/xl" --prompt "hello world, this is a test" --max-new-tokens 64 \
+        --ignore-eos --warmup 1 --stats --device cuda --dtype bf16 "$@" 2>&1 >/dev/null | grep '"decode_tokens_per_s"' \
+        | python3 -c "import json,sys; s=json.loads(sys.stdin.read()); print('$label', 'decode tok/s', round(s['decode_tokens_per_s'],1), '(bf16 weights 3.1 GB a token: x3.1 = GB/s)')"; }
+    xl "gpt2-xl cuda bf16 b1 eager"
+    xl "gpt2-xl cuda bf16 b1 graphs" --cuda-graphs on
+  else
+    echo "(could not make the gpt2-xl model)"
+  fi
 fi
 if [ "${TRAIN:-1}" = 1 ]; then
   echo "== training, 124M shape, batch 16 x 1024: gpt2kit train vs transformers' Trainer (bf16 / tf32, adamw_torch_fused)"
