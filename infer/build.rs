@@ -16,21 +16,13 @@
 use std::path::PathBuf;
 
 fn main() {
-    println!("cargo:rerun-if-env-changed=LIBTORCH");
-    println!("cargo:rerun-if-changed=build.rs");
-    println!("cargo:rerun-if-changed=shim/rng.cpp");
     println!("cargo:rerun-if-changed=shim/cuda_graph.cpp");
     println!("cargo:rerun-if-env-changed=CUDA_CRT_INCLUDE");
     println!("cargo::rustc-check-cfg=cfg(gpt2kit_cuda_graphs)");
-    let Some(root) = std::env::var_os("LIBTORCH") else {
-        println!(
-            "cargo::error=LIBTORCH is not set: point it at a libtorch (or a PyPI torch \
-             package folder), as `make setup` does in .cargo/config.toml"
-        );
+    let Some(root) = shimbuild::libtorch() else {
         return;
     };
-    let root = PathBuf::from(root);
-    compile_shim(&root);
+    shimbuild::shim(&root, "rng").compile("gpt2kit_rng");
     compile_graph_plugin(&root);
 
     let lib = root.join("lib");
@@ -40,19 +32,6 @@ fn main() {
             println!("cargo:rustc-link-arg-{kind}=-Wl,--no-as-needed,-ltorch_cuda,--as-needed");
         }
     }
-}
-
-fn compile_shim(root: &std::path::Path) {
-    let mut build = cc::Build::new();
-    build
-        .cpp(true)
-        .std("c++17")
-        .flag("-D_GLIBCXX_USE_CXX11_ABI=1");
-    // `-isystem`: libtorch's headers' warnings are not ours; the shim's own still show.
-    for dir in ["include", "include/torch/csrc/api/include"] {
-        build.flag("-isystem").flag(root.join(dir));
-    }
-    build.file("shim/rng.cpp").compile("gpt2kit_rng");
 }
 
 /// The CUDA graph plugin, or a warning and no `gpt2kit_cuda_graphs` cfg when the headers

@@ -112,24 +112,24 @@ impl Drop for CudaGraph {
 /// Says once on stderr that decode steps run uncaptured from now on, and why.
 pub(crate) fn note_failure(e: &Error) {
     static SAID: OnceLock<()> = OnceLock::new();
-    SAID.get_or_init(|| {
-        use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "note: CUDA graphs are off for this run, decode steps run uncaptured: {e}"
-        );
+    note_once(&SAID, || {
+        format!("CUDA graphs are off for this run, decode steps run uncaptured: {e}")
     });
 }
 
 /// Says once on stderr that `--cuda-graphs on` does not apply to `what`.
 pub(crate) fn note_unused(what: &str) {
     static SAID: OnceLock<()> = OnceLock::new();
-    SAID.get_or_init(|| {
+    note_once(&SAID, || {
+        format!("--cuda-graphs on does not apply to {what}: decode steps run as without it")
+    });
+}
+
+/// A note on stderr, the first time `said` is reached (a closed stderr loses it).
+fn note_once(said: &OnceLock<()>, text: impl FnOnce() -> String) {
+    said.get_or_init(|| {
         use std::io::Write;
-        let _ = writeln!(
-            std::io::stderr(),
-            "note: --cuda-graphs on does not apply to {what}: decode steps run as without it"
-        );
+        let _ = writeln!(std::io::stderr(), "note: {}", text());
     });
 }
 
