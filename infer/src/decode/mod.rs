@@ -34,7 +34,7 @@ mod attend;
 mod math;
 mod pick;
 
-pub use pick::{bad_rows, greedy, logprobs, BadRow, Rows};
+pub use pick::{bad_of_max, bad_rows, greedy, logprobs, BadRow, Rows};
 
 use attend::{Attend, CacheView, SyncPtr};
 use math::{bf16_bits, erf, exp, round, round_bf16, sum, sum_sq_dev, tanh};

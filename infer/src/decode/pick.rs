@@ -131,16 +131,22 @@ pub fn bad_rows(scores: &Tensor) -> Vec<(usize, BadRow)> {
     }
     let Ok(max) = scores
         .f_amax([-1].as_slice(), false)
-        .and_then(|m| m.f_to_kind(Kind::Float))
+        .and_then(|m| m.f_to_kind(Kind::Double))
         .and_then(|m| m.f_to_device(Device::Cpu))
-        .and_then(|m| Vec::<f32>::try_from(m.reshape([-1])).map_err(Into::into))
+        .and_then(|m| Vec::<f64>::try_from(m.reshape([-1])).map_err(Into::into))
     else {
         return Vec::new();
     };
-    bad_of(max.into_iter().map(|m| {
-        if m.is_nan() || m == f32::INFINITY {
+    bad_of_max(&max)
+}
+
+/// The rows without a token, from each row's maximum score (libtorch's `amax`, which
+/// propagates NaN): NaN or +inf, or every score -inf.
+pub fn bad_of_max(max: &[f64]) -> Vec<(usize, BadRow)> {
+    bad_of(max.iter().map(|&m| {
+        if m.is_nan() || m == f64::INFINITY {
             Some(BadRow::NotFinite)
-        } else if m == f32::NEG_INFINITY {
+        } else if m == f64::NEG_INFINITY {
             Some(BadRow::Banned)
         } else {
             None

@@ -10,7 +10,7 @@
 //! row of an (R, V) tensor: for a seed, on the CPU, transformers' own draws.
 use tch::{Device, Kind, Tensor};
 
-use crate::decode::{bad_rows, BadRow, Rows};
+use crate::decode::{bad_of_max, bad_rows, BadRow, Rows};
 use crate::error::Error;
 
 use super::{pick_failed, unpickable};
@@ -85,6 +85,9 @@ pub fn choose(
     live: &dyn Fn(usize) -> bool,
 ) -> std::result::Result<Choice, NoPick> {
     let scan = Rows::scan(scores);
+    if scan.is_none() && sampling == Sampling::ArgMax {
+        return greedy_in_one_read(scores, live);
+    }
     let bad = match &scan {
         Some(rows) => rows.bad(),
         None => bad_rows(scores),
@@ -97,7 +100,7 @@ pub fn choose(
             let (ids, logprobs) = rows.greedy();
             return Ok(Choice { ids, logprobs });
         }
-        (None, Sampling::ArgMax) => scores.argmax(-1, false),
+        (None, Sampling::ArgMax) => unreachable!("greedy_in_one_read"),
         (_, Sampling::Multinomial) => {
             // A row that is not live and has no token would make `multinomial` throw:
             // give it uniform scores (each row draws the same amount of randomness
@@ -130,6 +133,35 @@ pub fn choose(
         }
     };
     Ok(Choice { ids, logprobs })
+}
+
+/// `choose`'s greedy pick where the scores are not CPU f32 (another device, or half
+/// precision): each row's maximum (to find rows without a token), first maximal index
+/// and its log-softmax computed where the scores are and read back together, one wait
+/// on the device a step instead of three. The same values as three reads.
+fn greedy_in_one_read(
+    scores: &Tensor,
+    live: &dyn Fn(usize) -> bool,
+) -> std::result::Result<Choice, NoPick> {
+    let r = scores.size()[0] as usize;
+    let max = scores.f_amax([-1].as_slice(), false)?.to_kind(Kind::Double);
+    let ids = scores.f_argmax(-1, false)?;
+    let logp = scores
+        .f_log_softmax(-1, Kind::Float)?
+        .gather(1, &ids.unsqueeze(1), false)
+        .squeeze_dim(1)
+        .to_kind(Kind::Double);
+    // Token ids are exact in f64 (below 2⁵³).
+    let all = Tensor::stack(&[max, ids.to_kind(Kind::Double), logp], 0);
+    let all = Vec::<f64>::try_from(all.to_device(Device::Cpu).reshape([-1]))?;
+    let bad = bad_of_max(&all[..r]);
+    if let Some(&(row, why)) = bad.iter().find(|(row, _)| live(*row)) {
+        return Err(NoPick::Row(row, why));
+    }
+    Ok(Choice {
+        ids: all[r..2 * r].iter().map(|&i| i as i64).collect(),
+        logprobs: all[2 * r..].to_vec(),
+    })
 }
 
 /// The `k` best continuations of each row of `scores` (R, N) (`ArgMax`), or `k` drawn
@@ -272,5 +304,36 @@ mod tests {
             choose_k(&banned, 2, Sampling::ArgMax, &|_| true),
             Err(NoPick::Row(0, BadRow::Banned))
         ));
+    }
+
+    /// Greedy on scores the CPU scan does not take (bf16 here, any device on a GPU
+    /// machine): the tokens of the scan on the same values in f32, log-probabilities
+    /// within 1e-5 (libtorch's log-softmax against the scan's own); a banned or NaN row
+    /// is an error only when live.
+    #[test]
+    fn greedy_in_one_read_picks_what_the_scan_picks() {
+        tch::manual_seed(3);
+        let s = (Tensor::randn([5, 300], (Kind::Float, Device::Cpu)) * 3.0).to_kind(Kind::BFloat16);
+        let exact = s.to_kind(Kind::Float);
+        let one = choose(&s, Sampling::ArgMax, &|_| true).unwrap();
+        let scan = choose(&exact, Sampling::ArgMax, &|_| true).unwrap();
+        assert_eq!(one.ids, scan.ids);
+        for (a, b) in one.logprobs.iter().zip(&scan.logprobs) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+        let _ = s.get(1).fill_(f64::NEG_INFINITY);
+        let _ = s.get(3).get(7).fill_(f64::NAN);
+        assert!(matches!(
+            choose(&s, Sampling::ArgMax, &|_| true),
+            Err(NoPick::Row(1, BadRow::Banned))
+        ));
+        assert!(matches!(
+            choose(&s, Sampling::ArgMax, &|r| r != 1),
+            Err(NoPick::Row(3, BadRow::NotFinite))
+        ));
+        let rest = choose(&s, Sampling::ArgMax, &|r| r != 1 && r != 3).unwrap();
+        for r in [0, 2, 4] {
+            assert_eq!(rest.ids[r], scan.ids[r]);
+        }
     }
 }
