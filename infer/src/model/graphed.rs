@@ -102,10 +102,11 @@ impl Gpt2 {
         }
         cache.materialize();
         let device = self.device();
-        let mut fixed = cache
-            .fixed
-            .take()
-            .unwrap_or_else(|| FixedStep::new(b, device));
+        // A cache whose batch size changed (a reorder that selects rows) starts afresh.
+        let mut fixed = match cache.fixed.take() {
+            Some(f) if f.rows.size()[0] == b => f,
+            _ => FixedStep::new(b, device),
+        };
         let rows = Tensor::from_slice(&span.rows.iter().map(|&r| r as i64).collect::<Vec<_>>())
             .to_device(device);
         let _ = fixed.ids.index_copy_(0, &rows, &ids.reshape([-1, 1]));
